@@ -1,0 +1,39 @@
+# snapserve: `make demo` trains, serves and queries an ensemble; `make test` runs the suite.
+# GPU=1 installs onnxruntime-gpu instead of onnxruntime (never both).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
+STAMP := $(VENV)/.installed-$(ORT_EXTRA)
+
+.PHONY: install demo test test-all proto lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstalls when pyproject.toml or the pins change. Switching ORT build removes the other one first.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	@if [ "$(ORT_EXTRA)" = gpu ]; then $(BIN)/pip uninstall -q -y onnxruntime || true; \
+	 else $(BIN)/pip uninstall -q -y onnxruntime-gpu || true; fi
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(ORT_EXTRA),train,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The slower suites too (container build, soak).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+proto: $(STAMP)
+	$(BIN)/python -m proto.generate
+
+clean:
+	rm -rf $(VENV) models build *.egg-info .pytest_cache

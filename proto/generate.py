@@ -1,0 +1,43 @@
+"""Regenerate the Python code for every .proto under proto/: `python -m proto.generate`.
+
+The generated modules are committed (so installing needs no protoc) and
+tests/test_proto_fresh.py fails when they no longer match their .proto sources.
+Paths are given relative to the repository root, so generated imports read
+`from proto.snapserve.v1 import ...` while the wire names stay `snapserve.v1.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proto_sources(root: Path = ROOT) -> list[Path]:
+    return sorted((root / "proto").rglob("*.proto"))
+
+
+def generate(out_dir: Path, root: Path = ROOT) -> None:
+    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every source into out_dir (same layout)."""
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
+
+    sources = [str(p.relative_to(root)) for p in proto_sources(root)]
+    include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
+    args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *sources]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed for {sources}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    args = parser.parse_args(argv)
+    generate(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
