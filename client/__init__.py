@@ -1,0 +1,17 @@
+"""snapserve client: Python API and CLI for snapserve.v1.EnsembleService.
+
+    from client import EnsembleClient
+    with EnsembleClient("127.0.0.1:50051") as c:
+        p = c.predict("digits", x, normalize=True)
+        p.probabilities, p.mutual_information, p.vote_disagreement
+
+Failures raise ClientError (with .code, a grpc.StatusCode, and .message from the server).
+"""
+
+from client.async_client import AsyncEnsembleClient
+from client.errors import ClientError
+from client.messages import InputSpec, ModelInfo, ModelSummary, Normalization, Prediction
+from client.sync_client import EnsembleClient
+
+__all__ = ["AsyncEnsembleClient", "ClientError", "EnsembleClient", "InputSpec", "ModelInfo",
+           "ModelSummary", "Normalization", "Prediction"]

@@ -1,0 +1,113 @@
+"""AsyncEnsembleClient: the grpc.aio client, same methods as coroutines, plus predict_stream."""
+
+from __future__ import annotations
+
+import itertools
+from types import TracebackType
+from typing import AsyncIterable, AsyncIterator, Iterable
+
+import grpc
+import numpy as np
+
+from client.errors import ClientError
+from client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
+                             decode_prediction, decode_summary)
+from client.messages import normalize as normalize_input  # `normalize` is a parameter name
+from client.sync_client import DEFAULT_TARGET, MAX_MESSAGE_BYTES, channel_options
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncEnsembleClient"]
+
+
+class AsyncEnsembleClient:
+    """asyncio client; make it inside the running loop (grpc.aio channels bind to it).
+
+        async with AsyncEnsembleClient("127.0.0.1:50051") as client:
+            prediction = await client.predict("digits", x)
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.EnsembleServiceStub(self._channel)
+        self._models: dict[tuple[str, int], ModelInfo] = {}
+
+    async def predict(self, model: str, array: np.ndarray, version: int = 0,
+                      member_probabilities: bool = False, normalize: bool = False,
+                      timeout: float | None = None) -> Prediction:
+        if normalize:
+            array = normalize_input(array, (await self.get_model(model, version)).input)
+        request = build_request(model, array, version, member_probabilities)
+        response = await self._call(self._stub.Predict, request, timeout)
+        return decode_prediction(response, member_probabilities)
+
+    async def predict_stream(self, model: str,
+                             arrays: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+                             version: int = 0, member_probabilities: bool = False,
+                             normalize: bool = False, timeout: float | None = None,
+                             ) -> AsyncIterator[Prediction | ClientError]:
+        """One PredictStream call for many arrays; answers come in order. A request the server
+        refused yields its ClientError (not raised) and the stream goes on; a failure of the
+        stream itself raises ClientError."""
+        info = await self.get_model(model, version) if normalize else None
+
+        async def requests() -> AsyncIterator[pb.PredictRequest]:
+            counter = itertools.count()
+            async for array in _aiter(arrays):
+                if info is not None:
+                    array = normalize_input(array, info.input)
+                yield build_request(model, array, version, member_probabilities, str(next(counter)))
+
+        call = self._stub.PredictStream(requests(), timeout=self.timeout if timeout is None else timeout)
+        try:
+            async for response in call:
+                if response.HasField("error"):
+                    yield ClientError.from_code_value(response.error.code, response.error.message,
+                                                      response.request_id)
+                else:
+                    yield decode_prediction(response, member_probabilities)
+        except grpc.RpcError as exc:
+            raise ClientError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()  # no-op when finished; stops the call if the caller broke out early
+
+    async def list_models(self, timeout: float | None = None) -> list[ModelSummary]:
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [decode_summary(m) for m in response.models]
+
+    async def get_model(self, name: str, version: int = 0, refresh: bool = False,
+                        timeout: float | None = None) -> ModelInfo:
+        key = (name, version)
+        if refresh or key not in self._models:
+            meta = await self._call(self._stub.GetModel,
+                                    pb.GetModelRequest(model=name, version=version), timeout)
+            self._models[key] = decode_metadata(meta)
+        return self._models[key]
+
+    async def _call(self, method, request, timeout: float | None):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise ClientError.from_rpc_error(exc) from exc
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncEnsembleClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+async def _aiter(arrays: Iterable[np.ndarray] | AsyncIterable[np.ndarray]) -> AsyncIterator[np.ndarray]:
+    if isinstance(arrays, AsyncIterable):
+        async for array in arrays:
+            yield array
+    else:
+        for array in arrays:
+            yield array

@@ -1,0 +1,149 @@
+"""`ensemble-client` (also `python -m client`): query a snapserve server from the shell.
+
+    ensemble-client predict --model digits --input x.npy [--normalize] [--json]
+    ensemble-client models [--json]
+    ensemble-client model --model digits
+
+Exit status: 0 ok, 1 the server refused the call, 2 bad command line or input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Callable, TextIO
+
+import numpy as np
+
+from client.errors import ClientError
+from client.messages import ModelInfo, ModelSummary, Prediction
+from client.sync_client import DEFAULT_TARGET, EnsembleClient
+
+
+class InputFileError(Exception):
+    """The --input file is missing or not a .npy array."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble-client",
+                                     description="Query a snapserve ensemble server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="predict a batch from a .npy file")
+    _common(predict)
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version", type=int, default=0, help="0: the server's default")
+    predict.add_argument("--input", required=True,
+                         help=".npy array [batch, ...]; one example without the batch axis also works")
+    predict.add_argument("--normalize", action="store_true",
+                         help="apply the model's (x - mean) / std first (for raw inputs)")
+    predict.add_argument("--members", action="store_true", help="include member probabilities (JSON)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.set_defaults(run=run_predict)
+
+    models = commands.add_parser("models", help="list the served models")
+    _common(models)
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=run_models)
+
+    model = commands.add_parser("model", help="print a model's metadata as JSON")
+    _common(model)
+    model.add_argument("--model", required=True)
+    model.add_argument("--version", type=int, default=0)
+    model.set_defaults(run=run_model)
+    # `bench` (a load generator) will join here.
+    return parser
+
+
+def prediction_table(prediction: Prediction) -> str:
+    lines = [f"{prediction.model} version {prediction.version}: {len(prediction)} examples",
+             f"{'#':>4}  {'label':<12} {'prob':>7} {'mutual_info':>12} {'vote_disagree':>14}"]
+    for i in range(len(prediction)):
+        top = prediction.top_class[i]
+        lines.append(f"{i:>4}  {str(prediction.top_label[i]):<12} "
+                     f"{prediction.probabilities[i, top]:>7.4f} "
+                     f"{prediction.mutual_information[i]:>12.5f} "
+                     f"{prediction.vote_disagreement[i]:>14.3f}")
+    return "\n".join(lines)
+
+
+def models_table(models: list[ModelSummary]) -> str:
+    lines = [f"{'model':<20} {'version':>7} {'members':>7}  {'method':<10} versions"]
+    lines += [f"{m.name:<20} {m.version:>7} {m.members:>7}  {m.method:<10} "
+              f"{','.join(map(str, m.versions))}" for m in models]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.dtype):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_input(path: str, info: ModelInfo) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"cannot read {path}: {exc}") from exc
+    if x.ndim == len(info.input.shape) - 1:  # one example: add the batch axis
+        x = x[None]
+    return x
+
+
+def run_predict(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -> None:
+    info = client.get_model(args.model, args.version)
+    x = load_input(args.input, info)
+    prediction = client.predict(args.model, x, version=args.version, normalize=args.normalize,
+                                member_probabilities=args.members)
+    if args.json:
+        json.dump({"model": prediction.model, "version": prediction.version,
+                   "examples": prediction.to_records()}, out, indent=2)
+        out.write("\n")
+    else:
+        print(prediction_table(prediction), file=out)
+
+
+def run_models(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -> None:
+    models = client.list_models()
+    if args.json:
+        json.dump([dataclasses.asdict(m) for m in models], out, indent=2)
+        out.write("\n")
+    else:
+        print(models_table(models), file=out)
+
+
+def run_model(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -> None:
+    info = client.get_model(args.model, args.version)
+    json.dump(_jsonable(dataclasses.asdict(info)), out, indent=2)
+    out.write("\n")
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout if out is None else out
+    run: Callable[[EnsembleClient, argparse.Namespace, TextIO], None] = args.run
+    with EnsembleClient(args.target, timeout=args.timeout) as client:
+        try:
+            run(client, args, out)
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except (InputFileError, ValueError) as exc:  # ValueError: normalisation does not fit x
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

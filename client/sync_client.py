@@ -1,0 +1,82 @@
+"""EnsembleClient: the blocking client for snapserve.v1.EnsembleService."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from client.errors import ClientError
+from client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
+                             decode_prediction, decode_summary)
+from client.messages import normalize as normalize_input  # `normalize` is a parameter name
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+
+__all__ = ["EnsembleClient", "channel_options"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default; gRPC's own 4 MiB is small for images
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class EnsembleClient:
+    """Blocking client. Every call raises ClientError (status code + server message) on failure.
+
+        with EnsembleClient("127.0.0.1:50051") as client:
+            prediction = client.predict("digits", x, normalize=True)
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.timeout = timeout  # default per-call deadline in seconds; None: no deadline
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.EnsembleServiceStub(self._channel)
+        self._models: dict[tuple[str, int], ModelInfo] = {}
+
+    def predict(self, model: str, array: np.ndarray, version: int = 0,
+                member_probabilities: bool = False, normalize: bool = False,
+                timeout: float | None = None) -> Prediction:
+        """Scores for a batch `array` ([B, ...]). `normalize=True` applies the model's
+        (x - mean) / std first (the spec is fetched once and cached)."""
+        if normalize:
+            array = normalize_input(array, self.get_model(model, version).input)
+        request = build_request(model, array, version, member_probabilities)
+        response = self._call(self._stub.Predict, request, timeout)
+        return decode_prediction(response, member_probabilities)
+
+    def list_models(self, timeout: float | None = None) -> list[ModelSummary]:
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [decode_summary(m) for m in response.models]
+
+    def get_model(self, name: str, version: int = 0, refresh: bool = False,
+                  timeout: float | None = None) -> ModelInfo:
+        """Model metadata, cached per (name, version) until `refresh`."""
+        key = (name, version)
+        if refresh or key not in self._models:
+            meta = self._call(self._stub.GetModel, pb.GetModelRequest(model=name, version=version),
+                              timeout)
+            self._models[key] = decode_metadata(meta)
+        return self._models[key]
+
+    def _call(self, method, request, timeout: float | None):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise ClientError.from_rpc_error(exc) from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EnsembleClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,243 @@
+"""A generic dynamic batcher: many concurrent callers, one call of `fn` per batch.
+
+It batches an async function of a list of items that returns a list of the same length. It knows
+no ONNX and no gRPC: the caller decides what an item is and how many examples it holds (`size`).
+
+- A batch holds up to `max_batch_size` examples and is sent when full or when its oldest item
+  has waited `max_queue_delay_s`, whichever comes first. Items are taken in arrival order.
+- The queue is bounded (`max_queue_size` items): `submit` raises `QueueFull` at once rather than
+  letting latency pile up under overload.
+- Items whose caller was cancelled, or whose deadline passed, are dropped before compute.
+- One exception from `fn` fails every caller in that batch.
+- One batch is computed at a time; while it runs the next one fills, so batches grow with load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from server.errors import BatcherClosed, ConfigError, ItemExpired, ItemTooLarge, QueueFull
+
+__all__ = ["Batcher", "BatcherConfig", "BatcherStats", "BatcherClosed", "ItemExpired",
+           "ItemTooLarge", "QueueFull"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    # Examples per call of fn: larger amortises per-call overhead, costs latency and memory.
+    max_batch_size: int = 32
+    # How long the oldest waiting item may wait for others to join it: latency traded for batch size.
+    max_queue_delay_s: float = 0.002
+    # Items (requests) allowed to wait; beyond it callers get QueueFull instead of a slow answer.
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not self.max_queue_delay_s >= 0:  # also refuses NaN
+            raise ConfigError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
+        if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
+            raise ConfigError(f"max_queue_size must be an integer >= 1, got {self.max_queue_size!r}")
+
+
+@dataclass
+class BatcherStats:
+    """Counters for tests and metrics; `batch_examples` counts batches by their size in examples."""
+
+    batches: int = 0
+    items: int = 0
+    examples: int = 0
+    dropped_cancelled: int = 0
+    dropped_expired: int = 0
+    failed_batches: int = 0
+    batch_examples: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+@dataclass
+class _Entry(Generic[T, R]):
+    item: T
+    size: int
+    future: asyncio.Future[R]
+    enqueued: float
+    deadline: float | None
+
+
+def _one(_: object) -> int:
+    return 1
+
+
+class Batcher(Generic[T, R]):
+    """Batches calls of `fn(list[T]) -> list[R]`; `size(item)` says how many examples an item holds."""
+
+    def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]],
+                 config: BatcherConfig = BatcherConfig(),
+                 size: Callable[[T], int] = _one, name: str = "batcher") -> None:
+        self._fn = fn
+        self.config = config
+        self._size = size
+        self.name = name
+        self.stats = BatcherStats()
+        self._pending: collections.deque[_Entry[T, R]] = collections.deque()
+        self._pending_examples = 0
+        self._closed = False
+        # Created in start(), inside the running loop, not here: asyncio primitives are bound
+        # to the loop that was current when they were made.
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (not counting the batch being computed)."""
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Start the worker task in the running loop; submit() calls it when needed."""
+        if self._worker is None:
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def __aenter__(self) -> Batcher[T, R]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def submit(self, item: T, timeout: float | None = None) -> R:
+        """Queue `item` and wait for its result; `timeout` (seconds) drops it if still queued then.
+
+        Raises QueueFull (queue at its bound), ItemTooLarge (more examples than a batch),
+        BatcherClosed (closing), ItemExpired (timeout passed before compute), or whatever fn raised.
+        """
+        if self._closed:
+            raise BatcherClosed(f"{self.name} is closed")
+        await self.start()
+        assert self._wakeup is not None
+        size = self._size(item)
+        if size > self.config.max_batch_size:
+            raise ItemTooLarge(f"item of {size} examples exceeds max_batch_size "
+                               f"{self.config.max_batch_size}")
+        if size < 1:
+            raise ValueError(f"item size must be >= 1, got {size}")
+        if len(self._pending) >= self.config.max_queue_size:
+            raise QueueFull(f"{self.name} queue is full ({len(self._pending)} requests waiting, "
+                            f"max_queue_size={self.config.max_queue_size}); retry later")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entry: _Entry[T, R] = _Entry(item, size, loop.create_future(), now,
+                                     None if timeout is None else now + timeout)
+        self._pending.append(entry)
+        self._pending_examples += size
+        # Wake the worker only when it has something new to decide: a first item, or a full batch.
+        if len(self._pending) == 1 or self._pending_examples >= self.config.max_batch_size:
+            self._wakeup.set()
+        # If our caller is cancelled, so is this future, and the worker drops the entry.
+        return await entry.future
+
+    async def close(self) -> None:
+        """Refuse new items, compute what is queued, then stop the worker."""
+        self._closed = True
+        if self._worker is None:
+            return
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            await self._worker
+        finally:
+            self._fail_pending(BatcherClosed(f"{self.name} closed"))
+
+    async def _run(self) -> None:
+        try:
+            while (batch := await self._next_batch()) is not None:
+                if batch:
+                    await self._compute(batch)
+        except asyncio.CancelledError:
+            self._fail_pending(BatcherClosed(f"{self.name} was cancelled"))
+            raise
+
+    async def _next_batch(self) -> list[_Entry[T, R]] | None:
+        """Wait for a first item, then for a full batch or its oldest item's delay; None: closed."""
+        assert self._wakeup is not None
+        while not self._pending:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        loop = asyncio.get_running_loop()
+        # Timed from the oldest item's arrival, not from now: items that queued up while the
+        # previous batch was computing have waited already.
+        flush_at = self._pending[0].enqueued + self.config.max_queue_delay_s
+        while self._pending_examples < self.config.max_batch_size and not self._closed:
+            remaining = flush_at - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return self._take(loop.time())
+
+    def _take(self, now: float) -> list[_Entry[T, R]]:
+        """Pop live entries in order while they fit in one batch; drop cancelled and expired ones."""
+        batch: list[_Entry[T, R]] = []
+        examples = 0
+        while self._pending:
+            entry = self._pending[0]
+            if entry.future.done():  # its caller was cancelled
+                self.stats.dropped_cancelled += 1
+            elif entry.deadline is not None and now >= entry.deadline:
+                entry.future.set_exception(ItemExpired(
+                    f"request waited {now - entry.enqueued:.3f}s in the queue, past its deadline"))
+                self.stats.dropped_expired += 1
+            elif examples + entry.size > self.config.max_batch_size:
+                break  # it leads the next batch
+            else:
+                batch.append(entry)
+                examples += entry.size
+            self._pending.popleft()
+            self._pending_examples -= entry.size
+        return batch
+
+    async def _compute(self, batch: list[_Entry[T, R]]) -> None:
+        examples = sum(e.size for e in batch)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.examples += examples
+        self.stats.batch_examples[examples] += 1
+        try:
+            results = await self._fn([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: batch function returned {len(results)} results "
+                                   f"for {len(batch)} items")
+        except asyncio.CancelledError:  # the worker itself is being cancelled
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(BatcherClosed(f"{self.name} was cancelled"))
+            raise
+        except Exception as exc:  # one failure fails every caller in the batch, and only them
+            self.stats.failed_batches += 1
+            logger.debug("%s: batch of %d items failed: %r", self.name, len(batch), exc)
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            return
+        for entry, result in zip(batch, results):
+            if not entry.future.done():  # its caller may have gone while we computed
+                entry.future.set_result(result)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while self._pending:
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+        self._pending_examples = 0

@@ -1,0 +1,59 @@
+"""The server's configuration: one frozen dataclass, validated at construction.
+
+The CLI maps its flags onto it; tests and other code build it directly. Component settings live
+in their components' own dataclasses (BatcherConfig, RuntimeConfig) and are nested here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.batcher import BatcherConfig
+from server.errors import ConfigError
+from server.runtime import RuntimeConfig
+
+__all__ = ["BatcherConfig", "RuntimeConfig", "ServerConfig", "format_address"]
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # <repository>/<model>/<version>/ as the trainer writes it (docs/model-repository.md).
+    model_repository: Path
+    host: str = "127.0.0.1"  # 0.0.0.0 / [::] to accept connections from other machines
+    port: int = 50051  # 0: any free port; RunningServer.port says which
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
+    grace_s: float = 5.0
+    # Largest request or response on the wire; gRPC's own default (4 MiB) is small for images.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
+    # fill batches by itself, and bounds the memory one stream may hold.
+    max_stream_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_repository", Path(self.model_repository))
+        if not self.model_repository.is_dir():
+            raise ConfigError(f"model_repository {str(self.model_repository)!r} is not a directory")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        if not self.grace_s >= 0:
+            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s!r}")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes must be an integer >= 1024, "
+                              f"got {self.max_message_bytes!r}")
+        if not isinstance(self.max_stream_in_flight, int) or self.max_stream_in_flight < 1:
+            raise ConfigError("max_stream_in_flight must be an integer >= 1, "
+                              f"got {self.max_stream_in_flight!r}")
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)

@@ -1,0 +1,56 @@
+"""The server's named exceptions. Only the gRPC service layer turns them into status codes
+(`server.service.STATUS_CODES`, the one table); nothing here knows gRPC."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error the server raises on purpose."""
+
+
+class ConfigError(ServerError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class ModelNotFound(ServerError, LookupError):
+    """No model of that name is loaded."""
+
+
+class VersionNotFound(ServerError, LookupError):
+    """The model is loaded, but not that version."""
+
+
+class InvalidInput(ServerError, ValueError):
+    """A request's input does not fit the model: shape, dtype, batch size, missing."""
+
+
+class ModelLoadError(ServerError):
+    """A model version cannot be served (bad manifest, missing or altered member files)."""
+
+
+class ManifestError(ModelLoadError):
+    """manifest.json is missing, unreadable, or breaks the repository contract."""
+
+
+class ChecksumMismatch(ModelLoadError):
+    """A member file's sha256 differs from the one in the manifest."""
+
+
+class QueueFull(ServerError):
+    """The batcher's bounded queue is full; the caller should back off and retry."""
+
+
+class BatcherClosed(ServerError):
+    """The batcher is shutting down and takes no more work."""
+
+
+class ItemExpired(ServerError):
+    """A queued item's deadline passed before it reached the model."""
+
+
+class ItemTooLarge(ServerError, ValueError):
+    """An item holds more examples than one batch may."""
+
+
+class InferenceError(ServerError):
+    """The model failed or returned something other than [batch, classes] logits."""

@@ -1,0 +1,46 @@
+"""Checking a request's input array against a model's input spec, before it joins a batch.
+
+Every refusal is an InvalidInput whose message says what was wrong and what was expected, so a
+client can fix its request without reading server logs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.errors import InvalidInput
+from server.manifest import InputSpec
+
+__all__ = ["conform_input", "format_shape"]
+
+
+def format_shape(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _conform_dtype(array: np.ndarray, expected: np.dtype) -> np.ndarray:
+    if array.dtype == expected:
+        return array
+    # Float widths convert losslessly enough for inference; anything else (ints, bools) would
+    # mean the client sent the wrong data, e.g. raw uint8 pixels to a normalised float model.
+    if array.dtype.kind == "f" and expected.kind == "f":
+        return array.astype(expected)
+    accepted = f"{expected}" + (" (float16 and float64 are converted)" if expected.kind == "f" else "")
+    raise InvalidInput(f"input dtype {array.dtype} is not accepted; the model takes {accepted}")
+
+
+def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int) -> np.ndarray:
+    """The array the model should see for this request, or InvalidInput saying why there is none."""
+    shape = tuple(array.shape)
+    expected = spec.shape
+    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected)):
+        raise InvalidInput(f"input shape {format_shape(shape)} does not match the model's "
+                           f"{format_shape(expected)}")
+    batch = shape[0]
+    if batch == 0:
+        raise InvalidInput(f"input batch is empty (0 examples); expected 1 to {max_batch_size} "
+                           f"examples of shape {format_shape(expected)}")
+    if batch > max_batch_size:
+        raise InvalidInput(f"input batch of {batch} examples exceeds the server's max batch size "
+                           f"{max_batch_size}; split it into requests of at most {max_batch_size}")
+    return _conform_dtype(array, spec.dtype)

@@ -1,0 +1,229 @@
+"""Reading and checking a model version folder (docs/model-repository.md, schema_version 1).
+
+Only what the server needs is parsed into dataclasses; the whole manifest text is kept for
+GetModel. Every problem raises ManifestError (or ChecksumMismatch) naming the field or file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proto.tensors import NUMPY_TO_DTYPE
+from server.errors import ChecksumMismatch, ManifestError
+
+__all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "MODEL_NAME",
+           "SCHEMA_VERSION", "read_manifest", "verify_checksums", "sha256_file"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Model input = (raw - mean) / std, broadcast along `axis`; applied by clients, not graphs."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    axis: int
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # -1 for the batch dimension
+    normalization: Normalization | None
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    file: str
+    sha256: str
+    epoch: int
+    step: int
+    lr: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    method: str
+    input: InputSpec
+    output_name: str
+    classes: tuple[str, ...]
+    temperature: float
+    members: tuple[MemberSpec, ...]
+    metrics: dict[str, float]
+    text: str  # manifest.json as written, for what the fields above do not carry
+
+    def member_paths(self, version_dir: Path) -> list[Path]:
+        return [resolve_inside(version_dir, m.file, f"members[{i}].file")
+                for i, m in enumerate(self.members)]
+
+
+def resolve_inside(version_dir: Path, relative: str, field: str) -> Path:
+    """version_dir / relative, refusing absolute paths and any that leave the folder (.., symlinks)."""
+    root = version_dir.resolve()
+    path = (root / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(root):
+        raise ManifestError(f"{field} {relative!r} leaves the version folder; expected a path "
+                            "relative to it, such as 'members/member-000.onnx'")
+    return path
+
+
+def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    field = f"{where}{key}"
+    if key not in data:
+        raise ManifestError(f"manifest field {field!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool):  # JSON true is not a number here
+        raise ManifestError(f"manifest field {field!r} has type {type(value).__name__}; "
+                            f"expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _metrics(value: Any, field: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ManifestError(f"manifest field {field!r} must be an object of numbers")
+    # Free-form: keep the numeric entries, skip anything else rather than refuse the model.
+    return {str(k): float(v) for k, v in value.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _input_spec(data: dict[str, Any]) -> InputSpec:
+    spec = _get(data, "input", dict)
+    name = _get(spec, "name", str, "input.")
+    dtype_name = _get(spec, "dtype", str, "input.")
+    try:
+        dtype = np.dtype(dtype_name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype not in NUMPY_TO_DTYPE:
+        raise ManifestError(f"manifest field 'input.dtype' {dtype_name!r} is not a supported numpy "
+                            "dtype name (float32, float16, float64, int64, ...)")
+    shape = _get(spec, "shape", list, "input.")
+    if (not shape or shape[0] != -1 or not all(isinstance(d, int) and not isinstance(d, bool)
+                                               for d in shape)
+            or any(d < 1 for d in shape[1:])):
+        raise ManifestError(f"manifest field 'input.shape' {shape!r} must be a list of integers "
+                            "with -1 first (the batch) and sizes >= 1 after it")
+    return InputSpec(name, dtype, tuple(shape), _normalization(spec.get("normalization"), len(shape)))
+
+
+def _normalization(value: Any, ndim: int) -> Normalization | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError("manifest field 'input.normalization' must be an object or null")
+    mean = _get(value, "mean", list, "input.normalization.")
+    std = _get(value, "std", list, "input.normalization.")
+    axis = value.get("axis", 1)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mean + std)
+    if not numbers or not mean or len(mean) != len(std) or any(s == 0 for s in std):
+        raise ManifestError("manifest field 'input.normalization' needs 'mean' and 'std' lists of "
+                            "numbers of the same non-zero length, with no zero std")
+    if not isinstance(axis, int) or not 0 <= axis < ndim:
+        raise ManifestError(f"manifest field 'input.normalization.axis' {axis!r} must be an "
+                            f"integer in [0, {ndim})")
+    return Normalization(tuple(map(float, mean)), tuple(map(float, std)), axis)
+
+
+def _member(value: Any, index: int) -> MemberSpec:
+    where = f"members[{index}]."
+    if not isinstance(value, dict):
+        raise ManifestError(f"manifest field 'members[{index}]' must be an object")
+    sha = _get(value, "sha256", str, where).lower()
+    if not _SHA256.fullmatch(sha):
+        raise ManifestError(f"manifest field '{where}sha256' must be 64 hex digits")
+    return MemberSpec(
+        file=_get(value, "file", str, where), sha256=sha,
+        epoch=int(value.get("epoch") or 0), step=int(value.get("step") or 0),
+        lr=float(value.get("lr") or 0.0), metrics=_metrics(value.get("metrics"), where + "metrics"))
+
+
+def parse_manifest(text: str, version_dir: Path) -> Manifest:
+    """Parse and check manifest text read from `version_dir` (<model>/<integer version>)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"manifest.json is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError("manifest.json must hold a JSON object")
+    schema = data.get("schema_version")
+    if schema != SCHEMA_VERSION:
+        raise ManifestError(f"manifest field 'schema_version' is {schema!r}; this server reads "
+                            f"{SCHEMA_VERSION}")
+    output = _get(data, "output", dict)
+    if output.get("kind", "logits") != "logits":
+        raise ManifestError(f"manifest field 'output.kind' is {output.get('kind')!r}; expected 'logits'")
+    classes = _get(data, "classes", list)
+    if len(classes) < 1 or not all(isinstance(c, str) for c in classes):
+        raise ManifestError("manifest field 'classes' must be a non-empty list of strings")
+    temperature = data.get("temperature", 1.0)
+    temperature = 1.0 if temperature is None else temperature
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ManifestError(f"manifest field 'temperature' must be a number > 0, got {temperature!r}")
+    members = _get(data, "members", list)
+    if not members:
+        raise ManifestError("manifest field 'members' is empty; expected at least one member")
+    name, version = _get(data, "name", str), _get(data, "version", int)
+    folder_name, folder_version = version_dir.parent.name, int(version_dir.name)
+    if (name, version) != (folder_name, folder_version):
+        # A copied or renamed folder: the folder is what clients address, so it wins.
+        logger.warning("%s: manifest says %s version %d; serving it as %s version %d",
+                       version_dir, name, version, folder_name, folder_version)
+    manifest = Manifest(
+        name=folder_name, version=folder_version,
+        method=str(data.get("method", "")), input=_input_spec(data),
+        output_name=_get(output, "name", str, "output."), classes=tuple(classes),
+        temperature=float(temperature), members=tuple(_member(m, i) for i, m in enumerate(members)),
+        metrics=_metrics(data.get("metrics"), "metrics"), text=text)
+    manifest.member_paths(version_dir)  # refuse paths that leave the folder before any file is read
+    return manifest
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    """Read <version_dir>/manifest.json and check it against the contract."""
+    path = version_dir / MANIFEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path} is missing") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} cannot be read: {exc}") from exc
+    return parse_manifest(text, version_dir)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
+    """Raise ChecksumMismatch (or ManifestError for a missing file) unless every member matches."""
+    for member, path in zip(manifest.members, manifest.member_paths(version_dir)):
+        if not path.is_file():
+            raise ManifestError(f"member file {member.file!r} is missing")
+        actual = sha256_file(path)
+        if actual != member.sha256:
+            raise ChecksumMismatch(f"member file {member.file!r} has sha256 {actual}, "
+                                   f"the manifest says {member.sha256}")

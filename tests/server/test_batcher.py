@@ -1,0 +1,170 @@
+"""The generic batcher with plain asyncio: no ONNX, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.batcher import (Batcher, BatcherClosed, BatcherConfig, ItemExpired, ItemTooLarge,
+                            QueueFull)
+from server.errors import ConfigError
+
+
+class Recorder:
+    """A batch function that records each batch and can be held or made to fail."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail: Exception | None = None
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await self.release.wait()
+        await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return [i * 10 for i in items]
+
+
+async def test_concurrent_items_share_a_batch_and_get_their_own_result() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05)) as batcher:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+    assert results == [i * 10 for i in range(8)]
+    assert fn.batches == [list(range(8))]  # full batch: sent before the delay
+    assert batcher.stats.batch_examples == {8: 1}
+
+
+async def test_size_limit_counts_examples_and_keeps_order() -> None:
+    fn = Recorder()
+    sizes = {1: 3, 2: 3, 3: 2, 4: 1}  # item -> examples
+    config = BatcherConfig(max_batch_size=4, max_queue_delay_s=0.02)
+    async with Batcher(fn, config, size=sizes.__getitem__) as batcher:
+        await asyncio.gather(*(batcher.submit(i) for i in (1, 2, 3, 4)))
+    assert fn.batches == [[1], [2], [3, 4]]  # 3+3 > 4: item 2 leads the next batch
+    assert all(sum(sizes[i] for i in b) <= 4 for b in fn.batches)
+
+
+async def test_a_lone_item_waits_at_most_the_delay() -> None:
+    fn = Recorder()
+    loop = asyncio.get_running_loop()
+    async with Batcher(fn, BatcherConfig(max_batch_size=64, max_queue_delay_s=0.05)) as batcher:
+        start = loop.time()
+        assert await batcher.submit(7) == 70
+        waited = loop.time() - start
+    assert 0.045 <= waited < 0.5
+
+
+async def test_zero_delay_sends_at_once() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=64, max_queue_delay_s=0.0)) as batcher:
+        assert await asyncio.wait_for(batcher.submit(1), 0.5) == 10
+
+
+async def test_full_queue_raises_queue_full_at_once() -> None:
+    fn = Recorder()
+    fn.release.clear()  # hold the first batch in compute
+    config = BatcherConfig(max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)
+    async with Batcher(fn, config) as batcher:
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)  # batch [0] is computing, queue empty
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="max_queue_size=2"):
+            await batcher.submit(3)
+        fn.release.set()
+        assert await first == 0
+        assert await asyncio.gather(*waiting) == [10, 20]
+
+
+async def test_one_exception_fails_every_caller_in_the_batch_only() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=4, max_queue_delay_s=0.02)) as batcher:
+        fn.fail = RuntimeError("model exploded")
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
+        fn.fail = None
+        assert await batcher.submit(5) == 50  # the batcher goes on
+    assert batcher.stats.failed_batches == 1
+
+
+async def test_wrong_number_of_results_fails_the_batch() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    async with Batcher(short, BatcherConfig(max_batch_size=2, max_queue_delay_s=0.02)) as batcher:
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "1 results for 2 items" in str(r) for r in results)
+
+
+async def test_cancelled_callers_are_dropped_before_compute() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05)) as batcher:
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        tasks[1].cancel()
+        tasks[2].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert fn.batches == [[0, 3]]
+    assert done[0] == 0 and done[3] == 30
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert batcher.stats.dropped_cancelled == 2
+
+
+async def test_expired_items_are_dropped_before_compute() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05)) as batcher:
+        expiring = asyncio.ensure_future(batcher.submit(1, timeout=0.01))
+        kept = asyncio.ensure_future(batcher.submit(2, timeout=5.0))
+        with pytest.raises(ItemExpired, match="past its deadline"):
+            await expiring
+        assert await kept == 20
+    assert fn.batches == [[2]]
+    assert batcher.stats.dropped_expired == 1
+
+
+async def test_item_larger_than_a_batch_is_refused() -> None:
+    async with Batcher(Recorder(), BatcherConfig(max_batch_size=4), size=lambda n: n) as batcher:
+        with pytest.raises(ItemTooLarge, match="5 examples exceeds max_batch_size 4"):
+            await batcher.submit(5)
+
+
+async def test_close_computes_queued_items_then_refuses_new_ones() -> None:
+    fn = Recorder()
+    batcher = Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=10.0))
+    task = asyncio.ensure_future(batcher.submit(3))
+    await asyncio.sleep(0.01)
+    await batcher.close()  # does not wait out the 10 s delay
+    assert await task == 30
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(4)
+
+
+def test_can_be_built_outside_a_running_loop() -> None:
+    # asyncio primitives are made in start(), inside the loop that uses them
+    async def double(items: list[int]) -> list[int]:
+        return [2 * i for i in items]
+
+    batcher = Batcher(double, BatcherConfig(max_queue_delay_s=0.0))
+
+    async def use() -> int:
+        async with batcher:
+            return await batcher.submit(21)
+
+    assert asyncio.run(use()) == 42
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_queue_delay_s": -1.0}, "max_queue_delay_s"),
+    ({"max_queue_delay_s": float("nan")}, "max_queue_delay_s"),
+    ({"max_queue_size": 0}, "max_queue_size"),
+])
+def test_config_names_the_bad_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        BatcherConfig(**kwargs)

@@ -1,0 +1,143 @@
+"""Loading the model repository: the contract's checks, and refusing broken versions alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from server import BatcherConfig, RuntimeConfig, ServerConfig, start_server
+from server.errors import ConfigError, ModelNotFound, VersionNotFound
+from server.registry import ModelRegistry, load_repository, scan_repository
+
+from .conftest import DIGITS_CLASSES, DIGITS_SHAPE, random_members, write_model_version
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def load(repo: Path, executor: ThreadPoolExecutor) -> ModelRegistry:
+    return load_repository(repo, RuntimeConfig(), BatcherConfig(), executor)
+
+
+def write_digits(repo: Path, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+    return write_model_version(repo, "digits", random_members(2, 16, 5), DIGITS_SHAPE,
+                               DIGITS_CLASSES, **kwargs)
+
+
+def corrupt_member(version_dir: Path) -> None:
+    member = version_dir / "members" / "member-001.onnx"
+    member.write_bytes(member.read_bytes() + b"\0")
+
+
+async def test_checksum_mismatch_refuses_that_model_and_serves_the_others(
+        model_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    corrupt_member(model_repo / "digits" / "1")
+    caplog.set_level(logging.ERROR, logger="server")
+    running = await start_server(ServerConfig(model_repository=model_repo, port=0))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            listed = await stub.ListModels(pb.ListModelsRequest())
+            assert [m.name for m in listed.models] == ["tiny"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetModel(pb.GetModelRequest(model="digits"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "models: tiny" in info.value.details()
+    finally:
+        await running.stop(None)
+    refusal = [r.getMessage() for r in caplog.records if "refusing model digits version 1" in r.getMessage()]
+    assert refusal and "members/member-001.onnx" in refusal[0] and "sha256" in refusal[0]
+
+
+def test_broken_newest_version_falls_back_to_the_previous_one(tmp_path: Path,
+                                                             executor: ThreadPoolExecutor) -> None:
+    write_digits(tmp_path)
+    corrupt_member(write_digits(tmp_path))  # version 2
+    registry = load(tmp_path, executor)
+    assert registry.versions("digits") == [1]
+    assert registry.get("digits").version == 1
+
+
+def test_newest_good_version_is_served(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    write_digits(tmp_path)
+    write_digits(tmp_path)
+    registry = load(tmp_path, executor)
+    assert registry.get("digits").version == 2
+    assert registry.get("digits", 2).version == 2
+    with pytest.raises(VersionNotFound, match=r"no version 1; loaded versions: \[2\]"):
+        registry.get("digits", 1)
+    with pytest.raises(ModelNotFound, match="'nope' is not served; models: digits"):
+        registry.get("nope")
+
+
+def test_hidden_temporary_and_non_integer_folders_are_ignored(tmp_path: Path) -> None:
+    good = write_digits(tmp_path)
+    for name in (".tmp-2-abcd", ".partial-3", "latest", "0", "007", "-1"):
+        shutil.copytree(good, tmp_path / "digits" / name)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / "digits" / "notes.txt").write_text("not a version")
+    assert scan_repository(tmp_path) == {"digits": [good]}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"members": [{"file": "../../escape.onnx", "sha256": "0" * 64}]}, "leaves the version folder"),
+    ({"members": [{"file": "/etc/passwd", "sha256": "0" * 64}]}, "leaves the version folder"),
+    ({"members": [{"file": "members/missing.onnx", "sha256": "0" * 64}]}, "is missing"),
+    ({"members": [{"file": "members/member-000.onnx", "sha256": "xyz"}]}, "64 hex digits"),
+    ({"schema_version": 2}, "'schema_version' is 2"),
+    ({"classes": ["a", "b"]}, "the manifest lists 2 classes"),
+    ({"temperature": 0}, "'temperature' must be a number > 0"),
+    ({"input": {"name": "input", "dtype": "float32", "shape": [1, 16]}}, "'input.shape'"),
+    ({"input": {"name": "wrong", "dtype": "float32", "shape": [-1, 1, 4, 4]}}, "expects exactly ['wrong']"),
+    ({"output": {"name": "probs", "kind": "logits"}}, "expects 'probs'"),
+    ({"members": []}, "'members' is empty"),
+])
+def test_broken_manifests_are_refused_with_a_reason(
+        tmp_path: Path, executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture,
+        overrides: dict, message: str) -> None:
+    write_digits(tmp_path, manifest_overrides=overrides)
+    write_model_version(tmp_path, "tiny", random_members(2, 3, 2), (3,), ["no", "yes"])
+    registry = load(tmp_path, executor)
+    assert registry.names() == ["tiny"]
+    assert any("refusing model digits version 1" in r.getMessage() and message in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_invalid_json_is_refused(tmp_path: Path, executor: ThreadPoolExecutor,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    version = write_digits(tmp_path)
+    (version / "manifest.json").write_text("{not json")
+    assert load(tmp_path, executor).names() == []
+    assert any("not valid JSON" in r.getMessage() for r in caplog.records)
+
+
+def test_a_copied_folder_is_served_under_its_folder_name(tmp_path: Path,
+                                                         executor: ThreadPoolExecutor) -> None:
+    version = write_digits(tmp_path)
+    shutil.copytree(version.parent, tmp_path / "digits-copy")
+    registry = load(tmp_path, executor)
+    assert registry.names() == ["digits", "digits-copy"]
+    assert json.loads(registry.get("digits-copy").manifest.text)["name"] == "digits"
+
+
+def test_config_checks_the_repository_and_names_fields(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model_repository"):
+        ServerConfig(model_repository=tmp_path / "absent")
+    with pytest.raises(ConfigError, match="port"):
+        ServerConfig(model_repository=tmp_path, port=70000)
+    with pytest.raises(ConfigError, match="device"):
+        RuntimeConfig(device="tpu")
+    with pytest.raises(ConfigError, match="intra_op_threads"):
+        RuntimeConfig(intra_op_threads=-1)
