@@ -1,0 +1,68 @@
+"""Metrics against values worked out by hand (ALGORITHMS.md section 5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer.metrics import (accuracy, brier, classification_metrics, ece, ensemble_probabilities,
+                             entropy, mutual_information, nll, pairwise_disagreement, softmax)
+
+PROBS = np.array([[0.7, 0.2, 0.1],   # right, confidence 0.7
+                  [0.1, 0.6, 0.3],   # wrong (label 2), confidence 0.6
+                  [0.05, 0.05, 0.9],  # right, confidence 0.9
+                  [0.5, 0.4, 0.1]])  # wrong (label 1), confidence 0.5
+LABELS = np.array([0, 2, 2, 1])
+
+
+def test_accuracy_nll_brier_by_hand() -> None:
+    assert accuracy(PROBS, LABELS) == 0.5
+    assert nll(PROBS, LABELS) == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.9) + math.log(0.4)) / 4)
+    per_example = [0.3**2 + 0.2**2 + 0.1**2, 0.1**2 + 0.6**2 + 0.7**2,
+                   0.05**2 + 0.05**2 + 0.1**2, 0.5**2 + 0.6**2 + 0.1**2]
+    assert brier(PROBS, LABELS) == pytest.approx(np.mean(per_example))
+
+
+def test_ece_uses_15_equal_width_bins() -> None:
+    # Bins of width 1/15: 0.5 -> (7/15, 8/15], 0.6 -> (8/15, 9/15], 0.7 -> (10/15, 11/15],
+    # 0.9 -> (13/15, 14/15]: one example per bin, so ECE = mean |correct - confidence|.
+    expected = (abs(1 - 0.7) + abs(0 - 0.6) + abs(1 - 0.9) + abs(0 - 0.5)) / 4
+    assert ece(PROBS, LABELS) == pytest.approx(expected)
+    # One bin holding everything: |accuracy - mean confidence|.
+    assert ece(PROBS, LABELS, bins=1) == pytest.approx(abs(0.5 - (0.7 + 0.6 + 0.9 + 0.5) / 4))
+
+
+def test_perfect_confident_predictions_score_zero() -> None:
+    probs = np.eye(3)
+    labels = np.array([0, 1, 2])
+    assert classification_metrics(probs, labels) == pytest.approx(
+        {"accuracy": 1.0, "nll": 0.0, "brier": 0.0, "ece": 0.0})
+
+
+def test_nll_of_a_zero_probability_is_large_but_finite() -> None:
+    assert math.isfinite(nll(np.array([[1.0, 0.0]]), np.array([1])))
+
+
+def test_ensemble_averages_probabilities_not_logits() -> None:
+    logits = np.array([[[10.0, 0.0]], [[0.0, 1.0]]])  # two members, one example
+    probs = softmax(logits)
+    mean = ensemble_probabilities(probs)
+    assert mean == pytest.approx((probs[0] + probs[1]) / 2)
+    assert not np.allclose(mean, softmax(logits.mean(axis=0)))
+    assert softmax(np.array([1000.0, 0.0])) == pytest.approx([1.0, 0.0])
+
+
+def test_diversity_scores_by_hand() -> None:
+    a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    b = np.array([[0.1, 0.9], [0.3, 0.7], [0.7, 0.3]])  # disagrees with a on the first example only
+    members = np.stack([a, b, a])
+    d = pairwise_disagreement(members)
+    np.testing.assert_allclose(d, [[0, 1 / 3, 0], [1 / 3, 0, 1 / 3], [0, 1 / 3, 0]])
+    mi = mutual_information(members)
+    mean = (2 * a + b) / 3
+    expected = entropy(mean) - (2 * entropy(a) + entropy(b)) / 3
+    assert mi == pytest.approx(expected) and np.all(mi >= 0)
+    assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
+    assert mutual_information(np.stack([a, a])) == pytest.approx(np.zeros(3), abs=1e-12)

@@ -1,0 +1,98 @@
+"""Classification metrics on probabilities (ALGORITHMS.md section 5). Pure numpy, no I/O.
+
+`probs` is [N, C] (rows sum to 1), `labels` is [N] class indices. An ensemble's probabilities
+are the mean of its members' probabilities, never of their logits or weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "ECE_BINS",
+    "accuracy",
+    "brier",
+    "classification_metrics",
+    "ece",
+    "ensemble_probabilities",
+    "entropy",
+    "mutual_information",
+    "nll",
+    "pairwise_disagreement",
+    "softmax",
+]
+
+ECE_BINS = 15  # the convention since Guo et al. 2017
+
+# log(0) guard: a confidently wrong member gives a large but finite NLL.
+_TINY = np.finfo(np.float64).tiny
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """[..., C] logits -> probabilities, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def ensemble_probabilities(member_probs: np.ndarray) -> np.ndarray:
+    """[M, N, C] -> [N, C]: the mean of the members' probabilities."""
+    return member_probs.mean(axis=0)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """-(1/N) sum log p(y_n | x_n), natural log."""
+    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
+    return float(-np.mean(np.log(np.maximum(picked, _TINY))))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """(1/N) sum_n sum_c (p_nc - 1[y_n = c])^2 (the multi-class sum, range [0, 2])."""
+    onehot = np.zeros_like(probs, dtype=np.float64)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
+
+    Equal-width confidence bins (lo, hi] on [0, 1], confidence = the top probability.
+    """
+    confidence = probs.max(axis=1).astype(np.float64)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The metrics every report and manifest carries."""
+    return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
+            "brier": brier(probs, labels), "ece": ece(probs, labels)}
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """[..., C] -> [...]: -sum_c p_c log p_c (natural log; 0 log 0 = 0)."""
+    p = probs.astype(np.float64)
+    return -np.sum(p * np.log(np.maximum(p, _TINY)), axis=-1)
+
+
+def mutual_information(member_probs: np.ndarray) -> np.ndarray:
+    """[M, N, C] -> [N]: H[mean_m p_m] - mean_m H[p_m], the part of the uncertainty members
+    disagree on (>= 0 up to rounding)."""
+    return entropy(ensemble_probabilities(member_probs)) - entropy(member_probs).mean(axis=0)
+
+
+def pairwise_disagreement(member_probs: np.ndarray) -> np.ndarray:
+    """[M, N, C] -> [M, M]: the fraction of examples on which members i and j predict different
+    classes (Fort et al. 2019). A measure of diversity: identical members give all zeros."""
+    top = member_probs.argmax(axis=2)
+    return (top[:, None, :] != top[None, :, :]).mean(axis=2)
