@@ -114,7 +114,7 @@ def print_table(result: dict[str, np.ndarray], y: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "models")
+    parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument("--name", default="digits")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--arch", default="cnn")
