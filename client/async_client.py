@@ -9,6 +9,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable
 import grpc
 import numpy as np
 
+from client.credentials import Pem, Security
 from client.errors import ClientError
 from client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
@@ -28,10 +29,15 @@ class AsyncEnsembleClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: Pem | None = None, tls_cert: Pem | None = None,
+                 tls_key: Pem | None = None, token: str | None = None) -> None:
+        """TLS and token options as EnsembleClient's."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                        tls_key=tls_key, token=token)
+        self._channel = self._security.aio_channel(target, channel_options(max_message_bytes))
         self._stub = pb_grpc.EnsembleServiceStub(self._channel)
         self._models: dict[tuple[str, int], ModelInfo] = {}
 
@@ -61,7 +67,8 @@ class AsyncEnsembleClient:
                     array = normalize_input(array, info.input)
                 yield build_request(model, array, version, member_probabilities, str(next(counter)))
 
-        call = self._stub.PredictStream(requests(), timeout=self.timeout if timeout is None else timeout)
+        call = self._stub.PredictStream(requests(), timeout=self.timeout if timeout is None else timeout,
+                                        metadata=self._security.metadata)
         try:
             async for response in call:
                 if response.HasField("error"):
@@ -89,7 +96,8 @@ class AsyncEnsembleClient:
 
     async def _call(self, method, request, timeout: float | None):  # type: ignore[no-untyped-def]
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout,
+                                metadata=self._security.metadata)
         except grpc.RpcError as exc:
             raise ClientError.from_rpc_error(exc) from exc
 

@@ -3,6 +3,7 @@
     ensemble-client predict --model digits --input x.npy [--normalize] [--json]
     ensemble-client models [--json]
     ensemble-client model --model digits
+    ensemble-client bench --model digits --concurrency 1,8,32 [--request-rate R] [--json out.json]
 
 Exit status: 0 ok, 1 the server refused the call, 2 bad command line or input file.
 """
@@ -17,6 +18,8 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from client.bench import add_bench_parser
+from client.credentials import read_token_file
 from client.errors import ClientError
 from client.messages import ModelInfo, ModelSummary, Prediction
 from client.sync_client import DEFAULT_TARGET, EnsembleClient
@@ -29,6 +32,13 @@ class InputFileError(Exception):
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+    parser.add_argument("--tls", action="store_true",
+                        help="use TLS with the system's CA roots (implied by --tls-ca/--tls-cert)")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--token-file", default=None,
+                        help="file whose first line is a bearer token ('#' comments skipped)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", required=True)
     model.add_argument("--version", type=int, default=0)
     model.set_defaults(run=run_model)
-    # `bench` (a load generator) will join here.
+
+    add_bench_parser(commands, _common)  # the load generator: client/bench.py
     return parser
 
 
@@ -133,7 +144,15 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = sys.stdout if out is None else out
     run: Callable[[EnsembleClient, argparse.Namespace, TextIO], None] = args.run
-    with EnsembleClient(args.target, timeout=args.timeout) as client:
+    try:
+        client = EnsembleClient(args.target, timeout=args.timeout, tls=args.tls, tls_ca=args.tls_ca,
+                                tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                token=None if args.token_file is None
+                                else read_token_file(args.token_file))
+    except ValueError as exc:  # unreadable certificate or token file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             run(client, args, out)
         except ClientError as exc:

@@ -7,6 +7,7 @@ from types import TracebackType
 import grpc
 import numpy as np
 
+from client.credentials import Pem, Security
 from client.errors import ClientError
 from client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
@@ -33,10 +34,16 @@ class EnsembleClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: Pem | None = None, tls_cert: Pem | None = None,
+                 tls_key: Pem | None = None, token: str | None = None) -> None:
+        """`tls_ca`/`tls_cert`/`tls_key`: PEM paths or bytes (any of them, or tls=True: TLS;
+        cert + key: mutual TLS); `token`: sent as `authorization: Bearer <token>`."""
         self.target = target
         self.timeout = timeout  # default per-call deadline in seconds; None: no deadline
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                        tls_key=tls_key, token=token)
+        self._channel = self._security.channel(target, channel_options(max_message_bytes))
         self._stub = pb_grpc.EnsembleServiceStub(self._channel)
         self._models: dict[tuple[str, int], ModelInfo] = {}
 
@@ -67,7 +74,8 @@ class EnsembleClient:
 
     def _call(self, method, request, timeout: float | None):  # type: ignore[no-untyped-def]
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._security.metadata)
         except grpc.RpcError as exc:
             raise ClientError.from_rpc_error(exc) from exc
 

@@ -29,6 +29,29 @@ def generate(out_dir: Path, root: Path = ROOT) -> None:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *sources]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {sources}")
+    for package in PRIVATE_POOL_PACKAGES:
+        for module in sorted((out_dir / package).glob("*_pb2.py")):
+            use_private_pool(module, package.replace("/", "."))
+
+
+# Packages built into a descriptor pool of their own (`<package>.POOL`) instead of protobuf's
+# default one. tritonclient, KServe and MLServer each register `inference.*` messages in the
+# default pool; a second definition there fails at import ("duplicate symbol
+# 'inference.DataType'", triton-inference-server/client#730). In their own pool, ours can share
+# a process with any of them (our tests drive the server with tritonclient). The wire names
+# stay `inference.*`.
+PRIVATE_POOL_PACKAGES = ("proto/inference",)
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_IMPORTS_END = "# @@protoc_insertion_point(imports)\n"
+
+
+def use_private_pool(module: Path, package: str) -> None:
+    """Rewrite one generated *_pb2.py to add its file to `<package>.POOL`."""
+    text = module.read_text()
+    if text.count(_DEFAULT_POOL) != 1 or text.count(_IMPORTS_END) != 1:
+        raise RuntimeError(f"{module}: protoc output changed; cannot switch it to {package}.POOL")
+    text = text.replace(_IMPORTS_END, f"{_IMPORTS_END}from {package} import POOL as _POOL\n")
+    module.write_text(text.replace(_DEFAULT_POOL, "DESCRIPTOR = _POOL.AddSerializedFile("))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ NUMPY_TO_DTYPE: dict[np.dtype, int] = {v.newbyteorder("="): k for k, v in DTYPE_
 
 # numpy itself allows 64 dimensions; no model input here needs more than a handful.
 MAX_DIMS = 32
+# numpy's own bound on an array's size in bytes (its index type, intp).
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max
 
 
 class TensorError(ValueError):
@@ -112,7 +114,15 @@ def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     if len(tensor.data) != expected:
         raise TensorError(f"{name} data has {len(tensor.data)} bytes; expected {expected} "
                           f"(shape {list(shape)} x {dtype.itemsize} bytes per {dtype_name(tensor.dtype)})")
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    # An empty shape such as [0, 2**62, 2**62] matches b"", but numpy refuses any shape whose
+    # non-zero sizes multiply past its index type, even with no element: refuse it by name.
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise TensorError(f"{name} shape {list(shape)} is too large; expected sizes whose "
+                          f"product fits in {MAX_ARRAY_BYTES} bytes")
+    try:
+        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # numpy's own limits, should the check above ever miss one
+        raise TensorError(f"{name} shape {list(shape)} cannot be made into an array: {exc}") from exc
     if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
         raise TensorError(f"{name} BOOL data holds bytes other than 0 and 1")
     return array

@@ -12,7 +12,8 @@ from server.app import RunningServer, start_server
 from server.batcher import Batcher, BatcherConfig
 from server.config import ServerConfig
 from server.errors import ConfigError
+from server.lifecycle import RepositoryConfig
 from server.runtime import RuntimeConfig
 
-__all__ = ["Batcher", "BatcherConfig", "ConfigError", "RunningServer", "RuntimeConfig",
-           "ServerConfig", "start_server"]
+__all__ = ["Batcher", "BatcherConfig", "ConfigError", "RepositoryConfig", "RunningServer",
+           "RuntimeConfig", "ServerConfig", "start_server"]

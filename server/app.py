@@ -1,45 +1,97 @@
-"""Starting and stopping the gRPC server: `start_server(config) -> RunningServer`."""
+"""Starting and stopping the gRPC server: `start_server(config) -> RunningServer`.
+
+Services: the native API (snapserve.v1.EnsembleService), KServe v2 (inference.GRPCInferenceService),
+grpc.health.v1.Health and server reflection; Prometheus metrics over HTTP when a port is given.
+The port is bound and the health service answers (NOT_SERVING) before the models load.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from proto.inference import grpc_service_pb2 as kpb
+from proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from proto.snapserve.v1 import ensemble_pb2 as pb
 from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from server.config import ServerConfig, format_address
 from server.errors import ConfigError
-from server.registry import ModelRegistry, load_repository
+from server.health import HealthServicer
+from server.kserve import KServeServicer
+from server.lifecycle import ModelManager
+from server.metrics import ServerMetrics
+from server.reflection import enable_reflection
+from server.registry import ModelRegistry
 from server.runtime import execution_providers
+from server.security import TokenAuthInterceptor, read_tokens, server_credentials
+from server.shutdown import Drain
 from server.service import EnsembleServicer
 
 __all__ = ["RunningServer", "start_server"]
 
 logger = logging.getLogger(__name__)
 
+SERVICES = [pb.DESCRIPTOR.services_by_name["EnsembleService"],
+            kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"]]
+# Health service names that follow the server's overall status "" (see server/health.py).
+HEALTH_SERVICE_NAMES = ("", "snapserve.v1.EnsembleService", "inference.GRPCInferenceService")
+
 
 @dataclass
 class RunningServer:
-    """A started server. `port` is the bound port (the real one when the config asked for 0)."""
+    """A started server. `port` is the bound port (the real one when the config asked for 0);
+    `metrics_port` likewise, None when metrics are not served over HTTP."""
 
     config: ServerConfig
     port: int
     registry: ModelRegistry
     server: grpc.aio.Server
     executor: ThreadPoolExecutor
+    manager: ModelManager
+    health: HealthServicer
+    metrics: ServerMetrics
+    metrics_port: int | None = None
+    drain: Drain = field(default_factory=Drain)  # the server's first interceptor
 
     @property
     def address(self) -> str:
         return format_address(self.config.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking RPCs, give in-flight ones `grace` seconds (None: cancel them now), then
-        close the batchers and the inference threads."""
-        await self.server.stop(grace)
-        await self.registry.close()
+        """Shut down in the order clients need, within `grace` seconds (None: cancel now).
+
+        1. Health (and ServerReady) say NOT_SERVING; new calls (but health checks) are refused
+           with UNAVAILABLE at once (server/shutdown.py); polling stops.
+        2. Drain: the batchers compute what they hold while the gRPC server still runs, so every
+           answer and every refusal goes out; then wait for the clients to go quiet.
+           (gRPC's own stop(grace) would leave calls that arrive meanwhile unanswered until the
+           grace period ends, then cancel them: grpc/grpc#41785.)
+        3. The gRPC server stops, giving calls still being answered what is left of `grace`;
+           then the metrics endpoint and the inference threads.
+        """
+        self.health.enter_graceful_shutdown()  # health watchers hear it before the port closes
+        self.drain.start()
+        await self.manager.close()
+        deadline = None if grace is None else time.monotonic() + grace
+        drain = asyncio.ensure_future(self.registry.close())
+        if deadline is not None and grace:
+            await asyncio.wait({drain}, timeout=grace)
+            if not drain.done():
+                logger.warning("grace period of %.1fs is over with requests still queued or "
+                               "computing; cancelling them", grace)
+            elif not await self.drain.wait_quiet(deadline):
+                logger.info("clients still calling at the end of the grace period; stopping")
+        await self.server.stop(None if deadline is None else max(deadline - time.monotonic(), 0))
+        await drain
+        logger.info("refused %d calls while draining", self.drain.refused)
+        self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped serving on %s", self.address)
 
@@ -47,26 +99,55 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+def _log_security(config: ServerConfig) -> None:
+    security = config.security
+    if security.tls:
+        logger.info("TLS on; client certificates %s", "required (mutual TLS)"
+                    if security.tls_client_ca is not None else "not asked for")
+    if security.auth:  # the file's name only: tokens are never logged
+        logger.info("bearer token authentication on (tokens from %s)", security.auth_token_file)
+    elif config.repository.allow_repository_control:
+        logger.warning("repository control is on without authentication: any client that reaches "
+                       "the port can load and unload models (use --auth-token-file)")
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
-    """Load the repository, bind, start serving; logs `serving on HOST:PORT` once ready."""
+    """Bind and start (health NOT_SERVING), load the repository, then report SERVING and log
+    `serving on HOST:PORT`. Returns once every model that loads has loaded."""
     providers = execution_providers(config.runtime)  # refuses device=cuda without CUDA, up front
     logger.info("device %s: execution providers %s", config.runtime.device,
                 [p if isinstance(p, str) else p[0] for p in providers])
+    # Certificates and tokens are read once, now: a bad file stops the start, not a later call.
+    credentials = server_credentials(config.security)
+    # Drain first: while stopping, every call is refused before anything else looks at it.
+    drain = Drain()
+    interceptors: list[grpc.aio.ServerInterceptor] = [drain]
+    if config.security.auth_token_file is not None:
+        interceptors.append(TokenAuthInterceptor(read_tokens(config.security.auth_token_file)))
+    _log_security(config)
     # One batch in flight per model version; the threads are made on demand.
     executor = ThreadPoolExecutor(thread_name_prefix="inference")
-    loop = asyncio.get_running_loop()
-    registry = await loop.run_in_executor(None, load_repository, config.model_repository,
-                                          config.runtime, config.batcher, executor)
-    if not len(registry):
-        logger.warning("no model loaded from %s", config.model_repository)
-    server = grpc.aio.server(options=[
+    registry = ModelRegistry()
+    health = HealthServicer()
+    for service in HEALTH_SERVICE_NAMES:
+        health.set(service, False)  # until the repository is loaded
+    metrics = ServerMetrics(registry)
+    manager = ModelManager(config.model_repository, config.repository, config.runtime,
+                           config.batcher, executor, registry, health, metrics)
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ])
     pb_grpc.add_EnsembleServiceServicer_to_server(
-        EnsembleServicer(registry, config.max_stream_in_flight), server)
+        EnsembleServicer(registry, config.max_stream_in_flight, metrics), server)
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(manager, health, metrics, config.max_stream_in_flight), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    enable_reflection(server, SERVICES)
     try:
-        port = server.add_insecure_port(config.address)
+        port = (server.add_insecure_port(config.address) if credentials is None
+                else server.add_secure_port(config.address, credentials))
     except RuntimeError as exc:
         port = 0
         cause: Exception | None = exc
@@ -75,8 +156,20 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         executor.shutdown(wait=False)
         raise ConfigError(f"cannot bind {config.address} (port in use, or host not local)") from cause
-    await registry.start()
-    await server.start()
-    running = RunningServer(config, port, registry, server, executor)
+    running = RunningServer(config, port, registry, server, executor, manager, health, metrics,
+                            drain=drain)
+    try:
+        await server.start()
+        if config.metrics_port is not None:
+            running.metrics_port = metrics.serve(config.host, config.metrics_port)
+        await manager.load_all()
+    except BaseException:
+        await running.stop(None)
+        raise
+    if not len(registry):
+        logger.warning("no model loaded from %s", config.model_repository)
+    for service in HEALTH_SERVICE_NAMES:
+        health.set(service, True)
+    manager.start_polling()
     logger.info("serving on %s", running.address)
     return running

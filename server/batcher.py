@@ -9,7 +9,12 @@ no ONNX and no gRPC: the caller decides what an item is and how many examples it
   letting latency pile up under overload.
 - Items whose caller was cancelled, or whose deadline passed, are dropped before compute.
 - One exception from `fn` fails every caller in that batch.
-- One batch is computed at a time; while it runs the next one fills, so batches grow with load.
+- Up to `max_concurrent_batches` batches compute at once (one per runtime instance); while
+  they run the next one fills, so batches grow with load.
+- Adaptive wait (`adaptive_wait`): when no batch is computing, waiting for company only adds
+  latency (nothing will free up sooner), so what is queued is sent at once; the delay applies
+  only while other batches compute. A lone request on an idle server waits for nothing, and
+  under load batches still fill while the previous ones compute.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = ["Batcher", "BatcherConfig", "BatcherStats", "BatcherClosed", "ItemExp
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_DEADLINE_SLACK_S = 0.005
 R = TypeVar("R")
 
 
@@ -39,6 +45,11 @@ class BatcherConfig:
     max_queue_delay_s: float = 0.002
     # Items (requests) allowed to wait; beyond it callers get QueueFull instead of a slow answer.
     max_queue_size: int = 256
+    # Batches computed at once: one per runtime instance. More uses more cores on small models.
+    max_concurrent_batches: int = 1
+    # Send at once when nothing computes (see the module docstring); False: always wait up to
+    # max_queue_delay_s for a full batch, as a plain delay-based batcher does.
+    adaptive_wait: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -47,6 +58,9 @@ class BatcherConfig:
             raise ConfigError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
         if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
             raise ConfigError(f"max_queue_size must be an integer >= 1, got {self.max_queue_size!r}")
+        if not isinstance(self.max_concurrent_batches, int) or self.max_concurrent_batches < 1:
+            raise ConfigError("max_concurrent_batches must be an integer >= 1, "
+                              f"got {self.max_concurrent_batches!r}")
 
 
 @dataclass
@@ -56,13 +70,14 @@ class BatcherStats:
     batches: int = 0
     items: int = 0
     examples: int = 0
-    dropped_cancelled: int = 0
-    dropped_expired: int = 0
+    dropped_cancelled: int = 0  # caller went away while queued: never computed
+    dropped_expired: int = 0  # deadline passed while queued: never computed
+    refused_full: int = 0  # submit() raised QueueFull
     failed_batches: int = 0
     batch_examples: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: items may be arrays
 class _Entry(Generic[T, R]):
     item: T
     size: int
@@ -89,20 +104,29 @@ class Batcher(Generic[T, R]):
         self._pending: collections.deque[_Entry[T, R]] = collections.deque()
         self._pending_examples = 0
         self._closed = False
+        self._in_flight = 0  # batches computing now
+        self._computing: set[asyncio.Task[None]] = set()
         # Created in start(), inside the running loop, not here: asyncio primitives are bound
         # to the loop that was current when they were made.
         self._wakeup: asyncio.Event | None = None
+        self._slot_free: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
 
     @property
     def queued(self) -> int:
-        """Items waiting for a batch (not counting the batch being computed)."""
+        """Items waiting for a batch (not counting the batches being computed)."""
         return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches computing now."""
+        return self._in_flight
 
     async def start(self) -> None:
         """Start the worker task in the running loop; submit() calls it when needed."""
         if self._worker is None:
             self._wakeup = asyncio.Event()
+            self._slot_free = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     async def __aenter__(self) -> Batcher[T, R]:
@@ -119,7 +143,8 @@ class Batcher(Generic[T, R]):
         BatcherClosed (closing), ItemExpired (timeout passed before compute), or whatever fn raised.
         """
         if self._closed:
-            raise BatcherClosed(f"{self.name} is closed")
+            raise BatcherClosed(f"{self.name} is closed and takes no new requests "
+                                "(the server is stopping, or the version was unloaded)")
         await self.start()
         assert self._wakeup is not None
         size = self._size(item)
@@ -129,6 +154,7 @@ class Batcher(Generic[T, R]):
         if size < 1:
             raise ValueError(f"item size must be >= 1, got {size}")
         if len(self._pending) >= self.config.max_queue_size:
+            self.stats.refused_full += 1
             raise QueueFull(f"{self.name} queue is full ({len(self._pending)} requests waiting, "
                             f"max_queue_size={self.config.max_queue_size}); retry later")
         loop = asyncio.get_running_loop()
@@ -140,8 +166,13 @@ class Batcher(Generic[T, R]):
         # Wake the worker only when it has something new to decide: a first item, or a full batch.
         if len(self._pending) == 1 or self._pending_examples >= self.config.max_batch_size:
             self._wakeup.set()
-        # If our caller is cancelled, so is this future, and the worker drops the entry.
-        return await entry.future
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # Our caller went away (gRPC also cancels a call at its deadline): free its slot now,
+            # not when the worker next looks, so a burst of cancellations cannot fill the queue.
+            self._discard(entry, loop.time())
+            raise
 
     async def close(self) -> None:
         """Refuse new items, compute what is queued, then stop the worker."""
@@ -154,15 +185,51 @@ class Batcher(Generic[T, R]):
             await self._worker
         finally:
             self._fail_pending(BatcherClosed(f"{self.name} closed"))
+        stats = self.stats  # one line per closed batcher: what a drain did, for operators and tests
+        logger.info("%s closed: %d items computed in %d batches (%d failed); dropped %d cancelled, "
+                    "%d expired; refused %d (queue full)", self.name, stats.items, stats.batches,
+                    stats.failed_batches, stats.dropped_cancelled, stats.dropped_expired,
+                    stats.refused_full)
 
     async def _run(self) -> None:
         try:
-            while (batch := await self._next_batch()) is not None:
+            while True:
+                await self._wait_for_slot()
+                batch = await self._next_batch()
+                if batch is None:
+                    break
                 if batch:
-                    await self._compute(batch)
+                    self._start_compute(batch)
+            if self._computing:  # closing: let the batches already computing answer
+                await asyncio.gather(*self._computing, return_exceptions=True)
         except asyncio.CancelledError:
+            for task in list(self._computing):
+                task.cancel()
             self._fail_pending(BatcherClosed(f"{self.name} was cancelled"))
             raise
+
+    async def _wait_for_slot(self) -> None:
+        assert self._slot_free is not None
+        while self._in_flight >= self.config.max_concurrent_batches:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    def _start_compute(self, batch: list[_Entry[T, R]]) -> None:
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._compute(batch))
+        self._computing.add(task)
+        task.add_done_callback(self._computed)
+
+    def _computed(self, task: asyncio.Task[None]) -> None:
+        assert self._wakeup is not None and self._slot_free is not None
+        self._computing.discard(task)
+        self._in_flight -= 1
+        self._slot_free.set()
+        self._wakeup.set()  # adaptive wait: nothing computing any more may mean "send now"
+
+    def _idle(self) -> bool:
+        """Adaptive wait: nothing computes, so waiting for more items only adds latency."""
+        return self.config.adaptive_wait and self._in_flight == 0
 
     async def _next_batch(self) -> list[_Entry[T, R]] | None:
         """Wait for a first item, then for a full batch or its oldest item's delay; None: closed."""
@@ -176,7 +243,8 @@ class Batcher(Generic[T, R]):
         # Timed from the oldest item's arrival, not from now: items that queued up while the
         # previous batch was computing have waited already.
         flush_at = self._pending[0].enqueued + self.config.max_queue_delay_s
-        while self._pending_examples < self.config.max_batch_size and not self._closed:
+        while (self._pending_examples < self.config.max_batch_size and not self._closed
+               and not self._idle()):
             remaining = flush_at - loop.time()
             if remaining <= 0:
                 break
@@ -194,7 +262,7 @@ class Batcher(Generic[T, R]):
         while self._pending:
             entry = self._pending[0]
             if entry.future.done():  # its caller was cancelled
-                self.stats.dropped_cancelled += 1
+                self._count_dropped(entry, now)
             elif entry.deadline is not None and now >= entry.deadline:
                 entry.future.set_exception(ItemExpired(
                     f"request waited {now - entry.enqueued:.3f}s in the queue, past its deadline"))
@@ -234,6 +302,22 @@ class Batcher(Generic[T, R]):
         for entry, result in zip(batch, results):
             if not entry.future.done():  # its caller may have gone while we computed
                 entry.future.set_result(result)
+
+    def _discard(self, entry: _Entry[T, R], now: float) -> None:
+        try:
+            self._pending.remove(entry)
+        except ValueError:  # already taken into a batch, or dropped by the worker
+            return
+        self._pending_examples -= entry.size
+        self._count_dropped(entry, now)
+
+    def _count_dropped(self, entry: _Entry[T, R], now: float) -> None:
+        # gRPC cancels a call when its deadline passes, a moment before or after the deadline
+        # computed here from the time it had left: within _DEADLINE_SLACK_S it counts as expired.
+        if entry.deadline is not None and now >= entry.deadline - _DEADLINE_SLACK_S:
+            self.stats.dropped_expired += 1
+        else:
+            self.stats.dropped_cancelled += 1
 
     def _fail_pending(self, exc: Exception) -> None:
         while self._pending:

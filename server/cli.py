@@ -5,21 +5,78 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from server.app import start_server
 from server.batcher import BatcherConfig
 from server.config import ServerConfig
+from server.lifecycle import VERSION_POLICIES, RepositoryConfig
 from server.errors import ConfigError
-from server.runtime import DEVICES, RuntimeConfig
+from server.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
+from server.security import SecurityConfig
 
 logger = logging.getLogger("server")
 
+# Every flag --foo-bar can also be set by SNAPSERVE_FOO_BAR (containers, Kubernetes); a flag given
+# on the command line wins over the variable, which wins over the built-in default (a repeatable
+# flag such as --pin adds to its variable's list).
+ENV_PREFIX = "SNAPSERVE_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-def build_parser() -> argparse.ArgumentParser:
+
+def env_var(action: argparse.Action) -> str:
+    return ENV_PREFIX + action.dest.upper()
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Turn SNAPSERVE_* variables into the parser's defaults, checked like the flags themselves."""
+    for action in parser._actions:  # argparse has no public iterator over its options
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = env_var(action)
+        action.help = f"{action.help} [env {name}]"
+        raw = environ.get(name, "")
+        if not raw:  # unset or empty: as if not given
+            continue
+        if action.nargs == 0:  # a switch (store_true/store_false): 1/true/yes/on or 0/false/no/off
+            if raw.lower() not in TRUE + FALSE:
+                parser.error(f"{name}={raw!r}: use one of {', '.join(TRUE + FALSE)}")
+            action.default = action.const if raw.lower() in TRUE else action.default
+            continue
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{name}={raw!r}: {exc}")
+        except (TypeError, ValueError):
+            parser.error(f"{name}={raw!r} is not a valid {getattr(action.type, '__name__', 'value')}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = value
+        action.required = False
+
+
+def parse_pins(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """'digits=2' or 'digits=2,3 tiny=1' -> [("digits", (2, 3)), ("tiny", (1,))]."""
+    pins = []
+    for item in text.split():
+        name, sep, versions = item.partition("=")
+        try:
+            pins.append((name, tuple(int(v) for v in versions.split(","))))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"{item!r} is not MODEL=VERSION[,VERSION...]")
+    return pins
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; defaults come from `environ` (default: os.environ), see ENV_PREFIX."""
     d, b, r = ServerConfig.__dataclass_fields__, BatcherConfig(), RuntimeConfig()
+    rp = RepositoryConfig()
     parser = argparse.ArgumentParser(
         prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).")
     parser.add_argument("--model-repository", type=Path, required=True,
@@ -31,21 +88,73 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: CUDA when available, else CPU (default %(default)s)")
     parser.add_argument("--intra-op-threads", type=int, default=r.intra_op_threads,
                         help="ONNX Runtime threads per session; 0: one per core (default %(default)s)")
+    parser.add_argument("--instances", type=int, default=r.instances,
+                        help="runtime instances per model version: batches computed at once "
+                             "(default %(default)s)")
+    parser.add_argument("--graph", choices=GRAPHS, default=r.graph,
+                        help="auto: time the fused ensemble.onnx and the members at load, keep the "
+                             "faster (default %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=r.precision,
+                        help="fp16: the version's FP16 fused graph, where it has one (for GPUs) "
+                             "(default %(default)s)")
+    parser.add_argument("--cuda-graph-batch-sizes", type=_batch_sizes, default=(),
+                        help="CUDA: capture the fused graph as CUDA graphs for these batch sizes, "
+                             "e.g. 1,2,4,8,16,32 (default: off)")
     parser.add_argument("--max-batch-size", type=int, default=b.max_batch_size,
                         help="examples per inference call, and per request (default %(default)s)")
     parser.add_argument("--max-queue-delay-ms", type=float, default=b.max_queue_delay_s * 1000,
                         help="longest wait for a batch to fill (default %(default)s)")
     parser.add_argument("--max-queue-size", type=int, default=b.max_queue_size,
                         help="requests waiting per model before RESOURCE_EXHAUSTED (default %(default)s)")
+    parser.add_argument("--no-adaptive-wait", action="store_true",
+                        help="always wait up to the queue delay for a full batch, even when no "
+                             "batch is computing")
     parser.add_argument("--max-stream-in-flight", type=int, default=d["max_stream_in_flight"].default,
                         help="requests of one stream computed ahead (default %(default)s)")
     parser.add_argument("--max-message-mb", type=float, default=d["max_message_bytes"].default / 2**20,
                         help="largest gRPC message in MiB (default %(default)s)")
     parser.add_argument("--grace-s", type=float, default=d["grace_s"].default,
                         help="on SIGTERM/SIGINT, time for in-flight requests (default %(default)s)")
+    parser.add_argument("--max-concurrent-streams", type=int,
+                        default=d["max_concurrent_streams"].default,
+                        help="concurrent calls per client connection (default %(default)s)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="pass NaN/Inf inputs to the model instead of refusing them")
+    parser.add_argument("--tls-cert", type=Path, default=None,
+                        help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, default=None,
+                        help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="bearer tokens, one per line: calls need 'authorization: Bearer "
+                             "<token>' (health and reflection stay open)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free "
+                             "port (default: not served)")
+    parser.add_argument("--version-policy", choices=VERSION_POLICIES, default=rp.version_policy,
+                        help="latest: the newest loadable version of each model; all: every "
+                             "version; specific: only --pin versions (default %(default)s)")
+    parser.add_argument("--pin", type=parse_pins, action="extend", default=[],
+                        metavar="MODEL=V[,V]",
+                        help="versions to serve with --version-policy specific; repeat per "
+                             "model, or separate with spaces ('digits=2 tiny=1,3')")
+    parser.add_argument("--poll-interval", type=float, default=rp.poll_interval_s,
+                        metavar="SECONDS",
+                        help="scan the repository for new or removed versions this often and "
+                             "switch without downtime; 0: never (default %(default)s)")
+    parser.add_argument("--allow-repository-control", action="store_true",
+                        help="allow RepositoryModelLoad/Unload (KServe v2) from clients")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default %(default)s)")
+    apply_env_defaults(parser, os.environ if environ is None else environ)
     return parser
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -53,10 +162,30 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_repository=args.model_repository, host=args.host, port=args.port,
         batcher=BatcherConfig(max_batch_size=args.max_batch_size,
                               max_queue_delay_s=args.max_queue_delay_ms / 1000,
-                              max_queue_size=args.max_queue_size),
-        runtime=RuntimeConfig(device=args.device, intra_op_threads=args.intra_op_threads),
+                              max_queue_size=args.max_queue_size,
+                              adaptive_wait=not args.no_adaptive_wait),
+        runtime=RuntimeConfig(device=args.device, intra_op_threads=args.intra_op_threads,
+                              allow_nonfinite=args.allow_nonfinite, instances=args.instances,
+                              graph=args.graph, precision=args.precision,
+                              cuda_graph_batch_sizes=args.cuda_graph_batch_sizes),
         grace_s=args.grace_s, max_message_bytes=int(args.max_message_mb * 2**20),
-        max_stream_in_flight=args.max_stream_in_flight)
+        max_stream_in_flight=args.max_stream_in_flight,
+        max_concurrent_streams=args.max_concurrent_streams,
+        repository=RepositoryConfig(
+            version_policy=args.version_policy, pinned=_merge_pins(args.pin),
+            poll_interval_s=args.poll_interval,
+            allow_repository_control=args.allow_repository_control),
+        metrics_port=args.metrics_port,
+        security=SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                tls_client_ca=args.tls_client_ca,
+                                auth_token_file=args.auth_token_file))
+
+
+def _merge_pins(pins: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    merged: dict[str, tuple[int, ...]] = {}
+    for name, versions in pins:
+        merged[name] = merged.get(name, ()) + versions
+    return merged
 
 
 async def serve(config: ServerConfig) -> None:

@@ -1,7 +1,8 @@
 """The server's configuration: one frozen dataclass, validated at construction.
 
 The CLI maps its flags onto it; tests and other code build it directly. Component settings live
-in their components' own dataclasses (BatcherConfig, RuntimeConfig) and are nested here.
+in their components' own dataclasses (BatcherConfig, RuntimeConfig, RepositoryConfig) and are
+nested here.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 
 from server.batcher import BatcherConfig
 from server.errors import ConfigError
+from server.lifecycle import RepositoryConfig
 from server.runtime import RuntimeConfig
+from server.security import SecurityConfig
 
-__all__ = ["BatcherConfig", "RuntimeConfig", "ServerConfig", "format_address"]
+__all__ = ["BatcherConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig", "format_address"]
 
 
 def format_address(host: str, port: int) -> str:
@@ -36,6 +39,16 @@ class ServerConfig:
     # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
     # fill batches by itself, and bounds the memory one stream may hold.
     max_stream_in_flight: int = 64
+    # TLS / mutual TLS and bearer tokens (server/security.py); all off by default.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
+    # ends. Bounds what one connection can hold open; gRPC's own default is unlimited.
+    max_concurrent_streams: int = 256
+    # Version policy, polling for new versions, explicit load/unload.
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    # Prometheus /metrics over HTTP on host:metrics_port. None: not served (still counted);
+    # 0: any free port (RunningServer.metrics_port says which).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
@@ -53,6 +66,15 @@ class ServerConfig:
         if not isinstance(self.max_stream_in_flight, int) or self.max_stream_in_flight < 1:
             raise ConfigError("max_stream_in_flight must be an integer >= 1, "
                               f"got {self.max_stream_in_flight!r}")
+        if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
+            raise ConfigError("max_concurrent_streams must be an integer >= 1, "
+                              f"got {self.max_concurrent_streams!r}")
+        if self.metrics_port is not None and (
+                not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port must be an integer in [0, 65535], got "
+                              f"{self.metrics_port!r}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
 
     @property
     def address(self) -> str:

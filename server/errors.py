@@ -54,3 +54,25 @@ class ItemTooLarge(ServerError, ValueError):
 
 class InferenceError(ServerError):
     """The model failed or returned something other than [batch, classes] logits."""
+
+
+class InvalidModelName(ServerError, ValueError):
+    """A model name that is not a plain name (empty, `..`, a path); refused before any file access."""
+
+
+class NoLoadableVersion(ServerError):
+    """An explicit load found the model in the repository, but none of its versions can be
+    served (each refused at load, or none selected by the version policy)."""
+
+
+class RepositoryControlDenied(ServerError):
+    """Explicit model load or unload is not allowed: disabled on this server, or the caller is not
+    authorised to do it."""
+
+
+class ShuttingDown(ServerError):
+    """The server is draining before it stops and takes no new calls."""
+
+
+class Unauthenticated(ServerError):
+    """The call carries no valid credentials (bearer token) where the server requires them."""

@@ -21,16 +21,37 @@ def format_shape(shape: tuple[int, ...] | list[int]) -> str:
 def _conform_dtype(array: np.ndarray, expected: np.dtype) -> np.ndarray:
     if array.dtype == expected:
         return array
-    # Float widths convert losslessly enough for inference; anything else (ints, bools) would
+    # Float widths convert losslessly enough for inference, integers that widen exactly
+    # (int32 ids into an int64 input) too; anything else (ints into a float model, bools) would
     # mean the client sent the wrong data, e.g. raw uint8 pixels to a normalised float model.
     if array.dtype.kind == "f" and expected.kind == "f":
         return array.astype(expected)
-    accepted = f"{expected}" + (" (float16 and float64 are converted)" if expected.kind == "f" else "")
+    if array.dtype.kind in "iu" and expected.kind in "iu" and np.can_cast(array.dtype, expected):
+        return array.astype(expected)
+    accepted = f"{expected}" + (" (float16 and float64 are converted)" if expected.kind == "f"
+                                else " (narrower integers are converted)" if expected.kind in "iu"
+                                else "")
     raise InvalidInput(f"input dtype {array.dtype} is not accepted; the model takes {accepted}")
 
 
-def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int) -> np.ndarray:
-    """The array the model should see for this request, or InvalidInput saying why there is none."""
+def _check_finite(array: np.ndarray) -> None:
+    # One pass over the input, small next to inference; NaN or Inf would come back as NaN
+    # probabilities (or quietly wrong ones), which a client may not notice.
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = bad[0].tolist()
+        raise InvalidInput(f"input holds {len(bad)} non-finite values (NaN or Inf), the first at "
+                           f"index {first} ({array[tuple(first)]}); the model expects finite "
+                           "numbers (a server started with --allow-nonfinite passes them on)")
+
+
+def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int,
+                  allow_nonfinite: bool = False) -> np.ndarray:
+    """The array the model should see for this request, or InvalidInput saying why there is none.
+
+    NaN and Inf in a float input are refused unless `allow_nonfinite`.
+    """
     shape = tuple(array.shape)
     expected = spec.shape
     if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected)):
@@ -43,4 +64,7 @@ def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int) -> np
     if batch > max_batch_size:
         raise InvalidInput(f"input batch of {batch} examples exceeds the server's max batch size "
                            f"{max_batch_size}; split it into requests of at most {max_batch_size}")
-    return _conform_dtype(array, spec.dtype)
+    array = _conform_dtype(array, spec.dtype)
+    if not allow_nonfinite and array.dtype.kind == "f":
+        _check_finite(array)
+    return array

@@ -19,7 +19,7 @@ import numpy as np
 from proto.tensors import NUMPY_TO_DTYPE
 from server.errors import ChecksumMismatch, ManifestError
 
-__all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "MODEL_NAME",
+__all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
            "SCHEMA_VERSION", "read_manifest", "verify_checksums", "sha256_file"]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,21 @@ class MemberSpec:
 
 
 @dataclass(frozen=True)
+class FusedSpec:
+    """`ensemble` (optional): one graph running every member and computing the scores.
+
+    Its outputs are named after the scores; `temperature_input` is an input the server feeds
+    with the manifest's temperature. `fp16`: the same graph with FP16 members, for GPUs.
+    """
+
+    file: str
+    sha256: str
+    temperature_input: str = "temperature"
+    fp16_file: str | None = None
+    fp16_sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -69,10 +84,22 @@ class Manifest:
     members: tuple[MemberSpec, ...]
     metrics: dict[str, float]
     text: str  # manifest.json as written, for what the fields above do not carry
+    ensemble: FusedSpec | None = None
 
     def member_paths(self, version_dir: Path) -> list[Path]:
         return [resolve_inside(version_dir, m.file, f"members[{i}].file")
                 for i, m in enumerate(self.members)]
+
+    def fused_files(self, version_dir: Path) -> list[tuple[str, str, Path]]:
+        """(field, sha256, path) of the fused graph files the manifest names (none: [])."""
+        fused = self.ensemble
+        if fused is None:
+            return []
+        files = [("ensemble.file", fused.sha256, resolve_inside(version_dir, fused.file, "ensemble.file"))]
+        if fused.fp16_file is not None and fused.fp16_sha256 is not None:
+            files.append(("ensemble.fp16.file", fused.fp16_sha256,
+                          resolve_inside(version_dir, fused.fp16_file, "ensemble.fp16.file")))
+        return files
 
 
 def resolve_inside(version_dir: Path, relative: str, field: str) -> Path:
@@ -157,6 +184,29 @@ def _member(value: Any, index: int) -> MemberSpec:
         lr=float(value.get("lr") or 0.0), metrics=_metrics(value.get("metrics"), where + "metrics"))
 
 
+def _sha(value: dict[str, Any], where: str) -> str:
+    sha = _get(value, "sha256", str, where).lower()
+    if not _SHA256.fullmatch(sha):
+        raise ManifestError(f"manifest field '{where}sha256' must be 64 hex digits")
+    return sha
+
+
+def _fused(value: Any) -> FusedSpec | None:
+    """The optional `ensemble` entry; absent or null: the members alone (schema 1 as before)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError("manifest field 'ensemble' must be an object or null")
+    fp16 = value.get("fp16")
+    if fp16 is not None and not isinstance(fp16, dict):
+        raise ManifestError("manifest field 'ensemble.fp16' must be an object or null")
+    return FusedSpec(
+        file=_get(value, "file", str, "ensemble."), sha256=_sha(value, "ensemble."),
+        temperature_input=str(value.get("temperature_input") or "temperature"),
+        fp16_file=None if fp16 is None else _get(fp16, "file", str, "ensemble.fp16."),
+        fp16_sha256=None if fp16 is None else _sha(fp16, "ensemble.fp16."))
+
+
 def parse_manifest(text: str, version_dir: Path) -> Manifest:
     """Parse and check manifest text read from `version_dir` (<model>/<integer version>)."""
     try:
@@ -193,8 +243,10 @@ def parse_manifest(text: str, version_dir: Path) -> Manifest:
         method=str(data.get("method", "")), input=_input_spec(data),
         output_name=_get(output, "name", str, "output."), classes=tuple(classes),
         temperature=float(temperature), members=tuple(_member(m, i) for i, m in enumerate(members)),
-        metrics=_metrics(data.get("metrics"), "metrics"), text=text)
+        metrics=_metrics(data.get("metrics"), "metrics"), text=text,
+        ensemble=_fused(data.get("ensemble")))
     manifest.member_paths(version_dir)  # refuse paths that leave the folder before any file is read
+    manifest.fused_files(version_dir)
     return manifest
 
 
@@ -219,7 +271,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
-    """Raise ChecksumMismatch (or ManifestError for a missing file) unless every member matches."""
+    """Raise ChecksumMismatch (or ManifestError for a missing file) unless every member, and the
+    fused graph when there is one, matches."""
     for member, path in zip(manifest.members, manifest.member_paths(version_dir)):
         if not path.is_file():
             raise ManifestError(f"member file {member.file!r} is missing")
@@ -227,3 +280,11 @@ def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
         if actual != member.sha256:
             raise ChecksumMismatch(f"member file {member.file!r} has sha256 {actual}, "
                                    f"the manifest says {member.sha256}")
+    # The fused graph is checked like a member: a version whose files do not match is refused.
+    for field, expected, path in manifest.fused_files(version_dir):
+        if not path.is_file():
+            raise ManifestError(f"{field} {path.name!r} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumMismatch(f"{field} {path.name!r} has sha256 {actual}, "
+                                   f"the manifest says {expected}")

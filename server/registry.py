@@ -7,17 +7,21 @@ and the next older one is tried, so a broken upload never takes a model (or its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from server.batcher import BatcherConfig
 from server.ensemble import ServedEnsemble, load_version
-from server.errors import ModelLoadError, ModelNotFound, VersionNotFound
+from server.errors import BatcherClosed, ModelLoadError, ModelNotFound, VersionNotFound
 from server.manifest import MODEL_NAME
 from server.runtime import RuntimeConfig
+from server.scores import EnsembleScores
 
 __all__ = ["ModelRegistry", "load_repository", "scan_repository"]
 
@@ -27,13 +31,56 @@ _VERSION = re.compile(r"[1-9][0-9]*")  # positive decimal integers, written the 
 
 
 class ModelRegistry:
-    """Loaded model versions by name; the default version of a model is its newest loaded one."""
+    """Loaded model versions by name; the default version of a model is its newest loaded one.
+
+    Changed only on the event loop thread; `add` and `remove` are each one step, so a request
+    sees the registry before or after a switch of versions, never half of it.
+    """
 
     def __init__(self) -> None:
         self._models: dict[str, dict[int, ServedEnsemble]] = {}
 
     def add(self, served: ServedEnsemble) -> None:
         self._models.setdefault(served.name, {})[served.version] = served
+
+    def remove(self, name: str, version: int) -> ServedEnsemble:
+        """Take a version out (ModelNotFound / VersionNotFound); the caller closes it."""
+        versions = self._models_named(name)
+        if version not in versions:
+            raise VersionNotFound(f"model {name!r} has no version {version} loaded")
+        served = versions.pop(version)
+        if not versions:
+            del self._models[name]
+        return served
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def loaded(self) -> list[ServedEnsemble]:
+        """Every loaded version, by name then version. Safe from other threads (the metrics
+        endpoint): each list() copy of a dict is one step under the GIL."""
+        models = sorted(list(self._models.items()))
+        return [served for _, versions in models for _, served in sorted(list(versions.items()))]
+
+    async def predict(self, name: str, version: int, x: np.ndarray,
+                      timeout: float | None = None) -> tuple[ServedEnsemble, EnsembleScores]:
+        """The version that answered and its scores for x: what every service calls.
+
+        A request that picked a version just before a hot reload retired it finds that
+        version's batcher closed; it is sent once more, to what now serves the same name and
+        version, so a reload fails no request. BatcherClosed stands when nothing replaced it
+        (the server is stopping).
+        """
+        served = self.get(name, version)
+        try:
+            return served, await served.predict(x, timeout=timeout)
+        except BatcherClosed:
+            replacement = self.get(name, version)  # NOT_FOUND if the model went away meanwhile
+            if replacement is served:
+                raise
+            logger.debug("%s version %d was retired while a request was on its way; "
+                         "sending it to version %d", name, served.version, replacement.version)
+            return replacement, await replacement.predict(x, timeout=timeout)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -61,8 +108,7 @@ class ModelRegistry:
         return self._models[name]
 
     def __iter__(self) -> Iterator[ServedEnsemble]:
-        for name in self.names():
-            yield from (self._models[name][v] for v in sorted(self._models[name]))
+        return iter(self.loaded())
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._models.values())
@@ -72,23 +118,27 @@ class ModelRegistry:
             await served.start()
 
     async def close(self) -> None:
-        for served in self:
-            await served.close()
+        # All at once: every model refuses new requests from the same moment (server shutdown).
+        await asyncio.gather(*(served.close() for served in self))
 
 
-def scan_repository(root: Path) -> dict[str, list[Path]]:
+def scan_repository(root: Path, warn: bool = True) -> dict[str, list[Path]]:
     """Model name -> its version folders, newest first. Hidden, temporary and non-integer
-    folders (`.tmp-3-ab12`, `latest`) are skipped, as the contract says."""
+    folders (`.tmp-3-ab12`, `latest`) are skipped, as the contract says. `warn=False` skips
+    them quietly (a poller would repeat the same warnings every few seconds)."""
     models: dict[str, list[Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if not MODEL_NAME.fullmatch(model_dir.name):
-            if not model_dir.name.startswith("."):
+            if warn and not model_dir.name.startswith("."):
                 logger.warning("skipping %s: not a valid model name", model_dir)
             continue
-        versions = [p for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+        try:
+            versions = [p for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+        except FileNotFoundError:  # removed while we looked (a poller's scan races deletions)
+            continue
         if versions:
             models[model_dir.name] = sorted(versions, key=lambda p: int(p.name), reverse=True)
-        else:
+        elif warn:
             logger.warning("skipping model %s: no version folders", model_dir.name)
     return models
 

@@ -1,40 +1,78 @@
-"""The ensemble runtime: one ONNX Runtime session per member, member probabilities out.
+"""The ensemble runtime: ONNX Runtime sessions for one model version, scores out.
 
-Knows no gRPC and no batching: `run(x)` takes a whole batch and is called from a worker thread
-(ONNX Runtime releases the GIL while it computes).
+Knows no gRPC and no batching: `scores(x)` takes a whole batch and is called from a worker
+thread (ONNX Runtime releases the GIL while it computes). Two ways to compute the same scores:
+
+- `members`: one session per member, then the numpy scores (server/scores.py);
+- `fused`: the version's `ensemble.onnx`, one session that runs every member and computes the
+  scores in the graph, so one `run` replaces M runs and the Python math.
+
+`choose_graph` times both at load and keeps the faster. Settings (docs/performance.md): full
+graph optimisation, sequential execution, `intra_op_threads` per session, no thread spinning
+(spinning threads steal the cores the event loop and the gRPC threads need), the CPU memory
+arena on (batch shapes repeat, so its blocks are reused). On CUDA, inputs are copied to the
+device once per batch and bound with IO binding (every member reads the same device copy) and
+outputs are written straight to host memory; the fused graph may use CUDA graphs, one per
+batch-size bucket, with inputs padded up to the bucket.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from server.errors import ConfigError, InferenceError, ModelLoadError
-from server.scores import softmax
+from server.scores import EnsembleScores, ensemble_scores, softmax
 
-__all__ = ["DEVICES", "EnsembleRuntime", "RuntimeConfig", "execution_providers"]
+__all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
+           "choose_graph", "execution_providers", "session_options"]
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
+GRAPHS = ("auto", "fused", "members")
+PRECISIONS = ("fp32", "fp16")
+FUSED, MEMBERS = "fused", "members"
+# The fused graph's outputs, named after the scores (trainer/fuse.py writes them).
+SCORE_NAMES = tuple(EnsembleScores.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     # auto: CUDA when this onnxruntime build has it, else CPU; cuda: refuse to start without it.
     device: str = "auto"
-    # Threads per member session for one run. Small by default: members run one after another,
-    # several models may share the machine, and spinning threads steal cores from the event loop.
-    # 0 lets ONNX Runtime pick (one per physical core).
+    # Threads per session for one run. Small by default: several instances and models may share
+    # the machine, and pool threads compete with the event loop. 0: ONNX Runtime picks (one per
+    # physical core).
     intra_op_threads: int = 1
     device_id: int = 0  # which GPU, with cuda
+    # Runtime instances per model version (sessions loaded N times): up to N batches compute at
+    # once. More helps when one batch cannot use the machine (small models, 1 thread each);
+    # each instance costs the model's memory again.
+    instances: int = 1
+    # auto: time the fused graph and the members at load and keep the faster; fused: the fused
+    # graph whenever the version has one; members: never the fused graph.
+    graph: str = "auto"
+    # fp16: the version's FP16 fused graph where it has one (meant for CUDA; checked for
+    # accuracy at export). fp32 otherwise.
+    precision: str = "fp32"
+    # CUDA only: capture CUDA graphs of the fused graph for these batch sizes (inputs padded up
+    # to the next one); empty: off. Saves kernel launch time on small batches.
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
+    # NaN/Inf in a float input: refused with INVALID_ARGUMENT by default, since they come back as
+    # NaN (or quietly wrong) scores; True passes them to the model (server.inputs.conform_input).
+    allow_nonfinite: bool = False
+    # Pass NaN and Inf in float inputs on to the model instead of refusing the request.
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -43,9 +81,22 @@ class RuntimeConfig:
             raise ConfigError(f"intra_op_threads must be an integer >= 0, got {self.intra_op_threads!r}")
         if not isinstance(self.device_id, int) or self.device_id < 0:
             raise ConfigError(f"device_id must be an integer >= 0, got {self.device_id!r}")
+        if not isinstance(self.instances, int) or self.instances < 1:
+            raise ConfigError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if self.graph not in GRAPHS:
+            raise ConfigError(f"graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        sizes = tuple(self.cuda_graph_batch_sizes)
+        if any(not isinstance(b, int) or b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ConfigError("cuda_graph_batch_sizes must be increasing integers >= 1, "
+                              f"got {self.cuda_graph_batch_sizes!r}")
+        object.__setattr__(self, "cuda_graph_batch_sizes", sizes)
 
 
-def execution_providers(config: RuntimeConfig) -> list[str | tuple[str, dict[str, object]]]:
+def execution_providers(config: RuntimeConfig,
+                        cuda_options: dict[str, object] | None = None,
+                        ) -> list[str | tuple[str, dict[str, object]]]:
     """The provider list for a session, CPU always last as the fallback ONNX Runtime expects."""
     available = ort.get_available_providers()
     if config.device == "cuda" and CUDA not in available:
@@ -53,7 +104,7 @@ def execution_providers(config: RuntimeConfig) -> list[str | tuple[str, dict[str
                           f"(available: {', '.join(available)}); install onnxruntime-gpu or use "
                           "device 'auto' or 'cpu'")
     if config.device != "cpu" and CUDA in available:
-        return [(CUDA, {"device_id": config.device_id}), CPU]
+        return [(CUDA, {"device_id": config.device_id, **(cuda_options or {})}), CPU]
     return [CPU]
 
 
@@ -63,54 +114,81 @@ def session_options(config: RuntimeConfig) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1  # sequential execution uses no inter-op pool
+    options.enable_cpu_mem_arena = True
+    # Idle pool threads sleep instead of spinning: a spinning thread holds a core the event
+    # loop, the gRPC threads and the other instances need, which costs more than the wake-up.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's own warnings would drown our log
     return options
 
 
-class EnsembleRuntime:
-    """The members of one model version, loaded as ONNX Runtime sessions."""
+def _load(path: Path, config: RuntimeConfig,
+          cuda_options: dict[str, object] | None = None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(config),
+                                    providers=execution_providers(config, cuda_options))
+    except Exception as exc:  # ORT raises its own unnamed exception types
+        raise ModelLoadError(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
 
-    def __init__(self, member_paths: Sequence[Path], input_name: str, output_name: str,
-                 config: RuntimeConfig = RuntimeConfig()) -> None:
-        if not member_paths:
-            raise ModelLoadError("an ensemble needs at least one member")
-        self.input_name = input_name
-        self.output_name = output_name
-        providers = execution_providers(config)
-        options = session_options(config)
-        self._sessions: list[ort.InferenceSession] = []
-        for path in member_paths:
-            try:
-                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-            except Exception as exc:  # ORT raises its own unnamed exception types
-                raise ModelLoadError(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
-            self._check_names(session, path)
-            self._sessions.append(session)
-        # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did.
+
+def _input_names(session: ort.InferenceSession) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+class ScoresGraph(Protocol):
+    """One way to compute a batch's scores; `run_members` gives the [B, M, C] probabilities."""
+
+    name: str
+    members: int
+    provider: str
+
+    def scores(self, x: np.ndarray) -> EnsembleScores: ...
+
+    def run_members(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class MemberGraph:
+    """One session per member, then the numpy scores."""
+
+    name = MEMBERS
+
+    def __init__(self, paths: Sequence[Path], input_name: str, output_name: str,
+                 temperature: float, config: RuntimeConfig) -> None:
+        self.input_name, self.output_name, self.temperature = input_name, output_name, temperature
+        self._sessions = [_load(path, config) for path in paths]
+        for path, session in zip(paths, self._sessions):
+            inputs, outputs = _input_names(session), [o.name for o in session.get_outputs()]
+            if inputs != [input_name]:
+                raise ModelLoadError(f"{path.name}: graph inputs are {inputs}; the manifest expects "
+                                     f"exactly [{input_name!r}]")
+            if output_name not in outputs:
+                raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; the manifest "
+                                     f"expects {output_name!r}")
+        self.members = len(self._sessions)
         self.provider: str = self._sessions[0].get_providers()[0]
-        if config.device == "cuda" and self.provider != CUDA:
-            raise ModelLoadError(f"device is 'cuda' but ONNX Runtime placed the session on "
-                                 f"{self.provider} (CUDA libraries missing?)")
+        self._device_id = config.device_id
 
-    def _check_names(self, session: ort.InferenceSession, path: Path) -> None:
-        inputs = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
-        if inputs != [self.input_name]:
-            raise ModelLoadError(f"{path.name}: graph inputs are {inputs}; the manifest expects "
-                                 f"exactly [{self.input_name!r}]")
-        if self.output_name not in outputs:
-            raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; the manifest expects "
-                                 f"{self.output_name!r}")
+    def _logits_cuda(self, x: np.ndarray) -> list[np.ndarray]:
+        # One host->device copy per batch, shared by every member (IO binding), instead of one
+        # per member; logits land in host memory, where the scores are computed.
+        device_x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", self._device_id)
+        logits = []
+        for session in self._sessions:
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(self.input_name, device_x)
+            binding.bind_output(self.output_name, "cpu")
+            session.run_with_iobinding(binding)
+            logits.append(binding.copy_outputs_to_cpu()[0])
+        return logits
 
-    @property
-    def members(self) -> int:
-        return len(self._sessions)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run_members(self, x: np.ndarray) -> np.ndarray:
         """[B, ...] model input -> [B, M, C] float32: each member's softmax(logits)."""
-        feed = {self.input_name: x}
         try:
-            logits = [session.run([self.output_name], feed)[0] for session in self._sessions]
+            if self.provider == CUDA:
+                logits = self._logits_cuda(x)
+            else:
+                feed = {self.input_name: x}
+                logits = [session.run([self.output_name], feed)[0] for session in self._sessions]
         except Exception as exc:  # ORT's exception types are not public API
             raise InferenceError(f"ONNX Runtime failed: {exc}") from exc
         shapes = {tuple(l.shape) for l in logits}
@@ -118,3 +196,219 @@ class EnsembleRuntime:
             raise InferenceError(f"members returned logits of shapes {sorted(shapes)} for a batch "
                                  f"of {x.shape[0]}; expected [batch, classes] from every member")
         return softmax(np.stack(logits, axis=1).astype(np.float32, copy=False), axis=-1)
+
+    def scores(self, x: np.ndarray) -> EnsembleScores:
+        return ensemble_scores(self.run_members(x), self.temperature)
+
+
+class FusedGraph:
+    """The version's ensemble.onnx: one run gives every score."""
+
+    name = FUSED
+
+    def __init__(self, path: Path, input_name: str, temperature_input: str, temperature: float,
+                 members: int, config: RuntimeConfig) -> None:
+        self.input_name, self.members = input_name, members
+        self._temperature_input = temperature_input
+        self._temperature = np.array(temperature, dtype=np.float32)
+        self._session = _load(path, config)
+        inputs = _input_names(self._session)
+        overridable = [i.name for i in self._session.get_overridable_initializers()]
+        outputs = [o.name for o in self._session.get_outputs()]
+        if inputs != [input_name] or temperature_input not in inputs + overridable:
+            raise ModelLoadError(f"{path.name}: graph inputs are {inputs} (+ defaults {overridable}); "
+                                 f"expected [{input_name!r}] and {temperature_input!r}")
+        if sorted(outputs) != sorted(SCORE_NAMES):
+            raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; expected {list(SCORE_NAMES)}")
+        self.provider: str = self._session.get_providers()[0]
+        self._device_id = config.device_id
+        self._cuda_graphs: _CudaGraphs | None = None
+        if self.provider == CUDA and config.cuda_graph_batch_sizes:
+            try:
+                self._cuda_graphs = _CudaGraphs(path, input_name, temperature_input,
+                                                self._temperature, config)
+            except Exception as exc:  # capture needs every node on CUDA; the plain path works
+                logger.warning("%s: no CUDA graphs (%s); running without them", path.name, exc)
+
+    def _outputs_cuda(self, x: np.ndarray) -> list[np.ndarray]:
+        binding = self._session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(x), "cuda", self._device_id))
+        binding.bind_cpu_input(self._temperature_input, self._temperature)
+        for name in SCORE_NAMES:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def scores(self, x: np.ndarray) -> EnsembleScores:
+        try:
+            if self._cuda_graphs is not None and len(x) <= self._cuda_graphs.largest:
+                outputs = self._cuda_graphs.run(x)
+            elif self.provider == CUDA:
+                outputs = self._outputs_cuda(x)
+            else:
+                outputs = self._session.run(SCORE_NAMES, {self.input_name: x,
+                                                          self._temperature_input: self._temperature})
+        except Exception as exc:  # ORT's exception types are not public API
+            raise InferenceError(f"ONNX Runtime failed on the fused graph: {exc}") from exc
+        if outputs[0].shape[0] != len(x):
+            raise InferenceError(f"the fused graph returned {outputs[0].shape[0]} rows for a batch "
+                                 f"of {len(x)}")
+        return EnsembleScores(**dict(zip(SCORE_NAMES, outputs)))
+
+    def run_members(self, x: np.ndarray) -> np.ndarray:
+        return self.scores(x).member_probabilities
+
+
+class _CudaGraphs:
+    """The fused graph captured as CUDA graphs, one per batch-size bucket (`gpu_graph_id`).
+
+    A captured graph replays fixed device addresses, so each bucket owns its input and output
+    buffers, bound once; a batch is padded up to its bucket, copied into the bucket's input
+    (`update_inplace`), replayed, and its rows cut from the outputs. Not run in this project's
+    CI (no GPU); if ONNX Runtime refuses capture (a node it cannot place on CUDA), the session
+    fails to load and the plain CUDA path is used instead.
+    """
+
+    def __init__(self, path: Path, input_name: str, temperature_input: str,
+                 temperature: np.ndarray, config: RuntimeConfig) -> None:
+        self.buckets = config.cuda_graph_batch_sizes
+        self.largest = self.buckets[-1]
+        session = _load(path, config, {"enable_cuda_graph": "1"})
+        device, device_id = "cuda", config.device_id
+        meta = session.get_inputs()[0]
+        shape, dtype = meta.shape[1:], _NUMPY_OF_ORT[meta.type]
+        outputs = session.get_outputs()
+        self._session = session
+        self._bindings, self._inputs, self._outputs = [], [], []
+        self._temperature = ort.OrtValue.ortvalue_from_numpy(temperature, device, device_id)
+        for bucket in self.buckets:
+            x = ort.OrtValue.ortvalue_from_shape_and_type([bucket, *shape], dtype, device, device_id)
+            outs = [ort.OrtValue.ortvalue_from_shape_and_type(
+                        [bucket, *o.shape[1:]], _NUMPY_OF_ORT[o.type], device, device_id)
+                    for o in outputs]
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(input_name, x)
+            binding.bind_ortvalue_input(temperature_input, self._temperature)
+            for meta_out, value in zip(outputs, outs):
+                binding.bind_ortvalue_output(meta_out.name, value)
+            self._bindings.append(binding)
+            self._inputs.append(x)
+            self._outputs.append(dict(zip([o.name for o in outputs], outs)))
+        logger.info("CUDA graphs for batch sizes %s", list(self.buckets))
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        rows = len(x)
+        index = next(i for i, b in enumerate(self.buckets) if b >= rows)
+        bucket = self.buckets[index]
+        if rows < bucket:
+            x = np.concatenate([x, np.zeros((bucket - rows, *x.shape[1:]), dtype=x.dtype)])
+        self._inputs[index].update_inplace(np.ascontiguousarray(x))
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(index + 1))  # -1 would mean no capture
+        self._session.run_with_iobinding(self._bindings[index], options)
+        return [self._outputs[index][name].numpy()[:rows] for name in SCORE_NAMES]
+
+
+_NUMPY_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                 "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+                 "tensor(bool)": np.bool_}
+
+
+class EnsembleRuntime:
+    """One instance of a model version: the graph its batches run on (`graph`: fused or members).
+
+    Built with both graphs when the version has a fused one and the choice is still open;
+    `keep(name)` drops the other. `run` gives member probabilities, `scores` every score.
+    """
+
+    def __init__(self, member_paths: Sequence[Path], input_name: str, output_name: str,
+                 config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
+                 fused_path: Path | None = None, temperature_input: str = "temperature",
+                 graphs: Sequence[str] = (MEMBERS,)) -> None:
+        if not member_paths:
+            raise ModelLoadError("an ensemble needs at least one member")
+        self.input_name, self.output_name = input_name, output_name
+        self.graphs: dict[str, ScoresGraph] = {}
+        if FUSED in graphs and fused_path is not None:
+            self.graphs[FUSED] = FusedGraph(fused_path, input_name, temperature_input, temperature,
+                                            len(member_paths), config)
+        if MEMBERS in graphs or not self.graphs:
+            self.graphs[MEMBERS] = MemberGraph(member_paths, input_name, output_name, temperature,
+                                               config)
+        first = next(iter(self.graphs.values()))
+        self.graph: str = first.name
+        self.members: int = len(member_paths)
+        # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did.
+        self.provider: str = first.provider
+        if config.device == "cuda" and self.provider != CUDA:
+            raise ModelLoadError(f"device is 'cuda' but ONNX Runtime placed the session on "
+                                 f"{self.provider} (CUDA libraries missing?)")
+
+    def keep(self, name: str) -> None:
+        """Serve with `name` from now on and release the other graph's sessions."""
+        self.graphs = {name: self.graphs[name]}
+        self.graph = name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """[B, ...] model input -> [B, M, C] float32: each member's softmax(logits)."""
+        return self.graphs[self.graph].run_members(x)
+
+    def scores(self, x: np.ndarray) -> EnsembleScores:
+        """Every score of the batch x, from the graph in use."""
+        return self.graphs[self.graph].scores(x)
+
+
+@dataclass(frozen=True)
+class GraphTiming:
+    """Median seconds per batch of each graph, by batch size, as measured at load."""
+
+    batch_sizes: tuple[int, ...]
+    seconds: dict[str, tuple[float, ...]]
+
+    def total(self, graph: str) -> float:
+        # Per example, summed over the sizes: each size counts, small ones are not drowned out.
+        return sum(t / b for t, b in zip(self.seconds[graph], self.batch_sizes))
+
+    def describe(self) -> str:
+        return ", ".join(f"{g} " + "/".join(f"{1e3 * t:.2f}" for t in times) + " ms"
+                         for g, times in self.seconds.items()) + \
+            f" at batch {'/'.join(map(str, self.batch_sizes))}"
+
+
+def _median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
+    fn(x)  # the first run of a shape allocates and plans: not counted
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 50):
+        began = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: int,
+                 budget_s: float = 0.2, tolerance: float = 1e-4) -> tuple[str, GraphTiming | None]:
+    """Which graph to serve with: time both on a few batch sizes (the median of a few runs
+    each), keep the faster per example. Refuses a fused graph whose probabilities differ from
+    the members' (a stale or broken file) with an error log. `example`: one example, [1, ...]."""
+    if FUSED not in runtime.graphs or MEMBERS not in runtime.graphs:
+        return runtime.graph, None
+    sizes = tuple(sorted({1, min(8, max_batch_size), max_batch_size}))
+    rng = np.random.default_rng(0)
+    seconds: dict[str, list[float]] = {FUSED: [], MEMBERS: []}
+    for size in sizes:
+        x = np.ascontiguousarray(np.repeat(example, size, axis=0))
+        x = (x + rng.normal(0, 1, x.shape)).astype(example.dtype) if x.dtype.kind == "f" else x
+        fused, members = runtime.graphs[FUSED].scores(x), runtime.graphs[MEMBERS].scores(x)
+        diff = float(np.max(np.abs(fused.member_probabilities - members.member_probabilities)))
+        diff = max(diff, float(np.max(np.abs(fused.probabilities - members.probabilities))))
+        if not diff <= tolerance:
+            logger.error("the fused graph's probabilities differ from the members' by %.3g "
+                         "(tolerance %.3g): serving the members", diff, tolerance)
+            return MEMBERS, None
+        for name in (FUSED, MEMBERS):
+            seconds[name].append(_median_seconds(runtime.graphs[name].scores, x, budget_s))
+    timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
+    return (FUSED if timing.total(FUSED) <= timing.total(MEMBERS) else MEMBERS), timing

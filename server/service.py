@@ -1,26 +1,31 @@
 """The native gRPC service `snapserve.v1.EnsembleService`: decode, call, encode.
 
 `STATUS_CODES` is the one table from the server's named exceptions to gRPC status codes; every
-service (this one, KServe v2 later) goes through `status_code`.
+service (this one, KServe v2 in server/kserve.py) goes through `status_code`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import AsyncIterator
+import time
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
 from proto.snapserve.v1 import ensemble_pb2 as pb
 from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from proto.tensors import TensorError
-from server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput, ItemExpired,
-                           ItemTooLarge, ModelNotFound, QueueFull, VersionNotFound)
+from server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput,
+                           InvalidModelName, ItemExpired, ItemTooLarge, ModelNotFound,
+                           NoLoadableVersion, QueueFull, RepositoryControlDenied, ShuttingDown,
+                           Unauthenticated, VersionNotFound)
 from server.messages import (decode_input, encode_metadata, encode_prediction, encode_summary)
+from server.metrics import API_NATIVE, ServerMetrics
 from server.registry import ModelRegistry
 
-__all__ = ["STATUS_CODES", "EnsembleServicer", "status_code"]
+__all__ = ["STATUS_CODES", "EnsembleServicer", "answer_in_order", "describe_error", "status_code"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +36,16 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     TensorError: grpc.StatusCode.INVALID_ARGUMENT,
     ItemTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidModelName: grpc.StatusCode.INVALID_ARGUMENT,
+    RepositoryControlDenied: grpc.StatusCode.PERMISSION_DENIED,
+    # An explicit load found the model's files unusable: the request was fine, the disk is not.
+    NoLoadableVersion: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BatcherClosed: grpc.StatusCode.UNAVAILABLE,
     ItemExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     InferenceError: grpc.StatusCode.INTERNAL,  # the model failed: logged with its traceback
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,  # raised by server.security's interceptor
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,  # raised by server.shutdown's interceptor
 }
 
 
@@ -54,18 +65,72 @@ def _describe(exc: Exception, code: grpc.StatusCode) -> str:
     return str(exc)
 
 
+def describe_error(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and the message a caller gets for an exception (INTERNAL ones are logged)."""
+    code = status_code(exc)
+    return code, _describe(exc, code)
+
+
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
+
+
+async def answer_in_order(requests: AsyncIterator[Request],
+                          answer: Callable[[Request], Awaitable[Answer]],
+                          window: int) -> AsyncIterator[Answer]:
+    """A stream's answers, in request order. Requests are read ahead and started at once (up to
+    `window`), so the requests of one stream share batches. `answer` must not raise for a bad
+    request (it returns an error answer); a read error (the client went away) is re-raised."""
+    in_flight: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue(window)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await in_flight.put(asyncio.ensure_future(answer(request)))
+        except Exception:
+            await in_flight.put(None)  # wake the writer, which re-raises from `await reader`
+            raise
+        await in_flight.put(None)  # not in a finally: a cancelled reader must not block here
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (task := await in_flight.get()) is not None:
+            yield await task
+        await reader  # re-raises a read error (e.g. the client went away mid-stream)
+    finally:
+        reader.cancel()
+        while not in_flight.empty():
+            task = in_flight.get_nowait()
+            if task is not None:
+                task.cancel()
+
+
 class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
-    def __init__(self, registry: ModelRegistry, max_stream_in_flight: int = 64) -> None:
+    def __init__(self, registry: ModelRegistry, max_stream_in_flight: int = 64,
+                 metrics: ServerMetrics | None = None) -> None:
         self._registry = registry
         self._max_stream_in_flight = max_stream_in_flight
+        self._metrics = ServerMetrics(registry) if metrics is None else metrics
 
     async def _predict(self, request: pb.PredictRequest,
                        timeout: float | None = None) -> pb.PredictResponse:
-        served = self._registry.get(request.model, request.version)
-        x = decode_input(request, served.manifest.input)
-        scores = await served.predict(x, timeout=timeout)
-        return encode_prediction(scores, served, request.request_id,
-                                 request.include_member_probabilities)
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            spec = self._registry.get(request.model, request.version).manifest.input
+            x = decode_input(request, spec)
+            served, scores = await self._registry.predict(request.model, request.version, x,
+                                                          timeout)
+            return encode_prediction(scores, served, request.request_id,
+                                     request.include_member_probabilities)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = status_code(exc)
+            raise
+        finally:
+            self._metrics.observe_request(request.model, API_NATIVE, code,
+                                          time.perf_counter() - start)
 
     async def Predict(self, request: pb.PredictRequest,
                       context: grpc.aio.ServicerContext) -> pb.PredictResponse:
@@ -88,31 +153,11 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def PredictStream(self, request_iterator: AsyncIterator[pb.PredictRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictResponse]:
-        # Requests are read ahead and started at once (up to a window), so the requests of one
-        # stream share batches; answers are yielded in request order.
-        in_flight: asyncio.Queue[asyncio.Task[pb.PredictResponse] | None] = asyncio.Queue(
-            self._max_stream_in_flight)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await in_flight.put(asyncio.ensure_future(self._answer(request)))
-            except Exception:
-                await in_flight.put(None)  # wake the writer, which re-raises from `await reader`
-                raise
-            await in_flight.put(None)  # not in a finally: a cancelled reader must not block here
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await in_flight.get()) is not None:
-                yield await task
-            await reader  # re-raises a read error (e.g. the client went away mid-stream)
-        finally:
-            reader.cancel()
-            while not in_flight.empty():
-                task = in_flight.get_nowait()
-                if task is not None:
-                    task.cancel()
+        # aclosing: if this call ends early, the requests still in flight are cancelled now.
+        async with contextlib.aclosing(answer_in_order(
+                request_iterator, self._answer, self._max_stream_in_flight)) as answers:
+            async for response in answers:
+                yield response
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -52,7 +52,8 @@ async def test_size_limit_counts_examples_and_keeps_order() -> None:
 async def test_a_lone_item_waits_at_most_the_delay() -> None:
     fn = Recorder()
     loop = asyncio.get_running_loop()
-    async with Batcher(fn, BatcherConfig(max_batch_size=64, max_queue_delay_s=0.05)) as batcher:
+    config = BatcherConfig(max_batch_size=64, max_queue_delay_s=0.05, adaptive_wait=False)
+    async with Batcher(fn, config) as batcher:
         start = loop.time()
         assert await batcher.submit(7) == 70
         waited = loop.time() - start
@@ -104,7 +105,8 @@ async def test_wrong_number_of_results_fails_the_batch() -> None:
 
 async def test_cancelled_callers_are_dropped_before_compute() -> None:
     fn = Recorder()
-    async with Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05)) as batcher:
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05, adaptive_wait=False)
+    async with Batcher(fn, config) as batcher:
         tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
         await asyncio.sleep(0.01)
         tasks[1].cancel()
@@ -118,7 +120,8 @@ async def test_cancelled_callers_are_dropped_before_compute() -> None:
 
 async def test_expired_items_are_dropped_before_compute() -> None:
     fn = Recorder()
-    async with Batcher(fn, BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05)) as batcher:
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05, adaptive_wait=False)
+    async with Batcher(fn, config) as batcher:
         expiring = asyncio.ensure_future(batcher.submit(1, timeout=0.01))
         kept = asyncio.ensure_future(batcher.submit(2, timeout=5.0))
         with pytest.raises(ItemExpired, match="past its deadline"):

@@ -212,7 +212,8 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model_
 
 async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
     config = ServerConfig(model_repository=model_repo, port=0,
-                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3, max_queue_size=1))
+                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3, max_queue_size=1,
+                                                  adaptive_wait=False))
     running = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -230,7 +231,8 @@ async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
 
 async def test_cancelled_call_is_dropped_before_compute(model_repo: Path) -> None:
     config = ServerConfig(model_repository=model_repo, port=0,
-                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3))
+                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3,
+                                                adaptive_wait=False))
     running = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -1,0 +1,107 @@
+# syntax=docker/dockerfile:1
+# snapserve images, all from this file (docs/deploy.md):
+#   server      (the default: last stage) gRPC server on CPU: onnxruntime, no PyTorch
+#   server-gpu  the same server with onnxruntime-gpu and its CUDA and cuDNN libraries from pip
+#   trainer     the trainer with CPU PyTorch; writes model versions into /models
+#
+#   docker build -t snapserve .
+#   docker build --target server-gpu -t snapserve:gpu .
+#   docker build --target trainer -t snapserve:trainer .
+#
+# BASE_IMAGE: a Debian-based image with python3 (3.10+) and its venv module, like the default.
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------------------- settings for all
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# ---------------------------------------------------------------------------- builder: the wheel
+# Only the project's own wheel is built here; the images install it with pinned dependencies
+# (constraints.txt), so no source tree, build tool or cache reaches them.
+FROM base AS builder
+WORKDIR /src
+COPY pyproject.toml README.md constraints.txt ./
+COPY proto/ proto/
+COPY server/ server/
+COPY client/ client/
+COPY trainer/ trainer/
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && cp constraints.txt /wheels/
+
+# ---------------------------------------------------------------------------- common runtime
+FROM base AS runtime
+# The model repository (<model>/<version>/, docs/model-repository.md): mount it here.
+# ORT_DISABLE_TELEMETRY: onnxruntime (1.31+) otherwise starts its telemetry at import and warns
+# that it cannot persist a device id (a read-only, home-less user).
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    ORT_DISABLE_TELEMETRY=1 \
+    SNAPSERVE_MODEL_REPOSITORY=/models \
+    SNAPSERVE_HOST=0.0.0.0 \
+    SNAPSERVE_PORT=50051
+# A fixed non-root uid/gid (10001), so Kubernetes' runAsUser/fsGroup can name it.
+RUN groupadd --system --gid 10001 snapserve \
+    && useradd --system --no-log-init --uid 10001 --gid snapserve \
+       --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin snapserve \
+    && mkdir /models \
+    && chown snapserve:snapserve /models
+
+# ---------------------------------------------------------------------------- server-gpu
+FROM runtime AS server-gpu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# onnxruntime-gpu's [cuda,cudnn] extras bring the CUDA runtime, cuBLAS, cuFFT, cuRAND and cuDNN as
+# pip wheels; ld.so learns their folders, so no CUDA base image is needed. The host provides the
+# driver (NVIDIA container toolkit / device plugin).
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv /opt/venv \
+    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[gpu]" "onnxruntime-gpu[cuda,cudnn]" \
+    && find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' \
+       | sort -u > /etc/ld.so.conf.d/snapserve-nvidia.conf \
+    && ldconfig
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    SNAPSERVE_DEVICE=cuda
+USER 10001:10001
+VOLUME ["/models"]
+EXPOSE 50051
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "server.healthcheck"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["ensemble-server"]
+
+# ---------------------------------------------------------------------------- trainer
+FROM runtime AS trainer
+# PyPI's Linux torch wheel is the CUDA build (GBs); the CPU build comes from PyTorch's own index.
+# The pin (constraints.txt) still holds: 2.13.0+cpu satisfies torch==2.13.0.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv /opt/venv \
+    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && pip install --no-cache-dir -c /wheels/constraints.txt --extra-index-url "${TORCH_INDEX_URL}" \
+       "${whl}[cpu,train]"
+ENV MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+VOLUME ["/models"]
+ENTRYPOINT ["trainer"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------- server (default)
+FROM runtime AS server
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv /opt/venv \
+    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[cpu]"
+USER 10001:10001
+VOLUME ["/models"]
+EXPOSE 50051
+# gRPC health (grpc.health.v1) on 127.0.0.1:$SNAPSERVE_PORT: SERVING once the models are loaded.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "server.healthcheck"]
+STOPSIGNAL SIGTERM
+# Configure with flags after the image name or SNAPSERVE_* variables (ensemble-server --help).
+ENTRYPOINT ["ensemble-server"]

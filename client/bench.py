@@ -1,0 +1,407 @@
+"""`ensemble-client bench`: the project's load generator (its perf_analyzer).
+
+    ensemble-client bench --target 127.0.0.1:50051 --model digits --concurrency 1,8,32,64 \
+        --duration 10 [--batch-size 1] [--request-rate R] [--api native|kserve] [--json out.json]
+
+- Closed loop (`--concurrency`): N callers, each sending its next request when the last one is
+  answered; one level after another.
+- Open loop (`--request-rate R`): requests start on a fixed schedule, R per second, whether
+  or not earlier ones were answered; latency is timed from the scheduled start, so a client or
+  server that falls behind shows it (no coordinated omission).
+- Each level runs `--warmup` seconds first, not counted; then `--duration` seconds. Requests
+  that finish inside that window count: throughput (requests/s, examples/s), latency
+  percentiles (OK requests only), errors by status code.
+
+Cheap by design, so the client is not what is measured: one asyncio loop, one channel, the
+request serialized once and sent as bytes, answers kept as bytes (the first one is decoded and
+checked). `client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per
+answered request) says how much of the machine the client itself used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, Sequence, TextIO
+
+import grpc
+import numpy as np
+
+from client.credentials import Security, read_token_file
+from client.errors import ClientError
+from client.sync_client import MAX_MESSAGE_BYTES, channel_options
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
+
+__all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
+           "results_json", "run_bench", "run_bench_command", "write_results"]
+
+APIS = ("native", "kserve")
+NATIVE_PREDICT = "/snapserve.v1.EnsembleService/Predict"
+NATIVE_GET_MODEL = "/snapserve.v1.EnsembleService/GetModel"
+KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
+KSERVE_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+KSERVE_STATISTICS = "/inference.GRPCInferenceService/ModelStatistics"
+KSERVE_TO_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,
+                   "INT32": np.int32, "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8,
+                   "BOOL": np.bool_}
+NUMPY_TO_KSERVE = {np.dtype(v): k for k, v in KSERVE_TO_NUMPY.items()}
+PERCENTILES = (50, 90, 99)
+
+
+class BenchError(ValueError):
+    """Bad benchmark settings (the CLI exits 2). A server that refuses raises ClientError."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: str
+    model: str
+    version: int = 0  # 0: the server's default
+    concurrency: tuple[int, ...] = (1,)  # closed-loop levels; ignored with request_rate
+    request_rate: float | None = None  # requests/s: an open-loop run at this rate instead
+    duration_s: float = 10.0  # measured window per level
+    warmup_s: float = 2.0  # run before each window, not counted
+    batch_size: int = 1  # examples per request
+    api: str = "native"
+    timeout_s: float = 30.0  # per-request deadline
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise BenchError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
+        if not self.concurrency or any(c < 1 for c in self.concurrency):
+            raise BenchError(f"concurrency levels must be >= 1, got {list(self.concurrency)}")
+        if self.request_rate is not None and not self.request_rate > 0:
+            raise BenchError(f"request_rate must be > 0, got {self.request_rate!r}")
+        if not self.duration_s > 0 or not self.warmup_s >= 0:
+            raise BenchError("duration_s must be > 0 and warmup_s >= 0")
+        if self.batch_size < 1:
+            raise BenchError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class LevelResult:
+    """One level: a concurrency (closed loop) or a request rate (open loop)."""
+
+    mode: str  # "concurrency" or "rate"
+    concurrency: int | None
+    request_rate: float | None
+    duration_s: float
+    requests: int  # answered OK inside the window
+    errors: dict[str, int]  # status code name -> count, inside the window
+    throughput_rps: float
+    examples_per_s: float
+    latency_ms: dict[str, float]  # p50, p90, p99, mean, max of OK requests
+    client_cpu_ms_per_request: float
+    client_cpu_share: float  # client CPU seconds / wall seconds (1.0 = one core busy)
+    send_lag_ms_p99: float | None = None  # open loop: how late requests left the client
+    server_batches: dict[int, int] | None = None  # batch size -> batches, from ModelStatistics
+    server_compute_ms: dict[int, float] | None = None  # batch size -> mean compute ms
+
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}" if self.mode == "concurrency" else f"r={self.request_rate:g}/s"
+
+
+@dataclass
+class _Window:
+    start: float
+    end: float
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    lags: list[float] = field(default_factory=list)
+
+    def record(self, began: float, finished: float, code: str) -> None:
+        if not self.start <= finished < self.end:
+            return
+        if code == "OK":
+            self.latencies.append(finished - began)
+        else:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+
+Call = Callable[[bytes], Awaitable[bytes]]
+
+
+class _Target:
+    """The model's input spec and a prepared request for one API, over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, config: BenchConfig,
+                 metadata: tuple[tuple[str, str], ...] | None) -> None:
+        self.channel, self.config, self.metadata = channel, config, metadata
+        # Identity (de)serializers: the request is bytes made once, answers stay bytes.
+        self.infer = channel.unary_unary(NATIVE_PREDICT if config.api == "native" else KSERVE_INFER)
+
+    async def call(self, payload: bytes) -> bytes:
+        return await self.infer(payload, timeout=self.config.timeout_s, metadata=self.metadata)
+
+    async def _unary(self, method: str, request: Any, response_type: Any) -> Any:
+        stub = self.channel.unary_unary(method, request_serializer=type(request).SerializeToString,
+                                        response_deserializer=response_type.FromString)
+        try:
+            return await stub(request, timeout=self.config.timeout_s, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise ClientError.from_rpc_error(exc) from exc
+
+    async def input_spec(self) -> tuple[str, np.dtype, tuple[int, ...]]:
+        """(input name, dtype, shape with -1 for the batch) from the server's metadata."""
+        if self.config.api == "native":
+            meta = await self._unary(NATIVE_GET_MODEL, pb.GetModelRequest(
+                model=self.config.model, version=self.config.version), pb.ModelMetadata)
+            return meta.input.name, DTYPE_TO_NUMPY[meta.input.dtype], tuple(meta.input.shape)
+        from proto.inference import grpc_service_pb2 as kpb
+
+        meta = await self._unary(KSERVE_METADATA, kpb.ModelMetadataRequest(
+            name=self.config.model, version=self._kserve_version()), kpb.ModelMetadataResponse)
+        tensor = meta.inputs[0]
+        return tensor.name, np.dtype(KSERVE_TO_NUMPY[tensor.datatype]), tuple(tensor.shape)
+
+    def _kserve_version(self) -> str:
+        return "" if self.config.version == 0 else str(self.config.version)
+
+    def request(self, name: str, x: np.ndarray) -> bytes:
+        if self.config.api == "native":
+            request = pb.PredictRequest(model=self.config.model, version=self.config.version)
+            to_tensor(x, request.input)
+            return request.SerializeToString()
+        from proto.inference import grpc_service_pb2 as kpb
+
+        request = kpb.ModelInferRequest(model_name=self.config.model,
+                                        model_version=self._kserve_version())
+        request.inputs.add(name=name, datatype=NUMPY_TO_KSERVE[x.dtype], shape=x.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes())
+        return request.SerializeToString()
+
+    def check(self, answer: bytes, examples: int) -> None:
+        """The first answer, decoded: a benchmark of wrong answers measures nothing."""
+        if self.config.api == "native":
+            response = pb.PredictResponse.FromString(answer)
+            rows = from_tensor(response.probabilities, "probabilities").shape[0]
+        else:
+            from proto.inference import grpc_service_pb2 as kpb
+
+            response = kpb.ModelInferResponse.FromString(answer)
+            shapes = {o.name: list(o.shape) for o in response.outputs}
+            if "probabilities" not in shapes:
+                raise ClientError(grpc.StatusCode.UNKNOWN, f"ModelInfer answered outputs "
+                                  f"{sorted(shapes)}; no probabilities")
+            rows = shapes["probabilities"][0]
+        if rows != examples:
+            raise ClientError(grpc.StatusCode.UNKNOWN,
+                              f"the server answered {rows} rows for {examples} examples")
+
+    async def batch_statistics(self) -> dict[int, tuple[int, int]] | None:
+        """batch size -> (batches, compute ns) so far, from KServe ModelStatistics; None when
+        the server does not offer it (the counts are the server's, for all its callers)."""
+        try:
+            from proto.inference import grpc_service_pb2 as kpb
+
+            stats = await self._unary(KSERVE_STATISTICS, kpb.ModelStatisticsRequest(
+                name=self.config.model, version=self._kserve_version()), kpb.ModelStatisticsResponse)
+        except (ClientError, ImportError):
+            return None
+        totals: dict[int, tuple[int, int]] = {}
+        for model in stats.model_stats:
+            for batch in model.batch_stats:
+                count, ns = totals.get(batch.batch_size, (0, 0))
+                totals[batch.batch_size] = (count + batch.compute_infer.count,
+                                            ns + batch.compute_infer.ns)
+        return totals
+
+
+def _status(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    return type(exc).__name__
+
+
+async def _timed(target: _Target, payload: bytes, window: _Window, began: float) -> None:
+    try:
+        await target.call(payload)
+        code = "OK"
+    except Exception as exc:  # every failure is a data point, counted by its status
+        code = _status(exc)
+    window.record(began, time.perf_counter(), code)
+
+
+async def _closed_loop(target: _Target, payload: bytes, concurrency: int, window: _Window) -> None:
+    async def caller() -> None:
+        while (now := time.perf_counter()) < window.end:
+            await _timed(target, payload, window, now)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+
+async def _open_loop(target: _Target, payload: bytes, rate: float, window: _Window,
+                     started: float) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+    for i in range(math.ceil((window.end - started) * rate)):
+        scheduled = started + i / rate
+        # Behind schedule, sleep(0) still yields, so the requests already started get answered.
+        await asyncio.sleep(max(scheduled - time.perf_counter(), 0))
+        if window.start <= scheduled < window.end:
+            window.lags.append(time.perf_counter() - scheduled)
+        task = asyncio.ensure_future(_timed(target, payload, window, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+def _percentiles(seconds: Sequence[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    ms = np.asarray(seconds) * 1e3
+    values = np.percentile(ms, PERCENTILES)
+    return {**{f"p{p}": float(v) for p, v in zip(PERCENTILES, values)},
+            "mean": float(ms.mean()), "max": float(ms.max())}
+
+
+def _delta(after: dict[int, tuple[int, int]] | None, before: dict[int, tuple[int, int]] | None,
+           ) -> tuple[dict[int, int] | None, dict[int, float] | None]:
+    if after is None or before is None:
+        return None, None
+    batches, compute = {}, {}
+    for size, (count, ns) in sorted(after.items()):
+        count0, ns0 = before.get(size, (0, 0))
+        if count > count0:
+            batches[size] = count - count0
+            compute[size] = (ns - ns0) / (count - count0) / 1e6
+    return batches, compute
+
+
+async def _level(target: _Target, payload: bytes, config: BenchConfig,
+                 concurrency: int | None) -> LevelResult:
+    started = time.perf_counter()
+    window = _Window(started + config.warmup_s, started + config.warmup_s + config.duration_s)
+    run = (_open_loop(target, payload, config.request_rate, window, started)
+           if concurrency is None else _closed_loop(target, payload, concurrency, window))
+    runner = asyncio.ensure_future(run)
+    await asyncio.sleep(max(window.start - time.perf_counter(), 0))
+    cpu0, before = time.process_time(), await target.batch_statistics()
+    await asyncio.sleep(max(window.end - time.perf_counter(), 0))
+    cpu = time.process_time() - cpu0
+    after = await target.batch_statistics()
+    await runner
+    batches, compute = _delta(after, before)
+    ok = len(window.latencies)
+    return LevelResult(
+        mode="rate" if concurrency is None else "concurrency", concurrency=concurrency,
+        request_rate=config.request_rate if concurrency is None else None,
+        duration_s=config.duration_s, requests=ok, errors=dict(sorted(window.errors.items())),
+        throughput_rps=ok / config.duration_s,
+        examples_per_s=ok * config.batch_size / config.duration_s,
+        latency_ms=_percentiles(window.latencies),
+        client_cpu_ms_per_request=1e3 * cpu / max(ok + sum(window.errors.values()), 1),
+        client_cpu_share=cpu / config.duration_s,
+        send_lag_ms_p99=float(np.percentile(window.lags, 99) * 1e3) if window.lags else None,
+        server_batches=batches, server_compute_ms=compute)
+
+
+async def run_bench(config: BenchConfig, security: Security = Security(),
+                    progress: Callable[[LevelResult], None] | None = None) -> list[LevelResult]:
+    """Every level of `config` against a running server; `progress` sees each level as it ends."""
+    options = channel_options(MAX_MESSAGE_BYTES)
+    async with security.aio_channel(config.target, options) as channel:
+        target = _Target(channel, config, security.metadata)
+        name, dtype, shape = await target.input_spec()
+        x = np.random.default_rng(config.seed).normal(0, 1, (config.batch_size, *shape[1:]))
+        payload = target.request(name, x.astype(dtype))
+        try:
+            target.check(await target.call(payload), config.batch_size)
+        except grpc.aio.AioRpcError as exc:
+            raise ClientError.from_rpc_error(exc) from exc
+        levels: list[int | None] = [None] if config.request_rate else list(config.concurrency)
+        results = []
+        for level in levels:
+            result = await _level(target, payload, config, level)
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    return results
+
+
+def format_table(results: Sequence[LevelResult]) -> str:
+    lines = [f"{'level':>12} {'req/s':>9} {'ex/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+             f"{'errors':>8} {'cli ms/req':>10}  server batches"]
+    for r in results:
+        lat = r.latency_ms
+        errors = sum(r.errors.values())
+        batches = ""
+        if r.server_batches:
+            total = sum(r.server_batches.values())
+            mean = sum(s * n for s, n in r.server_batches.items()) / total
+            batches = f"mean {mean:.1f} over {total}"
+        lines.append(f"{r.label:>12} {r.throughput_rps:>9.1f} {r.examples_per_s:>9.1f} "
+                     f"{lat.get('p50', math.nan):>8.2f} {lat.get('p90', math.nan):>8.2f} "
+                     f"{lat.get('p99', math.nan):>8.2f} {errors:>8d} "
+                     f"{r.client_cpu_ms_per_request:>10.3f}  {batches}")
+        if r.errors:
+            lines.append(" " * 13 + "errors: " + ", ".join(f"{k} {v}" for k, v in r.errors.items()))
+    return "\n".join(lines)
+
+
+def results_json(config: BenchConfig, results: Sequence[LevelResult]) -> dict[str, Any]:
+    return {"config": asdict(config), "levels": [asdict(r) for r in results]}
+
+
+def write_results(config: BenchConfig, results: Sequence[LevelResult], out: TextIO) -> None:
+    json.dump(results_json(config, results), out, indent=2)
+    out.write("\n")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_bench_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The `bench` subcommand; `common` adds the shared connection flags (client/cli.py)."""
+    bench = commands.add_parser("bench", help="measure throughput and latency under load",
+                                description=__doc__.split("\n\n")[0])
+    common(bench)
+    bench.add_argument("--model", required=True)
+    bench.add_argument("--version", type=int, default=0, help="0: the server's default")
+    bench.add_argument("--concurrency", type=_levels, default=(1,),
+                       help="closed-loop levels, e.g. 1,8,32,64 (default 1)")
+    bench.add_argument("--request-rate", type=float, default=None,
+                       help="open loop: start this many requests per second instead")
+    bench.add_argument("--duration", type=float, default=10.0,
+                       help="measured seconds per level (default %(default)s)")
+    bench.add_argument("--warmup", type=float, default=2.0,
+                       help="unmeasured seconds before each level (default %(default)s)")
+    bench.add_argument("--batch-size", type=int, default=1, help="examples per request (default 1)")
+    bench.add_argument("--api", choices=APIS, default="native",
+                       help="native: snapserve.v1 Predict; kserve: GRPCInferenceService/ModelInfer")
+    bench.add_argument("--json", default=None, metavar="PATH",
+                       help="write JSON results there ('-': stdout); without it, a table on a "
+                            "terminal and JSON otherwise")
+    bench.set_defaults(run=run_bench_command)
+
+
+def run_bench_command(client: Any, args: argparse.Namespace, out: TextIO) -> None:
+    """`ensemble-client bench`: its own asyncio channel (the sync client is not used)."""
+    config = BenchConfig(
+        target=args.target, model=args.model, version=args.version, concurrency=args.concurrency,
+        request_rate=args.request_rate, duration_s=args.duration, warmup_s=args.warmup,
+        batch_size=args.batch_size, api=args.api,
+        timeout_s=args.timeout if args.timeout is not None else BenchConfig.timeout_s)
+    security = Security.build(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key, token=None if args.token_file is None
+                              else read_token_file(args.token_file))
+    table = args.json != "-" and (args.json is not None or out.isatty())
+    results = asyncio.run(run_bench(config, security))
+    if table:
+        print(format_table(results), file=out)
+    if args.json not in (None, "-"):
+        with open(args.json, "w", encoding="utf-8") as f:
+            write_results(config, results, f)
+    elif not table:
+        write_results(config, results, out)

@@ -1,0 +1,100 @@
+"""`grpc.health.v1.Health`: the server's overall status and one status per model.
+
+Service names:
+- `""`: the whole server. NOT_SERVING while the repository loads at start-up and from the moment
+  shutdown begins (then in-flight requests drain); SERVING in between.
+- `snapserve.v1.EnsembleService`, `inference.GRPCInferenceService`: the same as `""`, for
+  clients that check a service by its gRPC name.
+- `<model name>`: SERVING while at least one version of the model takes requests; NOT_SERVING
+  while its first version loads, after it was unloaded, or when none of its versions loads.
+  A model that left the repository is forgotten (Check: NOT_FOUND, Watch: SERVICE_UNKNOWN).
+
+Not grpc_health's own aio HealthServicer: its Watch deletes a service's shared condition when
+any one watcher leaves, so the other watchers of that service stop getting updates; and its
+setter is a coroutine, where ours is called from plain code on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["NOT_SERVING", "SERVICE_UNKNOWN", "SERVING", "HealthServicer"]
+
+logger = logging.getLogger(__name__)
+
+Status = health_pb2.HealthCheckResponse.ServingStatus
+SERVING: Status = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: Status = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """Statuses by service name; `set`/`forget` are called on the event loop thread."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, Status] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._shutting_down = False
+
+    def status(self, service: str) -> Status:
+        return self._status.get(service, SERVICE_UNKNOWN)
+
+    def set(self, service: str, serving: bool) -> None:
+        """SERVING or NOT_SERVING; ignored once shutdown began (everything stays NOT_SERVING)."""
+        if not self._shutting_down:
+            self._set(service, SERVING if serving else NOT_SERVING)
+
+    def forget(self, service: str) -> None:
+        if not self._shutting_down and self._status.pop(service, None) is not None:
+            self._wake()
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING from now on, whatever is set later."""
+        for service in self._status:
+            self._set(service, NOT_SERVING)
+        self._shutting_down = True
+
+    def _set(self, service: str, status: Status) -> None:
+        if self._status.get(service) != status:
+            self._status[service] = status
+            logger.debug("health %r: %s", service, Status.Name(status))
+            self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._status:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"unknown service {request.service!r}; '' is the whole server")
+        return health_pb2.HealthCheckResponse(status=self._status[request.service])
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The current status at once, then every change until the call ends."""
+        last: Status | None = None
+        while True:
+            status = self.status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+                continue  # the status may have changed while the answer was being sent
+            if self._shutting_down:
+                return  # it has heard NOT_SERVING: end the call, or it would hold up the stop
+            # No await between reading the status and registering: no change is missed.
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)

@@ -1,0 +1,272 @@
+"""KServe v2 (`inference.*`) messages <-> server objects. No logic beyond conversion and checks.
+
+Inputs arrive as `raw_input_contents` (little-endian bytes, what tritonclient sends) or as typed
+`contents`; either way they become one numpy array, and the ServedEnsemble checks it against the
+model (shape, batch, dtype: floats of any width are converted, other mismatches refused).
+Outputs always go back as `raw_output_contents`, which is what tritonclient reads by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from proto.inference import grpc_service_pb2 as kpb
+from proto.inference import model_config_pb2 as mc
+from proto.tensors import MAX_ARRAY_BYTES, MAX_DIMS
+from server.ensemble import ServedEnsemble
+from server.errors import InvalidInput
+from server.inputs import format_shape
+from server.lifecycle import RepositoryConfig
+from server.manifest import InputSpec
+from server.registry import ModelRegistry
+from server.scores import EnsembleScores
+from server.statistics import Duration
+
+__all__ = ["DEFAULT_OUTPUTS", "KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "OUTPUTS", "PLATFORM",
+           "decode_infer_input", "encode_infer_response", "encode_model_config",
+           "encode_model_metadata", "encode_statistics", "parse_version", "requested_outputs"]
+
+PLATFORM = "snapserve_ensemble"
+
+# Little-endian on the wire whatever the host ("|" for one-byte types).
+KSERVE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+NUMPY_TO_KSERVE: dict[np.dtype, str] = {v.newbyteorder("="): k for k, v in KSERVE_TO_NUMPY.items()}
+
+# The InferTensorContents field that carries each datatype; FP16 has none (raw only).
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+    "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+KSERVE_TO_CONFIG_TYPE: dict[str, int] = {
+    "BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16,
+    "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64, "INT8": mc.TYPE_INT8,
+    "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
+    "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64,
+}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    datatype: str
+    dims: tuple[str, ...]  # after the batch: "C" classes, "M" members
+
+
+# Named like the EnsembleScores fields they come from; docs/protocol.md describes each.
+OUTPUTS: dict[str, OutputSpec] = {
+    "probabilities": OutputSpec("FP32", ("C",)),
+    "predictive_entropy": OutputSpec("FP32", ()),
+    "expected_entropy": OutputSpec("FP32", ()),
+    "mutual_information": OutputSpec("FP32", ()),
+    "vote_disagreement": OutputSpec("FP32", ()),
+    "member_kl": OutputSpec("FP32", ("M",)),
+    "member_top_class": OutputSpec("INT64", ("M",)),
+    "member_probabilities": OutputSpec("FP32", ("M", "C")),
+}
+# [batch, members, classes] can be large: sent only when a request names it.
+DEFAULT_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUTS if n != "member_probabilities")
+
+
+def output_dims(served: ServedEnsemble, name: str) -> list[int]:
+    """An output's shape after the batch dimension, for this model version."""
+    sizes = {"C": len(served.manifest.classes), "M": served.runtime.members}
+    return [sizes[d] for d in OUTPUTS[name].dims]
+
+
+def parse_version(text: str, field: str = "model_version") -> int:
+    """"" -> 0 (the default version); "3" -> 3; anything else is InvalidInput."""
+    if text == "":
+        return 0
+    if not text.isascii() or not text.isdigit() or text.startswith("0"):
+        raise InvalidInput(f"{field} {text!r} is not a version: expected a positive integer "
+                           "such as '2', or '' for the default (newest) version")
+    return int(text)
+
+
+def _datatype(tensor: kpb.ModelInferRequest.InferInputTensor) -> np.dtype:
+    if tensor.datatype not in KSERVE_TO_NUMPY:
+        raise InvalidInput(f"input {tensor.name!r} datatype {tensor.datatype!r} is not supported; "
+                           f"expected one of {', '.join(KSERVE_TO_NUMPY)}")
+    return KSERVE_TO_NUMPY[tensor.datatype]
+
+
+def _shape(tensor: kpb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise InvalidInput(f"input {tensor.name!r} shape {list(shape)} is not valid: expected at "
+                           f"most {MAX_DIMS} sizes >= 0")
+    return shape
+
+
+def _from_raw(data: bytes, tensor: kpb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
+              shape: tuple[int, ...]) -> np.ndarray:
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a forged shape cannot wrap
+    if len(data) != expected:
+        raise InvalidInput(f"input {tensor.name!r} raw contents hold {len(data)} bytes; expected "
+                           f"{expected} (shape {list(shape)} x {dtype.itemsize} bytes per "
+                           f"{tensor.datatype})")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
+        raise InvalidInput(f"input {tensor.name!r} BOOL data holds bytes other than 0 and 1")
+    return array
+
+
+def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
+                   shape: tuple[int, ...]) -> np.ndarray:
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} has no typed contents "
+                           "field; send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != math.prod(shape):
+        raise InvalidInput(f"input {tensor.name!r} contents.{field} holds {len(values)} values; "
+                           f"shape {list(shape)} needs {math.prod(shape)}")
+    if dtype.kind in "iu":  # int_contents is int32 on the wire: INT8/INT16 must fit
+        wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+        info = np.iinfo(dtype)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidInput(f"input {tensor.name!r} contents.{field} has values outside "
+                               f"{tensor.datatype}'s range [{info.min}, {info.max}]")
+        return wide.astype(dtype.newbyteorder("=")).reshape(shape)
+    return np.asarray(values, dtype=dtype.newbyteorder("=")).reshape(shape)
+
+
+def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
+    """The one input array of a ModelInferRequest; InvalidInput saying what is wrong."""
+    if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
+        sent = [t.name for t in request.inputs]
+        raise InvalidInput(f"the model takes one input named {spec.name!r} (datatype "
+                           f"{NUMPY_TO_KSERVE.get(spec.dtype, spec.dtype)}, shape "
+                           f"{format_shape(spec.shape)}); the request has inputs {sent}")
+    tensor = request.inputs[0]
+    dtype, shape = _datatype(tensor), _shape(tensor)
+    # numpy refuses shapes whose non-zero sizes multiply past its index type, even empty ones
+    # ([0, 2**62, 2**62]): refuse them by name, not as an internal error.
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise InvalidInput(f"input {tensor.name!r} shape {list(shape)} is too large; expected "
+                           f"sizes whose product fits in {MAX_ARRAY_BYTES} bytes")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries "
+                               f"for {len(request.inputs)} inputs; expected one per input")
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input {tensor.name!r} has both contents and raw_input_contents; "
+                               "send one of them")
+        return _from_raw(request.raw_input_contents[0], tensor, dtype, shape)
+    return _from_contents(tensor, dtype, shape)
+
+
+def requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
+    """The outputs to send, in request order: those named, or DEFAULT_OUTPUTS."""
+    if not request.outputs:
+        return list(DEFAULT_OUTPUTS)
+    names: list[str] = []
+    for output in request.outputs:
+        if output.name not in OUTPUTS:
+            raise InvalidInput(f"unknown output {output.name!r}; outputs are {', '.join(OUTPUTS)}")
+        if "classification" in output.parameters:
+            raise InvalidInput(f"output {output.name!r}: the classification extension is not "
+                               "supported; ask for 'probabilities' and take the top classes")
+        if output.name in names:
+            raise InvalidInput(f"output {output.name!r} is asked for twice; name each output once")
+        names.append(output.name)
+    return names
+
+
+def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, request_id: str,
+                          outputs: list[str]) -> kpb.ModelInferResponse:
+    response = kpb.ModelInferResponse(model_name=served.name, model_version=str(served.version),
+                                      id=request_id)
+    for name in outputs:
+        array = np.asarray(getattr(scores, name))
+        datatype = NUMPY_TO_KSERVE[array.dtype.newbyteorder("=")]
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        wire = array.astype(KSERVE_TO_NUMPY[datatype], copy=False)  # a no-op on little-endian
+        response.raw_output_contents.append(wire.tobytes(order="C"))
+    return response
+
+
+def _input_datatype(spec: InputSpec) -> str:
+    return NUMPY_TO_KSERVE[spec.dtype.newbyteorder("=")]
+
+
+def encode_model_metadata(registry: ModelRegistry,
+                          served: ServedEnsemble) -> kpb.ModelMetadataResponse:
+    spec = served.manifest.input
+    tensor = kpb.ModelMetadataResponse.TensorMetadata
+    return kpb.ModelMetadataResponse(
+        name=served.name, versions=[str(v) for v in registry.versions(served.name)],
+        platform=PLATFORM,
+        inputs=[tensor(name=spec.name, datatype=_input_datatype(spec), shape=spec.shape)],
+        outputs=[tensor(name=name, datatype=out.datatype, shape=[-1, *output_dims(served, name)])
+                 for name, out in OUTPUTS.items()])
+
+
+def _version_policy(config: RepositoryConfig, name: str) -> mc.ModelVersionPolicy:
+    if config.version_policy == "all":
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    if config.version_policy == "specific":
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(
+            versions=config.pinned.get(name, ())))
+    return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1))
+
+
+def encode_model_config(served: ServedEnsemble, config: RepositoryConfig) -> mc.ModelConfig:
+    """Triton's view of a model version: input/output dims without the batch dimension."""
+    manifest, batching = served.manifest, served.batcher.config
+    on_gpu = served.runtime.provider.startswith("CUDA")
+    model_config = mc.ModelConfig(
+        name=served.name, platform=PLATFORM, backend="onnxruntime",
+        version_policy=_version_policy(config, served.name),
+        max_batch_size=batching.max_batch_size,
+        input=[mc.ModelInput(name=manifest.input.name,
+                             data_type=KSERVE_TO_CONFIG_TYPE[_input_datatype(manifest.input)],
+                             dims=manifest.input.shape[1:])],
+        output=[mc.ModelOutput(name=name, data_type=KSERVE_TO_CONFIG_TYPE[out.datatype],
+                               dims=output_dims(served, name)) for name, out in OUTPUTS.items()],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1e6)),
+        instance_group=[mc.ModelInstanceGroup(
+            name=served.name, count=len(served.instances),
+            kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU)])
+    for key, value in {"version": str(served.version), "method": manifest.method,
+                       "members": str(served.runtime.members),
+                       "classes": json.dumps(list(manifest.classes)),
+                       "temperature": repr(manifest.temperature),
+                       "execution_provider": served.runtime.provider,
+                       "max_queue_size": str(batching.max_queue_size),
+                       **served.runtime_parameters}.items():  # graph (fused/members), instances
+        model_config.parameters[key].string_value = value
+    return model_config
+
+
+def _duration(d: Duration) -> kpb.StatisticDuration:
+    return kpb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def encode_statistics(served: ServedEnsemble) -> kpb.ModelStatistics:
+    """Triton's statistics: compute_infer is a whole batch (members and scores); the
+    input/output copies are part of it, and reported as zero."""
+    stats = served.statistics
+    zero = kpb.StatisticDuration()
+    return kpb.ModelStatistics(
+        name=served.name, version=str(served.version), last_inference=stats.last_inference_ms,
+        inference_count=stats.examples, execution_count=stats.compute.count,
+        inference_stats=kpb.InferStatistics(
+            success=_duration(stats.success), fail=_duration(stats.fail),
+            queue=_duration(stats.queue), compute_input=zero,
+            compute_infer=_duration(stats.compute), compute_output=zero),
+        batch_stats=[kpb.InferBatchStatistics(batch_size=size, compute_input=zero,
+                                              compute_infer=_duration(d), compute_output=zero)
+                     for size, d in sorted(stats.batches.items())])

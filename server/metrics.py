@@ -1,0 +1,156 @@
+"""Prometheus metrics, one CollectorRegistry per server, served over HTTP when a port is given.
+
+A registry per server, not prometheus_client's global one, so several servers in one process
+(tests, an embedding application) each count their own requests.
+
+| metric | type | labels |
+|---|---|---|
+| snapserve_inference_requests_total | counter | model, api (native, kserve), code (OK, NOT_FOUND, ...) |
+| snapserve_request_duration_seconds | histogram | model, api: end to end in the gRPC handler |
+| snapserve_queue_duration_seconds | histogram | model, version: waiting for a batch |
+| snapserve_compute_duration_seconds | histogram | model, version: one batch, members and scores |
+| snapserve_batch_size | histogram | model, version: examples per computed batch |
+| snapserve_queue_depth | gauge | model, version: requests waiting for a batch |
+| snapserve_models_loaded | gauge | (none): models with at least one version loaded |
+| snapserve_model_version_loaded | gauge | model, version, method, members: 1 per loaded version |
+| snapserve_model_load_failures_total | counter | model: versions refused at load |
+
+Requests for a model that is not loaded are counted under model="_other" (a name no model can
+have), so made-up names cannot grow the number of series without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.errors import ConfigError
+from server.registry import ModelRegistry
+from server.statistics import InferenceObserver
+
+__all__ = ["API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
+
+logger = logging.getLogger(__name__)
+
+API_NATIVE = "native"
+API_KSERVE = "kserve"
+OTHER_MODEL = "_other"  # model names start with a letter or digit (server.manifest.MODEL_NAME)
+
+# Seconds: from a fraction of a millisecond (small models on CPU) to a slow, queued request.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    def __init__(self, models: ModelRegistry) -> None:
+        self.registry = CollectorRegistry()
+        self._models = models
+        self._http: ThreadingHTTPServer | None = None
+        r = self.registry
+        self.requests = Counter("snapserve_inference_requests", "Inference requests answered",
+                                ["model", "api", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "snapserve_request_duration_seconds", "End-to-end inference request time in the server",
+            ["model", "api"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(
+            "snapserve_queue_duration_seconds", "Time a request waited for its batch to start",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram(
+            "snapserve_compute_duration_seconds", "Time to compute one batch (members and scores)",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("snapserve_batch_size", "Examples per computed batch",
+                                    ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
+        self.load_failures = Counter("snapserve_model_load_failures",
+                                     "Model versions refused at load", ["model"], registry=r)
+        r.register(_LoadedModelsCollector(models))
+
+    def observe_request(self, model: str, api: str, code: grpc.StatusCode, seconds: float) -> None:
+        label = model if model in self._models else OTHER_MODEL
+        self.requests.labels(label, api, code.name).inc()
+        self.request_seconds.labels(label, api).observe(seconds)
+
+    def observer(self, model: str, version: int) -> InferenceObserver:
+        """What a loaded model version reports its queue and compute times to."""
+        return _VersionObserver(self, model, str(version))
+
+    def forget(self, model: str, version: int) -> None:
+        """Drop an unloaded version's series, so hot reloads do not pile them up."""
+        for histogram in (self.queue_seconds, self.compute_seconds, self.batch_size):
+            try:
+                histogram.remove(model, str(version))
+            except KeyError:  # never observed
+                pass
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port in a daemon thread; the bound port (for port 0)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,),
+                            {"address_family": family, "daemon_threads": True})
+        try:
+            self._http = server_class((host.strip("[]"), port),
+                                      MetricsHandler.factory(self.registry))
+        except OSError as exc:
+            raise ConfigError(f"metrics_port: cannot bind {host}:{port}: {exc}") from exc
+        # A short poll interval: close() waits for serve_forever to notice the shutdown.
+        threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="metrics-http", daemon=True).start()
+        bound = self._http.server_address[1]
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _VersionObserver:
+    """Feeds one model version's requests and batches into the server's histograms."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
+        self._queue = metrics.queue_seconds.labels(model, version)
+        self._compute = metrics.compute_seconds.labels(model, version)
+        self._batch = metrics.batch_size.labels(model, version)
+
+    def record_request(self, examples: int, ok: bool, total_ns: int, queue_ns: int) -> None:
+        if ok:
+            self._queue.observe(queue_ns / 1e9)
+
+    def record_batch(self, examples: int, compute_ns: int) -> None:
+        self._compute.observe(compute_ns / 1e9)
+        self._batch.observe(examples)
+
+
+class _LoadedModelsCollector(Collector):
+    """Gauges read from the registry at scrape time (in the HTTP thread): never stale."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = self._models.loaded()
+        depth = GaugeMetricFamily("snapserve_queue_depth", "Requests waiting for a batch",
+                                  labels=["model", "version"])
+        versions = GaugeMetricFamily(
+            "snapserve_model_version_loaded", "1 for every model version loaded",
+            labels=["model", "version", "method", "members"])
+        for served in loaded:
+            version = str(served.version)
+            depth.add_metric([served.name, version], served.batcher.queued)
+            versions.add_metric([served.name, version, served.manifest.method,
+                                 str(served.runtime.members)], 1)
+        yield depth
+        yield versions
+        yield GaugeMetricFamily("snapserve_models_loaded",
+                                "Models with at least one version loaded",
+                                value=len({served.name for served in loaded}))

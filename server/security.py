@@ -1,0 +1,198 @@
+"""Transport security and caller authentication: TLS / mutual TLS credentials, bearer tokens.
+
+- TLS: `tls_cert` + `tls_key` (PEM) put TLS on the listening port; `tls_client_ca` (PEM bundle)
+  also requires every client to present a certificate that CA signed (mutual TLS).
+- Tokens: `auth_token_file` holds one or more bearer tokens, one per line (`#` comments and blank
+  lines ignored). Every call must then carry `authorization: Bearer <token>` metadata, except the
+  health checks and reflection, which probes and tools call without credentials. Tokens are
+  compared in constant time against every token, and never logged.
+
+Nothing here is needed for a local, unauthenticated server: every field defaults to off.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+
+from server.errors import ConfigError, Unauthenticated
+from server.service import status_code
+
+__all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
+           "refusing_handler", "server_credentials"]
+
+logger = logging.getLogger(__name__)
+
+# Methods any caller may use: liveness/readiness probes (Kubernetes, load balancers) and
+# reflection (grpcurl) carry no credentials. Reflection describes the API, never the models.
+OPEN_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+# Shorter tokens are accepted with a warning: guessable, but the operator's call.
+MIN_TOKEN_CHARS = 16
+UNAUTHENTICATED_MESSAGE = ("missing or invalid bearer token: send the metadata "
+                           "'authorization: Bearer <token>' with a token the server was given")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    # PEM certificate chain and private key of the server. Both or neither: TLS on the port.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA bundle: clients must present a certificate it signed (mutual TLS). Needs tls_cert.
+    tls_client_ca: Path | None = None
+    # Bearer tokens, one per line; callers without one get UNAUTHENTICATED.
+    auth_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            value = getattr(self, name)
+            if value is None or value == "":
+                object.__setattr__(self, name, None)
+                continue
+            path = Path(value)
+            object.__setattr__(self, name, path)
+            if not path.is_file():
+                raise ConfigError(f"{name} {str(path)!r} is not a readable file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both (TLS) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def auth(self) -> bool:
+        return self.auth_token_file is not None
+
+
+def _read(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{field} {str(path)!r} cannot be read: {exc.strerror}") from exc
+
+
+def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the listening port; None when TLS is off. Files are read once, here."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    cert, key = _read(config.tls_cert, "tls_cert"), _read(config.tls_key, "tls_key")
+    if b"-----BEGIN" not in cert or b"CERTIFICATE-----" not in cert:
+        raise ConfigError(f"tls_cert {str(config.tls_cert)!r} holds no PEM certificate")
+    if b"-----BEGIN" not in key or b"PRIVATE KEY-----" not in key:
+        raise ConfigError(f"tls_key {str(config.tls_key)!r} holds no PEM private key")
+    if os.stat(config.tls_key).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("tls_key %s is readable by other users; chmod 600 it", config.tls_key)
+    client_ca = None
+    if config.tls_client_ca is not None:
+        client_ca = _read(config.tls_client_ca, "tls_client_ca")
+        if b"CERTIFICATE-----" not in client_ca:
+            raise ConfigError(f"tls_client_ca {str(config.tls_client_ca)!r} holds no PEM certificate")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def read_tokens(path: Path) -> tuple[bytes, ...]:
+    """The tokens in a token file. Errors name the line, never the token."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"auth_token_file {str(path)!r} cannot be read: {exc}") from exc
+    tokens: list[bytes] = []
+    for number, line in enumerate(lines, 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        # gRPC metadata values are printable ASCII; a token with a space could never be sent.
+        if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+            raise ConfigError(f"auth_token_file {str(path)!r} line {number}: a token must be "
+                              "printable ASCII without spaces")
+        if len(token) < MIN_TOKEN_CHARS:
+            logger.warning("auth_token_file %s line %d: token shorter than %d characters is "
+                           "easy to guess", path, number, MIN_TOKEN_CHARS)
+        tokens.append(token.encode("ascii"))
+    if not tokens:
+        raise ConfigError(f"auth_token_file {str(path)!r} holds no token (one per line; "
+                          "'#' starts a comment)")
+    return tuple(tokens)
+
+
+def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
+    """The token of the first `authorization: Bearer <token>` entry (scheme case-insensitive)."""
+    for key, value in metadata or ():
+        if key != "authorization":  # gRPC lower-cases metadata keys
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip().encode("utf-8", "replace")
+        return None
+    return None
+
+
+def refusing_handler(handler: grpc.RpcMethodHandler | None,
+                     error: Exception) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` (unary or streaming) that only fails the call with
+    `error`'s status (STATUS_CODES) and message. It has no request deserializer: a refused
+    caller's bytes never reach the protobuf parser."""
+    code, message = status_code(error), str(error)
+
+    async def refuse(request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    if handler is None or not (handler.request_streaming or handler.response_streaming):
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_stream_rpc_method_handler(refuse)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) calls without a valid bearer token, except OPEN_METHOD_PREFIXES."""
+
+    def __init__(self, tokens: Sequence[bytes]) -> None:
+        if not tokens:
+            raise ConfigError("token authentication needs at least one token")
+        self._tokens = tuple(tokens)
+        self.refused = 0  # calls refused so far, for logs and tests
+
+    def __repr__(self) -> str:  # never the tokens themselves
+        return f"TokenAuthInterceptor({len(self._tokens)} tokens)"
+
+    def authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        presented = _bearer(metadata)
+        if presented is None:
+            return False
+        # Every token is compared, whatever matched: the time taken tells nothing about which
+        # token, or how much of one, was right.
+        match = False
+        for token in self._tokens:
+            match |= hmac.compare_digest(presented, token)
+        return match
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method.startswith(OPEN_METHOD_PREFIXES) or self.authorized(
+                handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        self.refused += 1
+        # Debug only: under a scan or a misconfigured client this would flood the log.
+        logger.debug("refused %s: no valid bearer token (%d refused so far)", method, self.refused)
+        return refusing_handler(await continuation(handler_call_details),
+                                Unauthenticated(UNAUTHENTICATED_MESSAGE))
