@@ -6,6 +6,8 @@
         p.probabilities, p.mutual_information, p.vote_disagreement
 
 Failures raise ClientError (with .code, a grpc.StatusCode, and .message from the server).
+A secured server: EnsembleClient(target, tls_ca=..., tls_cert=..., tls_key=..., token=...)
+(client/credentials.py; docs/reliability.md).
 """
 
 from client.async_client import AsyncEnsembleClient

@@ -80,16 +80,16 @@ class RunningServer:
         self.drain.start()
         await self.manager.close()
         deadline = None if grace is None else time.monotonic() + grace
-        drain = asyncio.ensure_future(self.registry.close())
+        batchers = asyncio.ensure_future(self.registry.close())  # compute what they hold
         if deadline is not None and grace:
-            await asyncio.wait({drain}, timeout=grace)
-            if not drain.done():
+            await asyncio.wait({batchers}, timeout=grace)
+            if not batchers.done():
                 logger.warning("grace period of %.1fs is over with requests still queued or "
                                "computing; cancelling them", grace)
             elif not await self.drain.wait_quiet(deadline):
                 logger.info("clients still calling at the end of the grace period; stopping")
         await self.server.stop(None if deadline is None else max(deadline - time.monotonic(), 0))
-        await drain
+        await batchers
         logger.info("refused %d calls while draining", self.drain.refused)
         self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from server.batcher import Batcher, BatcherConfig
-from server.errors import InferenceError, ModelLoadError
+from server.errors import GraphMismatch, InferenceError, ModelLoadError
 from server.inputs import conform_input
 from server.manifest import Manifest, read_manifest, verify_checksums
 from server.runtime import FUSED, MEMBERS, EnsembleRuntime, GraphTiming, RuntimeConfig, choose_graph
@@ -149,9 +149,9 @@ def warm_up(manifest: Manifest, runtime: EnsembleRuntime) -> None:
     try:
         classes = runtime.run(x).shape[-1]
     except InferenceError as exc:
-        raise ModelLoadError(f"warm-up inference failed: {exc}") from exc
+        raise GraphMismatch(f"warm-up inference failed: {exc}") from exc
     if classes != len(manifest.classes):
-        raise ModelLoadError(f"members output {classes} logits; the manifest lists "
+        raise GraphMismatch(f"members output {classes} logits; the manifest lists "
                              f"{len(manifest.classes)} classes")
 
 
@@ -203,6 +203,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig, batcher_config: Batc
                      manifest.name, manifest.version, exc)
         graphs = (MEMBERS,)
         runtime = _build_runtime(manifest, path, runtime_config, graphs, None)
+    runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
     # FP16 members round: the export checked them within 1e-2 of FP32 (trainer/fuse.py).

@@ -27,13 +27,39 @@ class InvalidInput(ServerError, ValueError):
 class ModelLoadError(ServerError):
     """A model version cannot be served (bad manifest, missing or altered member files)."""
 
+    # A short, fixed word for the metric snapserve_model_load_failures_total{reason}: the
+    # message itself is for the log (bounded label values, unbounded messages).
+    reason = "load_error"
+
 
 class ManifestError(ModelLoadError):
     """manifest.json is missing, unreadable, or breaks the repository contract."""
 
+    reason = "manifest"
+
+
+class MemberFileMissing(ManifestError):
+    """A file the manifest names is not in the version folder."""
+
+    reason = "missing_file"
+
 
 class ChecksumMismatch(ModelLoadError):
     """A member file's sha256 differs from the one in the manifest."""
+
+    reason = "checksum"
+
+
+class InvalidGraph(ModelLoadError):
+    """ONNX Runtime cannot load a graph file (corrupted, truncated, not ONNX)."""
+
+    reason = "invalid_onnx"
+
+
+class GraphMismatch(ModelLoadError):
+    """A graph loads, but its inputs or outputs are not what the manifest declares."""
+
+    reason = "graph_mismatch"
 
 
 class QueueFull(ServerError):

@@ -25,7 +25,8 @@ def _conform_dtype(array: np.ndarray, expected: np.dtype) -> np.ndarray:
     # (int32 ids into an int64 input) too; anything else (ints into a float model, bools) would
     # mean the client sent the wrong data, e.g. raw uint8 pixels to a normalised float model.
     if array.dtype.kind == "f" and expected.kind == "f":
-        return array.astype(expected)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: Inf, refused below
+            return array.astype(expected)
     if array.dtype.kind in "iu" and expected.kind in "iu" and np.can_cast(array.dtype, expected):
         return array.astype(expected)
     accepted = f"{expected}" + (" (float16 and float64 are converted)" if expected.kind == "f"
@@ -34,16 +35,21 @@ def _conform_dtype(array: np.ndarray, expected: np.dtype) -> np.ndarray:
     raise InvalidInput(f"input dtype {array.dtype} is not accepted; the model takes {accepted}")
 
 
-def _check_finite(array: np.ndarray) -> None:
+def _check_finite(array: np.ndarray, sent: np.ndarray) -> None:
     # One pass over the input, small next to inference; NaN or Inf would come back as NaN
     # probabilities (or quietly wrong ones), which a client may not notice.
     finite = np.isfinite(array)
-    if not finite.all():
-        bad = np.argwhere(~finite)
-        first = bad[0].tolist()
-        raise InvalidInput(f"input holds {len(bad)} non-finite values (NaN or Inf), the first at "
-                           f"index {first} ({array[tuple(first)]}); the model expects finite "
-                           "numbers (a server started with --allow-nonfinite passes them on)")
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    first = tuple(bad[0].tolist())
+    if np.isfinite(sent[first]):  # finite as sent: too large for the model's dtype
+        raise InvalidInput(f"input holds {len(bad)} values beyond the range of {array.dtype}, "
+                           f"the first at index {list(first)} ({sent[first]}); the model expects "
+                           f"finite {array.dtype} numbers (|x| <= {np.finfo(array.dtype).max:.4g})")
+    raise InvalidInput(f"input holds {len(bad)} non-finite values (NaN or Inf), the first at "
+                       f"index {list(first)} ({sent[first]}); the model expects finite "
+                       "numbers (a server started with --allow-nonfinite passes them on)")
 
 
 def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int,
@@ -64,7 +70,7 @@ def conform_input(array: np.ndarray, spec: InputSpec, max_batch_size: int,
     if batch > max_batch_size:
         raise InvalidInput(f"input batch of {batch} examples exceeds the server's max batch size "
                            f"{max_batch_size}; split it into requests of at most {max_batch_size}")
-    array = _conform_dtype(array, spec.dtype)
-    if not allow_nonfinite and array.dtype.kind == "f":
-        _check_finite(array)
-    return array
+    conformed = _conform_dtype(array, spec.dtype)
+    if not allow_nonfinite and conformed.dtype.kind == "f":
+        _check_finite(conformed, array)
+    return conformed

@@ -133,6 +133,7 @@ class ModelManager:
         self._unloaded: set[str] = set()  # unloaded by request: polls leave them alone
         self._known: set[str] = set()     # models seen on disk, for health and removals
         self._poller: asyncio.Task[None] | None = None
+        registry.refusal_reasons = self.refusal_reasons
 
     # -- scanning and syncing -------------------------------------------------------------
 
@@ -157,6 +158,10 @@ class ModelManager:
                     await self._sync_model(name, versions)
             for name in sorted(self._known - on_disk.keys()):
                 await self._remove_model(name)
+
+    def refusal_reasons(self, name: str) -> dict[int, str]:
+        """Why versions of `name` were refused at load, by version (until one loads again)."""
+        return {v: reason for (n, v), (_, reason) in list(self._failed.items()) if n == name}
 
     def start_polling(self) -> None:
         if self.config.poll_interval_s > 0 and self._poller is None:
@@ -208,10 +213,10 @@ class ModelManager:
             served = await loop.run_in_executor(None, load_version, path, self._runtime_config,
                                                  self._batcher_config, self._executor)
         except ModelLoadError as exc:
-            reason = str(exc)
+            reason, label = str(exc), exc.reason
             logger.error("refusing model %s version %d: %s", name, version, reason)
         except Exception as exc:  # a bug or an OS error must not take the other models down
-            reason = f"unexpected error: {exc!r}"
+            reason, label = f"unexpected error: {exc!r}", "unexpected"
             logger.exception("refusing model %s version %d: unexpected error", name, version)
         else:
             served.observers.append(self._metrics.observer(name, version))
@@ -225,7 +230,7 @@ class ModelManager:
         finally:
             self._loading.discard(key)
         self._failed[key] = (identity, reason)
-        self._metrics.load_failures.labels(name).inc()
+        self._metrics.load_failures.labels(name, label).inc()
         return False
 
     async def _unload(self, name: str, version: int) -> None:

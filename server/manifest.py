@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from proto.tensors import NUMPY_TO_DTYPE
-from server.errors import ChecksumMismatch, ManifestError
+from server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
 __all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
            "SCHEMA_VERSION", "read_manifest", "verify_checksums", "sha256_file"]
@@ -275,7 +275,7 @@ def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
     fused graph when there is one, matches."""
     for member, path in zip(manifest.members, manifest.member_paths(version_dir)):
         if not path.is_file():
-            raise ManifestError(f"member file {member.file!r} is missing")
+            raise MemberFileMissing(f"member file {member.file!r} is missing")
         actual = sha256_file(path)
         if actual != member.sha256:
             raise ChecksumMismatch(f"member file {member.file!r} has sha256 {actual}, "
@@ -283,7 +283,7 @@ def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
     # The fused graph is checked like a member: a version whose files do not match is refused.
     for field, expected, path in manifest.fused_files(version_dir):
         if not path.is_file():
-            raise ManifestError(f"{field} {path.name!r} is missing")
+            raise MemberFileMissing(f"{field} {path.name!r} is missing")
         actual = sha256_file(path)
         if actual != expected:
             raise ChecksumMismatch(f"{field} {path.name!r} has sha256 {actual}, "

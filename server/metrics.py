@@ -13,7 +13,7 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_queue_depth | gauge | model, version: requests waiting for a batch |
 | snapserve_models_loaded | gauge | (none): models with at least one version loaded |
 | snapserve_model_version_loaded | gauge | model, version, method, members: 1 per loaded version |
-| snapserve_model_load_failures_total | counter | model: versions refused at load |
+| snapserve_model_load_failures_total | counter | model, reason (checksum, manifest, missing_file, invalid_onnx, graph_mismatch, load_error, unexpected): versions refused at load |
 
 Requests for a model that is not loaded are counted under model="_other" (a name no model can
 have), so made-up names cannot grow the number of series without bound.
@@ -70,7 +70,8 @@ class ServerMetrics:
         self.batch_size = Histogram("snapserve_batch_size", "Examples per computed batch",
                                     ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.load_failures = Counter("snapserve_model_load_failures",
-                                     "Model versions refused at load", ["model"], registry=r)
+                                     "Model versions refused at load", ["model", "reason"],
+                                     registry=r)
         r.register(_LoadedModelsCollector(models))
 
     def observe_request(self, model: str, api: str, code: grpc.StatusCode, seconds: float) -> None:

@@ -12,7 +12,7 @@ import logging
 import re
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -39,6 +39,9 @@ class ModelRegistry:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[int, ServedEnsemble]] = {}
+        # Why versions of a model were refused at load, by version (the ModelManager sets it):
+        # the NOT_FOUND messages name the reason, so a client learns it without the server log.
+        self.refusal_reasons: Callable[[str], dict[int, str]] = lambda name: {}
 
     def add(self, served: ServedEnsemble) -> None:
         self._models.setdefault(served.name, {})[served.version] = served
@@ -97,14 +100,18 @@ class ModelRegistry:
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise VersionNotFound(f"model {name!r} has no version {version}; loaded versions: "
+            refused = self.refusal_reasons(name).get(version)
+            why = "" if refused is None else f" (refused at load: {refused})"
+            raise VersionNotFound(f"model {name!r} has no version {version}{why}; loaded versions: "
                                   f"{sorted(versions)} (0 asks for the default)")
         return versions[version]
 
     def _models_named(self, name: str) -> dict[int, ServedEnsemble]:
         if name not in self._models:
             known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"model {name!r} is not served; models: {known}")
+            why = "".join(f"; version {v} was refused at load: {reason}" for v, reason in
+                          sorted(self.refusal_reasons(name).items(), reverse=True))
+            raise ModelNotFound(f"model {name!r} is not served{why}; models: {known}")
         return self._models[name]
 
     def __iter__(self) -> Iterator[ServedEnsemble]:

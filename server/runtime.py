@@ -28,7 +28,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import ConfigError, InferenceError, ModelLoadError
+from server.errors import ConfigError, GraphMismatch, InferenceError, InvalidGraph, ModelLoadError
 from server.scores import EnsembleScores, ensemble_scores, softmax
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
@@ -70,8 +70,6 @@ class RuntimeConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = ()
     # NaN/Inf in a float input: refused with INVALID_ARGUMENT by default, since they come back as
     # NaN (or quietly wrong) scores; True passes them to the model (server.inputs.conform_input).
-    allow_nonfinite: bool = False
-    # Pass NaN and Inf in float inputs on to the model instead of refusing the request.
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
@@ -128,7 +126,36 @@ def _load(path: Path, config: RuntimeConfig,
         return ort.InferenceSession(str(path), sess_options=session_options(config),
                                     providers=execution_providers(config, cuda_options))
     except Exception as exc:  # ORT raises its own unnamed exception types
-        raise ModelLoadError(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
+        raise InvalidGraph(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+# ONNX Runtime's names of tensor element types (NodeArg.type), to compare with the manifest.
+ORT_TYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16), "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32), "tensor(int16)": np.dtype(np.int16),
+    "tensor(int8)": np.dtype(np.int8), "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+def input_mismatch(session: ort.InferenceSession, input_name: str, dtype: np.dtype,
+                   shape: Sequence[int]) -> str | None:
+    """Why the graph's declared input differs from the manifest's (dtype; rank; a size the
+    graph fixes, the batch included), or None. Symbolic sizes ("batch") fit anything."""
+    declared = next((i for i in session.get_inputs() if i.name == input_name), None)
+    if declared is None:
+        return f"it has no input {input_name!r}"
+    expected = f"the manifest declares {dtype} {list(shape)}"
+    if ORT_TYPES.get(declared.type) != dtype:
+        return f"its input {input_name!r} is {declared.type}; {expected}"
+    if len(declared.shape) != len(shape):
+        return f"its input {input_name!r} has shape {declared.shape}; {expected}"
+    for axis, (got, want) in enumerate(zip(declared.shape, shape)):
+        if isinstance(got, int) and got != want:
+            what = "a fixed batch size" if axis == 0 else f"size {got} on axis {axis}"
+            return f"its input {input_name!r} has shape {declared.shape} ({what}); {expected}"
+    return None
 
 
 def _input_names(session: ort.InferenceSession) -> list[str]:
@@ -141,6 +168,7 @@ class ScoresGraph(Protocol):
     name: str
     members: int
     provider: str
+    named_sessions: list[tuple[str, ort.InferenceSession]]  # (file name, session)
 
     def scores(self, x: np.ndarray) -> EnsembleScores: ...
 
@@ -165,6 +193,7 @@ class MemberGraph:
                 raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; the manifest "
                                      f"expects {output_name!r}")
         self.members = len(self._sessions)
+        self.named_sessions = [(path.name, s) for path, s in zip(paths, self._sessions)]
         self.provider: str = self._sessions[0].get_providers()[0]
         self._device_id = config.device_id
 
@@ -221,6 +250,7 @@ class FusedGraph:
         if sorted(outputs) != sorted(SCORE_NAMES):
             raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; expected {list(SCORE_NAMES)}")
         self.provider: str = self._session.get_providers()[0]
+        self.named_sessions = [(path.name, self._session)]
         self._device_id = config.device_id
         self._cuda_graphs: _CudaGraphs | None = None
         if self.provider == CUDA and config.cuda_graph_batch_sizes:
@@ -345,6 +375,14 @@ class EnsembleRuntime:
         if config.device == "cuda" and self.provider != CUDA:
             raise ModelLoadError(f"device is 'cuda' but ONNX Runtime placed the session on "
                                  f"{self.provider} (CUDA libraries missing?)")
+
+    def check_input(self, dtype: np.dtype, shape: Sequence[int]) -> None:
+        """GraphMismatch unless every graph declares the manifest's input (dtype, rank, sizes):
+        a version that cannot take its declared input is refused at load, not at a request."""
+        for graph in self.graphs.values():
+            for file, session in graph.named_sessions:
+                if (why := input_mismatch(session, self.input_name, dtype, shape)) is not None:
+                    raise GraphMismatch(f"{file}: {why}")
 
     def keep(self, name: str) -> None:
         """Serve with `name` from now on and release the other graph's sessions."""

@@ -1,8 +1,8 @@
 """Graceful shutdown: refuse new calls with UNAVAILABLE while what was accepted is answered.
 
-`Drain` is the server's first interceptor. It notes when each call arrives; once `start()` is
-called it refuses every new call except health checks (UNAVAILABLE, "the server is shutting
-down"), so clients are told at once to go elsewhere rather than left waiting.
+`Drain` is the server's first interceptor. It notes when each call (but health checks) arrives;
+once `start()` is called it refuses every new call except health checks (UNAVAILABLE, "the
+server is shutting down"), so clients are told at once to go elsewhere rather than left waiting.
 
 Why not gRPC's own `server.stop(grace)` alone: from the moment it is called, gRPC stops handing
 new calls to the application; a call that reaches the server after that, before its client has
@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 # Health checks keep their answers (NOT_SERVING) during the drain: that is how balancers learn.
 OPEN_WHILE_DRAINING = ("/grpc.health.v1.Health/",)
-# No call for this long: the clients have heard, gRPC can stop without cutting one off.
-QUIET_S = 0.05
+# No call for this long: the clients have heard, gRPC can stop without cutting one off. Long
+# enough to outlast a busy client's pause between an answer and its next call.
+QUIET_S = 0.25
 MESSAGE = "the server is shutting down; retry on another instance"
 
 
@@ -57,8 +58,11 @@ class Drain(grpc.aio.ServerInterceptor):
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
             handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith(OPEN_WHILE_DRAINING):
+            # Not counted as a call: a balancer's frequent checks must not keep the drain waiting.
+            return await continuation(handler_call_details)
         self._last_call = time.monotonic()
-        if not self.draining or handler_call_details.method.startswith(OPEN_WHILE_DRAINING):
+        if not self.draining:
             return await continuation(handler_call_details)
         self.refused += 1
         return refusing_handler(await continuation(handler_call_details), ShuttingDown(MESSAGE))

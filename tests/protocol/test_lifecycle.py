@@ -116,7 +116,7 @@ async def test_a_broken_new_version_is_refused_once_and_the_old_one_stays(model_
     async with serving(model_repo, metrics_port=0) as running, triton_client(running) as client:
         assert running.registry.versions("digits") == [1]
         await running.manager.poll_once()  # unchanged since refused: not tried again
-        assert running.metrics.load_failures.labels("digits")._value.get() == 1
+        assert running.metrics.load_failures.labels("digits", "graph_mismatch")._value.get() == 1
         index = {(m.name, m.version): (m.state, m.reason)
                  for m in (await client.get_model_repository_index()).models}
         state, reason = index[("digits", "2")]

@@ -75,7 +75,8 @@ async def test_each_server_counts_its_own_and_load_failures_count(model_repo: Pa
     ok = {"model": "digits", "api": "native", "code": "OK"}
     assert value(one, "snapserve_inference_requests_total", **ok) == 1
     assert value(two, "snapserve_inference_requests_total", **ok) == 0
-    assert value(one, "snapserve_model_load_failures_total", model="digits") == 1
+    assert value(one, "snapserve_model_load_failures_total", model="digits",
+                 reason="manifest") == 1
     assert value(one, "snapserve_model_version_loaded", model="digits", version="1",
                  method="snapshot", members="3") == 1
 

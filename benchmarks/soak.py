@@ -1,0 +1,604 @@
+"""Soak: mixed valid, invalid, cancelled and short-deadline requests at high concurrency against a
+real `python -m server` process, then SIGTERM under load. Nothing may be lost.
+
+Every request is classified when it ends:
+- answered: an answer whose probabilities equal a direct ONNX Runtime computation;
+- refused: the status code its kind calls for (INVALID_ARGUMENT / NOT_FOUND for bad requests,
+  RESOURCE_EXHAUSTED when the bounded queue is full, DEADLINE_EXCEEDED for a too-short deadline,
+  UNAVAILABLE once shutdown began);
+- cancelled: the client cancelled it (CANCELLED);
+- lost: anything else (a wrong answer, an unexpected code, a broken stream). Must be 0.
+The server's resident memory (VmRSS from /proc/<pid>/status) is read after a warm-up, during the
+run, and at the end.
+
+    python -m benchmarks.soak                     # 60 s; writes benchmarks/soak_results.json
+    python -m benchmarks.soak --duration 10 --out -
+
+Run from the repository root; builds a small model repository in a temporary folder (the test
+fixtures' writer) unless --model-repository names one with a model `soak`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from proto.inference import grpc_service_pb2 as kpb
+from proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from proto.tensors import from_tensor, to_tensor
+
+__all__ = ["Reference", "ServerProcess", "ShutdownReport", "SoakReport", "build_repository",
+           "run_shutdown", "run_soak"]
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "soak"
+INPUT_SHAPE = (1, 8, 8)
+CLASSES = 10
+MAX_BATCH = 16
+READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
+CLOSED = re.compile(r"(\S+):(\d+) closed: (\d+) items computed")
+OK = "OK"
+
+
+# -- the server under test ----------------------------------------------------------------------
+
+class ServerProcess:
+    """`python -m server` on 127.0.0.1:0. Its stderr is drained by a thread (a full pipe would
+    block the server's logging) and kept in `log`."""
+
+    def __init__(self, repo: Path, *args: str, ready_timeout_s: float = 90) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0",
+             *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self._ready = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(ready_timeout_s) or not self.port:
+            self.proc.kill()
+            raise RuntimeError("server did not report ready:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if not self.port and (match := READY.search(line)):
+                self.port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()  # exited before ready: wake the waiter
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_kib(self) -> int:
+        """Resident memory now, from /proc/<pid>/status (Linux)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS line")
+
+    def computed(self) -> dict[str, int]:
+        """Items each batcher computed, from its `closed` log line (after the server stopped)."""
+        return {f"{m.group(1)}:{m.group(2)}": int(m.group(3))
+                for line in self.log if (m := CLOSED.search(line))}
+
+    def signal(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 60) -> int:
+        return self.proc.wait(timeout_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_repository(root: Path, members: int = 4) -> Path:
+    """A model `soak` ([-1, 1, 8, 8] -> 10 classes) written as the trainer writes a version."""
+    from tests.server.conftest import random_members, write_model_version
+
+    write_model_version(root, MODEL, random_members(members, int(np.prod(INPUT_SHAPE)), CLASSES,
+                                                    seed=7), INPUT_SHAPE,
+                        [f"class-{i}" for i in range(CLASSES)])
+    return root
+
+
+class Reference:
+    """A pool of inputs and their probabilities computed directly with ONNX Runtime (float64)."""
+
+    def __init__(self, version_dir: Path, pool: int = 64, seed: int = 0) -> None:
+        from tests.server.conftest import reference_member_probs
+
+        self.inputs = np.random.default_rng(seed).normal(size=(pool, *INPUT_SHAPE)).astype(np.float32)
+        self.probabilities = reference_member_probs(version_dir, self.inputs).mean(axis=1)
+
+    def sample(self, rng: random.Random, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = [rng.randrange(len(self.inputs)) for _ in range(batch)]
+        return self.inputs[rows], self.probabilities[rows]
+
+    @staticmethod
+    def matches(probabilities: np.ndarray, expected: np.ndarray) -> bool:
+        return probabilities.shape == expected.shape and bool(
+            np.allclose(probabilities, expected, rtol=1e-5, atol=1e-6))
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    sent: int = 0
+    answered: int = 0     # correct answers
+    refused: int = 0      # the right refusal code
+    cancelled: int = 0    # cancelled by the client
+    cut_off: int = 0      # shutdown only: CANCELLED by gRPC in transit, never computed
+    lost: int = 0         # anything else: must stay 0
+    codes: collections.Counter[str] = field(default_factory=collections.Counter)
+    by_kind: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost_examples: list[str] = field(default_factory=list)
+
+    def record(self, kind: str, outcome: str, code: str, detail: str = "") -> None:
+        self.sent += 1
+        self.by_kind[kind] += 1
+        self.codes[code] += 1
+        if outcome == "lost":
+            self.lost += 1
+            if len(self.lost_examples) < 10:
+                self.lost_examples.append(f"{kind}: {code}: {detail}"[:300])
+        else:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["codes"], data["by_kind"] = dict(self.codes), dict(self.by_kind)
+        return data
+
+
+def _z(*shape: int, dtype: type = np.float32) -> np.ndarray:
+    return np.zeros(shape, dtype)
+
+
+def _nan() -> np.ndarray:
+    x = np.ones((2, *INPUT_SHAPE), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    return x
+
+
+INVALID_ARGUMENT, NOT_FOUND = "INVALID_ARGUMENT", "NOT_FOUND"
+# (name, request, the code it must get)
+BAD_NATIVE: list[tuple[str, pb.PredictRequest, str]] = [
+    ("wrong rank", pb.PredictRequest(model=MODEL, input=to_tensor(_z(2, 64))), INVALID_ARGUMENT),
+    ("wrong dtype", pb.PredictRequest(model=MODEL, input=to_tensor(_z(2, 1, 8, 8, dtype=np.int64))),
+     INVALID_ARGUMENT),
+    ("NaN", pb.PredictRequest(model=MODEL, input=to_tensor(_nan())), INVALID_ARGUMENT),
+    ("empty batch", pb.PredictRequest(model=MODEL, input=to_tensor(_z(0, 1, 8, 8))), INVALID_ARGUMENT),
+    ("batch too large", pb.PredictRequest(model=MODEL, input=to_tensor(_z(MAX_BATCH + 1, 1, 8, 8))),
+     INVALID_ARGUMENT),
+    ("byte length", pb.PredictRequest(model=MODEL, input=pb.Tensor(
+        dtype=pb.FLOAT32, shape=[1, 1, 8, 8], data=b"\0" * 10)), INVALID_ARGUMENT),
+    ("overflowing shape", pb.PredictRequest(model=MODEL, input=pb.Tensor(
+        dtype=pb.FLOAT32, shape=[2**62, 2**62, 8, 8], data=b"")), INVALID_ARGUMENT),
+    ("missing input", pb.PredictRequest(model=MODEL), INVALID_ARGUMENT),
+    ("unknown model", pb.PredictRequest(model="nope", input=to_tensor(_z(1, 1, 8, 8))), NOT_FOUND),
+    ("unknown version", pb.PredictRequest(model=MODEL, version=99, input=to_tensor(_z(1, 1, 8, 8))),
+     NOT_FOUND),
+]
+
+
+def _infer_request(x: np.ndarray, outputs: Sequence[str] = ("probabilities",),
+                   inputs: Sequence[str] = ("input",)) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=MODEL)
+    for name in inputs:
+        request.inputs.add(name=name, datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+BAD_KSERVE: list[tuple[str, kpb.ModelInferRequest, str]] = [
+    ("duplicated output", _infer_request(_z(1, 1, 8, 8), ("probabilities", "probabilities")),
+     INVALID_ARGUMENT),
+    ("unknown output", _infer_request(_z(1, 1, 8, 8), ("logits",)), INVALID_ARGUMENT),
+    ("two inputs", _infer_request(_z(1, 1, 8, 8), inputs=("input", "extra")), INVALID_ARGUMENT),
+    ("NaN", _infer_request(_nan()), INVALID_ARGUMENT),
+]
+
+# How often each kind of request is sent.
+MIX: dict[str, float] = {"valid": 0.45, "invalid": 0.12, "cancel": 0.1, "deadline": 0.05,
+                         "stream": 0.1, "kserve": 0.1, "kserve_invalid": 0.08}
+# Refusals a valid request may get: the queue was full (overload), the server is shutting down.
+OVERLOAD_CODES = {"RESOURCE_EXHAUSTED"}
+
+
+class Client:
+    """One worker's view: stubs on a shared channel, the reference, and where results go."""
+
+    def __init__(self, channel: grpc.aio.Channel, reference: Reference, tally: Tally,
+                 rng: random.Random, valid_refusals: set[str]) -> None:
+        self.native = pb_grpc.EnsembleServiceStub(channel)
+        self.kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        self.reference = reference
+        self.tally = tally
+        self.rng = rng
+        self.valid_refusals = valid_refusals
+        self.retry_unavailable_s: float | None = None
+        self.gone = False  # stopped calling this server
+
+    def _valid(self) -> tuple[pb.PredictRequest, np.ndarray]:
+        x, expected = self.reference.sample(self.rng, self.rng.randint(1, 4))
+        return pb.PredictRequest(model=MODEL, input=to_tensor(x)), expected
+
+    def _refusal(self, kind: str, exc: grpc.aio.AioRpcError, allowed: set[str]) -> None:
+        code = exc.code().name
+        outcome = "refused" if code in allowed else "lost"
+        self.tally.record(kind, outcome, code, exc.details() or "")
+
+    def _answer(self, kind: str, probabilities: np.ndarray, expected: np.ndarray) -> None:
+        right = Reference.matches(probabilities, expected)
+        self.tally.record(kind, "answered" if right else "lost", OK, "" if right else "wrong answer")
+
+    async def valid(self) -> None:
+        request, expected = self._valid()
+        try:
+            response = await self.native.Predict(request)
+        except grpc.aio.AioRpcError as exc:
+            self._refusal("valid", exc, self.valid_refusals)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # the server is going away
+                if self.retry_unavailable_s is None:
+                    self.gone = True  # as a client behind a balancer: go to another instance
+                else:
+                    await asyncio.sleep(self.retry_unavailable_s)  # as a retry policy would
+            return
+        self._answer("valid", from_tensor(response.probabilities), expected)
+
+    async def invalid(self) -> None:
+        name, request, code = self.rng.choice(BAD_NATIVE)
+        try:
+            await self.native.Predict(request)
+        except grpc.aio.AioRpcError as exc:
+            return self._refusal("invalid", exc, {code} | self.valid_refusals - OVERLOAD_CODES)
+        self.tally.record("invalid", "lost", OK, f"{name} was answered")
+
+    async def cancel(self) -> None:
+        request, expected = self._valid()
+        call = self.native.Predict(request)
+        await asyncio.sleep(self.rng.uniform(0, 0.003))
+        call.cancel()
+        try:
+            response = await call
+        except asyncio.CancelledError:
+            return self.tally.record("cancel", "cancelled", "CANCELLED")
+        except grpc.aio.AioRpcError as exc:  # refused before the cancel took effect
+            return self._refusal("cancel", exc, self.valid_refusals | {"CANCELLED"})
+        self._answer("cancel", from_tensor(response.probabilities), expected)
+
+    async def deadline(self) -> None:
+        request, expected = self._valid()
+        try:
+            response = await self.native.Predict(request, timeout=self.rng.uniform(0.0005, 0.004))
+        except grpc.aio.AioRpcError as exc:
+            return self._refusal("deadline", exc, self.valid_refusals | {"DEADLINE_EXCEEDED"})
+        self._answer("deadline", from_tensor(response.probabilities), expected)
+
+    async def stream(self) -> None:
+        """Four requests on one PredictStream, one of them bad: errors come inline, in order."""
+        items: list[tuple[pb.PredictRequest, np.ndarray | None, str]] = []
+        for i in range(4):
+            request, expected = self._valid()
+            items.append((request, expected, OK))
+        name, bad, code = self.rng.choice(BAD_NATIVE)
+        items[self.rng.randrange(4)] = (bad, None, code)
+        requests = []
+        for i, (request, _, _) in enumerate(items):
+            copy = pb.PredictRequest()
+            copy.CopyFrom(request)
+            copy.request_id = str(i)
+            requests.append(copy)
+        try:
+            responses = [r async for r in self.native.PredictStream(iter(requests))]
+        except grpc.aio.AioRpcError as exc:
+            for _ in items:
+                self._refusal("stream", exc, self.valid_refusals - OVERLOAD_CODES)
+            return
+        if [r.request_id for r in responses] != [str(i) for i in range(len(items))]:
+            for _ in items:
+                self.tally.record("stream", "lost", "BROKEN_STREAM", "answers out of order")
+            return
+        for response, (_, expected, code) in zip(responses, items):
+            if response.HasField("error"):
+                got = _code_name(response.error.code)
+                allowed = {code} if expected is None else set(self.valid_refusals)
+                self.tally.record("stream", "refused" if got in allowed else "lost", got,
+                                  response.error.message)
+            elif expected is None:
+                self.tally.record("stream", "lost", OK, "bad request answered")
+            else:
+                self._answer("stream", from_tensor(response.probabilities), expected)
+
+    async def kserve_valid(self) -> None:
+        x, expected = self.reference.sample(self.rng, self.rng.randint(1, 4))
+        try:
+            response = await self.kserve.ModelInfer(_infer_request(np.ascontiguousarray(x)))
+        except grpc.aio.AioRpcError as exc:
+            return self._refusal("kserve", exc, self.valid_refusals)
+        probabilities = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(
+            list(response.outputs[0].shape))
+        self._answer("kserve", probabilities, expected)
+
+    async def kserve_invalid(self) -> None:
+        name, request, code = self.rng.choice(BAD_KSERVE)
+        try:
+            await self.kserve.ModelInfer(request)
+        except grpc.aio.AioRpcError as exc:
+            return self._refusal("kserve_invalid", exc, {code} | self.valid_refusals - OVERLOAD_CODES)
+        self.tally.record("kserve_invalid", "lost", OK, f"{name} was answered")
+
+    async def one(self, kind: str) -> None:
+        await {"valid": self.valid, "invalid": self.invalid, "cancel": self.cancel,
+               "deadline": self.deadline, "stream": self.stream, "kserve": self.kserve_valid,
+               "kserve_invalid": self.kserve_invalid}[kind]()
+
+
+def _code_name(value: int) -> str:
+    return next((c.name for c in grpc.StatusCode if c.value[0] == value), f"code {value}")
+
+
+# -- the soak ---------------------------------------------------------------------------------------
+
+@dataclass
+class SoakReport:
+    duration_s: float
+    concurrency: int
+    tally: dict[str, Any]
+    requests_per_s: float
+    rss_start_mib: float  # after the warm-up
+    rss_end_mib: float
+    rss_peak_mib: float
+    rss_samples_mib: list[float]
+
+    @property
+    def lost(self) -> int:
+        return int(self.tally["lost"])
+
+
+async def _workers(server: ServerProcess, reference: Reference, tally: Tally, concurrency: int,
+                   until: Callable[[], bool], seed: int, kinds: dict[str, float],
+                   valid_refusals: set[str], channels: int = 4,
+                   retry_unavailable_s: float | None = None) -> None:
+    chans = [grpc.aio.insecure_channel(server.target) for _ in range(channels)]
+    names, weights = list(kinds), list(kinds.values())
+
+    async def worker(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        client = Client(chans[i % channels], reference, tally, rng, valid_refusals)
+        client.retry_unavailable_s = retry_unavailable_s
+        while not until() and not client.gone:
+            await client.one(rng.choices(names, weights)[0])
+
+    try:
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    finally:
+        for channel in chans:
+            await channel.close()
+
+
+async def _soak(server: ServerProcess, reference: Reference, duration_s: float, concurrency: int,
+                seed: int) -> SoakReport:
+    tally = Tally()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + duration_s
+    warm_up = start + min(max(duration_s * 0.2, 1.0), 10.0)
+    samples: list[tuple[float, int]] = []
+
+    async def sample_memory() -> None:
+        while loop.time() < end:
+            samples.append((loop.time(), server.rss_kib()))
+            await asyncio.sleep(0.5)
+
+    sampler = asyncio.ensure_future(sample_memory())
+    await _workers(server, reference, tally, concurrency, lambda: loop.time() >= end, seed, MIX,
+                   OVERLOAD_CODES)
+    await sampler
+    rss_end = server.rss_kib()
+    after_warm_up = [kib for t, kib in samples if t >= warm_up] or [rss_end]
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return SoakReport(
+        duration_s=round(loop.time() - start, 2), concurrency=concurrency, tally=tally.as_dict(),
+        requests_per_s=round(tally.sent / (loop.time() - start), 1),
+        rss_start_mib=mib(after_warm_up[0]), rss_end_mib=mib(rss_end),
+        rss_peak_mib=mib(max(kib for _, kib in samples) if samples else rss_end),
+        rss_samples_mib=[mib(kib) for _, kib in samples[::max(1, len(samples) // 20)]])
+
+
+def run_soak(server: ServerProcess, reference: Reference, duration_s: float = 60,
+             concurrency: int = 64, seed: int = 0) -> SoakReport:
+    return asyncio.run(_soak(server, reference, duration_s, concurrency, seed))
+
+
+# -- SIGTERM under load ------------------------------------------------------------------------------
+
+@dataclass
+class ShutdownReport:
+    clients: str                   # what a client does on UNAVAILABLE: go elsewhere, or retry
+    tally_before: dict[str, Any]   # ended before SIGTERM
+    tally_after: dict[str, Any]    # ended after SIGTERM: answered or UNAVAILABLE, nothing lost
+    exit_code: int
+    computed: dict[str, int]       # items each batcher computed, from its closing log line
+    health_after_sigterm: list[str]  # what a Health/Watch stream saw from SIGTERM on
+    shutdown_s: float
+
+    @property
+    def lost(self) -> int:
+        return int(self.tally_before["lost"]) + int(self.tally_after["lost"])
+
+    @property
+    def answered(self) -> int:
+        return int(self.tally_before["answered"]) + int(self.tally_after["answered"])
+
+    @property
+    def computed_unanswered(self) -> int:
+        """Requests the model computed whose answer never reached the client: must be 0."""
+        return sum(self.computed.values()) - self.answered
+
+
+async def _watch_health(target: str, seen: list[str], stop: asyncio.Event) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        try:
+            async for answer in call:
+                if stop.is_set():
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+        except grpc.aio.AioRpcError:
+            pass  # the server went away: the stream ends
+
+
+async def _shutdown(server: ServerProcess, reference: Reference, load_s: float, concurrency: int,
+                    seed: int, retry_unavailable_s: float | None) -> ShutdownReport:
+    loop = asyncio.get_running_loop()
+    before, after = Tally(), Tally()
+    signalled = asyncio.Event()
+    health: list[str] = []
+    watcher = asyncio.ensure_future(_watch_health(server.target, health, signalled))
+
+    class Switch(Tally):  # records into `before` until SIGTERM, then into `after`
+        def record(self, kind: str, outcome: str, code: str, detail: str = "") -> None:
+            if not signalled.is_set():
+                return before.record(kind, outcome, code, detail)
+            if code == "CANCELLED":  # nobody cancels here: gRPC cut it off at its final stop
+                outcome = "cut_off"
+            after.record(kind, outcome, code, detail)
+
+    async def terminate() -> float:
+        await asyncio.sleep(load_s)
+        signalled.set()  # from here on, results count as after SIGTERM
+        server.signal(signal.SIGTERM)
+        sent = loop.time()
+        await loop.run_in_executor(None, server.wait, 120)
+        return loop.time() - sent
+
+    stopping = asyncio.ensure_future(terminate())
+    # Only valid requests, unary and without deadlines or cancels: each one either reaches the
+    # model (then its answer must arrive) or is refused (queue full, or shutting down); the
+    # server's count says which.
+    await _workers(server, reference, Switch(), concurrency, stopping.done, seed,
+                   {"valid": 1.0}, OVERLOAD_CODES | {"UNAVAILABLE"},
+                   retry_unavailable_s=retry_unavailable_s)
+    shutdown_s = await stopping
+    await asyncio.wait_for(watcher, 30)
+    clients = ("go elsewhere on UNAVAILABLE" if retry_unavailable_s is None
+               else f"retry every {retry_unavailable_s * 1000:.0f} ms on UNAVAILABLE")
+    return ShutdownReport(clients, before.as_dict(), after.as_dict(), server.proc.returncode,
+                          server.computed(), health, round(shutdown_s, 3))
+
+
+def run_shutdown(server: ServerProcess, reference: Reference, load_s: float = 3.0,
+                 concurrency: int = 64, seed: int = 1,
+                 retry_unavailable_s: float | None = None) -> ShutdownReport:
+    """SIGTERM after `load_s` of valid requests; clients go elsewhere on UNAVAILABLE (None) or
+    retry after `retry_unavailable_s`."""
+    return asyncio.run(_shutdown(server, reference, load_s, concurrency, seed,
+                                 retry_unavailable_s))
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+SERVER_ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "32", "--grace-s", "10",
+               "--max-queue-delay-ms", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=60, help="seconds of mixed load (default 60)")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
+    parser.add_argument("--shutdown-load", type=float, default=5,
+                        help="seconds of load on a fresh server before its SIGTERM (default 5)")
+    parser.add_argument("--model-repository", type=Path, default=None,
+                        help="a repository with a model 'soak' (default: build one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "soak_results.json"),
+                        help="JSON results file; '-' for stdout only")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = args.model_repository or build_repository(Path(tmp) / "models")
+        reference = Reference(repo / MODEL / "1")
+        with ServerProcess(repo, *SERVER_ARGS) as server:
+            soak = run_soak(server, reference, args.duration, args.concurrency, args.seed)
+            server.signal(signal.SIGTERM)
+            soak_exit = server.wait()
+        shutdowns = []
+        for retry in (None, 0.05):
+            with ServerProcess(repo, *SERVER_ARGS) as server:
+                shutdowns.append(run_shutdown(server, reference, args.shutdown_load,
+                                              args.concurrency, args.seed + 1, retry))
+    results = {
+        "soak": asdict(soak) | {"server_exit_code": soak_exit},
+        "shutdown": [asdict(s) | {"lost": s.lost, "computed_unanswered": s.computed_unanswered}
+                     for s in shutdowns],
+        "server_args": list(SERVER_ARGS),
+        "environment": {"python": platform.python_version(), "grpcio": grpc.__version__,
+                        "cpus": os.cpu_count(), "machine": platform.machine(),
+                        "date": time.strftime("%Y-%m-%d")},
+    }
+    text = json.dumps(results, indent=2)
+    if args.out != "-":
+        Path(args.out).write_text(text + "\n")
+    print(summary(soak, shutdowns))
+    good = soak.lost == 0 and all(s.lost == 0 and s.computed_unanswered == 0 and s.exit_code == 0
+                                  for s in shutdowns)
+    return 0 if good else 1
+
+
+def summary(soak: SoakReport, shutdowns: Sequence[ShutdownReport]) -> str:
+    t = soak.tally
+    lines = [
+        f"soak: {soak.duration_s:.0f} s at concurrency {soak.concurrency}: {t['sent']} requests "
+        f"({soak.requests_per_s:.0f}/s): {t['answered']} answered correctly, {t['refused']} refused "
+        f"with the right code, {t['cancelled']} cancelled, {t['lost']} lost",
+        f"  codes: {t['codes']}",
+        f"  server RSS: {soak.rss_start_mib} MiB after warm-up, {soak.rss_end_mib} MiB at the end "
+        f"(peak {soak.rss_peak_mib})"]
+    for s in shutdowns:
+        b, a = s.tally_before, s.tally_after
+        lines.append(
+            f"shutdown (clients {s.clients}): {b['sent']} requests ended before SIGTERM "
+            f"({b['answered']} answered, {b['lost']} lost); after it {a['answered']} answered, "
+            f"{a['refused']} refused UNAVAILABLE, {a['cut_off']} cut off in transit, {a['lost']} "
+            f"lost; computed {sum(s.computed.values())}, computed but unanswered "
+            f"{s.computed_unanswered}; exit {s.exit_code} after {s.shutdown_s} s; health "
+            f"{s.health_after_sigterm}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
