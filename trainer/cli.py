@@ -2,6 +2,8 @@
 
     trainer train --method snapshot --dataset digits --arch cnn --epochs 40 --members 5 \
                   --lr 0.1 --seed 0 --out models --name digits
+    trainer compare --dataset mnist1d --arch cnn1d --budget 60 --seeds 0 1 2 --out-file table.md
+    torchrun --nproc_per_node 2 -m trainer train ...        (DistributedDataParallel)
 
 Progress goes to the log (stderr); the final summary is printed to stdout.
 """
@@ -11,14 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import AMP_MODES, TrainConfig
 from trainer.data import BUILTIN_DATASETS
 from trainer.errors import ConfigError, TrainerError
+from trainer.importer import add_import_parser
 from trainer.methods import METHODS
 from trainer.models import ARCHITECTURES
 from trainer.train import run_training
@@ -28,6 +32,72 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger(__name__)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_BOOL = argparse.BooleanOptionalAction
+
+
+def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=_DEFAULTS["dataset"],
+                   help=f"built-in {sorted(BUILTIN_DATASETS)}; a .npz with x_train, y_train, x_test, y_test "
+                        "[, x_val, y_val, classes]; a CIFAR-10/100 python folder; or a folder of class "
+                        "sub-folders of images (default: %(default)s)")
+    p.add_argument("--arch", default=_DEFAULTS["arch"],
+                   help=f"{sorted(ARCHITECTURES)} or module:factory, a function (input_shape, num_classes) "
+                        "-> torch.nn.Module (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="resnet 6n+2 (20, 32, 56, 110; default 20), preresnet (20, 32, 56, 110, 164; default "
+                        "20), wrn 6n+4 (default 16)")
+    p.add_argument("--width", type=int, default=None,
+                   help="mlp hidden units (128), cnn/cnn1d channels (32), wrn widen factor (4)")
+    p.add_argument("--augment", action=_BOOL, default=None,
+                   help="random crop (4-pixel padding) + horizontal flip (default: on for CIFAR only)")
+
+
+def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"],
+                   help="lr0: the initial LR, and each snapshot cycle's (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"], help="(default: %(default)s)")
+    p.add_argument("--nesterov", action=_BOOL, default=_DEFAULTS["nesterov"],
+                   help="Nesterov momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"],
+                   help="global batch size, split over DDP processes (default: %(default)s)")
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fge (Garipov et al. 2018)")
+    g.add_argument("--fge-start", type=float, default=_DEFAULTS["fge_start"],
+                   help="fraction of the budget trained normally before the FGE cycles (default: %(default)s)")
+    g.add_argument("--fge-cycle", type=int, default=_DEFAULTS["fge_cycle"],
+                   help="epochs per cycle, even; a member at each mid-cycle minimum (default: %(default)s)")
+    g.add_argument("--fge-lr1", type=float, default=None, help="alpha1, the LR at cycle boundaries (default: lr/2)")
+    g.add_argument("--fge-lr2", type=float, default=None, help="alpha2, the LR at mid-cycle (default: lr/10)")
+    g = p.add_argument_group("swa and swag (Izmailov et al. 2018, Maddox et al. 2019)")
+    g.add_argument("--swa-start", type=float, default=_DEFAULTS["swa_start"],
+                   help="fraction of the budget before averaging starts (default: %(default)s)")
+    g.add_argument("--swa-lr", type=float, default=None, help="the constant SWA LR, or the cycle minimum (default: lr/2)")
+    g.add_argument("--swa-cycle", type=int, default=_DEFAULTS["swa_cycle"],
+                   help="epochs per cyclical-LR cycle, averaging at cycle ends; 0: constant LR, averaging "
+                        "every epoch (default: %(default)s)")
+    g.add_argument("--swa-lr-max", type=float, default=None, help="the cycle maximum of a cyclical SWA LR (default: lr)")
+    g.add_argument("--swag-rank", type=int, default=_DEFAULTS["swag_rank"],
+                   help="K, deviation columns kept by SWAG (default: %(default)s)")
+    g.add_argument("--swag-scale", type=float, default=_DEFAULTS["swag_scale"],
+                   help="scale of the SWAG covariance when sampling (default: %(default)s)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrate", action=_BOOL, default=_DEFAULTS["calibrate"],
+                   help="fit the temperature on the validation split after pooling (default: %(default)s)")
+    p.add_argument("--plots", action=_BOOL, default=_DEFAULTS["plots"],
+                   help="PNG plots and report.md in the version's report/ (default: %(default)s)")
+    p.add_argument("--device", default=_DEFAULTS["device"],
+                   help="auto, cpu, cuda, cuda:N or mps; auto = cuda if available (default: %(default)s)")
+    p.add_argument("--amp", default=_DEFAULTS["amp"], choices=AMP_MODES,
+                   help="mixed precision: bf16, or fp16 with a GradScaler (default: %(default)s)")
+    p.add_argument("--channels-last", action=_BOOL, default=None,
+                   help="channels_last memory layout (default: on for CUDA with image inputs)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: min(2, cores))")
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,30 +106,48 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="model repository folder (created if missing)")
     p.add_argument("--name", default=None, help="model name in the repository (default: the dataset's name)")
     p.add_argument("--method", default=_DEFAULTS["method"], choices=sorted(METHODS),
-                   help="snapshot: cosine cycles, a member per cycle; single: the one-model baseline "
-                        "(default: %(default)s)")
-    p.add_argument("--dataset", default=_DEFAULTS["dataset"],
-                   help=f"built-in {sorted(BUILTIN_DATASETS)} or a .npz with x_train, y_train, x_test, "
-                        "y_test [, x_val, y_val, classes] (default: %(default)s)")
-    p.add_argument("--arch", default=_DEFAULTS["arch"], choices=sorted(ARCHITECTURES),
-                   help="(default: %(default)s)")
+                   help="snapshot: cosine cycles, a member per cycle; fge: short linear cycles after "
+                        "pre-training; swa: one averaged model; swag: members sampled around the SWA "
+                        "average; single: the one-model baseline (default: %(default)s)")
+    _add_model_and_data_options(p)
     p.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"],
-                   help="the whole budget, all cycles together (default: %(default)s)")
+                   help="the whole budget, every phase and cycle together (default: %(default)s)")
     p.add_argument("--members", type=int, default=None,
-                   help="ensemble members = cycles (default: 5 for snapshot, 1 for single)")
-    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"],
-                   help="lr0, the LR at the start of each cycle (default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"], help="(default: %(default)s)")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=_DEFAULTS["nesterov"],
-                   help="Nesterov momentum (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS["batch_size"], help="(default: %(default)s)")
+                   help="snapshot: cycles M (default 5); swag: samples S (default 10); single and swa: 1; "
+                        "fge: one per cycle (set by the budget)")
+    p.add_argument("--keep-last", type=int, default=None, metavar="M",
+                   help="snapshot/fge: export only the last M members")
+    _add_optimizer_options(p)
     p.add_argument("--seed", type=int, default=_DEFAULTS["seed"],
                    help="training seed; the data split is fixed (default: %(default)s)")
-    p.add_argument("--device", default=_DEFAULTS["device"],
-                   help="auto, cpu, cuda, cuda:N or mps; auto = cuda if available (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: min(2, cores))")
+    _add_method_options(p)
+    p.add_argument("--from-checkpoint", default=None, metavar="PATH",
+                   help="fge: start from this checkpoint (file or run folder): its weights, optimizer "
+                        "state and epochs (which count in --epochs)")
+    _add_run_options(p)
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint folder (default: <out>/.runs/<name>-<method>-<hash of the settings>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint of the same settings, if there is one")
     p.set_defaults(handler=_train)
+
+
+def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare", help="train several methods at the same budget and tabulate them",
+        description="Train each method with each seed at the same epoch budget and print a table "
+                    "(mean ± std over seeds) of test accuracy, NLL, ECE and training time.")
+    _add_model_and_data_options(p)
+    p.add_argument("--budget", type=int, required=True, help="epochs, the same for every method")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["single", "snapshot", "fge", "swa"],
+                   choices=sorted(METHODS), help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="model repository for the runs (default: a temporary folder)")
+    p.add_argument("--out-file", default=None, help="also write the table (markdown) to this file")
+    _add_optimizer_options(p)
+    _add_method_options(p)
+    _add_run_options(p)
+    p.set_defaults(handler=_compare, plots=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,15 +156,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(subparsers)
+    _add_compare_parser(subparsers)
+    add_import_parser(subparsers)
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return TrainConfig(**{**values, **overrides})
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     began = time.perf_counter()
     result = run_training(config)
-    _print_summary(result.manifest, result.version_dir, time.perf_counter() - began)
+    if result is not None:  # None on DDP processes other than 0
+        _print_summary(result.manifest, result.version_dir, time.perf_counter() - began)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from trainer.compare import run_compare
+
+    run_compare(args, config_from_args)
     return 0
 
 
@@ -89,12 +192,15 @@ def _print_summary(manifest: dict[str, Any], version_dir: Any, seconds: float) -
         print(f"{index:6d}  {member['epoch']:5d}  {member['step']:5d}  "
               f"{metrics['accuracy']:8.4f}  {metrics['nll']:8.4f}")
     m = manifest["metrics"]
-    print(f"ensemble test accuracy {m['accuracy']:.4f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}  "
-          f"(members mean accuracy {m['members_mean_accuracy']:.4f})")
+    print(f"ensemble test accuracy {m['accuracy']:.4f}  nll {m['nll_uncalibrated']:.4f}  "
+          f"ece {m['ece_uncalibrated']:.4f}  (members mean accuracy {m['members_mean_accuracy']:.4f})")
+    print(f"calibrated (T={manifest['temperature']:.3f}, as served): nll {m['nll']:.4f}  ece {m['ece']:.4f}")
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # DDP: process 0 speaks for the run
+        level = max(level, logging.WARNING)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("trainer").setLevel(level)
 

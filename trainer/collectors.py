@@ -1,54 +1,83 @@
 """Collectors decide which weights become ensemble members.
 
 The training loop asks `should_collect(step)` after every update and calls `collect(model, step)`
-when it says yes; after the loop, `members()` returns the members in order. Each collector has
-`state_dict()`/`load_state_dict()` so a checkpoint can resume it.
+when it says yes; after the loop, `members(model)` returns the members in order. Each collector
+has `state_dict()`/`load_state_dict()` so a checkpoint can resume it, and `collected` (how many
+weight sets it has taken so far) for progress lines.
 
-`StepCollector` keeps a copy of the weights (and BatchNorm buffers) at fixed steps: the end of
-each cycle for snapshot ensembles, the last step for `single`, mid-cycle minima for FGE. A
-running-average collector for SWA/SWAG will take the training batches in its constructor so
-that `members()` can recompute BatchNorm statistics before handing back its weights.
+- `StepCollector` keeps a copy of the weights (and BatchNorm buffers) at fixed steps: the end of
+  each cycle for snapshot ensembles, mid-cycle minima for FGE, the last step for `single`.
+- `AveragingCollector` keeps an equal running average of the weights (SWA) and, for SWAG, the
+  running second moment and the last K deviations. Its `members(model)` recomputes BatchNorm
+  statistics on the training data for the average (SWA) and for every sample (SWAG): averaged
+  or sampled weights were never used in a forward pass, so the running statistics the training
+  kept do not belong to them (Izmailov et al. 2018; the SWAG code runs bn_update per sample).
+
+Everything a collector keeps lives on the CPU in float32, whatever the training device and
+precision: the average is never taken in reduced precision, and GPU memory is left to training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Member", "StepCollector"]
+__all__ = ["AveragingCollector", "Member", "StepCollector", "cpu_state_dict", "update_bn"]
+
+logger = logging.getLogger(__name__)
+
+# SWAG's variance floor (wjmaddox/swa_gaussian var_clamp): E[w^2] - E[w]^2 can round below 0.
+VAR_CLAMP = 1e-30
 
 
 @dataclass(frozen=True)
 class Member:
-    """One ensemble member: the weights after update `step`, on the CPU."""
+    """One ensemble member: its weights on the CPU, the step they belong to, and extra manifest
+    fields (`averaged_models` for SWA/SWAG, `sample` for SWAG)."""
 
     step: int
     state_dict: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights and buffers, safe from later updates."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    """A detached, contiguous CPU copy of the weights and buffers, safe from later updates."""
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in model.state_dict().items()}
 
 
 class StepCollector:
-    """Keeps a copy of the model after each of the given steps."""
+    """Keeps a copy of the model after each of the given steps.
 
-    def __init__(self, steps: Iterable[int]) -> None:
+    `keep=False` (DDP processes other than 0, which never export) only counts: holding M copies
+    of a large model on every process would multiply the memory by the number of processes.
+    """
+
+    def __init__(self, steps: Iterable[int], keep: bool = True) -> None:
         self.steps = tuple(sorted(set(steps)))
+        self.keep = keep
         self._members: list[Member] = []
+        self._count = 0
+
+    @property
+    def collected(self) -> int:
+        return self._count
 
     def should_collect(self, step: int) -> bool:
         return step in self.steps
 
     def collect(self, model: nn.Module, step: int) -> None:
-        self._members.append(Member(step=step, state_dict=cpu_state_dict(model)))
+        self._count += 1
+        if self.keep:
+            self._members.append(Member(step=step, state_dict=cpu_state_dict(model)))
 
-    def members(self) -> list[Member]:
+    def members(self, model: nn.Module | None = None) -> list[Member]:
         return list(self._members)
 
     def state_dict(self) -> dict[str, Any]:
@@ -57,4 +86,186 @@ class StepCollector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = tuple(state["steps"])
-        self._members = [Member(step=m["step"], state_dict=m["state_dict"]) for m in state["members"]]
+        self._count = len(state["members"])
+        self._members = [Member(step=m["step"], state_dict=m["state_dict"])
+                         for m in state["members"]] if self.keep else []
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, distributed: bool = False) -> int:
+    """Recomputes every BatchNorm layer's running statistics with one pass over `batches`.
+
+    The same recipe as torch.optim.swa_utils.update_bn and the reference bn_update: reset,
+    momentum=None (an exact cumulative mean over batches), train mode, then the momenta and the
+    mode are restored. It runs in float32 without autocast, as the exported graphs do.
+
+    With `distributed`, each process has passed over its own shard; the per-process means are
+    then all-reduced, weighted by batch count, which gives what one process would have computed
+    over all the batches (and needs no SyncBatchNorm, which has no CPU implementation).
+    Returns the number of batches seen (over all processes).
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    count = 0
+    try:
+        for x in batches:
+            model(x)
+            count += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    if distributed and dist.is_available() and dist.is_initialized():
+        count = _all_reduce_bn(norms, count)
+    return count
+
+
+def _all_reduce_bn(norms: list[nn.modules.batchnorm._BatchNorm], count: int) -> int:
+    device = norms[0].running_mean.device
+    total = torch.tensor([float(count)], device=device, dtype=torch.float64)
+    dist.all_reduce(total)
+    for norm in norms:
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(norm, name)
+            weighted = buffer.double() * count
+            dist.all_reduce(weighted)
+            buffer.copy_((weighted / total).to(buffer.dtype))
+        norm.num_batches_tracked.fill_(int(total.item()))
+    return int(total.item())
+
+
+def _flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters as one float32 CPU vector (reshape, not view: channels_last weights)."""
+    return torch.cat([p.detach().float().reshape(-1).cpu() for p in model.parameters()])
+
+
+@torch.no_grad()
+def _load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(flat[offset:offset + n].reshape(p.shape))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"the model has {offset} parameters, the stored vector {flat.numel()}")
+
+
+class AveragingCollector:
+    """SWA's equal running average of the weights at the given steps; with `swag_rank` K > 0,
+    SWAG's second moment and deviation matrix too, and `samples` members drawn from it.
+
+    The update is the reference's w_SWA <- (n*w_SWA + w)/(n+1) (an exact mean of the collected
+    weights). SWAG (Maddox et al. 2019, wjmaddox/swa_gaussian swag.py) keeps the running
+    E[w], E[w^2] and the last K columns D_i = w_i - E[w] (the mean after adding w_i) and samples
+
+        w = E[w] + sqrt(scale) * (sigma * z1 + D^T z2 / sqrt(K-1)),  sigma^2 = max(E[w^2] - E[w]^2, 1e-30)
+
+    with K the number of columns held (the reference divides by its maximum K-1 even before it
+    has K columns; the two agree once K columns are stored). With a single column there is no
+    low-rank part. Only parameters are averaged; BatchNorm statistics are recomputed
+    (`update_bn` on `bn_batches()`), and any other buffers come from the final model.
+    """
+
+    def __init__(self, steps: Iterable[int], bn_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+                 *, swag_rank: int = 0, samples: int = 0, scale: float = 0.5, seed: int = 0,
+                 distributed: bool = False) -> None:
+        self.steps = tuple(sorted(set(steps)))
+        self.bn_batches = bn_batches
+        self.swag_rank = swag_rank
+        self.samples = samples
+        self.scale = scale
+        self.seed = seed
+        self.distributed = distributed
+        self.n = 0
+        self.last_step = 0
+        self.mean: torch.Tensor | None = None
+        self.sq_mean: torch.Tensor | None = None
+        self.deviations: list[torch.Tensor] = []
+
+    @property
+    def collected(self) -> int:
+        return self.n
+
+    def should_collect(self, step: int) -> bool:
+        return step in self.steps
+
+    def collect(self, model: nn.Module, step: int) -> None:
+        w = _flat_parameters(model)
+        if self.mean is None:
+            self.mean = torch.zeros_like(w)
+            self.sq_mean = torch.zeros_like(w)
+        self.n += 1
+        self.mean += (w - self.mean) / self.n
+        if self.swag_rank:
+            assert self.sq_mean is not None
+            self.sq_mean += (w * w - self.sq_mean) / self.n
+            self.deviations.append(w - self.mean)
+            del self.deviations[:-self.swag_rank]
+        self.last_step = step
+
+    def variance(self) -> torch.Tensor:
+        """SWAG's diagonal: E[w^2] - E[w]^2, floored at 1e-30."""
+        assert self.mean is not None and self.sq_mean is not None
+        return torch.clamp(self.sq_mean - self.mean**2, min=VAR_CLAMP)
+
+    def sample_parameters(self, generator: torch.Generator) -> torch.Tensor:
+        """One SWAG draw of the flat parameter vector."""
+        if self.mean is None or not self.swag_rank:
+            raise RuntimeError("sampling needs a SWAG collector (swag_rank > 0) with collected weights")
+        noise = self.variance().sqrt() * torch.randn(self.mean.shape, generator=generator)
+        k = len(self.deviations)
+        if k > 1:
+            z = torch.randn(k, generator=generator)
+            noise += torch.stack(self.deviations).T @ z / math.sqrt(k - 1)
+        return self.mean + math.sqrt(self.scale) * noise
+
+    def members(self, model: nn.Module | None = None) -> list[Member]:
+        """SWA: one member, the average. SWAG: `samples` draws, each with its own BatchNorm pass.
+
+        `model` (the trained model, unwrapped) is the template: each set of weights is loaded
+        into it, its BatchNorm statistics recomputed and a copy taken; its own weights are
+        restored afterwards. Under DDP every process must call this (the statistics are
+        all-reduced); the draws are seeded, so every process draws the same members.
+        """
+        if model is None:
+            raise ValueError("AveragingCollector.members needs the trained model as a template")
+        if self.mean is None:
+            return []
+        if self.swag_rank and self.samples:
+            vectors = [(self.sample_parameters(torch.Generator().manual_seed(self.seed * 100_003 + i)),
+                        {"sample": i}) for i in range(self.samples)]
+        else:
+            vectors = [(self.mean, {})]
+        original = cpu_state_dict(model)
+        members = []
+        try:
+            for flat, info in vectors:
+                _load_flat_parameters(model, flat)
+                if self.bn_batches is not None:
+                    update_bn(model, self.bn_batches(), distributed=self.distributed)
+                members.append(Member(step=self.last_step, state_dict=cpu_state_dict(model),
+                                      info={"averaged_models": self.n, **info}))
+        finally:
+            model.load_state_dict(original)
+        return members
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "n": self.n, "last_step": self.last_step,
+                "mean": self.mean, "sq_mean": self.sq_mean if self.swag_rank else None,
+                "deviations": list(self.deviations)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = tuple(state["steps"])
+        self.n, self.last_step = state["n"], state["last_step"]
+        self.mean = state["mean"]
+        self.sq_mean = state["sq_mean"] if state["sq_mean"] is not None else (
+            torch.zeros_like(self.mean) if self.mean is not None else None)
+        self.deviations = list(state["deviations"])

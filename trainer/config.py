@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -11,10 +13,17 @@ from pathlib import Path
 from trainer.data import BUILTIN_DATASETS
 from trainer.errors import ConfigError, RepositoryError
 from trainer.methods import DEFAULT_MEMBERS, METHODS
-from trainer.models import ARCHITECTURES
+from trainer.models import check_arch
 from trainer.repository import validate_model_name
 
-__all__ = ["TrainConfig", "default_threads"]
+__all__ = ["AMP_MODES", "TrainConfig", "default_threads"]
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+# Settings that do not change the trained weights: a run resumed with different values of these
+# is the same run (same checkpoint folder). Everything else is part of the run's identity.
+_NOT_IDENTITY = {"out", "name", "threads", "device", "resume", "checkpoint_dir", "plots", "calibrate",
+                 "keep_last"}
 
 
 def default_threads() -> int:
@@ -26,32 +35,58 @@ def default_threads() -> int:
 class TrainConfig:
     out: str  # the model repository root
     method: str = "snapshot"
-    dataset: str = "digits"  # a built-in name or a path to a .npz
-    arch: str = "cnn"
-    epochs: int = 40
-    members: int | None = None  # None: the method's default (snapshot 5, single 1)
+    dataset: str = "digits"  # a built-in name, a .npz, a CIFAR-10/100 folder or an image folder
+    arch: str = "cnn"  # a built-in name or module:factory
+    epochs: int = 40  # the whole budget, every phase and cycle together
+    members: int | None = None  # None: the method's default (snapshot 5, swag 10, fge: one per cycle)
     lr: float = 0.1  # lr0: the paper uses 0.1 or 0.2
     momentum: float = 0.9
     nesterov: bool = True  # as in the Snapshot Ensembles reference code
     weight_decay: float = 5e-4
-    batch_size: int = 64  # the paper's batch size for CIFAR/SVHN
+    batch_size: int = 64  # the paper's batch size for CIFAR/SVHN; global over DDP processes
     seed: int = 0
     name: str | None = None  # None: the dataset's name (the file stem for a .npz)
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # CPU threads for torch and ONNX Runtime; None: default_threads()
+    depth: int | None = None  # resnet/preresnet/wrn; None: 20, 20, 16
+    width: int | None = None  # mlp units, cnn/cnn1d channels, wrn widen factor; None: the arch's
+    keep_last: int | None = None  # export only the last m members (the paper's last-m ensemble)
+    # FGE (Garipov et al. 2018): 80% pre-training as in the reference README, 2-epoch cycles.
+    fge_start: float = 0.8
+    fge_cycle: int = 2  # epochs per cycle, even: the member is taken at its middle
+    fge_lr1: float | None = None  # alpha1 (cycle boundaries); None: lr/2 (0.05 at lr 0.1, README)
+    fge_lr2: float | None = None  # alpha2 (mid-cycle); None: lr/10 (0.01 at lr 0.1, README)
+    from_checkpoint: str | None = None  # fge: start from this checkpoint's weights and optimizer
+    # SWA (Izmailov et al. 2018) and SWAG (Maddox et al. 2019).
+    swa_start: float = 0.75  # fraction of the budget (the PyTorch blog's 75%; the README ~80%)
+    swa_lr: float | None = None  # None: lr/2 (0.05 at lr 0.1: the CIFAR-100 and WRN recipes)
+    swa_cycle: int = 0  # epochs per cycle of the cyclical SWA LR; 0: constant swa_lr
+    swa_lr_max: float | None = None  # alpha1 of the cyclical schedule; None: lr
+    swag_rank: int = 20  # K, deviation columns kept (the paper's max_num_models)
+    swag_scale: float = 0.5  # the paper's 1/2 (SWAG-Diag uses 1)
+    # Data, evaluation, output.
+    augment: bool | None = None  # None: random crop + flip for natural images (CIFAR), else off
+    calibrate: bool = True  # fit the temperature on the validation split (pool, then calibrate)
+    plots: bool = True  # PNG plots and report.md in the version's report/
+    # Operations.
+    checkpoint_dir: str | None = None  # None: <out>/.runs/<name>-<method>-<hash of the settings>
+    resume: bool = False  # continue from checkpoint_dir's checkpoint, if there is one
+    amp: str = "off"  # off, bf16 or fp16 (fp16 with a GradScaler); the averages stay float32
+    channels_last: bool | None = None  # None: on for CUDA with image inputs
+    sync_bn: bool = False  # SyncBatchNorm under DDP on CUDA
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
-        if self.members is None:
+        check_arch(self.arch, self.depth, self.width)
+        if self.members is None and DEFAULT_MEMBERS[self.method] is not None:
             object.__setattr__(self, "members", DEFAULT_MEMBERS[self.method])
         if self.name is None:
             object.__setattr__(self, "name", _default_name(self.dataset))
         if self.threads is None:
             object.__setattr__(self, "threads", default_threads())
         self._check_numbers()
+        self._check_methods()
         try:
             validate_model_name(self.name)
         except RepositoryError as error:
@@ -60,13 +95,20 @@ class TrainConfig:
             raise ConfigError("out must name the model repository folder")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
 
     def _check_numbers(self) -> None:
-        positive = {"epochs": self.epochs, "members": self.members, "batch_size": self.batch_size,
-                    "threads": self.threads}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "threads": self.threads}
+        if self.members is not None:
+            positive["members"] = self.members
+        if self.keep_last is not None:
+            positive["keep_last"] = self.keep_last
         for field, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be an integer >= 1, got {value!r}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2 (BatchNorm needs a batch variance), got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -76,13 +118,66 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
+    def _check_methods(self) -> None:
+        if self.keep_last is not None and self.method not in ("snapshot", "fge"):
+            raise ConfigError(f"keep_last applies to snapshot and fge, not {self.method!r}")
+        if self.keep_last is not None and self.members is not None and self.keep_last > self.members:
+            raise ConfigError(f"keep_last={self.keep_last} is more than members={self.members}")
+        for field in ("fge_start", "swa_start"):
+            if not 0 < getattr(self, field) < 1:
+                raise ConfigError(f"{field} must be a fraction of the budget in (0, 1), got {getattr(self, field)}")
+        if not isinstance(self.fge_cycle, int) or self.fge_cycle < 2 or self.fge_cycle % 2:
+            raise ConfigError(f"fge_cycle must be an even number of epochs >= 2 (members are taken "
+                              f"mid-cycle), got {self.fge_cycle}")
+        if not isinstance(self.swa_cycle, int) or self.swa_cycle < 0:
+            raise ConfigError(f"swa_cycle must be an integer >= 0 epochs (0: constant swa_lr), got {self.swa_cycle}")
+        for field in ("fge_lr1", "fge_lr2", "swa_lr", "swa_lr_max"):
+            value = getattr(self, field)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{field} must be > 0, got {value}")
+        lr1, lr2 = self.fge_lrs()
+        if lr1 < lr2:
+            raise ConfigError(f"fge_lr1 (the cycle maximum) must be >= fge_lr2 (the minimum), got {lr1} < {lr2}")
+        if not isinstance(self.swag_rank, int) or self.swag_rank < 1:
+            raise ConfigError(f"swag_rank must be an integer >= 1, got {self.swag_rank}")
+        if not self.swag_scale > 0:
+            raise ConfigError(f"swag_scale must be > 0, got {self.swag_scale}")
+        if self.from_checkpoint is not None and self.method != "fge":
+            raise ConfigError(f"from_checkpoint applies to method 'fge', not {self.method!r}")
+
+    def fge_lrs(self) -> tuple[float, float]:
+        """(alpha1, alpha2): the flags, or lr/2 and lr/10."""
+        return (self.fge_lr1 if self.fge_lr1 is not None else self.lr / 2,
+                self.fge_lr2 if self.fge_lr2 is not None else self.lr / 10)
+
+    def swa_lr_value(self) -> float:
+        return self.swa_lr if self.swa_lr is not None else self.lr / 2
+
     def summary(self) -> dict[str, object]:
         """The settings as plain values, for the manifest's `training` section."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "out"}
+
+    def identity(self) -> dict[str, object]:
+        """The settings that shape the trained weights: a run is resumable across the others."""
+        return {k: v for k, v in self.summary().items() if k not in _NOT_IDENTITY}
+
+    def fingerprint(self) -> str:
+        """A short hash of `identity()` (names the run folder)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
+
+    def run_dir(self) -> Path:
+        """Where this run's checkpoints go: checkpoint_dir, or <out>/.runs/<name>-<method>-<hash>.
+
+        Inside the repository but in a dot-folder, which the server ignores; the same command
+        finds the same folder again, so `--resume` needs no run id.
+        """
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        return Path(self.out) / ".runs" / f"{self.name}-{self.method}-{self.fingerprint()}"
 
 
 def _default_name(dataset: str) -> str:
     if dataset in BUILTIN_DATASETS:
         return dataset
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(dataset).stem).lstrip("._-")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(dataset.rstrip("/")).stem).lstrip("._-")
     return stem or "model"

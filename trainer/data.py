@@ -1,6 +1,8 @@
 """Datasets as raw numpy splits, with normalization statistics from the training split.
 
-`load_dataset("digits")` or `load_dataset("path/to/file.npz")`. Splits hold RAW inputs: the
+`load_dataset("digits")`, `load_dataset("mnist1d")`, `load_dataset("path/to/file.npz")`, or a
+folder: CIFAR-10/100 in their python batch format or images in class folders (see
+`trainer.image_datasets`). Splits hold RAW inputs: the
 models train on `dataset.normalize(x)`, the exported graphs do not normalize, and the manifest
 carries `dataset.normalization()` so clients can apply it. Nothing here downloads anything.
 
@@ -10,6 +12,8 @@ the same train/val/test examples and test metrics compare across runs.
 
 from __future__ import annotations
 
+import functools
+import random
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ __all__ = [
     "Split",
     "load_dataset",
     "load_digits_dataset",
+    "load_mnist1d_dataset",
     "load_npz_dataset",
     "normalization_stats",
 ]
@@ -55,6 +60,9 @@ class Dataset:
     classes: tuple[str, ...]
     mean: np.ndarray  # float32 [C]: per channel (axis 1), or [1] for a scalar
     std: np.ndarray
+    # Natural images (CIFAR): random crop + flip is the standard augmentation, on by default.
+    # Never for digits or sequences, where a flip changes the class.
+    natural_images: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -89,9 +97,11 @@ def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _make_dataset(name: str, train: Split, val: Split, test: Split, classes: tuple[str, ...]) -> Dataset:
+def _make_dataset(name: str, train: Split, val: Split, test: Split, classes: tuple[str, ...],
+                  natural_images: bool = False) -> Dataset:
     mean, std = normalization_stats(train.x)
-    return Dataset(name=name, train=train, val=val, test=test, classes=classes, mean=mean, std=std)
+    return Dataset(name=name, train=train, val=val, test=test, classes=classes, mean=mean, std=std,
+                   natural_images=natural_images)
 
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -120,18 +130,56 @@ def load_digits_dataset(split_seed: int = SPLIT_SEED) -> Dataset:
     return _make_dataset("digits", train, val, test, classes)
 
 
-BUILTIN_DATASETS: dict[str, Callable[[int], Dataset]] = {"digits": load_digits_dataset}
+@functools.cache
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """The canonical MNIST-1D (seed 42: 4,000 train + 1,000 test, length 40), generated locally.
+
+    `make_dataset` is pure NumPy/SciPy and reproduces the published mnist1d_data.pkl exactly;
+    `get_dataset()` would try the network first, so it is never called. It reseeds the global
+    `random` and `np.random` generators, so their states are restored around it.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {key: np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test")}
+
+
+def load_mnist1d_dataset(split_seed: int = SPLIT_SEED) -> Dataset:
+    """MNIST-1D (Greydanus & Kobak): its own 1,000-example test split; 10% of its 4,000 training
+    examples (stratified) held out for validation. Inputs [N, 1, 40] float32 (one channel)."""
+    arrays = _mnist1d_arrays()
+    x = arrays["x"].astype(np.float32)[:, None, :]
+    train, val = _split(x, arrays["y"].astype(np.int64), 0.1, split_seed)
+    test = Split(arrays["x_test"].astype(np.float32)[:, None, :], arrays["y_test"].astype(np.int64))
+    return _make_dataset("mnist1d", train, val, test, tuple(str(c) for c in range(10)))
+
+
+BUILTIN_DATASETS: dict[str, Callable[[int], Dataset]] = {
+    "digits": load_digits_dataset,
+    "mnist1d": load_mnist1d_dataset,
+}
 
 
 def load_dataset(spec: str, *, split_seed: int = SPLIT_SEED, val_fraction: float = 0.2) -> Dataset:
-    """A built-in dataset by name, or a .npz file by path (see `load_npz_dataset`)."""
+    """A built-in dataset by name, a .npz file (`load_npz_dataset`), or a folder: CIFAR-10/100
+    python batches or one sub-folder of images per class (`trainer.image_datasets`)."""
     if spec in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[spec](split_seed)
     path = Path(spec)
+    if path.is_dir():
+        from trainer.image_datasets import load_folder_dataset
+
+        return load_folder_dataset(path, split_seed=split_seed)
     if path.suffix == ".npz" or path.exists():
         return load_npz_dataset(path, split_seed=split_seed, val_fraction=val_fraction)
     raise DatasetError(
-        f"unknown dataset {spec!r}: use one of {sorted(BUILTIN_DATASETS)} or a path to a .npz file")
+        f"unknown dataset {spec!r}: use one of {sorted(BUILTIN_DATASETS)}, a .npz file, a CIFAR-10/100 "
+        "folder or a folder of class sub-folders of images (no such file or folder)")
 
 
 def load_npz_dataset(path: str | Path, *, split_seed: int = SPLIT_SEED, val_fraction: float = 0.2) -> Dataset:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetError", "ExportParityError", "RepositoryError", "TrainerError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "ExportParityError", "RepositoryError",
+           "TrainerError", "TrainingDiverged"]
 
 
 class TrainerError(Exception):
@@ -33,3 +34,21 @@ class ExportParityError(TrainerError):
 
 class RepositoryError(TrainerError):
     """A model repository version cannot be written or fails verification."""
+
+
+class CheckpointError(TrainerError):
+    """A checkpoint cannot be written or read, or does not belong to this run."""
+
+
+class TrainingDiverged(TrainerError):
+    """The loss became NaN or infinite; the message names the epoch and the step."""
+
+    def __init__(self, epoch: int, where: str, loss: float) -> None:
+        self.epoch = epoch
+        self.where = where
+        self.loss = loss
+        super().__init__(
+            f"the training loss became {loss} at epoch {epoch}, {where}: training stopped, and that "
+            "epoch was not checkpointed. Lower --lr (or use --amp bf16 instead of fp16), or check "
+            "the data for extreme values"
+        )

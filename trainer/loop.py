@@ -1,61 +1,144 @@
 """The one training loop. Every method runs through it as a (schedule, collector) pair.
 
 Steps count optimizer updates from 1. Before update t the loop sets the LR to `schedule.lr(t)`;
-after it, it asks the collector whether to keep a member. The data order of epoch e depends only
-on (seed, e), so a run resumed at any step (`start_step`) sees the same batches as an unbroken one.
-The loop never picks a device: the model and the batches arrive where they should run.
+after it, it asks the collector whether to keep a member. The data order (and augmentation) of
+epoch e depends only on (seed, e), so a run resumed at any step (`start_step`) sees the same
+batches as an unbroken one. The loop never picks a device: the model and the batches arrive
+where they should run.
+
+Under DistributedDataParallel every process runs this same loop on its shard of each global
+batch (`TensorBatches(rank=, world_size=)`); steps, schedules and collection are global, so a
+run with N processes takes the same steps, at the same LRs, as a run with one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.collectors import StepCollector
-from trainer.methods import Schedule
+from trainer.augment import random_crop_flip
+from trainer.errors import TrainingDiverged
+from trainer.methods import Collector, Schedule
+from trainer.progress import Progress
 
-__all__ = ["LoopResult", "TensorBatches", "set_lr", "train_loop", "train_step"]
+__all__ = ["Batch", "EpochEnd", "LoopResult", "Precision", "TensorBatches", "set_lr", "train_loop",
+           "train_step", "unwrap"]
 
 logger = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    # This process's share of the global batch times the number of processes: DDP averages
+    # gradients over processes, so weighting each local mean loss by it gives exactly the
+    # gradient of the global batch's mean loss, even when the shards differ in size. 1 alone.
+    loss_weight: float = 1.0
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class TensorBatches:
     """Shuffled mini-batches of an in-memory dataset, already on the training device.
 
-    When N mod batch_size == 1 the odd example is left out of that epoch: a batch of one
-    cannot be trained with BatchNorm (it has no batch variance).
+    `batch_size` is the GLOBAL batch: with `world_size` processes, process `rank` takes its
+    part of every batch of the epoch's permutation (disjoint shards; together, the same batches
+    one process would train on). A last batch smaller than 2 examples per process is left out
+    of that epoch: BatchNorm cannot train on a batch of one (it has no batch variance).
+
+    `augment_fill` ([C], normalized black) turns on the random crop + flip augmentation.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", *, rank: int = 0, world_size: int = 1,
+                 augment_fill: torch.Tensor | None = None) -> None:
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
+        if batch_size < 2 * world_size:
+            raise ValueError(f"batch_size {batch_size} gives fewer than 2 examples to each of {world_size} processes")
         self.x = x.to(device)
         self.y = y.to(device)
         self.batch_size = batch_size
         self.seed = seed
-        usable = len(y) - 1 if len(y) % batch_size == 1 and len(y) > 1 else len(y)
-        self.steps_per_epoch = math.ceil(usable / batch_size)
-        self._usable = usable
+        self.rank = rank
+        self.world_size = world_size
+        self.augment_fill = None if augment_fill is None else augment_fill.to(device)
+        remainder = len(y) % batch_size
+        self._usable = len(y) - remainder if 0 < remainder < 2 * world_size else len(y)
+        self.steps_per_epoch = math.ceil(self._usable / batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _shard(self, batch: torch.Tensor) -> torch.Tensor:
+        n = len(batch)
+        return batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches `start`.. of epoch `epoch` (from 0), in an order fixed by (seed, epoch)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))[: self._usable]
         index = torch.from_numpy(order).to(self.x.device)
         for i in range(start, self.steps_per_epoch):
             batch = index[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[batch], self.y[batch]
+            local = self._shard(batch)
+            x = self.x[local]
+            if self.augment_fill is not None:
+                generator = torch.Generator(device=x.device).manual_seed(_seed(self.seed, epoch, i, self.rank))
+                x = random_crop_flip(x, generator, self.augment_fill)
+            yield Batch(x, self.y[local], len(local) * self.world_size / len(batch))
+
+    def inputs(self) -> Iterator[torch.Tensor]:
+        """This process's share of each training batch, in order, without augmentation: for
+        BatchNorm statistics (SWA/SWAG), which should describe what the served model sees.
+        Every process gets the same number of batches (SyncBatchNorm needs that)."""
+        index = torch.arange(self._usable, device=self.x.device)
+        for start in range(0, self._usable, self.batch_size):
+            yield self.x[self._shard(index[start:start + self.batch_size])]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision and memory layout for a training step.
+
+    `dtype` bf16/fp16 runs the forward pass under autocast (weights, gradients and the optimizer
+    stay float32); fp16 needs `scaler` (a GradScaler) against gradient underflow. channels_last
+    helps convolutions on tensor cores; inputs are converted per batch.
+    """
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What the loop hands to `on_epoch_end` after each epoch (1-based)."""
+
+    epoch: int
+    step: int
+    loss: float
+    accuracy: float
+    lr: float
+    seconds: float
 
 
 @dataclass
@@ -70,48 +153,93 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (collect and save this one)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               precision: Precision | None = None, loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One update; returns the detached loss and the number of correct predictions.
 
     Both stay on the device: reading them every step would sync a GPU each iteration.
     """
+    precision = precision or Precision()
+    if precision.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    optimizer.step()
+    with precision.autocast():
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    scaled = loss * loss_weight if loss_weight != 1.0 else loss
+    if precision.scaler is not None:
+        precision.scaler.scale(scaled).backward()
+        precision.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        precision.scaler.update()
+    else:
+        scaled.backward()
+        optimizer.step()
     return loss.detach(), (logits.detach().argmax(dim=1) == y).sum()
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: TensorBatches,
-               schedule: Schedule, collector: StepCollector, *, start_step: int = 0) -> LoopResult:
-    """Runs updates start_step+1 .. schedule.total_steps. The model is left in train mode."""
+               schedule: Schedule, collector: Collector, *, start_step: int = 0,
+               precision: Precision | None = None, progress: Progress | None = None,
+               on_epoch_end: Callable[[EpochEnd], None] | None = None) -> LoopResult:
+    """Runs updates start_step+1 .. schedule.total_steps. The model is left in train mode.
+
+    `on_epoch_end` observes each finished epoch (evaluation, checkpoints); it must not change
+    the model or the optimizer. A NaN or infinite loss stops the run at the end of its epoch
+    with TrainingDiverged, before anything of that epoch is checkpointed.
+    """
     result = LoopResult()
     steps_per_epoch = len(batches)
+    progress = progress or Progress(schedule.total_steps, steps_per_epoch, live=False)
+    distributed = batches.world_size > 1 and dist.is_available() and dist.is_initialized()
     step = start_step
     began = time.perf_counter()
-    model.train()
     while step < schedule.total_steps:
+        model.train()
         epoch = step // steps_per_epoch
-        loss_sum, correct, seen, steps = None, None, 0, 0
-        for x, y in batches.epoch(epoch, start=step - epoch * steps_per_epoch):
+        epoch_began = time.perf_counter()
+        losses, correct, seen = [], None, 0
+        for x, y, weight in batches.epoch(epoch, start=step - epoch * steps_per_epoch):
             step += 1
             lr = schedule.lr(step)
             set_lr(optimizer, lr)
             result.lrs.append(lr)
-            loss, hits = train_step(model, optimizer, x, y)
-            loss_sum = loss if loss_sum is None else loss_sum + loss
+            loss, hits = train_step(model, optimizer, x, y, precision, weight)
+            losses.append(loss)
             correct = hits if correct is None else correct + hits
-            seen, steps = seen + len(y), steps + 1
+            seen += len(y)
             if collector.should_collect(step):
-                collector.collect(model, step)
+                collector.collect(unwrap(model), step)
+            progress.step(step, loss, lr, collector.collected)
             if step == schedule.total_steps:
                 break
-        mean_loss = float(loss_sum) / steps  # one sync per epoch
+        mean_loss, accuracy = _epoch_summary(losses, correct, seen, epoch + 1, step, distributed)
         result.epoch_losses.append(mean_loss)
-        logger.info("epoch %d/%d  step %d  loss %.4f  train_acc %.4f  lr %.5f  members %d",
-                    epoch + 1, math.ceil(schedule.total_steps / steps_per_epoch), step, mean_loss,
-                    float(correct) / seen, lr, len(collector.members()))
+        progress.epoch(epoch + 1, step, mean_loss, accuracy, lr, collector.collected)
+        if on_epoch_end is not None:
+            on_epoch_end(EpochEnd(epoch + 1, step, mean_loss, accuracy, lr, time.perf_counter() - epoch_began))
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _epoch_summary(losses: list[torch.Tensor], correct: torch.Tensor | None, seen: int, epoch: int,
+                   last_step: int, distributed: bool) -> tuple[float, float]:
+    """Mean loss and accuracy of the epoch (over all processes): one sync per epoch. Raises
+    TrainingDiverged naming the first step whose loss was not finite."""
+    stacked = torch.stack(losses).float()
+    finite = torch.isfinite(stacked)
+    totals = torch.stack([torch.where(finite, stacked, 0.0).sum(), correct.float(),
+                          torch.tensor(float(seen), device=stacked.device),
+                          (~finite).sum().float(), torch.tensor(float(len(losses)), device=stacked.device)])
+    if distributed:
+        dist.all_reduce(totals)
+    loss_sum, hits, count, bad, steps = totals.tolist()
+    if bad:
+        first = int(torch.nonzero(~finite)[0, 0]) if not finite.all() else None
+        where = f"step {last_step - len(losses) + 1 + first}" if first is not None else "a step on another process"
+        raise TrainingDiverged(epoch, where, float(stacked[first]) if first is not None else math.nan)
+    return loss_sum / steps, hits / count

@@ -16,10 +16,14 @@ __all__ = [
     "ece",
     "ensemble_probabilities",
     "entropy",
+    "fit_temperature",
+    "log_probabilities",
     "mutual_information",
     "nll",
     "pairwise_disagreement",
+    "reliability_bins",
     "softmax",
+    "temperature_scaled",
 ]
 
 ECE_BINS = 15  # the convention since Guo et al. 2017
@@ -77,6 +81,64 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     """The metrics every report and manifest carries."""
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
             "brier": brier(probs, labels), "ece": ece(probs, labels)}
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """The reliability diagram's data, in ece()'s bins: per bin the example count, mean
+    confidence and accuracy (0 where a bin is empty)."""
+    confidence = probs.max(axis=1).astype(np.float64)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(count > 0, np.bincount(index, confidence, bins) / count, 0.0)
+        acc = np.where(count > 0, np.bincount(index, correct, bins) / count, 0.0)
+    return {"edges": np.linspace(0, 1, bins + 1).tolist(), "count": count.tolist(),
+            "confidence": conf.tolist(), "accuracy": acc.tolist()}
+
+
+def log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """log p, with p = 0 clamped to the smallest float (a large, finite negative number)."""
+    return np.log(np.maximum(probs.astype(np.float64), _TINY))
+
+
+def temperature_scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): what the server serves for an ensemble mean p and the manifest's T."""
+    if temperature == 1.0:
+        return probs
+    return softmax(log_probabilities(probs) / temperature)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0,
+                    iterations: int = 100) -> float:
+    """The T in [low, high] minimizing the NLL of softmax(log p / T) (Guo et al. 2017).
+
+    For an ensemble, `probs` is the members' mean: pool, then calibrate (Rahaman & Thiery
+    2020). The NLL is convex in 1/T, hence unimodal in log T: a golden-section search on log T
+    finds the minimum without gradients or scipy.
+    """
+    log_p = log_probabilities(probs)
+    rows = np.arange(len(labels))
+
+    def loss(log_t: float) -> float:
+        z = log_p / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, labels]))
+
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iterations):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2))
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         assert main([*TRAIN_ARGS, "--out", str(root)]) == 0
     first = out.getvalue()
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main([*TRAIN_ARGS, "--out", str(root)]) == 0
+        assert main([*TRAIN_ARGS, "--out", str(root), "--no-plots", "--no-calibrate"]) == 0
     return root, first
 
 
@@ -50,6 +50,13 @@ def test_each_run_is_a_new_complete_version(repository: tuple[Path, str]) -> Non
         assert len(report["test"]["members"]) == 2 and "ensemble" in report["val"]
     assert f"wrote {root / 'digits' / '1'}" in stdout
     assert re.search(r"ensemble test accuracy 0\.\d{4}", stdout)
+    assert re.search(r"calibrated \(T=\d\.\d{3}, as served\): nll 0\.\d{4}", stdout)
+    report = root / "digits" / "1" / "report"
+    assert {p.name for p in report.iterdir()} == {"metrics.json", "report.md", "lr.png", "training.png",
+                                                  "members.png", "reliability.png"}
+    assert all((report / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in ("lr.png", "reliability.png"))
+    assert "![lr](lr.png)" in (report / "report.md").read_text()
+    assert {p.name for p in (root / "digits" / "2" / "report").iterdir()} == {"metrics.json"}  # --no-plots
 
 
 def test_manifest_follows_the_contract(repository: tuple[Path, str]) -> None:
@@ -63,9 +70,10 @@ def test_manifest_follows_the_contract(repository: tuple[Path, str]) -> None:
     assert norm["axis"] == 1 and len(norm["mean"]) == len(norm["std"]) == 1
     assert 4 < norm["mean"][0] < 6 and 5 < norm["std"][0] < 7
     assert m["output"] == {"name": "logits", "kind": "logits", "shape": [-1, 10]}
-    assert m["classes"] == [str(d) for d in range(10)] and m["temperature"] == 1.0
+    assert m["classes"] == [str(d) for d in range(10)] and 0.05 < m["temperature"] < 20
     assert m["onnx"]["opset"] in (17, 18)
-    assert {"accuracy", "nll", "brier", "ece", "members_mean_accuracy"} <= set(m["metrics"])
+    assert {"accuracy", "nll", "brier", "ece", "nll_uncalibrated", "ece_uncalibrated",
+            "members_mean_accuracy"} <= set(m["metrics"])
     assert all(isinstance(v, float) for v in m["metrics"].values())
     training = m["training"]
     assert (training["dataset"], training["arch"], training["epochs"], training["lr"], training["seed"]) == \
@@ -97,6 +105,14 @@ def test_served_graphs_reproduce_the_manifest_metrics(repository: tuple[Path, st
     ensemble = np.mean(member_probs, axis=0)
     assert (ensemble.argmax(1) == digits.test.y).mean() == pytest.approx(m["metrics"]["accuracy"], abs=0.01)
     assert m["metrics"]["accuracy"] > 0.8
+    rows = np.arange(len(digits.test.y))
+    assert -np.log(ensemble[rows, digits.test.y]).mean() == pytest.approx(m["metrics"]["nll_uncalibrated"], rel=1e-3)
+    # What the server serves: softmax(log p̄ / T), with T from the manifest.
+    z = np.log(ensemble) / m["temperature"]
+    served = np.exp(z - z.max(1, keepdims=True))
+    served /= served.sum(1, keepdims=True)
+    assert -np.log(served[rows, digits.test.y]).mean() == pytest.approx(m["metrics"]["nll"], rel=1e-3)
+    assert json.loads((folder.parent / "2" / "manifest.json").read_text())["temperature"] == 1.0  # --no-calibrate
 
 
 def test_npz_dataset_single_method_and_mlp(tmp_path: Path, digits: Dataset) -> None:

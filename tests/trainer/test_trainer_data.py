@@ -98,5 +98,5 @@ def test_missing_unreadable_and_unknown_datasets(tmp_path: Path) -> None:
     np.savez(tmp_path / "objects.npz", x_train=np.array([{"a": 1}], dtype=object))
     with pytest.raises(DatasetError, match="cannot read as .npz"):  # never unpickled
         load_dataset(str(tmp_path / "objects.npz"))
-    with pytest.raises(DatasetError, match=r"unknown dataset 'cifar99'.*\['digits'\]"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'cifar99'.*\['digits', 'mnist1d'\]"):
         load_dataset("cifar99")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from trainer.metrics import (accuracy, brier, classification_metrics, ece, ensemble_probabilities,
-                             entropy, mutual_information, nll, pairwise_disagreement, softmax)
+                             entropy, fit_temperature, mutual_information, nll, pairwise_disagreement,
+                             reliability_bins, softmax, temperature_scaled)
 
 PROBS = np.array([[0.7, 0.2, 0.1],   # right, confidence 0.7
                   [0.1, 0.6, 0.3],   # wrong (label 2), confidence 0.6
@@ -66,3 +67,24 @@ def test_diversity_scores_by_hand() -> None:
     assert mi == pytest.approx(expected) and np.all(mi >= 0)
     assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
     assert mutual_information(np.stack([a, a])) == pytest.approx(np.zeros(3), abs=1e-12)
+
+
+def test_fit_temperature_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20000, 5))
+    true_t = 2.5
+    p_true = softmax(logits / true_t)
+    labels = np.array([rng.choice(5, p=p) for p in p_true])
+    overconfident = softmax(logits)  # the model's probabilities: too sharp by a factor 2.5
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(true_t, rel=0.05)
+    assert nll(temperature_scaled(overconfident, t), labels) < nll(overconfident, labels)
+    np.testing.assert_allclose(temperature_scaled(overconfident, t), softmax(logits / t), atol=1e-9)
+    assert temperature_scaled(overconfident, 1.0) is overconfident
+
+
+def test_reliability_bins_are_the_bins_of_ece() -> None:
+    bins = reliability_bins(PROBS, LABELS)
+    assert len(bins["edges"]) == 16 and sum(bins["count"]) == 4
+    gaps = sum(c / 4 * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"]))
+    assert gaps == pytest.approx(ece(PROBS, LABELS))

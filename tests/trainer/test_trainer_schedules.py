@@ -1,5 +1,6 @@
-"""Schedules are pure functions of the step; the loop applies them per iteration and the
-collector takes members at cycle ends."""
+"""Schedules are pure functions of the step, pinned here against the papers' formulas written out
+independently; the loop applies them per iteration and the collectors take members where the
+papers take them."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import pytest
 import torch
 
-from trainer.collectors import StepCollector
+from trainer.collectors import AveragingCollector
+from trainer.config import TrainConfig
 from trainer.data import Dataset
 from trainer.errors import ConfigError
 from trainer.loop import TensorBatches, train_loop
+from trainer.methods import MethodContext, build_method, fge_phase_epochs
 from trainer.models import build_model
-from trainer.schedules import (CyclicCosineSchedule, StepDecaySchedule, cycle_end_steps,
-                               cyclic_cosine_lr, step_decay_lr)
+from trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule,
+                               cycle_end_steps, step_decay_lr)
 
 
 def paper_lr(t: int, lr0: float, T: int, M: int) -> float:
@@ -23,30 +26,110 @@ def paper_lr(t: int, lr0: float, T: int, M: int) -> float:
     return lr0 / 2 * (math.cos(math.pi * ((t - 1) % c) / c) + 1)
 
 
-@pytest.mark.parametrize(("T", "M"), [(680, 5), (100, 4), (101, 4), (37, 3), (5, 5), (7, 1)])
-def test_cyclic_cosine_matches_the_formula_at_every_step(T: int, M: int) -> None:
-    schedule = CyclicCosineSchedule(lr0=0.1, total_steps=T, cycles=M)
+def reference_snapshot_lr(t: int, lr0: float, epochs: int, M: int, spe: int) -> float:
+    """gaohuang/SnapshotEnsemble train.lua's cycle lengths (n_sub = floor(B/M) epochs, the last
+    cycle takes the rest), with the issue's (t-1) position counted from each cycle's start."""
+    n_sub = epochs // M
+    starts = [k * n_sub * spe for k in range(M)]
+    lengths = [n_sub * spe] * (M - 1) + [(epochs - (M - 1) * n_sub) * spe]
+    k = max(i for i, s in enumerate(starts) if t > s)
+    return lr0 / 2 * (math.cos(math.pi * (t - 1 - starts[k]) / lengths[k]) + 1)
+
+
+@pytest.mark.parametrize(("epochs", "M", "spe"), [(40, 5, 17), (20, 4, 5), (6, 3, 1), (5, 5, 7), (7, 1, 3)])
+def test_snapshot_matches_the_paper_formula_when_cycles_divide_the_budget(epochs: int, M: int, spe: int) -> None:
+    T = epochs * spe
+    schedule = CyclicCosineSchedule(lr0=0.1, total_steps=T, cycles=M, steps_per_epoch=spe)
     for t in range(1, T + 1):
         assert schedule.lr(t) == pytest.approx(paper_lr(t, 0.1, T, M), abs=1e-15)
+    assert schedule.member_steps() == [k * T // M for k in range(1, M + 1)]
 
 
-@pytest.mark.parametrize(("T", "M"), [(680, 5), (100, 4), (101, 4), (37, 3)])
-def test_cycles_start_at_lr0_and_end_near_zero(T: int, M: int) -> None:
-    c = math.ceil(T / M)
-    ends = cycle_end_steps(T, M)
-    assert ends == [k * c for k in range(1, M)] + [T]
+@pytest.mark.parametrize(("epochs", "M", "spe"), [(10, 3, 4), (42, 5, 3), (7, 6, 2), (11, 4, 1)])
+def test_snapshot_last_cycle_absorbs_the_leftover_epochs(epochs: int, M: int, spe: int) -> None:
+    T = epochs * spe
+    schedule = CyclicCosineSchedule(lr0=0.2, total_steps=T, cycles=M, steps_per_epoch=spe)
+    for t in range(1, T + 1):
+        assert schedule.lr(t) == pytest.approx(reference_snapshot_lr(t, 0.2, epochs, M, spe), abs=1e-15)
+    L = epochs // M * spe
+    ends = schedule.member_steps()
+    assert ends == [k * L for k in range(1, M)] + [T] == cycle_end_steps(T, M, spe)
+    assert len(ends) == M and T - ends[-2] > L  # M members; the last cycle is the longer one
+    for t in range(1, (M - 1) * L + 1):  # full cycles: the issue's formula with L iterations
+        assert schedule.lr(t) == pytest.approx(0.1 * (math.cos(math.pi * ((t - 1) % L) / L) + 1), abs=1e-15)
     for start in [1] + [e + 1 for e in ends[:-1]]:
-        assert cyclic_cosine_lr(start, 0.2, T, M) == 0.2
-    for end in ends[:-1]:  # a full cycle ends one step short of lr = 0: lr0 * (1 - cos(pi/c)) / 2
-        assert 0 < cyclic_cosine_lr(end, 0.2, T, M) < 0.2 * (math.pi / c) ** 2 / 4 + 1e-12
+        assert schedule.lr(start) == 0.2
+    for end in ends:  # a cycle ends one step short of lr = 0: lr0 * (1 - cos(pi/len)) / 2
+        assert 0 < schedule.lr(end) < 0.2 * (math.pi / L) ** 2 / 4 + 1e-12
 
 
-def test_too_many_cycles_for_the_budget_is_refused() -> None:
-    # ceil(10/6) = 2 steps per cycle gives 5 cycles, not 6.
-    with pytest.raises(ConfigError, match="members=6"):
-        CyclicCosineSchedule(lr0=0.1, total_steps=10, cycles=6)
+def test_snapshot_refuses_only_budgets_shorter_than_one_epoch_per_cycle() -> None:
+    CyclicCosineSchedule(lr0=0.1, total_steps=6 * 17, cycles=6, steps_per_epoch=17)  # was refused before
+    with pytest.raises(ConfigError, match="members=6 cycles need at least 6 epochs, the budget has 5"):
+        CyclicCosineSchedule(lr0=0.1, total_steps=5 * 17, cycles=6, steps_per_epoch=17)
     with pytest.raises(ConfigError, match="lr"):
         CyclicCosineSchedule(lr0=0.0, total_steps=10, cycles=2)
+
+
+def reference_linear(t: float, lr0: float, ratio: float) -> float:
+    """timgaripov/swa train.py's schedule(t) for t = epoch / horizon."""
+    if t <= 0.5:
+        return lr0
+    if t <= 0.9:
+        return lr0 * (1.0 - (1.0 - ratio) * (t - 0.5) / 0.4)
+    return lr0 * ratio
+
+
+def fge_paper_lr(i: int, c: int, a1: float, a2: float) -> float:
+    """Garipov et al. 2018, section 4: t(i) = (mod(i-1, c)+1)/c."""
+    t = ((i - 1) % c + 1) / c
+    return (1 - 2 * t) * a1 + 2 * t * a2 if t <= 0.5 else (2 - 2 * t) * a2 + (2 * t - 1) * a1
+
+
+def test_fge_schedule_at_every_iteration() -> None:
+    spe, epochs = 5, 20
+    T, P, C = epochs * spe, 16 * spe, 2 * spe
+    schedule = FGESchedule(lr0=0.1, total_steps=T, start_step=P, cycle_steps=C, lr1=0.05, lr2=0.01)
+    for t in range(1, P + 1):  # pre-training: the reference decay over the WHOLE budget, cut at 80%
+        assert schedule.lr(t) == pytest.approx(reference_linear((t - 1) / T, 0.1, 0.01), abs=1e-15)
+    for t in range(P + 1, T + 1):
+        assert schedule.lr(t) == pytest.approx(fge_paper_lr(t - P, C, 0.05, 0.01), abs=1e-15)
+    members = schedule.member_steps()
+    assert members == [P + 5, P + 15]  # the end of the first epoch of each 2-epoch cycle
+    assert all(schedule.lr(m) == 0.01 for m in members)  # exactly alpha2 (ALGORITHMS.md 7.1)
+    assert schedule.lr(P + C) == pytest.approx(0.05) and schedule.lr(T) == pytest.approx(0.05)
+    assert max(schedule.lr(t) for t in range(P + 1, T + 1)) <= 0.05
+
+
+def test_fge_phase_is_whole_cycles_and_counts_in_the_budget() -> None:
+    config = TrainConfig(out="x", method="fge", epochs=23, fge_cycle=4)
+    assert fge_phase_epochs(config) == (19, 4)  # round(0.8*23) = 18 leaves 5: one cycle, 1 epoch to pre-training
+    assert fge_phase_epochs(TrainConfig(out="x", method="fge", epochs=20)) == (16, 4)
+    assert fge_phase_epochs(config, pretrained_epochs=15) == (15, 8)
+    with pytest.raises(ConfigError, match="whole number of fge_cycle=4-epoch cycles"):
+        fge_phase_epochs(config, pretrained_epochs=16)
+    with pytest.raises(ConfigError, match="fewer than one cycle"):
+        fge_phase_epochs(TrainConfig(out="x", method="fge", epochs=3, fge_cycle=4))
+    with pytest.raises(ConfigError, match="fge_cycle must be an even number"):
+        TrainConfig(out="x", method="fge", fge_cycle=3)
+    with pytest.raises(ConfigError, match="fge takes one member per 2-epoch cycle: 2"):
+        build_method(TrainConfig(out="x", method="fge", epochs=20, members=3), MethodContext(5))
+
+
+def test_swa_schedule_constant_and_cyclic() -> None:
+    spe, T, S = 4, 80, 60
+    constant = SWASchedule(lr0=0.1, total_steps=T, start_step=S, swa_lr=0.05, average_every=spe)
+    for t in range(1, S + 1):  # the reference: t = epoch / swa_start, down to swa_lr by 90%
+        assert constant.lr(t) == pytest.approx(reference_linear((t - 1) / S, 0.1, 0.5), abs=1e-15)
+    assert all(constant.lr(t) == 0.05 for t in range(S + 1, T + 1))
+    assert constant.member_steps() == list(range(S, T + 1, spe))  # from swa_start, once per epoch
+    cyclic = SWASchedule(lr0=0.1, total_steps=T, start_step=S, swa_lr=0.01, average_every=spe,
+                         cycle_steps=2 * spe, swa_lr_max=0.05)
+    for t in range(S + 1, T + 1):  # Izmailov et al.: (1 - t) alpha1 + t alpha2 within each cycle
+        u = ((t - S - 1) % 8 + 1) / 8
+        assert cyclic.lr(t) == pytest.approx((1 - u) * 0.05 + u * 0.01, abs=1e-15)
+    assert cyclic.member_steps() == [68, 76]
+    assert all(cyclic.lr(m) == pytest.approx(0.01) for m in cyclic.member_steps())  # averaged at the minimum
 
 
 def test_step_decay_is_the_paper_single_model_schedule() -> None:
@@ -54,15 +137,15 @@ def test_step_decay_is_the_paper_single_model_schedule() -> None:
     assert [schedule.lr(t) for t in (1, 50, 51, 75, 76, 100)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert step_decay_lr(51, 1.0, 100, milestones=(0.5,), gamma=0.5) == 0.5
+    assert schedule.member_steps() == [100]
 
 
-def _small_run(digits: Dataset, epochs: int, members: int, seed: int = 0):
+def _small_run(digits: Dataset, config: TrainConfig, seed: int = 0):
     torch.manual_seed(seed)
     x = torch.from_numpy(digits.normalize(digits.train.x[:300]))
     y = torch.from_numpy(digits.train.y[:300])
     batches = TensorBatches(x, y, batch_size=64, seed=seed)  # 300 = 4*64 + 44: 5 steps per epoch
-    schedule = CyclicCosineSchedule(lr0=0.1, total_steps=epochs * len(batches), cycles=members)
-    collector = StepCollector(schedule.cycle_ends())
+    method = build_method(config, MethodContext(len(batches), bn_batches=batches.inputs))
     model = build_model("mlp", digits.input_shape, digits.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     seen_lrs: list[float] = []
@@ -73,19 +156,19 @@ def _small_run(digits: Dataset, epochs: int, members: int, seed: int = 0):
         return original_step(*args, **kwargs)
 
     optimizer.step = recording_step
-    result = train_loop(model, optimizer, batches, schedule, collector)
-    return schedule, collector, model, result, seen_lrs
+    result = train_loop(model, optimizer, batches, method.schedule, method.collector)
+    return method, model, result, seen_lrs
 
 
-def test_loop_applies_the_schedule_per_iteration_and_collects_at_cycle_ends(digits: Dataset) -> None:
-    schedule, collector, model, result, seen_lrs = _small_run(digits, epochs=5, members=3)
-    T, M = 25, 3  # 5 epochs x 5 steps; cycles of ceil(25/3) = 9 steps: ends 9, 18, 25
-    assert schedule.total_steps == T
-    expected = [paper_lr(t, 0.1, T, M) for t in range(1, T + 1)]
+def test_loop_applies_the_snapshot_schedule_per_iteration_and_collects_at_cycle_ends(digits: Dataset) -> None:
+    config = TrainConfig(out="x", method="snapshot", epochs=5, members=3)
+    method, model, result, seen_lrs = _small_run(digits, config)
+    assert method.schedule.total_steps == 25  # 5 epochs x 5 steps; cycles of 1, 1 and 3 epochs
+    expected = [reference_snapshot_lr(t, 0.1, 5, 3, 5) for t in range(1, 26)]
     assert result.lrs == pytest.approx(expected, abs=1e-15)
     assert seen_lrs == pytest.approx(expected, abs=1e-15)
-    members = collector.members()
-    assert [m.step for m in members] == [9, 18, 25]
+    members = method.collector.members()
+    assert [m.step for m in members] == [5, 10, 25]
     assert len(result.epoch_losses) == 5
     # The last member is the final model; earlier ones are frozen copies, not references.
     final = model.state_dict()
@@ -93,10 +176,28 @@ def test_loop_applies_the_schedule_per_iteration_and_collects_at_cycle_ends(digi
     assert not all(torch.equal(final[k], members[0].state_dict[k]) for k in final)
 
 
+def test_loop_takes_fge_members_at_mid_cycle_minima(digits: Dataset) -> None:
+    config = TrainConfig(out="x", method="fge", epochs=10, fge_start=0.6, lr=0.05)
+    method, _, result, seen_lrs = _small_run(digits, config)
+    assert [m.step for m in method.collector.members()] == [35, 45]  # 6 epochs pre-training, 2 cycles
+    assert seen_lrs[34] == seen_lrs[44] == pytest.approx(0.005) == min(seen_lrs[30:])
+    assert seen_lrs == pytest.approx([method.schedule.lr(t) for t in range(1, 51)], abs=1e-15)
+
+
+def test_loop_feeds_swa_the_weights_of_each_epoch_from_swa_start(digits: Dataset) -> None:
+    config = TrainConfig(out="x", method="swa", epochs=8, swa_start=0.75, arch="mlp")
+    method, model, result, seen_lrs = _small_run(digits, config)
+    collector = method.collector
+    assert isinstance(collector, AveragingCollector)
+    assert collector.steps == (30, 35, 40) and collector.n == 3 and collector.last_step == 40
+    assert seen_lrs[30:] == [0.05] * 10
+
+
 def test_same_seed_same_members(digits: Dataset) -> None:
-    _, first, *_ = _small_run(digits, epochs=2, members=2, seed=3)
-    _, second, *_ = _small_run(digits, epochs=2, members=2, seed=3)
-    for a, b in zip(first.members(), second.members()):
+    config = TrainConfig(out="x", method="snapshot", epochs=2, members=2)
+    first, *_ = _small_run(digits, config, seed=3)
+    second, *_ = _small_run(digits, config, seed=3)
+    for a, b in zip(first.collector.members(), second.collector.members()):
         assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
@@ -109,3 +210,18 @@ def test_batches_resume_mid_epoch_in_the_same_order(digits: Dataset) -> None:
     tail = list(batches.epoch(4, start=1))
     assert torch.equal(whole[1][0], tail[0][0]) and torch.equal(whole[1][1], tail[0][1])
     assert not torch.equal(whole[0][1], list(batches.epoch(5))[0][1])
+
+
+def test_distributed_shards_are_disjoint_and_make_up_the_global_batch(digits: Dataset) -> None:
+    x = torch.from_numpy(digits.normalize(digits.train.x[:203]))
+    y = torch.arange(203)  # labels = example ids, to see which examples each process gets
+    one = TensorBatches(x, y, batch_size=64, seed=1)
+    shards = [TensorBatches(x, y, batch_size=64, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert len(one) == len(shards[0]) == 4  # the same global steps: 203 = 3*64 + 11
+    for whole, *parts in zip(one.epoch(3), *(s.epoch(3) for s in shards)):
+        ids = [set(p.y.tolist()) for p in parts]
+        assert not ids[0] & ids[1] and ids[0] | ids[1] == set(whole.y.tolist())
+        # each process's mean loss is weighted by its share: together, the global batch's mean
+        assert sum(p.loss_weight for p in parts) / 2 == pytest.approx(1.0)
+    inputs = [torch.cat(list(s.inputs())) for s in shards]
+    assert len(inputs[0]) + len(inputs[1]) == 203

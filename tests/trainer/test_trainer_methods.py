@@ -1,0 +1,149 @@
+"""fge, swa, swag and single end to end (trained once, in conftest.method_versions), mixed
+precision on the CPU, and the clear failures: NaN loss, unwritable output, full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from trainer.cli import main
+from trainer.collectors import AveragingCollector
+from trainer.config import TrainConfig
+from trainer.data import Dataset
+from trainer.errors import CheckpointError, TrainingDiverged
+from trainer.train import train_ensemble
+
+
+def onnx_accuracy(version: Path, member: dict, digits: Dataset, manifest: dict) -> float:
+    norm = manifest["input"]["normalization"]
+    x = ((digits.test.x - norm["mean"][0]) / norm["std"][0]).astype(np.float32)
+    session = ort.InferenceSession(str(version / member["file"]), providers=["CPUExecutionProvider"])
+    return float((session.run(None, {"input": x})[0].argmax(1) == digits.test.y).mean())
+
+
+def test_fge_takes_members_at_the_mid_cycle_minima(method_versions: tuple[Path, dict], digits: Dataset) -> None:
+    root, manifests = method_versions
+    m = manifests["fge"]
+    spe = m["training"]["steps_per_epoch"]
+    assert m["method"] == "fge" and [x["epoch"] for x in m["members"]] == [2, 4]
+    assert [x["step"] for x in m["members"]] == [2 * spe, 4 * spe]
+    assert all(x["lr"] == pytest.approx(0.01) for x in m["members"])  # alpha2 = lr/10
+    schedule = m["training"]["schedule"]
+    assert (schedule["type"], schedule["start_step"], schedule["cycle_steps"]) == ("FGESchedule", spe, 2 * spe)
+    for member in m["members"]:
+        acc = onnx_accuracy(root / "fge" / "1", member, digits, m)
+        assert acc == pytest.approx(member["metrics"]["accuracy"], abs=0.01) and acc > 0.7
+
+
+def test_swa_exports_one_averaged_member(method_versions: tuple[Path, dict], digits: Dataset) -> None:
+    root, manifests = method_versions
+    m = manifests["swa"]
+    spe = m["training"]["steps_per_epoch"]
+    (member,) = m["members"]
+    assert m["method"] == "swa" and member["averaged_models"] == 3 and member["step"] == 4 * spe
+    assert member["lr"] == pytest.approx(0.05)  # swa_lr = lr/2
+    assert onnx_accuracy(root / "swa" / "1", member, digits, m) == pytest.approx(m["metrics"]["accuracy"], abs=0.01)
+    assert m["metrics"]["accuracy"] > 0.8
+    report = json.loads((root / "swa" / "1" / "report" / "metrics.json").read_text())
+    assert report["member_steps"] == [2 * spe, 3 * spe, 4 * spe] and len(report["history"]["test_error"]) == 4
+
+
+def test_swag_exports_distinct_samples(method_versions: tuple[Path, dict], digits: Dataset) -> None:
+    root, manifests = method_versions
+    m = manifests["swag"]
+    assert m["method"] == "swag" and [x["sample"] for x in m["members"]] == [0, 1]
+    assert all(x["averaged_models"] == 3 for x in m["members"])
+    assert m["members"][0]["sha256"] != m["members"][1]["sha256"]
+    assert m["training"]["swag_rank"] == 3 and m["training"]["swag_scale"] == 0.5
+    for member in m["members"]:
+        assert onnx_accuracy(root / "swag" / "1", member, digits, m) > 0.5
+
+
+def test_keep_last_exports_the_last_members_and_reports_all(tmp_path: Path) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--out", str(tmp_path), "--dataset", "digits", "--arch", "mlp", "--epochs", "3",
+                     "--members", "3", "--keep-last", "2", "--threads", "1", "--no-plots"]) == 0
+    version = tmp_path / "digits" / "1"
+    m = json.loads((version / "manifest.json").read_text())
+    assert [x["epoch"] for x in m["members"]] == [2, 3]
+    report = json.loads((version / "report" / "metrics.json").read_text())
+    assert len(report["test"]["members"]) == 3 and len(report["test"]["ensemble_by_size"]["backward"]) == 3
+    # the ensemble is the last 2 (the "backward" curve at m = 2)
+    assert report["test"]["ensemble"] == report["test"]["ensemble_by_size"]["backward"][1]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_keeps_the_average_in_float32(amp: str, digits: Dataset, tmp_path: Path) -> None:
+    config = TrainConfig(out=str(tmp_path), method="swa", arch="cnn", width=8, epochs=2, swa_start=0.5,
+                         amp=amp, threads=1)
+    ensemble = train_ensemble(config, digits, torch.device("cpu"))
+    collector = ensemble.method.collector
+    assert isinstance(collector, AveragingCollector) and collector.mean.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for k, v in ensemble.members[0].state_dict.items() if "num_batches" not in k)
+    assert all(np.isfinite(ensemble.history.loss)) and ensemble.history.test_error[-1] < 0.5
+    checkpoint = torch.load(config.run_dir() / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["scaler"] is not None) == (amp == "fp16")
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step(digits: Dataset, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    config = TrainConfig(out=str(tmp_path), method="single", arch="mlp", epochs=2, lr=1e12, nesterov=False, threads=1)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1, step \d+") as info:
+        train_ensemble(config, digits, torch.device("cpu"))
+    assert info.value.epoch == 1
+    assert not (config.run_dir() / "checkpoint.pt").exists()  # the bad epoch is never checkpointed
+    assert main(["train", "--out", str(tmp_path), "--method", "single", "--arch", "mlp", "--epochs", "1",
+                 "--lr", "1e12", "--no-nesterov", "--threads", "1"]) == 1
+    assert "at epoch 1, step" in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["train", "--out", str(blocker / "repo"), "--epochs", "1", "--members", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write to the output folder (--out)" in err and "Not a directory" in err
+    assert main(["train", "--out", str(tmp_path / "ok"), "--checkpoint-dir", str(blocker / "ckpt"),
+                 "--epochs", "1", "--members", "1"]) == 1
+    assert "cannot write to the checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_clear_checkpoint_error(digits: Dataset, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("trainer.checkpoint.torch.save", full)
+    config = TrainConfig(out=str(tmp_path), method="single", arch="mlp", epochs=1, threads=1)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint .*No space left on device"):
+        train_ensemble(config, digits, torch.device("cpu"))
+    assert not list(config.run_dir().iterdir())  # no temporary file left behind
+
+
+def test_progress_is_a_live_line_on_a_terminal_and_log_lines_otherwise(caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.progress import Progress
+
+    caplog.set_level("INFO", logger="trainer")
+    terminal = io.StringIO()
+    live = Progress(total_steps=4, steps_per_epoch=2, stream=terminal, live=True, refresh_s=0.0)
+    for step in (1, 2):
+        live.step(step, torch.tensor(0.5), 0.1, 0)
+    live.epoch(1, 2, 0.5, 0.9, 0.1, 1)
+    text = terminal.getvalue()
+    assert "\r\x1b[Kepoch 1/2 [##########..........]  50%  step 1/4  loss 0.5000  lr 0.10000  members 0" in text
+    assert text.endswith("\r\x1b[K")  # the live line is cleared before the epoch's log line
+    plain = io.StringIO()
+    quiet = Progress(total_steps=4, steps_per_epoch=2, stream=plain)  # a StringIO is not a TTY
+    quiet.step(1, torch.tensor(0.5), 0.1, 0)
+    quiet.epoch(1, 2, 0.5, 0.9, 0.1, 1)
+    assert plain.getvalue() == ""
+    assert sum("epoch 1/2  step 2  loss 0.5000  train_acc 0.9000" in r.message for r in caplog.records) == 2

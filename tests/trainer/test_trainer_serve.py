@@ -1,0 +1,47 @@
+"""End to end: versions the trainer wrote (fge, swa, swag) served by the real server and queried
+with the real client, which applies the manifest's normalisation to raw inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import EnsembleClient
+from server import BatcherConfig, ServerConfig
+from tests.client.conftest import ThreadedServer
+from tests.server.conftest import reference_member_probs
+from trainer.data import Dataset
+
+
+@pytest.fixture(scope="module")
+def served(method_versions: tuple[Path, dict]) -> Iterator[ThreadedServer]:
+    server = ThreadedServer(ServerConfig(model_repository=method_versions[0], port=0,
+                                         batcher=BatcherConfig(max_batch_size=64, max_queue_delay_s=0.002)))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["fge", "swag", "swa"])
+def test_the_server_serves_trained_versions(served: ThreadedServer, method_versions: tuple[Path, dict],
+                                            digits: Dataset, name: str) -> None:
+    manifest = method_versions[1][name]
+    version = method_versions[0] / name / "1"
+    x = digits.test.x[:64]  # raw pixels 0..16
+    with EnsembleClient(served.target, timeout=30) as client:
+        info = client.get_model(name)
+        assert info.manifest["method"] == name and len(info.members) == len(manifest["members"])
+        prediction = client.predict(name, x, normalize=True, member_probabilities=True)
+    norm = manifest["input"]["normalization"]
+    members = reference_member_probs(version, ((x - norm["mean"][0]) / norm["std"][0]).astype(np.float32))
+    mean = members.mean(axis=1)
+    z = np.log(mean) / manifest["temperature"]  # pooled, then calibrated, as the manifest says
+    expected = np.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-4)
+    np.testing.assert_allclose(prediction.member_probabilities, members, atol=1e-4)
+    assert (prediction.top_class == digits.test.y[:64]).mean() > 0.7
+    if len(manifest["members"]) > 1:
+        assert prediction.mutual_information.mean() > 0  # the members disagree somewhere

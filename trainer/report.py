@@ -1,0 +1,96 @@
+"""Evaluation of a trained ensemble and its report: metrics.json's content and report.md.
+
+Members are scored on the validation and test splits; the ensemble is the mean of the exported
+members' probabilities (never of their logits or weights). The temperature is fitted on the
+validation split AFTER pooling (fit T on log p̄: pool, then calibrate) and the test metrics are
+given both ways. Ensemble accuracy/NLL "by size" grow the ensemble one member at a time, in
+training order ("forward") and from the last member back ("backward", the paper's last-m).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from trainer.metrics import (classification_metrics, ensemble_probabilities, fit_temperature,
+                             mutual_information, pairwise_disagreement, reliability_bins,
+                             temperature_scaled)
+
+__all__ = ["evaluate_ensemble", "report_markdown", "split_report"]
+
+
+def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                 exported: int | None = None) -> dict[str, Any]:
+    """Metrics of each member, of the ensemble of the last `exported` members (all by default),
+    calibrated with `temperature` and not, and of the ensemble grown one member at a time."""
+    count = len(member_probs)
+    chosen = member_probs[count - (exported or count):]
+    members = [classification_metrics(p, labels) for p in member_probs]
+    mean = ensemble_probabilities(chosen)
+    calibrated = temperature_scaled(mean, temperature)
+    disagreement = pairwise_disagreement(chosen)
+    size = len(chosen)
+    return {
+        "members": members,
+        "ensemble": classification_metrics(mean, labels),
+        "ensemble_calibrated": classification_metrics(calibrated, labels),
+        "members_mean": {k: float(np.mean([m[k] for m in members[count - size:]])) for k in members[0]},
+        # Diversity: without it an ensemble is one model served M times.
+        "mean_pairwise_disagreement": float(disagreement[~np.eye(size, dtype=bool)].mean()) if size > 1 else 0.0,
+        "pairwise_disagreement": disagreement.tolist(),
+        "mean_mutual_information": float(mutual_information(chosen).mean()),
+        "ensemble_by_size": {
+            "forward": [classification_metrics(ensemble_probabilities(member_probs[:m]), labels)
+                        for m in range(1, count + 1)],
+            "backward": [classification_metrics(ensemble_probabilities(member_probs[count - m:]), labels)
+                         for m in range(1, count + 1)],
+        },
+        "reliability": {"uncalibrated": reliability_bins(mean, labels),
+                        "calibrated": reliability_bins(calibrated, labels)},
+    }
+
+
+def evaluate_ensemble(val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
+                      test_labels: np.ndarray, *, exported: int, calibrate: bool = True) -> dict[str, Any]:
+    """{"temperature", "val", "test"}: T fitted on the validation split's pooled probabilities."""
+    pooled = ensemble_probabilities(val_probs[len(val_probs) - exported:])
+    temperature = fit_temperature(pooled, val_labels) if calibrate else 1.0
+    return {"temperature": temperature,
+            "val": split_report(val_probs, val_labels, temperature, exported),
+            "test": split_report(test_probs, test_labels, temperature, exported)}
+
+
+def _row(name: str, m: dict[str, float]) -> str:
+    return f"| {name} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} | {m['ece']:.4f} |"
+
+
+def report_markdown(manifest: dict[str, Any], report: dict[str, Any], plots: dict[str, str]) -> str:
+    """report.md: what was trained, the test metrics, and the plots (relative links)."""
+    test, training = report["test"], manifest["training"]
+    lines = [
+        f"# {manifest['name']}: {manifest['method']} on {training['dataset_name']}",
+        "",
+        f"{training['arch']}, {training['epochs']} epochs, lr {training['lr']}, seed {training['seed']}, "
+        f"{len(manifest['members'])} exported member(s) of {len(test['members'])} collected; "
+        f"training {training['train_seconds']:.1f} s on {training['device']}.",
+        "",
+        f"Temperature T = {report['temperature']:.4f}, fitted on the validation split after pooling "
+        "(served probabilities are softmax(log p̄ / T)).",
+        "",
+        "| test split | accuracy | NLL | Brier | ECE (15 bins) |",
+        "|---|---|---|---|---|",
+        _row("ensemble, calibrated (served)", test["ensemble_calibrated"]),
+        _row("ensemble, uncalibrated", test["ensemble"]),
+        _row("members, mean", test["members_mean"]),
+    ]
+    offset = len(test["members"]) - len(manifest["members"])  # the exported are the last ones
+    lines += [_row(f"member {i} (step {m['step']})", test["members"][offset + i])
+              for i, m in enumerate(manifest["members"])]
+    lines += ["", f"Mean pairwise disagreement {test['mean_pairwise_disagreement']:.4f}, mean mutual "
+              f"information {test['mean_mutual_information']:.4f} nats.", ""]
+    titles = {"lr": "Learning rate and members", "training": "Training loss and test error",
+              "members": "Ensemble size", "reliability": "Reliability"}
+    for key, file in plots.items():
+        lines += [f"## {titles.get(key, key)}", "", f"![{key}]({file})", ""]
+    return "\n".join(lines)
