@@ -7,10 +7,8 @@ Model versions are strings here ("" = the default, the newest loaded).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from importlib import metadata
 from typing import AsyncIterator
 
@@ -25,7 +23,7 @@ from server.kserve_messages import (decode_infer_input, encode_infer_response, e
                                     requested_outputs)
 from server.lifecycle import ModelManager, check_model_name
 from server.metrics import API_KSERVE, ServerMetrics
-from server.service import answer_in_order, describe_error, status_code
+from server.service import answer_in_order, describe_error, observed_request
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "KServeServicer"]
 
@@ -122,23 +120,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: kpb.ModelInferRequest,
                      timeout: float | None) -> kpb.ModelInferResponse:
-        start, code = time.perf_counter(), grpc.StatusCode.OK
-        try:
+        with observed_request(self._metrics, request.model_name, API_KSERVE):
             version = parse_version(request.model_version)
             spec = self._registry.get(request.model_name, version).manifest.input
             x = decode_infer_input(request, spec)
             outputs = requested_outputs(request)
             served, scores = await self._registry.predict(request.model_name, version, x, timeout)
             return encode_infer_response(scores, served, request.id, outputs)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code = status_code(exc)
-            raise
-        finally:
-            self._metrics.observe_request(request.model_name, API_KSERVE, code,
-                                          time.perf_counter() - start)
 
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 
@@ -25,7 +25,8 @@ from server.messages import (decode_input, encode_metadata, encode_prediction, e
 from server.metrics import API_NATIVE, ServerMetrics
 from server.registry import ModelRegistry
 
-__all__ = ["STATUS_CODES", "EnsembleServicer", "answer_in_order", "describe_error", "status_code"]
+__all__ = ["STATUS_CODES", "EnsembleServicer", "answer_in_order", "describe_error", "observed_request",
+           "status_code"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,22 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+@contextlib.contextmanager
+def observed_request(metrics: ServerMetrics, model: str, api: str) -> Iterator[None]:
+    """Count one inference request by its outcome's status code and time it, for either API."""
+    start, code = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:
+        code = status_code(exc)
+        raise
+    finally:
+        metrics.observe_request(model, api, code, time.perf_counter() - start)
 
 
 def _describe(exc: Exception, code: grpc.StatusCode) -> str:
@@ -114,23 +131,13 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
 
     async def _predict(self, request: pb.PredictRequest,
                        timeout: float | None = None) -> pb.PredictResponse:
-        start, code = time.perf_counter(), grpc.StatusCode.OK
-        try:
+        with observed_request(self._metrics, request.model, API_NATIVE):
             spec = self._registry.get(request.model, request.version).manifest.input
             x = decode_input(request, spec)
             served, scores = await self._registry.predict(request.model, request.version, x,
                                                           timeout)
             return encode_prediction(scores, served, request.request_id,
                                      request.include_member_probabilities)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code = status_code(exc)
-            raise
-        finally:
-            self._metrics.observe_request(request.model, API_NATIVE, code,
-                                          time.perf_counter() - start)
 
     async def Predict(self, request: pb.PredictRequest,
                       context: grpc.aio.ServicerContext) -> pb.PredictResponse:
