@@ -1,0 +1,5 @@
+"""Benchmarks: the in-process ceiling (ceiling.py), the served sweep against it (serve.py), and a
+trivial server that shows what gRPC and the client alone cost (echo_server.py). Results are
+written to benchmarks/RESULTS.md. Run from the repository root: `python -m benchmarks.serve`.
+The soak (soak.py: mixed and bad requests, SIGTERM under load, memory) writes
+benchmarks/soak_results.json: `python -m benchmarks.soak` (docs/reliability.md)."""

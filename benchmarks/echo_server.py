@@ -1,0 +1,83 @@
+"""A trivial snapserve server: answers every Predict (and KServe ModelInfer) with one canned
+response, computing nothing. Driving it with `ensemble-client bench` shows what the client and
+gRPC alone cost on this machine: the floor under the real server's latency, and the load the
+client can generate (so a real server's numbers are not the client's).
+
+    python -m benchmarks.echo_server --port 50999 --classes 10 --members 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from proto.snapserve.v1 import ensemble_pb2 as pb
+from proto.tensors import NUMPY_TO_DTYPE, to_tensor
+
+__all__ = ["canned_response", "serve"]
+
+logger = logging.getLogger("benchmarks.echo_server")
+
+
+def canned_response(classes: int, members: int) -> bytes:
+    """A PredictResponse for one example, shaped like a real one (same fields, same sizes)."""
+    response = pb.PredictResponse(model="echo", version=1)
+    to_tensor(np.full((1, classes), 1 / classes, np.float32), response.probabilities)
+    to_tensor(np.zeros(1, np.int64), response.top_class)
+    response.top_label.append("0")
+    for field in ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement"):
+        to_tensor(np.zeros(1, np.float32), getattr(response, field))
+    to_tensor(np.zeros((1, members), np.float32), response.member_kl)
+    to_tensor(np.zeros((1, members), np.int64), response.member_top_class)
+    return response.SerializeToString()
+
+
+def _metadata(shape: list[int]) -> bytes:
+    return pb.ModelMetadata(name="echo", version=1, input=pb.InputSpec(
+        name="input", dtype=NUMPY_TO_DTYPE[np.dtype(np.float32)], shape=shape)).SerializeToString()
+
+
+async def serve(port: int, classes: int, members: int, shape: list[int], delay_s: float = 0.0) -> None:
+    answer, metadata = canned_response(classes, members), _metadata(shape)
+
+    async def predict(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if delay_s:  # stands in for compute, off the event loop as the real server's is
+            await asyncio.get_running_loop().run_in_executor(None, time.sleep, delay_s)
+        return answer
+
+    async def get_model(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return metadata
+
+    # Generic handlers over raw bytes: no parsing at all, the cheapest server gRPC allows.
+    handler = grpc.method_handlers_generic_handler("snapserve.v1.EnsembleService", {
+        "Predict": grpc.unary_unary_rpc_method_handler(predict),
+        "GetModel": grpc.unary_unary_rpc_method_handler(get_model)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")  # port 0: any free one
+    await server.start()
+    logger.info("serving on 127.0.0.1:%d", bound)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=50999)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--shape", type=int, nargs="+", default=[-1, 1, 8, 8],
+                        help="input shape GetModel reports (-1: the batch)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="wait this long before answering, as if computing (default 0)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.port, args.classes, args.members, args.shape, args.delay_ms / 1000))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""`ensemble-client bench` against a real server: what it counts and reports (not how fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from client import ClientError
+from client.bench import BenchConfig, BenchError, format_table, run_bench
+from client.cli import main as client_main
+from server import BatcherConfig, ServerConfig
+from tests.client.conftest import ThreadedServer
+
+
+def _config(server: ThreadedServer, **kwargs: object) -> BenchConfig:
+    defaults: dict[str, object] = {"duration_s": 0.6, "warmup_s": 0.2}
+    return BenchConfig(target=server.target, model="mixed", **{**defaults, **kwargs})
+
+
+def test_closed_loop_levels_report_throughput_latency_and_batches(served) -> None:  # type: ignore[no-untyped-def]
+    results = asyncio.run(run_bench(_config(served, concurrency=(1, 4), batch_size=2)))
+    assert [r.concurrency for r in results] == [1, 4]
+    for r in results:
+        assert r.requests > 0 and r.errors == {}
+        assert r.examples_per_s == pytest.approx(2 * r.throughput_rps)
+        assert set(r.latency_ms) == {"p50", "p90", "p99", "mean", "max"}
+        assert r.latency_ms["p50"] <= r.latency_ms["p90"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
+        assert r.client_cpu_ms_per_request > 0
+        # The server's own batch counts, from KServe ModelStatistics: sizes are even (2 per request).
+        assert r.server_batches and all(size % 2 == 0 for size in r.server_batches)
+    assert "c=4" in format_table(results)
+
+
+def test_open_loop_sends_at_the_rate(served) -> None:  # type: ignore[no-untyped-def]
+    (result,) = asyncio.run(run_bench(_config(served, request_rate=100.0, duration_s=1.0)))
+    assert result.mode == "rate" and result.label == "r=100/s"
+    assert 60 <= result.requests <= 140  # about 100 in the 1 s window (rounding, edges)
+    assert result.send_lag_ms_p99 is not None
+
+
+def test_kserve_api(served) -> None:  # type: ignore[no-untyped-def]
+    (result,) = asyncio.run(run_bench(_config(served, api="kserve", concurrency=(2,))))
+    assert result.requests > 0 and result.errors == {}
+
+
+def test_errors_are_counted_by_status_code(tmp_path: Path, imported_repo: Path) -> None:
+    # One waiting request at most, and no adaptive send: concurrent callers overflow the queue.
+    server = ThreadedServer(ServerConfig(
+        model_repository=imported_repo, port=0,
+        batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.02, max_queue_size=1,
+                              adaptive_wait=False)))
+    try:
+        (result,) = asyncio.run(run_bench(_config(server, concurrency=(8,))))
+    finally:
+        server.stop()
+    assert result.errors.get("RESOURCE_EXHAUSTED", 0) > 0
+    assert "RESOURCE_EXHAUSTED" in format_table([result])
+
+
+def test_an_unknown_model_stops_the_bench_before_it_starts(served) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ClientError, match="NOT_FOUND"):
+        asyncio.run(run_bench(BenchConfig(target=served.target, model="nope", duration_s=0.1)))
+
+
+@pytest.mark.parametrize("kwargs", [{"concurrency": (0,)}, {"request_rate": 0.0},
+                                    {"api": "rest"}, {"batch_size": 0}, {"duration_s": 0}])
+def test_bad_settings_are_refused(kwargs: dict) -> None:
+    with pytest.raises(BenchError):
+        BenchConfig(target="x", model="m", **kwargs)
+
+
+def test_cli_writes_json_and_a_table(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out, path = io.StringIO(), tmp_path / "bench.json"
+    code = client_main(["bench", "--target", served.target, "--model", "mixed", "--concurrency",
+                        "1,2", "--duration", "0.3", "--warmup", "0.1", "--json", str(path)], out)
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert [level["concurrency"] for level in data["levels"]] == [1, 2]
+    assert data["config"]["model"] == "mixed"
+    assert "req/s" in out.getvalue()  # the table, since the JSON went to a file
+
+
+def test_cli_prints_json_when_not_on_a_terminal(served) -> None:  # type: ignore[no-untyped-def]
+    out = io.StringIO()  # not a TTY
+    assert client_main(["bench", "--target", served.target, "--model", "mixed", "--duration", "0.2",
+                        "--warmup", "0"], out) == 0
+    assert json.loads(out.getvalue())["levels"][0]["requests"] > 0
+
+
+def test_cli_refuses_a_bad_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        client_main(["bench", "--model", "m", "--concurrency", "1,x"])
+    assert info.value.code == 2
+    assert client_main(["bench", "--model", "m", "--concurrency", "0"]) == 2
+    assert "concurrency levels must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""RuntimeConfig's new settings are checked once, with the field named."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import ConfigError
+from server.runtime import RuntimeConfig
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"instances": 0}, "instances"),
+    ({"graph": "both"}, "graph"),
+    ({"precision": "int8"}, "precision"),
+    ({"cuda_graph_batch_sizes": (8, 4)}, "cuda_graph_batch_sizes"),
+    ({"cuda_graph_batch_sizes": (0,)}, "cuda_graph_batch_sizes"),
+])
+def test_bad_settings_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        RuntimeConfig(**kwargs)
+
+
+def test_server_cli_maps_the_new_flags() -> None:
+    from server.cli import build_parser, config_from_args
+
+    args = build_parser({}).parse_args([
+        "--model-repository", ".", "--instances", "3", "--graph", "fused", "--precision", "fp16",
+        "--cuda-graph-batch-sizes", "1,2,4", "--no-adaptive-wait"])
+    config = config_from_args(args)
+    assert (config.runtime.instances, config.runtime.graph, config.runtime.precision,
+            config.runtime.cuda_graph_batch_sizes) == (3, "fused", "fp16", (1, 2, 4))
+    assert config.batcher.adaptive_wait is False
