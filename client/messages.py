@@ -106,6 +106,8 @@ class ModelInfo:
     execution_provider: str
     max_batch_size: int
     manifest: dict[str, Any]
+    # How the server runs this version: graph ("fused" or "members"), instances, graph_timing.
+    runtime: dict[str, str]
 
 
 def build_request(model: str, array: np.ndarray, version: int = 0,
@@ -148,7 +150,8 @@ def decode_metadata(meta: pb.ModelMetadata) -> ModelInfo:
                       for m in meta.members),
         metrics=dict(meta.metrics), temperature=meta.temperature,
         execution_provider=meta.execution_provider, max_batch_size=meta.max_batch_size,
-        manifest=json.loads(meta.manifest_json) if meta.manifest_json else {})
+        manifest=json.loads(meta.manifest_json) if meta.manifest_json else {},
+        runtime=dict(meta.runtime))
 
 
 def normalize(x: np.ndarray, spec: InputSpec) -> np.ndarray:

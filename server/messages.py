@@ -68,4 +68,4 @@ def encode_metadata(registry: ModelRegistry, served: ServedEnsemble) -> pb.Model
                            metrics=m.metrics) for m in manifest.members],
         metrics=manifest.metrics, temperature=manifest.temperature,
         execution_provider=served.runtime.provider, max_batch_size=served.max_batch_size,
-        manifest_json=manifest.text)
+        manifest_json=manifest.text, runtime=served.runtime_parameters)

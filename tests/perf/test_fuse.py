@@ -167,6 +167,9 @@ def test_fused_and_members_serve_the_same_answers(imported_repo: Path) -> None:
         try:
             with EnsembleClient(server.target, timeout=10) as client:
                 answers[graph] = client.predict("mixed", x, member_probabilities=True)
+                # Native metadata says which graph serves the version.
+                runtime = client.get_model("mixed").runtime
+                assert runtime["graph"] == graph and runtime["instances"] == "2"
         finally:
             server.stop()
     fused, members = answers["fused"], answers["members"]

@@ -172,7 +172,7 @@ class Member(_message.Message):
     def __init__(self, file: _Optional[str] = ..., sha256: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "versions", "method", "input", "classes", "members", "metrics", "temperature", "execution_provider", "max_batch_size", "manifest_json")
+    __slots__ = ("name", "version", "versions", "method", "input", "classes", "members", "metrics", "temperature", "execution_provider", "max_batch_size", "manifest_json", "runtime")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,13 @@ class ModelMetadata(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class RuntimeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +199,7 @@ class ModelMetadata(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -204,4 +212,5 @@ class ModelMetadata(_message.Message):
     execution_provider: str
     max_batch_size: int
     manifest_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., classes: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., temperature: _Optional[float] = ..., execution_provider: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    runtime: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., classes: _Optional[_Iterable[str]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., temperature: _Optional[float] = ..., execution_provider: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., manifest_json: _Optional[str] = ..., runtime: _Optional[_Mapping[str, str]] = ...) -> None: ...
