@@ -70,7 +70,7 @@ USER 10001:10001
 VOLUME ["/models"]
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "server.healthcheck"]
+    CMD ["python", "-m", "snapserve.server.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ensemble-server"]
 
@@ -101,7 +101,7 @@ VOLUME ["/models"]
 EXPOSE 50051
 # gRPC health (grpc.health.v1) on 127.0.0.1:$SNAPSERVE_PORT: SERVING once the models are loaded.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "server.healthcheck"]
+    CMD ["python", "-m", "snapserve.server.healthcheck"]
 STOPSIGNAL SIGTERM
 # Configure with flags after the image name or SNAPSERVE_* variables (ensemble-server --help).
 ENTRYPOINT ["ensemble-server"]

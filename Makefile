@@ -33,7 +33,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 proto: $(STAMP)
-	$(BIN)/python -m proto.generate
+	$(BIN)/python -m snapserve.proto.generate
 
 clean:
 	rm -rf $(VENV) models build *.egg-info .pytest_cache

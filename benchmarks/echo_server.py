@@ -16,8 +16,8 @@ import time
 import grpc
 import numpy as np
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import NUMPY_TO_DTYPE, to_tensor
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import NUMPY_TO_DTYPE, to_tensor
 
 __all__ = ["canned_response", "serve"]
 

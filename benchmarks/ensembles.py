@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.importer import import_members
+from snapserve.trainer.importer import import_members
 
 __all__ = ["DIGITS", "RESNET20", "digits_version", "latest_version", "resnet20_version"]
 
@@ -52,7 +52,7 @@ def digits_version(repository: Path, source: Path = ROOT / "models" / DIGITS) ->
     trained = latest_version(source)
     if trained is None:
         logger.info("training the digits ensemble (trainer train, 40 epochs, 5 members)")
-        subprocess.run([sys.executable, "-m", "trainer", "-q", "train", "--dataset", "digits",
+        subprocess.run([sys.executable, "-m", "snapserve.trainer", "-q", "train", "--dataset", "digits",
                         "--arch", "cnn", "--epochs", "40", "--members", "5",
                         "--out", str(repository), "--name", DIGITS], check=True)
         trained = latest_version(repository / DIGITS)
@@ -69,8 +69,8 @@ def resnet20_version(repository: Path, members: int = 5, seed: int = 0) -> Path:
         return existing
     import torch  # only here: importing the members needs no torch, exporting them does
 
-    from trainer.export import export_onnx
-    from trainer.models import resnet
+    from snapserve.trainer.export import export_onnx
+    from snapserve.trainer.models import resnet
 
     with tempfile.TemporaryDirectory() as tmp:
         files = []

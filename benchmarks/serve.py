@@ -107,7 +107,7 @@ def _bench(port: int, model: str, level: str, duration: float, warmup: float,
            api: str = "native") -> dict[str, Any]:
     """One `ensemble-client bench` run (a subprocess, so its CPU is its own); its JSON."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, "-m", "client", "bench", "--target", f"127.0.0.1:{port}",
+        subprocess.run([sys.executable, "-m", "snapserve.client", "bench", "--target", f"127.0.0.1:{port}",
                         "--model", model, *level.split(), "--duration", str(duration),
                         "--warmup", str(warmup), "--api", api, "--json", out.name],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -131,7 +131,7 @@ def _serve_model(repository: Path, model: str, settings: ServerSettings, levels:
     only = workdir / f"repo-{model}"  # a repository of this model alone: nothing else loads
     only.mkdir()
     (only / model).symlink_to((repository / model).resolve(), target_is_directory=True)
-    command = [sys.executable, "-m", "server", "--model-repository", str(only),
+    command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(only),
                "--port", "0", *settings.flags()]
     log = workdir / f"server-{model}.log"
     results = []

@@ -1,5 +1,5 @@
 """Soak: mixed valid, invalid, cancelled and short-deadline requests at high concurrency against a
-real `python -m server` process, then SIGTERM under load. Nothing may be lost.
+real `python -m snapserve.server` process, then SIGTERM under load. Nothing may be lost.
 
 Every request is classified when it ends:
 - answered: an answer whose probabilities equal a direct ONNX Runtime computation;
@@ -41,11 +41,11 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor, to_tensor
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor, to_tensor
 
 __all__ = ["Reference", "ServerProcess", "ShutdownReport", "SoakReport", "build_repository",
            "run_shutdown", "run_soak"]
@@ -63,12 +63,12 @@ OK = "OK"
 # -- the server under test ----------------------------------------------------------------------
 
 class ServerProcess:
-    """`python -m server` on 127.0.0.1:0. Its stderr is drained by a thread (a full pipe would
+    """`python -m snapserve.server` on 127.0.0.1:0. Its stderr is drained by a thread (a full pipe would
     block the server's logging) and kept in `log`."""
 
     def __init__(self, repo: Path, *args: str, ready_timeout_s: float = 90) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0",
+            [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0",
              *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()

@@ -1,6 +1,6 @@
 """snapserve client: Python API and CLI for snapserve.v1.EnsembleService.
 
-    from client import EnsembleClient
+    from snapserve.client import EnsembleClient
     with EnsembleClient("127.0.0.1:50051") as c:
         p = c.predict("digits", x, normalize=True)
         p.probabilities, p.mutual_information, p.vote_disagreement
@@ -10,10 +10,10 @@ A secured server: EnsembleClient(target, tls_ca=..., tls_cert=..., tls_key=..., 
 (client/credentials.py; docs/reliability.md).
 """
 
-from client.async_client import AsyncEnsembleClient
-from client.errors import ClientError
-from client.messages import InputSpec, ModelInfo, ModelSummary, Normalization, Prediction
-from client.sync_client import EnsembleClient
+from snapserve.client.async_client import AsyncEnsembleClient
+from snapserve.client.errors import ClientError
+from snapserve.client.messages import InputSpec, ModelInfo, ModelSummary, Normalization, Prediction
+from snapserve.client.sync_client import EnsembleClient
 
 __all__ = ["AsyncEnsembleClient", "ClientError", "EnsembleClient", "InputSpec", "ModelInfo",
            "ModelSummary", "Normalization", "Prediction"]

@@ -31,11 +31,11 @@ from typing import Any, Awaitable, Callable, Sequence, TextIO
 import grpc
 import numpy as np
 
-from client.credentials import Security, read_token_file
-from client.errors import ClientError
-from client.sync_client import MAX_MESSAGE_BYTES, channel_options
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
+from snapserve.client.credentials import Security, read_token_file
+from snapserve.client.errors import ClientError
+from snapserve.client.sync_client import MAX_MESSAGE_BYTES, channel_options
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
 
 __all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
            "results_json", "run_bench", "run_bench_command", "write_results"]
@@ -154,7 +154,7 @@ class _Target:
             meta = await self._unary(NATIVE_GET_MODEL, pb.GetModelRequest(
                 model=self.config.model, version=self.config.version), pb.ModelMetadata)
             return meta.input.name, DTYPE_TO_NUMPY[meta.input.dtype], tuple(meta.input.shape)
-        from proto.inference import grpc_service_pb2 as kpb
+        from snapserve.proto.inference import grpc_service_pb2 as kpb
 
         meta = await self._unary(KSERVE_METADATA, kpb.ModelMetadataRequest(
             name=self.config.model, version=self._kserve_version()), kpb.ModelMetadataResponse)
@@ -169,7 +169,7 @@ class _Target:
             request = pb.PredictRequest(model=self.config.model, version=self.config.version)
             to_tensor(x, request.input)
             return request.SerializeToString()
-        from proto.inference import grpc_service_pb2 as kpb
+        from snapserve.proto.inference import grpc_service_pb2 as kpb
 
         request = kpb.ModelInferRequest(model_name=self.config.model,
                                         model_version=self._kserve_version())
@@ -183,7 +183,7 @@ class _Target:
             response = pb.PredictResponse.FromString(answer)
             rows = from_tensor(response.probabilities, "probabilities").shape[0]
         else:
-            from proto.inference import grpc_service_pb2 as kpb
+            from snapserve.proto.inference import grpc_service_pb2 as kpb
 
             response = kpb.ModelInferResponse.FromString(answer)
             shapes = {o.name: list(o.shape) for o in response.outputs}
@@ -199,7 +199,7 @@ class _Target:
         """batch size -> (batches, compute ns) so far, from KServe ModelStatistics; None when
         the server does not offer it (the counts are the server's, for all its callers)."""
         try:
-            from proto.inference import grpc_service_pb2 as kpb
+            from snapserve.proto.inference import grpc_service_pb2 as kpb
 
             stats = await self._unary(KSERVE_STATISTICS, kpb.ModelStatisticsRequest(
                 name=self.config.model, version=self._kserve_version()), kpb.ModelStatisticsResponse)

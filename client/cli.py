@@ -1,4 +1,4 @@
-"""`ensemble-client` (also `python -m client`): query a snapserve server from the shell.
+"""`ensemble-client` (also `python -m snapserve.client`): query a snapserve server from the shell.
 
     ensemble-client predict --model digits --input x.npy [--normalize] [--json]
     ensemble-client models [--json]
@@ -18,11 +18,11 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from client.bench import add_bench_parser
-from client.credentials import read_token_file
-from client.errors import ClientError
-from client.messages import ModelInfo, ModelSummary, Prediction
-from client.sync_client import DEFAULT_TARGET, EnsembleClient
+from snapserve.client.bench import add_bench_parser
+from snapserve.client.credentials import read_token_file
+from snapserve.client.errors import ClientError
+from snapserve.client.messages import ModelInfo, ModelSummary, Prediction
+from snapserve.client.sync_client import DEFAULT_TARGET, EnsembleClient
 
 
 class InputFileError(Exception):

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
 
 __all__ = ["InputSpec", "MemberInfo", "ModelInfo", "ModelSummary", "Normalization", "Prediction",
            "build_request", "decode_metadata", "decode_prediction", "decode_summary", "normalize"]

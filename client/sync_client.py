@@ -7,13 +7,13 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from client.credentials import Pem, Security
-from client.errors import ClientError
-from client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
+from snapserve.client.credentials import Pem, Security
+from snapserve.client.errors import ClientError
+from snapserve.client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
-from client.messages import normalize as normalize_input  # `normalize` is a parameter name
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.client.messages import normalize as normalize_input  # `normalize` is a parameter name
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 
 __all__ = ["EnsembleClient", "channel_options"]
 

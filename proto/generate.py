@@ -1,14 +1,16 @@
-"""Regenerate the Python code for every .proto under proto/: `python -m proto.generate`.
+"""Regenerate the Python code for every .proto under proto/: `python -m snapserve.proto.generate`.
 
 The generated modules are committed (so installing needs no protoc) and
 tests/test_proto_fresh.py fails when they no longer match their .proto sources.
-Paths are given relative to the repository root, so generated imports read
-`from proto.snapserve.v1 import ...` while the wire names stay `snapserve.v1.*`.
+Paths are given relative to the repository root, so protoc writes imports such as
+`from proto.snapserve.v1 import ...`; they are rewritten to the installed package,
+`snapserve.proto...`, while the wire names stay `snapserve.v1.*`.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,9 +31,16 @@ def generate(out_dir: Path, root: Path = ROOT) -> None:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *sources]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {sources}")
+    for module in sorted((out_dir / "proto").rglob("*_pb2*.py*")):
+        module.write_text(_PROTOC_IMPORT.sub(r"\1snapserve.proto.", module.read_text()))
     for package in PRIVATE_POOL_PACKAGES:
         for module in sorted((out_dir / package).glob("*_pb2.py")):
-            use_private_pool(module, package.replace("/", "."))
+            use_private_pool(module, "snapserve." + package.replace("/", "."))
+
+
+# protoc names modules by their path under the include root (`proto.inference...`); installed,
+# that folder is the `snapserve.proto` package.
+_PROTOC_IMPORT = re.compile(r"^(from |import )proto\.", re.MULTILINE)
 
 
 # Packages built into a descriptor pool of their own (`<package>.POOL`) instead of protobuf's

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 
 __all__ = [
     "DTYPE_TO_NUMPY",

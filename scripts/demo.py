@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from client import EnsembleClient
-from trainer.data import load_dataset
+from snapserve.client import EnsembleClient
+from snapserve.trainer.data import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(r"serving on ([\d.]+):(\d+)")
 
 
 def train(args: argparse.Namespace) -> None:
-    cmd = [sys.executable, "-m", "trainer", "train", "--method", "snapshot", "--dataset", args.dataset,
+    cmd = [sys.executable, "-m", "snapserve.trainer", "train", "--method", "snapshot", "--dataset", args.dataset,
            "--arch", args.arch, "--epochs", str(args.epochs), "--members", str(args.members),
            "--lr", str(args.lr), "--seed", str(args.seed), "--out", str(args.out), "--name", args.name]
     print(f"$ trainer {' '.join(cmd[3:])}", flush=True)
@@ -36,7 +36,7 @@ def train(args: argparse.Namespace) -> None:
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
     """Start `ensemble-server` on a free port and wait for its 'serving on HOST:PORT' line."""
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(repository),
+    cmd = [sys.executable, "-m", "snapserve.server", "--model-repository", str(repository),
            "--host", "127.0.0.1", "--port", "0"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     deadline = time.monotonic() + 60

@@ -8,12 +8,12 @@ Layers, one direction: service (gRPC) -> registry -> ServedEnsemble (input check
 -> runtime (ONNX Runtime) -> scores (numpy). Never imports torch or trainer/.
 """
 
-from server.app import RunningServer, start_server
-from server.batcher import Batcher, BatcherConfig
-from server.config import ServerConfig
-from server.errors import ConfigError
-from server.lifecycle import RepositoryConfig
-from server.runtime import RuntimeConfig
+from snapserve.server.app import RunningServer, start_server
+from snapserve.server.batcher import Batcher, BatcherConfig
+from snapserve.server.config import ServerConfig
+from snapserve.server.errors import ConfigError
+from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.runtime import RuntimeConfig
 
 __all__ = ["Batcher", "BatcherConfig", "ConfigError", "RepositoryConfig", "RunningServer",
            "RuntimeConfig", "ServerConfig", "start_server"]

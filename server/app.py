@@ -16,22 +16,22 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from server.config import ServerConfig, format_address
-from server.errors import ConfigError
-from server.health import HealthServicer
-from server.kserve import KServeServicer
-from server.lifecycle import ModelManager
-from server.metrics import ServerMetrics
-from server.reflection import enable_reflection
-from server.registry import ModelRegistry
-from server.runtime import execution_providers
-from server.security import TokenAuthInterceptor, read_tokens, server_credentials
-from server.shutdown import Drain
-from server.service import EnsembleServicer
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server.config import ServerConfig, format_address
+from snapserve.server.errors import ConfigError
+from snapserve.server.health import HealthServicer
+from snapserve.server.kserve import KServeServicer
+from snapserve.server.lifecycle import ModelManager
+from snapserve.server.metrics import ServerMetrics
+from snapserve.server.reflection import enable_reflection
+from snapserve.server.registry import ModelRegistry
+from snapserve.server.runtime import execution_providers
+from snapserve.server.security import TokenAuthInterceptor, read_tokens, server_credentials
+from snapserve.server.shutdown import Drain
+from snapserve.server.service import EnsembleServicer
 
 __all__ = ["RunningServer", "start_server"]
 

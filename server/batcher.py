@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from server.errors import BatcherClosed, ConfigError, ItemExpired, ItemTooLarge, QueueFull
+from snapserve.server.errors import BatcherClosed, ConfigError, ItemExpired, ItemTooLarge, QueueFull
 
 __all__ = ["Batcher", "BatcherConfig", "BatcherStats", "BatcherClosed", "ItemExpired",
            "ItemTooLarge", "QueueFull"]

@@ -1,4 +1,4 @@
-"""`ensemble-server` (also `python -m server`): serve a model repository over gRPC."""
+"""`ensemble-server` (also `python -m snapserve.server`): serve a model repository over gRPC."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from server.app import start_server
-from server.batcher import BatcherConfig
-from server.config import ServerConfig
-from server.lifecycle import VERSION_POLICIES, RepositoryConfig
-from server.errors import ConfigError
-from server.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
-from server.security import SecurityConfig
+from snapserve.server.app import start_server
+from snapserve.server.batcher import BatcherConfig
+from snapserve.server.config import ServerConfig
+from snapserve.server.lifecycle import VERSION_POLICIES, RepositoryConfig
+from snapserve.server.errors import ConfigError
+from snapserve.server.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
+from snapserve.server.security import SecurityConfig
 
 logger = logging.getLogger("server")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.batcher import BatcherConfig
-from server.errors import ConfigError
-from server.lifecycle import RepositoryConfig
-from server.runtime import RuntimeConfig
-from server.security import SecurityConfig
+from snapserve.server.batcher import BatcherConfig
+from snapserve.server.errors import ConfigError
+from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.security import SecurityConfig
 
 __all__ = ["BatcherConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig", "format_address"]
 

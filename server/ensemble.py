@@ -16,13 +16,13 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from server.batcher import Batcher, BatcherConfig
-from server.errors import GraphMismatch, InferenceError, ModelLoadError
-from server.inputs import conform_input
-from server.manifest import Manifest, read_manifest, verify_checksums
-from server.runtime import FUSED, MEMBERS, EnsembleRuntime, GraphTiming, RuntimeConfig, choose_graph
-from server.scores import EnsembleScores
-from server.statistics import InferenceObserver, ModelStatistics
+from snapserve.server.batcher import Batcher, BatcherConfig
+from snapserve.server.errors import GraphMismatch, InferenceError, ModelLoadError
+from snapserve.server.inputs import conform_input
+from snapserve.server.manifest import Manifest, read_manifest, verify_checksums
+from snapserve.server.runtime import FUSED, MEMBERS, EnsembleRuntime, GraphTiming, RuntimeConfig, choose_graph
+from snapserve.server.scores import EnsembleScores
+from snapserve.server.statistics import InferenceObserver, ModelStatistics
 
 __all__ = ["ServedEnsemble", "load_version"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.errors import InvalidInput
-from server.manifest import InputSpec
+from snapserve.server.errors import InvalidInput
+from snapserve.server.manifest import InputSpec
 
 __all__ = ["conform_input", "format_shape"]
 

@@ -14,16 +14,16 @@ from typing import AsyncIterator
 
 import grpc
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from server.errors import InvalidInput, RepositoryControlDenied
-from server.health import SERVING, HealthServicer
-from server.kserve_messages import (decode_infer_input, encode_infer_response, encode_model_config,
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.server.errors import InvalidInput, RepositoryControlDenied
+from snapserve.server.health import SERVING, HealthServicer
+from snapserve.server.kserve_messages import (decode_infer_input, encode_infer_response, encode_model_config,
                                     encode_model_metadata, encode_statistics, parse_version,
                                     requested_outputs)
-from server.lifecycle import ModelManager, check_model_name
-from server.metrics import API_KSERVE, ServerMetrics
-from server.service import answer_in_order, describe_error, observed_request
+from snapserve.server.lifecycle import ModelManager, check_model_name
+from snapserve.server.metrics import API_KSERVE, ServerMetrics
+from snapserve.server.service import answer_in_order, describe_error, observed_request
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "KServeServicer"]
 

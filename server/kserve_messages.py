@@ -14,17 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import model_config_pb2 as mc
-from proto.tensors import MAX_ARRAY_BYTES, MAX_DIMS
-from server.ensemble import ServedEnsemble
-from server.errors import InvalidInput
-from server.inputs import format_shape
-from server.lifecycle import RepositoryConfig
-from server.manifest import InputSpec
-from server.registry import ModelRegistry
-from server.scores import EnsembleScores
-from server.statistics import Duration
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import model_config_pb2 as mc
+from snapserve.proto.tensors import MAX_ARRAY_BYTES, MAX_DIMS
+from snapserve.server.ensemble import ServedEnsemble
+from snapserve.server.errors import InvalidInput
+from snapserve.server.inputs import format_shape
+from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.manifest import InputSpec
+from snapserve.server.registry import ModelRegistry
+from snapserve.server.scores import EnsembleScores
+from snapserve.server.statistics import Duration
 
 __all__ = ["DEFAULT_OUTPUTS", "KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "OUTPUTS", "PLATFORM",
            "decode_infer_input", "encode_infer_response", "encode_model_config",

@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from server.batcher import BatcherConfig
-from server.ensemble import load_version
-from server.errors import (ConfigError, InvalidModelName, ModelLoadError, ModelNotFound,
+from snapserve.server.batcher import BatcherConfig
+from snapserve.server.ensemble import load_version
+from snapserve.server.errors import (ConfigError, InvalidModelName, ModelLoadError, ModelNotFound,
                            NoLoadableVersion)
-from server.health import HealthServicer
-from server.manifest import MODEL_NAME
-from server.metrics import ServerMetrics
-from server.registry import ModelRegistry, scan_repository
-from server.runtime import RuntimeConfig
+from snapserve.server.health import HealthServicer
+from snapserve.server.manifest import MODEL_NAME
+from snapserve.server.metrics import ServerMetrics
+from snapserve.server.registry import ModelRegistry, scan_repository
+from snapserve.server.runtime import RuntimeConfig
 
 __all__ = ["VERSION_POLICIES", "IndexEntry", "ModelManager", "RepositoryConfig",
            "check_model_name"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from proto.tensors import NUMPY_TO_DTYPE
-from server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
+from snapserve.proto.tensors import NUMPY_TO_DTYPE
+from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
 __all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
            "SCHEMA_VERSION", "read_manifest", "verify_checksums", "sha256_file"]

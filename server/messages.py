@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
-from server.ensemble import ServedEnsemble
-from server.errors import InvalidInput
-from server.inputs import format_shape
-from server.manifest import InputSpec
-from server.registry import ModelRegistry
-from server.scores import EnsembleScores
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
+from snapserve.server.ensemble import ServedEnsemble
+from snapserve.server.errors import InvalidInput
+from snapserve.server.inputs import format_shape
+from snapserve.server.manifest import InputSpec
+from snapserve.server.registry import ModelRegistry
+from snapserve.server.scores import EnsembleScores
 
 __all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_summary"]
 

@@ -32,9 +32,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHand
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.errors import ConfigError
-from server.registry import ModelRegistry
-from server.statistics import InferenceObserver
+from snapserve.server.errors import ConfigError
+from snapserve.server.registry import ModelRegistry
+from snapserve.server.statistics import InferenceObserver
 
 __all__ = ["API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
 

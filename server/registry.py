@@ -16,12 +16,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from server.batcher import BatcherConfig
-from server.ensemble import ServedEnsemble, load_version
-from server.errors import BatcherClosed, ModelLoadError, ModelNotFound, VersionNotFound
-from server.manifest import MODEL_NAME
-from server.runtime import RuntimeConfig
-from server.scores import EnsembleScores
+from snapserve.server.batcher import BatcherConfig
+from snapserve.server.ensemble import ServedEnsemble, load_version
+from snapserve.server.errors import BatcherClosed, ModelLoadError, ModelNotFound, VersionNotFound
+from snapserve.server.manifest import MODEL_NAME
+from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.scores import EnsembleScores
 
 __all__ = ["ModelRegistry", "load_repository", "scan_repository"]
 

@@ -28,8 +28,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import ConfigError, GraphMismatch, InferenceError, InvalidGraph, ModelLoadError
-from server.scores import EnsembleScores, ensemble_scores, softmax
+from snapserve.server.errors import ConfigError, GraphMismatch, InferenceError, InvalidGraph, ModelLoadError
+from snapserve.server.scores import EnsembleScores, ensemble_scores, softmax
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
            "choose_graph", "execution_providers", "session_options"]

@@ -14,16 +14,16 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import TensorError
-from server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput,
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import TensorError
+from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput,
                            InvalidModelName, ItemExpired, ItemTooLarge, ModelNotFound,
                            NoLoadableVersion, QueueFull, RepositoryControlDenied, ShuttingDown,
                            Unauthenticated, VersionNotFound)
-from server.messages import (decode_input, encode_metadata, encode_prediction, encode_summary)
-from server.metrics import API_NATIVE, ServerMetrics
-from server.registry import ModelRegistry
+from snapserve.server.messages import (decode_input, encode_metadata, encode_prediction, encode_summary)
+from snapserve.server.metrics import API_NATIVE, ServerMetrics
+from snapserve.server.registry import ModelRegistry
 
 __all__ = ["STATUS_CODES", "EnsembleServicer", "answer_in_order", "describe_error", "observed_request",
            "status_code"]

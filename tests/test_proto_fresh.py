@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.generate import ROOT, generate, proto_sources
+from snapserve.proto.generate import ROOT, generate, proto_sources
 
 pytest.importorskip("grpc_tools")
 

@@ -1,7 +1,7 @@
-"""`python -m trainer ...` is the same as the `trainer` console script."""
+"""`python -m snapserve.trainer ...` is the same as the `trainer` console script."""
 
 import sys
 
-from trainer.cli import main
+from snapserve.trainer.cli import main
 
 sys.exit(main())

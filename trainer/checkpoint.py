@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.errors import CheckpointError
+from snapserve.trainer.errors import CheckpointError
 
 __all__ = ["CHECKPOINT_FILE", "FORMAT", "load_checkpoint", "restore_rng_state", "rng_state",
            "save_checkpoint"]

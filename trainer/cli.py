@@ -1,4 +1,4 @@
-"""The `trainer` command (also `python -m trainer`).
+"""The `trainer` command (also `python -m snapserve.trainer`).
 
     trainer train --method snapshot --dataset digits --arch cnn --epochs 40 --members 5 \
                   --lr 0.1 --seed 0 --out models --name digits
@@ -19,13 +19,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.config import AMP_MODES, TrainConfig
-from trainer.data import BUILTIN_DATASETS
-from trainer.errors import ConfigError, TrainerError
-from trainer.importer import add_import_parser
-from trainer.methods import METHODS
-from trainer.models import ARCHITECTURES
-from trainer.train import run_training
+from snapserve.trainer.config import AMP_MODES, TrainConfig
+from snapserve.trainer.data import BUILTIN_DATASETS
+from snapserve.trainer.errors import ConfigError, TrainerError
+from snapserve.trainer.importer import add_import_parser
+from snapserve.trainer.methods import METHODS
+from snapserve.trainer.models import ARCHITECTURES
+from snapserve.trainer.train import run_training
 
 __all__ = ["build_parser", "main"]
 
@@ -177,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from trainer.compare import run_compare
+    from snapserve.trainer.compare import run_compare
 
     run_compare(args, config_from_args)
     return 0

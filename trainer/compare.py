@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import TrainConfig
-from trainer.train import run_training
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.train import run_training
 
 __all__ = ["COLUMNS", "format_table", "run_compare"]
 

@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data import BUILTIN_DATASETS
-from trainer.errors import ConfigError, RepositoryError
-from trainer.methods import DEFAULT_MEMBERS, METHODS
-from trainer.models import check_arch
-from trainer.repository import validate_model_name
+from snapserve.trainer.data import BUILTIN_DATASETS
+from snapserve.trainer.errors import ConfigError, RepositoryError
+from snapserve.trainer.methods import DEFAULT_MEMBERS, METHODS
+from snapserve.trainer.models import check_arch
+from snapserve.trainer.repository import validate_model_name
 
 __all__ = ["AMP_MODES", "TrainConfig", "default_threads"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from trainer.errors import DatasetError
+from snapserve.trainer.errors import DatasetError
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -172,7 +172,7 @@ def load_dataset(spec: str, *, split_seed: int = SPLIT_SEED, val_fraction: float
         return BUILTIN_DATASETS[spec](split_seed)
     path = Path(spec)
     if path.is_dir():
-        from trainer.image_datasets import load_folder_dataset
+        from snapserve.trainer.image_datasets import load_folder_dataset
 
         return load_folder_dataset(path, split_seed=split_seed)
     if path.suffix == ".npz" or path.exists():

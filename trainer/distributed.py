@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.errors import ConfigError
+from snapserve.trainer.errors import ConfigError
 
 __all__ = ["DistContext", "any_failed", "close_distributed", "init_distributed"]
 

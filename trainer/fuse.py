@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
-from trainer.errors import RepositoryError
+from snapserve.trainer.errors import RepositoryError
 
 __all__ = ["FUSED_FILE", "FUSED_FP16_FILE", "FUSED_OUTPUTS", "FP16_TOLERANCE", "MIN_OPSET",
            "TEMPERATURE_INPUT", "FusionError", "add_fused_graph", "check_fused", "fuse_members",

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Dataset, Split, _make_dataset, _split
-from trainer.errors import DatasetError
+from snapserve.trainer.data import Dataset, Split, _make_dataset, _split
+from snapserve.trainer.errors import DatasetError
 
 __all__ = ["CIFAR10_CLASSES", "CifarUnpickler", "IMAGE_SUFFIXES", "load_cifar", "load_folder_dataset",
            "load_image_folder", "safe_unpickle"]

@@ -25,9 +25,9 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, helper
 
-from trainer.errors import TrainerError
-from trainer.fuse import try_add_fused_graph
-from trainer.repository import VersionWriter, build_manifest
+from snapserve.trainer.errors import TrainerError
+from snapserve.trainer.fuse import try_add_fused_graph
+from snapserve.trainer.repository import VersionWriter, build_manifest
 
 __all__ = ["MemberMismatch", "MemberSignature", "add_import_parser", "import_members", "member_signature",
            "read_classes", "run_import"]

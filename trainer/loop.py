@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.augment import random_crop_flip
-from trainer.errors import TrainingDiverged
-from trainer.methods import Collector, Schedule
-from trainer.progress import Progress
+from snapserve.trainer.augment import random_crop_flip
+from snapserve.trainer.errors import TrainingDiverged
+from snapserve.trainer.methods import Collector, Schedule
+from snapserve.trainer.progress import Progress
 
 __all__ = ["Batch", "EpochEnd", "LoopResult", "Precision", "TensorBatches", "set_lr", "train_loop",
            "train_step", "unwrap"]

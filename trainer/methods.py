@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from trainer.collectors import AveragingCollector, StepCollector
-from trainer.errors import ConfigError
-from trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule,
+from snapserve.trainer.collectors import AveragingCollector, StepCollector
+from snapserve.trainer.errors import ConfigError
+from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule,
                                SWASchedule)
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from snapserve.trainer.config import TrainConfig
 
 __all__ = ["DEFAULT_MEMBERS", "METHODS", "Collector", "Method", "MethodContext", "Schedule",
            "build_method", "fge_phase_epochs"]

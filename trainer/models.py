@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import ConfigError
+from snapserve.trainer.errors import ConfigError
 
 __all__ = ["ARCHITECTURES", "DEFAULT_DEPTH", "build_model", "check_arch", "cnn", "cnn1d", "mlp",
            "preresnet", "resnet", "wrn"]

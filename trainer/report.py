@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.metrics import (classification_metrics, ensemble_probabilities, fit_temperature,
+from snapserve.trainer.metrics import (classification_metrics, ensemble_probabilities, fit_temperature,
                              mutual_information, pairwise_disagreement, reliability_bins,
                              temperature_scaled)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from trainer.errors import RepositoryError
+from snapserve.trainer.errors import RepositoryError
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "VersionWriter", "build_manifest", "next_version",
            "sha256_file", "validate_model_name", "verify_version"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainer.errors import ConfigError
+from snapserve.trainer.errors import ConfigError
 
 __all__ = [
     "CyclicCosineSchedule",

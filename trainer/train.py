@@ -26,22 +26,22 @@ import onnxruntime
 import torch
 from torch import nn
 
-from trainer.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from trainer.collectors import Member, cpu_state_dict
-from trainer.config import TrainConfig
-from trainer.data import SPLIT_SEED, Dataset, load_dataset
-from trainer.distributed import DistContext, any_failed, close_distributed, init_distributed
-from trainer.errors import CheckpointError, ConfigError, RepositoryError
-from trainer.export import ONNX_OPSET, check_parity, export_onnx, torch_logits
-from trainer.fuse import try_add_fused_graph
-from trainer.loop import EpochEnd, Precision, TensorBatches, train_loop
-from trainer.methods import Method, MethodContext, build_method
-from trainer.metrics import classification_metrics, softmax
-from trainer.models import build_model
-from trainer.plots import write_plots
-from trainer.progress import Progress
-from trainer.report import evaluate_ensemble, report_markdown
-from trainer.repository import VersionWriter, build_manifest
+from snapserve.trainer.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from snapserve.trainer.collectors import Member, cpu_state_dict
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.data import SPLIT_SEED, Dataset, load_dataset
+from snapserve.trainer.distributed import DistContext, any_failed, close_distributed, init_distributed
+from snapserve.trainer.errors import CheckpointError, ConfigError, RepositoryError
+from snapserve.trainer.export import ONNX_OPSET, check_parity, export_onnx, torch_logits
+from snapserve.trainer.fuse import try_add_fused_graph
+from snapserve.trainer.loop import EpochEnd, Precision, TensorBatches, train_loop
+from snapserve.trainer.methods import Method, MethodContext, build_method
+from snapserve.trainer.metrics import classification_metrics, softmax
+from snapserve.trainer.models import build_model
+from snapserve.trainer.plots import write_plots
+from snapserve.trainer.progress import Progress
+from snapserve.trainer.report import evaluate_ensemble, report_markdown
+from snapserve.trainer.repository import VersionWriter, build_manifest
 
 __all__ = ["History", "TrainResult", "TrainedEnsemble", "member_models", "member_probabilities",
            "resolve_device", "run_training", "seed_everything", "train_ensemble"]

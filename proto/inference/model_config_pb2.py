@@ -18,7 +18,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     'proto/inference/model_config.proto'
 )
 # @@protoc_insertion_point(imports)
-from proto.inference import POOL as _POOL
+from snapserve.proto.inference import POOL as _POOL
 
 _sym_db = _symbol_database.Default()
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from server import BatcherConfig, RunningServer, ServerConfig, start_server
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from tests.server.conftest import model_repo, running_server, server_config  # noqa: F401 (fixtures)
 
 

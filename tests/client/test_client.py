@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncEnsembleClient, ClientError, EnsembleClient, Prediction
-from client.cli import main
-from server import RunningServer
+from snapserve.client import AsyncEnsembleClient, ClientError, EnsembleClient, Prediction
+from snapserve.client.cli import main
+from snapserve.server import RunningServer
 from tests.server.conftest import DIGITS_CLASSES, reference_member_probs
 
 from .conftest import ThreadedServer

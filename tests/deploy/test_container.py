@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from client import EnsembleClient
+from snapserve.client import EnsembleClient
 from tests.server.conftest import random_members, reference_member_probs, write_model_version
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, config_from_args, env_var
+from snapserve.server.cli import build_parser, config_from_args, env_var
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_bad_values_name_the_variable(name: str, value: str, message: str,
 
 def test_a_value_the_config_refuses_names_its_field(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from snapserve.server.cli import main
     monkeypatch.setenv("SNAPSERVE_MODEL_REPOSITORY", str(tmp_path))
     monkeypatch.setenv("SNAPSERVE_MAX_BATCH_SIZE", "0")
     with pytest.raises(SystemExit) as info:

@@ -1,4 +1,4 @@
-"""`python -m server.healthcheck`, the image's HEALTHCHECK, against a real server: exit 0 only for
+"""`python -m snapserve.server.healthcheck`, the image's HEALTHCHECK, against a real server: exit 0 only for
 SERVING, 1 for anything else, reading SNAPSERVE_PORT like the server does."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server import RunningServer
+from snapserve.server import RunningServer
 from tests.server.conftest import model_repo, running_server, server_config  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ async def healthcheck(*args: str, port: int | None = None) -> tuple[int, str]:
     if port is not None:
         env["SNAPSERVE_PORT"] = str(port)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.healthcheck", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "snapserve.server.healthcheck", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
@@ -91,8 +91,8 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) -> None:  # noqa: F811
-    from server import ServerConfig, start_server
-    from server.security import SecurityConfig
+    from snapserve.server import ServerConfig, start_server
+    from snapserve.server.security import SecurityConfig
 
     cert, key = self_signed(tmp_path)
     running = await start_server(ServerConfig(model_repository=model_repo, port=0,
@@ -111,7 +111,7 @@ async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) 
 
 
 def test_tls_follows_the_server_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from server.healthcheck import build_parser
+    from snapserve.server.healthcheck import build_parser
 
     monkeypatch.delenv("SNAPSERVE_TLS_CERT", raising=False)
     assert build_parser().parse_args([]).tls_ca is None

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.cli import build_parser, env_var
+from snapserve.server.cli import build_parser, env_var
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import AsyncEnsembleClient
-from server.app import start_server
-from server.config import ServerConfig
-from trainer.cli import main as trainer_main
-from trainer.data import load_dataset
+from snapserve.client import AsyncEnsembleClient
+from snapserve.server.app import start_server
+from snapserve.server.config import ServerConfig
+from snapserve.trainer.cli import main as trainer_main
+from snapserve.trainer.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server import BatcherConfig, RuntimeConfig, ServerConfig
+from snapserve.server import BatcherConfig, RuntimeConfig, ServerConfig
 from tests.client.conftest import ThreadedServer
 from tests.server.conftest import member_model, random_members
 
@@ -79,7 +79,7 @@ def threaded_server(repo: Path, **runtime: object) -> ThreadedServer:
 
 @pytest.fixture
 def imported_repo(tmp_path: Path, member_files: list[Path]) -> Path:
-    from trainer.importer import import_members
+    from snapserve.trainer.importer import import_members
 
     repo = tmp_path / "repo"
     import_members(member_files, repo, "mixed")

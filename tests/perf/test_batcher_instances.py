@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from server.batcher import Batcher, BatcherConfig
-from server.errors import ConfigError
+from snapserve.server.batcher import Batcher, BatcherConfig
+from snapserve.server.errors import ConfigError
 
 
 class Held:

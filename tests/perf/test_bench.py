@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from client import ClientError
-from client.bench import BenchConfig, BenchError, format_table, run_bench
-from client.cli import main as client_main
-from server import BatcherConfig, ServerConfig
+from snapserve.client import ClientError
+from snapserve.client.bench import BenchConfig, BenchError, format_table, run_bench
+from snapserve.client.cli import main as client_main
+from snapserve.server import BatcherConfig, ServerConfig
 from tests.client.conftest import ThreadedServer
 
 

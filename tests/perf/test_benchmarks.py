@@ -11,8 +11,8 @@ from benchmarks.ceiling import (Ceiling, Timing, default_batch_sizes, format_tab
                                 setups)
 from benchmarks.echo_server import canned_response
 from benchmarks.serve import replace_section
-from client.messages import decode_prediction
-from proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.client.messages import decode_prediction
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 
 
 def test_ceiling_for_a_batch_mix_interpolates_between_measured_sizes() -> None:

@@ -12,15 +12,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from client import EnsembleClient
-from server.batcher import BatcherConfig
-from server.ensemble import load_version
-from server.errors import ModelLoadError
-from server.runtime import RuntimeConfig
-from server.scores import EnsembleScores, ensemble_scores, softmax
-from trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_INPUT, check_fused,
+from snapserve.client import EnsembleClient
+from snapserve.server.batcher import BatcherConfig
+from snapserve.server.ensemble import load_version
+from snapserve.server.errors import ModelLoadError
+from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.scores import EnsembleScores, ensemble_scores, softmax
+from snapserve.trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_INPUT, check_fused,
                           fuse_members, member_to_fp16)
-from trainer.importer import import_members
+from snapserve.trainer.importer import import_members
 
 from .conftest import CLASSES, SHAPE, conv_member, linear_members, save, threaded_server
 
@@ -185,7 +185,7 @@ def test_fused_and_members_serve_the_same_answers(imported_repo: Path) -> None:
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="needs onnxruntime-gpu and a GPU (the CUDA paths are not run in CI)")
 def test_cuda_paths_match_the_cpu(imported_repo: Path) -> None:  # pragma: no cover - GPU only
-    from server.runtime import EnsembleRuntime
+    from snapserve.server.runtime import EnsembleRuntime
 
     version = imported_repo / "mixed" / "1"
     manifest = json.loads((version / "manifest.json").read_text())
@@ -205,7 +205,7 @@ def test_cuda_paths_match_the_cpu(imported_repo: Path) -> None:  # pragma: no co
 
 
 def test_trainer_train_writes_the_fused_graph(tmp_path: Path) -> None:
-    from trainer.cli import main as trainer_main
+    from snapserve.trainer.cli import main as trainer_main
 
     assert trainer_main(["-q", "train", "--dataset", "digits", "--arch", "mlp", "--epochs", "2",
                          "--members", "2", "--out", str(tmp_path), "--name", "d"]) == 0

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client import EnsembleClient
+from snapserve.client import EnsembleClient
 from tests.server.conftest import member_model, random_members, reference_member_probs
-from trainer.cli import main as trainer_main
-from trainer.importer import MemberMismatch, import_members
+from snapserve.trainer.cli import main as trainer_main
+from snapserve.trainer.importer import MemberMismatch, import_members
 
 from .conftest import CLASSES, SHAPE, conv_member, linear_members, save
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import ConfigError
-from server.runtime import RuntimeConfig
+from snapserve.server.errors import ConfigError
+from snapserve.server.runtime import RuntimeConfig
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -21,7 +21,7 @@ def test_bad_settings_name_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_server_cli_maps_the_new_flags() -> None:
-    from server.cli import build_parser, config_from_args
+    from snapserve.server.cli import build_parser, config_from_args
 
     args = build_parser({}).parse_args([
         "--model-repository", ".", "--instances", "3", "--graph", "fused", "--precision", "fp16",

@@ -18,10 +18,10 @@ import pytest
 import tritonclient.grpc.aio as triton
 from onnx import TensorProto, helper, numpy_helper
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor, to_tensor
-from server import BatcherConfig, RunningServer, ServerConfig, start_server
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor, to_tensor
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from tests.server.conftest import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET,  # noqa: F401
                                    model_repo, random_members, write_model_version)
 

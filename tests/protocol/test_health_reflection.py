@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
-import server.lifecycle
-from server import RunningServer, ServerConfig, start_server
-from server.healthcheck import check
-from server.lifecycle import RepositoryConfig
+import snapserve.server.lifecycle
+from snapserve.server import RunningServer, ServerConfig, start_server
+from snapserve.server.healthcheck import check
+from snapserve.server.lifecycle import RepositoryConfig
 
 from .conftest import fast_batching, serving, triton_client
 
@@ -55,13 +55,13 @@ def free_port() -> int:
 async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The port answers health checks before the models are loaded, with NOT_SERVING."""
     release = threading.Event()
-    real_load = server.lifecycle.load_version
+    real_load = snapserve.server.lifecycle.load_version
 
     def held_load(*args: object) -> object:  # runs in a loader thread: blocks it, not the event loop
         release.wait(timeout=30)
         return real_load(*args)
 
-    monkeypatch.setattr(server.lifecycle, "load_version", held_load)
+    monkeypatch.setattr(snapserve.server.lifecycle, "load_version", held_load)
     port = free_port()
     starting = asyncio.ensure_future(start_server(ServerConfig(
         model_repository=model_repo, port=port, batcher=fast_batching())))

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from server import RunningServer
+from snapserve.server import RunningServer
 
 from .conftest import (DIGITS_SHAPE, SCORES, digits_input, native_predict, native_stub, serving,
                        triton_client, write_int_model)

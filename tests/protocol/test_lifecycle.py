@@ -15,12 +15,12 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from server import RunningServer
-from server.cli import build_parser, config_from_args
-from server.ensemble import ServedEnsemble
-from server.errors import ConfigError, VersionNotFound
-from server.lifecycle import RepositoryConfig
-from server.registry import ModelRegistry
+from snapserve.server import RunningServer
+from snapserve.server.cli import build_parser, config_from_args
+from snapserve.server.ensemble import ServedEnsemble
+from snapserve.server.errors import ConfigError, VersionNotFound
+from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.registry import ModelRegistry
 
 from .conftest import (DIGITS_CLASSES, DIGITS_SHAPE, digits_input, native_predict, native_stub,
                        random_members, serving, triton_client, write_model_version)

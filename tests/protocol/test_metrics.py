@@ -11,7 +11,7 @@ import tritonclient.grpc.aio as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from server import RunningServer
+from snapserve.server import RunningServer
 
 from .conftest import (digits_input, native_predict, native_stub, serving, triton_client,
                        write_model_version)

@@ -9,9 +9,9 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton_service
 
-from proto.inference import POOL
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import model_config_pb2 as mc
+from snapserve.proto.inference import POOL
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import model_config_pb2 as mc
 
 
 def _messages(descriptor: Descriptor) -> list[Descriptor]:

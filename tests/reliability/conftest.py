@@ -1,5 +1,5 @@
 """Fixtures for reliability and security tests: the server tests' model repository, a real server
-in this process or as `python -m server`, and throw-away certificates made with `cryptography`."""
+in this process or as `python -m snapserve.server`, and throw-away certificates made with `cryptography`."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import to_tensor
-from server import RunningServer, ServerConfig, start_server
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import to_tensor
+from snapserve.server import RunningServer, ServerConfig, start_server
 from tests.server.conftest import DIGITS_SHAPE, model_repo  # noqa: F401 (fixture)
 
 

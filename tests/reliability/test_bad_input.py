@@ -18,16 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import DTYPE_TO_NUMPY, TensorError, from_tensor, to_tensor
-from server import BatcherConfig, RunningServer, RuntimeConfig
-from server.errors import InvalidInput
-from server.inputs import conform_input
-from server.kserve_messages import KSERVE_TO_NUMPY, decode_infer_input
-from server.manifest import InputSpec
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import DTYPE_TO_NUMPY, TensorError, from_tensor, to_tensor
+from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig
+from snapserve.server.errors import InvalidInput
+from snapserve.server.inputs import conform_input
+from snapserve.server.kserve_messages import KSERVE_TO_NUMPY, decode_infer_input
+from snapserve.server.manifest import InputSpec
 from tests.server.conftest import reference_member_probs
 
 from .conftest import digits, serving
@@ -326,7 +326,7 @@ def test_random_bytes_parse_or_fail_cleanly(data: bytes) -> None:
     """What the gRPC layer does with a request's bytes, then our decoding of whatever parsed."""
     from google.protobuf.message import DecodeError
 
-    from server.messages import decode_input
+    from snapserve.server.messages import decode_input
 
     try:
         request = pb.PredictRequest.FromString(data)

@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor
-from server import BatcherConfig, RunningServer, ServerConfig
-from server.errors import ConfigError
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig
+from snapserve.server.errors import ConfigError
 from tests.server.conftest import reference_member_probs
 
 from .conftest import digits, predict_request, serving

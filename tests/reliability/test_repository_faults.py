@@ -21,12 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor
-from server import RunningServer
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor
+from snapserve.server import RunningServer
 from tests.server.conftest import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET,
                                    random_members, reference_member_probs, write_model_version)
 

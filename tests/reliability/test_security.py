@@ -18,16 +18,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import AsyncEnsembleClient, ClientError, EnsembleClient
-from client.cli import main as client_main
-from proto.inference import grpc_service_pb2 as kpb
-from proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from server import ServerConfig
-from server.errors import ConfigError
-from server.lifecycle import RepositoryConfig
-from server.security import SecurityConfig, TokenAuthInterceptor, read_tokens
+from snapserve.client import AsyncEnsembleClient, ClientError, EnsembleClient
+from snapserve.client.cli import main as client_main
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server import ServerConfig
+from snapserve.server.errors import ConfigError
+from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.security import SecurityConfig, TokenAuthInterceptor, read_tokens
 from tests.client.conftest import ThreadedServer
 
 from .conftest import Pki, digits, predict_request, serving, tls_channel
@@ -210,7 +210,7 @@ def test_token_file_rules(tmp_path: Path) -> None:
 
 
 def test_every_token_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.security as security
+    import snapserve.server.security as security
 
     compared: list[bytes] = []
     real = security.hmac.compare_digest

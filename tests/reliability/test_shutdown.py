@@ -1,4 +1,4 @@
-"""SIGTERM to a `python -m server` process under load: health turns NOT_SERVING, every request
+"""SIGTERM to a `python -m snapserve.server` process under load: health turns NOT_SERVING, every request
 the server accepted gets its correct answer, later ones get UNAVAILABLE, and it exits 0.
 
 The load and the checks are benchmarks/soak.py's (run_shutdown), at a smaller size.

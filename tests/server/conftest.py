@@ -21,8 +21,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from server import BatcherConfig, RunningServer, ServerConfig, start_server
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 
 OPSET = 17
 IR_VERSION = 8  # old enough for any onnxruntime >= 1.17 (pyproject's floor)

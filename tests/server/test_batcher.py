@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from server.batcher import (Batcher, BatcherClosed, BatcherConfig, ItemExpired, ItemTooLarge,
+from snapserve.server.batcher import (Batcher, BatcherClosed, BatcherConfig, ItemExpired, ItemTooLarge,
                             QueueFull)
-from server.errors import ConfigError
+from snapserve.server.errors import ConfigError
 
 
 class Recorder:

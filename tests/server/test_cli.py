@@ -1,4 +1,4 @@
-"""`python -m server` as a real process: the ready line, serving, and clean exit on signals."""
+"""`python -m snapserve.server` as a real process: the ready line, serving, and clean exit on signals."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor, to_tensor
-from server.cli import build_parser, config_from_args
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor, to_tensor
+from snapserve.server.cli import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
@@ -24,7 +24,7 @@ READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 
 def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], int, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0", *extra],
+        [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0", *extra],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: list[str] = []
@@ -73,7 +73,7 @@ def test_flags_map_onto_the_config(model_repo: Path) -> None:
 
 
 def test_bad_flag_value_names_the_field(model_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from snapserve.server.cli import main
     with pytest.raises(SystemExit) as info:
         main(["--model-repository", str(model_repo), "--max-batch-size", "0"])
     assert info.value.code == 2

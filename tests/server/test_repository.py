@@ -12,11 +12,11 @@ from typing import Iterator
 import grpc
 import pytest
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from server import BatcherConfig, RuntimeConfig, ServerConfig, start_server
-from server.errors import ConfigError, ModelNotFound, VersionNotFound
-from server.registry import ModelRegistry, load_repository, scan_repository
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server import BatcherConfig, RuntimeConfig, ServerConfig, start_server
+from snapserve.server.errors import ConfigError, ModelNotFound, VersionNotFound
+from snapserve.server.registry import ModelRegistry, load_repository, scan_repository
 
 from .conftest import DIGITS_CLASSES, DIGITS_SHAPE, random_members, write_model_version
 

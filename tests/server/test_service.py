@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from proto.tensors import from_tensor, to_tensor
-from server import BatcherConfig, RunningServer, ServerConfig, start_server
-from server import scores
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor, to_tensor
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
+from snapserve.server import scores
 
 from .conftest import (DIGITS_CLASSES, DIGITS_SHAPE, random_members, reference_member_probs,
                        write_model_version)
@@ -258,9 +258,9 @@ async def test_stop_with_grace_finishes_in_flight_requests(model_repo: Path) -> 
 
 
 def test_status_table_maps_named_exceptions_and_subclasses() -> None:
-    from proto.tensors import TensorError
-    from server.errors import ChecksumMismatch, InvalidInput, ItemExpired, QueueFull, VersionNotFound
-    from server.service import status_code
+    from snapserve.proto.tensors import TensorError
+    from snapserve.server.errors import ChecksumMismatch, InvalidInput, ItemExpired, QueueFull, VersionNotFound
+    from snapserve.server.service import status_code
 
     assert status_code(InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_code(TensorError("x")) == grpc.StatusCode.INVALID_ARGUMENT

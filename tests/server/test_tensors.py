@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from proto.snapserve.v1 import ensemble_pb2 as pb
-from proto.tensors import (DTYPE_TO_NUMPY, TensorError, dtype_from_name, from_tensor, to_tensor)
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.tensors import (DTYPE_TO_NUMPY, TensorError, dtype_from_name, from_tensor, to_tensor)
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(d).newbyteorder("=") for d in DTYPE_TO_NUMPY.values()])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.cli import main
-from trainer.data import Dataset, load_dataset
+from snapserve.trainer.cli import main
+from snapserve.trainer.data import Dataset, load_dataset
 
 # The test machine's CPU is shared: small models gain nothing from more threads.
 torch.set_num_threads(1)
@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 # update {kill_at}: `python -c KILLER.format(kill_at=N) train ...`, or a file for torchrun.
 KILLER = """
 import os, signal, sys
-import trainer.loop as loop
+import snapserve.trainer.loop as loop
 real_step, done = loop.train_step, [0]
 def step(*args, **kwargs):
     done[0] += 1
@@ -30,7 +30,7 @@ def step(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_step(*args, **kwargs)
 loop.train_step = step
-from trainer.cli import main
+from snapserve.trainer.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

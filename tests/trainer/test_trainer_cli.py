@@ -17,10 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from trainer.cli import main
-from trainer.data import Dataset
-from trainer.errors import RepositoryError
-from trainer.repository import VersionWriter, next_version, verify_version
+from snapserve.trainer.cli import main
+from snapserve.trainer.data import Dataset
+from snapserve.trainer.errors import RepositoryError
+from snapserve.trainer.repository import VersionWriter, next_version, verify_version
 
 TRAIN_ARGS = ["train", "--dataset", "digits", "--arch", "cnn", "--epochs", "2", "--members", "2",
               "--lr", "0.1", "--seed", "0", "--threads", "1", "--name", "digits"]
@@ -154,7 +154,7 @@ def test_a_failed_write_leaves_no_trace_and_junk_is_ignored(tmp_path: Path) -> N
 
 
 def test_python_dash_m_trainer() -> None:
-    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"],
+    done = subprocess.run([sys.executable, "-m", "snapserve.trainer", "train", "--help"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and "--members" in done.stdout and "--out" in done.stdout
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import update_bn as torch_update_bn
 
-from trainer.collectors import AveragingCollector, StepCollector, update_bn
+from snapserve.trainer.collectors import AveragingCollector, StepCollector, update_bn
 
 
 def small_model() -> nn.Module:

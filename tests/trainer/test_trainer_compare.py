@@ -6,8 +6,8 @@ import contextlib
 import io
 from pathlib import Path
 
-from trainer.cli import main
-from trainer.compare import format_table
+from snapserve.trainer.cli import main
+from snapserve.trainer.compare import format_table
 
 
 def test_format_table_is_mean_and_sample_std() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data import Dataset, load_dataset, normalization_stats
-from trainer.errors import DatasetError
+from snapserve.trainer.data import Dataset, load_dataset, normalization_stats
+from snapserve.trainer.errors import DatasetError
 
 
 def test_digits_is_a_fixed_stratified_60_20_20_split(digits: Dataset) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.conftest import KILLER, train_cli
-from trainer.checkpoint import load_checkpoint
+from snapserve.trainer.checkpoint import load_checkpoint
 
 # swa: BatchNorm statistics of the average are all-reduced over the processes.
 ARGS = ["--dataset", "digits", "--arch", "cnn", "--width", "8", "--method", "swa", "--epochs", "4",
@@ -38,7 +38,7 @@ def test_two_processes_with_gloo_match_one(tmp_path: Path) -> None:
     (run_dir,) = (tmp_path / "ddp" / ".runs").iterdir()
     assert load_checkpoint(run_dir)["epoch"] == 2
 
-    done = torchrun("-m", "trainer", "train", "--out", str(tmp_path / "ddp"), *ARGS, "--resume")
+    done = torchrun("-m", "snapserve.trainer", "train", "--out", str(tmp_path / "ddp"), *ARGS, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # only process 0 writes and reports
     version = tmp_path / "ddp" / "digits" / "1"

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.collectors import StepCollector
-from trainer.data import Dataset
-from trainer.errors import ExportParityError
-from trainer.export import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, check_parity, export_onnx,
+from snapserve.trainer.collectors import StepCollector
+from snapserve.trainer.data import Dataset
+from snapserve.trainer.errors import ExportParityError
+from snapserve.trainer.export import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, check_parity, export_onnx,
                             onnx_logits, onnx_session, torch_logits)
-from trainer.loop import TensorBatches, train_loop
-from trainer.models import build_model
-from trainer.schedules import CyclicCosineSchedule
+from snapserve.trainer.loop import TensorBatches, train_loop
+from snapserve.trainer.models import build_model
+from snapserve.trainer.schedules import CyclicCosineSchedule
 
 
 def trained(arch: str, digits: Dataset) -> nn.Module:

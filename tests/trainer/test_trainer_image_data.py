@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import load_dataset
-from trainer.errors import DatasetError
-from trainer.image_datasets import CIFAR10_CLASSES
+from snapserve.trainer.data import load_dataset
+from snapserve.trainer.errors import DatasetError
+from snapserve.trainer.image_datasets import CIFAR10_CLASSES
 
 
 def test_mnist1d_is_generated_locally_without_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,10 +169,10 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 def test_augmentation_is_for_images_and_on_by_default_for_cifar(tmp_path: Path) -> None:
     import torch
 
-    from trainer.config import TrainConfig
-    from trainer.distributed import DistContext
-    from trainer.errors import ConfigError
-    from trainer.train import _batches
+    from snapserve.trainer.config import TrainConfig
+    from snapserve.trainer.distributed import DistContext
+    from snapserve.trainer.errors import ConfigError
+    from snapserve.trainer.train import _batches
 
     cpu, one = torch.device("cpu"), DistContext()
     with pytest.raises(ConfigError, match=r"augment .* needs images \[N, C, H, W\]; mnist1d"):

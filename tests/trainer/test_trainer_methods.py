@@ -14,12 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trainer.cli import main
-from trainer.collectors import AveragingCollector
-from trainer.config import TrainConfig
-from trainer.data import Dataset
-from trainer.errors import CheckpointError, TrainingDiverged
-from trainer.train import train_ensemble
+from snapserve.trainer.cli import main
+from snapserve.trainer.collectors import AveragingCollector
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.data import Dataset
+from snapserve.trainer.errors import CheckpointError, TrainingDiverged
+from snapserve.trainer.train import train_ensemble
 
 
 def onnx_accuracy(version: Path, member: dict, digits: Dataset, manifest: dict) -> float:
@@ -130,7 +130,7 @@ def test_a_full_disk_is_a_clear_checkpoint_error(digits: Dataset, tmp_path: Path
 
 
 def test_progress_is_a_live_line_on_a_terminal_and_log_lines_otherwise(caplog: pytest.LogCaptureFixture) -> None:
-    from trainer.progress import Progress
+    from snapserve.trainer.progress import Progress
 
     caplog.set_level("INFO", logger="trainer")
     terminal = io.StringIO()

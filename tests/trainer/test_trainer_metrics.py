@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import (accuracy, brier, classification_metrics, ece, ensemble_probabilities,
+from snapserve.trainer.metrics import (accuracy, brier, classification_metrics, ece, ensemble_probabilities,
                              entropy, fit_temperature, mutual_information, nll, pairwise_disagreement,
                              reliability_bins, softmax, temperature_scaled)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.errors import ConfigError
-from trainer.export import check_parity, export_onnx
-from trainer.models import build_model
+from snapserve.trainer.errors import ConfigError
+from snapserve.trainer.export import check_parity, export_onnx
+from snapserve.trainer.models import build_model
 
 
 def count(model: torch.nn.Module) -> int:
@@ -93,7 +93,7 @@ def test_export_parity_of_the_new_architectures(arch: str, shape: tuple, options
 
 
 def test_random_crop_flip_is_a_padded_crop_or_its_mirror() -> None:
-    from trainer.augment import random_crop_flip
+    from snapserve.trainer.augment import random_crop_flip
 
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     fill = torch.tensor([-1.0, -2.0, -3.0])

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tests.trainer.conftest import KILLER, train_cli
-from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
-from trainer.data import Dataset
-from trainer.errors import CheckpointError
-from trainer.train import train_ensemble
+from snapserve.trainer.checkpoint import load_checkpoint, save_checkpoint
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.data import Dataset
+from snapserve.trainer.errors import CheckpointError
+from snapserve.trainer.train import train_ensemble
 
 # 4 epochs of 17 steps, two snapshot cycles of 2 epochs: members after steps 34 and 68.
 ARGS = ["--dataset", "digits", "--arch", "mlp", "--method", "snapshot", "--epochs", "4", "--members", "2",

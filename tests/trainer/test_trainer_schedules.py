@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from trainer.collectors import AveragingCollector
-from trainer.config import TrainConfig
-from trainer.data import Dataset
-from trainer.errors import ConfigError
-from trainer.loop import TensorBatches, train_loop
-from trainer.methods import MethodContext, build_method, fge_phase_epochs
-from trainer.models import build_model
-from trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule,
+from snapserve.trainer.collectors import AveragingCollector
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.data import Dataset
+from snapserve.trainer.errors import ConfigError
+from snapserve.trainer.loop import TensorBatches, train_loop
+from snapserve.trainer.methods import MethodContext, build_method, fge_phase_epochs
+from snapserve.trainer.models import build_model
+from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule,
                                cycle_end_steps, step_decay_lr)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import EnsembleClient
-from server import BatcherConfig, ServerConfig
+from snapserve.client import EnsembleClient
+from snapserve.server import BatcherConfig, ServerConfig
 from tests.client.conftest import ThreadedServer
 from tests.server.conftest import reference_member_probs
-from trainer.data import Dataset
+from snapserve.trainer.data import Dataset
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.snapserve.v1 import ensemble_pb2 as proto_dot_snapserve_dot_v1_dot_ensemble__pb2
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as proto_dot_snapserve_dot_v1_dot_ensemble__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
