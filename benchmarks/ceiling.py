@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from snapserve.server.scores import ensemble_scores, softmax
+from snapserve.proto.scores import ensemble_scores, softmax
 
 __all__ = ["Ceiling", "Timing", "default_batch_sizes", "format_table", "measure_ceiling", "setups"]
 

@@ -21,7 +21,7 @@ from snapserve.server.errors import GraphMismatch, InferenceError, ModelLoadErro
 from snapserve.server.inputs import conform_input
 from snapserve.server.manifest import Manifest, read_manifest, verify_checksums
 from snapserve.server.runtime import FUSED, MEMBERS, EnsembleRuntime, GraphTiming, RuntimeConfig, choose_graph
-from snapserve.server.scores import EnsembleScores
+from snapserve.proto.scores import EnsembleScores
 from snapserve.server.statistics import InferenceObserver, ModelStatistics
 
 __all__ = ["ServedEnsemble", "load_version"]

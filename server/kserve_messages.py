@@ -23,7 +23,7 @@ from snapserve.server.inputs import format_shape
 from snapserve.server.lifecycle import RepositoryConfig
 from snapserve.server.manifest import InputSpec
 from snapserve.server.registry import ModelRegistry
-from snapserve.server.scores import EnsembleScores
+from snapserve.proto.scores import EnsembleScores
 from snapserve.server.statistics import Duration
 
 __all__ = ["DEFAULT_OUTPUTS", "KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "OUTPUTS", "PLATFORM",

@@ -11,7 +11,7 @@ from snapserve.server.errors import InvalidInput
 from snapserve.server.inputs import format_shape
 from snapserve.server.manifest import InputSpec
 from snapserve.server.registry import ModelRegistry
-from snapserve.server.scores import EnsembleScores
+from snapserve.proto.scores import EnsembleScores
 
 __all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_summary"]
 

@@ -21,7 +21,7 @@ from snapserve.server.ensemble import ServedEnsemble, load_version
 from snapserve.server.errors import BatcherClosed, ModelLoadError, ModelNotFound, VersionNotFound
 from snapserve.server.manifest import MODEL_NAME
 from snapserve.server.runtime import RuntimeConfig
-from snapserve.server.scores import EnsembleScores
+from snapserve.proto.scores import EnsembleScores
 
 __all__ = ["ModelRegistry", "load_repository", "scan_repository"]
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from snapserve.server.errors import ConfigError, GraphMismatch, InferenceError, InvalidGraph, ModelLoadError
-from snapserve.server.scores import EnsembleScores, ensemble_scores, softmax
+from snapserve.proto.scores import EnsembleScores, ensemble_scores, softmax
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
            "choose_graph", "execution_providers", "session_options"]

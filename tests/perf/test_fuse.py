@@ -17,7 +17,7 @@ from snapserve.server.batcher import BatcherConfig
 from snapserve.server.ensemble import load_version
 from snapserve.server.errors import ModelLoadError
 from snapserve.server.runtime import RuntimeConfig
-from snapserve.server.scores import EnsembleScores, ensemble_scores, softmax
+from snapserve.proto.scores import EnsembleScores, ensemble_scores, softmax
 from snapserve.trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_INPUT, check_fused,
                           fuse_members, member_to_fp16)
 from snapserve.trainer.importer import import_members

@@ -1,4 +1,8 @@
-"""Ensemble scores: pure numpy functions of the members' probabilities.
+"""Ensemble scores: pure numpy functions of the members' probabilities, defined once.
+
+The one definition both sides use (numpy only: no torch, no gRPC): the server computes its answers
+with it, the trainer its metrics, and the fused ONNX graph's outputs carry `SCORE_NAMES`. Adding a
+score means: its function here and in `ensemble_scores`, its field in the protos, its test.
 
 `member_probs` is always [batch, members, classes], each row a probability vector. Logs are
 natural; 0 * log 0 is taken as 0 (xlogy), so members that put exactly zero mass on a class are
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "SCORE_NAMES",
     "EnsembleScores",
     "ensemble_scores",
     "entropy",
@@ -137,6 +142,11 @@ class EnsembleScores:
         """The scores of examples start..stop-1 (views, no copies)."""
         return EnsembleScores(**{name: getattr(self, name)[start:stop]
                                  for name in self.__dataclass_fields__})
+
+
+# The served outputs, in this order everywhere: EnsembleScores' fields, the fused graph's outputs,
+# the KServe output names.
+SCORE_NAMES: tuple[str, ...] = tuple(EnsembleScores.__dataclass_fields__)
 
 
 def ensemble_scores(member_probs: np.ndarray, temperature: float = 1.0) -> EnsembleScores:
