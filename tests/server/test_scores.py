@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from snapserve.server import scores
+from snapserve.proto import scores
 
 
 def test_two_confident_members_that_disagree() -> None:

@@ -14,7 +14,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
-from snapserve.server import scores
+from snapserve.proto import scores
 
 from .conftest import (DIGITS_CLASSES, DIGITS_SHAPE, random_members, reference_member_probs,
                        write_model_version)
