@@ -14,8 +14,8 @@ $(BIN)/python:
 
 # Reinstalls when pyproject.toml or the pins change. Switching ORT build removes the other one first.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	@if [ "$(ORT_EXTRA)" = gpu ]; then $(BIN)/pip uninstall -q -y onnxruntime || true; \
-	 else $(BIN)/pip uninstall -q -y onnxruntime-gpu || true; fi
+	@other=$(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu); \
+	 if $(BIN)/pip show -q $$other >/dev/null 2>&1; then $(BIN)/pip uninstall -q -y $$other; fi
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(ORT_EXTRA),train,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
