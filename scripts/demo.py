@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from snapserve.client import EnsembleClient
-from snapserve.trainer.data import load_dataset
+from snapserve.trainer.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_LINE = re.compile(r"serving on ([\d.]+):(\d+)")

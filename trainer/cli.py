@@ -3,7 +3,7 @@
     trainer train --method snapshot --dataset digits --arch cnn --epochs 40 --members 5 \
                   --lr 0.1 --seed 0 --out models --name digits
     trainer compare --dataset mnist1d --arch cnn1d --budget 60 --seeds 0 1 2 --out-file table.md
-    torchrun --nproc_per_node 2 -m trainer train ...        (DistributedDataParallel)
+    torchrun --nproc_per_node 2 -m snapserve.trainer train ...   (DistributedDataParallel)
 
 Progress goes to the log (stderr); the final summary is printed to stdout.
 """
@@ -19,13 +19,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from snapserve.trainer.config import AMP_MODES, TrainConfig
-from snapserve.trainer.data import BUILTIN_DATASETS
+from snapserve.trainer.config import AMP_MODES, METHOD_NAMES, TrainConfig
+from snapserve.trainer.datasets import BUILTIN_DATASETS
 from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
-from snapserve.trainer.methods import METHODS
 from snapserve.trainer.models import ARCHITECTURES
-from snapserve.trainer.train import run_training
+from snapserve.trainer.run import run_training
 
 __all__ = ["build_parser", "main"]
 
@@ -105,7 +104,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Train an ensemble and write it as a new model version.")
     p.add_argument("--out", required=True, help="model repository folder (created if missing)")
     p.add_argument("--name", default=None, help="model name in the repository (default: the dataset's name)")
-    p.add_argument("--method", default=_DEFAULTS["method"], choices=sorted(METHODS),
+    p.add_argument("--method", default=_DEFAULTS["method"], choices=sorted(METHOD_NAMES),
                    help="snapshot: cosine cycles, a member per cycle; fge: short linear cycles after "
                         "pre-training; swa: one averaged model; swag: members sampled around the SWA "
                         "average; single: the one-model baseline (default: %(default)s)")
@@ -141,7 +140,7 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, required=True, help="epochs, the same for every method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["single", "snapshot", "fge", "swa"],
-                   choices=sorted(METHODS), help="(default: %(default)s)")
+                   choices=sorted(METHOD_NAMES), help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="model repository for the runs (default: a temporary folder)")
     p.add_argument("--out-file", default=None, help="also write the table (markdown) to this file")
     _add_optimizer_options(p)
@@ -202,7 +201,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # DDP: process 0 speaks for the run
         level = max(level, logging.WARNING)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("trainer").setLevel(level)
+    logging.getLogger("snapserve.trainer").setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,6 +78,7 @@ class StepCollector:
             self._members.append(Member(step=step, state_dict=cpu_state_dict(model)))
 
     def members(self, model: nn.Module | None = None) -> list[Member]:
+        """The copies in step order; `model` is not needed (the copies are whole)."""
         return list(self._members)
 
     def state_dict(self) -> dict[str, Any]:
@@ -227,7 +228,7 @@ class AveragingCollector:
             noise += torch.stack(self.deviations).T @ z / math.sqrt(k - 1)
         return self.mean + math.sqrt(self.scale) * noise
 
-    def members(self, model: nn.Module | None = None) -> list[Member]:
+    def members(self, model: nn.Module) -> list[Member]:
         """SWA: one member, the average. SWAG: `samples` draws, each with its own BatchNorm pass.
 
         `model` (the trained model, unwrapped) is the template: each set of weights is loaded
@@ -235,8 +236,6 @@ class AveragingCollector:
         restored afterwards. Under DDP every process must call this (the statistics are
         all-reduced); the draws are seeded, so every process draws the same members.
         """
-        if model is None:
-            raise ValueError("AveragingCollector.members needs the trained model as a template")
         if self.mean is None:
             return []
         if self.swag_rank and self.samples:

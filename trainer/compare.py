@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.train import run_training
+from snapserve.trainer.run import run_training
 
 __all__ = ["COLUMNS", "format_table", "run_compare"]
 

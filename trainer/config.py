@@ -10,15 +10,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapserve.trainer.data import BUILTIN_DATASETS
+from snapserve.trainer.datasets import BUILTIN_DATASETS
 from snapserve.trainer.errors import ConfigError, RepositoryError
-from snapserve.trainer.methods import DEFAULT_MEMBERS, METHODS
 from snapserve.trainer.models import check_arch
 from snapserve.trainer.repository import validate_model_name
 
-__all__ = ["AMP_MODES", "TrainConfig", "default_threads"]
+__all__ = ["AMP_MODES", "DEFAULT_MEMBERS", "METHOD_NAMES", "TrainConfig", "default_threads"]
 
 AMP_MODES = ("off", "bf16", "fp16")
+
+# Members when --members is not given (fge: one per cycle, set by the budget). Its keys are the
+# method names; methods.py gives each its (schedule, collector) builder.
+DEFAULT_MEMBERS: dict[str, int | None] = {"snapshot": 5, "fge": None, "swa": 1, "swag": 10, "single": 1}
+METHOD_NAMES: tuple[str, ...] = tuple(DEFAULT_MEMBERS)
 
 # Settings that do not change the trained weights: a run resumed with different values of these
 # is the same run (same checkpoint folder). Everything else is part of the run's identity.
@@ -76,10 +80,10 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under DDP on CUDA
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"method must be one of {sorted(METHOD_NAMES)}, got {self.method!r}")
         check_arch(self.arch, self.depth, self.width)
-        if self.members is None and DEFAULT_MEMBERS[self.method] is not None:
+        if self.members is None:
             object.__setattr__(self, "members", DEFAULT_MEMBERS[self.method])
         if self.name is None:
             object.__setattr__(self, "name", _default_name(self.dataset))

@@ -21,8 +21,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from snapserve.proto.scores import softmax
 from snapserve.trainer.errors import ExportParityError
-from snapserve.trainer.metrics import softmax
 
 __all__ = ["INPUT_NAME", "ONNX_OPSET", "OUTPUT_NAME", "PARITY_TOLERANCE",
            "check_parity", "export_onnx", "onnx_logits", "torch_logits"]

@@ -8,10 +8,11 @@ One `run` of `ensemble.onnx` replaces M member runs plus the server's numpy scor
 
 It is built from the member graphs with the onnx API alone (no torch): each member's node,
 edge, initializer and function names get a prefix (`m000/` ...) so they cannot collide, the
-members share the one input, and the score nodes follow. Outputs are named after the server's
-scores (`FUSED_OUTPUTS`). The temperature is an overridable initializer (a graph input with a
-default): the server always feeds the manifest's value, so a temperature fitted after the
-graph was written can never disagree with it; other tools that load the graph get the default.
+members share the one input, and the score nodes follow. The outputs are the served scores,
+named and ordered as `snapserve.proto.scores.SCORE_NAMES` (`FUSED_OUTPUTS`). The temperature is
+an overridable initializer (a graph input with a default): the server always feeds the
+manifest's value, so a temperature fitted after the graph was written can never disagree with
+it; other tools that load the graph get the default.
 
 Numerics: the scores are computed in float32 from log-softmax, in forms that stay accurate
 without float64: log p̄ = logsumexp_m(log p_m) - log M, KL(p_m ‖ p̄) = Σ p_m (log p_m - log p̄),
@@ -32,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
+from snapserve.proto.scores import SCORE_NAMES, probabilities, softmax
 from snapserve.trainer.errors import RepositoryError
 
 __all__ = ["FUSED_FILE", "FUSED_FP16_FILE", "FUSED_OUTPUTS", "FP16_TOLERANCE", "MIN_OPSET",
@@ -43,10 +45,8 @@ logger = logging.getLogger(__name__)
 FUSED_FILE = "ensemble.onnx"
 FUSED_FP16_FILE = "ensemble-fp16.onnx"
 TEMPERATURE_INPUT = "temperature"
-# The server's EnsembleScores fields, in its order; the graph's outputs carry these names.
-FUSED_OUTPUTS = ("probabilities", "top_class", "predictive_entropy", "expected_entropy",
-                 "mutual_information", "vote_disagreement", "member_kl", "member_top_class",
-                 "member_probabilities")
+# The graph's outputs: the served scores, by name and in their order.
+FUSED_OUTPUTS = SCORE_NAMES
 # Softmax/LogSoftmax take one `axis` and Unsqueeze/ReduceSum take axes as an input from opset 13
 # on; older members are converted up to it.
 MIN_OPSET = 13
@@ -169,6 +169,9 @@ def _output_infos(members: int, classes: int) -> list[onnx.ValueInfoProto]:
               "mutual_information": (f, ["batch"]), "vote_disagreement": (f, ["batch"]),
               "member_kl": (f, ["batch", members]), "member_top_class": (i, ["batch", members]),
               "member_probabilities": (f, ["batch", members, classes])}
+    missing = [name for name in FUSED_OUTPUTS if name not in shapes]
+    if missing:  # a score added to SCORE_NAMES without its nodes here: serve the members alone
+        raise FusionError(f"the fused graph does not compute the score(s) {missing} yet")
     return [helper.make_tensor_value_info(name, *shapes[name]) for name in FUSED_OUTPUTS]
 
 
@@ -285,11 +288,8 @@ def check_fused(fused: onnx.ModelProto, member_files: Sequence[Path], input_spec
                                      TEMPERATURE_INPUT: np.array(temperature, dtype=np.float32)})
     logits = np.stack([_session(path).run([output_name], {input_spec["name"]: x})[0]
                        for path in member_files], axis=1).astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    log_mean = np.log(probs.mean(axis=1)) / temperature
-    served = np.exp(log_mean - log_mean.max(axis=-1, keepdims=True))
-    served /= served.sum(axis=-1, keepdims=True)
+    probs = softmax(logits)  # [B, M, C]
+    served = probabilities(probs, temperature)
     worst = max(float(np.max(np.abs(fused_out[0] - probs))),
                 float(np.max(np.abs(fused_out[1] - served))))
     if not worst <= tolerance:  # also NaN

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -28,14 +28,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapserve.trainer.augment import random_crop_flip
+from snapserve.trainer.collectors import Member
 from snapserve.trainer.errors import TrainingDiverged
-from snapserve.trainer.methods import Collector, Schedule
 from snapserve.trainer.progress import Progress
 
-__all__ = ["Batch", "EpochEnd", "LoopResult", "Precision", "TensorBatches", "set_lr", "train_loop",
-           "train_step", "unwrap"]
+__all__ = ["Batch", "Collector", "EpochEnd", "LoopResult", "Precision", "Schedule", "TensorBatches",
+           "set_lr", "train_loop", "train_step", "unwrap"]
 
 logger = logging.getLogger(__name__)
+
+
+class Schedule(Protocol):
+    """What the loop needs of a schedule: the budget and a pure LR per step (from 1)."""
+
+    total_steps: int
+
+    def lr(self, step: int) -> float: ...
+
+    def member_steps(self) -> list[int]: ...
+
+
+class Collector(Protocol):
+    """What the loop needs of a collector: when to take weights, and the members after the loop.
+
+    `members(model)` gets the trained (unwrapped) model, the template SWA/SWAG load their
+    averages or samples into; `state_dict()` goes into every checkpoint.
+    """
+
+    steps: tuple[int, ...]
+
+    @property
+    def collected(self) -> int: ...
+
+    def should_collect(self, step: int) -> bool: ...
+
+    def collect(self, model: nn.Module, step: int) -> None: ...
+
+    def members(self, model: nn.Module) -> list[Member]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Batch(NamedTuple):

@@ -13,54 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from snapserve.trainer.collectors import AveragingCollector, StepCollector
+from snapserve.trainer.config import TrainConfig
 from snapserve.trainer.errors import ConfigError
-from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule,
-                               SWASchedule)
+from snapserve.trainer.loop import Collector, Schedule
+from snapserve.trainer.schedules import CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule
 
-if TYPE_CHECKING:
-    from snapserve.trainer.config import TrainConfig
-
-__all__ = ["DEFAULT_MEMBERS", "METHODS", "Collector", "Method", "MethodContext", "Schedule",
-           "build_method", "fge_phase_epochs"]
+__all__ = ["METHODS", "Method", "MethodContext", "build_method", "fge_phase_epochs"]
 
 BNBatches = Callable[[], Iterable[torch.Tensor]]
-
-
-class Schedule(Protocol):
-    """What the loop needs of a schedule: the budget and a pure LR per step (from 1)."""
-
-    total_steps: int
-
-    def lr(self, step: int) -> float: ...
-
-    def member_steps(self) -> list[int]: ...
-
-
-class Collector(Protocol):
-    steps: tuple[int, ...]
-
-    @property
-    def collected(self) -> int: ...
-
-    def should_collect(self, step: int) -> bool: ...
-
-    def collect(self, model: torch.nn.Module, step: int) -> None: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     schedule: Schedule
-    collector: StepCollector | AveragingCollector
+    collector: Collector
 
 
 @dataclass(frozen=True)
@@ -156,6 +127,7 @@ def single_method(config: TrainConfig, context: MethodContext) -> Method:
     return Method("single", schedule, StepCollector(schedule.member_steps(), keep=context.keep_members))
 
 
+# One builder per name in config.METHOD_NAMES, in its order (the config validated the name).
 METHODS: dict[str, Callable[[TrainConfig, MethodContext], Method]] = {
     "snapshot": snapshot_method,
     "fge": fge_method,
@@ -164,19 +136,12 @@ METHODS: dict[str, Callable[[TrainConfig, MethodContext], Method]] = {
     "single": single_method,
 }
 
-# Members when --members is not given (fge: one per cycle, set by the budget).
-DEFAULT_MEMBERS: dict[str, int | None] = {"snapshot": 5, "fge": None, "swa": 1, "swag": 10, "single": 1}
-
 
 def _members(config: TrainConfig) -> int:
-    members = config.members if config.members is not None else DEFAULT_MEMBERS[config.method]
-    assert members is not None
-    return members
+    """The member count of snapshot and swag, which TrainConfig always fills in."""
+    assert config.members is not None
+    return config.members
 
 
 def build_method(config: TrainConfig, context: MethodContext) -> Method:
-    try:
-        builder = METHODS[config.method]
-    except KeyError:
-        raise ConfigError(f"method must be one of {sorted(METHODS)}, got {config.method!r}") from None
-    return builder(config, context)
+    return METHODS[config.method](config, context)

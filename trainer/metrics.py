@@ -1,12 +1,17 @@
 """Classification metrics on probabilities (ALGORITHMS.md section 5). Pure numpy, no I/O.
 
-`probs` is [N, C] (rows sum to 1), `labels` is [N] class indices. An ensemble's probabilities
-are the mean of its members' probabilities, never of their logits or weights.
+`probs` is [N, C] (rows sum to 1), `labels` is [N] class indices. Members' probabilities are
+[N, M, C], the [batch, members, classes] order of `snapserve.proto.scores`, which holds the
+ensemble math the server serves (softmax, mean_probabilities, entropy, mutual_information):
+the trainer takes it from there. An ensemble's probabilities are the mean of its members'
+probabilities, never of their logits or weights.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from snapserve.proto.scores import member_top_class, softmax
 
 __all__ = [
     "ECE_BINS",
@@ -14,15 +19,11 @@ __all__ = [
     "brier",
     "classification_metrics",
     "ece",
-    "ensemble_probabilities",
-    "entropy",
     "fit_temperature",
     "log_probabilities",
-    "mutual_information",
     "nll",
     "pairwise_disagreement",
     "reliability_bins",
-    "softmax",
     "temperature_scaled",
 ]
 
@@ -30,18 +31,6 @@ ECE_BINS = 15  # the convention since Guo et al. 2017
 
 # log(0) guard: a confidently wrong member gives a large but finite NLL.
 _TINY = np.finfo(np.float64).tiny
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """[..., C] logits -> probabilities, stable for large logits."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def ensemble_probabilities(member_probs: np.ndarray) -> np.ndarray:
-    """[M, N, C] -> [N, C]: the mean of the members' probabilities."""
-    return member_probs.mean(axis=0)
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -61,14 +50,18 @@ def brier(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error: sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
-
-    Equal-width confidence bins (lo, hi] on [0, 1], confidence = the top probability.
-    """
+def _binned(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, correct, bin index) per example: equal-width bins (lo, hi] on [0, 1],
+    confidence = the top probability."""
     confidence = probs.max(axis=1).astype(np.float64)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    return confidence, correct, index
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum_b |B_b|/N * |acc(B_b) - conf(B_b)| (see `_binned`)."""
+    confidence, correct, index = _binned(probs, labels, bins)
     total = 0.0
     for b in range(bins):
         in_bin = index == b
@@ -86,9 +79,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list[float]]:
     """The reliability diagram's data, in ece()'s bins: per bin the example count, mean
     confidence and accuracy (0 where a bin is empty)."""
-    confidence = probs.max(axis=1).astype(np.float64)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    confidence, correct, index = _binned(probs, labels, bins)
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.where(count > 0, np.bincount(index, confidence, bins) / count, 0.0)
@@ -141,20 +132,8 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, low: float = 0.05, hi
     return float(np.exp((a + b) / 2))
 
 
-def entropy(probs: np.ndarray) -> np.ndarray:
-    """[..., C] -> [...]: -sum_c p_c log p_c (natural log; 0 log 0 = 0)."""
-    p = probs.astype(np.float64)
-    return -np.sum(p * np.log(np.maximum(p, _TINY)), axis=-1)
-
-
-def mutual_information(member_probs: np.ndarray) -> np.ndarray:
-    """[M, N, C] -> [N]: H[mean_m p_m] - mean_m H[p_m], the part of the uncertainty members
-    disagree on (>= 0 up to rounding)."""
-    return entropy(ensemble_probabilities(member_probs)) - entropy(member_probs).mean(axis=0)
-
-
 def pairwise_disagreement(member_probs: np.ndarray) -> np.ndarray:
-    """[M, N, C] -> [M, M]: the fraction of examples on which members i and j predict different
+    """[N, M, C] -> [M, M]: the fraction of examples on which members i and j predict different
     classes (Fort et al. 2019). A measure of diversity: identical members give all zeros."""
-    top = member_probs.argmax(axis=2)
-    return (top[:, None, :] != top[None, :, :]).mean(axis=2)
+    top = member_top_class(member_probs)  # [N, M]
+    return (top[:, :, None] != top[:, None, :]).mean(axis=0)

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["Progress"]
 
-logger = logging.getLogger("trainer.loop")
+logger = logging.getLogger("snapserve.trainer.loop")  # under the loop's name: these are its lines
 
 
 class Progress:

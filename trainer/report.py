@@ -1,7 +1,8 @@
 """Evaluation of a trained ensemble and its report: metrics.json's content and report.md.
 
 Members are scored on the validation and test splits; the ensemble is the mean of the exported
-members' probabilities (never of their logits or weights). The temperature is fitted on the
+members' probabilities (never of their logits or weights). Members' probabilities are [N, M, C]
+([batch, members, classes], as in `snapserve.proto.scores`). The temperature is fitted on the
 validation split AFTER pooling (fit T on log p̄: pool, then calibrate) and the test metrics are
 given both ways. Ensemble accuracy/NLL "by size" grow the ensemble one member at a time, in
 training order ("forward") and from the last member back ("backward", the paper's last-m).
@@ -13,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from snapserve.trainer.metrics import (classification_metrics, ensemble_probabilities, fit_temperature,
-                             mutual_information, pairwise_disagreement, reliability_bins,
-                             temperature_scaled)
+from snapserve.proto.scores import mean_probabilities, mutual_information
+from snapserve.trainer.metrics import (classification_metrics, fit_temperature, pairwise_disagreement,
+                                       reliability_bins, temperature_scaled)
 
 __all__ = ["evaluate_ensemble", "report_markdown", "split_report"]
 
@@ -24,13 +25,13 @@ def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: floa
                  exported: int | None = None) -> dict[str, Any]:
     """Metrics of each member, of the ensemble of the last `exported` members (all by default),
     calibrated with `temperature` and not, and of the ensemble grown one member at a time."""
-    count = len(member_probs)
-    chosen = member_probs[count - (exported or count):]
-    members = [classification_metrics(p, labels) for p in member_probs]
-    mean = ensemble_probabilities(chosen)
+    count = member_probs.shape[1]
+    size = exported or count
+    chosen = member_probs[:, count - size:]
+    members = [classification_metrics(member_probs[:, m], labels) for m in range(count)]
+    mean = mean_probabilities(chosen)
     calibrated = temperature_scaled(mean, temperature)
     disagreement = pairwise_disagreement(chosen)
-    size = len(chosen)
     return {
         "members": members,
         "ensemble": classification_metrics(mean, labels),
@@ -39,11 +40,11 @@ def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: floa
         # Diversity: without it an ensemble is one model served M times.
         "mean_pairwise_disagreement": float(disagreement[~np.eye(size, dtype=bool)].mean()) if size > 1 else 0.0,
         "pairwise_disagreement": disagreement.tolist(),
-        "mean_mutual_information": float(mutual_information(chosen).mean()),
+        "mean_mutual_information": float(mutual_information(chosen).mean(dtype=np.float64)),
         "ensemble_by_size": {
-            "forward": [classification_metrics(ensemble_probabilities(member_probs[:m]), labels)
+            "forward": [classification_metrics(mean_probabilities(member_probs[:, :m]), labels)
                         for m in range(1, count + 1)],
-            "backward": [classification_metrics(ensemble_probabilities(member_probs[count - m:]), labels)
+            "backward": [classification_metrics(mean_probabilities(member_probs[:, count - m:]), labels)
                          for m in range(1, count + 1)],
         },
         "reliability": {"uncalibrated": reliability_bins(mean, labels),
@@ -54,7 +55,7 @@ def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: floa
 def evaluate_ensemble(val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
                       test_labels: np.ndarray, *, exported: int, calibrate: bool = True) -> dict[str, Any]:
     """{"temperature", "val", "test"}: T fitted on the validation split's pooled probabilities."""
-    pooled = ensemble_probabilities(val_probs[len(val_probs) - exported:])
+    pooled = mean_probabilities(val_probs[:, val_probs.shape[1] - exported:])
     temperature = fit_temperature(pooled, val_labels) if calibrate else 1.0
     return {"temperature": temperature,
             "val": split_report(val_probs, val_labels, temperature, exported),

@@ -1,61 +1,45 @@
-"""`trainer train` end to end: data -> model -> the loop -> members -> metrics -> ONNX -> version.
+"""Training an ensemble: data -> model -> the one loop -> members, a `TrainedEnsemble`.
 
-    result = run_training(TrainConfig(out="models"))
+    ensemble = train_ensemble(config, load_dataset(config.dataset), resolve_device(config.device))
 
 Under torchrun every process trains its shard; the members are built on every process (SWA's
-BatchNorm statistics are all-reduced), then process 0 alone evaluates, exports and writes the
-version, and the others return None.
+BatchNorm statistics are all-reduced), and process 0 alone keeps eval-mode models of them.
+Evaluating and writing the version come after, in `publish.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import platform
 import random
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime
 import torch
 from torch import nn
 
+from snapserve.proto.scores import softmax
 from snapserve.trainer.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from snapserve.trainer.collectors import Member, cpu_state_dict
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.data import SPLIT_SEED, Dataset, load_dataset
-from snapserve.trainer.distributed import DistContext, any_failed, close_distributed, init_distributed
-from snapserve.trainer.errors import CheckpointError, ConfigError, RepositoryError
-from snapserve.trainer.export import ONNX_OPSET, check_parity, export_onnx, torch_logits
-from snapserve.trainer.fuse import try_add_fused_graph
+from snapserve.trainer.datasets import Dataset
+from snapserve.trainer.distributed import DistContext, any_failed
+from snapserve.trainer.errors import CheckpointError, ConfigError
+from snapserve.trainer.export import torch_logits
 from snapserve.trainer.loop import EpochEnd, Precision, TensorBatches, train_loop
 from snapserve.trainer.methods import Method, MethodContext, build_method
-from snapserve.trainer.metrics import classification_metrics, softmax
+from snapserve.trainer.metrics import classification_metrics
 from snapserve.trainer.models import build_model
-from snapserve.trainer.plots import write_plots
 from snapserve.trainer.progress import Progress
-from snapserve.trainer.report import evaluate_ensemble, report_markdown
-from snapserve.trainer.repository import VersionWriter, build_manifest
 
-__all__ = ["History", "TrainResult", "TrainedEnsemble", "member_models", "member_probabilities",
-           "resolve_device", "run_training", "seed_everything", "train_ensemble"]
+__all__ = ["History", "TrainedEnsemble", "member_models", "resolve_device", "seed_everything",
+           "train_ensemble"]
 
 logger = logging.getLogger(__name__)
 
 _AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    version_dir: Path
-    manifest: dict[str, Any]
-    report: dict[str, Any]
 
 
 def resolve_device(spec: str, context: DistContext = DistContext()) -> torch.device:
@@ -114,40 +98,6 @@ class TrainedEnsemble:
     @property
     def train_seconds(self) -> float:
         return float(sum(self.history.seconds))
-
-
-def run_training(config: TrainConfig) -> TrainResult | None:
-    context = init_distributed(config.device)
-    try:
-        torch.set_num_threads(config.threads)
-        device = resolve_device(config.device, context)
-        seed_everything(config.seed)
-        if context.is_main:
-            _check_writable(Path(config.out), "output folder (--out)", RepositoryError)
-            _check_writable(config.run_dir(), "checkpoint folder", CheckpointError)
-        dataset = load_dataset(config.dataset)
-        logger.info("dataset %s: %d train, %d val, %d test, input %s, %d classes; device %s%s",
-                    dataset.name, len(dataset.train), len(dataset.val), len(dataset.test),
-                    list(dataset.input_shape), dataset.num_classes, device,
-                    f", {context.world_size} processes" if context.enabled else "")
-        ensemble = train_ensemble(config, dataset, device, context)
-        if not context.is_main:
-            return None
-        evaluation = evaluate(config, dataset, ensemble)
-        return write_version(config, dataset, ensemble, evaluation)
-    finally:
-        close_distributed(context)
-
-
-def _check_writable(folder: Path, what: str, error: type[Exception]) -> None:
-    """Fails before training, not after it, when results could not be saved."""
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise error(f"cannot write to the {what} {folder}: {exc.strerror or exc}") from exc
 
 
 def _precision(config: TrainConfig, device: torch.device, image_inputs: bool) -> Precision:
@@ -310,105 +260,3 @@ def member_models(config: TrainConfig, dataset: Dataset, members: list[Member],
     return models
 
 
-def member_probabilities(models: list[nn.Module], dataset: Dataset, split: str,
-                         device: torch.device) -> np.ndarray:
-    """[M, N, C] probabilities of every member on a split (float64 for the metrics)."""
-    x = dataset.normalize(getattr(dataset, split).x)
-    return np.stack([softmax(torch_logits(m, x, device).astype(np.float64)) for m in models])
-
-
-def exported_count(config: TrainConfig, ensemble: TrainedEnsemble) -> int:
-    """How many of the last members are exported (--keep-last, else all)."""
-    return min(config.keep_last or len(ensemble.members), len(ensemble.members))
-
-
-def evaluate(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble) -> dict[str, Any]:
-    if not ensemble.members:
-        raise ConfigError(f"{config.method}: the run collected no members")
-    probs = {split: member_probabilities(ensemble.models, dataset, split, ensemble.device)
-             for split in ("val", "test")}
-    return evaluate_ensemble(probs["val"], dataset.val.y, probs["test"], dataset.test.y,
-                             exported=exported_count(config, ensemble), calibrate=config.calibrate)
-
-
-def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble,
-                  evaluation: dict[str, Any]) -> TrainResult:
-    """Exports and checks the members, then writes the version folder atomically."""
-    began = time.perf_counter()
-    x_test = dataset.normalize(dataset.test.x)
-    # Real inputs: the whole test split, a batch of one, and an odd size.
-    parity_batches = [x_test, x_test[:1], x_test[:7]]
-    test, count = evaluation["test"], exported_count(config, ensemble)
-    offset = len(ensemble.members) - count
-    schedule = ensemble.method.schedule
-    try:
-        with VersionWriter(config.out, config.name) as writer:
-            entries = []
-            for index in range(count):
-                member, model = ensemble.members[offset + index], ensemble.models[offset + index]
-                path = writer.member_path(index)
-                export_onnx(model, path, dataset.input_shape)
-                diff = check_parity(model, path, parity_batches, threads=config.threads)
-                logger.info("exported member %d (step %d): parity max abs diff %.2e", index, member.step, diff)
-                entries.append({"file": writer.member_file(index),
-                                "epoch": math.ceil(member.step / ensemble.steps_per_epoch),
-                                "step": member.step, "lr": schedule.lr(member.step),
-                                "metrics": test["members"][offset + index], **member.info})
-            export_seconds = time.perf_counter() - began
-            served, raw = test["ensemble_calibrated"], test["ensemble"]
-            manifest = build_manifest(
-                name=config.name, method=ensemble.method.name, input_shape=list(dataset.input_shape),
-                normalization=dataset.normalization(), classes=list(dataset.classes), members=entries,
-                metrics={**served, **{f"{k}_uncalibrated": raw[k] for k in ("nll", "brier", "ece")},
-                         "members_mean_accuracy": test["members_mean"]["accuracy"],
-                         "members_mean_nll": test["members_mean"]["nll"]},
-                training=training_summary(config, dataset, ensemble, export_seconds),
-                opset=ONNX_OPSET, temperature=evaluation["temperature"],
-            )
-            report = {"temperature": evaluation["temperature"], "calibrated": config.calibrate,
-                      "test": test, "val": evaluation["val"], "history": asdict(ensemble.history),
-                      "epoch_losses": ensemble.history.loss, "member_steps": list(ensemble.method.collector.steps),
-                      "train_seconds": ensemble.train_seconds, "export_seconds": export_seconds}
-            if config.plots:
-                _write_report_files(writer.directory / "report", manifest, report, ensemble, count)
-            try_add_fused_graph(writer.directory, manifest)  # ensemble.onnx: members + scores, one graph
-            version_dir = writer.commit(manifest, report)
-    except OSError as error:
-        raise RepositoryError(f"cannot write the model version under {config.out}: "
-                              f"{error.strerror or error} (a full disk?)") from error
-    return TrainResult(version_dir=version_dir, manifest=manifest, report=report)
-
-
-def _write_report_files(folder: Path, manifest: dict[str, Any], report: dict[str, Any],
-                        ensemble: TrainedEnsemble, count: int) -> None:
-    schedule = ensemble.method.schedule
-    plots = write_plots(
-        folder, lr=schedule.lr, total_steps=schedule.total_steps, steps_per_epoch=ensemble.steps_per_epoch,
-        member_steps=list(ensemble.method.collector.steps),
-        exported_steps=[m.step for m in ensemble.members[len(ensemble.members) - count:]],
-        method=ensemble.method.name, history=report["history"], test_report=report["test"],
-        temperature=report["temperature"])
-    (folder / "report.md").write_text(report_markdown(manifest, report, plots) + "\n")
-
-
-def training_summary(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble,
-                     export_seconds: float) -> dict[str, Any]:
-    schedule = ensemble.method.schedule
-    return {
-        **config.summary(),
-        "dataset_name": dataset.name,
-        "split_seed": SPLIT_SEED,
-        "splits": {"train": len(dataset.train), "val": len(dataset.val), "test": len(dataset.test)},
-        "schedule": {"type": type(schedule).__name__, **asdict(schedule)},
-        "steps_per_epoch": ensemble.steps_per_epoch,
-        "total_steps": schedule.total_steps,
-        "collected_members": len(ensemble.members),
-        "device": str(ensemble.device),
-        "processes": ensemble.world_size,
-        "resumed_from_step": ensemble.resumed_from_step,
-        "train_seconds": round(ensemble.train_seconds, 3),
-        "export_seconds": round(export_seconds, 3),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                     "numpy": np.__version__},
-    }

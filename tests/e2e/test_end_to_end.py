@@ -14,7 +14,7 @@ from snapserve.client import AsyncEnsembleClient
 from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
 from snapserve.trainer.cli import main as trainer_main
-from snapserve.trainer.data import load_dataset
+from snapserve.trainer.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from snapserve.trainer.cli import main
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.errors import RepositoryError
 from snapserve.trainer.repository import VersionWriter, next_version, verify_version
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapserve.trainer.data import Dataset, load_dataset, normalization_stats
+from snapserve.trainer.datasets import Dataset, load_dataset, normalization_stats
 from snapserve.trainer.errors import DatasetError
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import KILLER, train_cli
 from snapserve.trainer.checkpoint import load_checkpoint
+from tests.support.training import KILLER, train_cli
 
 # swa: BatchNorm statistics of the average are all-reduced over the processes.
 ARGS = ["--dataset", "digits", "--arch", "cnn", "--width", "8", "--method", "swa", "--epochs", "4",

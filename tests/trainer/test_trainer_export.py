@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from snapserve.trainer.collectors import StepCollector
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.errors import ExportParityError
 from snapserve.trainer.export import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, check_parity, export_onnx,
                             onnx_logits, onnx_session, torch_logits)

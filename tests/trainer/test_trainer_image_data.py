@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from snapserve.trainer.data import load_dataset
+from snapserve.trainer.datasets import load_dataset
 from snapserve.trainer.errors import DatasetError
-from snapserve.trainer.image_datasets import CIFAR10_CLASSES
+from snapserve.trainer.datasets.cifar import CIFAR10_CLASSES
 
 
 def test_mnist1d_is_generated_locally_without_the_network(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ import torch
 from snapserve.trainer.cli import main
 from snapserve.trainer.collectors import AveragingCollector
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.errors import CheckpointError, TrainingDiverged
 from snapserve.trainer.train import train_ensemble
 
@@ -122,7 +122,7 @@ def test_a_full_disk_is_a_clear_checkpoint_error(digits: Dataset, tmp_path: Path
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("trainer.checkpoint.torch.save", full)
+    monkeypatch.setattr("snapserve.trainer.checkpoint.torch.save", full)
     config = TrainConfig(out=str(tmp_path), method="single", arch="mlp", epochs=1, threads=1)
     with pytest.raises(CheckpointError, match="cannot write the checkpoint .*No space left on device"):
         train_ensemble(config, digits, torch.device("cpu"))
@@ -132,7 +132,7 @@ def test_a_full_disk_is_a_clear_checkpoint_error(digits: Dataset, tmp_path: Path
 def test_progress_is_a_live_line_on_a_terminal_and_log_lines_otherwise(caplog: pytest.LogCaptureFixture) -> None:
     from snapserve.trainer.progress import Progress
 
-    caplog.set_level("INFO", logger="trainer")
+    caplog.set_level("INFO", logger="snapserve.trainer")
     terminal = io.StringIO()
     live = Progress(total_steps=4, steps_per_epoch=2, stream=terminal, live=True, refresh_s=0.0)
     for step in (1, 2):

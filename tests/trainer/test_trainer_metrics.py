@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from snapserve.trainer.metrics import (accuracy, brier, classification_metrics, ece, ensemble_probabilities,
-                             entropy, fit_temperature, mutual_information, nll, pairwise_disagreement,
-                             reliability_bins, softmax, temperature_scaled)
+from snapserve.proto.scores import entropy, mean_probabilities, mutual_information, softmax
+from snapserve.trainer.metrics import (accuracy, brier, classification_metrics, ece, fit_temperature, nll,
+                                       pairwise_disagreement, reliability_bins, temperature_scaled)
 
 PROBS = np.array([[0.7, 0.2, 0.1],   # right, confidence 0.7
                   [0.1, 0.6, 0.3],   # wrong (label 2), confidence 0.6
@@ -47,18 +47,18 @@ def test_nll_of_a_zero_probability_is_large_but_finite() -> None:
 
 
 def test_ensemble_averages_probabilities_not_logits() -> None:
-    logits = np.array([[[10.0, 0.0]], [[0.0, 1.0]]])  # two members, one example
+    logits = np.array([[[10.0, 0.0], [0.0, 1.0]]])  # one example, two members: [B, M, C]
     probs = softmax(logits)
-    mean = ensemble_probabilities(probs)
-    assert mean == pytest.approx((probs[0] + probs[1]) / 2)
-    assert not np.allclose(mean, softmax(logits.mean(axis=0)))
+    mean = mean_probabilities(probs)
+    assert mean == pytest.approx((probs[:, 0] + probs[:, 1]) / 2)
+    assert not np.allclose(mean, softmax(logits.mean(axis=1)))
     assert softmax(np.array([1000.0, 0.0])) == pytest.approx([1.0, 0.0])
 
 
 def test_diversity_scores_by_hand() -> None:
     a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     b = np.array([[0.1, 0.9], [0.3, 0.7], [0.7, 0.3]])  # disagrees with a on the first example only
-    members = np.stack([a, b, a])
+    members = np.stack([a, b, a], axis=1)  # [N, M, C]
     d = pairwise_disagreement(members)
     np.testing.assert_allclose(d, [[0, 1 / 3, 0], [1 / 3, 0, 1 / 3], [0, 1 / 3, 0]])
     mi = mutual_information(members)
@@ -66,7 +66,7 @@ def test_diversity_scores_by_hand() -> None:
     expected = entropy(mean) - (2 * entropy(a) + entropy(b)) / 3
     assert mi == pytest.approx(expected) and np.all(mi >= 0)
     assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
-    assert mutual_information(np.stack([a, a])) == pytest.approx(np.zeros(3), abs=1e-12)
+    assert mutual_information(np.stack([a, a], axis=1)) == pytest.approx(np.zeros(3), abs=1e-12)
 
 
 def test_fit_temperature_recovers_a_known_temperature() -> None:

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.trainer.conftest import KILLER, train_cli
 from snapserve.trainer.checkpoint import load_checkpoint, save_checkpoint
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.errors import CheckpointError
 from snapserve.trainer.train import train_ensemble
+from tests.support.training import KILLER, train_cli
 
 # 4 epochs of 17 steps, two snapshot cycles of 2 epochs: members after steps 34 and 68.
 ARGS = ["--dataset", "digits", "--arch", "mlp", "--method", "snapshot", "--epochs", "4", "--members", "2",

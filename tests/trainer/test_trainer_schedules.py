@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from snapserve.trainer.collectors import AveragingCollector
-from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.config import DEFAULT_MEMBERS, METHOD_NAMES, TrainConfig
+from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.errors import ConfigError
 from snapserve.trainer.loop import TensorBatches, train_loop
-from snapserve.trainer.methods import MethodContext, build_method, fge_phase_epochs
+from snapserve.trainer.methods import METHODS, MethodContext, build_method, fge_phase_epochs
 from snapserve.trainer.models import build_model
 from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule,
                                cycle_end_steps, step_decay_lr)
@@ -138,6 +138,14 @@ def test_step_decay_is_the_paper_single_model_schedule() -> None:
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert step_decay_lr(51, 1.0, 100, milestones=(0.5,), gamma=0.5) == 0.5
     assert schedule.member_steps() == [100]
+
+
+def test_every_method_name_has_a_builder_whose_collector_follows_its_schedule() -> None:
+    assert tuple(METHODS) == METHOD_NAMES == tuple(DEFAULT_MEMBERS)
+    for name in METHOD_NAMES:
+        config = TrainConfig(out="x", method=name, epochs=10)
+        method = build_method(config, MethodContext(steps_per_epoch=3))
+        assert method.name == name and method.collector.steps == tuple(method.schedule.member_steps())
 
 
 def _small_run(digits: Dataset, config: TrainConfig, seed: int = 0):

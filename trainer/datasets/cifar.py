@@ -1,4 +1,4 @@
-"""Image datasets from folders: CIFAR-10/100 in their python batch format, and class folders.
+"""CIFAR-10/100 in their python batch format, read without letting the pickles run code.
 
 CIFAR-10 (`cifar-10-batches-py/`): data_batch_1..5, test_batch, batches.meta. CIFAR-100
 (`cifar-100-python/`): train, test, meta, with `fine_labels`. Each batch is a pickled dict:
@@ -12,10 +12,6 @@ reconstruction (`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dt
 `_codecs.encode` (bytes re-saved by Python 3 with protocol 2). Dicts, lists, strings, bytes
 and numbers need no import at all. Any other global (os.system, builtins.eval, ...) is refused
 before it is called, and object arrays are refused after loading.
-
-Class folders: `root/<class>/*.png|jpg|...` (split 60/20/20, stratified) or
-`root/{train,test[,val]}/<class>/...`. All images must have one size; greyscale images give
-one channel, anything else RGB. Read with Pillow (a matplotlib dependency).
 """
 
 from __future__ import annotations
@@ -29,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from snapserve.trainer.data import Dataset, Split, _make_dataset, _split
+from snapserve.trainer.datasets.base import Dataset, Split, hold_out, make_dataset
 from snapserve.trainer.errors import DatasetError
 
-__all__ = ["CIFAR10_CLASSES", "CifarUnpickler", "IMAGE_SUFFIXES", "load_cifar", "load_folder_dataset",
-           "load_image_folder", "safe_unpickle"]
+__all__ = ["CIFAR10_CLASSES", "CifarUnpickler", "RefusedGlobal", "is_cifar_folder", "load_cifar",
+           "safe_unpickle"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CIFAR_VAL_FRACTION = 0.1  # 5,000 of CIFAR's 50,000 training images
 
 
@@ -143,11 +138,16 @@ def _class_names(path: Path, key: str, count: int, default: tuple[str, ...] | No
 
 
 def _cifar_kind(root: Path) -> int | None:
+    """10 or 100 by the files the folder holds; None for any other folder."""
     if (root / "test_batch").is_file() and any(root.glob("data_batch_*")):
         return 10
     if (root / "train").is_file() and (root / "test").is_file():
         return 100
     return None
+
+
+def is_cifar_folder(root: Path) -> bool:
+    return _cifar_kind(root) is not None
 
 
 def load_cifar(root: Path, *, split_seed: int) -> Dataset:
@@ -164,94 +164,6 @@ def load_cifar(root: Path, *, split_seed: int) -> Dataset:
         classes = _class_names(root / "meta", "fine_label_names", 100, None)
     else:
         raise DatasetError(f"{root}: not a CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) folder")
-    train, val = _split(train.x, train.y, CIFAR_VAL_FRACTION, split_seed)
+    train, val = hold_out(train.x, train.y, CIFAR_VAL_FRACTION, split_seed)
     name = f"cifar{kind}"
-    return _make_dataset(name, train, val, test, classes, natural_images=True)
-
-
-def _images_by_class(root: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found = {c.name: sorted(f for f in c.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
-    empty = [name for name, files in found.items() if not files]
-    if not found:
-        raise DatasetError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
-    if empty:
-        raise DatasetError(f"{root}: class folder(s) {empty} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
-
-
-def _read_images(files: list[Path], mode: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    arrays, size = [], None
-    for f in files:
-        try:
-            with Image.open(f) as image:
-                array = np.asarray(image.convert(mode), dtype=np.float32)
-        except (OSError, UnidentifiedImageError) as error:
-            raise DatasetError(f"{f}: cannot read the image: {error}") from error
-        if size is None:
-            size, first = array.shape, f
-        elif array.shape != size:
-            raise DatasetError(f"images differ in size: {first} is {size[1]}x{size[0]}, {f} is "
-                               f"{array.shape[1]}x{array.shape[0]}; resize them to one size first")
-        arrays.append(array)
-    x = np.stack(arrays)
-    return x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
-
-
-def _mode(files: list[Path]) -> str:
-    from PIL import Image
-
-    for f in files:
-        try:
-            with Image.open(f) as image:
-                if image.mode not in ("1", "L", "I", "I;16", "F"):
-                    return "RGB"
-        except OSError as error:
-            raise DatasetError(f"{f}: cannot read the image: {error}") from error
-    return "L"
-
-
-def load_image_folder(root: Path, *, split_seed: int) -> Dataset:
-    """One sub-folder of images per class, or train/test[/val] folders of those (module doc)."""
-    parts = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
-    if "train" in parts and "test" in parts:
-        by_split = {name: _images_by_class(folder) for name, folder in parts.items()}
-    elif parts:
-        raise DatasetError(f"{root}: has {sorted(parts)} but needs both train/ and test/ (or only class folders)")
-    else:
-        by_split = {"all": _images_by_class(root)}
-    classes = tuple(sorted(next(iter(by_split.values()))))
-    for name, found in by_split.items():
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise DatasetError(f"{root}/{name}: class folders {unknown} do not appear in train/")
-    every = [f for found in by_split.values() for files in found.values() for f in files]
-    mode = _mode(every)
-    splits = {}
-    for name, found in by_split.items():
-        files = [f for c in classes for f in found.get(c, [])]
-        labels = np.array([i for i, c in enumerate(classes) for _ in found.get(c, [])], dtype=np.int64)
-        splits[name] = Split(_read_images(files, mode), labels)
-    shapes = {name: s.x.shape[1:] for name, s in splits.items()}
-    if len(set(shapes.values())) > 1:
-        raise DatasetError(f"{root}: image sizes differ between splits: {shapes}")
-    if "all" in splits:
-        rest, test = _split(splits["all"].x, splits["all"].y, 0.2, split_seed)
-        train, val = _split(rest.x, rest.y, 0.25, split_seed)
-    else:
-        train, test = splits["train"], splits["test"]
-        val = splits.get("val")
-        if val is None:
-            train, val = _split(train.x, train.y, 0.2, split_seed)
-    if len(classes) < 2:
-        raise DatasetError(f"{root}: need at least 2 class folders, found {list(classes)}")
-    return _make_dataset(root.name, train, val, test, classes)
-
-
-def load_folder_dataset(root: Path, *, split_seed: int) -> Dataset:
-    """A CIFAR folder when it has CIFAR's files, else class folders of images."""
-    if _cifar_kind(root) is not None:
-        return load_cifar(root, split_seed=split_seed)
-    return load_image_folder(root, split_seed=split_seed)
+    return make_dataset(name, train, val, test, classes, natural_images=True)
