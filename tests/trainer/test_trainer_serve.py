@@ -13,7 +13,7 @@ from snapserve.client import EnsembleClient
 from snapserve.server import BatcherConfig, ServerConfig
 from tests.client.conftest import ThreadedServer
 from tests.server.conftest import reference_member_probs
-from snapserve.trainer.data import Dataset
+from snapserve.trainer.datasets import Dataset
 
 
 @pytest.fixture(scope="module")
