@@ -35,7 +35,8 @@ from snapserve.client.credentials import Security, read_token_file
 from snapserve.client.errors import ClientError
 from snapserve.client.sync_client import MAX_MESSAGE_BYTES, channel_options
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
+from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, from_tensor,
+                                     to_tensor)
 
 __all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
            "results_json", "run_bench", "run_bench_command", "write_results"]
@@ -46,10 +47,6 @@ NATIVE_GET_MODEL = "/snapserve.v1.EnsembleService/GetModel"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 KSERVE_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 KSERVE_STATISTICS = "/inference.GRPCInferenceService/ModelStatistics"
-KSERVE_TO_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64,
-                   "INT32": np.int32, "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8,
-                   "BOOL": np.bool_}
-NUMPY_TO_KSERVE = {np.dtype(v): k for k, v in KSERVE_TO_NUMPY.items()}
 PERCENTILES = (50, 90, 99)
 
 
@@ -159,7 +156,7 @@ class _Target:
         meta = await self._unary(KSERVE_METADATA, kpb.ModelMetadataRequest(
             name=self.config.model, version=self._kserve_version()), kpb.ModelMetadataResponse)
         tensor = meta.inputs[0]
-        return tensor.name, np.dtype(KSERVE_TO_NUMPY[tensor.datatype]), tuple(tensor.shape)
+        return tensor.name, KSERVE_TO_NUMPY[tensor.datatype], tuple(tensor.shape)
 
     def _kserve_version(self) -> str:
         return "" if self.config.version == 0 else str(self.config.version)
