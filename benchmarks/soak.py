@@ -123,7 +123,7 @@ class ServerProcess:
 
 def build_repository(root: Path, members: int = 4) -> Path:
     """A model `soak` ([-1, 1, 8, 8] -> 10 classes) written as the trainer writes a version."""
-    from tests.server.conftest import random_members, write_model_version
+    from tests.support.models import random_members, write_model_version
 
     write_model_version(root, MODEL, random_members(members, int(np.prod(INPUT_SHAPE)), CLASSES,
                                                     seed=7), INPUT_SHAPE,
@@ -135,7 +135,7 @@ class Reference:
     """A pool of inputs and their probabilities computed directly with ONNX Runtime (float64)."""
 
     def __init__(self, version_dir: Path, pool: int = 64, seed: int = 0) -> None:
-        from tests.server.conftest import reference_member_probs
+        from tests.support.models import reference_member_probs
 
         self.inputs = np.random.default_rng(seed).normal(size=(pool, *INPUT_SHAPE)).astype(np.float32)
         self.probabilities = reference_member_probs(version_dir, self.inputs).mean(axis=1)

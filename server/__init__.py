@@ -4,16 +4,17 @@
     ...  # talk to 127.0.0.1:{running.port}
     await running.stop(grace=1.0)
 
-Layers, one direction: service (gRPC) -> registry -> ServedEnsemble (input check, batcher)
--> runtime (ONNX Runtime) -> scores (numpy). Never imports torch or trainer/.
+Three wings, arrows one way: api (the gRPC services, codecs, status codes, health, security,
+drain) -> models (registry, lifecycle, version policy, manifest, the served version) -> engine
+(batcher, ONNX Runtime sessions); app.py wires them. Never imports torch or trainer/.
 """
 
 from snapserve.server.app import RunningServer, start_server
-from snapserve.server.batcher import Batcher, BatcherConfig
 from snapserve.server.config import ServerConfig
+from snapserve.server.engine.batcher import Batcher, BatcherConfig
+from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.lifecycle import RepositoryConfig
-from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.models.policy import RepositoryConfig
 
 __all__ = ["Batcher", "BatcherConfig", "ConfigError", "RepositoryConfig", "RunningServer",
            "RuntimeConfig", "ServerConfig", "start_server"]

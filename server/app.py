@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,18 +19,18 @@ from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server.api.health import HealthServicer
+from snapserve.server.api.kserve import KServeServicer
+from snapserve.server.api.reflection import enable_reflection
+from snapserve.server.api.security import TokenAuthInterceptor, read_tokens, server_credentials
+from snapserve.server.api.service import EnsembleServicer
+from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
+from snapserve.server.engine.runtime import execution_providers
 from snapserve.server.errors import ConfigError
-from snapserve.server.health import HealthServicer
-from snapserve.server.kserve import KServeServicer
-from snapserve.server.lifecycle import ModelManager
 from snapserve.server.metrics import ServerMetrics
-from snapserve.server.reflection import enable_reflection
-from snapserve.server.registry import ModelRegistry
-from snapserve.server.runtime import execution_providers
-from snapserve.server.security import TokenAuthInterceptor, read_tokens, server_credentials
-from snapserve.server.shutdown import Drain
-from snapserve.server.service import EnsembleServicer
+from snapserve.server.models.lifecycle import LifecycleEvents, ModelManager
+from snapserve.server.models.registry import ModelRegistry
 
 __all__ = ["RunningServer", "start_server"]
 
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 SERVICES = [pb.DESCRIPTOR.services_by_name["EnsembleService"],
             kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"]]
-# Health service names that follow the server's overall status "" (see server/health.py).
+# Health service names that follow the server's overall status "" (see api/health.py).
 HEALTH_SERVICE_NAMES = ("", "snapserve.v1.EnsembleService", "inference.GRPCInferenceService")
 
 
@@ -53,7 +52,6 @@ class RunningServer:
     port: int
     registry: ModelRegistry
     server: grpc.aio.Server
-    executor: ThreadPoolExecutor
     manager: ModelManager
     health: HealthServicer
     metrics: ServerMetrics
@@ -68,13 +66,13 @@ class RunningServer:
         """Shut down in the order clients need, within `grace` seconds (None: cancel now).
 
         1. Health (and ServerReady) say NOT_SERVING; new calls (but health checks) are refused
-           with UNAVAILABLE at once (server/shutdown.py); polling stops.
+           with UNAVAILABLE at once (api/shutdown.py); polling stops.
         2. Drain: the batchers compute what they hold while the gRPC server still runs, so every
            answer and every refusal goes out; then wait for the clients to go quiet.
            (gRPC's own stop(grace) would leave calls that arrive meanwhile unanswered until the
            grace period ends, then cancel them: grpc/grpc#41785.)
         3. The gRPC server stops, giving calls still being answered what is left of `grace`;
-           then the metrics endpoint and the inference threads.
+           then the metrics endpoint.
         """
         self.health.enter_graceful_shutdown()  # health watchers hear it before the port closes
         self.drain.start()
@@ -92,7 +90,6 @@ class RunningServer:
         await batchers
         logger.info("refused %d calls while draining", self.drain.refused)
         self.metrics.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped serving on %s", self.address)
 
     async def wait_for_termination(self) -> None:
@@ -111,6 +108,12 @@ def _log_security(config: ServerConfig) -> None:
                        "the port can load and unload models (use --auth-token-file)")
 
 
+def lifecycle_events(health: HealthServicer, metrics: ServerMetrics) -> LifecycleEvents:
+    """The lifecycle's reports, delivered: serving state to health, loads and failures to metrics."""
+    return LifecycleEvents(serving=health.set, forgotten=health.forget, loaded=metrics.watch,
+                           unloaded=metrics.forget, load_failed=metrics.count_load_failure)
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Bind and start (health NOT_SERVING), load the repository, then report SERVING and log
     `serving on HOST:PORT`. Returns once every model that loads has loaded."""
@@ -125,15 +128,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if config.security.auth_token_file is not None:
         interceptors.append(TokenAuthInterceptor(read_tokens(config.security.auth_token_file)))
     _log_security(config)
-    # One batch in flight per model version; the threads are made on demand.
-    executor = ThreadPoolExecutor(thread_name_prefix="inference")
     registry = ModelRegistry()
     health = HealthServicer()
     for service in HEALTH_SERVICE_NAMES:
         health.set(service, False)  # until the repository is loaded
     metrics = ServerMetrics(registry)
     manager = ModelManager(config.model_repository, config.repository, config.runtime,
-                           config.batcher, executor, registry, health, metrics)
+                           config.batcher, registry, lifecycle_events(health, metrics))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -154,10 +155,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     else:
         cause = None
     if port == 0:
-        executor.shutdown(wait=False)
         raise ConfigError(f"cannot bind {config.address} (port in use, or host not local)") from cause
-    running = RunningServer(config, port, registry, server, executor, manager, health, metrics,
-                            drain=drain)
+    running = RunningServer(config, port, registry, server, manager, health, metrics, drain=drain)
     try:
         await server.start()
         if config.metrics_port is not None:

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from snapserve.server.api.security import SecurityConfig
 from snapserve.server.app import start_server
-from snapserve.server.batcher import BatcherConfig
 from snapserve.server.config import ServerConfig
-from snapserve.server.lifecycle import VERSION_POLICIES, RepositoryConfig
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
-from snapserve.server.security import SecurityConfig
+from snapserve.server.models.policy import VERSION_POLICIES, RepositoryConfig
 
 logger = logging.getLogger("server")
 

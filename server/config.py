@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapserve.server.batcher import BatcherConfig
+from snapserve.server.api.security import SecurityConfig
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.lifecycle import RepositoryConfig
-from snapserve.server.runtime import RuntimeConfig
-from snapserve.server.security import SecurityConfig
+from snapserve.server.models.policy import RepositoryConfig
 
 __all__ = ["BatcherConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig", "format_address"]
 
@@ -39,7 +39,7 @@ class ServerConfig:
     # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
     # fill batches by itself, and bounds the memory one stream may hold.
     max_stream_in_flight: int = 64
-    # TLS / mutual TLS and bearer tokens (server/security.py); all off by default.
+    # TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
     # ends. Bounds what one connection can hold open; gRPC's own default is unlimited.

@@ -1,5 +1,5 @@
-"""The server's named exceptions. Only the gRPC service layer turns them into status codes
-(`server.service.STATUS_CODES`, the one table); nothing here knows gRPC."""
+"""The server's named exceptions. Only the API wing turns them into status codes
+(`snapserve.server.api.status.STATUS_CODES`, the one table); nothing here knows gRPC."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ class GraphMismatch(ModelLoadError):
     """A graph loads, but its inputs or outputs are not what the manifest declares."""
 
     reason = "graph_mismatch"
+
+
+class FusedOutputsMismatch(GraphMismatch):
+    """A fused graph's outputs are not the score names (`snapserve.proto.scores.SCORE_NAMES`):
+    it was built for other scores than this server computes, so the version is refused."""
 
 
 class QueueFull(ServerError):

@@ -33,8 +33,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from snapserve.server.errors import ConfigError
-from snapserve.server.registry import ModelRegistry
-from snapserve.server.statistics import InferenceObserver
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.registry import ModelRegistry
+from snapserve.server.models.statistics import InferenceObserver
 
 __all__ = ["API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
 
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 API_NATIVE = "native"
 API_KSERVE = "kserve"
-OTHER_MODEL = "_other"  # model names start with a letter or digit (server.manifest.MODEL_NAME)
+OTHER_MODEL = "_other"  # model names start with a letter or digit (models.manifest.MODEL_NAME)
 
 # Seconds: from a fraction of a millisecond (small models on CPU) to a slow, queued request.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -82,6 +83,13 @@ class ServerMetrics:
     def observer(self, model: str, version: int) -> InferenceObserver:
         """What a loaded model version reports its queue and compute times to."""
         return _VersionObserver(self, model, str(version))
+
+    def watch(self, served: ServedEnsemble) -> None:
+        """Observe a version that just loaded, before it takes requests."""
+        served.observers.append(self.observer(served.name, served.version))
+
+    def count_load_failure(self, model: str, reason: str) -> None:
+        self.load_failures.labels(model, reason).inc()
 
     def forget(self, model: str, version: int) -> None:
         """Drop an unloaded version's series, so hot reloads do not pile them up."""

@@ -14,9 +14,8 @@ import pytest
 from snapserve.client import AsyncEnsembleClient, ClientError, EnsembleClient, Prediction
 from snapserve.client.cli import main
 from snapserve.server import RunningServer
-from tests.server.conftest import DIGITS_CLASSES, reference_member_probs
-
-from .conftest import ThreadedServer
+from tests.support.models import DIGITS_CLASSES, reference_member_probs
+from tests.support.servers import ThreadedServer
 
 
 def raw_digits(batch: int, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from snapserve.client import EnsembleClient
-from tests.server.conftest import random_members, reference_member_probs, write_model_version
+from tests.support.models import random_members, reference_member_probs, write_model_version
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 

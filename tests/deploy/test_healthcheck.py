@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from snapserve.server import RunningServer
-from tests.server.conftest import model_repo, running_server, server_config  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,7 +91,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) -> None:  # noqa: F811
     from snapserve.server import ServerConfig, start_server
-    from snapserve.server.security import SecurityConfig
+    from snapserve.server.api.security import SecurityConfig
 
     cert, key = self_signed(tmp_path)
     running = await start_server(ServerConfig(model_repository=model_repo, port=0,

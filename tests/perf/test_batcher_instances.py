@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from snapserve.server.batcher import Batcher, BatcherConfig
+from snapserve.server.engine.batcher import Batcher, BatcherConfig
 from snapserve.server.errors import ConfigError
 
 

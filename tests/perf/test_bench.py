@@ -13,7 +13,7 @@ from snapserve.client import ClientError
 from snapserve.client.bench import BenchConfig, BenchError, format_table, run_bench
 from snapserve.client.cli import main as client_main
 from snapserve.server import BatcherConfig, ServerConfig
-from tests.client.conftest import ThreadedServer
+from tests.support.servers import ThreadedServer
 
 
 def _config(server: ThreadedServer, **kwargs: object) -> BenchConfig:

@@ -13,16 +13,17 @@ import onnxruntime as ort
 import pytest
 
 from snapserve.client import EnsembleClient
-from snapserve.server.batcher import BatcherConfig
-from snapserve.server.ensemble import load_version
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ModelLoadError
-from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.models.ensemble import load_version
 from snapserve.proto.scores import EnsembleScores, ensemble_scores, softmax
 from snapserve.trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_INPUT, check_fused,
                           fuse_members, member_to_fp16)
 from snapserve.trainer.importer import import_members
 
-from .conftest import CLASSES, SHAPE, conv_member, linear_members, save, threaded_server
+from tests.support.models import CLASSES, SHAPE, conv_member, linear_members, save
+from tests.support.servers import cpu_server
 
 INTEGER_SCORES = {"top_class", "member_top_class"}
 
@@ -98,10 +99,8 @@ def test_export_records_the_fused_graph_in_the_manifest(imported_repo: Path) -> 
 
 
 def _load(version: Path, **runtime: object):  # type: ignore[no-untyped-def]
-    from concurrent.futures import ThreadPoolExecutor
-
     return load_version(version, RuntimeConfig(device="cpu", **runtime),
-                        BatcherConfig(max_batch_size=8), ThreadPoolExecutor(1))
+                        BatcherConfig(max_batch_size=8))
 
 
 def test_an_altered_fused_graph_refuses_the_version(imported_repo: Path) -> None:
@@ -131,7 +130,7 @@ def test_a_fused_graph_of_other_members_is_not_served(tmp_path: Path, caplog: py
     import hashlib
     manifest["ensemble"]["sha256"] = hashlib.sha256(other).hexdigest()
     (version / "manifest.json").write_text(json.dumps(manifest))
-    with caplog.at_level(logging.ERROR, logger="server.runtime"):
+    with caplog.at_level(logging.ERROR, logger="snapserve.server.engine.runtime"):
         served = _load(version)
     assert served.runtime.graph == "members"
     assert "differ from the members'" in caplog.text
@@ -163,7 +162,7 @@ def test_fused_and_members_serve_the_same_answers(imported_repo: Path) -> None:
     x = np.random.default_rng(3).normal(0, 2, (6, *SHAPE)).astype(np.float32)
     answers = {}
     for graph in ("fused", "members"):
-        server = threaded_server(imported_repo, graph=graph, instances=2)
+        server = cpu_server(imported_repo, graph=graph, instances=2)
         try:
             with EnsembleClient(server.target, timeout=10) as client:
                 answers[graph] = client.predict("mixed", x, member_probabilities=True)
@@ -185,7 +184,7 @@ def test_fused_and_members_serve_the_same_answers(imported_repo: Path) -> None:
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="needs onnxruntime-gpu and a GPU (the CUDA paths are not run in CI)")
 def test_cuda_paths_match_the_cpu(imported_repo: Path) -> None:  # pragma: no cover - GPU only
-    from snapserve.server.runtime import EnsembleRuntime
+    from snapserve.server.engine.runtime import EnsembleRuntime
 
     version = imported_repo / "mixed" / "1"
     manifest = json.loads((version / "manifest.json").read_text())

@@ -14,11 +14,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from snapserve.client import EnsembleClient
-from tests.server.conftest import member_model, random_members, reference_member_probs
 from snapserve.trainer.cli import main as trainer_main
 from snapserve.trainer.importer import MemberMismatch, import_members
-
-from .conftest import CLASSES, SHAPE, conv_member, linear_members, save
+from tests.support.models import (CLASSES, SHAPE, conv_member, linear_members, member_model,
+                                  random_members, reference_member_probs, save)
 
 
 def test_import_writes_a_servable_version(imported_repo: Path, member_files: list[Path]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from snapserve.server.errors import ConfigError
-from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.engine.runtime import RuntimeConfig
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -14,12 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
-import snapserve.server.lifecycle
+import snapserve.server.models.lifecycle
 from snapserve.server import RunningServer, ServerConfig, start_server
 from snapserve.server.healthcheck import check
-from snapserve.server.lifecycle import RepositoryConfig
+from snapserve.server.models.policy import RepositoryConfig
 
-from .conftest import fast_batching, serving, triton_client
+from tests.support.calls import triton_client
+from tests.support.servers import fast_batching, serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,13 +56,13 @@ def free_port() -> int:
 async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The port answers health checks before the models are loaded, with NOT_SERVING."""
     release = threading.Event()
-    real_load = snapserve.server.lifecycle.load_version
+    real_load = snapserve.server.models.lifecycle.load_version
 
     def held_load(*args: object) -> object:  # runs in a loader thread: blocks it, not the event loop
         release.wait(timeout=30)
         return real_load(*args)
 
-    monkeypatch.setattr(snapserve.server.lifecycle, "load_version", held_load)
+    monkeypatch.setattr(snapserve.server.models.lifecycle, "load_version", held_load)
     port = free_port()
     starting = asyncio.ensure_future(start_server(ServerConfig(
         model_repository=model_repo, port=port, batcher=fast_batching())))

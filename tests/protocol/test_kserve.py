@@ -16,8 +16,9 @@ from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
 
-from .conftest import (DIGITS_SHAPE, SCORES, digits_input, native_predict, native_stub, serving,
-                       triton_client, write_int_model)
+from tests.support.calls import SCORES, digits_input, native_predict, native_stub, triton_client
+from tests.support.models import DIGITS_SHAPE, write_int_model
+from tests.support.servers import serving
 
 Client = triton.InferenceServerClient
 

@@ -17,15 +17,13 @@ from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
 from snapserve.server.cli import build_parser, config_from_args
-from snapserve.server.ensemble import ServedEnsemble
 from snapserve.server.errors import ConfigError, VersionNotFound
-from snapserve.server.lifecycle import RepositoryConfig
-from snapserve.server.registry import ModelRegistry
-
-from .conftest import (DIGITS_CLASSES, DIGITS_SHAPE, digits_input, native_predict, native_stub,
-                       random_members, serving, triton_client, write_model_version)
-
-from tests.server.conftest import reference_member_probs
+from snapserve.server.models.policy import RepositoryConfig
+from snapserve.server.models.registry import ModelRegistry
+from tests.support.calls import digits_input, native_predict, native_stub, triton_client
+from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, random_members,
+                                  reference_member_probs, write_model_version)
+from tests.support.servers import serving
 
 
 def add_digits_version(repo: Path, seed: int) -> Path:
@@ -197,19 +195,13 @@ async def test_a_request_for_a_retired_version_is_sent_to_its_replacement(
     async with serving(model_repo, repository=RepositoryConfig(version_policy="all")) as running:
         registry: ModelRegistry = running.registry
         v1, v2 = registry.get("digits", 1), registry.get("digits", 2)
-        # Version 2 is retired after a request picked it as the default, before it was queued.
+        # Version 2 is retired after a request looked it up as the default, before it was queued.
         registry.remove("digits", 2)
         await v2.close()
-        real_get, stale = registry.get, [v2]
-        def stale_first(name: str, version: int = 0) -> ServedEnsemble:
-            return stale.pop() if stale else real_get(name, version)
-
-        registry.get = stale_first  # type: ignore[method-assign]
-        served, scores = await registry.predict("digits", 0, x)
+        served, scores = await registry.predict(v2, 0, x)
         assert served is v1 and scores.probabilities.shape == (1, 5)
-        registry.get = real_get  # type: ignore[method-assign]
         with pytest.raises(VersionNotFound):  # a retired version asked for by number: gone
-            await registry.predict("digits", 2, x)
+            await registry.predict(v2, 2, x)
 
 
 async def test_explicit_unload_and_load(model_repo: Path) -> None:

@@ -13,8 +13,9 @@ from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
 
-from .conftest import (digits_input, native_predict, native_stub, serving, triton_client,
-                       write_model_version)
+from tests.support.calls import digits_input, native_predict, native_stub, triton_client
+from tests.support.models import write_model_version
+from tests.support.servers import serving
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -22,21 +22,22 @@ from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from snapserve.proto.tensors import DTYPE_TO_NUMPY, TensorError, from_tensor, to_tensor
+from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, TensorError, from_tensor,
+                                     to_tensor)
 from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig
+from snapserve.server.api.kserve_messages import decode_infer_input
 from snapserve.server.errors import InvalidInput
-from snapserve.server.inputs import conform_input
-from snapserve.server.kserve_messages import KSERVE_TO_NUMPY, decode_infer_input
-from snapserve.server.manifest import InputSpec
-from tests.server.conftest import reference_member_probs
-
-from .conftest import digits, serving
+from snapserve.server.models.inputs import conform_input
+from snapserve.server.models.manifest import InputSpec
+from tests.support.calls import digits_input
+from tests.support.models import reference_member_probs
+from tests.support.servers import serving
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 F32 = np.float32
-NAN_INPUT = digits(2, seed=5)
+NAN_INPUT = digits_input(2, seed=5)
 NAN_INPUT[1, 0, 2, 3] = np.nan
-INF_INPUT = digits(1, seed=6)
+INF_INPUT = digits_input(1, seed=6)
 INF_INPUT[0, 0, 0, 0] = -np.inf
 
 
@@ -146,7 +147,7 @@ CASES = {
 
 async def assert_valid_request_still_answered(stub: pb_grpc.EnsembleServiceStub,
                                               repo: Path) -> None:
-    x = digits(3, seed=11)
+    x = digits_input(3, seed=11)
     response = await stub.Predict(native(x))
     expected = reference_member_probs(repo / "digits" / "1", x).mean(axis=1)
     np.testing.assert_allclose(from_tensor(response.probabilities), expected, rtol=1e-5, atol=1e-6)
@@ -217,7 +218,7 @@ async def test_bytes_that_are_not_protobuf(server: RunningServer, model_repo: Pa
 
 async def test_stream_answers_bad_requests_inline_and_goes_on(server: RunningServer) -> None:
     requests = [CASES[name].native for name in ("NaN", "wrong rank", "unknown model")]
-    requests.insert(1, native(digits(2)))
+    requests.insert(1, native(digits_input(2)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         answers = [a async for a in pb_grpc.EnsembleServiceStub(channel).PredictStream(
             iter(requests))]
@@ -326,7 +327,7 @@ def test_random_bytes_parse_or_fail_cleanly(data: bytes) -> None:
     """What the gRPC layer does with a request's bytes, then our decoding of whatever parsed."""
     from google.protobuf.message import DecodeError
 
-    from snapserve.server.messages import decode_input
+    from snapserve.server.api.messages import decode_input
 
     try:
         request = pb.PredictRequest.FromString(data)

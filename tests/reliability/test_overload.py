@@ -19,9 +19,9 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig
 from snapserve.server.errors import ConfigError
-from tests.server.conftest import reference_member_probs
-
-from .conftest import digits, predict_request, serving
+from tests.support.calls import digits_input, predict_request
+from tests.support.models import reference_member_probs
+from tests.support.servers import serving
 
 
 def held(max_queue_size: int = 256, delay_s: float = 1.0, max_batch_size: int = 8) -> BatcherConfig:
@@ -49,7 +49,7 @@ async def test_a_flood_is_refused_at_once_not_queued(model_repo: Path) -> None:
     async with serving(model_repo, batcher=held(max_queue_size=bound)) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
-            inputs = [digits(1, seed=i) for i in range(flood)]
+            inputs = [digits_input(1, seed=i) for i in range(flood)]
             finished: list[tuple[int, str]] = []  # (request, outcome) in the order they ended
 
             async def send(i: int) -> None:
@@ -79,7 +79,7 @@ async def test_a_deadline_that_passes_in_the_queue_is_never_computed(model_repo:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Predict(predict_request(digits(1)), timeout=0.2)
+                await stub.Predict(predict_request(digits_input(1)), timeout=0.2)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             await eventually(lambda: stats(running).dropped_expired == 1, "counted as expired")
             assert running.registry.get("digits").batcher.queued == 0  # its place is free
@@ -91,13 +91,13 @@ async def test_a_cancelled_call_frees_its_place_in_the_queue(model_repo: Path) -
     async with serving(model_repo, batcher=held(max_queue_size=2)) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
-            first = [stub.Predict(predict_request(digits(1, seed=i))) for i in range(2)]
+            first = [stub.Predict(predict_request(digits_input(1, seed=i))) for i in range(2)]
             await eventually(lambda: running.registry.get("digits").batcher.queued == 2, "queue full")
             for call in first:
                 call.cancel()
             await eventually(lambda: stats(running).dropped_cancelled == 2, "counted as cancelled")
             # the queue is free again at once, not when the batch would have formed
-            second = [digits(1, seed=10 + i) for i in range(2)]
+            second = [digits_input(1, seed=10 + i) for i in range(2)]
             answers = await asyncio.gather(*(stub.Predict(predict_request(x)) for x in second))
             for x, answer in zip(second, answers):
                 expected = reference_member_probs(model_repo / "digits" / "1", x).mean(axis=1)
@@ -113,7 +113,7 @@ async def test_concurrent_streams_per_connection_are_limited(model_repo: Path) -
     async with serving(model_repo, batcher=held(delay_s=0.2), max_concurrent_streams=1) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
-            answers = await asyncio.gather(*(stub.Predict(predict_request(digits(1, seed=i)))
+            answers = await asyncio.gather(*(stub.Predict(predict_request(digits_input(1, seed=i)))
                                              for i in range(4)))
         assert all(from_tensor(a.probabilities).shape == (1, 5) for a in answers)
         s = stats(running)

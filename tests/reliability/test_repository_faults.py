@@ -27,10 +27,10 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor
 from snapserve.server import RunningServer
-from tests.server.conftest import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET,
-                                   random_members, reference_member_probs, write_model_version)
-
-from .conftest import digits, predict_request, serving
+from tests.support.calls import digits_input, predict_request
+from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
+                                  reference_member_probs, write_model_version)
+from tests.support.servers import serving
 
 MEMBER = "members/member-001.onnx"
 
@@ -159,7 +159,7 @@ async def test_a_broken_new_version_is_refused_and_the_previous_one_served(
     async with serving(model_repo) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
-            x = digits(2, seed=3)
+            x = digits_input(2, seed=3)
             response = await stub.Predict(predict_request(x))
             assert response.version == 1  # the previous version answers, correctly
             expected = reference_member_probs(model_repo / "digits" / "1", x).mean(axis=1)
@@ -193,7 +193,7 @@ async def test_a_model_with_no_loadable_version_is_not_serving_and_says_why(
             assert await health(channel, "") == "SERVING"  # the server serves its other models
             stub = pb_grpc.EnsembleServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Predict(predict_request(digits(1)))
+                await stub.Predict(predict_request(digits_input(1)))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert ("model 'digits' is not served; version 1 was refused at load: "
                     "member-001.onnx: ONNX Runtime cannot load it") in info.value.details()
@@ -216,7 +216,7 @@ async def test_a_version_broken_while_serving_is_refused_and_the_old_one_stays(
         assert load_failures(running, "digits", "invalid_onnx") == 1
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             response = await pb_grpc.EnsembleServiceStub(channel).Predict(
-                predict_request(digits(1)))
+                predict_request(digits_input(1)))
             assert response.version == 1
         # a fixed upload (a new folder, as the trainer writes) is picked up
         write_model_version(model_repo, "digits", random_members(3, 16, 5, seed=5), DIGITS_SHAPE,

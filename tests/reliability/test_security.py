@@ -25,12 +25,12 @@ from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import ServerConfig
+from snapserve.server.api.security import SecurityConfig, TokenAuthInterceptor, read_tokens
 from snapserve.server.errors import ConfigError
-from snapserve.server.lifecycle import RepositoryConfig
-from snapserve.server.security import SecurityConfig, TokenAuthInterceptor, read_tokens
-from tests.client.conftest import ThreadedServer
-
-from .conftest import Pki, digits, predict_request, serving, tls_channel
+from snapserve.server.models.policy import RepositoryConfig
+from tests.support.calls import digits_input, predict_request
+from tests.support.pki import Pki, tls_channel
+from tests.support.servers import ThreadedServer, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = ("s3cret-token-for-tests-0001", "another-valid-token-0002")
@@ -53,7 +53,7 @@ async def test_tls_serves_clients_that_trust_its_ca_only(model_repo: Path, pki: 
     security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key)
     async with serving(model_repo, security=security) as running:
         async with tls_channel(running.port, pki) as channel:
-            response = await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits(2)))
+            response = await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits_input(2)))
             assert response.model == "digits"
         async with tls_channel(running.port, pki, ca=pki.other_ca) as channel:  # wrong trust root
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -71,12 +71,12 @@ async def test_mutual_tls_refuses_missing_and_foreign_client_certificates(
                               tls_client_ca=pki.ca)
     async with serving(model_repo, security=security) as running:
         async with tls_channel(running.port, pki, client=(pki.client_cert, pki.client_key)) as channel:
-            response = await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits(1)))
+            response = await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits_input(1)))
             assert response.model == "digits"
         for client in (None, (pki.other_client_cert, pki.other_client_key)):
             async with tls_channel(running.port, pki, client=client) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits(1)),
+                    await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(digits_input(1)),
                                                                        timeout=5)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, client
         # the server goes on serving the right client
@@ -127,13 +127,13 @@ async def test_calls_without_a_valid_token_are_unauthenticated(
                              bearer(TOKENS[0][:-1]), bearer(TOKENS[0], "Basic"),
                              (("authorization", TOKENS[0]),)):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.Predict(predict_request(digits(1)), metadata=metadata)
+                    await stub.Predict(predict_request(digits_input(1)), metadata=metadata)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
                 assert "missing or invalid bearer token" in info.value.details()
                 assert "authorization: Bearer <token>" in info.value.details()
             # every kind of call: unary, server and bidirectional streams, the KServe service
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                async for _ in stub.PredictStream(iter([predict_request(digits(1))])):
+                async for _ in stub.PredictStream(iter([predict_request(digits_input(1))])):
                     pass
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
@@ -151,10 +151,10 @@ async def test_calls_without_a_valid_token_are_unauthenticated(
 
             # both tokens work, and the scheme is case-insensitive
             for metadata in (bearer(TOKENS[0]), bearer(TOKENS[1]), bearer(TOKENS[1], "bearer")):
-                response = await stub.Predict(predict_request(digits(1)), metadata=metadata)
+                response = await stub.Predict(predict_request(digits_input(1)), metadata=metadata)
                 assert response.model == "digits"
             responses = [r async for r in stub.PredictStream(
-                iter([predict_request(digits(1), request_id="s")]), metadata=bearer(TOKENS[0]))]
+                iter([predict_request(digits_input(1), request_id="s")]), metadata=bearer(TOKENS[0]))]
             assert [r.request_id for r in responses] == ["s"]
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "bearer token authentication on" in log
@@ -210,7 +210,7 @@ def test_token_file_rules(tmp_path: Path) -> None:
 
 
 def test_every_token_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    import snapserve.server.security as security
+    import snapserve.server.api.security as security
 
     compared: list[bytes] = []
     real = security.hmac.compare_digest
@@ -239,7 +239,7 @@ def test_client_and_cli_with_mutual_tls_and_a_token(model_repo: Path, pki: Pki,
     tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
     try:
         with EnsembleClient(server.target, token=TOKENS[1], **tls) as client:
-            assert client.predict("digits", digits(3)).probabilities.shape == (3, 5)
+            assert client.predict("digits", digits_input(3)).probabilities.shape == (3, 5)
         with EnsembleClient(server.target, **tls) as client:  # no token
             with pytest.raises(ClientError) as info:
                 client.list_models()
@@ -264,8 +264,8 @@ async def test_async_client_sends_the_token(model_repo: Path, token_file: Path) 
     async with serving(model_repo, security=SecurityConfig(auth_token_file=token_file)) as running:
         target = f"127.0.0.1:{running.port}"
         async with AsyncEnsembleClient(target, token=TOKENS[0]) as client:
-            assert (await client.predict("digits", digits(2))).probabilities.shape == (2, 5)
-            answers = [a async for a in client.predict_stream("digits", [digits(1), digits(2)])]
+            assert (await client.predict("digits", digits_input(2))).probabilities.shape == (2, 5)
+            answers = [a async for a in client.predict_stream("digits", [digits_input(1), digits_input(2)])]
             assert [len(a) for a in answers] == [1, 2]  # type: ignore[arg-type]
         async with AsyncEnsembleClient(target) as client:
             with pytest.raises(ClientError) as info:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from snapserve.server.batcher import (Batcher, BatcherClosed, BatcherConfig, ItemExpired, ItemTooLarge,
+from snapserve.server.engine.batcher import (Batcher, BatcherClosed, BatcherConfig, ItemExpired, ItemTooLarge,
                             QueueFull)
 from snapserve.server.errors import ConfigError
 

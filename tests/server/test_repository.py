@@ -2,33 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator
 
 import grpc
+import numpy as np
 import pytest
 
+from snapserve.proto.scores import SCORE_NAMES
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RuntimeConfig, ServerConfig, start_server
-from snapserve.server.errors import ConfigError, ModelNotFound, VersionNotFound
-from snapserve.server.registry import ModelRegistry, load_repository, scan_repository
-
-from .conftest import DIGITS_CLASSES, DIGITS_SHAPE, random_members, write_model_version
-
-
-@pytest.fixture
-def executor() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(1) as pool:
-        yield pool
+from snapserve.server.errors import ConfigError, FusedOutputsMismatch, ModelNotFound, VersionNotFound
+from snapserve.server.models.ensemble import load_version
+from snapserve.server.models.lifecycle import ModelManager
+from snapserve.server.models.policy import RepositoryConfig
+from snapserve.server.models.registry import ModelRegistry, scan_repository
+from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
+                                  write_model_version)
 
 
-def load(repo: Path, executor: ThreadPoolExecutor) -> ModelRegistry:
-    return load_repository(repo, RuntimeConfig(), BatcherConfig(), executor)
+@contextlib.asynccontextmanager
+async def loaded(repo: Path) -> AsyncIterator[ModelRegistry]:
+    """The registry as the server's start-up load leaves it (no gRPC), closed on the way out."""
+    registry = ModelRegistry()
+    await ModelManager(repo, RepositoryConfig(), RuntimeConfig(), BatcherConfig(),
+                       registry).load_all()
+    try:
+        yield registry
+    finally:
+        await registry.close()
 
 
 def write_digits(repo: Path, **kwargs) -> Path:  # type: ignore[no-untyped-def]
@@ -61,25 +69,24 @@ async def test_checksum_mismatch_refuses_that_model_and_serves_the_others(
     assert refusal and "members/member-001.onnx" in refusal[0] and "sha256" in refusal[0]
 
 
-def test_broken_newest_version_falls_back_to_the_previous_one(tmp_path: Path,
-                                                             executor: ThreadPoolExecutor) -> None:
+async def test_broken_newest_version_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     write_digits(tmp_path)
     corrupt_member(write_digits(tmp_path))  # version 2
-    registry = load(tmp_path, executor)
-    assert registry.versions("digits") == [1]
-    assert registry.get("digits").version == 1
+    async with loaded(tmp_path) as registry:
+        assert registry.versions("digits") == [1]
+        assert registry.get("digits").version == 1
 
 
-def test_newest_good_version_is_served(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+async def test_newest_good_version_is_served(tmp_path: Path) -> None:
     write_digits(tmp_path)
     write_digits(tmp_path)
-    registry = load(tmp_path, executor)
-    assert registry.get("digits").version == 2
-    assert registry.get("digits", 2).version == 2
-    with pytest.raises(VersionNotFound, match=r"no version 1; loaded versions: \[2\]"):
-        registry.get("digits", 1)
-    with pytest.raises(ModelNotFound, match="'nope' is not served; models: digits"):
-        registry.get("nope")
+    async with loaded(tmp_path) as registry:
+        assert registry.get("digits").version == 2
+        assert registry.get("digits", 2).version == 2
+        with pytest.raises(VersionNotFound, match=r"no version 1; loaded versions: \[2\]"):
+            registry.get("digits", 1)
+        with pytest.raises(ModelNotFound, match="'nope' is not served; models: digits"):
+            registry.get("nope")
 
 
 def test_hidden_temporary_and_non_integer_folders_are_ignored(tmp_path: Path) -> None:
@@ -104,32 +111,30 @@ def test_hidden_temporary_and_non_integer_folders_are_ignored(tmp_path: Path) ->
     ({"output": {"name": "probs", "kind": "logits"}}, "expects 'probs'"),
     ({"members": []}, "'members' is empty"),
 ])
-def test_broken_manifests_are_refused_with_a_reason(
-        tmp_path: Path, executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture,
-        overrides: dict, message: str) -> None:
+async def test_broken_manifests_are_refused_with_a_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, overrides: dict, message: str) -> None:
     write_digits(tmp_path, manifest_overrides=overrides)
     write_model_version(tmp_path, "tiny", random_members(2, 3, 2), (3,), ["no", "yes"])
-    registry = load(tmp_path, executor)
-    assert registry.names() == ["tiny"]
+    async with loaded(tmp_path) as registry:
+        assert registry.names() == ["tiny"]
     assert any("refusing model digits version 1" in r.getMessage() and message in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
-def test_invalid_json_is_refused(tmp_path: Path, executor: ThreadPoolExecutor,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_invalid_json_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     version = write_digits(tmp_path)
     (version / "manifest.json").write_text("{not json")
-    assert load(tmp_path, executor).names() == []
+    async with loaded(tmp_path) as registry:
+        assert registry.names() == []
     assert any("not valid JSON" in r.getMessage() for r in caplog.records)
 
 
-def test_a_copied_folder_is_served_under_its_folder_name(tmp_path: Path,
-                                                         executor: ThreadPoolExecutor) -> None:
+async def test_a_copied_folder_is_served_under_its_folder_name(tmp_path: Path) -> None:
     version = write_digits(tmp_path)
     shutil.copytree(version.parent, tmp_path / "digits-copy")
-    registry = load(tmp_path, executor)
-    assert registry.names() == ["digits", "digits-copy"]
-    assert json.loads(registry.get("digits-copy").manifest.text)["name"] == "digits"
+    async with loaded(tmp_path) as registry:
+        assert registry.names() == ["digits", "digits-copy"]
+        assert json.loads(registry.get("digits-copy").manifest.text)["name"] == "digits"
 
 
 def test_config_checks_the_repository_and_names_fields(tmp_path: Path) -> None:
@@ -141,3 +146,39 @@ def test_config_checks_the_repository_and_names_fields(tmp_path: Path) -> None:
         RuntimeConfig(device="tpu")
     with pytest.raises(ConfigError, match="intra_op_threads"):
         RuntimeConfig(intra_op_threads=-1)
+
+
+def stale_fused_graph(outputs: list[str]) -> bytes:
+    """A fused graph by its interface only: the members' input, the temperature as an
+    overridable default, and these outputs (each a copy of the temperature)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["temperature"], [name]) for name in outputs], "fused",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *DIGITS_SHAPE]),
+         helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, []) for name in outputs],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "temperature")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+async def test_a_fused_graph_with_other_score_names_refuses_the_version(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A fused graph written for other scores (here `member_kl` renamed) is not quietly
+    replaced by the members: the version is refused, and the log names the outputs that differ."""
+    outputs = [("kl_to_mean" if name == "member_kl" else name) for name in SCORE_NAMES]
+    data = stale_fused_graph(outputs)
+    version = write_digits(tmp_path, manifest_overrides={"ensemble": {
+        "file": "ensemble.onnx", "sha256": hashlib.sha256(data).hexdigest()}})
+    (version / "ensemble.onnx").write_bytes(data)
+    with pytest.raises(FusedOutputsMismatch, match=r"missing \['member_kl'\], unexpected "
+                                                   r"\['kl_to_mean'\]"):
+        load_version(version, RuntimeConfig(), BatcherConfig())
+    async with loaded(tmp_path) as registry:
+        assert registry.names() == []
+    refusals = [r.getMessage() for r in caplog.records
+                if "refusing model digits version 1" in r.getMessage()]
+    assert refusals and "do not match the score names" in refusals[0]
+    assert "missing ['member_kl']" in refusals[0] and "unexpected ['kl_to_mean']" in refusals[0]

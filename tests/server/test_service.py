@@ -13,17 +13,13 @@ import pytest
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
-from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from snapserve.proto import scores
-
-from .conftest import (DIGITS_CLASSES, DIGITS_SHAPE, random_members, reference_member_probs,
-                       write_model_version)
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
+from tests.support.calls import digits_input
+from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
+                                  reference_member_probs, write_model_version)
 
 Stub = pb_grpc.EnsembleServiceStub
-
-
-def digits_input(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, *DIGITS_SHAPE)).astype(np.float32)
 
 
 def request(x: np.ndarray, model: str = "digits", **kwargs: object) -> pb.PredictRequest:
@@ -260,7 +256,7 @@ async def test_stop_with_grace_finishes_in_flight_requests(model_repo: Path) -> 
 def test_status_table_maps_named_exceptions_and_subclasses() -> None:
     from snapserve.proto.tensors import TensorError
     from snapserve.server.errors import ChecksumMismatch, InvalidInput, ItemExpired, QueueFull, VersionNotFound
-    from snapserve.server.service import status_code
+    from snapserve.server.api.status import status_code
 
     assert status_code(InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_code(TensorError("x")) == grpc.StatusCode.INVALID_ARGUMENT
@@ -275,8 +271,6 @@ def batch_of_one_only_model() -> "onnx.ModelProto":
     """Reshapes to a fixed [1, 16]: passes the load-time warm-up, fails on batches of 2."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from .conftest import IR_VERSION, OPSET
 
     w = np.ones((16, 5), np.float32)
     graph = helper.make_graph(

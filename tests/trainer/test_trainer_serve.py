@@ -11,8 +11,8 @@ import pytest
 
 from snapserve.client import EnsembleClient
 from snapserve.server import BatcherConfig, ServerConfig
-from tests.client.conftest import ThreadedServer
-from tests.server.conftest import reference_member_probs
+from tests.support.models import reference_member_probs
+from tests.support.servers import ThreadedServer
 from snapserve.trainer.datasets import Dataset
 
 

@@ -1,6 +1,6 @@
 """One served model version: its manifest, its runtime and the batcher in front of it.
 
-`predict` is what every service (native now, KServe v2 later) calls: check the input, queue it,
+`predict` is what every service calls (through ModelRegistry.predict): check the input, queue it,
 get this request's rows of the batch's scores back.
 """
 
@@ -10,19 +10,21 @@ import asyncio
 import dataclasses
 import logging
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from snapserve.server.batcher import Batcher, BatcherConfig
-from snapserve.server.errors import GraphMismatch, InferenceError, ModelLoadError
-from snapserve.server.inputs import conform_input
-from snapserve.server.manifest import Manifest, read_manifest, verify_checksums
-from snapserve.server.runtime import FUSED, MEMBERS, EnsembleRuntime, GraphTiming, RuntimeConfig, choose_graph
 from snapserve.proto.scores import EnsembleScores
-from snapserve.server.statistics import InferenceObserver, ModelStatistics
+from snapserve.server.engine.batcher import Batcher, BatcherConfig
+from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
+                                             RuntimeConfig, choose_graph)
+from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
+                                     ModelLoadError)
+from snapserve.server.models.inputs import conform_input
+from snapserve.server.models.manifest import Manifest, read_manifest, verify_checksums
+from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
 
 __all__ = ["ServedEnsemble", "load_version"]
 
@@ -41,12 +43,10 @@ class ServedEnsemble:
     that many batches at once, each on an instance of its own, in that instance's own thread:
     a thread that always runs the same sessions finds their weights and buffers warm in its
     core's caches (measured 5-10% faster per small batch than a shared pool's next free thread).
-    `executor` is not used for inference any more; it stays in the signature for the callers.
     """
 
     def __init__(self, manifest: Manifest, path: Path, runtime: EnsembleRuntime,
-                 batcher_config: BatcherConfig, executor: Executor,
-                 instances: Sequence[EnsembleRuntime] = ()) -> None:
+                 batcher_config: BatcherConfig, instances: Sequence[EnsembleRuntime] = ()) -> None:
         self.manifest = manifest
         self.path = path
         self.runtime = runtime
@@ -56,7 +56,6 @@ class ServedEnsemble:
                          for i in range(len(self.instances))]
         self._free = list(zip(self.instances, self._threads))
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
-        del executor  # see the class docstring
         batcher_config = dataclasses.replace(batcher_config,
                                              max_concurrent_batches=len(self.instances))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
@@ -184,18 +183,23 @@ def _build_runtime(manifest: Manifest, path: Path, config: RuntimeConfig,
         graphs=graphs)
 
 
-def load_version(path: Path, runtime_config: RuntimeConfig, batcher_config: BatcherConfig,
-                 executor: Executor) -> ServedEnsemble:
+def load_version(path: Path, runtime_config: RuntimeConfig,
+                 batcher_config: BatcherConfig) -> ServedEnsemble:
     """Read, verify and load <repository>/<model>/<version>; raises ModelLoadError if unusable.
 
     With a fused graph and `graph=auto`, the first instance opens both graphs, times them
-    (runtime.choose_graph) and keeps the faster; the other instances open only that one.
+    (runtime.choose_graph) and keeps the faster; the other instances open only that one. A fused
+    graph whose outputs are not `SCORE_NAMES` refuses the version (FusedOutputsMismatch): it was
+    built for other scores than this server computes. Any other fused-graph fault is logged and
+    the members serve.
     """
     manifest = read_manifest(path)
     verify_checksums(manifest, path)
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
     try:
         runtime = _build_runtime(manifest, path, runtime_config, graphs, fused_file)
+    except FusedOutputsMismatch:
+        raise  # the version and this server disagree on the scores: refused, not served slower
     except ModelLoadError as exc:
         if graphs == (MEMBERS,):
             raise
@@ -213,7 +217,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig, batcher_config: Batc
     runtime.keep(graph)
     instances = [runtime] + [_build_runtime(manifest, path, runtime_config, (graph,), fused_file)
                              for _ in range(runtime_config.instances - 1)]
-    served = ServedEnsemble(manifest, path, runtime, batcher_config, executor, instances)
+    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances)
     served.allow_nonfinite = runtime_config.allow_nonfinite
     served.graph_timing = timing
     served.warm_up()

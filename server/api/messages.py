@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
-from snapserve.server.ensemble import ServedEnsemble
 from snapserve.server.errors import InvalidInput
-from snapserve.server.inputs import format_shape
-from snapserve.server.manifest import InputSpec
-from snapserve.server.registry import ModelRegistry
-from snapserve.proto.scores import EnsembleScores
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.inputs import format_shape
+from snapserve.server.models.manifest import InputSpec
+from snapserve.server.models.registry import ModelRegistry
 
 __all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_summary"]
 

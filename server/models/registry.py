@@ -1,8 +1,7 @@
 """The model registry: model name -> version -> ServedEnsemble, shared by every service.
 
-`load_repository` fills it from <repository>/<model>/<version>/ folders. It loads the newest
-version of each model that passes its checks; a version that fails is refused with one log line
-and the next older one is tried, so a broken upload never takes a model (or its neighbours) down.
+The ModelManager (lifecycle.py) fills it from the <repository>/<model>/<version>/ folders that
+`scan_repository` finds; a request looks its version up once (`get`), then `predict` runs it.
 """
 
 from __future__ import annotations
@@ -10,20 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from snapserve.server.batcher import BatcherConfig
-from snapserve.server.ensemble import ServedEnsemble, load_version
-from snapserve.server.errors import BatcherClosed, ModelLoadError, ModelNotFound, VersionNotFound
-from snapserve.server.manifest import MODEL_NAME
-from snapserve.server.runtime import RuntimeConfig
 from snapserve.proto.scores import EnsembleScores
+from snapserve.server.errors import BatcherClosed, ModelNotFound, VersionNotFound
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.manifest import MODEL_NAME
 
-__all__ = ["ModelRegistry", "load_repository", "scan_repository"]
+__all__ = ["ModelRegistry", "scan_repository"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +61,26 @@ class ModelRegistry:
         models = sorted(list(self._models.items()))
         return [served for _, versions in models for _, served in sorted(list(versions.items()))]
 
-    async def predict(self, name: str, version: int, x: np.ndarray,
+    async def predict(self, served: ServedEnsemble, version: int, x: np.ndarray,
                       timeout: float | None = None) -> tuple[ServedEnsemble, EnsembleScores]:
-        """The version that answered and its scores for x: what every service calls.
+        """The version that answered and its scores for x: what every service calls, with what
+        `get(name, version)` gave it for this request (the one lookup; its input spec decoded x).
 
         A request that picked a version just before a hot reload retired it finds that
         version's batcher closed; it is sent once more, to what now serves the same name and
-        version, so a reload fails no request. BatcherClosed stands when nothing replaced it
-        (the server is stopping).
+        `version` (0: the default), so a reload fails no request. BatcherClosed stands when
+        nothing replaced it (the server is stopping).
         """
-        served = self.get(name, version)
         try:
             return served, await served.predict(x, timeout=timeout)
         except BatcherClosed:
-            replacement = self.get(name, version)  # NOT_FOUND if the model went away meanwhile
+            # NOT_FOUND if the model went away meanwhile
+            replacement = self.get(served.name, version)
             if replacement is served:
                 raise
             logger.debug("%s version %d was retired while a request was on its way; "
-                         "sending it to version %d", name, served.version, replacement.version)
+                         "sending it to version %d", served.name, served.version,
+                         replacement.version)
             return replacement, await replacement.predict(x, timeout=timeout)
 
     def names(self) -> list[str]:
@@ -120,10 +118,6 @@ class ModelRegistry:
     def __len__(self) -> int:
         return sum(len(v) for v in self._models.values())
 
-    async def start(self) -> None:
-        for served in self:
-            await served.start()
-
     async def close(self) -> None:
         # All at once: every model refuses new requests from the same moment (server shutdown).
         await asyncio.gather(*(served.close() for served in self))
@@ -149,27 +143,3 @@ def scan_repository(root: Path, warn: bool = True) -> dict[str, list[Path]]:
             logger.warning("skipping model %s: no version folders", model_dir.name)
     return models
 
-
-def load_repository(root: Path, runtime_config: RuntimeConfig, batcher_config: BatcherConfig,
-                    executor: Executor) -> ModelRegistry:
-    """A registry holding the newest loadable version of every model under `root`."""
-    registry = ModelRegistry()
-    for name, version_dirs in scan_repository(root).items():
-        for path in version_dirs:
-            try:
-                served = load_version(path, runtime_config, batcher_config, executor)
-            except ModelLoadError as exc:
-                logger.error("refusing model %s version %s: %s", name, path.name, exc)
-                continue
-            except Exception:  # a bug or an OS error must not take the other models down
-                logger.exception("refusing model %s version %s: unexpected error", name, path.name)
-                continue
-            registry.add(served)
-            logger.info("loaded model %s version %d: %d members, method %s, on %s",
-                        name, served.version, served.runtime.members, served.manifest.method or "?",
-                        served.runtime.provider)
-            break
-        else:
-            logger.error("model %s: no loadable version among %s; not serving it",
-                         name, [p.name for p in version_dirs])
-    return registry

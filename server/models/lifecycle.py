@@ -18,79 +18,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
-from snapserve.server.batcher import BatcherConfig
-from snapserve.server.ensemble import load_version
-from snapserve.server.errors import (ConfigError, InvalidModelName, ModelLoadError, ModelNotFound,
-                           NoLoadableVersion)
-from snapserve.server.health import HealthServicer
-from snapserve.server.manifest import MODEL_NAME
-from snapserve.server.metrics import ServerMetrics
-from snapserve.server.registry import ModelRegistry, scan_repository
-from snapserve.server.runtime import RuntimeConfig
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.runtime import RuntimeConfig
+from snapserve.server.errors import ModelLoadError, ModelNotFound, NoLoadableVersion
+from snapserve.server.models.ensemble import ServedEnsemble, load_version
+from snapserve.server.models.policy import RepositoryConfig, check_model_name, wanted_versions
+from snapserve.server.models.registry import ModelRegistry, scan_repository
 
-__all__ = ["VERSION_POLICIES", "IndexEntry", "ModelManager", "RepositoryConfig",
-           "check_model_name"]
+__all__ = ["IndexEntry", "LifecycleEvents", "ModelManager"]
 
 logger = logging.getLogger(__name__)
 
-VERSION_POLICIES = ("latest", "all", "specific")
-MAX_MODEL_NAME = 255  # one path component on common file systems
+
+def _ignore(*args: object) -> None:
+    pass
 
 
 @dataclass(frozen=True)
-class RepositoryConfig:
-    # latest: the newest loadable version of each model; all: every loadable version (requests
-    # without a version get the newest); specific: only the versions in `pinned`, and models
-    # without a pin are not served.
-    version_policy: str = "latest"
-    # Model name -> the versions to serve, with version_policy "specific" (CLI: --pin digits=2).
-    pinned: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    # Seconds between scans for new, broken or removed versions. 0: the repository is read at
-    # start-up and on RepositoryModelLoad only. A scan lists folders; it reads no model file
-    # unless something changed, so a few seconds costs little.
-    poll_interval_s: float = 0.0
-    # RepositoryModelLoad / RepositoryModelUnload. Off by default: they let any client that
-    # reaches the port change what is served.
-    allow_repository_control: bool = False
+class LifecycleEvents:
+    """What the lifecycle tells the rest of the server, which app.py connects to health and
+    metrics: the lifecycle knows neither. Every callback runs on the event loop thread."""
 
-    def __post_init__(self) -> None:
-        if self.version_policy not in VERSION_POLICIES:
-            raise ConfigError(f"version_policy must be one of {', '.join(VERSION_POLICIES)}, "
-                              f"got {self.version_policy!r}")
-        pinned = {}
-        for name, versions in dict(self.pinned).items():
-            try:
-                check_model_name(name, "pinned")
-            except InvalidModelName as exc:
-                raise ConfigError(str(exc)) from None
-            versions = tuple(sorted(set(versions)))
-            if not versions or not all(isinstance(v, int) and v >= 1 for v in versions):
-                raise ConfigError(f"pinned[{name!r}] must list versions >= 1, got {versions!r}")
-            pinned[name] = versions
-        object.__setattr__(self, "pinned", pinned)
-        if pinned and self.version_policy != "specific":
-            raise ConfigError(f"pinned versions need version_policy 'specific', not "
-                              f"{self.version_policy!r}")
-        if self.version_policy == "specific" and not pinned:
-            raise ConfigError("version_policy 'specific' needs pinned versions (--pin MODEL=V)")
-        if not (self.poll_interval_s >= 0 and math.isfinite(self.poll_interval_s)):
-            raise ConfigError(f"poll_interval_s must be a number >= 0, "
-                              f"got {self.poll_interval_s!r}")
-
-
-def check_model_name(name: str, field: str = "model_name") -> str:
-    """`name` if it is a plain model name; InvalidModelName otherwise (``, `..`, `a/b`, ...)."""
-    if not isinstance(name, str) or len(name) > MAX_MODEL_NAME or not MODEL_NAME.fullmatch(name):
-        raise InvalidModelName(
-            f"{field} {name!r} is not a model name: expected letters, digits, '_', '.', '-', "
-            f"starting with a letter or digit, at most {MAX_MODEL_NAME} characters")
-    return name
+    # A model takes requests (True: at least one version serves) or not (loading, unloaded).
+    serving: Callable[[str, bool], None] = _ignore
+    # A model left the repository: forget it.
+    forgotten: Callable[[str], None] = _ignore
+    # A version loaded, before it takes requests (to add observers to it).
+    loaded: Callable[[ServedEnsemble], None] = _ignore
+    # A version was unloaded (model, version).
+    unloaded: Callable[[str, int], None] = _ignore
+    # A version was refused at load: (model, reason), reason a ModelLoadError.reason or
+    # "unexpected".
+    load_failed: Callable[[str, str], None] = _ignore
 
 
 @dataclass(frozen=True)
@@ -117,16 +80,14 @@ class ModelManager:
     """Loads, switches and unloads model versions; one change at a time (`_lock`)."""
 
     def __init__(self, root: Path, config: RepositoryConfig, runtime_config: RuntimeConfig,
-                 batcher_config: BatcherConfig, executor: Executor, registry: ModelRegistry,
-                 health: HealthServicer, metrics: ServerMetrics) -> None:
+                 batcher_config: BatcherConfig, registry: ModelRegistry,
+                 events: LifecycleEvents = LifecycleEvents()) -> None:
         self.root = root
         self.config = config
         self.registry = registry
         self._runtime_config = runtime_config
         self._batcher_config = batcher_config
-        self._executor = executor  # where loaded versions run inference
-        self._health = health
-        self._metrics = metrics
+        self._events = events
         self._lock = asyncio.Lock()
         self._failed: dict[tuple[str, int], tuple[tuple[int, ...], str]] = {}
         self._loading: set[tuple[str, int]] = set()
@@ -151,7 +112,7 @@ class ModelManager:
         async with self._lock:
             on_disk = await self._scan(warn)
             for name, versions in on_disk.items():
-                if warn and not self._wanted(name, versions):
+                if warn and not wanted_versions(self.config, name, versions):
                     logger.warning("model %s: none of its versions %s is pinned; not serving it "
                                    "(version policy specific)", name, sorted(versions))
                 if name not in self._unloaded:
@@ -177,26 +138,20 @@ class ModelManager:
                 logger.exception("polling %s failed; trying again in %.1fs",
                                  self.root, self.config.poll_interval_s)
 
-    def _wanted(self, name: str, on_disk: Mapping[int, Path]) -> list[int]:
-        """Versions to serve, newest first; with `latest`, the first loadable one of them."""
-        if self.config.version_policy == "specific":
-            return sorted(set(self.config.pinned.get(name, ())) & on_disk.keys(), reverse=True)
-        return sorted(on_disk, reverse=True)
-
     async def _sync_model(self, name: str, on_disk: Mapping[int, Path]) -> None:
         self._known.add(name)
         loaded = set(self.registry.versions(name)) if name in self.registry else set()
         if not loaded:
-            self._health.set(name, False)  # NOT_SERVING while its first version loads
+            self._events.serving(name, False)  # NOT_SERVING while its first version loads
         serve: list[int] = []
-        for version in self._wanted(name, on_disk):
+        for version in wanted_versions(self.config, name, on_disk):
             if version in loaded or await self._load(name, version, on_disk[version]):
                 serve.append(version)
                 if self.config.version_policy == "latest":
                     break
         for version in sorted(loaded - set(serve)):
             await self._unload(name, version)
-        self._health.set(name, bool(serve))
+        self._events.serving(name, bool(serve))
 
     async def _load(self, name: str, version: int, path: Path) -> bool:
         """Load, start and register one version; False (logged once) if it cannot be served."""
@@ -211,7 +166,7 @@ class ModelManager:
         self._loading.add(key)
         try:
             served = await loop.run_in_executor(None, load_version, path, self._runtime_config,
-                                                 self._batcher_config, self._executor)
+                                                 self._batcher_config)
         except ModelLoadError as exc:
             reason, label = str(exc), exc.reason
             logger.error("refusing model %s version %d: %s", name, version, reason)
@@ -219,7 +174,7 @@ class ModelManager:
             reason, label = f"unexpected error: {exc!r}", "unexpected"
             logger.exception("refusing model %s version %d: unexpected error", name, version)
         else:
-            served.observers.append(self._metrics.observer(name, version))
+            self._events.loaded(served)
             await served.start()
             self.registry.add(served)  # from here, requests without a version get the newest
             self._failed.pop(key, None)
@@ -230,7 +185,7 @@ class ModelManager:
         finally:
             self._loading.discard(key)
         self._failed[key] = (identity, reason)
-        self._metrics.load_failures.labels(name, label).inc()
+        self._events.load_failed(name, label)
         return False
 
     async def _unload(self, name: str, version: int) -> None:
@@ -238,7 +193,7 @@ class ModelManager:
         logger.info("unloading model %s version %d once its queued requests are answered",
                     name, version)
         await served.close()
-        self._metrics.forget(name, version)
+        self._events.unloaded(name, version)
         logger.info("unloaded model %s version %d", name, version)
 
     async def _remove_model(self, name: str) -> None:
@@ -248,7 +203,7 @@ class ModelManager:
         self._known.discard(name)
         self._unloaded.discard(name)
         self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
-        self._health.forget(name)
+        self._events.forgotten(name)
 
     # -- explicit control (RepositoryModelLoad / RepositoryModelUnload) -------------------------
 
@@ -267,7 +222,7 @@ class ModelManager:
                 raise NoLoadableVersion(self._why_not_served(name, on_disk))
 
     def _why_not_served(self, name: str, on_disk: Mapping[int, Path]) -> str:
-        if not self._wanted(name, on_disk):
+        if not wanted_versions(self.config, name, on_disk):
             return (f"model {name!r}: no version on disk ({sorted(on_disk)}) is pinned "
                     f"(version policy specific, pins {list(self.config.pinned.get(name, ()))})")
         reasons = "; ".join(f"version {v}: {self._failed[(name, v)][1]}"
@@ -281,7 +236,7 @@ class ModelManager:
             if name not in self.registry and name not in self._known:
                 raise ModelNotFound(f"model {name!r} is neither loaded nor in the repository")
             self._unloaded.add(name)
-            self._health.set(name, False)
+            self._events.serving(name, False)
             for version in self.registry.versions(name) if name in self.registry else []:
                 await self._unload(name, version)
 
@@ -291,7 +246,7 @@ class ModelManager:
         entries = []
         for name in sorted(on_disk.keys() | set(self.registry.names())):
             loaded = set(self.registry.versions(name)) if name in self.registry else set()
-            wanted = set(self._wanted(name, on_disk.get(name, {})))
+            wanted = set(wanted_versions(self.config, name, on_disk.get(name, {})))
             for version in sorted(on_disk.get(name, {}).keys() | loaded):
                 entries.append(self._entry(name, version, loaded, wanted))
         return entries

@@ -3,7 +3,7 @@
 Knows no gRPC and no batching: `scores(x)` takes a whole batch and is called from a worker
 thread (ONNX Runtime releases the GIL while it computes). Two ways to compute the same scores:
 
-- `members`: one session per member, then the numpy scores (server/scores.py);
+- `members`: one session per member, then the numpy scores (snapserve.proto.scores);
 - `fused`: the version's `ensemble.onnx`, one session that runs every member and computes the
   scores in the graph, so one `run` replaces M runs and the Python math.
 
@@ -28,11 +28,13 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from snapserve.server.errors import ConfigError, GraphMismatch, InferenceError, InvalidGraph, ModelLoadError
-from snapserve.proto.scores import EnsembleScores, ensemble_scores, softmax
+from snapserve.proto.scores import SCORE_NAMES, EnsembleScores, ensemble_scores, softmax
+from snapserve.proto.tensors import ONNX_TO_NUMPY
+from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
+                                     InferenceError, InvalidGraph, ModelLoadError)
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
-           "choose_graph", "execution_providers", "session_options"]
+           "check_score_outputs", "choose_graph", "execution_providers", "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ DEVICES = ("auto", "cpu", "cuda")
 GRAPHS = ("auto", "fused", "members")
 PRECISIONS = ("fp32", "fp16")
 FUSED, MEMBERS = "fused", "members"
-# The fused graph's outputs, named after the scores (trainer/fuse.py writes them).
-SCORE_NAMES = tuple(EnsembleScores.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class RuntimeConfig:
     # to the next one); empty: off. Saves kernel launch time on small batches.
     cuda_graph_batch_sizes: tuple[int, ...] = ()
     # NaN/Inf in a float input: refused with INVALID_ARGUMENT by default, since they come back as
-    # NaN (or quietly wrong) scores; True passes them to the model (server.inputs.conform_input).
+    # NaN (or quietly wrong) scores; True passes them to the model (models.inputs.conform_input).
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
@@ -129,16 +129,6 @@ def _load(path: Path, config: RuntimeConfig,
         raise InvalidGraph(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
 
 
-# ONNX Runtime's names of tensor element types (NodeArg.type), to compare with the manifest.
-ORT_TYPES: dict[str, np.dtype] = {
-    "tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
-    "tensor(float16)": np.dtype(np.float16), "tensor(int64)": np.dtype(np.int64),
-    "tensor(int32)": np.dtype(np.int32), "tensor(int16)": np.dtype(np.int16),
-    "tensor(int8)": np.dtype(np.int8), "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(bool)": np.dtype(np.bool_),
-}
-
-
 def input_mismatch(session: ort.InferenceSession, input_name: str, dtype: np.dtype,
                    shape: Sequence[int]) -> str | None:
     """Why the graph's declared input differs from the manifest's (dtype; rank; a size the
@@ -147,7 +137,7 @@ def input_mismatch(session: ort.InferenceSession, input_name: str, dtype: np.dty
     if declared is None:
         return f"it has no input {input_name!r}"
     expected = f"the manifest declares {dtype} {list(shape)}"
-    if ORT_TYPES.get(declared.type) != dtype:
+    if ONNX_TO_NUMPY.get(declared.type) != dtype:
         return f"its input {input_name!r} is {declared.type}; {expected}"
     if len(declared.shape) != len(shape):
         return f"its input {input_name!r} has shape {declared.shape}; {expected}"
@@ -230,6 +220,18 @@ class MemberGraph:
         return ensemble_scores(self.run_members(x), self.temperature)
 
 
+def check_score_outputs(path: Path, outputs: Sequence[str]) -> None:
+    """FusedOutputsMismatch unless a fused graph's outputs are exactly the score names: a graph
+    built for other scores (an older or newer trainer) would be misread, not merely slower."""
+    missing = [n for n in SCORE_NAMES if n not in outputs]
+    unexpected = [n for n in outputs if n not in SCORE_NAMES]
+    if missing or unexpected:
+        raise FusedOutputsMismatch(
+            f"{path.name}: its outputs do not match the score names this server computes: "
+            f"missing {missing}, unexpected {unexpected} (expected {list(SCORE_NAMES)}); "
+            "export the version again, or serve it with --graph members")
+
+
 class FusedGraph:
     """The version's ensemble.onnx: one run gives every score."""
 
@@ -247,8 +249,7 @@ class FusedGraph:
         if inputs != [input_name] or temperature_input not in inputs + overridable:
             raise ModelLoadError(f"{path.name}: graph inputs are {inputs} (+ defaults {overridable}); "
                                  f"expected [{input_name!r}] and {temperature_input!r}")
-        if sorted(outputs) != sorted(SCORE_NAMES):
-            raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; expected {list(SCORE_NAMES)}")
+        check_score_outputs(path, outputs)
         self.provider: str = self._session.get_providers()[0]
         self.named_sessions = [(path.name, self._session)]
         self._device_id = config.device_id
@@ -307,7 +308,7 @@ class _CudaGraphs:
         session = _load(path, config, {"enable_cuda_graph": "1"})
         device, device_id = "cuda", config.device_id
         meta = session.get_inputs()[0]
-        shape, dtype = meta.shape[1:], _NUMPY_OF_ORT[meta.type]
+        shape, dtype = meta.shape[1:], ONNX_TO_NUMPY[meta.type].type
         outputs = session.get_outputs()
         self._session = session
         self._bindings, self._inputs, self._outputs = [], [], []
@@ -315,7 +316,7 @@ class _CudaGraphs:
         for bucket in self.buckets:
             x = ort.OrtValue.ortvalue_from_shape_and_type([bucket, *shape], dtype, device, device_id)
             outs = [ort.OrtValue.ortvalue_from_shape_and_type(
-                        [bucket, *o.shape[1:]], _NUMPY_OF_ORT[o.type], device, device_id)
+                        [bucket, *o.shape[1:]], ONNX_TO_NUMPY[o.type].type, device, device_id)
                     for o in outputs]
             binding = session.io_binding()
             binding.bind_ortvalue_input(input_name, x)
@@ -338,12 +339,6 @@ class _CudaGraphs:
         options.add_run_config_entry("gpu_graph_id", str(index + 1))  # -1 would mean no capture
         self._session.run_with_iobinding(self._bindings[index], options)
         return [self._outputs[index][name].numpy()[:rows] for name in SCORE_NAMES]
-
-
-_NUMPY_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                 "tensor(double)": np.float64, "tensor(int64)": np.int64,
-                 "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-                 "tensor(bool)": np.bool_}
 
 
 class EnsembleRuntime:

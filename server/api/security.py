@@ -22,8 +22,8 @@ from typing import Awaitable, Callable, Sequence
 
 import grpc
 
+from snapserve.server.api.status import status_code
 from snapserve.server.errors import ConfigError, Unauthenticated
-from snapserve.server.service import status_code
 
 __all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
            "refusing_handler", "server_credentials"]

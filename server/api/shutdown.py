@@ -21,8 +21,8 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from snapserve.server.api.security import refusing_handler
 from snapserve.server.errors import ShuttingDown
-from snapserve.server.security import refusing_handler
 
 __all__ = ["Drain", "QUIET_S"]
 

@@ -16,45 +16,22 @@ import numpy as np
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import model_config_pb2 as mc
-from snapserve.proto.tensors import MAX_ARRAY_BYTES, MAX_DIMS
-from snapserve.server.ensemble import ServedEnsemble
-from snapserve.server.errors import InvalidInput
-from snapserve.server.inputs import format_shape
-from snapserve.server.lifecycle import RepositoryConfig
-from snapserve.server.manifest import InputSpec
-from snapserve.server.registry import ModelRegistry
 from snapserve.proto.scores import EnsembleScores
-from snapserve.server.statistics import Duration
+from snapserve.proto.tensors import (KSERVE_CONTENTS, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
+                                     array_from_bytes, check_fits, check_shape, wire_type)
+from snapserve.server.errors import InvalidInput
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.inputs import format_shape
+from snapserve.server.models.manifest import InputSpec
+from snapserve.server.models.policy import RepositoryConfig
+from snapserve.server.models.registry import ModelRegistry
+from snapserve.server.models.statistics import Duration
 
-__all__ = ["DEFAULT_OUTPUTS", "KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "OUTPUTS", "PLATFORM",
-           "decode_infer_input", "encode_infer_response", "encode_model_config",
-           "encode_model_metadata", "encode_statistics", "parse_version", "requested_outputs"]
+__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "PLATFORM", "decode_infer_input", "encode_infer_response",
+           "encode_model_config", "encode_model_metadata", "encode_statistics", "parse_version",
+           "requested_outputs"]
 
 PLATFORM = "snapserve_ensemble"
-
-# Little-endian on the wire whatever the host ("|" for one-byte types).
-KSERVE_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-}
-NUMPY_TO_KSERVE: dict[np.dtype, str] = {v.newbyteorder("="): k for k, v in KSERVE_TO_NUMPY.items()}
-
-# The InferTensorContents field that carries each datatype; FP16 has none (raw only).
-CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-    "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
-    "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
-}
-
-KSERVE_TO_CONFIG_TYPE: dict[str, int] = {
-    "BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16,
-    "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64, "INT8": mc.TYPE_INT8,
-    "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
-    "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64,
-}
 
 
 @dataclass(frozen=True)
@@ -84,6 +61,11 @@ def output_dims(served: ServedEnsemble, name: str) -> list[int]:
     return [sizes[d] for d in OUTPUTS[name].dims]
 
 
+def config_type(datatype: str) -> int:
+    """Triton's model-config enum for a KServe datatype: the same name behind TYPE_."""
+    return mc.DataType.Value(f"TYPE_{datatype}")
+
+
 def parse_version(text: str, field: str = "model_version") -> int:
     """"" -> 0 (the default version); "3" -> 3; anything else is InvalidInput."""
     if text == "":
@@ -94,77 +76,56 @@ def parse_version(text: str, field: str = "model_version") -> int:
     return int(text)
 
 
-def _datatype(tensor: kpb.ModelInferRequest.InferInputTensor) -> np.dtype:
-    if tensor.datatype not in KSERVE_TO_NUMPY:
-        raise InvalidInput(f"input {tensor.name!r} datatype {tensor.datatype!r} is not supported; "
-                           f"expected one of {', '.join(KSERVE_TO_NUMPY)}")
-    return KSERVE_TO_NUMPY[tensor.datatype]
-
-
-def _shape(tensor: kpb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise InvalidInput(f"input {tensor.name!r} shape {list(shape)} is not valid: expected at "
-                           f"most {MAX_DIMS} sizes >= 0")
-    return shape
-
-
-def _from_raw(data: bytes, tensor: kpb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
-              shape: tuple[int, ...]) -> np.ndarray:
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: a forged shape cannot wrap
-    if len(data) != expected:
-        raise InvalidInput(f"input {tensor.name!r} raw contents hold {len(data)} bytes; expected "
-                           f"{expected} (shape {list(shape)} x {dtype.itemsize} bytes per "
-                           f"{tensor.datatype})")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
-        raise InvalidInput(f"input {tensor.name!r} BOOL data holds bytes other than 0 and 1")
-    return array
-
-
-def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
-                   shape: tuple[int, ...]) -> np.ndarray:
-    field = CONTENTS_FIELD.get(tensor.datatype)
+def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, name: str) -> np.ndarray:
+    """The typed `contents` of a tensor, with the checks raw bytes get (proto.tensors)."""
+    dtype = wire_type(tensor.datatype, name).numpy.newbyteorder("=")
+    shape = check_shape(tensor.shape, name)
+    check_fits(shape, dtype, name)
+    field = KSERVE_CONTENTS.get(tensor.datatype)
     if field is None:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} has no typed contents "
-                           "field; send it in raw_input_contents")
+        raise InvalidInput(f"{name}: {tensor.datatype} has no typed contents field; send it in "
+                           "raw_input_contents")
     values = getattr(tensor.contents, field)
     if len(values) != math.prod(shape):
-        raise InvalidInput(f"input {tensor.name!r} contents.{field} holds {len(values)} values; "
-                           f"shape {list(shape)} needs {math.prod(shape)}")
+        raise InvalidInput(f"{name} contents.{field} holds {len(values)} values; shape "
+                           f"{list(shape)} needs {math.prod(shape)}")
     if dtype.kind in "iu":  # int_contents is int32 on the wire: INT8/INT16 must fit
         wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
         info = np.iinfo(dtype)
         if wide.size and (wide.min() < info.min or wide.max() > info.max):
-            raise InvalidInput(f"input {tensor.name!r} contents.{field} has values outside "
+            raise InvalidInput(f"{name} contents.{field} has values outside "
                                f"{tensor.datatype}'s range [{info.min}, {info.max}]")
-        return wide.astype(dtype.newbyteorder("=")).reshape(shape)
-    return np.asarray(values, dtype=dtype.newbyteorder("=")).reshape(shape)
+        return wide.astype(dtype).reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
-    """The one input array of a ModelInferRequest; InvalidInput saying what is wrong."""
+def _check_one_input(request: kpb.ModelInferRequest, spec: InputSpec) -> None:
     if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
         sent = [t.name for t in request.inputs]
         raise InvalidInput(f"the model takes one input named {spec.name!r} (datatype "
                            f"{NUMPY_TO_KSERVE.get(spec.dtype, spec.dtype)}, shape "
                            f"{format_shape(spec.shape)}); the request has inputs {sent}")
-    tensor = request.inputs[0]
-    dtype, shape = _datatype(tensor), _shape(tensor)
-    # numpy refuses shapes whose non-zero sizes multiply past its index type, even empty ones
-    # ([0, 2**62, 2**62]): refuse them by name, not as an internal error.
-    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_ARRAY_BYTES:
-        raise InvalidInput(f"input {tensor.name!r} shape {list(shape)} is too large; expected "
-                           f"sizes whose product fits in {MAX_ARRAY_BYTES} bytes")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries "
                                f"for {len(request.inputs)} inputs; expected one per input")
-        if tensor.HasField("contents"):
-            raise InvalidInput(f"input {tensor.name!r} has both contents and raw_input_contents; "
+        if request.inputs[0].HasField("contents"):
+            raise InvalidInput(f"input {spec.name!r} has both contents and raw_input_contents; "
                                "send one of them")
-        return _from_raw(request.raw_input_contents[0], tensor, dtype, shape)
-    return _from_contents(tensor, dtype, shape)
+
+
+def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
+    """The one input array of a ModelInferRequest; InvalidInput saying what is wrong."""
+    _check_one_input(request, spec)
+    tensor = request.inputs[0]
+    name = f"input {tensor.name!r}"
+    try:
+        if request.raw_input_contents:
+            return array_from_bytes(request.raw_input_contents[0], tensor.datatype, tensor.shape,
+                                    name, field="raw contents")
+        return _from_contents(tensor, name)
+    except TensorError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
@@ -231,9 +192,9 @@ def encode_model_config(served: ServedEnsemble, config: RepositoryConfig) -> mc.
         version_policy=_version_policy(config, served.name),
         max_batch_size=batching.max_batch_size,
         input=[mc.ModelInput(name=manifest.input.name,
-                             data_type=KSERVE_TO_CONFIG_TYPE[_input_datatype(manifest.input)],
+                             data_type=config_type(_input_datatype(manifest.input)),
                              dims=manifest.input.shape[1:])],
-        output=[mc.ModelOutput(name=name, data_type=KSERVE_TO_CONFIG_TYPE[out.datatype],
+        output=[mc.ModelOutput(name=name, data_type=config_type(out.datatype),
                                dims=output_dims(served, name)) for name, out in OUTPUTS.items()],
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1e6)),

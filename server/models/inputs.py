@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from snapserve.server.errors import InvalidInput
-from snapserve.server.manifest import InputSpec
+from snapserve.server.models.manifest import InputSpec
 
 __all__ = ["conform_input", "format_shape"]
 

@@ -192,7 +192,7 @@ def _sha(value: dict[str, Any], where: str) -> str:
 
 
 def _fused(value: Any) -> FusedSpec | None:
-    """The optional `ensemble` entry; absent or null: the members alone (schema 1 as before)."""
+    """The optional `ensemble` entry; absent or null: the members alone, which every schema 1 version has."""
     if value is None:
         return None
     if not isinstance(value, dict):

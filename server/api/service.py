@@ -1,0 +1,66 @@
+"""The native gRPC service `snapserve.v1.EnsembleService`: decode, call, encode.
+
+Errors become status codes in api/status.py (`abort_on_error`), as for every service.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server.api.messages import decode_input, encode_metadata, encode_prediction, encode_summary
+from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
+from snapserve.server.metrics import API_NATIVE, ServerMetrics
+from snapserve.server.models.registry import ModelRegistry
+
+__all__ = ["EnsembleServicer"]
+
+
+def _error_answer(request: pb.PredictRequest, code: grpc.StatusCode,
+                  message: str) -> pb.PredictResponse:
+    """A stream's answer to a request that failed: the stream never fails for it."""
+    return pb.PredictResponse(model=request.model, version=request.version,
+                              request_id=request.request_id,
+                              error=pb.Error(code=code.value[0], message=message))
+
+
+class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
+    def __init__(self, registry: ModelRegistry, max_stream_in_flight: int = 64,
+                 metrics: ServerMetrics | None = None) -> None:
+        self._registry = registry
+        self._max_stream_in_flight = max_stream_in_flight
+        self._metrics = ServerMetrics(registry) if metrics is None else metrics
+
+    async def _predict(self, request: pb.PredictRequest,
+                       timeout: float | None = None) -> pb.PredictResponse:
+        with observed_request(self._metrics, request.model, API_NATIVE):
+            served = self._registry.get(request.model, request.version)
+            x = decode_input(request, served.manifest.input)
+            served, scores = await self._registry.predict(served, request.version, x, timeout)
+            return encode_prediction(scores, served, request.request_id,
+                                     request.include_member_probabilities)
+
+    @abort_on_error
+    async def Predict(self, request: pb.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        return await self._predict(request, context.time_remaining())
+
+    @abort_on_error
+    def PredictStream(self, request_iterator: AsyncIterator[pb.PredictRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictResponse]:
+        return answer_in_order(request_iterator, self._predict, _error_answer,
+                               self._max_stream_in_flight)
+
+    @abort_on_error
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[encode_summary(self._registry, name) for name in self._registry.names()])
+
+    @abort_on_error
+    async def GetModel(self, request: pb.GetModelRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
+        return encode_metadata(self._registry, self._registry.get(request.model, request.version))

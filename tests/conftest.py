@@ -1,0 +1,51 @@
+"""Fixtures every test package may use: a model repository and a real server over it.
+
+Helper code (building members, writing versions, the reference oracle, servers) is in
+tests/support/, imported by name; a package's own conftest.py holds only its local fixtures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
+from tests.support.models import write_repository
+from tests.support.servers import ThreadedServer, local_config
+
+
+@pytest.fixture
+def model_repo(tmp_path: Path) -> Path:
+    """A repository with `digits` (3 members, [-1, 1, 4, 4] -> 5 classes) and `tiny` (2 members)."""
+    return write_repository(tmp_path / "models")
+
+
+@pytest.fixture
+def server_config(model_repo: Path) -> ServerConfig:
+    return ServerConfig(model_repository=model_repo, port=0,
+                        batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005))
+
+
+@pytest.fixture
+async def running_server(server_config: ServerConfig) -> AsyncIterator[RunningServer]:
+    running = await start_server(server_config)
+    yield running
+    await running.stop(grace=None)
+
+
+@pytest.fixture
+async def stub(running_server: RunningServer) -> AsyncIterator[pb_grpc.EnsembleServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running_server.port}") as channel:
+        yield pb_grpc.EnsembleServiceStub(channel)
+
+
+@pytest.fixture
+def threaded_server(model_repo: Path) -> Iterator[ThreadedServer]:
+    """A server on its own thread, for blocking clients (in-loop, they would starve it)."""
+    server = ThreadedServer(local_config(model_repo))
+    yield server
+    server.stop()

@@ -1,0 +1,59 @@
+"""A real server on 127.0.0.1, port 0: in the test's event loop (`serving`) or on a thread of
+its own (`ThreadedServer`, for blocking clients that would starve an in-loop server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig, ServerConfig, start_server
+
+
+def fast_batching() -> BatcherConfig:
+    """Small batches, a short wait: tests answer quickly and still batch."""
+    return BatcherConfig(max_batch_size=8, max_queue_delay_s=0.002)
+
+
+def local_config(repo: Path, **config: Any) -> ServerConfig:
+    """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given."""
+    config.setdefault("batcher", fast_batching())
+    return ServerConfig(model_repository=repo, port=0, **config)
+
+
+@contextlib.asynccontextmanager
+async def serving(repo: Path, **config: Any) -> AsyncIterator[RunningServer]:
+    """A real server over `repo` (`local_config`), stopped (without grace) on the way out."""
+    running = await start_server(local_config(repo, **config))
+    try:
+        yield running
+    finally:
+        await running.stop(None)
+
+
+class ThreadedServer:
+    """A real server running in an event loop on a background thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.thread.start()
+        self.running: RunningServer = asyncio.run_coroutine_threadsafe(
+            start_server(config), self.loop).result(timeout=30)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(None), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
+
+
+def cpu_server(repo: Path, **runtime: Any) -> ThreadedServer:
+    """A ThreadedServer on the CPU with these RuntimeConfig settings (graph, instances, ...)."""
+    return ThreadedServer(local_config(repo, runtime=RuntimeConfig(device="cpu", **runtime)))
