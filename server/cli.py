@@ -19,7 +19,7 @@ from snapserve.server.engine.runtime import DEVICES, GRAPHS, PRECISIONS, Runtime
 from snapserve.server.errors import ConfigError
 from snapserve.server.models.policy import VERSION_POLICIES, RepositoryConfig
 
-logger = logging.getLogger("server")
+logger = logging.getLogger(__name__)
 
 # Every flag --foo-bar can also be set by SNAPSERVE_FOO_BAR (containers, Kubernetes); a flag given
 # on the command line wins over the variable, which wins over the built-in default (a repeatable

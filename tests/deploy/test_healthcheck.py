@@ -35,18 +35,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_serving_server_is_healthy(running_server: RunningServer) -> None:  # noqa: F811
+async def test_serving_server_is_healthy(running_server: RunningServer) -> None:
     code, out = await healthcheck(port=running_server.port)
     assert (code, out.strip()) == (0, f"127.0.0.1:{running_server.port}: SERVING")
 
 
-async def test_flags_beat_the_environment(running_server: RunningServer) -> None:  # noqa: F811
+async def test_flags_beat_the_environment(running_server: RunningServer) -> None:
     code, out = await healthcheck("--port", str(running_server.port),
                                   "--service", "snapserve.v1.EnsembleService", port=1)
     assert code == 0, out
 
 
-async def test_unknown_service_is_unhealthy(running_server: RunningServer) -> None:  # noqa: F811
+async def test_unknown_service_is_unhealthy(running_server: RunningServer) -> None:
     code, out = await healthcheck("--service", "no.such.Service", port=running_server.port)
     assert code == 1
     assert "NOT_FOUND" in out
@@ -89,7 +89,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) -> None:  # noqa: F811
+async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) -> None:
     from snapserve.server import ServerConfig, start_server
     from snapserve.server.api.security import SecurityConfig
 

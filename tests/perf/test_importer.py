@@ -144,7 +144,7 @@ def test_probability_outputs_get_a_warning(tmp_path: Path, caplog: pytest.LogCap
     for node in model.graph.node:
         node.output[:] = ["logits_raw" if o == "logits" else o for o in node.output]
     model.graph.node.append(softmaxed)
-    with caplog.at_level(logging.WARNING, logger="trainer.importer"):
+    with caplog.at_level(logging.WARNING, logger="snapserve.trainer.importer"):
         import_members(save([model], tmp_path / "onnx"), tmp_path / "repo", "p")
     assert "look like probabilities" in caplog.text
 
