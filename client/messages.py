@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.spec import InputSpec, Normalization
+from snapserve.proto.spec import MemberSpec as MemberInfo  # the client's name for it
 from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
 
 __all__ = ["InputSpec", "MemberInfo", "ModelInfo", "ModelSummary", "Normalization", "Prediction",
@@ -65,31 +67,6 @@ class ModelSummary:
     versions: tuple[int, ...]
     method: str
     members: int
-
-
-@dataclass(frozen=True)
-class Normalization:
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    axis: int
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]  # -1 for the batch
-    normalization: Normalization | None
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    file: str
-    sha256: str
-    epoch: int
-    step: int
-    lr: float
-    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from snapserve.proto.tensors import NUMPY_TO_DTYPE
+from snapserve.proto.spec import InputSpec, MemberSpec, Normalization
 from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
 __all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
@@ -28,33 +29,6 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Model input = (raw - mean) / std, broadcast along `axis`; applied by clients, not graphs."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    axis: int
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]  # -1 for the batch dimension
-    normalization: Normalization | None
-
-
-@dataclass(frozen=True)
-class MemberSpec:
-    file: str
-    sha256: str
-    epoch: int
-    step: int
-    lr: float
-    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)
