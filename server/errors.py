@@ -67,6 +67,12 @@ class FusedOutputsMismatch(GraphMismatch):
     it was built for other scores than this server computes, so the version is refused."""
 
 
+class ModelSettingsError(ModelLoadError):
+    """A model's settings file (model-settings.yaml) does not parse or has a bad key or value."""
+
+    reason = "settings"
+
+
 class QueueFull(ServerError):
     """The batcher's bounded queue is full; the caller should back off and retry."""
 
@@ -85,6 +91,16 @@ class ItemTooLarge(ServerError, ValueError):
 
 class InferenceError(ServerError):
     """The model failed or returned something other than [batch, classes] logits."""
+
+
+class ModelRefusedInput(InvalidInput):
+    """The model failed on this request's values (an index out of range in an imported model),
+    while the requests batched with it computed: the request is at fault, not the model."""
+
+
+class NonFiniteOutput(InvalidInput):
+    """The model's output for a request holds NaN or Inf although its input was finite (values
+    that overflow the model): refused rather than answered with NaN probabilities."""
 
 
 class InvalidModelName(ServerError, ValueError):

@@ -21,7 +21,8 @@ import grpc
 from snapserve.proto.tensors import TensorError
 from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput,
                                      InvalidModelName, ItemExpired, ItemTooLarge, ModelNotFound,
-                                     NoLoadableVersion, QueueFull, RepositoryControlDenied,
+                                     ModelRefusedInput, NoLoadableVersion, NonFiniteOutput,
+                                     QueueFull, RepositoryControlDenied,
                                      ShuttingDown, Unauthenticated, VersionNotFound)
 
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
@@ -36,6 +37,10 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     VersionNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    # The model failed on this request's values alone (its batch re-run apart), or its output
+    # was NaN/Inf: the request is refused, the rest of its batch answered (models/ensemble.py).
+    ModelRefusedInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NonFiniteOutput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorError: grpc.StatusCode.INVALID_ARGUMENT,
     ItemTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,

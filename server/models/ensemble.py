@@ -21,7 +21,8 @@ from snapserve.server.engine.batcher import Batcher, BatcherConfig
 from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
                                              RuntimeConfig, choose_graph)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
-                                     ModelLoadError)
+                                     InvalidInput, ModelLoadError, ModelRefusedInput,
+                                     NonFiniteOutput)
 from snapserve.server.models.inputs import conform_input
 from snapserve.server.models.manifest import Manifest, read_manifest, verify_checksums
 from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
@@ -32,8 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 class _Answer(NamedTuple):
-    scores: EnsembleScores
+    scores: EnsembleScores | None  # None: refused, see error
     started_ns: int  # perf_counter_ns() when its batch started computing: ends its queue time
+    error: InvalidInput | None = None  # this request alone failed; the rest of its batch did not
+
+# What a client is told when the model failed on its values alone: ONNX Runtime's own text
+# names internal nodes and tensors, so it goes to the log, not to the caller.
+REFUSED_MESSAGE = ("the model could not compute this request's input: its values are outside "
+                   "what the model accepts (e.g. an index out of range); the other requests of "
+                   "its batch were answered, and the server log has the model's own error")
 
 
 class ServedEnsemble:
@@ -59,6 +67,9 @@ class ServedEnsemble:
         batcher_config = dataclasses.replace(batcher_config,
                                              max_concurrent_batches=len(self.instances))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
+        # The effective per-model settings (models.settings), set by the lifecycle: reported
+        # beside the runtime parameters.
+        self.settings: dict[str, str] = {}
         self.statistics = ModelStatistics()
         # Told about every request and batch: the statistics above, and what the server adds
         # (its Prometheus metrics).
@@ -85,6 +96,8 @@ class ServedEnsemble:
         try:
             x = conform_input(x, self.manifest.input, self.max_batch_size, self.allow_nonfinite)
             answer = await self.batcher.submit(x, timeout=timeout)
+            if answer.error is not None:
+                raise answer.error
         except Exception:  # not CancelledError: a caller that went away is no failure of ours
             for observer in self.observers:
                 observer.record_request(examples, False, time.perf_counter_ns() - start, 0)
@@ -92,6 +105,7 @@ class ServedEnsemble:
         for observer in self.observers:
             observer.record_request(examples, True, time.perf_counter_ns() - start,
                                     max(answer.started_ns - start, 0))
+        assert answer.scores is not None  # an answer without scores carries its error
         return answer.scores
 
     @property
@@ -101,7 +115,7 @@ class ServedEnsemble:
                       "execution_provider": self.runtime.provider}
         if self.graph_timing is not None:
             parameters["graph_timing"] = self.graph_timing.describe()
-        return parameters
+        return {**self.settings, **parameters}
 
     async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:
         loop = asyncio.get_running_loop()
@@ -116,17 +130,25 @@ class ServedEnsemble:
         examples = sum(len(x) for x in inputs)
         for observer in self.observers:
             observer.record_batch(examples, compute_ns)
-        return [_Answer(rows, started) for rows in scores]
+        return [_Answer(None, started, r) if isinstance(r, InvalidInput) else _Answer(r, started)
+                for r in scores]
 
-    @staticmethod
-    def _infer_batch_sync(runtime: EnsembleRuntime, inputs: list[np.ndarray]) -> list[EnsembleScores]:
+    def _infer_batch_sync(self, runtime: EnsembleRuntime,
+                          inputs: list[np.ndarray]) -> list[EnsembleScores | InvalidInput]:
         # Runs in a worker thread: the scores are computed here too (in the fused graph or in
-        # numpy), over the whole batch, so the event loop only slices views. One copy joins the
-        # requests into the batch; a lone request's read-only view of its message goes as is.
-        x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
-        scores = runtime.scores(x)
-        bounds = np.cumsum([0] + [len(i) for i in inputs]).tolist()
-        return [scores.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        # numpy), over the whole batch, so the event loop only slices views. A failed batch is
+        # re-run in halves until the requests the model cannot compute are found (_isolate):
+        # they alone are refused, with one log line for the batch.
+        results = _isolate(runtime, inputs)
+        failed = [r for r in results if isinstance(r, InferenceError)]
+        if failed:
+            cause = str(failed[0]).splitlines()[0] if str(failed[0]) else type(failed[0]).__name__
+            logger.warning("%s: the model could not compute %d of %d requests of a batch (refused "
+                           "with INVALID_ARGUMENT; the others were answered): %s",
+                           self.batcher.name, len(failed), len(inputs), cause)
+        return [ModelRefusedInput(REFUSED_MESSAGE) if isinstance(r, InferenceError)
+                else r if self.allow_nonfinite else _finite_or_refused(r, x)
+                for r, x in zip(results, inputs)]
 
     def warm_up(self) -> None:
         """One example through every instance: loads kernels now, and checks the class count."""
@@ -140,6 +162,44 @@ class ServedEnsemble:
         await self.batcher.close()  # answers what it holds first: the threads are idle after
         for thread in self._threads:
             thread.shutdown(wait=False)
+
+
+def _scores_per_request(runtime: EnsembleRuntime, inputs: list[np.ndarray]) -> list[EnsembleScores]:
+    """One run over the requests joined into a batch, cut back into each request's rows. One
+    copy joins them; a lone request's read-only view of its message goes as is."""
+    x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
+    scores = runtime.scores(x)
+    bounds = np.cumsum([0] + [len(i) for i in inputs]).tolist()
+    return [scores.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _isolate(runtime: EnsembleRuntime,
+             inputs: list[np.ndarray]) -> list[EnsembleScores | InferenceError]:
+    """Each request's scores, or the error the model raised on it alone. A failed batch is
+    re-run in halves (bisection): k bad requests among n cost about 2k*log2(n) extra runs,
+    and the good ones are answered."""
+    try:
+        return list(_scores_per_request(runtime, inputs))
+    except InferenceError as exc:
+        if len(inputs) == 1:
+            return [exc]
+    half = len(inputs) // 2
+    return _isolate(runtime, inputs[:half]) + _isolate(runtime, inputs[half:])
+
+
+def _finite_or_refused(scores: EnsembleScores, x: np.ndarray) -> EnsembleScores | InvalidInput:
+    """The scores, or NonFiniteOutput naming the examples whose probabilities are NaN or Inf
+    (finite inputs can overflow a model: 3e38 everywhere gives Inf logits, NaN softmax)."""
+    finite = np.isfinite(scores.probabilities).reshape(len(x), -1).all(axis=1)
+    if finite.all():
+        return scores
+    bad = np.flatnonzero(~finite).tolist()
+    largest = float(np.max(np.abs(x))) if x.size and x.dtype.kind in "fiu" else float("nan")
+    return NonFiniteOutput(
+        f"the model's output for example{'s' if len(bad) > 1 else ''} "
+        f"{', '.join(map(str, bad))} of this request is not finite (NaN or Inf): the input "
+        f"drives the model beyond the range of its numbers (largest |value| sent: {largest:.3g}); "
+        "send inputs of the scale the model was trained on (normalised as its metadata says)")
 
 
 def warm_up(manifest: Manifest, runtime: EnsembleRuntime) -> None:

@@ -191,3 +191,28 @@ def reference_member_probs(version_dir: Path, x: np.ndarray) -> np.ndarray:
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs.append(exp / exp.sum(axis=1, keepdims=True))
     return np.stack(probs, axis=1)
+
+
+def index_member(rows: int, classes: int, seed: int, indices: int = 3) -> onnx.ModelProto:
+    """A member of an imported kind that ONNX Runtime can refuse per request: int64 indices
+    [batch, indices] look up rows of an embedding table (Gather), summed into logits. An index
+    outside [-rows, rows) fails the whole run inside ONNX Runtime."""
+    table = np.random.default_rng(seed).normal(size=(rows, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input"], ["looked_up"], axis=0),
+         helper.make_node("ReduceSum", ["looked_up", "axes"], ["logits"], keepdims=0)],
+        "index-member",
+        [helper.make_tensor_value_info("input", TensorProto.INT64, ["batch", indices])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(table, "table"),
+                     numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+    return _finish(graph)
+
+
+def write_index_model(repo: Path, name: str = "lookup", rows: int = 10) -> Path:
+    """A version whose input is int64 indices [-1, 3] into a table of `rows` (two index_member
+    members, classes a, b, c); an index >= rows makes ONNX Runtime fail the batch."""
+    return write_model_version(
+        repo, name, [index_member(rows, 3, seed=s) for s in (1, 2)], (3,), ["a", "b", "c"],
+        manifest_overrides={"input": {"name": "input", "dtype": "int64", "shape": [-1, 3],
+                                      "normalization": None}})
