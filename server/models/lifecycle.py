@@ -12,6 +12,11 @@ request that picked the old version just before the switch is sent on to the new
 
 A version that fails to load is remembered (by its folder's identity and times) and not tried
 again on every poll; it is retried when it changes, or on an explicit load.
+
+Per-model settings (`<model>/model-settings.yaml`, models.settings) are read with the model and
+on every poll; versions served with other settings than the file's now are reloaded beside
+themselves and switched to, as a new version would be. A bad file keeps the settings the model
+had (a model with none yet is not loaded), logged once per change of the file.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from typing import Callable, Mapping
 
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
-from snapserve.server.errors import ModelLoadError, ModelNotFound, NoLoadableVersion
+from snapserve.server.errors import ModelLoadError, ModelNotFound, ModelSettingsError, NoLoadableVersion
 from snapserve.server.models.ensemble import ServedEnsemble, load_version
 from snapserve.server.models.policy import RepositoryConfig, check_model_name, wanted_versions
 from snapserve.server.models.registry import ModelRegistry, scan_repository
+from snapserve.server.models.settings import EffectiveSettings, read_model_settings, settings_identity
 
 __all__ = ["IndexEntry", "LifecycleEvents", "ModelManager"]
 
@@ -94,6 +100,11 @@ class ModelManager:
         self._unloaded: set[str] = set()  # unloaded by request: polls leave them alone
         self._known: set[str] = set()     # models seen on disk, for health and removals
         self._poller: asyncio.Task[None] | None = None
+        # Per model: (settings file identity, what it is served with); the last bad file's
+        # identity and message; with which settings each loaded version was loaded.
+        self._settings: dict[str, tuple[tuple[int, ...] | None, EffectiveSettings]] = {}
+        self._settings_errors: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+        self._served_with: dict[tuple[str, int], EffectiveSettings] = {}
         registry.refusal_reasons = self.refusal_reasons
 
     # -- scanning and syncing -------------------------------------------------------------
@@ -112,7 +123,7 @@ class ModelManager:
         async with self._lock:
             on_disk = await self._scan(warn)
             for name, versions in on_disk.items():
-                if warn and not wanted_versions(self.config, name, versions):
+                if warn and not wanted_versions(self._repository_config(name), name, versions):
                     logger.warning("model %s: none of its versions %s is pinned; not serving it "
                                    "(version policy specific)", name, sorted(versions))
                 if name not in self._unloaded:
@@ -123,6 +134,47 @@ class ModelManager:
     def refusal_reasons(self, name: str) -> dict[int, str]:
         """Why versions of `name` were refused at load, by version (until one loads again)."""
         return {v: reason for (n, v), (_, reason) in list(self._failed.items()) if n == name}
+
+    # -- per-model settings ---------------------------------------------------------------
+
+    def _repository_config(self, name: str) -> RepositoryConfig:
+        """The version policy that applies to `name`: its settings file's, or the server's."""
+        cached = self._settings.get(name)
+        return self.config if cached is None else cached[1].repository
+
+    def settings_error(self, name: str) -> str | None:
+        """Why the model's settings file was refused, while that file stands."""
+        error = self._settings_errors.get(name)
+        return None if error is None else error[1]
+
+    def _effective(self, name: str) -> EffectiveSettings | None:
+        """What `name` is served with now: its settings file (re-read when it changed) over the
+        server's configs. None when the file is bad and the model has no earlier settings."""
+        model_dir = self.root / name
+        identity = settings_identity(model_dir)
+        cached = self._settings.get(name)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        error = self._settings_errors.get(name)
+        if error is not None and error[0] == identity:  # the same bad file: logged already
+            return None if cached is None else cached[1]
+        try:
+            settings = read_model_settings(model_dir)
+            effective = EffectiveSettings.apply(name, settings, self._runtime_config,
+                                                self._batcher_config, self.config)
+        except ModelSettingsError as exc:
+            self._settings_errors[name] = (identity, str(exc))
+            self._events.load_failed(name, exc.reason)
+            if cached is None:
+                logger.error("not loading model %s: %s", name, exc)
+                return None
+            logger.error("model %s: keeping its previous settings: %s", name, exc)
+            return cached[1]
+        self._settings_errors.pop(name, None)
+        if settings.given() or cached is not None:
+            logger.info("model %s: settings %s", name, settings.given() or "none (server defaults)")
+        self._settings[name] = (identity, effective)
+        return effective
 
     def start_polling(self) -> None:
         if self.config.poll_interval_s > 0 and self._poller is None:
@@ -143,18 +195,26 @@ class ModelManager:
         loaded = set(self.registry.versions(name)) if name in self.registry else set()
         if not loaded:
             self._events.serving(name, False)  # NOT_SERVING while its first version loads
+        effective = self._effective(name)
+        if effective is None:  # a bad settings file and no earlier settings: nothing loaded
+            return
         serve: list[int] = []
-        for version in wanted_versions(self.config, name, on_disk):
-            if version in loaded or await self._load(name, version, on_disk[version]):
+        for version in wanted_versions(effective.repository, name, on_disk):
+            if version in loaded and self._served_with.get((name, version)) != effective:
+                # Its settings changed: reload it with them; if that fails, it goes on as it was.
+                await self._load(name, version, on_disk[version], effective)
                 serve.append(version)
-                if self.config.version_policy == "latest":
-                    break
+            elif version in loaded or await self._load(name, version, on_disk[version], effective):
+                serve.append(version)
+            if serve and effective.repository.version_policy == "latest":
+                break
         for version in sorted(loaded - set(serve)):
             await self._unload(name, version)
         self._events.serving(name, bool(serve))
 
-    async def _load(self, name: str, version: int, path: Path) -> bool:
-        """Load, start and register one version; False (logged once) if it cannot be served."""
+    async def _load(self, name: str, version: int, path: Path, effective: EffectiveSettings) -> bool:
+        """Load, start and register one version with `effective` settings; False (logged once)
+        if it cannot be served. A loaded version of the same number is replaced, then closed."""
         key = (name, version)
         try:
             identity = _identity(path)
@@ -165,8 +225,8 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         self._loading.add(key)
         try:
-            served = await loop.run_in_executor(None, load_version, path, self._runtime_config,
-                                                 self._batcher_config)
+            served = await loop.run_in_executor(None, load_version, path, effective.runtime,
+                                                 effective.batcher)
         except ModelLoadError as exc:
             reason, label = str(exc), exc.reason
             logger.error("refusing model %s version %d: %s", name, version, reason)
@@ -174,10 +234,15 @@ class ModelManager:
             reason, label = f"unexpected error: {exc!r}", "unexpected"
             logger.exception("refusing model %s version %d: unexpected error", name, version)
         else:
+            served.settings = effective.describe()
             self._events.loaded(served)
             await served.start()
+            previous = self._loaded_version(name, version)
             self.registry.add(served)  # from here, requests without a version get the newest
+            self._served_with[key] = effective
             self._failed.pop(key, None)
+            if previous is not None:  # reloaded with new settings: the old copy finishes its queue
+                await previous.close()
             logger.info("loaded model %s version %d: %d members, method %s, on %s",
                         name, version, served.runtime.members, served.manifest.method or "?",
                         served.runtime.provider)
@@ -188,8 +253,14 @@ class ModelManager:
         self._events.load_failed(name, label)
         return False
 
+    def _loaded_version(self, name: str, version: int) -> ServedEnsemble | None:
+        if name in self.registry and version in self.registry.versions(name):
+            return self.registry.get(name, version)
+        return None
+
     async def _unload(self, name: str, version: int) -> None:
         served = self.registry.remove(name, version)  # new requests no longer see it
+        self._served_with.pop((name, version), None)
         logger.info("unloading model %s version %d once its queued requests are answered",
                     name, version)
         await served.close()
@@ -203,6 +274,8 @@ class ModelManager:
         self._known.discard(name)
         self._unloaded.discard(name)
         self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
+        self._settings.pop(name, None)
+        self._settings_errors.pop(name, None)
         self._events.forgotten(name)
 
     # -- explicit control (RepositoryModelLoad / RepositoryModelUnload) -------------------------
@@ -217,14 +290,18 @@ class ModelManager:
                 raise ModelNotFound(f"model {name!r} has no version folder in the repository")
             self._unloaded.discard(name)
             self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
+            self._settings_errors.pop(name, None)  # read the settings file again
             await self._sync_model(name, on_disk)
             if name not in self.registry:
                 raise NoLoadableVersion(self._why_not_served(name, on_disk))
 
     def _why_not_served(self, name: str, on_disk: Mapping[int, Path]) -> str:
-        if not wanted_versions(self.config, name, on_disk):
+        if name not in self._settings and (error := self.settings_error(name)) is not None:
+            return f"model {name!r}: {error}"
+        config = self._repository_config(name)
+        if not wanted_versions(config, name, on_disk):
             return (f"model {name!r}: no version on disk ({sorted(on_disk)}) is pinned "
-                    f"(version policy specific, pins {list(self.config.pinned.get(name, ()))})")
+                    f"(version policy specific, pins {list(config.pinned.get(name, ()))})")
         reasons = "; ".join(f"version {v}: {self._failed[(name, v)][1]}"
                             for v in sorted(on_disk, reverse=True) if (name, v) in self._failed)
         return f"model {name!r}: no version could be loaded: {reasons}"
@@ -246,7 +323,7 @@ class ModelManager:
         entries = []
         for name in sorted(on_disk.keys() | set(self.registry.names())):
             loaded = set(self.registry.versions(name)) if name in self.registry else set()
-            wanted = set(wanted_versions(self.config, name, on_disk.get(name, {})))
+            wanted = set(wanted_versions(self._repository_config(name), name, on_disk.get(name, {})))
             for version in sorted(on_disk.get(name, {}).keys() | loaded):
                 entries.append(self._entry(name, version, loaded, wanted))
         return entries
@@ -261,8 +338,10 @@ class ModelManager:
             reason = "unloaded by request"
         elif key in self._failed:
             reason = self._failed[key][1]
+        elif name not in self._settings and (error := self.settings_error(name)) is not None:
+            reason = error
         elif version not in wanted:
-            reason = f"not selected by version policy {self.config.version_policy}"
+            reason = f"not selected by version policy {self._repository_config(name).version_policy}"
         else:
             reason = "a newer version is served" if loaded else "not loaded yet"
         return IndexEntry(name, version, "UNAVAILABLE", reason)
