@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from snapserve.proto.version import package_version
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
@@ -35,7 +36,7 @@ def env_var(action: argparse.Action) -> str:
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     """Turn SNAPSERVE_* variables into the parser's defaults, checked like the flags themselves."""
     for action in parser._actions:  # argparse has no public iterator over its options
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "version"):
             continue
         name = env_var(action)
         action.help = f"{action.help} [env {name}]"
@@ -77,8 +78,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     """The CLI's parser; defaults come from `environ` (default: os.environ), see ENV_PREFIX."""
     d, b, r = ServerConfig.__dataclass_fields__, BatcherConfig(), RuntimeConfig()
     rp = RepositoryConfig()
+    # allow_abbrev=False: a prefix such as --version must not be read as --version-policy.
     parser = argparse.ArgumentParser(
-        prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).")
+        prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).",
+        allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--model-repository", type=Path, required=True,
                         help="folder of <model>/<version>/ as the trainer writes them")
     parser.add_argument("--host", default=d["host"].default, help="address to bind (default %(default)s)")

@@ -9,13 +9,13 @@ Model versions are strings here ("" = the default, the newest loaded).
 from __future__ import annotations
 
 import logging
-from importlib import metadata
 from typing import AsyncIterator
 
 import grpc
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.version import package_version
 from snapserve.server.api.health import SERVING, HealthServicer
 from snapserve.server.api.kserve_messages import (decode_infer_input, encode_infer_response,
                                                   encode_model_config, encode_model_metadata,
@@ -32,18 +32,10 @@ __all__ = ["EXTENSIONS", "SERVER_NAME", "KServeServicer"]
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "snapserve"
-DISTRIBUTION = "snapserve-ensembles"  # pyproject's [project] name, whose version is ours
 # Triton's names for the optional parts of the protocol this server implements.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 # RepositoryModelUnload parameters tritonclient always sends; snapserve models have no dependents.
 UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
-
-
-def _server_version() -> str:
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:  # run from a checkout without installing
-        return "unknown"
 
 
 def _stream_error(request: kpb.ModelInferRequest, code: grpc.StatusCode,
@@ -89,7 +81,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     @abort_on_error
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(),
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(),
                                           extensions=EXTENSIONS)
 
     @abort_on_error

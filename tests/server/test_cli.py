@@ -78,3 +78,13 @@ def test_bad_flag_value_names_the_field(model_repo: Path, capsys: pytest.Capture
         main(["--model-repository", str(model_repo), "--max-batch-size", "0"])
     assert info.value.code == 2
     assert "max_batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_version_is_not_taken_for_a_prefix_of_another_flag() -> None:
+    """`--version` prints the version; abbreviations are off, so `--version-p` is no flag."""
+    done = subprocess.run([sys.executable, "-m", "snapserve.server", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("ensemble-server ")
+    done = subprocess.run([sys.executable, "-m", "snapserve.server", "--model-repository", ".",
+                           "--version-p", "latest"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unrecognized arguments: --version-p" in done.stderr
