@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import itertools
 from types import TracebackType
-from typing import AsyncIterable, AsyncIterator, Iterable
+from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import grpc
 import numpy as np
 
+from snapserve.client.channels import (DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_MESSAGE_BYTES,
+                                       ChannelOption, RetryPolicy, Target, channel_options,
+                                       resolve_target)
 from snapserve.client.credentials import Pem, Security
 from snapserve.client.errors import ClientError
 from snapserve.client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
 from snapserve.client.messages import normalize as normalize_input  # `normalize` is a parameter name
-from snapserve.client.sync_client import DEFAULT_TARGET, MAX_MESSAGE_BYTES, channel_options
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 
@@ -28,25 +30,30 @@ class AsyncEnsembleClient:
             prediction = await client.predict("digits", x)
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+    def __init__(self, target: Target = DEFAULT_TARGET, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
                  tls_ca: Pem | None = None, tls_cert: Pem | None = None,
-                 tls_key: Pem | None = None, token: str | None = None) -> None:
-        """TLS and token options as EnsembleClient's."""
-        self.target = target
+                 tls_key: Pem | None = None, token: str | None = None,
+                 retry: RetryPolicy | None = RetryPolicy(),
+                 load_balancing: str | None = "round_robin",
+                 options: Sequence[ChannelOption] = ()) -> None:
+        """Target, deadline, retry, balancing, TLS and token options as EnsembleClient's."""
+        self.target = resolve_target(target)
         self.timeout = timeout
         self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                         tls_key=tls_key, token=token)
-        self._channel = self._security.aio_channel(target, channel_options(max_message_bytes))
+        self._channel = self._security.aio_channel(
+            self.target, channel_options(max_message_bytes, retry, load_balancing, options))
         self._stub = pb_grpc.EnsembleServiceStub(self._channel)
         self._models: dict[tuple[str, int], ModelInfo] = {}
 
     async def predict(self, model: str, array: np.ndarray, version: int = 0,
                       member_probabilities: bool = False, normalize: bool = False,
-                      timeout: float | None = None) -> Prediction:
+                      timeout: float | None = None, request_id: str = "") -> Prediction:
         if normalize:
             array = normalize_input(array, (await self.get_model(model, version)).input)
-        request = build_request(model, array, version, member_probabilities)
+        request = build_request(model, array, version, member_probabilities, request_id)
         response = await self._call(self._stub.Predict, request, timeout)
         return decode_prediction(response, member_probabilities)
 

@@ -21,17 +21,19 @@ import numpy as np
 from snapserve.client.bench import add_bench_parser
 from snapserve.client.credentials import read_token_file
 from snapserve.client.errors import ClientError
-from snapserve.client.messages import ModelInfo, ModelSummary, Prediction
-from snapserve.client.sync_client import DEFAULT_TARGET, EnsembleClient
+from snapserve.client.channels import DEFAULT_TARGET, DEFAULT_TIMEOUT_S
+from snapserve.client.messages import InputSpec, ModelSummary, Prediction
+from snapserve.client.sync_client import EnsembleClient
 
 
 class InputFileError(Exception):
-    """The --input file is missing or not a .npy array."""
+    """The --input file is missing, not a numeric .npy array, or does not fit the model."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="per-call deadline in seconds, retries included (default %(default)s)")
     parser.add_argument("--tls", action="store_true",
                         help="use TLS with the system's CA roots (implied by --tls-ca/--tls-cert)")
     parser.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate")
@@ -102,19 +104,49 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def load_input(path: str, info: ModelInfo) -> np.ndarray:
+def read_input(path: str) -> np.ndarray:
+    """The --input array, checked before any call: a readable .npy of real numbers."""
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputFileError(f"cannot read {path}: {exc}") from exc
-    if x.ndim == len(info.input.shape) - 1:  # one example: add the batch axis
-        x = x[None]
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputFileError(f"cannot read {path} as a .npy array: {exc}") from exc
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        raise InputFileError(f"{path} is an .npz archive; save one array with np.save")
+    if x.dtype.kind not in "biuf" or x.size == 0 or x.ndim == 0:
+        raise InputFileError(f"{path} holds a {x.dtype} array of shape {list(x.shape)}; "
+                             "expected a non-empty array of numbers")
     return x
 
 
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return len(shape) == len(expected) and all(e == -1 or s == e for s, e in zip(shape, expected))
+
+
+def _with_unit_axes(shape: tuple[int, ...], expected: tuple[int, ...]) -> tuple[int, ...] | None:
+    """`shape` ([B, ...]) as `expected`, with the size-1 axes it lacks put back; None: no fit."""
+    if _fits(shape, expected):
+        return shape
+    batch, *rest = shape
+    sizes = iter(rest)
+    full = (batch, *(1 if d == 1 else next(sizes, 0) for d in expected[1:]))
+    return full if next(sizes, None) is None and _fits(full, expected) else None
+
+
+def fit_input(x: np.ndarray, spec: InputSpec, path: str = "input") -> np.ndarray:
+    """`x` as a batch of the model's input ([B, ...], its dtype). Also accepted: one example
+    without the batch axis, and either without the model's size-1 axes (for a [-1, 1, 8, 8]
+    model: [B, 8, 8], [1, 8, 8] or [8, 8])."""
+    for shape in (x.shape, (1, *x.shape)):  # a batch, else one example
+        full = _with_unit_axes(shape, spec.shape)
+        if full is not None:
+            return x.reshape(full).astype(spec.dtype, copy=False)
+    raise InputFileError(f"{path} has shape {list(x.shape)}; the model takes {list(spec.shape)} "
+                         f"(-1: the batch), or one example of {list(spec.shape[1:])}")
+
+
 def run_predict(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -> None:
-    info = client.get_model(args.model, args.version)
-    x = load_input(args.input, info)
+    x = read_input(args.input)  # checked before the server is asked anything
+    x = fit_input(x, client.get_model(args.model, args.version).input, args.input)
     prediction = client.predict(args.model, x, version=args.version, normalize=args.normalize,
                                 member_probabilities=args.members)
     if args.json:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Sequence, Union
 
 import grpc
 
@@ -73,12 +73,12 @@ class Security:
         """Call metadata: the bearer token, or None."""
         return None if self.token is None else (("authorization", f"Bearer {self.token}"),)
 
-    def channel(self, target: str, options: list[tuple[str, int]]) -> grpc.Channel:
+    def channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
         if self.channel_credentials is None:
             return grpc.insecure_channel(target, options=options)
         return grpc.secure_channel(target, self.channel_credentials, options=options)
 
-    def aio_channel(self, target: str, options: list[tuple[str, int]]) -> grpc.aio.Channel:
+    def aio_channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
         if self.channel_credentials is None:
             return grpc.aio.insecure_channel(target, options=options)
         return grpc.aio.secure_channel(target, self.channel_credentials, options=options)

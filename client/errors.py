@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["ClientError"]
+__all__ = ["ClientError", "REQUEST_ID_KEY"]
+
+REQUEST_ID_KEY = "x-request-id"  # the metadata key the server reads and answers with
 
 
 class ClientError(Exception):
@@ -23,9 +25,12 @@ class ClientError(Exception):
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
+        """With the server's `x-request-id` trailer, when it sent one: the id its logs use."""
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code, details or "")
+        trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        request_id = next((value for key, value in trailers or () if key == REQUEST_ID_KEY), None)
+        return cls(code, details or "", request_id)
 
     @classmethod
     def from_code_value(cls, value: int, message: str, request_id: str | None = None) -> ClientError:

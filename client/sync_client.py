@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Sequence
 
 import grpc
 import numpy as np
 
+from snapserve.client.channels import (DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_MESSAGE_BYTES,
+                                       ChannelOption, RetryPolicy, Target, channel_options,
+                                       resolve_target)
 from snapserve.client.credentials import Pem, Security
 from snapserve.client.errors import ClientError
 from snapserve.client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
@@ -15,15 +19,7 @@ from snapserve.client.messages import normalize as normalize_input  # `normalize
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 
-__all__ = ["EnsembleClient", "channel_options"]
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default; gRPC's own 4 MiB is small for images
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+__all__ = ["DEFAULT_TARGET", "EnsembleClient", "MAX_MESSAGE_BYTES", "channel_options"]
 
 
 class EnsembleClient:
@@ -31,30 +27,42 @@ class EnsembleClient:
 
         with EnsembleClient("127.0.0.1:50051") as client:
             prediction = client.predict("digits", x, normalize=True)
+
+    Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with backoff and jitter
+    (`retry`; None: never), within the call's deadline (`timeout`, default DEFAULT_TIMEOUT_S;
+    None: no deadline), balanced over every address of `target` (client/channels.py).
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+    def __init__(self, target: Target = DEFAULT_TARGET, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
                  tls_ca: Pem | None = None, tls_cert: Pem | None = None,
-                 tls_key: Pem | None = None, token: str | None = None) -> None:
-        """`tls_ca`/`tls_cert`/`tls_key`: PEM paths or bytes (any of them, or tls=True: TLS;
-        cert + key: mutual TLS); `token`: sent as `authorization: Bearer <token>`."""
-        self.target = target
+                 tls_key: Pem | None = None, token: str | None = None,
+                 retry: RetryPolicy | None = RetryPolicy(),
+                 load_balancing: str | None = "round_robin",
+                 options: Sequence[ChannelOption] = ()) -> None:
+        """`target`: host:port, a dns:/// name (a headless Service) or a list of IP:PORT;
+        `tls_ca`/`tls_cert`/`tls_key`: PEM paths or bytes (any of them, or tls=True: TLS;
+        cert + key: mutual TLS); `token`: sent as `authorization: Bearer <token>`;
+        `options`: more gRPC channel options, which win over the client's own."""
+        self.target = resolve_target(target)
         self.timeout = timeout  # default per-call deadline in seconds; None: no deadline
         self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                         tls_key=tls_key, token=token)
-        self._channel = self._security.channel(target, channel_options(max_message_bytes))
+        self._channel = self._security.channel(
+            self.target, channel_options(max_message_bytes, retry, load_balancing, options))
         self._stub = pb_grpc.EnsembleServiceStub(self._channel)
         self._models: dict[tuple[str, int], ModelInfo] = {}
 
     def predict(self, model: str, array: np.ndarray, version: int = 0,
                 member_probabilities: bool = False, normalize: bool = False,
-                timeout: float | None = None) -> Prediction:
+                timeout: float | None = None, request_id: str = "") -> Prediction:
         """Scores for a batch `array` ([B, ...]). `normalize=True` applies the model's
-        (x - mean) / std first (the spec is fetched once and cached)."""
+        (x - mean) / std first (the spec is fetched once and cached). `request_id`: the id the
+        server logs this request under (default: one it makes up); `Prediction.request_id`."""
         if normalize:
             array = normalize_input(array, self.get_model(model, version).input)
-        request = build_request(model, array, version, member_probabilities)
+        request = build_request(model, array, version, member_probabilities, request_id)
         response = self._call(self._stub.Predict, request, timeout)
         return decode_prediction(response, member_probabilities)
 

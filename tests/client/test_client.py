@@ -157,11 +157,42 @@ def test_cli_errors(threaded_server: ThreadedServer, tmp_path: Path,
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((2, 5), np.float32))
     assert main(["predict", "--target", threaded_server.target, "--model", "digits",
-                 "--input", str(path)]) == 1
-    assert "INVALID_ARGUMENT: input shape [2, 5]" in capsys.readouterr().err
+                 "--input", str(path)]) == 2  # found by the CLI, not sent
+    assert "has shape [2, 5]; the model takes [-1, 1, 4, 4]" in capsys.readouterr().err
     assert main(["predict", "--target", threaded_server.target, "--model", "nope",
                  "--input", str(path)]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["predict", "--target", threaded_server.target, "--model", "digits",
                  "--input", str(tmp_path / "absent.npy")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape, batch", [((3, 1, 4, 4), 3), ((1, 4, 4), 1), ((4, 4), 1),
+                                          ((3, 4, 4), 3)])
+def test_cli_predict_takes_the_obvious_shapes(threaded_server: ThreadedServer, tmp_path: Path,
+                                              shape: tuple[int, ...], batch: int) -> None:
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(np.prod(shape), dtype=np.uint8).reshape(shape))  # cast to float32
+    out = io.StringIO()
+    assert main(["predict", "--target", threaded_server.target, "--model", "digits",
+                 "--input", str(path), "--json"], out=out) == 0
+    assert len(json.loads(out.getvalue())["examples"]) == batch
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.array(["a", "b"]), "holds a <U1 array"),
+    (np.zeros((0, 1, 4, 4), np.float32), "non-empty"),
+    (None, "cannot read"),
+])
+def test_cli_predict_checks_its_input_before_calling(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: np.ndarray | None,
+        message: str) -> None:
+    path = tmp_path / "x.npy"
+    if content is None:
+        path.write_bytes(b"not an array")
+    else:
+        np.save(path, content)
+    # No server at all: the file is refused before the first call could fail.
+    assert main(["predict", "--target", "127.0.0.1:1", "--model", "digits",
+                 "--input", str(path)]) == 2
+    assert message in capsys.readouterr().err

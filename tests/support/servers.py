@@ -47,8 +47,9 @@ class ThreadedServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
 
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(None), self.loop).result(timeout=30)
+    def stop(self, grace: float | None = None) -> None:
+        """Stop the server (`grace`: as RunningServer.stop, a drain), then its thread."""
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
         self.loop.close()
