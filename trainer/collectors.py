@@ -8,7 +8,7 @@ weight sets it has taken so far) for progress lines.
 - `StepCollector` keeps a copy of the weights (and BatchNorm buffers) at fixed steps: the end of
   each cycle for snapshot ensembles, mid-cycle minima for FGE, the last step for `single`.
 - `AveragingCollector` keeps an equal running average of the weights (SWA) and, for SWAG, the
-  running second moment and the last K deviations. Its `members(model)` recomputes BatchNorm
+  running variance (Welford's) and the last K deviations. Its `members(model)` recomputes BatchNorm
   statistics on the training data for the average (SWA) and for every sample (SWAG): averaged
   or sampled weights were never used in a forward pass, so the running statistics the training
   kept do not belong to them (Izmailov et al. 2018; the SWAG code runs bn_update per sample).
@@ -160,23 +160,29 @@ def _load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
 
 
 class AveragingCollector:
-    """SWA's equal running average of the weights at the given steps; with `swag_rank` K > 0,
-    SWAG's second moment and deviation matrix too, and `samples` members drawn from it.
+    """SWA's equal running average of the weights at the given steps; with `swag_rank` set,
+    SWAG's second moment too (0: SWAG-Diag; K > 0: and the last K deviations), and `samples`
+    members drawn from the Gaussian.
 
     The update is the reference's w_SWA <- (n*w_SWA + w)/(n+1) (an exact mean of the collected
-    weights). SWAG (Maddox et al. 2019, wjmaddox/swa_gaussian swag.py) keeps the running
-    E[w], E[w^2] and the last K columns D_i = w_i - E[w] (the mean after adding w_i) and samples
+    weights). SWAG (Maddox et al. 2019, wjmaddox/swa_gaussian swag.py) keeps E[w], the spread
+    around it and the last K columns D_i = w_i - E[w] (the mean after adding w_i) and samples
 
-        w = E[w] + sqrt(scale) * (sigma * z1 + D^T z2 / sqrt(K-1)),  sigma^2 = max(E[w^2] - E[w]^2, 1e-30)
+        w = E[w] + sqrt(scale) * (sigma * z1 + D^T z2 / sqrt(K-1)),  sigma^2 = max(Var[w], 1e-30)
 
     with K the number of columns held (the reference divides by its maximum K-1 even before it
-    has K columns; the two agree once K columns are stored). With a single column there is no
-    low-rank part. Only parameters are averaged; BatchNorm statistics are recomputed
-    (`update_bn` on `bn_batches()`), and any other buffers come from the final model.
+    has K columns; the two agree once K columns are stored). With fewer than two columns, or
+    K = 0 (SWAG-Diag), there is no low-rank part. Only parameters are averaged; BatchNorm
+    statistics are recomputed (`update_bn` on `bn_batches()`), and any other buffers come from
+    the final model.
+
+    The variance is Welford's running sum of squared deviations, not the reference's
+    E[w^2] - E[w]^2: late in training the weights move by ~1e-4 around values ~1, a variance of
+    ~1e-8, which the float32 difference of two numbers ~1 (resolution ~1e-7) rounds to noise.
     """
 
     def __init__(self, steps: Iterable[int], bn_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
-                 *, swag_rank: int = 0, samples: int = 0, scale: float = 0.5, seed: int = 0,
+                 *, swag_rank: int | None = None, samples: int = 0, scale: float = 0.5, seed: int = 0,
                  distributed: bool = False) -> None:
         self.steps = tuple(sorted(set(steps)))
         self.bn_batches = bn_batches
@@ -188,7 +194,7 @@ class AveragingCollector:
         self.n = 0
         self.last_step = 0
         self.mean: torch.Tensor | None = None
-        self.sq_mean: torch.Tensor | None = None
+        self.sq_dev: torch.Tensor | None = None  # sum of (w_i - mean_i-1)(w_i - mean_i): Welford's M2
         self.deviations: list[torch.Tensor] = []
 
     @property
@@ -202,47 +208,60 @@ class AveragingCollector:
         w = _flat_parameters(model)
         if self.mean is None:
             self.mean = torch.zeros_like(w)
-            self.sq_mean = torch.zeros_like(w)
         self.n += 1
-        self.mean += (w - self.mean) / self.n
-        if self.swag_rank:
-            assert self.sq_mean is not None
-            self.sq_mean += (w * w - self.sq_mean) / self.n
-            self.deviations.append(w - self.mean)
-            del self.deviations[:-self.swag_rank]
+        delta = w - self.mean
+        self.mean += delta / self.n
+        if self.swag_rank is not None:
+            if self.sq_dev is None:
+                self.sq_dev = torch.zeros_like(w)
+            self.sq_dev += delta * (w - self.mean)
+            if self.swag_rank:
+                self.deviations.append(w - self.mean)
+                del self.deviations[:-self.swag_rank]
         self.last_step = step
 
     def variance(self) -> torch.Tensor:
-        """SWAG's diagonal: E[w^2] - E[w]^2, floored at 1e-30."""
-        assert self.mean is not None and self.sq_mean is not None
-        return torch.clamp(self.sq_mean - self.mean**2, min=VAR_CLAMP)
+        """SWAG's diagonal: the population variance of the collected weights, floored at 1e-30."""
+        assert self.mean is not None and self.sq_dev is not None
+        return torch.clamp(self.sq_dev / self.n, min=VAR_CLAMP)
 
-    def sample_parameters(self, generator: torch.Generator) -> torch.Tensor:
-        """One SWAG draw of the flat parameter vector."""
-        if self.mean is None or not self.swag_rank:
-            raise RuntimeError("sampling needs a SWAG collector (swag_rank > 0) with collected weights")
+    def sample_parameters(self, generator: torch.Generator, scale: float | None = None,
+                          low_rank: bool = True) -> torch.Tensor:
+        """One SWAG draw of the flat parameter vector (`low_rank=False`: SWAG-Diag's)."""
+        if self.mean is None or self.sq_dev is None:
+            raise RuntimeError("sampling needs a SWAG collector (swag_rank set) with collected weights")
         noise = self.variance().sqrt() * torch.randn(self.mean.shape, generator=generator)
         k = len(self.deviations)
-        if k > 1:
+        if low_rank and k > 1:
             z = torch.randn(k, generator=generator)
             noise += torch.stack(self.deviations).T @ z / math.sqrt(k - 1)
-        return self.mean + math.sqrt(self.scale) * noise
+        return self.mean + math.sqrt(self.scale if scale is None else scale) * noise
 
     def members(self, model: nn.Module) -> list[Member]:
-        """SWA: one member, the average. SWAG: `samples` draws, each with its own BatchNorm pass.
+        """SWA: one member, the average. SWAG: `samples` draws, each with its own BatchNorm pass."""
+        if self.swag_rank is None or not self.samples:
+            return self.average(model)
+        return self.draw(model, self.samples, self.scale, low_rank=self.swag_rank > 0)
 
-        `model` (the trained model, unwrapped) is the template: each set of weights is loaded
-        into it, its BatchNorm statistics recomputed and a copy taken; its own weights are
-        restored afterwards. Under DDP every process must call this (the statistics are
-        all-reduced); the draws are seeded, so every process draws the same members.
-        """
+    def average(self, model: nn.Module) -> list[Member]:
+        """[the SWA member]: the mean, with its BatchNorm statistics ([] before any collection)."""
+        return self._members(model, [(self.mean, {})] if self.mean is not None else [])
+
+    def draw(self, model: nn.Module, samples: int, scale: float, *, low_rank: bool = True) -> list[Member]:
+        """`samples` seeded SWAG draws (SWAG-Diag's without `low_rank`), each with its own
+        BatchNorm pass. The seeds depend only on (seed, i), so every process, and SWAG and
+        SWAG-Diag of one run, draw with the same noise."""
         if self.mean is None:
             return []
-        if self.swag_rank and self.samples:
-            vectors = [(self.sample_parameters(torch.Generator().manual_seed(self.seed * 100_003 + i)),
-                        {"sample": i}) for i in range(self.samples)]
-        else:
-            vectors = [(self.mean, {})]
+        return self._members(model, [
+            (self.sample_parameters(torch.Generator().manual_seed(self.seed * 100_003 + i), scale, low_rank),
+             {"sample": i}) for i in range(samples)])
+
+    def _members(self, model: nn.Module, vectors: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[Member]:
+        """`model` (the trained model, unwrapped) is the template: each set of weights is loaded
+        into it, its BatchNorm statistics recomputed and a copy taken; its own weights are
+        restored afterwards. Under DDP every process must call this (the statistics are
+        all-reduced)."""
         original = cpu_state_dict(model)
         members = []
         try:
@@ -258,13 +277,15 @@ class AveragingCollector:
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "n": self.n, "last_step": self.last_step,
-                "mean": self.mean, "sq_mean": self.sq_mean if self.swag_rank else None,
-                "deviations": list(self.deviations)}
+                "mean": self.mean, "sq_dev": self.sq_dev, "deviations": list(self.deviations)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = tuple(state["steps"])
         self.n, self.last_step = state["n"], state["last_step"]
         self.mean = state["mean"]
-        self.sq_mean = state["sq_mean"] if state["sq_mean"] is not None else (
-            torch.zeros_like(self.mean) if self.mean is not None else None)
+        self.sq_dev = state.get("sq_dev")
+        if state.get("sq_mean") is not None:  # a checkpoint of the E[w^2] form, before Welford
+            self.sq_dev = (state["sq_mean"] - self.mean**2).clamp(min=0) * self.n
+        if self.sq_dev is None and self.swag_rank is not None and self.mean is not None:
+            self.sq_dev = torch.zeros_like(self.mean)
         self.deviations = list(state["deviations"])

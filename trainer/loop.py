@@ -80,6 +80,11 @@ class Batch(NamedTuple):
     loss_weight: float = 1.0
 
 
+# The permutation stream of the BatchNorm pass: (seed, _BN_STREAM) is no (seed, epoch) of training
+# (2**62 epochs never run).
+_BN_STREAM = 2**62
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -120,10 +125,14 @@ class TensorBatches:
         n = len(batch)
         return batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
 
+    def _order(self, *stream: int) -> torch.Tensor:
+        """A permutation of the usable examples, fixed by (seed, *stream), on the device."""
+        order = np.random.default_rng([self.seed, *stream]).permutation(len(self.y))[: self._usable]
+        return torch.from_numpy(order).to(self.x.device)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches `start`.. of epoch `epoch` (from 0), in an order fixed by (seed, epoch)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))[: self._usable]
-        index = torch.from_numpy(order).to(self.x.device)
+        index = self._order(epoch)
         for i in range(start, self.steps_per_epoch):
             batch = index[i * self.batch_size:(i + 1) * self.batch_size]
             local = self._shard(batch)
@@ -134,10 +143,17 @@ class TensorBatches:
             yield Batch(x, self.y[local], len(local) * self.world_size / len(batch))
 
     def inputs(self) -> Iterator[torch.Tensor]:
-        """This process's share of each training batch, in order, without augmentation: for
+        """This process's share of each batch of the training inputs, without augmentation: for
         BatchNorm statistics (SWA/SWAG), which should describe what the served model sees.
-        Every process gets the same number of batches (SyncBatchNorm needs that)."""
-        index = torch.arange(self._usable, device=self.x.device)
+
+        In a seeded permutation, never the stored order: with momentum=None each batch's own
+        variance is averaged, so batches of one class each (a class-sorted .npz or image folder)
+        would give running variances far below the data's. The reference passes a shuffled
+        loader. The permutation is fixed (its own stream of the seed, not an epoch's), so a
+        resumed run recomputes the same statistics, and it is the same on every process, whose
+        shards of each batch are disjoint. Every process gets the same number of batches.
+        """
+        index = self._order(_BN_STREAM)
         for start in range(0, self._usable, self.batch_size):
             yield self.x[self._shard(index[start:start + self.batch_size])]
 

@@ -4,6 +4,7 @@
     fge       pre-training, then short linear cycles, a member at each minimum (Garipov et al. 2018)
     swa       pre-training, then a high constant/cyclic LR, one averaged member (Izmailov et al. 2018)
     swag      SWA plus a low-rank Gaussian over the weights, S sampled members (Maddox et al. 2019)
+    swag-diag SWAG with the diagonal Gaussian alone (the paper's SWAG-Diag), S sampled members
     single    the ordinary baseline at the same budget (step decay), one member
 
 Budgets are whole epochs; every phase boundary falls at the end of an epoch.
@@ -110,13 +111,23 @@ def swa_method(config: TrainConfig, context: MethodContext) -> Method:
 
 
 def swag_method(config: TrainConfig, context: MethodContext) -> Method:
-    """SWAG: SWA's schedule and collection plus second moments and K deviations; S samples."""
+    """SWAG: SWA's schedule and collection plus the variance and K deviations; S samples."""
+    return _gaussian_method("swag", config, context, config.swag_rank)
+
+
+def swag_diag_method(config: TrainConfig, context: MethodContext) -> Method:
+    """SWAG-Diag: SWAG with the diagonal variance alone (no deviation columns), scale 1."""
+    return _gaussian_method("swag-diag", config, context, 0)
+
+
+def _gaussian_method(name: str, config: TrainConfig, context: MethodContext, rank: int) -> Method:
     schedule = _swa_schedule(config, context)
+    assert config.swag_scale is not None  # TrainConfig fills it in for the SWAG methods
     collector = AveragingCollector(schedule.member_steps(), context.bn_batches,
-                                   swag_rank=config.swag_rank, samples=_members(config),
+                                   swag_rank=rank, samples=_members(config),
                                    scale=config.swag_scale, seed=config.seed,
                                    distributed=context.distributed)
-    return Method("swag", schedule, collector)
+    return Method(name, schedule, collector)
 
 
 def single_method(config: TrainConfig, context: MethodContext) -> Method:
@@ -133,12 +144,13 @@ METHODS: dict[str, Callable[[TrainConfig, MethodContext], Method]] = {
     "fge": fge_method,
     "swa": swa_method,
     "swag": swag_method,
+    "swag-diag": swag_diag_method,
     "single": single_method,
 }
 
 
 def _members(config: TrainConfig) -> int:
-    """The member count of snapshot and swag, which TrainConfig always fills in."""
+    """The member count of snapshot and the SWAG methods, which TrainConfig always fills in."""
     assert config.members is not None
     return config.members
 

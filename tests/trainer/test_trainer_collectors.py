@@ -11,6 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import update_bn as torch_update_bn
 
 from snapserve.trainer.collectors import AveragingCollector, StepCollector, update_bn
+from snapserve.trainer.loop import TensorBatches
 
 
 def small_model() -> nn.Module:
@@ -52,21 +53,27 @@ def test_swa_average_is_the_mean_of_the_collected_weights() -> None:
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
 
 
+def stale(model: nn.Module) -> nn.Module:
+    """Running statistics that belong to no weights: what must not survive a BatchNorm pass."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if "running" in name:
+                buffer.fill_(123.0)
+    return model
+
+
 def test_members_recompute_batchnorm_statistics_like_swa_utils() -> None:
-    model = small_model()
+    model = stale(small_model())  # the template's own statistics are stale
     collector = AveragingCollector([1], lambda: inputs())
     collector.collect(model, 1)
     (member,) = collector.members(model)
-    reference = copy.deepcopy(model)
+    reference = stale(copy.deepcopy(model))
     reference.load_state_dict(member.state_dict)
     reference.train()
-    with torch.no_grad():
-        for name, buffer in reference.named_buffers():
-            if "running" in name:
-                buffer.fill_(123.0)  # stale statistics that must not survive
     torch_update_bn(inputs(), reference)
     bn = dict(reference.named_buffers())
-    assert member.state_dict["1.running_mean"].abs().max() < 100  # recomputed, not the training's
+    # recomputed, not the template's 123s (a member that kept them would fail here)
+    assert not torch.isclose(member.state_dict["1.running_var"], torch.tensor(123.0)).any()
     torch.testing.assert_close(member.state_dict["1.running_mean"], bn["1.running_mean"])
     torch.testing.assert_close(member.state_dict["1.running_var"], bn["1.running_var"])
     # a cumulative mean over batches: the mean of the per-batch means of BatchNorm's input
@@ -75,6 +82,48 @@ def test_members_recompute_batchnorm_statistics_like_swa_utils() -> None:
     torch.testing.assert_close(bn["1.running_mean"], torch.stack([h.mean(0) for h in first]).mean(0),
                                rtol=1e-5, atol=1e-6)
     assert model[1].momentum == 0.1 and model.training  # momenta and mode restored
+    assert (model[1].running_mean == 123.0).all()  # and the template's own statistics
+
+
+def test_batchnorm_pass_reads_class_sorted_data_in_a_seeded_permutation() -> None:
+    """With momentum=None each batch's own variance is averaged: batches of one class each (a
+    class-sorted .npz or image folder) would give running variances far below the data's."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8).repeat_interleave(64)  # 8 classes of 64, stored sorted by class
+    x = (y[:, None].float() * 2.0 + torch.randn(len(y), 4, generator=g)).contiguous()
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    batches = TensorBatches(x, y, batch_size=64, seed=3)
+    assert update_bn(model, batches.inputs()) == 8
+    population = x.var(0, unbiased=True)  # ~ 1 + the variance of the class means (21)
+    torch.testing.assert_close(model[0].running_mean, x.mean(0), rtol=0, atol=1e-5)  # equal batches
+    ratio = model[0].running_var / population
+    assert ratio.min() > 0.9 and ratio.max() < 1.1, ratio
+    # stored order: each batch is one class, its variance ~1 of ~22: the failure fixed here
+    update_bn(model, list(x.split(64)))
+    assert (model[0].running_var / population).max() < 0.1
+    # fixed by the seed: a resumed run recomputes the same statistics; another seed, another order
+    assert all(torch.equal(a, b) for a, b in zip(batches.inputs(), batches.inputs()))
+    other = TensorBatches(x, y, batch_size=64, seed=4)
+    assert not torch.equal(next(batches.inputs()), next(other.inputs()))
+
+
+def test_swag_variance_keeps_its_precision_where_e_w2_minus_e_w_squared_cannot() -> None:
+    """Late in training weights ~1 move by ~1e-4: a variance of ~1e-8, below float32's
+    resolution of E[w^2] and E[w]^2 (~1e-7), so their difference is rounding noise."""
+    model = nn.Sequential(nn.Linear(50, 20))
+    g = torch.Generator().manual_seed(0)
+    collector = AveragingCollector(range(1, 41), None, swag_rank=0)
+    seen = []
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(1.0 + 1e-4 * torch.randn(p.shape, generator=g))
+        seen.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        collector.collect(model, step)
+    exact = torch.stack(seen).double().var(0, unbiased=False)
+    torch.testing.assert_close(collector.variance().double(), exact, rtol=5e-3, atol=0)  # float32 Welford
+    naive = (torch.stack(seen) ** 2).mean(0) - torch.stack(seen).mean(0) ** 2  # float32, as before
+    assert ((naive.double() - exact).abs() / exact).max() > 0.5  # what the old formula gave
 
 
 def test_update_bn_without_batchnorm_is_a_no_op() -> None:
@@ -148,7 +197,7 @@ def test_collectors_resume_from_their_state_dicts() -> None:
     resumed.load_state_dict(first.state_dict())
     for step in (3, 4):
         resumed.collect(snapshots[step - 1], step)
-    assert torch.equal(resumed.mean, whole.mean) and torch.equal(resumed.sq_mean, whole.sq_mean)
+    assert torch.equal(resumed.mean, whole.mean) and torch.equal(resumed.sq_dev, whole.sq_dev)
     assert all(torch.equal(a, b) for a, b in zip(resumed.deviations, whole.deviations))
 
     steps = StepCollector([2, 4])

@@ -87,3 +87,27 @@ def test_fge_from_an_existing_checkpoint(tmp_path: Path, digits: Dataset) -> Non
     with pytest.raises(CheckpointError, match="do not fit this model"):
         train_ensemble(TrainConfig(out=str(tmp_path), method="fge", arch="cnn", epochs=4, threads=1,
                                    from_checkpoint=str(base.run_dir())), digits, torch.device("cpu"))
+
+
+def test_fge_from_a_checkpoint_keeps_its_momentum_buffers(tmp_path: Path, digits: Dataset) -> None:
+    """The reference's FGE starts from checkpoint-160.pt's model AND optimizer state: the same
+    checkpoint gives the same members, and the same one with its momentum buffers zeroed gives
+    others, so the buffers are read and carried on, not rebuilt."""
+    base = TrainConfig(out=str(tmp_path), method="single", arch="mlp", epochs=2, threads=1)
+    train_ensemble(base, digits, torch.device("cpu"))
+    state = load_checkpoint(base.run_dir())
+    buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert buffers and all(b.abs().sum() > 0 for b in buffers)
+    for s in state["optimizer"]["state"].values():
+        s["momentum_buffer"].zero_()
+    save_checkpoint(tmp_path / "zeroed", state)
+
+    def fge_members(source: Path) -> list:
+        config = TrainConfig(out=str(tmp_path / "fge"), method="fge", arch="mlp", epochs=4, threads=1,
+                             from_checkpoint=str(source))
+        return train_ensemble(config, digits, torch.device("cpu")).members
+
+    kept, again, zeroed = fge_members(base.run_dir()), fge_members(base.run_dir()), fge_members(tmp_path / "zeroed")
+    weights = "0.1.weight" if "0.1.weight" in kept[0].state_dict else next(iter(kept[0].state_dict))
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for a, b in zip(kept, again) for k in a.state_dict)
+    assert not torch.equal(kept[0].state_dict[weights], zeroed[0].state_dict[weights])

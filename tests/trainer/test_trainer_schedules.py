@@ -26,14 +26,30 @@ def paper_lr(t: int, lr0: float, T: int, M: int) -> float:
     return lr0 / 2 * (math.cos(math.pi * ((t - 1) % c) / c) + 1)
 
 
+def reference_lua_lr(epoch: int, iteration: int, lr0: float, epochs: int, M: int, n_batches: int) -> float:
+    """gaohuang/SnapshotEnsemble train.lua, learningRateCosine, transcribed line by line
+    (epoch and iteration count from 1, as in Lua):
+
+        nEpochs_sub  = floor(nEpochs / nCycles)
+        nEpochs_last = nEpochs - (nCycles - 1) * nEpochs_sub
+        nEpochs_cur  = (epoch > (nCycles - 1) * nEpochs_sub) and nEpochs_last or nEpochs_sub
+        T_total = nEpochs_cur * nBatches
+        T_cur   = ((epoch - 1) % nEpochs_cur) * nBatches + iter
+        return 0.5 * LR * (1 + cos(pi * T_cur / T_total))
+    """
+    n_sub = math.floor(epochs / M)
+    n_last = epochs - (M - 1) * n_sub
+    n_cur = n_last if epoch > (M - 1) * n_sub else n_sub
+    t_total = n_cur * n_batches
+    t_cur = ((epoch - 1) % n_cur) * n_batches + iteration
+    return 0.5 * lr0 * (1 + math.cos(math.pi * t_cur / t_total))
+
+
 def reference_snapshot_lr(t: int, lr0: float, epochs: int, M: int, spe: int) -> float:
-    """gaohuang/SnapshotEnsemble train.lua's cycle lengths (n_sub = floor(B/M) epochs, the last
-    cycle takes the rest), with the issue's (t-1) position counted from each cycle's start."""
-    n_sub = epochs // M
-    starts = [k * n_sub * spe for k in range(M)]
-    lengths = [n_sub * spe] * (M - 1) + [(epochs - (M - 1) * n_sub) * spe]
-    k = max(i for i, s in enumerate(starts) if t > s)
-    return lr0 / 2 * (math.cos(math.pi * (t - 1 - starts[k]) / lengths[k]) + 1)
+    """Our step t in the reference's terms: its epoch and iteration, with the reference's T_cur
+    one lower (we keep the issue's (t-1): lr0 at a cycle's first step, not exactly 0 at its last)."""
+    epoch, iteration = (t - 1) // spe + 1, (t - 1) % spe + 1
+    return reference_lua_lr(epoch, iteration - 1, lr0, epochs, M, spe)
 
 
 @pytest.mark.parametrize(("epochs", "M", "spe"), [(40, 5, 17), (20, 4, 5), (6, 3, 1), (5, 5, 7), (7, 1, 3)])
@@ -45,22 +61,41 @@ def test_snapshot_matches_the_paper_formula_when_cycles_divide_the_budget(epochs
     assert schedule.member_steps() == [k * T // M for k in range(1, M + 1)]
 
 
-@pytest.mark.parametrize(("epochs", "M", "spe"), [(10, 3, 4), (42, 5, 3), (7, 6, 2), (11, 4, 1)])
-def test_snapshot_last_cycle_absorbs_the_leftover_epochs(epochs: int, M: int, spe: int) -> None:
+# The reference's own cycle lengths (n_sub = floor(B/M), the last cycle absorbs the rest) where
+# its formula is self-consistent: (M-1)*n_sub is a multiple of n_last, so (epoch-1) mod n_last
+# counts from the last cycle's start. 8/3: cycles 2, 2, 4; 12/5: 2, 2, 2, 2, 4; 4/3: 1, 1, 2; 6/4: 1, 1, 1, 3.
+@pytest.mark.parametrize(("epochs", "M", "spe"), [(8, 3, 4), (12, 5, 3), (4, 3, 7), (6, 4, 2)])
+def test_snapshot_last_cycle_absorbs_the_leftover_epochs_as_the_reference_does(epochs: int, M: int,
+                                                                                spe: int) -> None:
     T = epochs * spe
     schedule = CyclicCosineSchedule(lr0=0.2, total_steps=T, cycles=M, steps_per_epoch=spe)
     for t in range(1, T + 1):
         assert schedule.lr(t) == pytest.approx(reference_snapshot_lr(t, 0.2, epochs, M, spe), abs=1e-15)
-    L = epochs // M * spe
-    ends = schedule.member_steps()
-    assert ends == [k * L for k in range(1, M)] + [T] == cycle_end_steps(T, M, spe)
-    assert len(ends) == M and T - ends[-2] > L  # M members; the last cycle is the longer one
-    for t in range(1, (M - 1) * L + 1):  # full cycles: the issue's formula with L iterations
-        assert schedule.lr(t) == pytest.approx(0.1 * (math.cos(math.pi * ((t - 1) % L) / L) + 1), abs=1e-15)
-    for start in [1] + [e + 1 for e in ends[:-1]]:
-        assert schedule.lr(start) == 0.2
-    for end in ends:  # a cycle ends one step short of lr = 0: lr0 * (1 - cos(pi/len)) / 2
-        assert 0 < schedule.lr(end) < 0.2 * (math.pi / L) ** 2 / 4 + 1e-12
+    # the reference's snapshots: epochs c * n_sub for c < M, then the last epoch B
+    n_sub = epochs // M
+    assert schedule.member_steps() == [c * n_sub * spe for c in range(1, M)] + [T]
+    assert T - schedule.member_steps()[-2] > n_sub * spe or epochs % M == 0  # the last cycle is the longer
+
+
+@pytest.mark.parametrize(("epochs", "M", "spe"), [(10, 3, 4), (42, 5, 3), (7, 6, 2), (11, 4, 1)])
+def test_snapshot_last_cycle_where_the_reference_restarts_mid_cycle(epochs: int, M: int, spe: int) -> None:
+    """Elsewhere the reference's (epoch-1) mod n_last does not count from the last cycle's start:
+    its LR jumps back up inside the last cycle (10/3: cycles 3, 3, 4 epochs, but the reference
+    restarts at epoch 9, not 7). We keep its cycle lengths and snapshots and run the cosine over
+    the last cycle from its start (docs/trainer.md)."""
+    T = epochs * spe
+    schedule = CyclicCosineSchedule(lr0=0.2, total_steps=T, cycles=M, steps_per_epoch=spe)
+    n_sub, n_last = epochs // M, epochs - (M - 1) * (epochs // M)
+    start = (M - 1) * n_sub * spe  # steps before the last cycle
+    assert schedule.member_steps() == [c * n_sub * spe for c in range(1, M)] + [T]
+    for t in range(1, start + 1):  # the full cycles: the reference, step for step
+        assert schedule.lr(t) == pytest.approx(reference_snapshot_lr(t, 0.2, epochs, M, spe), abs=1e-15)
+    last = [schedule.lr(t) for t in range(start + 1, T + 1)]
+    assert last[0] == 0.2 and all(a > b for a, b in zip(last, last[1:]))  # one cosine from lr0 down
+    assert last == pytest.approx([0.1 * (math.cos(math.pi * i / (n_last * spe)) + 1) for i in range(len(last))],
+                                 abs=1e-15)
+    reference = [reference_snapshot_lr(t, 0.2, epochs, M, spe) for t in range(start + 1, T + 1)]
+    assert any(b > a for a, b in zip(reference, reference[1:]))  # the reference's restart inside the cycle
 
 
 def test_snapshot_refuses_only_budgets_shorter_than_one_epoch_per_cycle() -> None:
@@ -172,7 +207,7 @@ def test_loop_applies_the_snapshot_schedule_per_iteration_and_collects_at_cycle_
     config = TrainConfig(out="x", method="snapshot", epochs=5, members=3)
     method, model, result, seen_lrs = _small_run(digits, config)
     assert method.schedule.total_steps == 25  # 5 epochs x 5 steps; cycles of 1, 1 and 3 epochs
-    expected = [reference_snapshot_lr(t, 0.1, 5, 3, 5) for t in range(1, 26)]
+    expected = [method.schedule.lr(t) for t in range(1, 26)]  # pinned to the reference above
     assert result.lrs == pytest.approx(expected, abs=1e-15)
     assert seen_lrs == pytest.approx(expected, abs=1e-15)
     members = method.collector.members()
