@@ -2,7 +2,7 @@
 
     trainer train --method snapshot --dataset digits --arch cnn --epochs 40 --members 5 \
                   --lr 0.1 --seed 0 --out models --name digits
-    trainer compare --dataset mnist1d --arch cnn1d --budget 60 --seeds 0 1 2 --out-file table.md
+    trainer compare --out-dir runs/compare      (trainer compare --quick ... for a minute-long check)
     torchrun --nproc_per_node 2 -m snapserve.trainer train ...   (DistributedDataParallel)
 
 Progress goes to the log (stderr); the final summary is printed to stdout.
@@ -79,9 +79,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                         "every epoch (default: %(default)s)")
     g.add_argument("--swa-lr-max", type=float, default=None, help="the cycle maximum of a cyclical SWA LR (default: lr)")
     g.add_argument("--swag-rank", type=int, default=_DEFAULTS["swag_rank"],
-                   help="K, deviation columns kept by SWAG (default: %(default)s)")
-    g.add_argument("--swag-scale", type=float, default=_DEFAULTS["swag_scale"],
-                   help="scale of the SWAG covariance when sampling (default: %(default)s)")
+                   help="K, deviation columns kept by SWAG; swag-diag keeps none (default: %(default)s)")
+    g.add_argument("--swag-scale", type=float, default=None,
+                   help="scale of the SWAG covariance when sampling (default: 0.5 for swag, 1 for swag-diag)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -107,12 +107,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=_DEFAULTS["method"], choices=sorted(METHOD_NAMES),
                    help="snapshot: cosine cycles, a member per cycle; fge: short linear cycles after "
                         "pre-training; swa: one averaged model; swag: members sampled around the SWA "
-                        "average; single: the one-model baseline (default: %(default)s)")
+                        "average (low-rank plus diagonal Gaussian); swag-diag: the same with the "
+                        "diagonal alone; single: the one-model baseline (default: %(default)s)")
     _add_model_and_data_options(p)
     p.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"],
                    help="the whole budget, every phase and cycle together (default: %(default)s)")
     p.add_argument("--members", type=int, default=None,
-                   help="snapshot: cycles M (default 5); swag: samples S (default 10); single and swa: 1; "
+                   help="snapshot: cycles M (default 5); swag, swag-diag: samples S (default 10); single and swa: 1; "
                         "fge: one per cycle (set by the budget)")
     p.add_argument("--keep-last", type=int, default=None, metavar="M",
                    help="snapshot/fge: export only the last M members")
@@ -132,21 +133,36 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
+    from snapserve.trainer.compare import COMPARE_METHODS, PROFILES
+
+    full = PROFILES["full"]
     p = subparsers.add_parser(
-        "compare", help="train several methods at the same budget and tabulate them",
-        description="Train each method with each seed at the same epoch budget and print a table "
-                    "(mean ± std over seeds) of test accuracy, NLL, ECE and training time.")
+        "compare", help="train every method, paired by seed, and tabulate the differences to single",
+        description="Train each method with each seed (the same initial weights and data order for "
+                    "every method) and tabulate test accuracy, NLL, ECE and the uncertainty scores' "
+                    "AUROCs, with each method's per-seed difference to single and its 95%% bootstrap "
+                    "interval. Unset options take the recorded regime's values (the full profile), "
+                    "or --quick's.")
     _add_model_and_data_options(p)
-    p.add_argument("--budget", type=int, required=True, help="epochs, the same for every method")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="(default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["single", "snapshot", "fge", "swa"],
-                   choices=sorted(METHOD_NAMES), help="(default: %(default)s)")
-    p.add_argument("--out", default=None, help="model repository for the runs (default: a temporary folder)")
-    p.add_argument("--out-file", default=None, help="also write the table (markdown) to this file")
+    p.add_argument("--quick", action="store_true",
+                   help="a small profile that runs every method in about a minute (for tests)")
+    p.add_argument("--budget", type=int, default=None,
+                   help=f"epochs of the table, the same for every method (full: {full['budget']})")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help=f"budgets of the budget plot (full: {' '.join(map(str, full['budgets']))})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="(full: 0 1 2 3 4)")
+    p.add_argument("--methods", nargs="+", default=None, choices=COMPARE_METHODS,
+                   help="deep: M models, each the whole budget (M x the cost); deep-1x: M models of "
+                        "budget/M epochs (default: all)")
+    p.add_argument("--deep-members", type=int, default=None, help=f"M of the deep ensembles (full: {full['deep_members']})")
+    p.add_argument("--keep-last", type=int, default=None, metavar="M",
+                   help=f"also score snapshot's ensemble of its last M members (full: {full['keep_last']})")
+    p.add_argument("--out-dir", required=True,
+                   help="folder for table.md, runs.json, runs.csv (every per-seed value) and the plots")
     _add_optimizer_options(p)
     _add_method_options(p)
     _add_run_options(p)
-    p.set_defaults(handler=_compare, plots=False)
+    p.set_defaults(handler=_compare, plots=False, dataset=None, arch=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

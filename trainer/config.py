@@ -10,18 +10,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapserve.trainer.datasets import BUILTIN_DATASETS
+from snapserve.trainer.datasets import builtin_loader
 from snapserve.trainer.errors import ConfigError, RepositoryError
 from snapserve.trainer.models import check_arch
 from snapserve.trainer.repository import validate_model_name
 
-__all__ = ["AMP_MODES", "DEFAULT_MEMBERS", "METHOD_NAMES", "TrainConfig", "default_threads"]
+__all__ = ["AMP_MODES", "DEFAULT_MEMBERS", "METHOD_NAMES", "SWAG_SCALES", "TrainConfig", "default_threads"]
 
 AMP_MODES = ("off", "bf16", "fp16")
 
 # Members when --members is not given (fge: one per cycle, set by the budget). Its keys are the
 # method names; methods.py gives each its (schedule, collector) builder.
-DEFAULT_MEMBERS: dict[str, int | None] = {"snapshot": 5, "fge": None, "swa": 1, "swag": 10, "single": 1}
+DEFAULT_MEMBERS: dict[str, int | None] = {"snapshot": 5, "fge": None, "swa": 1, "swag": 10, "swag-diag": 10,
+                                          "single": 1}
+# SWAG's covariance scale when sampling: the paper's 1/2 for SWAG, 1 for SWAG-Diag (Maddox et al.).
+SWAG_SCALES = {"swag": 0.5, "swag-diag": 1.0}
 METHOD_NAMES: tuple[str, ...] = tuple(DEFAULT_MEMBERS)
 
 # Settings that do not change the trained weights: a run resumed with different values of these
@@ -66,8 +69,8 @@ class TrainConfig:
     swa_lr: float | None = None  # None: lr/2 (0.05 at lr 0.1: the CIFAR-100 and WRN recipes)
     swa_cycle: int = 0  # epochs per cycle of the cyclical SWA LR; 0: constant swa_lr
     swa_lr_max: float | None = None  # alpha1 of the cyclical schedule; None: lr
-    swag_rank: int = 20  # K, deviation columns kept (the paper's max_num_models)
-    swag_scale: float = 0.5  # the paper's 1/2 (SWAG-Diag uses 1)
+    swag_rank: int = 20  # K, deviation columns kept (the paper's max_num_models); swag-diag keeps none
+    swag_scale: float | None = None  # None: the paper's 1/2 for swag, 1 for swag-diag
     # Data, evaluation, output.
     augment: bool | None = None  # None: random crop + flip for natural images (CIFAR), else off
     calibrate: bool = True  # fit the temperature on the validation split (pool, then calibrate)
@@ -89,6 +92,8 @@ class TrainConfig:
             object.__setattr__(self, "name", _default_name(self.dataset))
         if self.threads is None:
             object.__setattr__(self, "threads", default_threads())
+        if self.swag_scale is None and self.method in SWAG_SCALES:
+            object.__setattr__(self, "swag_scale", SWAG_SCALES[self.method])
         self._check_numbers()
         self._check_methods()
         try:
@@ -144,7 +149,7 @@ class TrainConfig:
             raise ConfigError(f"fge_lr1 (the cycle maximum) must be >= fge_lr2 (the minimum), got {lr1} < {lr2}")
         if not isinstance(self.swag_rank, int) or self.swag_rank < 1:
             raise ConfigError(f"swag_rank must be an integer >= 1, got {self.swag_rank}")
-        if not self.swag_scale > 0:
+        if self.swag_scale is not None and not self.swag_scale > 0:
             raise ConfigError(f"swag_scale must be > 0, got {self.swag_scale}")
         if self.from_checkpoint is not None and self.method != "fge":
             raise ConfigError(f"from_checkpoint applies to method 'fge', not {self.method!r}")
@@ -181,7 +186,7 @@ class TrainConfig:
 
 
 def _default_name(dataset: str) -> str:
-    if dataset in BUILTIN_DATASETS:
-        return dataset
+    if builtin_loader(dataset) is not None:
+        return dataset.partition(":")[0]  # mnist1d:train=...: "mnist1d"
     stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(dataset.rstrip("/")).stem).lstrip("._-")
     return stem or "model"

@@ -15,7 +15,9 @@ from snapserve.proto.scores import member_top_class, softmax
 
 __all__ = [
     "ECE_BINS",
+    "REJECT_FRACTIONS",
     "accuracy",
+    "auroc",
     "brier",
     "classification_metrics",
     "ece",
@@ -23,9 +25,13 @@ __all__ = [
     "log_probabilities",
     "nll",
     "pairwise_disagreement",
+    "rejection_curve",
     "reliability_bins",
     "temperature_scaled",
 ]
+
+# Fractions of the most uncertain examples refused in the accuracy-vs-rejection curve.
+REJECT_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 ECE_BINS = 15  # the convention since Guo et al. 2017
 
@@ -137,3 +143,41 @@ def pairwise_disagreement(member_probs: np.ndarray) -> np.ndarray:
     classes (Fort et al. 2019). A measure of diversity: identical members give all zeros."""
     top = member_top_class(member_probs)  # [N, M]
     return (top[:, :, None] != top[:, None, :]).mean(axis=0)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for telling `positive` examples from the rest: the
+    probability that a random positive scores higher than a random negative, ties counting
+    half (the Mann-Whitney U with average ranks). 0.5 is chance; None without both classes.
+
+    Ties matter here: vote disagreement takes M+1 values and is 0 for most examples, and every
+    score of a one-member ensemble (single, swa) except the entropy is 0 everywhere (0.5).
+    """
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average rank of each tie group, from 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def rejection_curve(scores: np.ndarray, correct: np.ndarray,
+                    fractions: tuple[float, ...] = REJECT_FRACTIONS) -> dict[str, list[float]]:
+    """Accuracy on the examples kept when those with the highest `scores` are refused.
+
+    For a fraction f the threshold t is the largest kept score when the floor(f*N) highest are
+    refused, and every example scoring above t is refused: the rule a server-side client
+    applies ("refuse when score > t"), so `refused` can fall short of f where scores tie at t.
+    """
+    scores, correct = np.asarray(scores, dtype=np.float64), np.asarray(correct, dtype=bool)
+    ordered = np.sort(scores)
+    out: dict[str, list[float]] = {"fraction": [], "threshold": [], "refused": [], "accuracy": []}
+    for fraction in fractions:
+        threshold = float(ordered[len(ordered) - 1 - int(fraction * len(ordered))])
+        kept = scores <= threshold
+        out["fraction"].append(float(fraction))
+        out["threshold"].append(threshold)
+        out["refused"].append(float(1 - kept.mean()))
+        out["accuracy"].append(float(correct[kept].mean()))
+    return out

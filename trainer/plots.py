@@ -4,6 +4,7 @@
     training.png     training loss and test error per epoch
     members.png      ensemble accuracy and NLL as members are added (last-m and training order)
     reliability.png  reliability diagrams of the ensemble, before and after temperature scaling
+    rejection.png    accuracy on the kept examples when the most uncertain are refused, per score
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ matplotlib.use("Agg")  # before pyplot: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["PLOT_FILES", "write_plots"]
+__all__ = ["PLOT_FILES", "plot_compare", "write_plots"]
 
 PLOT_FILES = {"lr": "lr.png", "training": "training.png", "members": "members.png",
-              "reliability": "reliability.png"}
+              "reliability": "reliability.png", "rejection": "rejection.png"}
 _DPI = 80  # small files: these go into every model version
 
 
@@ -36,11 +37,11 @@ def plot_lr(path: Path, lr: Callable[[int], float], total_steps: int, steps_per_
     steps = range(1, total_steps + 1)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     ax.plot([s / steps_per_epoch for s in steps], [lr(s) for s in steps], lw=1.2, label="learning rate")
-    label = "averaged weights" if method in ("swa", "swag") else "member"
+    label = "averaged weights" if method.startswith("swa") else "member"
     ax.scatter([s / steps_per_epoch for s in member_steps], [lr(s) for s in member_steps],
                color="tab:red", zorder=3, s=18, label=label)
     skipped = sorted(set(member_steps) - set(exported_steps))
-    if skipped and method not in ("swa", "swag"):
+    if skipped and not method.startswith("swa"):
         ax.scatter([s / steps_per_epoch for s in skipped], [lr(s) for s in skipped], facecolor="white",
                    edgecolor="tab:red", zorder=4, s=18, label="not exported (keep-last)")
     ax.set_xlabel("epoch")
@@ -100,12 +101,66 @@ def plot_reliability(path: Path, reliability: dict[str, dict[str, list[float]]],
     _save(fig, path)
 
 
+def plot_rejection(path: Path, rejection: dict[str, dict[str, list[float]]]) -> None:
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for score, curve in rejection.items():
+        ax.plot([100 * r for r in curve["refused"]], curve["accuracy"], "-o", ms=3, label=score)
+    ax.set_xlabel("refused (% of the test split, most uncertain first)")
+    ax.set_ylabel("accuracy on the rest")
+    ax.set_title("accuracy vs rejection")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def write_plots(folder: Path, *, lr: Callable[[int], float], total_steps: int, steps_per_epoch: int,
                 member_steps: Sequence[int], exported_steps: Sequence[int], method: str,
                 history: dict[str, list[float]], test_report: dict[str, Any], temperature: float) -> dict[str, str]:
-    """Writes the four plots into `folder`; returns {key: file name}."""
+    """Writes the plots into `folder`; returns {key: file name}."""
     plot_lr(folder / PLOT_FILES["lr"], lr, total_steps, steps_per_epoch, member_steps, exported_steps, method)
     plot_training(folder / PLOT_FILES["training"], history)
     plot_members(folder / PLOT_FILES["members"], test_report["ensemble_by_size"])
     plot_reliability(folder / PLOT_FILES["reliability"], test_report["reliability"], temperature)
+    plot_rejection(folder / PLOT_FILES["rejection"], test_report["uncertainty"]["rejection"])
     return dict(PLOT_FILES)
+
+
+def plot_compare(folder: Path, rows: list[dict[str, Any]], budget: int) -> dict[str, str]:
+    """`trainer compare`'s figures: budget.png (test accuracy and NLL against the training
+    budget in epochs, every method) and members.png (against the number of members, at
+    `budget`); points are the mean over seeds, error bars ± one sample std."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for method in methods:
+        budgets = sorted({r["budget"] for r in rows if r["method"] == method})
+        for ax, key in zip(axes, ("accuracy", "nll")):
+            values = [[r[key] for r in rows if r["method"] == method and r["budget"] == b] for b in budgets]
+            ax.errorbar(budgets, [np.mean(v) for v in values],
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values],
+                        marker="o", ms=3, capsize=2, label=method)
+    for ax, label in zip(axes, ("test accuracy", "test NLL")):
+        ax.set_xlabel("training budget (epochs; deep: per member, M x the cost)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("methods against the training budget (mean ± std over seeds)")
+    _save(fig, folder / "budget.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for method in methods:
+        curves = [r for r in rows if r["method"] == method and r["budget"] == budget]
+        if not curves or len(curves[0]["by_size_accuracy"]) < 2:
+            continue
+        size = min(len(r["by_size_accuracy"]) for r in curves)
+        for ax, key in zip(axes, ("by_size_accuracy", "by_size_nll")):
+            values = np.array([r[key][:size] for r in curves])
+            ax.errorbar(range(1, size + 1), values.mean(0),
+                        yerr=values.std(0, ddof=1) if len(values) > 1 else None,
+                        marker="o", ms=3, capsize=2, label=method)
+    for ax, label in zip(axes, ("test accuracy", "test NLL")):
+        ax.set_xlabel("members in the ensemble (training order; snapshot (last m): the last m)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"ensembles by number of members, budget {budget} epochs (mean ± std over seeds)")
+    _save(fig, folder / "members.png")
+    return {"budget": "budget.png", "members": "members.png"}

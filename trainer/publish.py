@@ -25,7 +25,7 @@ from torch import nn
 
 from snapserve.proto.scores import softmax
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.datasets import SPLIT_SEED, Dataset
+from snapserve.trainer.datasets import OOD_DESCRIPTION, SPLIT_SEED, Dataset
 from snapserve.trainer.errors import ConfigError, RepositoryError
 from snapserve.trainer.export import ONNX_OPSET, check_parity, export_onnx, torch_logits
 from snapserve.trainer.fuse import try_add_fused_graph
@@ -34,7 +34,7 @@ from snapserve.trainer.report import evaluate_ensemble, report_markdown
 from snapserve.trainer.repository import VersionWriter, build_manifest
 from snapserve.trainer.train import TrainedEnsemble
 
-__all__ = ["TrainResult", "evaluate", "member_probabilities", "publish_version", "training_summary",
+__all__ = ["TrainResult", "evaluate", "evaluation_inputs", "member_probabilities", "publish_version", "training_summary",
            "write_version"]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,16 @@ def publish_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnse
     return write_version(config, dataset, ensemble, evaluate(config, dataset, ensemble))
 
 
-def member_probabilities(models: list[nn.Module], dataset: Dataset, split: str,
+def member_probabilities(models: list[nn.Module], dataset: Dataset, x: np.ndarray,
                          device: torch.device) -> np.ndarray:
-    """[N, M, C] probabilities of every member on a split (float64 for the metrics)."""
-    x = dataset.normalize(getattr(dataset, split).x)
+    """[N, M, C] probabilities of every member on raw inputs `x` (float64 for the metrics)."""
+    x = dataset.normalize(x)
     return np.stack([softmax(torch_logits(m, x, device).astype(np.float64)) for m in models], axis=1)
+
+
+def evaluation_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
+    """The raw inputs every ensemble is scored on: validation, test, and out-of-distribution."""
+    return {"val": dataset.val.x, "test": dataset.test.x, "ood": dataset.ood_inputs()}
 
 
 def exported_count(config: TrainConfig, ensemble: TrainedEnsemble) -> int:
@@ -71,10 +76,11 @@ def evaluate(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble) -
     """Every member and the ensemble on the validation and test splits; the temperature."""
     if not ensemble.members:
         raise ConfigError(f"{config.method}: the run collected no members")
-    probs = {split: member_probabilities(ensemble.models, dataset, split, ensemble.device)
-             for split in ("val", "test")}
+    probs = {split: member_probabilities(ensemble.models, dataset, x, ensemble.device)
+             for split, x in evaluation_inputs(dataset).items()}
     return evaluate_ensemble(probs["val"], dataset.val.y, probs["test"], dataset.test.y,
-                             exported=exported_count(config, ensemble), calibrate=config.calibrate)
+                             exported=exported_count(config, ensemble), calibrate=config.calibrate,
+                             ood_probs=probs["ood"])
 
 
 def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble,
@@ -114,7 +120,8 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
             report = {"temperature": evaluation["temperature"], "calibrated": config.calibrate,
                       "test": test, "val": evaluation["val"], "history": asdict(ensemble.history),
                       "epoch_losses": ensemble.history.loss, "member_steps": list(ensemble.method.collector.steps),
-                      "train_seconds": ensemble.train_seconds, "export_seconds": export_seconds}
+                      "train_seconds": ensemble.train_seconds, "export_seconds": export_seconds,
+                      "ood": OOD_DESCRIPTION}
             if config.plots:
                 _write_report_files(writer.directory / "report", manifest, report, ensemble, count)
             try_add_fused_graph(writer.directory, manifest)  # ensemble.onnx: members + scores, one graph

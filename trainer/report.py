@@ -14,17 +14,46 @@ from typing import Any
 
 import numpy as np
 
-from snapserve.proto.scores import mean_probabilities, mutual_information
-from snapserve.trainer.metrics import (classification_metrics, fit_temperature, pairwise_disagreement,
-                                       reliability_bins, temperature_scaled)
+from snapserve.proto.scores import ensemble_scores, mean_probabilities, mutual_information
+from snapserve.trainer.metrics import (auroc, classification_metrics, fit_temperature, pairwise_disagreement,
+                                       rejection_curve, reliability_bins, temperature_scaled)
 
-__all__ = ["evaluate_ensemble", "report_markdown", "split_report"]
+__all__ = ["UNCERTAINTY_SCORES", "evaluate_ensemble", "report_markdown", "split_report", "uncertainty_report"]
+
+# The served scores put to work in every report: higher = less sure.
+UNCERTAINTY_SCORES = ("mutual_information", "vote_disagreement", "predictive_entropy")
+
+
+def uncertainty_report(member_probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                       ood_probs: np.ndarray | None = None) -> dict[str, Any]:
+    """Do the served scores flag what they should? For each of UNCERTAINTY_SCORES: the AUROC of
+    telling misclassified from correct examples, of telling `ood_probs`' inputs (members'
+    probabilities on out-of-distribution inputs) from these, and the accuracy-vs-rejection
+    curve with its thresholds.
+
+    The scores are `snapserve.proto.scores.ensemble_scores`, the server's own math on the same
+    float32 probabilities it computes them from, so a threshold read here refuses the same
+    requests when applied to served answers.
+    """
+    served = ensemble_scores(member_probs, temperature)
+    correct = served.top_class == labels
+    report: dict[str, Any] = {
+        "error_auroc": {k: auroc(getattr(served, k), ~correct) for k in UNCERTAINTY_SCORES},
+        "rejection": {k: rejection_curve(getattr(served, k), correct) for k in UNCERTAINTY_SCORES},
+    }
+    if ood_probs is not None:
+        shifted = ensemble_scores(ood_probs, temperature)
+        is_ood = np.r_[np.zeros(len(labels), bool), np.ones(len(ood_probs), bool)]
+        report["ood_auroc"] = {k: auroc(np.r_[getattr(served, k), getattr(shifted, k)], is_ood)
+                               for k in UNCERTAINTY_SCORES}
+    return report
 
 
 def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
-                 exported: int | None = None) -> dict[str, Any]:
+                 exported: int | None = None, ood_probs: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of each member, of the ensemble of the last `exported` members (all by default),
-    calibrated with `temperature` and not, and of the ensemble grown one member at a time."""
+    calibrated with `temperature` and not, of the ensemble grown one member at a time, and
+    what its uncertainty scores flag (`ood_probs`: the members on out-of-distribution inputs)."""
     count = member_probs.shape[1]
     size = exported or count
     chosen = member_probs[:, count - size:]
@@ -49,17 +78,21 @@ def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: floa
         },
         "reliability": {"uncalibrated": reliability_bins(mean, labels),
                         "calibrated": reliability_bins(calibrated, labels)},
+        "uncertainty": uncertainty_report(chosen, labels, temperature,
+                                          None if ood_probs is None else ood_probs[:, count - size:]),
     }
 
 
 def evaluate_ensemble(val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
-                      test_labels: np.ndarray, *, exported: int, calibrate: bool = True) -> dict[str, Any]:
-    """{"temperature", "val", "test"}: T fitted on the validation split's pooled probabilities."""
+                      test_labels: np.ndarray, *, exported: int, calibrate: bool = True,
+                      ood_probs: np.ndarray | None = None) -> dict[str, Any]:
+    """{"temperature", "val", "test"}: T fitted on the validation split's pooled probabilities;
+    `ood_probs` (members on out-of-distribution inputs) goes into the test report."""
     pooled = mean_probabilities(val_probs[:, val_probs.shape[1] - exported:])
     temperature = fit_temperature(pooled, val_labels) if calibrate else 1.0
     return {"temperature": temperature,
             "val": split_report(val_probs, val_labels, temperature, exported),
-            "test": split_report(test_probs, test_labels, temperature, exported)}
+            "test": split_report(test_probs, test_labels, temperature, exported, ood_probs)}
 
 
 def _row(name: str, m: dict[str, float]) -> str:
@@ -90,8 +123,37 @@ def report_markdown(manifest: dict[str, Any], report: dict[str, Any], plots: dic
               for i, m in enumerate(manifest["members"])]
     lines += ["", f"Mean pairwise disagreement {test['mean_pairwise_disagreement']:.4f}, mean mutual "
               f"information {test['mean_mutual_information']:.4f} nats.", ""]
+    lines += _uncertainty_markdown(test["uncertainty"], report.get("ood"))
     titles = {"lr": "Learning rate and members", "training": "Training loss and test error",
-              "members": "Ensemble size", "reliability": "Reliability"}
+              "members": "Ensemble size", "reliability": "Reliability",
+              "rejection": "Accuracy when the most uncertain are refused"}
     for key, file in plots.items():
         lines += [f"## {titles.get(key, key)}", "", f"![{key}]({file})", ""]
     return "\n".join(lines)
+
+
+def _auroc_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _uncertainty_markdown(uncertainty: dict[str, Any], ood: str | None) -> list[str]:
+    """The scores at work: AUROCs, and thresholds a client can apply to served scores."""
+    has_ood = "ood_auroc" in uncertainty
+    lines = ["## The scores at work (test split)", "",
+             "AUROC of each served score for flagging the ensemble's misclassified test examples"
+             + (f", and for telling out-of-distribution inputs ({ood}) from the test split" if has_ood else "")
+             + " (0.5 = chance; a one-member ensemble's mutual information and vote disagreement are 0).", "",
+             "| score | errors AUROC |" + (" OOD AUROC |" if has_ood else ""),
+             "|---|---|" + ("---|" if has_ood else "")]
+    for key in UNCERTAINTY_SCORES:
+        row = f"| {key} | {_auroc_cell(uncertainty['error_auroc'][key])} |"
+        if has_ood:
+            row += f" {_auroc_cell(uncertainty['ood_auroc'][key])} |"
+        lines.append(row)
+    curve = uncertainty["rejection"]["predictive_entropy"]
+    lines += ["", "Refusing requests whose served `predictive_entropy` exceeds a threshold:", "",
+              "| refuse the most uncertain | threshold (refuse when above) | refused | accuracy on the rest |",
+              "|---|---|---|---|"]
+    lines += [f"| {f:.0%} | {t:.4g} | {r:.1%} | {a:.4f} |" for f, t, r, a in
+              zip(curve["fraction"], curve["threshold"], curve["refused"], curve["accuracy"])]
+    return lines + [""]

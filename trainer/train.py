@@ -151,8 +151,12 @@ def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 def train_ensemble(config: TrainConfig, dataset: Dataset, device: torch.device,
-                   context: DistContext = DistContext()) -> TrainedEnsemble:
-    """Builds the model and the method, runs (or resumes) the loop, returns the members."""
+                   context: DistContext = DistContext(), *, record_epochs: bool = True) -> TrainedEnsemble:
+    """Builds the model and the method, runs (or resumes) the loop, returns the members.
+
+    `record_epochs=False` (trainer compare) skips the per-epoch test error and checkpoint: on a
+    10,000-example test split they cost more than training a small model does.
+    """
     batches = _batches(config, dataset, device, context)
     spe = len(batches)
     model = build_model(config.arch, dataset.input_shape, dataset.num_classes,
@@ -179,7 +183,7 @@ def train_ensemble(config: TrainConfig, dataset: Dataset, device: torch.device,
     logger.info("%s: %d epochs x %d steps = %d steps; members at steps %s", method.name, config.epochs, spe,
                 method.schedule.total_steps, _abbreviate(method.collector.steps))
     on_epoch_end = _epoch_end(config, dataset, model, optimizer, precision, method, history, context,
-                              device, pretrained)
+                              device, pretrained) if record_epochs else lambda end: history.add(end, None)
     progress = Progress(method.schedule.total_steps, spe, enabled=context.is_main)
     train_loop(train_model, optimizer, batches, method.schedule, method.collector, start_step=start_step,
                precision=precision, progress=progress, on_epoch_end=on_epoch_end)

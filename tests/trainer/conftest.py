@@ -21,7 +21,7 @@ def digits() -> Dataset:
 
 @pytest.fixture(scope="session")
 def method_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
-    """fge, swa and swag versions of small digits models in one repository (trained once)."""
+    """fge, swa, swag and swag-diag versions of small digits models in one repository (trained once)."""
     root = tmp_path_factory.mktemp("methods")
     common = ["--dataset", "digits", "--arch", "cnn", "--width", "8", "--seed", "0", "--no-plots"]
     return root, {
@@ -33,4 +33,6 @@ def method_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
                          "--name", "swa"),
         "swag": train_cli(root, *common, "--method", "swag", "--epochs", "4", "--swa-start", "0.5",
                           "--members", "2", "--swag-rank", "3", "--name", "swag"),
+        "swag-diag": train_cli(root, *common, "--method", "swag-diag", "--epochs", "4", "--swa-start", "0.5",
+                               "--members", "2", "--name", "swag-diag"),
     }

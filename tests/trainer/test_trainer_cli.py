@@ -53,9 +53,12 @@ def test_each_run_is_a_new_complete_version(repository: tuple[Path, str]) -> Non
     assert re.search(r"calibrated \(T=\d\.\d{3}, as served\): nll 0\.\d{4}", stdout)
     report = root / "digits" / "1" / "report"
     assert {p.name for p in report.iterdir()} == {"metrics.json", "report.md", "lr.png", "training.png",
-                                                  "members.png", "reliability.png"}
-    assert all((report / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in ("lr.png", "reliability.png"))
-    assert "![lr](lr.png)" in (report / "report.md").read_text()
+                                                  "members.png", "reliability.png", "rejection.png"}
+    assert all((report / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in ("lr.png", "rejection.png"))
+    markdown = (report / "report.md").read_text()
+    assert "![lr](lr.png)" in markdown and "## The scores at work (test split)" in markdown
+    assert re.search(r"\| mutual_information \| 0\.\d{3} \| 0\.\d{3} \|", markdown)  # errors and OOD AUROC
+    assert re.search(r"\| 5% \| \S+ \| \d+\.\d% \| 0\.\d{4} \|", markdown)  # the rejection row
     assert {p.name for p in (root / "digits" / "2" / "report").iterdir()} == {"metrics.json"}  # --no-plots
 
 

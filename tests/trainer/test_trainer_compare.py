@@ -1,38 +1,94 @@
-"""`trainer compare`: every method at one budget, mean ± sample std over seeds, as markdown."""
+"""`trainer compare`: every method paired by seed with single, bootstrap intervals, per-seed
+files and plots; --quick runs the real thing small."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 from snapserve.trainer.cli import main
-from snapserve.trainer.compare import format_table
+from snapserve.trainer.compare import COMPARE_METHODS, PROFILES, bootstrap_interval, format_table
+from snapserve.trainer.config import TrainConfig
+from snapserve.trainer.datasets import load_dataset
+from snapserve.trainer.publish import member_probabilities
+from snapserve.trainer.metrics import accuracy
+from snapserve.trainer.train import seed_everything, train_ensemble
 
 
-def test_format_table_is_mean_and_sample_std() -> None:
-    runs = [{"accuracy": 0.90, "nll_uncalibrated": 0.3, "nll": 0.25, "ece_uncalibrated": 0.05, "ece": 0.02,
-             "members_mean_accuracy": 0.9, "train_seconds": 10.0, "members": 1},
-            {"accuracy": 0.94, "nll_uncalibrated": 0.1, "nll": 0.15, "ece_uncalibrated": 0.03, "ece": 0.02,
-             "members_mean_accuracy": 0.9, "train_seconds": 12.0, "members": 1}]
-    table = format_table({"single": runs})
-    header, rule, row = table.splitlines()
-    assert header.startswith("| method | members | accuracy | NLL |") and rule.count("---") == 9
-    assert row.startswith("| single | 1 | 0.9200 ± 0.0283 | 0.2000 ± 0.1414 |") and "11.0 ± 1.4" in row
+def test_bootstrap_interval_of_paired_differences() -> None:
+    assert bootstrap_interval([0.01] * 5) == pytest.approx((0.01, 0.01))
+    low, high = bootstrap_interval([0.01, 0.02, 0.015, 0.012, 0.018])
+    assert 0.01 <= low < 0.015 < high <= 0.02  # all positive: the interval excludes 0
+    low, high = bootstrap_interval([0.02, -0.01, 0.015, -0.02, 0.005])
+    assert low < 0 < high
+    assert bootstrap_interval([1.0, 2.0, 4.0]) == bootstrap_interval([1.0, 2.0, 4.0])  # seeded
 
 
-def test_compare_trains_each_method_and_seed(tmp_path: Path) -> None:
+def rows(method: str, accuracies: list[float], nll: float = 0.5) -> list[dict]:
+    return [{"method": method, "seed": s, "budget": 10, "members": 1, "accuracy": a, "nll": nll, "ece": 0.01,
+             "nll_calibrated": nll, **{k: 0.5 for k in ("error_auroc_mutual_information",
+                                                         "error_auroc_vote_disagreement",
+                                                         "error_auroc_predictive_entropy",
+                                                         "ood_auroc_mutual_information",
+                                                         "ood_auroc_predictive_entropy",
+                                                         "accuracy_refuse_5_predictive_entropy",
+                                                         "accuracy_refuse_5_mutual_information")}}
+            for s, a in enumerate(accuracies)]
+
+
+def test_significant_only_where_the_paired_interval_excludes_zero_over_five_seeds() -> None:
+    base = [0.80, 0.85, 0.90, 0.82, 0.88]  # a seed spread far larger than the effects
+    table = format_table(rows("single", base) + rows("steady", [a + 0.004 for a in base], nll=0.4)
+                         + rows("mixed", [a + d for a, d in zip(base, (0.01, -0.01, 0.005, -0.004, 0.0))])
+                         + rows("two", [0.81, 0.86], nll=0.4)[:2], budget=10)
+    first = table.split("\n\n")[0]  # the metrics table (the second one holds the scores)
+    lines = {line.split("|")[1].strip(): line for line in first.splitlines() if line.startswith("| ")}
+    # +0.4 points on every seed: significant although the means are well inside one std
+    assert "+0.0040 [+0.0040, +0.0040] **better**" in lines["steady"]
+    assert "-0.1000 [-0.1000, -0.1000] **better**" in lines["steady"]  # NLL: lower is better
+    assert "**" not in lines["mixed"].split("|")[5]  # the accuracy difference's interval spans 0
+    assert "**" not in lines["two"]  # two seeds: an interval, but no verdict
+    assert lines["single"].split("|")[5].strip() == "-"
+
+
+def test_quick_compare_pairs_every_method_with_single(tmp_path: Path) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["-q", "compare", "--dataset", "digits", "--arch", "mlp", "--budget", "2", "--seeds", "0", "1",
-                     "--methods", "single", "swa", "--threads", "1", "--out", str(tmp_path / "repo"),
-                     "--out-file", str(tmp_path / "table.md")])
-    assert code == 0
+        assert main(["-q", "compare", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    quick = PROFILES["quick"]
     table = (tmp_path / "table.md").read_text()
-    assert table.strip() in out.getvalue()
-    assert "digits, mlp, budget 2 epochs, seeds 0 1" in table
-    rows = [line for line in table.splitlines() if line.startswith("| s")]
-    assert [r.split("|")[1].strip() for r in rows] == ["single", "swa"] and all("±" in r for r in rows)
-    assert sorted(p.name for p in (tmp_path / "repo").iterdir() if not p.name.startswith(".")) == \
-        ["digits-single", "digits-swa"]
-    assert sorted(p.name for p in (tmp_path / "repo" / "digits-swa").iterdir()) == ["1", "2"]  # one per seed
+    assert table.strip() in out.getvalue() and f"budget {quick['budget']} epochs" in table
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    methods = [*COMPARE_METHODS[:2], "snapshot (last 3)", *COMPARE_METHODS[2:]]
+    assert sorted({r["method"] for r in runs}) == sorted(methods)
+    for method in methods:  # every method once per seed: paired values, written per seed
+        assert sorted(r["seed"] for r in runs if r["method"] == method) == quick["seeds"]
+    with (tmp_path / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(runs)
+    assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in ("budget.png", "members.png"))
+    by = {(r["method"], r["seed"]): r for r in runs}
+    for seed in quick["seeds"]:
+        deep, single = by["deep", seed], by["single", seed]
+        assert deep["members"] == quick["deep_members"] and deep["train_seconds"] > single["train_seconds"]
+        assert deep["by_size_accuracy"][0] == single["accuracy"]  # member 0 is the single model of the seed
+        assert by["deep-1x", seed]["members"] == quick["deep_members"]
+        assert by["swag", seed]["members"] == by["swag-diag", seed]["members"] == 10
+        for kind in ("error_auroc", "ood_auroc"):
+            assert 0 <= by["swag", seed][f"{kind}_mutual_information"] <= 1
+            assert single[f"{kind}_mutual_information"] == 0.5  # one member: MI is 0 everywhere
+    # swa comes from the SWAG run's average: exactly what a run of method swa trains
+    dataset = load_dataset(quick["dataset"])
+    config = TrainConfig(out=str(tmp_path), method="swa", dataset=quick["dataset"], arch=quick["arch"],
+                         width=quick["width"], epochs=quick["budget"], seed=0, threads=1)
+    seed_everything(0)
+    ensemble = train_ensemble(config, dataset, torch.device("cpu"), record_epochs=False)
+    probs = member_probabilities(ensemble.models, dataset, dataset.test.x, torch.device("cpu"))
+    assert accuracy(probs[:, 0], dataset.test.y) == by["swa", 0]["accuracy"]
+    assert np.isfinite([r["nll"] for r in runs]).all()

@@ -1,4 +1,4 @@
-"""fge, swa, swag and single end to end (trained once, in conftest.method_versions), mixed
+"""fge, swa, swag, swag-diag and single end to end (trained once, in conftest.method_versions), mixed
 precision on the CPU, and the clear failures: NaN loss, unwritable output, full disk."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from snapserve.trainer.cli import main
 from snapserve.trainer.collectors import AveragingCollector
 from snapserve.trainer.config import TrainConfig
-from snapserve.trainer.datasets import Dataset
+from snapserve.trainer.datasets import Dataset, load_dataset
+from snapserve.trainer.methods import MethodContext, build_method
+from snapserve.trainer.models import build_model
 from snapserve.trainer.errors import CheckpointError, TrainingDiverged
 from snapserve.trainer.train import train_ensemble
 
@@ -65,6 +67,39 @@ def test_swag_exports_distinct_samples(method_versions: tuple[Path, dict], digit
     assert m["training"]["swag_rank"] == 3 and m["training"]["swag_scale"] == 0.5
     for member in m["members"]:
         assert onnx_accuracy(root / "swag" / "1", member, digits, m) > 0.5
+
+
+def test_swag_diag_is_a_method_of_its_own(method_versions: tuple[Path, dict], digits: Dataset) -> None:
+    root, manifests = method_versions
+    m = manifests["swag-diag"]
+    assert m["method"] == "swag-diag" and [x["sample"] for x in m["members"]] == [0, 1]
+    assert m["training"]["swag_scale"] == 1.0  # SWAG-Diag's scale (Maddox et al.); swag's is 0.5
+    assert m["members"][0]["sha256"] != m["members"][1]["sha256"]
+    for member in m["members"]:
+        assert onnx_accuracy(root / "swag-diag" / "1", member, digits, m) > 0.5
+    collector = build_method(TrainConfig(out="x", method="swag-diag", epochs=4), MethodContext(3)).collector
+    assert isinstance(collector, AveragingCollector) and collector.swag_rank == 0  # no deviation columns
+
+
+def test_the_batchnorm_pass_sees_every_normalized_training_input_shuffled(tmp_path: Path, digits: Dataset) -> None:
+    """train.py hands SWA's BatchNorm pass the training inputs: normalized, unaugmented, all of
+    them, in a seeded permutation even where the file stores them sorted by class."""
+    order = np.argsort(digits.train.y, kind="stable")[:640]  # 10 batches of 64, class-sorted
+    path = tmp_path / "sorted.npz"
+    np.savez(path, x_train=digits.train.x[order], y_train=digits.train.y[order], x_val=digits.val.x,
+             y_val=digits.val.y, x_test=digits.test.x, y_test=digits.test.y)
+    data = load_dataset(str(path))
+    config = TrainConfig(out=str(tmp_path), method="swa", dataset=str(path), arch="cnn", width=8, epochs=2,
+                         swa_start=0.5, threads=1)
+    (member,) = train_ensemble(config, data, torch.device("cpu")).members
+    model = build_model("cnn", data.input_shape, data.num_classes, width=8)
+    model.load_state_dict(member.state_dict)
+    with torch.no_grad():  # what the first BatchNorm layer sees: the first convolution's output
+        h = model[0](torch.from_numpy(data.normalize(data.train.x))).transpose(0, 1).reshape(8, -1)
+    # equal batches: the mean of the batch means is the mean over all the normalized inputs
+    torch.testing.assert_close(member.state_dict["1.running_mean"], h.mean(1), rtol=0, atol=1e-4)
+    ratio = member.state_dict["1.running_var"] / h.var(1)
+    assert ratio.min() > 0.85 and ratio.max() < 1.15, ratio  # stored order gave ~0.3-0.6
 
 
 def test_keep_last_exports_the_last_members_and_reports_all(tmp_path: Path) -> None:

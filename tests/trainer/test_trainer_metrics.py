@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from snapserve.proto.scores import entropy, mean_probabilities, mutual_information, softmax
-from snapserve.trainer.metrics import (accuracy, brier, classification_metrics, ece, fit_temperature, nll,
-                                       pairwise_disagreement, reliability_bins, temperature_scaled)
+from snapserve.trainer.metrics import (accuracy, auroc, brier, classification_metrics, ece, fit_temperature, nll,
+                                       pairwise_disagreement, rejection_curve, reliability_bins,
+                                       temperature_scaled)
 
 PROBS = np.array([[0.7, 0.2, 0.1],   # right, confidence 0.7
                   [0.1, 0.6, 0.3],   # wrong (label 2), confidence 0.6
@@ -88,3 +89,20 @@ def test_reliability_bins_are_the_bins_of_ece() -> None:
     assert len(bins["edges"]) == 16 and sum(bins["count"]) == 4
     gaps = sum(c / 4 * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"]))
     assert gaps == pytest.approx(ece(PROBS, LABELS))
+
+
+def test_auroc_by_hand_with_ties() -> None:
+    # positives 3, 2, 2 against negatives 2, 1: pairs (3>2, 3>1, 2=2 half, 2>1, 2=2 half, 2>1) = 5 of 6
+    assert auroc(np.array([3, 2, 2, 2, 1]), np.array([1, 1, 1, 0, 0], bool)) == pytest.approx(5 / 6)
+    assert auroc(np.zeros(4), np.array([1, 0, 1, 0], bool)) == 0.5  # a constant score: chance
+    assert auroc(np.arange(4.0), np.array([0, 0, 1, 1], bool)) == 1.0
+    assert auroc(np.arange(3.0), np.zeros(3, bool)) is None
+
+
+def test_rejection_curve_refuses_above_the_threshold() -> None:
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.3, 0.0, 0.05, 0.15, 0.25])
+    correct = np.array([0, 0, 1, 1, 1, 0, 1, 1, 1, 1], bool)
+    curve = rejection_curve(scores, correct, fractions=(0.0, 0.2, 0.3))
+    assert curve["threshold"] == [0.9, 0.3, 0.3]  # 30%: the third-highest ties with the fourth
+    assert curve["refused"] == pytest.approx([0.0, 0.2, 0.2])
+    assert curve["accuracy"] == pytest.approx([0.7, 7 / 8, 7 / 8])

@@ -3,6 +3,7 @@ with the real client, which applies the manifest's normalisation to raw inputs."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from snapserve.server import BatcherConfig, ServerConfig
 from tests.support.models import reference_member_probs
 from tests.support.servers import ThreadedServer
 from snapserve.trainer.datasets import Dataset
+from snapserve.trainer.metrics import auroc
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def served(method_versions: tuple[Path, dict]) -> Iterator[ThreadedServer]:
     server.stop()
 
 
-@pytest.mark.parametrize("name", ["fge", "swag", "swa"])
+@pytest.mark.parametrize("name", ["fge", "swag", "swag-diag", "swa"])
 def test_the_server_serves_trained_versions(served: ThreadedServer, method_versions: tuple[Path, dict],
                                             digits: Dataset, name: str) -> None:
     manifest = method_versions[1][name]
@@ -45,3 +47,23 @@ def test_the_server_serves_trained_versions(served: ThreadedServer, method_versi
     assert (prediction.top_class == digits.test.y[:64]).mean() > 0.7
     if len(manifest["members"]) > 1:
         assert prediction.mutual_information.mean() > 0  # the members disagree somewhere
+
+
+def test_a_threshold_from_the_report_refuses_the_same_served_requests(
+        served: ThreadedServer, method_versions: tuple[Path, dict], digits: Dataset) -> None:
+    """The report's scores are the server's: its rejection thresholds apply to served answers."""
+    version = method_versions[0] / "swag" / "1"
+    report = json.loads((version / "report" / "metrics.json").read_text())["test"]["uncertainty"]
+    scores = ("mutual_information", "predictive_entropy", "vote_disagreement")
+    with EnsembleClient(served.target, timeout=30) as client:  # the server batches at most 64
+        parts = [client.predict("swag", digits.test.x[i:i + 64], normalize=True)
+                 for i in range(0, len(digits.test), 64)]
+    correct = np.concatenate([p.top_class for p in parts]) == digits.test.y
+    for score in scores:
+        served_score = np.concatenate([getattr(p, score) for p in parts])
+        curve = report["rejection"][score]
+        for threshold, refused, accuracy in zip(curve["threshold"], curve["refused"], curve["accuracy"]):
+            kept = served_score <= threshold
+            assert 1 - kept.mean() == pytest.approx(refused, abs=1 / len(kept))  # float32 ties at most one
+            assert correct[kept].mean() == pytest.approx(accuracy, abs=2 / len(kept))
+        assert report["error_auroc"][score] == pytest.approx(auroc(served_score, ~correct), abs=1e-3)
