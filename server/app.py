@@ -16,10 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
-from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server.api.health import HealthServicer
+from snapserve.server.api.intake import Intake, add_servicer
 from snapserve.server.api.kserve import KServeServicer
 from snapserve.server.api.reflection import enable_reflection
 from snapserve.server.api.security import TokenAuthInterceptor, read_tokens, server_credentials
@@ -57,6 +56,7 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_port: int | None = None
     drain: Drain = field(default_factory=Drain)  # the server's first interceptor
+    intake: Intake = field(default_factory=Intake)  # admission bound and decode threads
 
     @property
     def address(self) -> str:
@@ -89,6 +89,7 @@ class RunningServer:
         await self.server.stop(None if deadline is None else max(deadline - time.monotonic(), 0))
         await batchers
         logger.info("refused %d calls while draining", self.drain.refused)
+        self.intake.close()
         self.metrics.close()
         logger.info("stopped serving on %s", self.address)
 
@@ -140,10 +141,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ])
-    pb_grpc.add_EnsembleServiceServicer_to_server(
-        EnsembleServicer(registry, config.max_stream_in_flight, metrics), server)
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(manager, health, metrics, config.max_stream_in_flight), server)
+    # Raw-bytes handlers: our code parses each request (api/intake.py), within one bound.
+    intake = Intake(config.intake)
+    add_servicer(EnsembleServicer(registry, config.max_stream_in_flight, metrics, intake),
+                 SERVICES[0], server, intake)
+    add_servicer(KServeServicer(manager, health, metrics, config.max_stream_in_flight, intake),
+                 SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server, SERVICES)
     try:
@@ -156,7 +159,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         cause = None
     if port == 0:
         raise ConfigError(f"cannot bind {config.address} (port in use, or host not local)") from cause
-    running = RunningServer(config, port, registry, server, manager, health, metrics, drain=drain)
+    running = RunningServer(config, port, registry, server, manager, health, metrics, drain=drain,
+                            intake=intake)
     try:
         await server.start()
         if config.metrics_port is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from snapserve.proto.version import package_version
+from snapserve.server.api.intake import IntakeConfig
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
@@ -77,7 +78,7 @@ def parse_pins(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; defaults come from `environ` (default: os.environ), see ENV_PREFIX."""
     d, b, r = ServerConfig.__dataclass_fields__, BatcherConfig(), RuntimeConfig()
-    rp = RepositoryConfig()
+    rp, ic = RepositoryConfig(), IntakeConfig()
     # allow_abbrev=False: a prefix such as --version must not be read as --version-policy.
     parser = argparse.ArgumentParser(
         prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).",
@@ -122,6 +123,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--max-concurrent-streams", type=int,
                         default=d["max_concurrent_streams"].default,
                         help="concurrent calls per client connection (default %(default)s)")
+    parser.add_argument("--max-pending-calls", type=int, default=ic.max_pending_calls,
+                        help="calls received but not yet queued, server-wide, before "
+                             "RESOURCE_EXHAUSTED (default %(default)s)")
+    parser.add_argument("--max-pending-mb", type=float, default=ic.max_pending_bytes / 2**20,
+                        help="MiB those calls may hold, server-wide (default %(default)s)")
+    parser.add_argument("--decode-threads", type=int, default=ic.decode_threads,
+                        help="threads that parse and decode large requests (default %(default)s)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="pass NaN/Inf inputs to the model instead of refusing them")
     parser.add_argument("--tls-cert", type=Path, default=None,
@@ -180,6 +188,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             poll_interval_s=args.poll_interval,
             allow_repository_control=args.allow_repository_control),
         metrics_port=args.metrics_port,
+        intake=IntakeConfig(max_pending_calls=args.max_pending_calls,
+                            max_pending_bytes=int(args.max_pending_mb * 2**20),
+                            decode_threads=args.decode_threads),
         security=SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key,
                                 tls_client_ca=args.tls_client_ca,
                                 auth_token_file=args.auth_token_file))

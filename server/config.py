@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapserve.server.api.intake import IntakeConfig
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
 from snapserve.server.models.policy import RepositoryConfig
 
-__all__ = ["BatcherConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig", "format_address"]
+__all__ = ["BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig",
+           "format_address"]
 
 
 def format_address(host: str, port: int) -> str:
@@ -49,6 +51,9 @@ class ServerConfig:
     # Prometheus /metrics over HTTP on host:metrics_port. None: not served (still counted);
     # 0: any free port (RunningServer.metrics_port says which).
     metrics_port: int | None = None
+    # Server-wide bound on calls received but not yet queued and the bytes they hold, and the
+    # threads that decode large requests (server/api/intake.py).
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

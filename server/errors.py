@@ -103,6 +103,14 @@ class NonFiniteOutput(InvalidInput):
     that overflow the model): refused rather than answered with NaN probabilities."""
 
 
+class MalformedRequest(ServerError, ValueError):
+    """A request's bytes are not the protobuf message its method takes."""
+
+
+class Overloaded(ServerError):
+    """The server is at its bound of calls (or bytes) received and not yet queued; retry later."""
+
+
 class InvalidModelName(ServerError, ValueError):
     """A model name that is not a plain name (empty, `..`, a path); refused before any file access."""
 

@@ -17,9 +17,10 @@ from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.version import package_version
 from snapserve.server.api.health import SERVING, HealthServicer
+from snapserve.server.api.intake import Intake, queued
 from snapserve.server.api.kserve_messages import (decode_infer_input, encode_infer_response,
                                                   encode_model_config, encode_model_metadata,
-                                                  encode_statistics, parse_version,
+                                                  encode_statistics, parse_version, payload_bytes,
                                                   requested_outputs)
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
 from snapserve.server.errors import InvalidInput, RepositoryControlDenied
@@ -49,8 +50,9 @@ def _stream_error(request: kpb.ModelInferRequest, code: grpc.StatusCode,
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelManager, health: HealthServicer, metrics: ServerMetrics,
-                 max_stream_in_flight: int = 64) -> None:
+                 max_stream_in_flight: int = 64, intake: Intake | None = None) -> None:
         self._manager = manager
+        self._intake = Intake() if intake is None else intake
         self._registry = manager.registry
         self._health = health
         self._metrics = metrics
@@ -118,8 +120,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         with observed_request(self._metrics, request.model_name, API_KSERVE):
             version = parse_version(request.model_version)
             served = self._registry.get(request.model_name, version)
-            x = decode_infer_input(request, served.manifest.input)
+            x = await self._intake.run(payload_bytes(request), decode_infer_input, request,
+                                       served.manifest.input, served.max_batch_size)
             outputs = requested_outputs(request)
+            queued()
             served, scores = await self._registry.predict(served, version, x, timeout)
             return encode_infer_response(scores, served, request.id, outputs)
 

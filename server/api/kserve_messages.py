@@ -29,7 +29,7 @@ from snapserve.server.models.statistics import Duration
 
 __all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "PLATFORM", "decode_infer_input", "encode_infer_response",
            "encode_model_config", "encode_model_metadata", "encode_statistics", "parse_version",
-           "requested_outputs"]
+           "payload_bytes", "requested_outputs"]
 
 PLATFORM = "snapserve_ensemble"
 
@@ -76,7 +76,20 @@ def parse_version(text: str, field: str = "model_version") -> int:
     return int(text)
 
 
-def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, name: str) -> np.ndarray:
+def _check_capacity(count: int, spec: InputSpec, max_batch_size: int | None, what: str) -> None:
+    """Refuse typed contents holding more values than the model can take in one request, before
+    any is converted: converting them is a Python-level pass (seconds for 60 MB)."""
+    features = spec.shape[1:]
+    if max_batch_size is None or any(d < 1 for d in features):  # symbolic sizes: no bound
+        return
+    limit = max_batch_size * math.prod(features)
+    if count > limit:
+        raise InvalidInput(f"{what} holds {count} values; the model takes at most {limit} "
+                           f"({max_batch_size} examples of shape {format_shape(features)})")
+
+
+def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, name: str, spec: InputSpec,
+                   max_batch_size: int | None) -> np.ndarray:
     """The typed `contents` of a tensor, with the checks raw bytes get (proto.tensors)."""
     dtype = wire_type(tensor.datatype, name).numpy.newbyteorder("=")
     shape = check_shape(tensor.shape, name)
@@ -86,6 +99,7 @@ def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, name: str) ->
         raise InvalidInput(f"{name}: {tensor.datatype} has no typed contents field; send it in "
                            "raw_input_contents")
     values = getattr(tensor.contents, field)
+    _check_capacity(len(values), spec, max_batch_size, f"{name} contents.{field}")
     if len(values) != math.prod(shape):
         raise InvalidInput(f"{name} contents.{field} holds {len(values)} values; shape "
                            f"{list(shape)} needs {math.prod(shape)}")
@@ -114,8 +128,16 @@ def _check_one_input(request: kpb.ModelInferRequest, spec: InputSpec) -> None:
                                "send one of them")
 
 
-def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec) -> np.ndarray:
-    """The one input array of a ModelInferRequest; InvalidInput saying what is wrong."""
+def payload_bytes(request: kpb.ModelInferRequest) -> int:
+    """The bytes decoding the request's inputs goes through: raw contents and typed contents."""
+    return (sum(len(raw) for raw in request.raw_input_contents)
+            + sum(tensor.contents.ByteSize() for tensor in request.inputs))
+
+
+def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec,
+                       max_batch_size: int | None = None) -> np.ndarray:
+    """The one input array of a ModelInferRequest; InvalidInput saying what is wrong. Typed
+    contents beyond `max_batch_size` examples are refused before they are converted."""
     _check_one_input(request, spec)
     tensor = request.inputs[0]
     name = f"input {tensor.name!r}"
@@ -123,7 +145,7 @@ def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec) -> np.nd
         if request.raw_input_contents:
             return array_from_bytes(request.raw_input_contents[0], tensor.datatype, tensor.shape,
                                     name, field="raw contents")
-        return _from_contents(tensor, name)
+        return _from_contents(tensor, name, spec, max_batch_size)
     except TensorError as exc:
         raise InvalidInput(str(exc)) from exc
 

@@ -11,6 +11,7 @@ import grpc
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.server.api.intake import Intake, queued
 from snapserve.server.api.messages import decode_input, encode_metadata, encode_prediction, encode_summary
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
 from snapserve.server.metrics import API_NATIVE, ServerMetrics
@@ -29,8 +30,9 @@ def _error_answer(request: pb.PredictRequest, code: grpc.StatusCode,
 
 class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
     def __init__(self, registry: ModelRegistry, max_stream_in_flight: int = 64,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, intake: Intake | None = None) -> None:
         self._registry = registry
+        self._intake = Intake() if intake is None else intake
         self._max_stream_in_flight = max_stream_in_flight
         self._metrics = ServerMetrics(registry) if metrics is None else metrics
 
@@ -38,7 +40,9 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
                        timeout: float | None = None) -> pb.PredictResponse:
         with observed_request(self._metrics, request.model, API_NATIVE):
             served = self._registry.get(request.model, request.version)
-            x = decode_input(request, served.manifest.input)
+            x = await self._intake.run(len(request.input.data), decode_input, request,
+                                       served.manifest.input)
+            queued()
             served, scores = await self._registry.predict(served, request.version, x, timeout)
             return encode_prediction(scores, served, request.request_id,
                                      request.include_member_probabilities)

@@ -20,9 +20,9 @@ import grpc
 
 from snapserve.proto.tensors import TensorError
 from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError, InvalidInput,
-                                     InvalidModelName, ItemExpired, ItemTooLarge, ModelNotFound,
-                                     ModelRefusedInput, NoLoadableVersion, NonFiniteOutput,
-                                     QueueFull, RepositoryControlDenied,
+                                     InvalidModelName, ItemExpired, ItemTooLarge, MalformedRequest,
+                                     ModelNotFound, ModelRefusedInput, NoLoadableVersion,
+                                     NonFiniteOutput, Overloaded, QueueFull, RepositoryControlDenied,
                                      ShuttingDown, Unauthenticated, VersionNotFound)
 
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
@@ -48,7 +48,9 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     RepositoryControlDenied: grpc.StatusCode.PERMISSION_DENIED,
     # An explicit load found the model's files unusable: the request was fine, the disk is not.
     NoLoadableVersion: grpc.StatusCode.FAILED_PRECONDITION,
+    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,  # raised by api/intake.py's parsing
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # api/intake.py's server-wide bound
     BatcherClosed: grpc.StatusCode.UNAVAILABLE,
     ItemExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     InferenceError: grpc.StatusCode.INTERNAL,  # the model failed: logged with its traceback

@@ -1,0 +1,196 @@
+"""What happens to a request's bytes before it joins a batcher's queue: admitted, parsed, decoded.
+
+- Raw-bytes method handlers (`add_servicer`): gRPC hands the servicer the request's bytes, not a
+  message, so bytes that are not a protobuf get INVALID_ARGUMENT naming the message type
+  expected (`MalformedRequest`), on both APIs, instead of grpc.aio's UNKNOWN before any code of
+  ours runs.
+- A server-wide bound (`Intake`) on calls received but not yet queued and on the bytes they hold:
+  beyond either, RESOURCE_EXHAUSTED at once (`Overloaded`). The batchers' queues have their own
+  bound; this one covers the work before them (parsing, decoding), where a flood of large
+  requests would otherwise pile up memory and CPU unseen.
+- Heavy work off the event loop: parsing a large message and decoding a large payload run on a
+  small pool of decode threads (`Intake.run`), so health checks and small requests are answered
+  meanwhile. Small ones stay on the loop, where a thread hop would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import grpc
+from google.protobuf import message as protobuf_message
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from snapserve.server.api.status import describe_error
+from snapserve.server.errors import ConfigError, MalformedRequest, Overloaded
+
+__all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "add_servicer", "queued"]
+
+# Payloads from this size are parsed and decoded on a decode thread: below it, the hop to a
+# thread and back costs more than the work (a 256 KiB message parses in well under 1 ms).
+OFFLOAD_BYTES = 256 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    # Calls received but not yet queued for a batch (parsing, decoding); beyond: RESOURCE_EXHAUSTED.
+    max_pending_calls: int = 1024
+    # Bytes those calls hold; 4 messages of the default largest size (64 MiB) at once.
+    max_pending_bytes: int = 256 * 1024 * 1024
+    # Threads that parse and decode large requests; more decode in parallel, fewer bound the CPU
+    # a flood of large requests may take from inference.
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_calls", "max_pending_bytes", "decode_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class _Ticket:
+    """One admitted call's share of the bound, given back once (queued, or the call ended)."""
+
+    def __init__(self, intake: Intake, nbytes: int) -> None:
+        self._intake, self.nbytes, self._held = intake, nbytes, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._intake.calls -= 1
+            self._intake.bytes -= self.nbytes
+
+
+# The unary call being handled in this task: `queued()` releases its ticket.
+_TICKET: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar("intake_ticket",
+                                                                        default=None)
+
+
+def queued() -> None:
+    """Called by a servicer when the request goes to a batcher: from there the queue's own
+    bound holds it, so it no longer counts against the intake bound."""
+    ticket = _TICKET.get()
+    if ticket is not None:
+        ticket.release()
+
+
+class Intake:
+    """The server-wide bound and the decode threads. Touched only on the event loop thread."""
+
+    def __init__(self, config: IntakeConfig = IntakeConfig()) -> None:
+        self.config = config
+        self.calls = 0
+        self.bytes = 0
+        self.refused = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    @contextlib.contextmanager
+    def admit(self, nbytes: int) -> Iterator[_Ticket]:
+        """Count a call of `nbytes` until it is queued or ends; Overloaded beyond the bound."""
+        config = self.config
+        if self.calls >= config.max_pending_calls or (
+                self.calls and self.bytes + nbytes > config.max_pending_bytes):
+            self.refused += 1
+            raise Overloaded(
+                f"the server is decoding too much at once ({self.calls} calls holding "
+                f"{self.bytes / 2**20:.1f} MiB; limits max_pending_calls="
+                f"{config.max_pending_calls}, max_pending_bytes={config.max_pending_bytes}); "
+                "retry later")
+        ticket = _Ticket(self, nbytes)
+        self.calls += 1
+        self.bytes += nbytes
+        token = _TICKET.set(ticket)
+        try:
+            yield ticket
+        finally:
+            _TICKET.reset(token)
+            ticket.release()
+
+    async def run(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), on a decode thread when the payload is large (OFFLOAD_BYTES)."""
+        if nbytes < OFFLOAD_BYTES:
+            return fn(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.decode_threads,
+                                            thread_name_prefix="decode")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def parse(self, cls: type[protobuf_message.Message], data: bytes) -> Any:
+        """The message of type `cls` in `data`; MalformedRequest naming the type if it is not one."""
+        try:
+            return await self.run(len(data), cls.FromString, data)
+        except protobuf_message.DecodeError as exc:
+            name = cls.DESCRIPTOR.full_name
+            raise MalformedRequest(f"the request is not a valid {name} protobuf message "
+                                   f"({exc}); send a serialized {name}") from exc
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+# -- raw-bytes method handlers -----------------------------------------------------------------
+
+def _unary_request(intake: Intake, cls: type, impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            with intake.admit(len(data)):
+                request = await intake.parse(cls, data)
+                return await impl(request, context)
+        except (MalformedRequest, Overloaded) as exc:
+            await context.abort(*describe_error(exc))
+
+    return handler
+
+
+def _streamed_requests(intake: Intake, cls: type, impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def handler(requests: AsyncIterator[bytes],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            # A message that is not a protobuf is a read error: the stream ends with its status.
+            async for data in requests:
+                with intake.admit(len(data)):  # one message at a time; the window bounds the rest
+                    yield await intake.parse(cls, data)
+
+        # An async generator function, as grpc.aio wants for a streamed answer; closed with the
+        # call, so what the servicer still computes is cancelled at once.
+        async with contextlib.aclosing(impl(parsed(), context)) as answers:
+            async for answer in answers:
+                yield answer
+
+    return handler
+
+
+# Both services have unary and bidirectional-streaming methods only.
+_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+          (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _method_handler(servicer: object, method: MethodDescriptor,
+                    intake: Intake) -> grpc.RpcMethodHandler:
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    impl = getattr(servicer, method.name)
+    wrap = _streamed_requests if method.client_streaming else _unary_request
+    return _KINDS[method.client_streaming, method.server_streaming](
+        wrap(intake, request_cls, impl), request_deserializer=None,
+        response_serializer=response_cls.SerializeToString)
+
+
+def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server,
+                 intake: Intake) -> None:
+    """Register every method of `service` on `server` as a raw-bytes handler calling `servicer`
+    (what the generated add_*_to_server does, with our parsing in place of gRPC's)."""
+    handlers = {m.name: _method_handler(servicer, m, intake) for m in service.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
