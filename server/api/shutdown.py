@@ -46,6 +46,15 @@ class Drain(grpc.aio.ServerInterceptor):
         """From now on, new calls (but health checks) get UNAVAILABLE."""
         self.draining = True
 
+    def admit(self) -> bool:
+        """Note a call (not a health check) arriving, on any front end; False once draining:
+        refuse it. The gRPC interceptor below and the REST front end (api/http.py) both ask."""
+        self._last_call = time.monotonic()
+        if self.draining:
+            self.refused += 1
+            return False
+        return True
+
     async def wait_quiet(self, deadline: float, quiet_s: float = QUIET_S) -> bool:
         """Wait until no call arrived for `quiet_s`, or until `deadline` (time.monotonic());
         True if it went quiet."""
@@ -61,8 +70,6 @@ class Drain(grpc.aio.ServerInterceptor):
         if handler_call_details.method.startswith(OPEN_WHILE_DRAINING):
             # Not counted as a call: a balancer's frequent checks must not keep the drain waiting.
             return await continuation(handler_call_details)
-        self._last_call = time.monotonic()
-        if not self.draining:
+        if self.admit():
             return await continuation(handler_call_details)
-        self.refused += 1
         return refusing_handler(await continuation(handler_call_details), ShuttingDown(MESSAGE))
