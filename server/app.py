@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +35,7 @@ from snapserve.server.models.registry import ModelRegistry
 __all__ = ["RunningServer", "start_server"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICES = [pb.DESCRIPTOR.services_by_name["EnsembleService"],
             kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
@@ -57,41 +59,74 @@ class RunningServer:
     metrics_port: int | None = None
     drain: Drain = field(default_factory=Drain)  # the server's first interceptor
     intake: Intake = field(default_factory=Intake)  # admission bound and decode threads
+    _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def address(self) -> str:
         return format_address(self.config.host, self.port)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Shut down in the order clients need, within `grace` seconds (None: cancel now).
+    async def stop(self, grace: float | None = None, drain_window: float = 0.0) -> None:
+        """Shut down in the order clients need, within `drain_window` + `grace` seconds.
 
-        1. Health (and ServerReady) say NOT_SERVING; new calls (but health checks) are refused
-           with UNAVAILABLE at once (api/shutdown.py); polling stops.
+        0. Health (and ServerReady) say NOT_SERVING at once, but for `drain_window` seconds new
+           calls are still answered: balancers and Kubernetes endpoints keep sending for a few
+           seconds after the signal, and what they send meanwhile must not be refused.
+        1. New calls (but health checks) are refused with UNAVAILABLE (api/shutdown.py);
+           polling stops.
         2. Drain: the batchers compute what they hold while the gRPC server still runs, so every
            answer and every refusal goes out; then wait for the clients to go quiet.
            (gRPC's own stop(grace) would leave calls that arrive meanwhile unanswered until the
            grace period ends, then cancel them: grpc/grpc#41785.)
         3. The gRPC server stops, giving calls still being answered what is left of `grace`;
            then the metrics endpoint.
+
+        `grace` is a bound: when it is over, batches still computing are cancelled (their
+        callers told UNAVAILABLE) and ONNX Runtime told to stop them. `hurry()` (a second
+        signal) cuts every wait short the same way. None: no bound (the batchers finish).
         """
         self.health.enter_graceful_shutdown()  # health watchers hear it before the port closes
+        if drain_window > 0:
+            logger.info("NOT_SERVING; still answering new requests for the %.1fs drain window",
+                        drain_window)
+            await self._unless_hurried(asyncio.sleep(drain_window))
         self.drain.start()
         await self.manager.close()
         deadline = None if grace is None else time.monotonic() + grace
         batchers = asyncio.ensure_future(self.registry.close())  # compute what they hold
-        if deadline is not None and grace:
-            await asyncio.wait({batchers}, timeout=grace)
+        if deadline is not None:
+            await self._unless_hurried(asyncio.wait({batchers}, timeout=grace))
             if not batchers.done():
-                logger.warning("grace period of %.1fs is over with requests still queued or "
-                               "computing; cancelling them", grace)
-            elif not await self.drain.wait_quiet(deadline):
+                self._cancel(batchers, grace)
+            elif await self._unless_hurried(self.drain.wait_quiet(deadline)) is False:
                 logger.info("clients still calling at the end of the grace period; stopping")
-        await self.server.stop(None if deadline is None else max(deadline - time.monotonic(), 0))
-        await batchers
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+        await self.server.stop(0 if self._hurry.is_set() else remaining)
+        await asyncio.gather(batchers, return_exceptions=True)  # cancelled ones included
         logger.info("refused %d calls while draining", self.drain.refused)
         self.intake.close()
         self.metrics.close()
         logger.info("stopped serving on %s", self.address)
+
+    def hurry(self) -> None:
+        """Cut the stop short: no more drain window, grace or quiet wait (a second signal)."""
+        self._hurry.set()
+
+    async def _unless_hurried(self, waiting: Awaitable[T]) -> T | None:
+        """`waiting`'s result, or None as soon as `hurry()` is called (it is cancelled then)."""
+        task = asyncio.ensure_future(waiting)
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not task.done():
+            task.cancel()
+            return None
+        return task.result()
+
+    def _cancel(self, batchers: asyncio.Future[None], grace: float) -> None:
+        why = "stopping at once" if self._hurry.is_set() else f"grace period of {grace:.1f}s is over"
+        logger.warning("%s with requests still queued or computing; cancelling them", why)
+        batchers.cancel()  # their callers get UNAVAILABLE
+        self.registry.terminate()  # and the threads computing them stop at the next node
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

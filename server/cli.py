@@ -19,6 +19,7 @@ from snapserve.server.config import ServerConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.errors import ConfigError
+from snapserve.server.logs import LOG_FORMATS, configure_logging
 from snapserve.server.models.policy import VERSION_POLICIES, RepositoryConfig
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         help="largest gRPC message in MiB (default %(default)s)")
     parser.add_argument("--grace-s", type=float, default=d["grace_s"].default,
                         help="on SIGTERM/SIGINT, time for in-flight requests (default %(default)s)")
+    parser.add_argument("--drain-window-s", type=float, default=d["drain_window_s"].default,
+                        help="on SIGTERM/SIGINT, report NOT_SERVING but keep answering new "
+                             "requests this long before refusing them; 0: refuse at once "
+                             "(default %(default)s)")
     parser.add_argument("--max-concurrent-streams", type=int,
                         default=d["max_concurrent_streams"].default,
                         help="concurrent calls per client connection (default %(default)s)")
@@ -158,6 +163,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         help="allow RepositoryModelLoad/Unload (KServe v2) from clients")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default %(default)s)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="json: one object per line with request_id, model, version, status, "
+                             "latency_ms (default %(default)s)")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="an access line for every answered request, not only failed ones")
     apply_env_defaults(parser, os.environ if environ is None else environ)
     return parser
 
@@ -180,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               allow_nonfinite=args.allow_nonfinite, instances=args.instances,
                               graph=args.graph, precision=args.precision,
                               cuda_graph_batch_sizes=args.cuda_graph_batch_sizes),
-        grace_s=args.grace_s, max_message_bytes=int(args.max_message_mb * 2**20),
+        grace_s=args.grace_s, drain_window_s=args.drain_window_s,
+        max_message_bytes=int(args.max_message_mb * 2**20),
         max_stream_in_flight=args.max_stream_in_flight,
         max_concurrent_streams=args.max_concurrent_streams,
         repository=RepositoryConfig(
@@ -204,24 +215,34 @@ def _merge_pins(pins: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int,
 
 
 async def serve(config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then stop with the configured grace period."""
+    """Serve until SIGINT or SIGTERM, then stop: the drain window, then the grace period. A
+    second signal stops at once (RunningServer.hurry)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    running = None
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        elif running is not None:
+            logger.warning("second signal: stopping at once, cancelling what is in flight")
+            running.hurry()
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # before loading, so a signal then also exits 0
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     running = await start_server(config)
     try:
         await stop.wait()
-        logger.info("stopping (grace %.1fs)", config.grace_s)
+        logger.info("stopping (drain window %.1fs, grace %.1fs)", config.drain_window_s,
+                    config.grace_s)
     finally:
-        await running.stop(config.grace_s)
+        await running.stop(config.grace_s, config.drain_window_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format, args.log_requests)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

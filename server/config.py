@@ -41,6 +41,10 @@ class ServerConfig:
     # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
     # fill batches by itself, and bounds the memory one stream may hold.
     max_stream_in_flight: int = 64
+    # On SIGTERM, health says NOT_SERVING at once, but new requests are still answered this long
+    # (balancers and Kubernetes endpoints keep sending for seconds); then they are refused with
+    # UNAVAILABLE and the grace period begins. 0: refuse at once.
+    drain_window_s: float = 3.0
     # TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
@@ -74,6 +78,8 @@ class ServerConfig:
         if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
             raise ConfigError("max_concurrent_streams must be an integer >= 1, "
                               f"got {self.max_concurrent_streams!r}")
+        if not self.drain_window_s >= 0:
+            raise ConfigError(f"drain_window_s must be >= 0, got {self.drain_window_s!r}")
         if self.metrics_port is not None and (
                 not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be an integer in [0, 65535], got "

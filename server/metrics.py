@@ -14,6 +14,14 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_models_loaded | gauge | (none): models with at least one version loaded |
 | snapserve_model_version_loaded | gauge | model, version, method, members: 1 per loaded version |
 | snapserve_model_load_failures_total | counter | model, reason (checksum, manifest, missing_file, invalid_onnx, graph_mismatch, load_error, unexpected): versions refused at load |
+| snapserve_served_mutual_information_nats | histogram | model, version: per answered example, the members' disagreement (epistemic uncertainty) |
+| snapserve_served_vote_disagreement_ratio | histogram | model, version: per answered example, the fraction of members outvoted |
+| snapserve_process_threads | gauge | (none): OS threads of the server (ONNX Runtime's included) |
+| process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
+| python_info | gauge | version, implementation: the interpreter |
+
+The two score histograms are the drift signal: their mean over time (`rate(_sum) / rate(_count)`)
+rises when the traffic moves away from what the members were trained on, before any label says so.
 
 Requests for a model that is not loaded are counted under model="_other" (a name no model can
 have), so made-up names cannot grow the number of series without bound.
@@ -22,16 +30,19 @@ have), so made-up names cannot grow the number of series without bound.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler,
+                               PlatformCollector, ProcessCollector)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from snapserve.proto.scores import EnsembleScores
 from snapserve.server.errors import ConfigError
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
@@ -49,6 +60,10 @@ OTHER_MODEL = "_other"  # model names start with a letter or digit (models.manif
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Nats: near 0 when the members agree; ln(2) ~ 0.69 is already the most two classes allow.
+MUTUAL_INFORMATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Fractions of members; 0: all vote with the ensemble (the usual case, so its own bucket).
+VOTE_DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class ServerMetrics:
@@ -73,7 +88,20 @@ class ServerMetrics:
         self.load_failures = Counter("snapserve_model_load_failures",
                                      "Model versions refused at load", ["model", "reason"],
                                      registry=r)
+        self.mutual_information = Histogram(
+            "snapserve_served_mutual_information_nats",
+            "Mutual information of each answered example: how much the members disagree",
+            ["model", "version"], buckets=MUTUAL_INFORMATION_BUCKETS, registry=r)
+        self.vote_disagreement = Histogram(
+            "snapserve_served_vote_disagreement_ratio",
+            "Fraction of members whose top class differs from the ensemble's, per answered example",
+            ["model", "version"], buckets=VOTE_DISAGREEMENT_BUCKETS, registry=r)
         r.register(_LoadedModelsCollector(models))
+        # The process itself (CPU, RSS, open fds) on this registry, so one scrape has it all.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("snapserve_process_threads", "OS threads of the server process",
+              registry=r).set_function(_thread_count)
 
     def observe_request(self, model: str, api: str, code: grpc.StatusCode, seconds: float) -> None:
         label = model if model in self._models else OTHER_MODEL
@@ -93,7 +121,8 @@ class ServerMetrics:
 
     def forget(self, model: str, version: int) -> None:
         """Drop an unloaded version's series, so hot reloads do not pile them up."""
-        for histogram in (self.queue_seconds, self.compute_seconds, self.batch_size):
+        for histogram in (self.queue_seconds, self.compute_seconds, self.batch_size,
+                          self.mutual_information, self.vote_disagreement):
             try:
                 histogram.remove(model, str(version))
             except KeyError:  # never observed
@@ -130,6 +159,8 @@ class _VersionObserver:
         self._queue = metrics.queue_seconds.labels(model, version)
         self._compute = metrics.compute_seconds.labels(model, version)
         self._batch = metrics.batch_size.labels(model, version)
+        self._mutual_information = metrics.mutual_information.labels(model, version)
+        self._vote_disagreement = metrics.vote_disagreement.labels(model, version)
 
     def record_request(self, examples: int, ok: bool, total_ns: int, queue_ns: int) -> None:
         if ok:
@@ -138,6 +169,21 @@ class _VersionObserver:
     def record_batch(self, examples: int, compute_ns: int) -> None:
         self._compute.observe(compute_ns / 1e9)
         self._batch.observe(examples)
+
+    def record_scores(self, scores: EnsembleScores) -> None:
+        # One observation per example (about a microsecond each), not per request: the mean
+        # over examples is what the dashboard plots.
+        for mi, vote in zip(scores.mutual_information.tolist(), scores.vote_disagreement.tolist()):
+            self._mutual_information.observe(mi)
+            self._vote_disagreement.observe(vote)
+
+
+def _thread_count() -> float:
+    """Every OS thread (ONNX Runtime's and gRPC's too) where /proc has them; else Python's."""
+    try:
+        return float(len(os.listdir("/proc/self/task")))
+    except OSError:
+        return float(threading.active_count())
 
 
 class _LoadedModelsCollector(Collector):

@@ -24,6 +24,9 @@ from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError,
                                      ModelNotFound, ModelRefusedInput, NoLoadableVersion,
                                      NonFiniteOutput, Overloaded, QueueFull, RepositoryControlDenied,
                                      ShuttingDown, Unauthenticated, VersionNotFound)
+from snapserve.server.request_context import (REQUEST_ID_KEY, current_request, metadata_value,
+                                              open_request, request_context)
+from snapserve.server.tracing import end_request_span, extract_parent, request_span
 
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
     from snapserve.server.metrics import ServerMetrics
@@ -82,7 +85,9 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 def abort_on_error(handler: Handler) -> Handler:
     """Wrap a servicer method: an exception it raises ends the call with the exception's status
-    (STATUS_CODES) and message.
+    (STATUS_CODES) and message. The call runs as a request (server/request_context.py): its id
+    from the request's id field or `x-request-id` metadata or made up, echoed in the answer's id
+    field and the `x-request-id` trailer; its trace parent from the metadata.
 
     A unary method is a coroutine function. A method that answers with a stream returns (or
     is) an async iterator of answers; the wrapper relays it and closes it as soon as the call
@@ -92,6 +97,11 @@ def abort_on_error(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def streaming(self: object, request: Any, context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[Any]:
+            # The stream's own id and trace parent, for what it logs as a whole; each request of
+            # it gets its own (answer_in_order). Set for the rest of the call's task, not reset:
+            # a token reset from the generator's close could run in another context.
+            metadata = context.invocation_metadata()
+            open_request(metadata_value(metadata, REQUEST_ID_KEY), extract_parent(metadata))
             try:
                 async with contextlib.aclosing(handler(self, request, context)) as answers:
                     async for answer in answers:
@@ -105,30 +115,82 @@ def abort_on_error(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def unary(self: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort(*describe_error(exc))
+        metadata = context.invocation_metadata()
+        with request_context(_request_id(request) or metadata_value(metadata, REQUEST_ID_KEY),
+                             extract_parent(metadata)) as current:
+            _answer_with_id(request, current.request_id)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, current.request_id),))
+            try:
+                return await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await context.abort(*describe_error(exc))
 
     return unary  # type: ignore[return-value]
 
 
+# The field an inference request carries its id in, by message type; the answer echoes it.
+REQUEST_ID_FIELDS = {"snapserve.v1.PredictRequest": "request_id",
+                     "inference.ModelInferRequest": "id"}
+
+
+def _id_field(request: Any) -> str | None:
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    return None if descriptor is None else REQUEST_ID_FIELDS.get(descriptor.full_name)
+
+
+def _request_id(request: Any) -> str:
+    field = _id_field(request)
+    return "" if field is None else getattr(request, field)
+
+
+def _answer_with_id(request: Any, request_id: str) -> None:
+    """Write the request's effective id (cleaned, or made up) into its id field, which every
+    encoder copies into the answer: the caller gets back the id the logs use."""
+    field = _id_field(request)
+    if field is not None:
+        setattr(request, field, request_id)
+
+
 @contextlib.contextmanager
 def observed_request(metrics: ServerMetrics, model: str, api: str) -> Iterator[None]:
-    """Count one inference request by its outcome's status code and time it, for either API."""
-    start, code = time.perf_counter(), grpc.StatusCode.OK
-    try:
-        yield
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception as exc:
-        code = status_code(exc)
-        raise
-    finally:
-        metrics.observe_request(model, api, code, time.perf_counter() - start)
+    """One inference request, for either API: counted by its outcome's status code and timed,
+    traced (a span when tracing is on), and logged on `snapserve.server.access` (failures at
+    INFO, answers at DEBUG), each under the current request's id (one is opened if none is)."""
+    with contextlib.ExitStack() as stack:
+        request = current_request() or stack.enter_context(request_context())
+        request.model, request.api = model, api
+        span = stack.enter_context(request_span(request.trace_parent, {
+            "snapserve.model": model, "snapserve.api": api,
+            "snapserve.request_id": request.request_id}))
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = status_code(exc)
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            metrics.observe_request(model, api, code, seconds)
+            end_request_span(span, code.name, request.version)
+            _log_request(code, seconds)
+
+
+access_logger = logging.getLogger("snapserve.server.access")
+
+
+def _log_request(code: grpc.StatusCode, seconds: float) -> None:
+    level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
+    if access_logger.isEnabledFor(level):  # the common case at INFO: an answer, not logged
+        request = current_request()
+        access_logger.log(level, "%s %s version %s: %s in %.2f ms", request and request.api,
+                          request and request.model, request and request.version, code.name,
+                          seconds * 1000,
+                          extra={"status": code.name, "latency_ms": round(seconds * 1000, 3)})
 
 
 Request = TypeVar("Request")
@@ -143,11 +205,17 @@ async def answer_in_order(requests: AsyncIterator[Request],
     `window`), so the requests of one stream share batches. A request that fails gets
     `error_answer(request, code, message)` and the stream goes on; a read error (the client went
     away) is re-raised."""
+    stream = current_request()
+    parent = None if stream is None else stream.trace_parent
+
     async def settled(request: Request) -> Answer:
-        try:
-            return await answer(request)
-        except Exception as exc:
-            return error_answer(request, *describe_error(exc))
+        # In a task of its own (a copy of the stream's context): its own id, the stream's parent.
+        with request_context(_request_id(request), parent) as current:
+            _answer_with_id(request, current.request_id)
+            try:
+                return await answer(request)
+            except Exception as exc:
+                return error_answer(request, *describe_error(exc))
 
     in_flight: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue(window)
 

@@ -159,6 +159,7 @@ class ScoresGraph(Protocol):
     members: int
     provider: str
     named_sessions: list[tuple[str, ort.InferenceSession]]  # (file name, session)
+    run_options: ort.RunOptions  # passed to every run; its terminate flag stops them
 
     def scores(self, x: np.ndarray) -> EnsembleScores: ...
 
@@ -186,6 +187,7 @@ class MemberGraph:
         self.named_sessions = [(path.name, s) for path, s in zip(paths, self._sessions)]
         self.provider: str = self._sessions[0].get_providers()[0]
         self._device_id = config.device_id
+        self.run_options = ort.RunOptions()  # terminate() sets its flag: runs stop between nodes
 
     def _logits_cuda(self, x: np.ndarray) -> list[np.ndarray]:
         # One host->device copy per batch, shared by every member (IO binding), instead of one
@@ -196,7 +198,7 @@ class MemberGraph:
             binding = session.io_binding()
             binding.bind_ortvalue_input(self.input_name, device_x)
             binding.bind_output(self.output_name, "cpu")
-            session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding, self.run_options)
             logits.append(binding.copy_outputs_to_cpu()[0])
         return logits
 
@@ -207,7 +209,8 @@ class MemberGraph:
                 logits = self._logits_cuda(x)
             else:
                 feed = {self.input_name: x}
-                logits = [session.run([self.output_name], feed)[0] for session in self._sessions]
+                logits = [session.run([self.output_name], feed, self.run_options)[0]
+                          for session in self._sessions]
         except Exception as exc:  # ORT's exception types are not public API
             raise InferenceError(f"ONNX Runtime failed: {exc}") from exc
         shapes = {tuple(l.shape) for l in logits}
@@ -253,6 +256,7 @@ class FusedGraph:
         self.provider: str = self._session.get_providers()[0]
         self.named_sessions = [(path.name, self._session)]
         self._device_id = config.device_id
+        self.run_options = ort.RunOptions()  # terminate() sets its flag: runs stop between nodes
         self._cuda_graphs: _CudaGraphs | None = None
         if self.provider == CUDA and config.cuda_graph_batch_sizes:
             try:
@@ -268,7 +272,7 @@ class FusedGraph:
         binding.bind_cpu_input(self._temperature_input, self._temperature)
         for name in SCORE_NAMES:
             binding.bind_output(name, "cpu")
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self.run_options)
         return binding.copy_outputs_to_cpu()
 
     def scores(self, x: np.ndarray) -> EnsembleScores:
@@ -279,7 +283,8 @@ class FusedGraph:
                 outputs = self._outputs_cuda(x)
             else:
                 outputs = self._session.run(SCORE_NAMES, {self.input_name: x,
-                                                          self._temperature_input: self._temperature})
+                                                          self._temperature_input: self._temperature},
+                                            self.run_options)
         except Exception as exc:  # ORT's exception types are not public API
             raise InferenceError(f"ONNX Runtime failed on the fused graph: {exc}") from exc
         if outputs[0].shape[0] != len(x):
@@ -391,6 +396,12 @@ class EnsembleRuntime:
     def scores(self, x: np.ndarray) -> EnsembleScores:
         """Every score of the batch x, from the graph in use."""
         return self.graphs[self.graph].scores(x)
+
+    def terminate(self) -> None:
+        """Stop the runs in progress (ONNX Runtime checks the flag between nodes) and every later
+        one: for a server whose grace period is over, so no thread outlives it by a whole batch."""
+        for graph in self.graphs.values():
+            graph.run_options.terminate = True
 
 
 @dataclass(frozen=True)

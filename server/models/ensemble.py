@@ -26,6 +26,8 @@ from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, Infere
 from snapserve.server.models.inputs import conform_input
 from snapserve.server.models.manifest import Manifest, read_manifest, verify_checksums
 from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
+from snapserve.server.request_context import current_request
+from snapserve.server.tracing import record_inference
 
 __all__ = ["ServedEnsemble", "load_version"]
 
@@ -36,6 +38,8 @@ class _Answer(NamedTuple):
     scores: EnsembleScores | None  # None: refused, see error
     started_ns: int  # perf_counter_ns() when its batch started computing: ends its queue time
     error: InvalidInput | None = None  # this request alone failed; the rest of its batch did not
+    compute_ns: int = 0  # how long its batch took
+    batch_examples: int = 0  # examples in its batch, all requests together
 
 # What a client is told when the model failed on its values alone: ONNX Runtime's own text
 # names internal nodes and tensors, so it goes to the log, not to the caller.
@@ -102,10 +106,18 @@ class ServedEnsemble:
             for observer in self.observers:
                 observer.record_request(examples, False, time.perf_counter_ns() - start, 0)
             raise
+        assert answer.scores is not None  # an answer without scores carries its error
         for observer in self.observers:
             observer.record_request(examples, True, time.perf_counter_ns() - start,
                                     max(answer.started_ns - start, 0))
-        assert answer.scores is not None  # an answer without scores carries its error
+            observer.record_scores(answer.scores)
+        # In the request's own context: its log lines name this version, its span gets the
+        # queue wait and the batch (server/request_context.py, server/tracing.py).
+        request = current_request()
+        if request is not None:
+            request.version = self.version
+        record_inference(start, max(answer.started_ns, start), answer.compute_ns,
+                         answer.batch_examples)
         return answer.scores
 
     @property
@@ -130,8 +142,8 @@ class ServedEnsemble:
         examples = sum(len(x) for x in inputs)
         for observer in self.observers:
             observer.record_batch(examples, compute_ns)
-        return [_Answer(None, started, r) if isinstance(r, InvalidInput) else _Answer(r, started)
-                for r in scores]
+        return [_Answer(None, started, r) if isinstance(r, InvalidInput)
+                else _Answer(r, started, None, compute_ns, examples) for r in scores]
 
     def _infer_batch_sync(self, runtime: EnsembleRuntime,
                           inputs: list[np.ndarray]) -> list[EnsembleScores | InvalidInput]:
@@ -157,6 +169,11 @@ class ServedEnsemble:
 
     async def start(self) -> None:
         await self.batcher.start()
+
+    def terminate(self) -> None:
+        """Stop every run in progress at its next node: the grace period is over."""
+        for runtime in self.instances:
+            runtime.terminate()
 
     async def close(self) -> None:
         await self.batcher.close()  # answers what it holds first: the threads are idle after

@@ -118,6 +118,11 @@ class ModelRegistry:
     def __len__(self) -> int:
         return sum(len(v) for v in self._models.values())
 
+    def terminate(self) -> None:
+        """Stop every model's runs in progress (the server's grace period is over)."""
+        for served in self:
+            served.terminate()
+
     async def close(self) -> None:
         # All at once: every model refuses new requests from the same moment (server shutdown).
         await asyncio.gather(*(served.close() for served in self))

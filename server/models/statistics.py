@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from snapserve.proto.scores import EnsembleScores
+
 __all__ = ["Duration", "InferenceObserver", "ModelStatistics"]
 
 
@@ -24,6 +26,9 @@ class InferenceObserver(Protocol):
 
     def record_batch(self, examples: int, compute_ns: int) -> None:
         """A batch of `examples` was computed (all members and the scores) in `compute_ns`."""
+
+    def record_scores(self, scores: EnsembleScores) -> None:
+        """The scores a request was answered with (its rows of the batch's)."""
 
 
 @dataclass
@@ -60,3 +65,6 @@ class ModelStatistics:
     def record_batch(self, examples: int, compute_ns: int) -> None:
         self.compute.add(compute_ns)
         self.batches[examples].add(compute_ns)
+
+    def record_scores(self, scores: EnsembleScores) -> None:
+        pass  # KServe's statistics count and time; the scores go to the Prometheus metrics

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.soak import MAX_BATCH, MODEL, Reference, ServerProcess, build_repository, run_shutdown
 
-ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64", "--grace-s", "3")
+ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64", "--drain-window-s", "1",
+        "--grace-s", "3")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_sigterm_under_load_answers_what_was_accepted_and_refuses_the_rest(
     assert after["refused"] > 0 and set(after["codes"]) <= {"OK", "UNAVAILABLE"}, after
     # Every request the model computed reached its client, with the right answer.
     assert report.computed_unanswered == 0, (report.computed, before, after)
-    order = [log.index(line) for line in ("stopping (grace", f"{MODEL}:1 closed:", "stopped serving")]
+    order = [log.index(line) for line in ("stopping (drain window", f"{MODEL}:1 closed:", "stopped serving")]
     assert order == sorted(order), log
 
 

@@ -216,3 +216,28 @@ def write_index_model(repo: Path, name: str = "lookup", rows: int = 10) -> Path:
         repo, name, [index_member(rows, 3, seed=s) for s in (1, 2)], (3,), ["a", "b", "c"],
         manifest_overrides={"input": {"name": "input", "dtype": "int64", "shape": [-1, 3],
                                       "normalization": None}})
+
+
+def slow_member(size: int = 128, steps: int = 100, classes: int = 2) -> onnx.ModelProto:
+    """A member that takes long per example: `steps` chained [size, size] matrix products over
+    an input [batch, size, size], then a mean into logits. ONNX Runtime checks its terminate
+    flag between nodes, so a run of it can be stopped part-way."""
+    w = (np.eye(size) * 0.5 + 0.5 / size).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["input" if i == 0 else f"h{i}", "W"], [f"h{i + 1}"])
+             for i in range(steps)]
+    nodes += [helper.make_node("ReduceMean", [f"h{steps}"], ["pooled"], axes=[1], keepdims=0),
+              helper.make_node("Slice", ["pooled", "starts", "ends", "axes"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "slow-member",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(w, "W"),
+                     numpy_helper.from_array(np.array([0], np.int64), "starts"),
+                     numpy_helper.from_array(np.array([classes], np.int64), "ends"),
+                     numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    return _finish(graph)
+
+
+def write_slow_model(repo: Path, name: str = "slow", size: int = 128, steps: int = 100) -> Path:
+    """A version of one slow_member: input float32 [-1, size, size], classes a and b."""
+    return write_model_version(repo, name, [slow_member(size, steps)], (size, size), ["a", "b"])

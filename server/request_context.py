@@ -1,0 +1,74 @@
+"""The request being answered, in a contextvar: its id, model and version, for every log line
+(server/logs.py) and trace span (server/tracing.py) about it.
+
+api/status.py opens one per call and per request of a stream: the id comes from the request
+itself (native `request_id`, KServe `id`), else the call's `x-request-id` metadata, else it is
+made up here; the answer carries it back. A contextvar, not a parameter, because the lines that
+need it are written deep below the handler (the registry, the batcher's caller, an INTERNAL
+error's traceback), and asyncio copies it into every task a request starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+__all__ = ["REQUEST_ID_KEY", "RequestContext", "current_request", "metadata_value",
+           "new_request_id", "open_request", "request_context"]
+
+REQUEST_ID_KEY = "x-request-id"  # the de facto header name (Envoy, nginx, KServe's ingress)
+MAX_ID_CHARS = 128  # a longer id is cut: it goes into every log line of its request
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    model: str = ""
+    version: int | None = None  # once the request reached a model version
+    api: str = ""
+    trace_parent: Any = None  # an OpenTelemetry Context from the call's metadata, when tracing
+
+
+_CURRENT: ContextVar[RequestContext | None] = ContextVar("snapserve_request", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def clean_request_id(value: str) -> str:
+    """Printable ASCII only, at most MAX_ID_CHARS: an id a caller chose cannot forge log lines."""
+    return "".join(c for c in value[:4 * MAX_ID_CHARS] if " " < c <= "~")[:MAX_ID_CHARS]
+
+
+def metadata_value(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str:
+    for name, value in metadata or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return ""
+
+
+def current_request() -> RequestContext | None:
+    return _CURRENT.get()
+
+
+def open_request(request_id: str = "", trace_parent: Any = None) -> RequestContext:
+    """Make a request current, until the context (the task) ends: `request_id` (cleaned), or a
+    new one when empty."""
+    context = RequestContext(clean_request_id(request_id) or new_request_id(),
+                             trace_parent=trace_parent)
+    _CURRENT.set(context)
+    return context
+
+
+@contextlib.contextmanager
+def request_context(request_id: str = "", trace_parent: Any = None) -> Iterator[RequestContext]:
+    """`open_request` for the block only."""
+    token = _CURRENT.set(None)
+    try:
+        yield open_request(request_id, trace_parent)
+    finally:
+        _CURRENT.reset(token)
