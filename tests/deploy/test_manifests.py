@@ -179,7 +179,15 @@ def test_deployment_probes_port_and_user_agree_with_the_image(variant: str) -> N
     variables = env(container)
     assert set(variables) <= known_env_vars(), "a SNAPSERVE_* variable the server does not read"
     port = int(variables["SNAPSERVE_PORT"])
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["ports"][0]["containerPort"] == ports["grpc"] == port
+    # Metrics on: their port declared, and the scrape annotations point at it.
+    metrics_port = int(variables["SNAPSERVE_METRICS_PORT"])
+    assert ports["metrics"] == metrics_port
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == metrics_port
+    assert annotations["prometheus.io/path"] == "/metrics"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": port, "service": ""}, probe
     assert pod["securityContext"]["runAsNonRoot"] is True

@@ -4,19 +4,17 @@ score metrics, scraped from a real server after real requests."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from snapserve.server import RunningServer
 from tests.support.calls import digits_input, native_predict, native_stub
-
-PROMTOOL = shutil.which("promtool")
+from tests.support.promtool import promtool
 
 
 async def exposition(running: RunningServer) -> str:
@@ -39,20 +37,16 @@ async def traffic(running: RunningServer, client: triton.InferenceServerClient) 
 
 async def test_promtool_finds_nothing_to_lint(running: RunningServer,
                                               client: triton.InferenceServerClient) -> None:
-    if PROMTOOL is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI: .ci/run installs it (Debian package prometheus)")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this check")
+    tool = promtool()
     await traffic(running, client)
     text = await exposition(running)
-    result = await asyncio.to_thread(subprocess.run, [PROMTOOL, "check", "metrics"], input=text,
+    result = await asyncio.to_thread(subprocess.run, [tool, "check", "metrics"], input=text,
                                      capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
     assert "# HELP snapserve_served_mutual_information_nats " in text
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
