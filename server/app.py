@@ -199,7 +199,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     try:
         await server.start()
         if config.metrics_port is not None:
-            running.metrics_port = metrics.serve(config.host, config.metrics_port)
+            running.metrics_port = await metrics.serve(config.metrics_endpoint,
+                                                       config.metrics_port)
         await manager.load_all()
     except BaseException:
         await running.stop(None)

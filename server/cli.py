@@ -19,6 +19,7 @@ from snapserve.server.config import ServerConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.errors import ConfigError
+from snapserve.server.metrics_endpoint import MetricsEndpointConfig
 from snapserve.server.logs import LOG_FORMATS, configure_logging
 from snapserve.server.models.policy import VERSION_POLICIES, RepositoryConfig
 
@@ -79,7 +80,7 @@ def parse_pins(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; defaults come from `environ` (default: os.environ), see ENV_PREFIX."""
     d, b, r = ServerConfig.__dataclass_fields__, BatcherConfig(), RuntimeConfig()
-    rp, ic = RepositoryConfig(), IntakeConfig()
+    rp, ic, me = RepositoryConfig(), IntakeConfig(), MetricsEndpointConfig()
     # allow_abbrev=False: a prefix such as --version must not be read as --version-policy.
     parser = argparse.ArgumentParser(
         prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).",
@@ -148,6 +149,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free "
                              "port (default: not served)")
+    parser.add_argument("--metrics-host", default=me.host,
+                        help="address the metrics endpoint binds, apart from --host: metrics "
+                             "show what is served and how busy (default %(default)s)")
+    parser.add_argument("--metrics-timeout-s", type=float, default=me.timeout_s,
+                        help="seconds a metrics connection may take to send its request and "
+                             "to read the answer (default %(default)s)")
+    parser.add_argument("--metrics-max-connections", type=int, default=me.max_connections,
+                        help="metrics connections open at once; more are closed as they arrive "
+                             "(default %(default)s)")
     parser.add_argument("--version-policy", choices=VERSION_POLICIES, default=rp.version_policy,
                         help="latest: the newest loadable version of each model; all: every "
                              "version; specific: only --pin versions (default %(default)s)")
@@ -199,6 +209,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             poll_interval_s=args.poll_interval,
             allow_repository_control=args.allow_repository_control),
         metrics_port=args.metrics_port,
+        metrics_endpoint=MetricsEndpointConfig(host=args.metrics_host,
+                                               timeout_s=args.metrics_timeout_s,
+                                               max_connections=args.metrics_max_connections),
         intake=IntakeConfig(max_pending_calls=args.max_pending_calls,
                             max_pending_bytes=int(args.max_pending_mb * 2**20),
                             decode_threads=args.decode_threads),

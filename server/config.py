@@ -15,6 +15,7 @@ from snapserve.server.api.security import SecurityConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
+from snapserve.server.metrics_endpoint import MetricsEndpointConfig
 from snapserve.server.models.policy import RepositoryConfig
 
 __all__ = ["BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig",
@@ -55,6 +56,8 @@ class ServerConfig:
     # Prometheus /metrics over HTTP on host:metrics_port. None: not served (still counted);
     # 0: any free port (RunningServer.metrics_port says which).
     metrics_port: int | None = None
+    # The metrics endpoint's own host (loopback unless asked), timeouts and connection bound.
+    metrics_endpoint: MetricsEndpointConfig = field(default_factory=MetricsEndpointConfig)
     # Server-wide bound on calls received but not yet queued and the bytes they hold, and the
     # threads that decode large requests (server/api/intake.py).
     intake: IntakeConfig = field(default_factory=IntakeConfig)

@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
-from http.server import ThreadingHTTPServer
 from typing import Iterator
 
 import grpc
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                PlatformCollector, ProcessCollector)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from snapserve.proto.scores import EnsembleScores
-from snapserve.server.errors import ConfigError
+from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import InferenceObserver
@@ -70,7 +68,7 @@ class ServerMetrics:
     def __init__(self, models: ModelRegistry) -> None:
         self.registry = CollectorRegistry()
         self._models = models
-        self._http: ThreadingHTTPServer | None = None
+        self._http: MetricsEndpoint | None = None
         r = self.registry
         self.requests = Counter("snapserve_inference_requests", "Inference requests answered",
                                 ["model", "api", "code"], registry=r)
@@ -128,27 +126,17 @@ class ServerMetrics:
             except KeyError:  # never observed
                 pass
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port in a daemon thread; the bound port (for port 0)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,),
-                            {"address_family": family, "daemon_threads": True})
-        try:
-            self._http = server_class((host.strip("[]"), port),
-                                      MetricsHandler.factory(self.registry))
-        except OSError as exc:
-            raise ConfigError(f"metrics_port: cannot bind {host}:{port}: {exc}") from exc
-        # A short poll interval: close() waits for serve_forever to notice the shutdown.
-        threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-                         name="metrics-http", daemon=True).start()
-        bound = self._http.server_address[1]
-        logger.info("metrics on http://%s:%d/metrics", host, bound)
+    async def serve(self, config: MetricsEndpointConfig, port: int) -> int:
+        """Serve /metrics on config.host:port from the event loop (server/metrics_endpoint.py:
+        no thread per connection, timeouts, a bound on connections); the bound port (for 0)."""
+        self._http = MetricsEndpoint(self.registry, config)
+        bound = await self._http.start(port)
+        logger.info("metrics on http://%s:%d/metrics", config.host, bound)
         return bound
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 
