@@ -2,9 +2,9 @@
 about (server/request_context.py).
 
     ensemble-server ... --log-format json
-    {"time": "2026-12-01T20:41:07.123Z", "level": "INFO", "logger": "snapserve.server.access",
-     "message": "native digits version 1: NOT_FOUND in 0.21 ms", "request_id": "4f2c...",
-     "model": "digits", "version": 1, "status": "NOT_FOUND", "latency_ms": 0.213}
+    {"time": "2026-12-01T20:45:25.404Z", "level": "INFO", "logger": "snapserve.server.access",
+     "message": "native nope: NOT_FOUND in 0.10 ms", "request_id": "lost-1", "model": "nope",
+     "status": "NOT_FOUND", "latency_ms": 0.095}
 
 `RequestFilter` sits on the handler, so a line from any logger (the registry, the batcher's
 caller, an INTERNAL error's traceback) gets the request's id, model and version while that

@@ -187,8 +187,10 @@ def _log_request(code: grpc.StatusCode, seconds: float) -> None:
     level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
     if access_logger.isEnabledFor(level):  # the common case at INFO: an answer, not logged
         request = current_request()
-        access_logger.log(level, "%s %s version %s: %s in %.2f ms", request and request.api,
-                          request and request.model, request and request.version, code.name,
+        api, model, version = ("", "", None) if request is None else (
+            request.api, request.model, request.version)
+        access_logger.log(level, "%s %s%s: %s in %.2f ms", api, model,
+                          "" if version is None else f" version {version}", code.name,
                           seconds * 1000,
                           extra={"status": code.name, "latency_ms": round(seconds * 1000, 3)})
 
