@@ -331,14 +331,21 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, *,
 
 
 def _user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """`module:factory`, imported like `python -m` would (the working directory is on sys.path)."""
+    """`module:factory`, found on sys.path or in the working directory. The working directory
+    is searched last and only for this import: first, or left on sys.path for the run, a stray
+    file there (json.py, a torch.py) would shadow installed modules in every later import."""
     module_name, _, factory_name = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # the `trainer` script lacks it
-        sys.path.insert(0, os.getcwd())
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path  # the `trainer` script lacks it
+    if added:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ConfigError(f"arch {spec!r}: cannot import {module_name!r}: {error}") from error
+    finally:
+        if added:
+            sys.path.remove(cwd)
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ConfigError(f"arch {spec!r}: {module_name} has no callable {factory_name!r}")

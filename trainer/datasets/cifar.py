@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import pickle
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from snapserve.trainer.datasets.base import Dataset, Split, hold_out, make_dataset
+from snapserve.trainer.datasets.npz import check_size, max_dataset_bytes
 from snapserve.trainer.errors import DatasetError
 
 __all__ = ["CIFAR10_CLASSES", "CifarUnpickler", "RefusedGlobal", "is_cifar_folder", "load_cifar",
@@ -52,9 +54,31 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+_RECONSTRUCT = _numpy_function("numpy.core.multiarray._reconstruct")
+
+
+class ArrayTooLarge(pickle.UnpicklingError):
+    """The stream asks numpy for an array beyond the dataset size limit."""
+
+
+def _bounded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's _reconstruct allocates `shape` at once, whatever data follows: a few bytes of
+    pickle can ask for terabytes. Refuse shapes beyond the limit before numpy allocates."""
+    try:
+        nbytes = math.prod(int(d) for d in (shape if isinstance(shape, tuple) else (shape,)))
+        nbytes *= np.dtype(dtype).itemsize
+    except (TypeError, ValueError) as error:
+        raise RefusedGlobal(f"refusing an array of shape {shape!r}: {error}") from error
+    limit = max_dataset_bytes()
+    if nbytes > limit:
+        raise ArrayTooLarge(f"an array of shape {list(shape)} would take {nbytes} bytes; the limit "
+                            f"is {limit} bytes (SNAPSERVE_MAX_DATASET_BYTES)")
+    return _RECONSTRUCT(subtype, shape, dtype)
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_function("numpy.core.multiarray._reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_function("numpy.core.multiarray._reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"): _bounded_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _bounded_reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _numpy_function("numpy.core.numeric._frombuffer"),
     ("numpy._core.numeric", "_frombuffer"): _numpy_function("numpy.core.numeric._frombuffer"),
     ("numpy", "ndarray"): np.ndarray,
@@ -85,11 +109,14 @@ class CifarUnpickler(pickle.Unpickler):
 def safe_unpickle(path: Path) -> Any:
     """Unpickles a CIFAR batch file with CifarUnpickler (encoding="bytes", as the CIFAR page says)."""
     try:
+        check_size(path, "the file", path.stat().st_size)
         data = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: cannot read: {error.strerror or error}") from error
     try:
         return CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except ArrayTooLarge as error:
+        raise DatasetError(f"{path}: {error}") from error
     except RefusedGlobal as error:
         raise DatasetError(f"{path}: {error}") from error
     except Exception as error:  # noqa: BLE001 - any malformed stream: EOFError, ValueError, ...
@@ -118,6 +145,7 @@ def _read_batch(path: Path, label_key: str, classes: int) -> Split:
                            f"{labels.dtype} {list(labels.shape)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise DatasetError(f"{path}: labels must be in [0, {classes - 1}], found [{labels.min()}, {labels.max()}]")
+    check_size(path, f"'data' as float32 ({len(data)} images)", len(data) * 3072 * 4)
     return Split(data.reshape(-1, 3, 32, 32).astype(np.float32), labels.astype(np.int64))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from snapserve.trainer.datasets.base import Dataset, Split, hold_out, make_dataset, train_val_test
+from snapserve.trainer.datasets.npz import check_size
 from snapserve.trainer.errors import DatasetError
 
 __all__ = ["IMAGE_SUFFIXES", "load_image_folder"]
@@ -31,11 +32,18 @@ def _images_by_class(root: Path) -> dict[str, list[Path]]:
 def _read_images(files: list[Path], mode: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    arrays, size = [], None
+    arrays, size, total = [], None, 0
+    channels = 1 if mode == "L" else 3
     for f in files:
         try:
-            with Image.open(f) as image:
+            with Image.open(f) as image:  # reads the header only: the size, before any pixel
+                width, height = image.size
+                check_size(f, f"a {width}x{height} image as float32", width * height * channels * 4)
+                total += width * height * channels * 4
+                check_size(f.parent.parent, f"the images so far ({len(arrays) + 1})", total)
                 array = np.asarray(image.convert(mode), dtype=np.float32)
+        except Image.DecompressionBombError as error:  # Pillow's own bound, before ours
+            raise DatasetError(f"{f}: refused as a decompression bomb: {error}") from error
         except (OSError, UnidentifiedImageError) as error:
             raise DatasetError(f"{f}: cannot read the image: {error}") from error
         if size is None:
@@ -56,6 +64,8 @@ def _mode(files: list[Path]) -> str:
             with Image.open(f) as image:
                 if image.mode not in ("1", "L", "I", "I;16", "F"):
                     return "RGB"
+        except Image.DecompressionBombError as error:
+            raise DatasetError(f"{f}: refused as a decompression bomb: {error}") from error
         except OSError as error:
             raise DatasetError(f"{f}: cannot read the image: {error}") from error
     return "L"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from pathlib import Path
 
@@ -10,9 +12,34 @@ import numpy as np
 from snapserve.trainer.datasets.base import SPLIT_SEED, Dataset, Split, hold_out, make_dataset
 from snapserve.trainer.errors import DatasetError
 
-__all__ = ["REQUIRED_NPZ_ARRAYS", "load_npz_dataset"]
+__all__ = ["MAX_DATASET_BYTES_ENV", "REQUIRED_NPZ_ARRAYS", "check_size", "load_npz_dataset",
+           "max_dataset_bytes"]
 
 REQUIRED_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# The most memory one dataset file may make the trainer allocate (its arrays as read, and as
+# float32), so a crafted file (a zip bomb .npz, a pickle or image header claiming gigabytes) is
+# refused by name instead of taking the machine's memory. CIFAR-10's train split as float32 is
+# 0.6 GiB; raise it for larger data.
+MAX_DATASET_BYTES_ENV = "SNAPSERVE_MAX_DATASET_BYTES"
+DEFAULT_MAX_DATASET_BYTES = 4 * 2**30
+
+
+def max_dataset_bytes() -> int:
+    """The limit: $SNAPSERVE_MAX_DATASET_BYTES if set, else 4 GiB."""
+    raw = os.environ.get(MAX_DATASET_BYTES_ENV, "")
+    try:
+        return int(raw) if raw else DEFAULT_MAX_DATASET_BYTES
+    except ValueError:
+        raise DatasetError(f"{MAX_DATASET_BYTES_ENV}={raw!r} is not a number of bytes") from None
+
+
+def check_size(path: Path, what: str, nbytes: int, limit: int | None = None) -> None:
+    """DatasetError naming the size found and the limit when `nbytes` exceeds it."""
+    limit = max_dataset_bytes() if limit is None else limit
+    if nbytes > limit:
+        raise DatasetError(f"{path}: {what} would take {nbytes / 2**20:,.0f} MiB ({nbytes} bytes); "
+                           f"the limit is {limit / 2**20:,.0f} MiB (set {MAX_DATASET_BYTES_ENV} to "
+                           "raise it)")
 
 
 def load_npz_dataset(path: str | Path, *, split_seed: int = SPLIT_SEED, val_fraction: float = 0.2) -> Dataset:
@@ -48,11 +75,34 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     try:
+        _check_npz_sizes(path)
         # allow_pickle=False: a dataset file must never be able to run code.
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DatasetError(f"{path}: cannot read as .npz: {error}") from error
+
+
+def _member_bytes(member: zipfile.ZipExtFile) -> int:
+    """What np.load allocates for one .npy member: its header's shape x item size (it allocates
+    that before reading a byte of data, so a header can claim terabytes in a tiny file)."""
+    version = np.lib.format.read_magic(member)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(member)
+    return math.prod(shape) * max(dtype.itemsize, 4)  # float32 after conversion, at least
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an .npz whose members, decompressed or as arrays, exceed the limit, before reading."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                total += max(info.file_size, _member_bytes(member))
+            check_size(path, f"its arrays (up to {info.filename})", total)
 
 
 def _npz_split(path: Path, name: str, x: np.ndarray, y: np.ndarray) -> Split:
