@@ -58,7 +58,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # driver (NVIDIA container toolkit / device plugin).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && whl=$(find /wheels -name 'snapserve_ensembles-*.whl') \
     && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[gpu]" "onnxruntime-gpu[cuda,cudnn]" \
     && find /opt/venv -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' \
        | sort -u > /etc/ld.so.conf.d/snapserve-nvidia.conf \
@@ -81,7 +81,7 @@ FROM runtime AS trainer
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && whl=$(find /wheels -name 'snapserve_ensembles-*.whl') \
     && pip install --no-cache-dir -c /wheels/constraints.txt --extra-index-url "${TORCH_INDEX_URL}" \
        "${whl}[cpu,train]"
 ENV MPLCONFIGDIR=/tmp/matplotlib
@@ -94,7 +94,7 @@ CMD ["--help"]
 FROM runtime AS server
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && whl=$(find /wheels -name 'snapserve-*.whl') \
+    && whl=$(find /wheels -name 'snapserve_ensembles-*.whl') \
     && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[cpu]"
 USER 10001:10001
 VOLUME ["/models"]
