@@ -139,6 +139,9 @@ def _log_security(config: ServerConfig) -> None:
                     if security.tls_client_ca is not None else "not asked for")
     if security.auth:  # the file's name only: tokens are never logged
         logger.info("bearer token authentication on (tokens from %s)", security.auth_token_file)
+        if not security.tls:
+            logger.warning("bearer tokens without TLS: every token crosses the network in clear "
+                           "text, for anyone on the path to read and reuse (use --tls-cert)")
     elif config.repository.allow_repository_control:
         logger.warning("repository control is on without authentication: any client that reaches "
                        "the port can load and unload models (use --auth-token-file)")
@@ -166,6 +169,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     _log_security(config)
     registry = ModelRegistry()
     health = HealthServicer()
+    for interceptor in interceptors:  # a named model's health only for callers with a token
+        if isinstance(interceptor, TokenAuthInterceptor):
+            health.protect(interceptor.authorized, HEALTH_SERVICE_NAMES)
     for service in HEALTH_SERVICE_NAMES:
         health.set(service, False)  # until the repository is loaded
     metrics = ServerMetrics(registry)
@@ -175,6 +181,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        *config.connections.grpc_options(),
     ])
     # Raw-bytes handlers: our code parses each request (api/intake.py), within one bound.
     intake = Intake(config.intake)

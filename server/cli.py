@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from snapserve.proto.version import package_version
+from snapserve.server.api.connections import ConnectionConfig
 from snapserve.server.api.intake import IntakeConfig
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.app import start_server
@@ -81,6 +82,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     """The CLI's parser; defaults come from `environ` (default: os.environ), see ENV_PREFIX."""
     d, b, r = ServerConfig.__dataclass_fields__, BatcherConfig(), RuntimeConfig()
     rp, ic, me = RepositoryConfig(), IntakeConfig(), MetricsEndpointConfig()
+    cc = ConnectionConfig()
     # allow_abbrev=False: a prefix such as --version must not be read as --version-policy.
     parser = argparse.ArgumentParser(
         prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).",
@@ -136,6 +138,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         help="MiB those calls may hold, server-wide (default %(default)s)")
     parser.add_argument("--decode-threads", type=int, default=ic.decode_threads,
                         help="threads that parse and decode large requests (default %(default)s)")
+    parser.add_argument("--max-connection-idle-s", type=float, default=cc.max_idle_s,
+                        help="close a client connection without a call this long "
+                             "(default %(default)s)")
+    parser.add_argument("--max-connection-age-s", type=float, default=cc.max_age_s,
+                        help="ask every connection to go away after this long, so clients "
+                             "spread over new instances; 0: never (default %(default)s)")
+    parser.add_argument("--keepalive-s", type=float, default=cc.keepalive_s,
+                        help="ping idle connections this often to find dead peers "
+                             "(default %(default)s)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="pass NaN/Inf inputs to the model instead of refusing them")
     parser.add_argument("--tls-cert", type=Path, default=None,
@@ -209,6 +220,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             poll_interval_s=args.poll_interval,
             allow_repository_control=args.allow_repository_control),
         metrics_port=args.metrics_port,
+        connections=ConnectionConfig(max_idle_s=args.max_connection_idle_s,
+                                     max_age_s=args.max_connection_age_s,
+                                     keepalive_s=args.keepalive_s),
         metrics_endpoint=MetricsEndpointConfig(host=args.metrics_host,
                                                timeout_s=args.metrics_timeout_s,
                                                max_connections=args.metrics_max_connections),

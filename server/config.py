@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapserve.server.api.connections import ConnectionConfig
 from snapserve.server.api.intake import IntakeConfig
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.engine.batcher import BatcherConfig
@@ -61,6 +62,8 @@ class ServerConfig:
     # Server-wide bound on calls received but not yet queued and the bytes they hold, and the
     # threads that decode large requests (server/api/intake.py).
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    # Idle and age limits of client connections, keepalive pings (server/api/connections.py).
+    connections: ConnectionConfig = field(default_factory=ConnectionConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +40,21 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._status: dict[str, Status] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self._shutting_down = False
+        self._authorized: Callable[[object], bool] | None = None
+        self._public: frozenset[str] = frozenset()
+
+    def protect(self, authorized: Callable[[object], bool], public: Sequence[str]) -> None:
+        """Answer services other than `public` only to callers `authorized(metadata)` accepts:
+        the status of a named model (or NOT_FOUND) tells who asks which models exist. Probes
+        check the `public` names (the server's), which stay open."""
+        self._authorized, self._public = authorized, frozenset(public)
+
+    async def _check_caller(self, service: str, context: grpc.aio.ServicerContext) -> None:
+        if (self._authorized is not None and service not in self._public
+                and not self._authorized(context.invocation_metadata())):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "the health of a named model needs a bearer token "
+                                "('authorization: Bearer <token>'); '' (the whole server) is open")
 
     def status(self, service: str) -> Status:
         return self._status.get(service, SERVICE_UNKNOWN)
@@ -73,6 +88,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self._check_caller(request.service, context)
         if request.service not in self._status:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"unknown service {request.service!r}; '' is the whole server")
@@ -82,6 +98,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """The current status at once, then every change until the call ends."""
+        await self._check_caller(request.service, context)
         last: Status | None = None
         while True:
             status = self.status(request.service)

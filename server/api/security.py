@@ -110,6 +110,8 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"auth_token_file {str(path)!r} cannot be read: {exc}") from exc
+    if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):  # as for the TLS key
+        logger.warning("auth_token_file %s is readable by other users; chmod 600 it", path)
     tokens: list[bytes] = []
     for number, line in enumerate(lines, 1):
         token = line.strip()
