@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_served_ensemble_matches_the_trainers_evaluation(trained_repo: Path) -> None:
     manifest = json.loads((trained_repo / "digits" / "1" / "manifest.json").read_text())
     test = load_dataset("digits").test
-    server = await start_server(ServerConfig(model_repository=trained_repo, port=0))
+    server = await start_server(ServerConfig(model_repository=trained_repo, port=0, http_port=None))
     try:
         async with AsyncEnsembleClient(f"127.0.0.1:{server.port}") as client:
             # Raw pixels in; the client applies the normalisation the server advertises.
@@ -69,4 +70,7 @@ def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ensemble" in out.stdout and "members mean" in out.stdout
     assert "mutual_information" in out.stdout
+    assert re.search(r"AUROC for flagging the ensemble's errors: mutual_information (0\.\d{3}|-)", out.stdout)
+    assert re.search(r"refusing the most uncertain 5% \(predictive_entropy > \S+, \d+\.\d% refused\): "
+                     r"accuracy 0\.\d{4} -> 0\.\d{4}", out.stdout)
     assert "server stopped (exit code 0)" in out.stdout

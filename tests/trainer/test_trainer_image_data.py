@@ -34,6 +34,25 @@ def test_mnist1d_is_generated_locally_without_the_network(monkeypatch: pytest.Mo
     assert np.array_equal(again.test.x, data.test.x)
 
 
+def test_mnist1d_at_other_sizes_with_noisy_training_labels() -> None:
+    clean = load_dataset("mnist1d:train=900,val=100,test=2000")
+    assert (len(clean.train), len(clean.val), len(clean.test)) == (900, 100, 2000) and clean.name == "mnist1d"
+    noisy = load_dataset("mnist1d:train=900,val=100,test=2000,label_noise=0.3")
+    assert np.array_equal(noisy.train.x, clean.train.x) and np.array_equal(noisy.test.y, clean.test.y)
+    assert np.array_equal(noisy.val.y, clean.val.y)  # only the training labels are noisy
+    flipped = noisy.train.y != clean.train.y  # always to another class
+    assert 0.25 < flipped.mean() < 0.35
+    assert np.array_equal(load_dataset("mnist1d:train=900,val=100,test=2000,label_noise=0.3").train.y, noisy.train.y)
+    # out-of-distribution inputs: the test inputs' positions shuffled, the same values
+    ood = clean.ood_inputs()
+    assert ood.shape == clean.test.x.shape and not np.array_equal(ood, clean.test.x)
+    assert np.array_equal(np.sort(ood, axis=-1), np.sort(clean.test.x, axis=-1))
+    with pytest.raises(DatasetError, match="unknown option 'trian'"):
+        load_dataset("mnist1d:trian=10")
+    with pytest.raises(DatasetError, match="label_noise must be in"):
+        load_dataset("mnist1d:label_noise=1.5")
+
+
 class Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2 `str` opcodes, as the real CIFAR files (cPickle, protocol 2) have."""
 
