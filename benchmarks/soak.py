@@ -69,7 +69,7 @@ class ServerProcess:
     def __init__(self, repo: Path, *args: str, ready_timeout_s: float = 90) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0",
-             *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             "--http-port", "0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()
         self.port = 0
@@ -97,6 +97,10 @@ class ServerProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS line")
+
+    def threads(self) -> int:
+        """OS threads of the server now (ONNX Runtime's and gRPC's too), from /proc (Linux)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
 
     def computed(self) -> dict[str, int]:
         """Items each batcher computed, from its `closed` log line (after the server stopped)."""
@@ -383,6 +387,9 @@ class SoakReport:
     rss_end_mib: float
     rss_peak_mib: float
     rss_samples_mib: list[float]
+    threads_start: int = 0  # after the warm-up
+    threads_end: int = 0
+    threads_peak: int = 0
 
     @property
     def lost(self) -> int:
@@ -418,17 +425,20 @@ async def _soak(server: ServerProcess, reference: Reference, duration_s: float, 
     end = start + duration_s
     warm_up = start + min(max(duration_s * 0.2, 1.0), 10.0)
     samples: list[tuple[float, int]] = []
+    threads: list[tuple[float, int]] = []
 
     async def sample_memory() -> None:
         while loop.time() < end:
             samples.append((loop.time(), server.rss_kib()))
+            threads.append((loop.time(), server.threads()))
             await asyncio.sleep(0.5)
 
     sampler = asyncio.ensure_future(sample_memory())
     await _workers(server, reference, tally, concurrency, lambda: loop.time() >= end, seed, MIX,
                    OVERLOAD_CODES)
     await sampler
-    rss_end = server.rss_kib()
+    rss_end, threads_end = server.rss_kib(), server.threads()
+    threads_after = [n for t, n in threads if t >= warm_up] or [threads_end]
     after_warm_up = [kib for t, kib in samples if t >= warm_up] or [rss_end]
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
     return SoakReport(
@@ -436,7 +446,9 @@ async def _soak(server: ServerProcess, reference: Reference, duration_s: float, 
         requests_per_s=round(tally.sent / (loop.time() - start), 1),
         rss_start_mib=mib(after_warm_up[0]), rss_end_mib=mib(rss_end),
         rss_peak_mib=mib(max(kib for _, kib in samples) if samples else rss_end),
-        rss_samples_mib=[mib(kib) for _, kib in samples[::max(1, len(samples) // 20)]])
+        rss_samples_mib=[mib(kib) for _, kib in samples[::max(1, len(samples) // 20)]],
+        threads_start=threads_after[0], threads_end=threads_end,
+        threads_peak=max(threads_after + [threads_end]))
 
 
 def run_soak(server: ServerProcess, reference: Reference, duration_s: float = 60,
@@ -587,7 +599,9 @@ def summary(soak: SoakReport, shutdowns: Sequence[ShutdownReport]) -> str:
         f"with the right code, {t['cancelled']} cancelled, {t['lost']} lost",
         f"  codes: {t['codes']}",
         f"  server RSS: {soak.rss_start_mib} MiB after warm-up, {soak.rss_end_mib} MiB at the end "
-        f"(peak {soak.rss_peak_mib})"]
+        f"(peak {soak.rss_peak_mib})",
+        f"  server threads: {soak.threads_start} after warm-up, {soak.threads_end} at the end "
+        f"(peak {soak.threads_peak})"]
     for s in shutdowns:
         b, a = s.tally_before, s.tally_after
         lines.append(

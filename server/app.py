@@ -1,8 +1,9 @@
-"""Starting and stopping the gRPC server: `start_server(config) -> RunningServer`.
+"""Starting and stopping the server: `start_server(config) -> RunningServer`.
 
 Services: the native API (snapserve.v1.EnsembleService), KServe v2 (inference.GRPCInferenceService),
-grpc.health.v1.Health and server reflection; Prometheus metrics over HTTP when a port is given.
-The port is bound and the health service answers (NOT_SERVING) before the models load.
+grpc.health.v1.Health and server reflection over gRPC; KServe v2 over REST on its own port
+(api/http.py, same core, same event loop); Prometheus metrics over HTTP when a port is given.
+The ports are bound and the health checks answer (NOT_SERVING) before the models load.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.server.api.health import HealthServicer
+from snapserve.server.api.http import HttpFrontEnd
 from snapserve.server.api.intake import Intake, add_servicer
 from snapserve.server.api.kserve import KServeServicer
 from snapserve.server.api.reflection import enable_reflection
-from snapserve.server.api.security import TokenAuthInterceptor, read_tokens, server_credentials
+from snapserve.server.api.security import (TokenAuthInterceptor, read_tokens, server_credentials,
+                                           server_ssl_context)
 from snapserve.server.api.service import EnsembleServicer
 from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
@@ -47,7 +50,7 @@ HEALTH_SERVICE_NAMES = ("", "snapserve.v1.EnsembleService", "inference.GRPCInfer
 @dataclass
 class RunningServer:
     """A started server. `port` is the bound port (the real one when the config asked for 0);
-    `metrics_port` likewise, None when metrics are not served over HTTP."""
+    `metrics_port` and `http_port` likewise, None when not served."""
 
     config: ServerConfig
     port: int
@@ -59,6 +62,8 @@ class RunningServer:
     metrics_port: int | None = None
     drain: Drain = field(default_factory=Drain)  # the server's first interceptor
     intake: Intake = field(default_factory=Intake)  # admission bound and decode threads
+    http: HttpFrontEnd | None = None  # the KServe v2 REST front end, when http_port is set
+    http_port: int | None = None
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -77,8 +82,9 @@ class RunningServer:
            answer and every refusal goes out; then wait for the clients to go quiet.
            (gRPC's own stop(grace) would leave calls that arrive meanwhile unanswered until the
            grace period ends, then cancel them: grpc/grpc#41785.)
-        3. The gRPC server stops, giving calls still being answered what is left of `grace`;
-           then the metrics endpoint.
+        3. The gRPC server and the REST front end stop, giving calls still being answered what
+           is left of `grace`; then the metrics endpoint. (The drain, the quiet wait and the
+           refusals cover REST requests as gRPC calls: one Drain.)
 
         `grace` is a bound: when it is over, batches still computing are cancelled (their
         callers told UNAVAILABLE) and ONNX Runtime told to stop them. `hurry()` (a second
@@ -100,7 +106,11 @@ class RunningServer:
             elif await self._unless_hurried(self.drain.wait_quiet(deadline)) is False:
                 logger.info("clients still calling at the end of the grace period; stopping")
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        await self.server.stop(0 if self._hurry.is_set() else remaining)
+        remaining = 0 if self._hurry.is_set() else remaining
+        stopping = [self.server.stop(remaining)]
+        if self.http is not None:
+            stopping.append(self.http.stop(remaining))
+        await asyncio.gather(*stopping)
         await asyncio.gather(batchers, return_exceptions=True)  # cancelled ones included
         logger.info("refused %d calls while draining", self.drain.refused)
         self.intake.close()
@@ -164,8 +174,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     # Drain first: while stopping, every call is refused before anything else looks at it.
     drain = Drain()
     interceptors: list[grpc.aio.ServerInterceptor] = [drain]
+    auth = None  # the same tokens guard the REST port
     if config.security.auth_token_file is not None:
-        interceptors.append(TokenAuthInterceptor(read_tokens(config.security.auth_token_file)))
+        auth = TokenAuthInterceptor(read_tokens(config.security.auth_token_file))
+        interceptors.append(auth)
+    ssl_context = server_ssl_context(config.security) if config.http_port is not None else None
     _log_security(config)
     registry = ModelRegistry()
     health = HealthServicer()
@@ -187,8 +200,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     intake = Intake(config.intake)
     add_servicer(EnsembleServicer(registry, config.max_stream_in_flight, metrics, intake),
                  SERVICES[0], server, intake)
-    add_servicer(KServeServicer(manager, health, metrics, config.max_stream_in_flight, intake),
-                 SERVICES[1], server, intake)
+    kserve = KServeServicer(manager, health, metrics, config.max_stream_in_flight, intake)
+    add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server, SERVICES)
     try:
@@ -205,6 +218,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
                             intake=intake)
     try:
         await server.start()
+        if config.http_port is not None:
+            running.http = HttpFrontEnd(kserve.core, drain, auth, config.max_message_bytes)
+            running.http_port = await running.http.start(config.host, config.http_port,
+                                                         ssl_context)
         if config.metrics_port is not None:
             running.metrics_port = await metrics.serve(config.metrics_endpoint,
                                                        config.metrics_port)

@@ -85,7 +85,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     cc = ConnectionConfig()
     # allow_abbrev=False: a prefix such as --version must not be read as --version-policy.
     parser = argparse.ArgumentParser(
-        prog="ensemble-server", description="Serve snapshot ensembles over gRPC (snapserve.v1).",
+        prog="ensemble-server",
+        description="Serve snapshot ensembles over gRPC (snapserve.v1, KServe v2) and REST (KServe v2).",
         allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--model-repository", type=Path, required=True,
@@ -93,6 +94,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument("--host", default=d["host"].default, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=d["port"].default,
                         help="port to bind; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=d["http_port"].default,
+                        help="serve the KServe v2 REST API (JSON, and Triton's binary tensors) on "
+                             "this port of --host, with the same TLS and tokens as gRPC; 0 turns "
+                             "it off (default %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default=r.device,
                         help="auto: CUDA when available, else CPU (default %(default)s)")
     parser.add_argument("--intra-op-threads", type=int, default=r.intra_op_threads,
@@ -223,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         connections=ConnectionConfig(max_idle_s=args.max_connection_idle_s,
                                      max_age_s=args.max_connection_age_s,
                                      keepalive_s=args.keepalive_s),
+        http_port=args.http_port or None,  # 0: off
         metrics_endpoint=MetricsEndpointConfig(host=args.metrics_host,
                                                timeout_s=args.metrics_timeout_s,
                                                max_connections=args.metrics_max_connections),

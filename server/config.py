@@ -19,8 +19,13 @@ from snapserve.server.errors import ConfigError
 from snapserve.server.metrics_endpoint import MetricsEndpointConfig
 from snapserve.server.models.policy import RepositoryConfig
 
-__all__ = ["BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig", "ServerConfig",
-           "format_address"]
+__all__ = ["DEFAULT_HTTP_PORT", "BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig",
+           "ServerConfig", "format_address"]
+
+
+# Triton's HTTP port (its gRPC one is 8001; MLServer's are 8080/8081): clear of the gRPC default
+# 50051 and of the metrics port the docs use (9100).
+DEFAULT_HTTP_PORT = 8000
 
 
 def format_address(host: str, port: int) -> str:
@@ -38,15 +43,15 @@ class ServerConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
     grace_s: float = 5.0
+    # On SIGTERM, health says NOT_SERVING at once, but new requests are still answered this long
+    # (balancers and Kubernetes endpoints keep sending for seconds); then they are refused with
+    # UNAVAILABLE and the grace period begins. 0: refuse at once.
+    drain_window_s: float = 3.0
     # Largest request or response on the wire; gRPC's own default (4 MiB) is small for images.
     max_message_bytes: int = 64 * 1024 * 1024
     # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
     # fill batches by itself, and bounds the memory one stream may hold.
     max_stream_in_flight: int = 64
-    # On SIGTERM, health says NOT_SERVING at once, but new requests are still answered this long
-    # (balancers and Kubernetes endpoints keep sending for seconds); then they are refused with
-    # UNAVAILABLE and the grace period begins. 0: refuse at once.
-    drain_window_s: float = 3.0
     # TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
@@ -59,6 +64,10 @@ class ServerConfig:
     metrics_port: int | None = None
     # The metrics endpoint's own host (loopback unless asked), timeouts and connection bound.
     metrics_endpoint: MetricsEndpointConfig = field(default_factory=MetricsEndpointConfig)
+    # The KServe v2 REST API (server/api/http.py) on host:http_port, beside gRPC, with the same
+    # TLS and tokens. None: not served; 0: any free port (RunningServer.http_port says which).
+    # (The CLI's --http-port 0 turns it off, as Triton users expect.)
+    http_port: int | None = DEFAULT_HTTP_PORT
     # Server-wide bound on calls received but not yet queued and the bytes they hold, and the
     # threads that decode large requests (server/api/intake.py).
     intake: IntakeConfig = field(default_factory=IntakeConfig)
@@ -75,6 +84,8 @@ class ServerConfig:
             raise ConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
         if not self.grace_s >= 0:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s!r}")
+        if not self.drain_window_s >= 0:
+            raise ConfigError(f"drain_window_s must be >= 0, got {self.drain_window_s!r}")
         if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes must be an integer >= 1024, "
                               f"got {self.max_message_bytes!r}")
@@ -84,14 +95,19 @@ class ServerConfig:
         if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
             raise ConfigError("max_concurrent_streams must be an integer >= 1, "
                               f"got {self.max_concurrent_streams!r}")
-        if not self.drain_window_s >= 0:
-            raise ConfigError(f"drain_window_s must be >= 0, got {self.drain_window_s!r}")
         if self.metrics_port is not None and (
                 not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be an integer in [0, 65535], got "
                               f"{self.metrics_port!r}")
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
+        if self.http_port is not None and (
+                not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535):
+            raise ConfigError(f"http_port must be an integer in [0, 65535] or None (off), got "
+                              f"{self.http_port!r}")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            which = "gRPC" if self.http_port == self.port else "metrics"
+            raise ConfigError(f"http_port {self.http_port} is the {which} port; pick another")
 
     @property
     def address(self) -> str:

@@ -5,7 +5,7 @@ A registry per server, not prometheus_client's global one, so several servers in
 
 | metric | type | labels |
 |---|---|---|
-| snapserve_inference_requests_total | counter | model, api (native, kserve), code (OK, NOT_FOUND, ...) |
+| snapserve_inference_requests_total | counter | model, api (native, kserve, http), code (OK, NOT_FOUND, ...) |
 | snapserve_request_duration_seconds | histogram | model, api: end to end in the gRPC handler |
 | snapserve_queue_duration_seconds | histogram | model, version: waiting for a batch |
 | snapserve_compute_duration_seconds | histogram | model, version: one batch, members and scores |
@@ -46,12 +46,13 @@ from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import InferenceObserver
 
-__all__ = ["API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
+__all__ = ["API_HTTP", "API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
 
 logger = logging.getLogger(__name__)
 
 API_NATIVE = "native"
 API_KSERVE = "kserve"
+API_HTTP = "http"  # KServe v2 over REST (api/http.py); its codes are the gRPC names too
 OTHER_MODEL = "_other"  # model names start with a letter or digit (models.manifest.MODEL_NAME)
 
 # Seconds: from a fraction of a millisecond (small models on CPU) to a slow, queued request.

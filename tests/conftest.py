@@ -1,4 +1,5 @@
-"""Fixtures every test package may use: a model repository and a real server over it.
+"""Fixtures every test package may use: a model repository, a real server over it, and
+throw-away certificates.
 
 Helper code (building members, writing versions, the reference oracle, servers) is in
 tests/support/, imported by name; a package's own conftest.py holds only its local fixtures.
@@ -15,7 +16,14 @@ import pytest
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from tests.support.models import write_repository
+from tests.support.pki import Pki, make_pki
 from tests.support.servers import ThreadedServer, local_config
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, server and client certificates (tests/support/pki.py), made once a session."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -26,7 +34,7 @@ def model_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server_config(model_repo: Path) -> ServerConfig:
-    return ServerConfig(model_repository=model_repo, port=0,
+    return ServerConfig(model_repository=model_repo, port=0, http_port=None,
                         batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005))
 
 

@@ -1,9 +1,11 @@
-"""The KServe v2 / Open Inference Protocol service `inference.GRPCInferenceService`.
+"""The KServe v2 / Open Inference Protocol: its operations (`KServeCore`) and its gRPC service
+`inference.GRPCInferenceService` (`KServeServicer`).
 
-Decode, call, encode, like the native service: inference goes through the same registry,
-batcher and runtime (`ModelRegistry.predict`), errors through the same decorator and table
-(api/status.py).
-Model versions are strings here ("" = the default, the newest loaded).
+`KServeCore` holds the protocol's logic on its messages and knows no transport: the gRPC
+servicer here and the REST front end (api/http.py) both call it, so the two answer alike, with
+the same checks and messages. Decode, call, encode, like the native service: inference goes
+through the same registry, batcher and runtime (`ModelRegistry.predict`), errors through the same
+table (api/status.py). Model versions are strings here ("" = the default, the newest loaded).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from snapserve.server.metrics import API_KSERVE, ServerMetrics
 from snapserve.server.models.lifecycle import ModelManager
 from snapserve.server.models.policy import check_model_name
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "KServeServicer"]
+__all__ = ["EXTENSIONS", "SERVER_NAME", "KServeCore", "KServeServicer"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,59 +50,47 @@ def _stream_error(request: kpb.ModelInferRequest, code: grpc.StatusCode,
                                               model_version=request.model_version, id=request.id))
 
 
-class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+class KServeCore:
+    """The protocol's operations: a request message in, a response message out, named
+    exceptions for failures (api/status.py maps them for each transport)."""
+
     def __init__(self, manager: ModelManager, health: HealthServicer, metrics: ServerMetrics,
-                 max_stream_in_flight: int = 64, intake: Intake | None = None) -> None:
+                 intake: Intake | None = None) -> None:
         self._manager = manager
-        self._intake = Intake() if intake is None else intake
+        self.intake = Intake() if intake is None else intake
         self._registry = manager.registry
         self._health = health
         self._metrics = metrics
-        self._max_stream_in_flight = max_stream_in_flight
 
     # -- server and model state ----------------------------------------------------------------
 
-    @abort_on_error
-    async def ServerLive(self, request: kpb.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+    def server_live(self, request: kpb.ServerLiveRequest) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
 
-    @abort_on_error
-    async def ServerReady(self, request: kpb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+    def server_ready(self, request: kpb.ServerReadyRequest) -> kpb.ServerReadyResponse:
         # The same answer as the health service for "": loaded, and not draining.
         return kpb.ServerReadyResponse(ready=self._health.status("") == SERVING)
 
-    @abort_on_error
-    async def ModelReady(self, request: kpb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+    def model_ready(self, request: kpb.ModelReadyRequest) -> kpb.ModelReadyResponse:
         version = parse_version(request.version, "version")
         loaded = request.name in self._registry and (
             version == 0 or version in self._registry.versions(request.name))
         # An unknown model is not ready, not an error (as Triton answers).
         return kpb.ModelReadyResponse(ready=loaded and self._health.status(request.name) == SERVING)
 
-    @abort_on_error
-    async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
+    def server_metadata(self, request: kpb.ServerMetadataRequest) -> kpb.ServerMetadataResponse:
         return kpb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(),
                                           extensions=EXTENSIONS)
 
-    @abort_on_error
-    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
+    def model_metadata(self, request: kpb.ModelMetadataRequest) -> kpb.ModelMetadataResponse:
         served = self._registry.get(request.name, parse_version(request.version, "version"))
         return encode_model_metadata(self._registry, served)
 
-    @abort_on_error
-    async def ModelConfig(self, request: kpb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
+    def model_config(self, request: kpb.ModelConfigRequest) -> kpb.ModelConfigResponse:
         served = self._registry.get(request.name, parse_version(request.version, "version"))
         return kpb.ModelConfigResponse(config=encode_model_config(served, self._manager.config))
 
-    @abort_on_error
-    async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
+    def model_statistics(self, request: kpb.ModelStatisticsRequest) -> kpb.ModelStatisticsResponse:
         """Every loaded version of one model (name) or of all (no name); one when asked."""
         version = parse_version(request.version, "version")
         if request.name:
@@ -115,53 +105,38 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
 
-    async def _infer(self, request: kpb.ModelInferRequest,
-                     timeout: float | None) -> kpb.ModelInferResponse:
-        with observed_request(self._metrics, request.model_name, API_KSERVE):
+    async def infer(self, request: kpb.ModelInferRequest, timeout: float | None,
+                    api: str = API_KSERVE) -> kpb.ModelInferResponse:
+        """One inference; `api` labels it in the metrics (which front end it came through)."""
+        with observed_request(self._metrics, request.model_name, api):
             version = parse_version(request.model_version)
             served = self._registry.get(request.model_name, version)
-            x = await self._intake.run(payload_bytes(request), decode_infer_input, request,
+            x = await self.intake.run(payload_bytes(request), decode_infer_input, request,
                                        served.manifest.input, served.max_batch_size)
             outputs = requested_outputs(request)
             queued()
             served, scores = await self._registry.predict(served, version, x, timeout)
             return encode_infer_response(scores, served, request.id, outputs)
 
-    @abort_on_error
-    async def ModelInfer(self, request: kpb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
-
-    async def _stream_answer(self, request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
-        return kpb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
-
-    @abort_on_error
-    def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
-                         context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
-        return answer_in_order(request_iterator, self._stream_answer, _stream_error,
-                               self._max_stream_in_flight)
-
     # -- repository ------------------------------------------------------------------------------
 
-    @abort_on_error
-    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
+    async def repository_index(self, request: kpb.RepositoryIndexRequest
+                               ) -> kpb.RepositoryIndexResponse:
         entries = await self._manager.index()
         return kpb.RepositoryIndexResponse(models=[
             kpb.RepositoryIndexResponse.ModelIndex(name=e.name, version=str(e.version),
                                                    state=e.state, reason=e.reason)
             for e in entries if e.state == "READY" or not request.ready])
 
-    def authorize_repository_control(self, context: grpc.aio.ServicerContext,
-                                     model_name: str) -> str:
+    def authorize_repository_control(self, model_name: str) -> str:
         """The one check before a load or unload, which gives the model to change:
         RepositoryControlDenied (PERMISSION_DENIED) unless the server runs with
         --allow-repository-control, InvalidModelName unless `model_name` is a plain name.
 
         Hook for authorisation: a per-caller rule (a token or client certificate allowed to
-        change the repository, from `context.invocation_metadata()` / `context.auth_context()`)
-        goes here, so both RPCs get it and nothing else has to change.
+        change the repository) goes here, with the caller's identity passed in by each front
+        end (gRPC metadata / auth context, HTTP headers / peer certificate), so both RPCs on
+        both transports get it.
         """
         if not self._manager.config.allow_repository_control:
             raise RepositoryControlDenied(
@@ -169,11 +144,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 "start it with --allow-repository-control to allow it")
         return check_model_name(model_name)
 
-    @abort_on_error
-    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext
-                                  ) -> kpb.RepositoryModelLoadResponse:
-        name = self.authorize_repository_control(context, request.model_name)
+    async def repository_model_load(self, request: kpb.RepositoryModelLoadRequest
+                                    ) -> kpb.RepositoryModelLoadResponse:
+        name = self.authorize_repository_control(request.model_name)
         if request.parameters:
             raise InvalidInput(f"load parameters {sorted(request.parameters)} are not "
                                "supported: a model version is loaded from its folder as is "
@@ -182,14 +155,89 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         logger.info("model %s loaded by request", request.model_name)
         return kpb.RepositoryModelLoadResponse()
 
-    @abort_on_error
-    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext
-                                    ) -> kpb.RepositoryModelUnloadResponse:
-        name = self.authorize_repository_control(context, request.model_name)
+    async def repository_model_unload(self, request: kpb.RepositoryModelUnloadRequest
+                                      ) -> kpb.RepositoryModelUnloadResponse:
+        name = self.authorize_repository_control(request.model_name)
         unknown = set(request.parameters) - UNLOAD_PARAMETERS
         if unknown:
             raise InvalidInput(f"unload parameters {sorted(unknown)} are not supported")
         await self._manager.unload_model(name)
         logger.info("model %s unloaded by request", request.model_name)
         return kpb.RepositoryModelUnloadResponse()
+
+
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    """The protocol over gRPC: each handler calls `core` (KServeCore), errors end the call with
+    their status (abort_on_error)."""
+
+    def __init__(self, manager: ModelManager, health: HealthServicer, metrics: ServerMetrics,
+                 max_stream_in_flight: int = 64, intake: Intake | None = None) -> None:
+        self.core = KServeCore(manager, health, metrics, intake)
+        self._max_stream_in_flight = max_stream_in_flight
+
+    @abort_on_error
+    async def ServerLive(self, request: kpb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+        return self.core.server_live(request)
+
+    @abort_on_error
+    async def ServerReady(self, request: kpb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+        return self.core.server_ready(request)
+
+    @abort_on_error
+    async def ModelReady(self, request: kpb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+        return self.core.model_ready(request)
+
+    @abort_on_error
+    async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
+        return self.core.server_metadata(request)
+
+    @abort_on_error
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
+        return self.core.model_metadata(request)
+
+    @abort_on_error
+    async def ModelConfig(self, request: kpb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
+        return self.core.model_config(request)
+
+    @abort_on_error
+    async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
+        return self.core.model_statistics(request)
+
+    @abort_on_error
+    async def ModelInfer(self, request: kpb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+        return await self.core.infer(request, context.time_remaining())
+
+    async def _stream_answer(self, request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
+        return kpb.ModelStreamInferResponse(infer_response=await self.core.infer(request, None))
+
+    @abort_on_error
+    def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+        return answer_in_order(request_iterator, self._stream_answer, _stream_error,
+                               self._max_stream_in_flight)
+
+    @abort_on_error
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
+        return await self.core.repository_index(request)
+
+    @abort_on_error
+    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> kpb.RepositoryModelLoadResponse:
+        return await self.core.repository_model_load(request)
+
+    @abort_on_error
+    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> kpb.RepositoryModelUnloadResponse:
+        return await self.core.repository_model_unload(request)

@@ -1,7 +1,8 @@
 """Transport security and caller authentication: TLS / mutual TLS credentials, bearer tokens.
 
-- TLS: `tls_cert` + `tls_key` (PEM) put TLS on the listening port; `tls_client_ca` (PEM bundle)
-  also requires every client to present a certificate that CA signed (mutual TLS).
+- TLS: `tls_cert` + `tls_key` (PEM) put TLS on the listening ports (gRPC: `server_credentials`,
+  REST: `server_ssl_context`); `tls_client_ca` (PEM bundle) also requires every client to present
+  a certificate that CA signed (mutual TLS), on both.
 - Tokens: `auth_token_file` holds one or more bearer tokens, one per line (`#` comments and blank
   lines ignored). Every call must then carry `authorization: Bearer <token>` metadata, except the
   health checks and reflection, which probes and tools call without credentials. Tokens are
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from snapserve.server.api.status import status_code
 from snapserve.server.errors import ConfigError, Unauthenticated
 
 __all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
-           "refusing_handler", "server_credentials"]
+           "refusing_handler", "server_credentials", "server_ssl_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,22 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
             raise ConfigError(f"tls_client_ca {str(config.tls_client_ca)!r} holds no PEM certificate")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def server_ssl_context(config: SecurityConfig) -> ssl.SSLContext | None:
+    """The REST port's TLS, from the same files and with the same client-certificate rule as
+    gRPC's (`server_credentials`, which checks the files first); None when TLS is off."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2+, modern ciphers
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert/tls_key/tls_client_ca cannot be used for HTTPS: {exc}") from exc
+    return context
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:

@@ -1,6 +1,9 @@
-"""From the server's named exceptions to gRPC status codes, in one place, for every service.
+"""From the server's named exceptions to status codes, in one place, for every service.
 
-`STATUS_CODES` is the one table; `abort_on_error` is the one decorator every handler of both
+`STATUS_CODES` is the one table (exception -> gRPC code); `HTTP_STATUS` pairs each gRPC code
+with its HTTP status, so the REST front end (api/http.py) answers every error with the status
+its gRPC code implies and the same message (`describe_http_error`). `abort_on_error` is the one
+decorator every handler of both
 services (native in service.py, KServe v2 in kserve.py) wears, so a handler only decodes, calls
 and encodes. Streams answer a failed request with an error answer instead (`answer_in_order`),
 and the interceptors refuse calls with the same codes (`status_code`).
@@ -31,8 +34,9 @@ from snapserve.server.tracing import end_request_span, extract_parent, request_s
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
     from snapserve.server.metrics import ServerMetrics
 
-__all__ = ["STATUS_CODES", "abort_on_error", "answer_in_order", "describe_error",
-           "observed_request", "status_code"]
+__all__ = ["HTTP_STATUS", "STATUS_CODES", "abort_on_error", "answer_in_order",
+           "describe_error", "describe_http_error", "http_status", "observed_request",
+           "status_code"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,41 @@ def describe_error(exc: Exception) -> tuple[grpc.StatusCode, str]:
         logger.error("internal error: %r", exc, exc_info=exc)
         return code, f"internal error: {type(exc).__name__}: {exc}"
     return code, str(exc)
+
+
+# The HTTP status of each gRPC code, as google.rpc.Code pairs them (grpc-gateway and Envoy's
+# gRPC-JSON transcoder use the same pairs). An exception's one row in STATUS_CODES decides its
+# status on both transports, so a REST and a gRPC caller cannot be told different things.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for an exception (its gRPC code's, HTTP_STATUS)."""
+    return HTTP_STATUS[status_code(exc)]
+
+
+def describe_http_error(exc: Exception) -> tuple[int, str]:
+    """The HTTP status and the message a REST caller gets: the message a gRPC caller gets."""
+    code, message = describe_error(exc)
+    return HTTP_STATUS[code], message
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])

@@ -94,7 +94,7 @@ async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) 
     from snapserve.server.api.security import SecurityConfig
 
     cert, key = self_signed(tmp_path)
-    running = await start_server(ServerConfig(model_repository=model_repo, port=0,
+    running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None,
                                               security=SecurityConfig(tls_cert=cert, tls_key=key)))
     try:
         # As in the container: SNAPSERVE_TLS_CERT set for the server, so the check trusts it.

@@ -50,7 +50,7 @@ def test_kserve_api(served) -> None:  # type: ignore[no-untyped-def]
 def test_errors_are_counted_by_status_code(tmp_path: Path, imported_repo: Path) -> None:
     # One waiting request at most, and no adaptive send: concurrent callers overflow the queue.
     server = ThreadedServer(ServerConfig(
-        model_repository=imported_repo, port=0,
+        model_repository=imported_repo, port=0, http_port=None,
         batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.02, max_queue_size=1,
                               adaptive_wait=False)))
     try:

@@ -65,7 +65,7 @@ async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.M
     monkeypatch.setattr(snapserve.server.models.lifecycle, "load_version", held_load)
     port = free_port()
     starting = asyncio.ensure_future(start_server(ServerConfig(
-        model_repository=model_repo, port=port, batcher=fast_batching())))
+        model_repository=model_repo, port=port, http_port=None, batcher=fast_batching())))
     try:
         while True:  # until the port is bound and answers
             if starting.done():
@@ -90,7 +90,7 @@ async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.M
 
 
 async def test_watchers_hear_not_serving_when_shutdown_begins(model_repo: Path) -> None:
-    running = await start_server(ServerConfig(model_repository=model_repo, port=0,
+    running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None,
                                               batcher=fast_batching()))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -24,7 +24,8 @@ READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 
 def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], int, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0", *extra],
+        [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0",
+         "--http-port", "0", *extra],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: list[str] = []

@@ -53,7 +53,7 @@ async def test_checksum_mismatch_refuses_that_model_and_serves_the_others(
         model_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     corrupt_member(model_repo / "digits" / "1")
     caplog.set_level(logging.ERROR, logger="snapserve.server")
-    running = await start_server(ServerConfig(model_repository=model_repo, port=0))
+    running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)

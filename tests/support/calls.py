@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
+import tritonclient.http.aio as triton_http
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
@@ -29,8 +30,10 @@ def predict_request(x: np.ndarray, model: str = "digits", **kwargs: object) -> p
 
 
 @contextlib.asynccontextmanager
-async def triton_client(running: RunningServer) -> AsyncIterator[triton.InferenceServerClient]:
-    client = triton.InferenceServerClient(f"127.0.0.1:{running.port}")
+async def triton_client(running: RunningServer, rest: bool = False) -> AsyncIterator[Any]:
+    """tritonclient's asyncio client for the server's gRPC port, or (rest) its REST port."""
+    client = (triton_http.InferenceServerClient(f"127.0.0.1:{running.http_port}") if rest else
+              triton.InferenceServerClient(f"127.0.0.1:{running.port}"))
     try:
         yield client
     finally:

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig, ServerConfig, start_server
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 just now, for a server process that must be told its port
+    (the CLI's --http-port 0 turns REST off instead of picking one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def fast_batching() -> BatcherConfig:
@@ -18,8 +27,11 @@ def fast_batching() -> BatcherConfig:
 
 
 def local_config(repo: Path, **config: Any) -> ServerConfig:
-    """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given."""
+    """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given, and
+    no REST port unless `http_port` is given (0: a free one; the default 8000 would collide
+    between test runs)."""
     config.setdefault("batcher", fast_batching())
+    config.setdefault("http_port", None)
     return ServerConfig(model_repository=repo, port=0, **config)
 
 

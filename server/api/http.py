@@ -1,0 +1,269 @@
+"""The KServe v2 / Open Inference Protocol over REST, beside gRPC, in the server's event loop.
+
+Every endpoint turns its request into the protocol message a gRPC caller would send, calls the
+same operation (api/kserve.py `KServeCore`: one registry, one batcher, one math path) and writes
+the answer as JSON (api/http_messages.py). Errors come from the same table as gRPC's
+(api/status.py: the exception's gRPC code, and that code's HTTP status), with the same message,
+in the protocol's `{"error": "..."}` body.
+
+aiohttp.web (AppRunner + TCPSite) runs in the loop that runs gRPC: measured against Starlette on
+uvicorn it costs as little per request or less (docs/performance.md), embeds without a server
+process of its own, and brings the request-size bound, TLS and a graceful shutdown with it.
+
+Around every endpoint but the health checks, in gRPC's order: the drain (api/shutdown.py: 503
+once the server is stopping), then the bearer tokens (api/security.py: 401). The health checks
+stay open for probes and balancers, as gRPC health does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Awaitable, Callable
+
+import grpc
+import orjson
+from aiohttp import web
+
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.server.api.http_messages import (BINARY_HEADER, BINARY_TYPE, JSON_TYPE,
+                                                RestInferRequest, decode_infer_request,
+                                                decode_json, encode_infer_response, error_body,
+                                                message_json)
+from snapserve.server.api.kserve import KServeCore
+from snapserve.server.api.security import UNAUTHENTICATED_MESSAGE, TokenAuthInterceptor
+from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN_MESSAGE
+from snapserve.server.api.shutdown import Drain
+from snapserve.server.api.status import HTTP_STATUS, describe_http_error
+from snapserve.server.config import format_address
+from snapserve.server.errors import (ConfigError, InvalidInput, ItemExpired, ShuttingDown,
+                                     Unauthenticated)
+from snapserve.server.metrics import API_HTTP
+from snapserve.server.request_context import REQUEST_ID_KEY, request_context
+from snapserve.server.tracing import extract_parent
+
+__all__ = ["OPEN_PATHS", "HttpFrontEnd"]
+
+logger = logging.getLogger(__name__)
+
+# Probes and balancers call these without credentials, and must hear "not ready" while draining.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: object) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type=JSON_TYPE)
+
+
+def _error(status: int, message: str) -> web.Response:
+    response = web.Response(body=error_body(message), status=status, content_type=JSON_TYPE)
+    if status == HTTP_STATUS[grpc.StatusCode.UNAUTHENTICATED]:
+        response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which scheme to use
+    return response
+
+
+def _version(request: web.Request) -> str:
+    return request.match_info.get("version", "")
+
+
+class HttpFrontEnd:
+    """The REST endpoints over a KServeCore; `start` binds, `stop` finishes what was accepted."""
+
+    def __init__(self, core: KServeCore, drain: Drain, auth: TokenAuthInterceptor | None,
+                 max_body_bytes: int) -> None:
+        self._core = core
+        self._drain = drain
+        self._auth = auth
+        self._max_body_bytes = max_body_bytes
+        self._runner: web.AppRunner | None = None
+        self.address = ""
+
+    # -- the application ----------------------------------------------------------------------
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes,
+                              middlewares=[self._guard])
+        get, post = web.get, web.post
+        routes = [get("/v2", self.server_metadata),
+                  get("/v2/health/live", self.live),
+                  get("/v2/health/ready", self.ready),
+                  get("/v2/models/stats", self.statistics),  # before /v2/models/{model}
+                  post("/v2/repository/index", self.repository_index),
+                  post("/v2/repository/models/{model}/load", self.repository_load),
+                  post("/v2/repository/models/{model}/unload", self.repository_unload)]
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [get(base, self.model_metadata), get(f"{base}/ready", self.model_ready),
+                       get(f"{base}/config", self.model_config),
+                       get(f"{base}/stats", self.statistics), post(f"{base}/infer", self.infer)]
+        app.add_routes(routes)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Drain, then tokens, then the endpoint; every failure as `{"error": ...}`."""
+        try:
+            if request.path in OPEN_PATHS:
+                return await handler(request)
+            if not self._drain.admit():
+                raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
+            if self._auth is not None and not self._auth.authorized(
+                    [("authorization", request.headers.get("Authorization", ""))]):
+                self._auth.refused += 1
+                raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
+            return _error(exc.status, self._http_message(exc, request))
+        except Exception as exc:
+            return _error(*describe_http_error(exc))
+        if self._drain.draining:
+            response.force_close()  # no keep-alive: the client's next call goes elsewhere
+        return response
+
+    def _http_message(self, exc: web.HTTPException, request: web.Request) -> str:
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):
+            return (f"the request body is larger than this server's limit of "
+                    f"{self._max_body_bytes} bytes (--max-message-mb)")
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            return (f"{request.method} is not allowed on {request.path}; use "
+                    f"{', '.join(sorted(exc.allowed_methods))}")
+        if isinstance(exc, web.HTTPNotFound):
+            return f"no endpoint {request.path}; the KServe v2 REST API is under /v2"
+        return exc.reason
+
+    # -- health and metadata -------------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        self._core.server_live(kpb.ServerLiveRequest())
+        return web.Response()
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self._core.server_ready(kpb.ServerReadyRequest()).ready:
+            return web.Response()
+        return _error(503, "the server is not ready: loading its models, or shutting down")
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["model"], _version(request)
+        if self._core.model_ready(kpb.ModelReadyRequest(name=name, version=version)).ready:
+            return web.Response()
+        return _error(503, f"model {name!r}{f' version {version}' if version else ''} is not "
+                           "ready (not loaded, loading, or unloaded)")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json(message_json(self._core.server_metadata(kpb.ServerMetadataRequest())))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return _json(message_json(self._core.model_metadata(kpb.ModelMetadataRequest(
+            name=request.match_info["model"], version=_version(request)))))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        answer = self._core.model_config(kpb.ModelConfigRequest(
+            name=request.match_info["model"], version=_version(request)))
+        return _json(message_json(answer.config))  # Triton's REST answer is the config itself
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        return _json(message_json(self._core.model_statistics(kpb.ModelStatisticsRequest(
+            name=request.match_info.get("model", ""), version=_version(request)))))
+
+    # -- inference -----------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()  # at most client_max_size, else 413
+        intake = self._core.intake
+        with intake.admit(len(body)):  # the gRPC side's bound on work before the queue
+            rest: RestInferRequest = await intake.run(
+                len(body), decode_infer_request, body, request.headers.get(BINARY_HEADER),
+                request.match_info["model"], _version(request))
+            headers = [(key.lower(), value) for key, value in request.headers.items()]
+            with request_context(rest.message.id or request.headers.get(REQUEST_ID_KEY, ""),
+                                 extract_parent(headers)) as current:
+                rest.message.id = current.request_id  # echoed in the answer, as on gRPC
+                answer = await self._answer(rest)
+        payload, header_length = encode_infer_response(answer, rest)
+        if header_length is None:
+            response = web.Response(body=payload, content_type=JSON_TYPE)
+        else:
+            response = web.Response(body=payload, content_type=BINARY_TYPE)
+            response.headers[BINARY_HEADER] = str(header_length)
+        response.headers[REQUEST_ID_KEY] = current.request_id
+        return response
+
+    async def _answer(self, rest: RestInferRequest) -> kpb.ModelInferResponse:
+        """The core's answer, given up at the request's timeout as gRPC gives up at a deadline
+        (the batcher drops a request whose caller went away), so the client hears at once."""
+        try:
+            return await asyncio.wait_for(self._core.infer(rest.message, rest.timeout_s, API_HTTP),
+                                          rest.timeout_s)
+        except asyncio.TimeoutError:
+            raise ItemExpired(f"the request's timeout of {rest.timeout_s * 1e3:.0f} ms passed "
+                              "before it was answered") from None
+
+    # -- repository ----------------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict:
+        body = await request.read()
+        if not body.strip():
+            return {}
+        obj = decode_json(body)
+        if not isinstance(obj, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        return obj
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready = (await self._body(request)).get("ready", False)
+        answer = await self._core.repository_index(kpb.RepositoryIndexRequest(ready=ready is True))
+        return _json([message_json(entry) for entry in answer.models])  # Triton's: a list
+
+    def _parameters(self, body: dict) -> list[str]:
+        parameters = body.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("parameters must be a JSON object")
+        return list(parameters)
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        message = kpb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
+        for key in self._parameters(await self._body(request)):
+            message.parameters[key].string_param = ""  # the names are what the check reads
+        await self._core.repository_model_load(message)
+        return web.Response()
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        message = kpb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
+        for key in self._parameters(await self._body(request)):
+            message.parameters[key].string_param = ""
+        await self._core.repository_model_unload(message)
+        return web.Response()
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        """Bind host:port (0: any free port) and serve; the bound port."""
+        # handle_signals=False: the CLI owns SIGTERM (cli.serve -> RunningServer.stop).
+        self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(f"http_port: cannot bind {format_address(host, port)}: "
+                              f"{exc.strerror}") from exc
+        bound = self._runner.addresses[0][1]
+        scheme = "https" if ssl_context is not None else "http"
+        self.address = f"{scheme}://{format_address(host, bound)}"
+        logger.info("serving KServe v2 REST on %s/v2", self.address)
+        return bound
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop listening, give requests still being answered `grace` seconds (None: none),
+        then close every connection."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:
+            # aiohttp reads a timeout of 0 as none at all: the smallest positive one instead.
+            await runner.server.shutdown(max(grace or 0.0, 0.001))
+        await runner.cleanup()

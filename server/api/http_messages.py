@@ -1,0 +1,272 @@
+"""KServe v2 REST bodies <-> the protocol's messages (`inference.*`). Conversion and checks only.
+
+The REST front end (api/http.py) turns each request into the message a gRPC caller would send
+and calls the same operation (api/kserve.py `KServeCore`), so both transports share every check
+after this one and answer with the same numbers and messages.
+
+- An infer request's tensors become `raw_input_contents` (little-endian bytes), as tritonclient's
+  gRPC client sends them: JSON `data` (flat or nested, row-major) is converted here, with its own
+  checks (count against shape, numbers of the datatype's kind and range); binary tensors
+  (Triton's binary tensor data extension: a JSON header of `Inference-Header-Content-Length`
+  bytes, then each input's `binary_data_size` bytes in order) are sliced from the body as is.
+- An infer response goes back as JSON, each output's `data` flat and row-major, or, for the
+  outputs asked for that way (`binary_data` per output, `binary_data_output` for all), as raw
+  bytes after the JSON header, whose length the `Inference-Header-Content-Length` header says.
+- Every other answer is its message in proto3's JSON form with the .proto's field names and
+  64-bit integers as numbers (what Triton's REST API returns, and tritonclient.http reads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.tensors import (KSERVE_TO_NUMPY, TensorError, check_fits, check_shape,
+                                     wire_type)
+from snapserve.server.errors import InvalidInput
+
+__all__ = ["BINARY_HEADER", "JSON_TYPE", "BINARY_TYPE", "RestInferRequest", "decode_infer_request",
+           "decode_json", "encode_infer_response", "error_body", "message_json"]
+
+# Triton's binary tensor data extension: the length of the JSON part of a body that continues
+# with raw tensor bytes.
+BINARY_HEADER = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
+                          FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
+                          FieldDescriptor.TYPE_SFIXED64})
+# Which JSON values a datatype of each numpy kind takes: integers into a float tensor are
+# fine (JSON writers write 1.0 as 1), fractions into an integer tensor are not.
+_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+_KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "true/false"}
+_SENT_NAMES = {"f": "fractional numbers", "i": "integers", "u": "integers", "b": "booleans"}
+
+
+@dataclass(frozen=True)
+class RestInferRequest:
+    """A decoded REST infer request: the protocol message and what only REST has."""
+
+    message: kpb.ModelInferRequest
+    # An output's own `binary_data` parameter, where it has one; else `binary_data_output`.
+    binary_outputs: dict[str, bool]
+    binary_output_default: bool
+    timeout_s: float | None  # the `timeout` parameter (microseconds, as Triton's)
+
+    def binary(self, output: str) -> bool:
+        """Whether this output goes as raw bytes after the JSON header."""
+        return self.binary_outputs.get(output, self.binary_output_default)
+
+
+def error_body(message: str) -> bytes:
+    """The protocol's error answer."""
+    return orjson.dumps({"error": message})
+
+
+def decode_json(body: bytes | memoryview, what: str = "the request body") -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what} must be a JSON array, got {type(value).__name__}")
+    return value
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[memoryview, memoryview]:
+    """(the JSON part, the binary tensor bytes after it)."""
+    if header_length is None:
+        return memoryview(body), memoryview(b"")
+    if not header_length.isascii() or not header_length.isdigit():
+        raise InvalidInput(f"{BINARY_HEADER} {header_length!r} is not a byte count")
+    size = int(header_length)
+    if size > len(body):
+        raise InvalidInput(f"{BINARY_HEADER} is {size} but the body has only {len(body)} bytes")
+    view = memoryview(body)
+    return view[:size], view[size:]
+
+
+def json_data_bytes(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> bytes:
+    """A tensor's JSON `data` (flat or nested) as little-endian bytes of `datatype`."""
+    wire = wire_type(datatype, name).numpy
+    try:
+        values = np.asarray(data)
+    except (ValueError, TypeError) as exc:  # ragged nesting
+        raise InvalidInput(f"{name} data is not a flat or evenly nested array of numbers: "
+                           f"{exc}") from exc
+    count = math.prod(shape)
+    if values.size != count:
+        raise InvalidInput(f"{name} data holds {values.size} values; shape {list(shape)} needs "
+                           f"{count}")
+    if values.size and values.dtype.kind not in _ACCEPTED_KINDS[wire.kind]:
+        sent = _SENT_NAMES.get(values.dtype.kind, "values that are not numbers")
+        raise InvalidInput(f"{name} data holds {sent}; datatype {datatype} takes "
+                           f"{_KIND_NAMES[wire.kind]}")
+    if values.size and wire.kind in "iuf":
+        info = np.iinfo(wire) if wire.kind in "iu" else np.finfo(wire)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise InvalidInput(f"{name} data has values outside {datatype}'s range "
+                               f"[{info.min:.6g}, {info.max:.6g}]")
+    return values.astype(wire, copy=False).tobytes()
+
+
+def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
+                  message: kpb.ModelInferRequest) -> int:
+    """Add one input tensor to `message`; the offset of the next binary tensor."""
+    tensor = _object(tensor, f"inputs[{index}]")
+    name = _string(tensor.get("name"), f"inputs[{index}].name")
+    label = f"input {name!r}"
+    datatype = _string(tensor.get("datatype"), f"{label} datatype")
+    shape_json = _list(tensor.get("shape"), f"{label} shape")
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape_json):
+        raise InvalidInput(f"{label} shape must be a list of integers, got {shape_json}")
+    try:
+        shape = check_shape(shape_json, label)
+        check_fits(shape, wire_type(datatype, label).numpy, label)
+    except TensorError as exc:
+        raise InvalidInput(str(exc)) from exc
+    parameters = _object(tensor.get("parameters", {}), f"{label} parameters")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"{label} binary_data_size must be a byte count, got {size!r}")
+        if offset + size > len(binary):
+            raise InvalidInput(f"{label} binary_data_size {size} runs past the body's "
+                               f"{len(binary)} bytes of binary tensor data")
+        raw = bytes(binary[offset:offset + size])
+        offset += size
+    elif "data" in tensor:
+        try:
+            raw = json_data_bytes(tensor["data"], datatype, shape, label)
+        except TensorError as exc:
+            raise InvalidInput(str(exc)) from exc
+    else:
+        raise InvalidInput(f"{label} has neither data nor parameters.binary_data_size")
+    message.inputs.add(name=name, datatype=datatype, shape=shape)
+    message.raw_input_contents.append(raw)
+    return offset
+
+
+def _decode_outputs(outputs: Any, message: kpb.ModelInferRequest) -> dict[str, bool]:
+    """Add the requested outputs to `message`; their own `binary_data` parameters."""
+    binary: dict[str, bool] = {}
+    for index, output in enumerate(_list(outputs, "outputs")):
+        output = _object(output, f"outputs[{index}]")
+        name = _string(output.get("name"), f"outputs[{index}].name")
+        parameters = _object(output.get("parameters", {}), f"output {name!r} parameters")
+        requested = message.outputs.add(name=name)
+        if "classification" in parameters:  # refused by the protocol's own check, as on gRPC
+            requested.parameters["classification"].int64_param = 0
+        if isinstance(parameters.get("binary_data"), bool):
+            binary[name] = parameters["binary_data"]
+    return binary
+
+
+def _timeout(parameters: dict[str, Any]) -> float | None:
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, "
+                           f"got {timeout!r}")
+    return timeout / 1e6
+
+
+def decode_infer_request(body: bytes, header_length: str | None, model: str,
+                         version: str) -> RestInferRequest:
+    """An infer request's body (JSON, or JSON + binary tensors) as the protocol message."""
+    header, binary = _split_body(body, header_length)
+    request = _object(decode_json(header), "the request body")
+    message = kpb.ModelInferRequest(model_name=model, model_version=version,
+                                    id=_string(request.get("id", ""), "id"))
+    parameters = _object(request.get("parameters", {}), "parameters")
+    inputs = _list(request.get("inputs"), "inputs")
+    offset = 0
+    for index, tensor in enumerate(inputs):
+        offset = _decode_input(tensor, index, binary, offset, message)
+    if offset != len(binary):
+        raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary tensor data "
+                           "that no input's binary_data_size accounts for")
+    binary_outputs = _decode_outputs(request.get("outputs", []), message)
+    return RestInferRequest(message, binary_outputs,
+                            parameters.get("binary_data_output") is True, _timeout(parameters))
+
+
+def encode_infer_response(response: kpb.ModelInferResponse,
+                          request: RestInferRequest) -> tuple[bytes, int | None]:
+    """The answer's body and, when it carries binary tensors, the length of its JSON part."""
+    outputs, blobs = [], []
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
+                                 "shape": list(output.shape)}
+        if request.binary(output.name):
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:  # orjson writes the array itself: float32 as float32, no Python floats between
+            entry["data"] = np.frombuffer(raw, dtype=KSERVE_TO_NUMPY[output.datatype])
+        outputs.append(entry)
+    answer: dict[str, Any] = {"model_name": response.model_name,
+                              "model_version": response.model_version}
+    if response.id:
+        answer["id"] = response.id
+    answer["outputs"] = outputs
+    header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _numbers(field: FieldDescriptor, value: Any) -> Any:
+    if field.type in _INT64_TYPES:
+        return int(value)
+    if field.message_type is not None and isinstance(value, dict):
+        return _with_numbers(field.message_type, value)
+    return value
+
+
+def _with_numbers(descriptor: Descriptor, obj: dict[str, Any]) -> dict[str, Any]:
+    """proto3's JSON writes 64-bit integers as strings; the REST API writes numbers."""
+    for field in descriptor.fields:
+        if field.name not in obj:
+            continue
+        value = obj[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            obj[field.name] = {k: _numbers(entry, v) for k, v in value.items()}
+        elif field.is_repeated:  # protobuf 6.31+
+            obj[field.name] = [_numbers(field, v) for v in value]
+        else:
+            obj[field.name] = _numbers(field, value)
+    return obj
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A protocol message as the REST API's JSON: the .proto's field names, every field
+    (defaults too), 64-bit integers as numbers."""
+    obj = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _with_numbers(message.DESCRIPTOR, obj)
