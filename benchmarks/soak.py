@@ -69,7 +69,7 @@ class ServerProcess:
     def __init__(self, repo: Path, *args: str, ready_timeout_s: float = 90) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0",
-             *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             "--http-port", "0", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()
         self.port = 0
