@@ -198,9 +198,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     ])
     # Raw-bytes handlers: our code parses each request (api/intake.py), within one bound.
     intake = Intake(config.intake)
-    add_servicer(EnsembleServicer(registry, config.max_stream_in_flight, metrics, intake),
+    add_servicer(EnsembleServicer(registry, config.stream_window, metrics, intake),
                  SERVICES[0], server, intake)
-    kserve = KServeServicer(manager, health, metrics, config.max_stream_in_flight, intake)
+    kserve = KServeServicer(manager, health, metrics, config.stream_window, intake)
     add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server, SERVICES)

@@ -125,6 +125,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                              "batch is computing")
     parser.add_argument("--max-stream-in-flight", type=int, default=d["max_stream_in_flight"].default,
                         help="requests of one stream computed ahead (default %(default)s)")
+    parser.add_argument("--max-stream-share", type=float, default=d["max_stream_share"].default,
+                        help="share of a model's queue one stream may hold (default %(default)s)")
     parser.add_argument("--max-message-mb", type=float, default=d["max_message_bytes"].default / 2**20,
                         help="largest gRPC message in MiB (default %(default)s)")
     parser.add_argument("--grace-s", type=float, default=d["grace_s"].default,
@@ -218,7 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                               cuda_graph_batch_sizes=args.cuda_graph_batch_sizes),
         grace_s=args.grace_s, drain_window_s=args.drain_window_s,
         max_message_bytes=int(args.max_message_mb * 2**20),
-        max_stream_in_flight=args.max_stream_in_flight,
+        max_stream_in_flight=args.max_stream_in_flight, max_stream_share=args.max_stream_share,
         max_concurrent_streams=args.max_concurrent_streams,
         repository=RepositoryConfig(
             version_policy=args.version_policy, pinned=_merge_pins(args.pin),

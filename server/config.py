@@ -52,6 +52,9 @@ class ServerConfig:
     # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
     # fill batches by itself, and bounds the memory one stream may hold.
     max_stream_in_flight: int = 64
+    # The share of a model's queue (batcher max_queue_size) one stream may hold: a stream's
+    # window is the smaller of the two, so one PredictStream cannot fill the queue by itself.
+    max_stream_share: float = 0.25
     # TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default.
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
@@ -92,6 +95,8 @@ class ServerConfig:
         if not isinstance(self.max_stream_in_flight, int) or self.max_stream_in_flight < 1:
             raise ConfigError("max_stream_in_flight must be an integer >= 1, "
                               f"got {self.max_stream_in_flight!r}")
+        if not 0 < self.max_stream_share <= 1:
+            raise ConfigError(f"max_stream_share must be in (0, 1], got {self.max_stream_share!r}")
         if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
             raise ConfigError("max_concurrent_streams must be an integer >= 1, "
                               f"got {self.max_concurrent_streams!r}")
@@ -108,6 +113,13 @@ class ServerConfig:
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             which = "gRPC" if self.http_port == self.port else "metrics"
             raise ConfigError(f"http_port {self.http_port} is the {which} port; pick another")
+
+    @property
+    def stream_window(self) -> int:
+        """Requests of one stream in flight at once: max_stream_in_flight, and no more than
+        max_stream_share of the queue (at least 1)."""
+        share = max(1, int(self.batcher.max_queue_size * self.max_stream_share))
+        return min(self.max_stream_in_flight, share)
 
     @property
     def address(self) -> str:

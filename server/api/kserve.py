@@ -215,15 +215,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         return await self.core.infer(request, context.time_remaining())
 
-    async def _stream_answer(self, request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
-        return kpb.ModelStreamInferResponse(infer_response=await self.core.infer(request, None))
+    async def _stream_answer(self, request: kpb.ModelInferRequest,
+                             timeout: float | None) -> kpb.ModelStreamInferResponse:
+        return kpb.ModelStreamInferResponse(infer_response=await self.core.infer(request, timeout))
 
     @abort_on_error
     def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
-        return answer_in_order(request_iterator, self._stream_answer, _stream_error,
-                               self._max_stream_in_flight)
+        # What is left of the stream's deadline goes into the batcher with each request.
+        return answer_in_order(
+            request_iterator, lambda request: self._stream_answer(request, context.time_remaining()),
+            _stream_error, self._max_stream_in_flight)
 
     @abort_on_error
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,

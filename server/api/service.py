@@ -55,8 +55,11 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
     @abort_on_error
     def PredictStream(self, request_iterator: AsyncIterator[pb.PredictRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictResponse]:
-        return answer_in_order(request_iterator, self._predict, _error_answer,
-                               self._max_stream_in_flight)
+        # Each request carries what is left of the stream's deadline into the batcher, so one
+        # that waits past it is dropped before compute (counted as expired, not cancelled).
+        return answer_in_order(request_iterator,
+                               lambda request: self._predict(request, context.time_remaining()),
+                               _error_answer, self._max_stream_in_flight)
 
     @abort_on_error
     async def ListModels(self, request: pb.ListModelsRequest,

@@ -258,11 +258,15 @@ async def answer_in_order(requests: AsyncIterator[Request],
             except Exception as exc:
                 return error_answer(request, *describe_error(exc))
 
-    in_flight: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue(window)
+    # At most `window` requests started and not yet answered (the slot is taken before the task
+    # is made, and given back once its answer is sent): a bounded queue alone let window + 2 in.
+    slots = asyncio.Semaphore(window)
+    in_flight: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue()
 
     async def read() -> None:
         try:
             async for request in requests:
+                await slots.acquire()
                 await in_flight.put(asyncio.ensure_future(settled(request)))
         except Exception:
             await in_flight.put(None)  # wake the writer, which re-raises from `await reader`
@@ -272,7 +276,10 @@ async def answer_in_order(requests: AsyncIterator[Request],
     reader = asyncio.ensure_future(read())
     try:
         while (task := await in_flight.get()) is not None:
-            yield await task
+            try:
+                yield await task
+            finally:
+                slots.release()
         await reader  # re-raises a read error (e.g. the client went away mid-stream)
     finally:
         reader.cancel()
