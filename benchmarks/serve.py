@@ -8,6 +8,8 @@
    computes nothing (benchmarks/echo_server.py).
 4. For each model, starts `ensemble-server` (a subprocess), runs `ensemble-client bench` (another
    subprocess, one per level so each level's server CPU time can be read), stops the server.
+   At concurrency 32 the same server is also driven over KServe v2 gRPC and over KServe v2 REST
+   (JSON tensors, and Triton's binary tensor extension): the front ends side by side.
 5. Compares: at each level, the server's examples/s against the ceiling on the same mix of batch
    sizes (the server's own batch counts, from KServe ModelStatistics); at concurrency 1, p50
    latency against the ceiling's batch-1 latency.
@@ -27,6 +29,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -104,20 +107,22 @@ def _process(command: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, 
 
 
 def _bench(port: int, model: str, level: str, duration: float, warmup: float,
-           api: str = "native") -> dict[str, Any]:
+           api: str = "native", http_data: str = "json") -> dict[str, Any]:
     """One `ensemble-client bench` run (a subprocess, so its CPU is its own); its JSON."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([sys.executable, "-m", "snapserve.client", "bench", "--target", f"127.0.0.1:{port}",
                         "--model", model, *level.split(), "--duration", str(duration),
-                        "--warmup", str(warmup), "--api", api, "--json", out.name],
+                        "--warmup", str(warmup), "--api", api, "--http-data", http_data,
+                        "--json", out.name],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         return json.loads(Path(out.name).read_text())["levels"][0]
 
 
 def _measured_level(process: subprocess.Popen, port: int, model: str, level: str,
-                    duration: float, warmup: float, api: str = "native") -> dict[str, Any]:
+                    duration: float, warmup: float, api: str = "native",
+                    http_data: str = "json") -> dict[str, Any]:
     cpu0, began = _cpu_seconds(process.pid), time.perf_counter()
-    result = _bench(port, model, level, duration, warmup, api)
+    result = _bench(port, model, level, duration, warmup, api, http_data)
     cpu, wall = _cpu_seconds(process.pid) - cpu0, time.perf_counter() - began
     answered = result["requests"] + sum(result["errors"].values())
     # Over warm-up and window together: the rate is about the same in both.
@@ -131,8 +136,9 @@ def _serve_model(repository: Path, model: str, settings: ServerSettings, levels:
     only = workdir / f"repo-{model}"  # a repository of this model alone: nothing else loads
     only.mkdir()
     (only / model).symlink_to((repository / model).resolve(), target_is_directory=True)
+    http_port = _free_port()
     command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(only),
-               "--port", "0", *settings.flags()]
+               "--port", "0", "--http-port", str(http_port), *settings.flags()]
     log = workdir / f"server-{model}.log"
     results = []
     with _process(command, log) as (process, port):
@@ -140,11 +146,23 @@ def _serve_model(repository: Path, model: str, settings: ServerSettings, levels:
             results.append(_measured_level(process, port, model, level, duration, warmup))
             logger.info("%s %s: %.1f ex/s, p50 %.2f ms", model, level,
                         results[-1]["examples_per_s"], results[-1]["latency_ms"].get("p50", np.nan))
-        kserve = _measured_level(process, port, model, "--concurrency 32", duration, warmup, "kserve")
+        c32 = "--concurrency 32"
+        apis = {"kserve": _measured_level(process, port, model, c32, duration, warmup, "kserve"),
+                "http_json": _measured_level(process, http_port, model, c32, duration, warmup,
+                                             "http", "json"),
+                "http_binary": _measured_level(process, http_port, model, c32, duration, warmup,
+                                               "http", "binary")}
     graph = re.search(rf"{model} version \d+: serving the (\w+) graph on \d+ instance\(s\)"
                       r"(?:; measured (.*))?", log.read_text())
-    return {"levels": results, "kserve_c32": kserve,
+    return {"levels": results, "kserve_c32": apis["kserve"], "apis_c32": apis,
             "graph": graph.group(1) if graph else "?", "graph_timing": graph.group(2) if graph else None}
+
+
+def _free_port() -> int:
+    """A free port for the REST front end (its --http-port 0 means off, not any)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _echo(levels: Sequence[str], duration: float, warmup: float, workdir: Path,
@@ -248,6 +266,31 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+API_LABELS = {"kserve": "KServe v2 gRPC (ModelInfer)", "http_json": "KServe v2 REST, JSON tensors",
+              "http_binary": "KServe v2 REST, binary tensors"}
+
+
+def _api_rows(model: dict[str, Any], native: dict[str, Any] | None) -> list[str]:
+    """The same server at concurrency 32 through each front end (one-example requests)."""
+    lines = ["The front ends at concurrency 32, same server and run:", "",
+             "| API | examples/s | p50 ms | p99 ms | errors | client CPU ms/req | server CPU ms/req |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    if native is not None:
+        lines.append(f"| native gRPC (Predict) | {_fmt(native['examples_per_s'])} | "
+                     f"{_fmt(native['p50_ms'], 2)} | {_fmt(native['p99_ms'], 2)} | "
+                     f"{native['errors']} | {_fmt(native['client_cpu_ms'], 3)} | "
+                     f"{_fmt(native['server_cpu_ms'], 3)} |")
+    apis = model.get("apis_c32") or {"kserve": model["kserve_c32"]}
+    for key, level in apis.items():
+        lat = level["latency_ms"]
+        lines.append(f"| {API_LABELS[key]} | {_fmt(level['examples_per_s'])} | "
+                     f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p99'), 2)} | "
+                     f"{sum(level['errors'].values())} | "
+                     f"{_fmt(level['client_cpu_ms_per_request'], 3)} | "
+                     f"{_fmt(level['server_cpu_ms_per_request'], 3)} |")
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [f"## {SECTION}", "",
@@ -286,11 +329,9 @@ def render(report: dict[str, Any]) -> str:
                          f"{_fmt(r['ceiling_examples_per_s'])} | **{_fmt(r['ratio'], 2)}** | "
                          f"{_fmt(r['single_caller_ratio'], 2)} | "
                          f"{_fmt(r['client_cpu_ms'], 3)} | {_fmt(r['server_cpu_ms'], 3)} |")
-        k = model["kserve_c32"]
         one = next((r for r in rows if r["concurrency"] == 1), None)
         c32 = next((r for r in rows if r["concurrency"] == 32), None)
-        lines += ["", f"KServe v2 ModelInfer at concurrency 32: {_fmt(k['examples_per_s'])} ex/s, "
-                  f"p50 {_fmt(k['latency_ms'].get('p50'), 2)} ms.", ""]
+        lines += ["", *_api_rows(model, c32), ""]
         if c32 is not None:
             verdict = "met" if c32["ratio"] >= 0.8 else "NOT met"
             lines.append(f"- Target 1 (concurrency 32, ≥ 0.8 × ceiling at the batcher's batch mix): "

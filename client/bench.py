@@ -1,7 +1,8 @@
 """`ensemble-client bench`: the project's load generator (its perf_analyzer).
 
     ensemble-client bench --target 127.0.0.1:50051 --model digits --concurrency 1,8,32,64 \
-        --duration 10 [--batch-size 1] [--request-rate R] [--api native|kserve] [--json out.json]
+        --duration 10 [--batch-size 1] [--request-rate R] [--api native|kserve|http] [--json out.json]
+    ensemble-client bench --target 127.0.0.1:8000 --api http [--http-data json|binary] ...
 
 - Closed loop (`--concurrency`): N callers, each sending its next request when the last one is
   answered; one level after another.
@@ -14,7 +15,9 @@
 
 Cheap by design, so the client is not what is measured: one asyncio loop, one channel, the
 request serialized once and sent as bytes, answers kept as bytes (the first one is decoded and
-checked). `client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per
+checked). `--api http` drives the KServe v2 REST API the same way (one aiohttp session, a
+keep-alive connection per caller), with JSON tensors or Triton's binary tensor extension
+(`--http-data`); its refusals count by HTTP status (`HTTP_429`). `client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per
 answered request) says how much of the machine the client itself used.
 """
 
@@ -22,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Sequence, TextIO
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TextIO, Union
 
+import aiohttp
 import grpc
 import numpy as np
 
@@ -41,7 +47,9 @@ from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_K
 __all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
            "results_json", "run_bench", "run_bench_command", "write_results"]
 
-APIS = ("native", "kserve")
+APIS = ("native", "kserve", "http")
+HTTP_DATA = ("json", "binary")  # --api http: tensors as JSON `data`, or Triton's binary extension
+BINARY_HEADER = "Inference-Header-Content-Length"
 NATIVE_PREDICT = "/snapserve.v1.EnsembleService/Predict"
 NATIVE_GET_MODEL = "/snapserve.v1.EnsembleService/GetModel"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -67,10 +75,14 @@ class BenchConfig:
     api: str = "native"
     timeout_s: float = 30.0  # per-request deadline
     seed: int = 0
+    http_data: str = "json"  # with api http: how tensors travel (HTTP_DATA)
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
             raise BenchError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.http_data not in HTTP_DATA:
+            raise BenchError(f"http_data must be one of {', '.join(HTTP_DATA)}, got "
+                             f"{self.http_data!r}")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise BenchError(f"concurrency levels must be >= 1, got {list(self.concurrency)}")
         if self.request_rate is not None and not self.request_rate > 0:
@@ -211,13 +223,101 @@ class _Target:
         return totals
 
 
+class HttpRefused(Exception):
+    """A REST answer other than 200, with the server's `{"error": ...}` message."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        try:
+            message = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:200].decode("utf-8", "replace")
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class _HttpTarget:
+    """`_Target`'s interface over the KServe v2 REST API: one aiohttp session, a keep-alive
+    connection per caller, the body encoded once, answers kept as bytes."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: BenchConfig,
+                 token: str | None) -> None:
+        self.session, self.config = session, config
+        version = f"/versions/{config.version}" if config.version else ""
+        self._model = f"/v2/models/{config.model}{version}"
+        self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
+        self._headers = dict(self._auth)  # the infer request's, set by request()
+        self._answer_header: str | None = None  # the last answer's JSON length (binary answers)
+
+    async def call(self, payload: bytes) -> bytes:
+        async with self.session.post(f"{self._model}/infer", data=payload,
+                                     headers=self._headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise HttpRefused(response.status, body)
+            self._answer_header = response.headers.get(BINARY_HEADER)
+            return body
+
+    async def _get(self, path: str) -> Any:
+        async with self.session.get(path, headers=self._auth) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise ClientError(grpc.StatusCode.UNKNOWN, str(HttpRefused(response.status, body)))
+            return json.loads(body)
+
+    async def input_spec(self) -> tuple[str, np.dtype, tuple[int, ...]]:
+        tensor = (await self._get(self._model))["inputs"][0]
+        return tensor["name"], KSERVE_TO_NUMPY[tensor["datatype"]], tuple(tensor["shape"])
+
+    def request(self, name: str, x: np.ndarray) -> bytes:
+        tensor = {"name": name, "datatype": NUMPY_TO_KSERVE[x.dtype], "shape": list(x.shape)}
+        if self.config.http_data == "json":
+            self._headers = {**self._auth, "Content-Type": "application/json"}
+            return json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+        raw = np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes()
+        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        self._headers = {**self._auth, "Content-Type": "application/octet-stream",
+                         BINARY_HEADER: str(len(header))}
+        return header + raw
+
+    def check(self, answer: bytes, examples: int) -> None:
+        """The first answer, decoded: JSON, or the JSON header of a binary one."""
+        header = answer if self._answer_header is None else answer[:int(self._answer_header)]
+        shapes = {o["name"]: o["shape"] for o in json.loads(header)["outputs"]}
+        if "probabilities" not in shapes:
+            raise ClientError(grpc.StatusCode.UNKNOWN, f"infer answered outputs {sorted(shapes)}; "
+                              "no probabilities")
+        if shapes["probabilities"][0] != examples:
+            raise ClientError(grpc.StatusCode.UNKNOWN, f"the server answered "
+                              f"{shapes['probabilities'][0]} rows for {examples} examples")
+
+    async def batch_statistics(self) -> dict[int, tuple[int, int]] | None:
+        """As `_Target.batch_statistics`, from GET .../stats."""
+        try:
+            stats = await self._get(f"{self._model}/stats")
+        except ClientError:
+            return None
+        totals: dict[int, tuple[int, int]] = {}
+        for model in stats["model_stats"]:
+            for batch in model["batch_stats"]:
+                count, ns = totals.get(batch["batch_size"], (0, 0))
+                totals[batch["batch_size"]] = (count + batch["compute_infer"]["count"],
+                                               ns + batch["compute_infer"]["ns"])
+        return totals
+
+
 def _status(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code().name
+    if isinstance(exc, HttpRefused):
+        return f"HTTP_{exc.status}"
     return type(exc).__name__
 
 
-async def _timed(target: _Target, payload: bytes, window: _Window, began: float) -> None:
+Target = Union[_Target, _HttpTarget]
+
+
+async def _timed(target: Target, payload: bytes, window: _Window, began: float) -> None:
     try:
         await target.call(payload)
         code = "OK"
@@ -226,7 +326,7 @@ async def _timed(target: _Target, payload: bytes, window: _Window, began: float)
     window.record(began, time.perf_counter(), code)
 
 
-async def _closed_loop(target: _Target, payload: bytes, concurrency: int, window: _Window) -> None:
+async def _closed_loop(target: Target, payload: bytes, concurrency: int, window: _Window) -> None:
     async def caller() -> None:
         while (now := time.perf_counter()) < window.end:
             await _timed(target, payload, window, now)
@@ -234,7 +334,7 @@ async def _closed_loop(target: _Target, payload: bytes, concurrency: int, window
     await asyncio.gather(*(caller() for _ in range(concurrency)))
 
 
-async def _open_loop(target: _Target, payload: bytes, rate: float, window: _Window,
+async def _open_loop(target: Target, payload: bytes, rate: float, window: _Window,
                      started: float) -> None:
     tasks: set[asyncio.Task[None]] = set()
     for i in range(math.ceil((window.end - started) * rate)):
@@ -272,7 +372,7 @@ def _delta(after: dict[int, tuple[int, int]] | None, before: dict[int, tuple[int
     return batches, compute
 
 
-async def _level(target: _Target, payload: bytes, config: BenchConfig,
+async def _level(target: Target, payload: bytes, config: BenchConfig,
                  concurrency: int | None) -> LevelResult:
     started = time.perf_counter()
     window = _Window(started + config.warmup_s, started + config.warmup_s + config.duration_s)
@@ -300,12 +400,27 @@ async def _level(target: _Target, payload: bytes, config: BenchConfig,
         server_batches=batches, server_compute_ms=compute)
 
 
+@contextlib.asynccontextmanager
+async def _open_target(config: BenchConfig, security: Security,
+                       ssl_context: ssl.SSLContext | None) -> AsyncIterator[Target]:
+    """The target for `config.api`: a gRPC channel, or (http) an aiohttp session."""
+    if config.api != "http":
+        async with security.aio_channel(config.target, channel_options(MAX_MESSAGE_BYTES)) as channel:
+            yield _Target(channel, config, security.metadata)
+        return
+    scheme = "http" if ssl_context is None else "https"
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context is not None else True)
+    async with aiohttp.ClientSession(f"{scheme}://{config.target}", connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=config.timeout_s)) as session:
+        yield _HttpTarget(session, config, security.token)
+
+
 async def run_bench(config: BenchConfig, security: Security = Security(),
-                    progress: Callable[[LevelResult], None] | None = None) -> list[LevelResult]:
-    """Every level of `config` against a running server; `progress` sees each level as it ends."""
-    options = channel_options(MAX_MESSAGE_BYTES)
-    async with security.aio_channel(config.target, options) as channel:
-        target = _Target(channel, config, security.metadata)
+                    progress: Callable[[LevelResult], None] | None = None,
+                    ssl_context: ssl.SSLContext | None = None) -> list[LevelResult]:
+    """Every level of `config` against a running server; `progress` sees each level as it ends.
+    `ssl_context`: TLS for `--api http` (gRPC's comes from `security`)."""
+    async with _open_target(config, security, ssl_context) as target:
         name, dtype, shape = await target.input_spec()
         x = np.random.default_rng(config.seed).normal(0, 1, (config.batch_size, *shape[1:]))
         payload = target.request(name, x.astype(dtype))
@@ -313,6 +428,8 @@ async def run_bench(config: BenchConfig, security: Security = Security(),
             target.check(await target.call(payload), config.batch_size)
         except grpc.aio.AioRpcError as exc:
             raise ClientError.from_rpc_error(exc) from exc
+        except HttpRefused as exc:
+            raise ClientError(grpc.StatusCode.UNKNOWN, str(exc)) from exc
         levels: list[int | None] = [None] if config.request_rate else list(config.concurrency)
         results = []
         for level in levels:
@@ -376,11 +493,25 @@ def add_bench_parser(commands: Any, common: Callable[[argparse.ArgumentParser], 
                        help="unmeasured seconds before each level (default %(default)s)")
     bench.add_argument("--batch-size", type=int, default=1, help="examples per request (default 1)")
     bench.add_argument("--api", choices=APIS, default="native",
-                       help="native: snapserve.v1 Predict; kserve: GRPCInferenceService/ModelInfer")
+                       help="native: snapserve.v1 Predict; kserve: GRPCInferenceService/ModelInfer; "
+                            "http: KServe v2 REST infer (--target is then the REST port)")
+    bench.add_argument("--http-data", choices=HTTP_DATA, default="json",
+                       help="with --api http: tensors as JSON data, or Triton's binary tensor "
+                            "extension (default %(default)s)")
     bench.add_argument("--json", default=None, metavar="PATH",
                        help="write JSON results there ('-': stdout); without it, a table on a "
                             "terminal and JSON otherwise")
     bench.set_defaults(run=run_bench_command)
+
+
+def _http_ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The REST side's TLS from the same flags as gRPC's (--tls, --tls-ca, --tls-cert/--tls-key)."""
+    if args.api != "http" or not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert is not None:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
 
 
 def run_bench_command(client: Any, args: argparse.Namespace, out: TextIO) -> None:
@@ -388,13 +519,13 @@ def run_bench_command(client: Any, args: argparse.Namespace, out: TextIO) -> Non
     config = BenchConfig(
         target=args.target, model=args.model, version=args.version, concurrency=args.concurrency,
         request_rate=args.request_rate, duration_s=args.duration, warmup_s=args.warmup,
-        batch_size=args.batch_size, api=args.api,
+        batch_size=args.batch_size, api=args.api, http_data=args.http_data,
         timeout_s=args.timeout if args.timeout is not None else BenchConfig.timeout_s)
     security = Security.build(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, token=None if args.token_file is None
                               else read_token_file(args.token_file))
     table = args.json != "-" and (args.json is not None or out.isatty())
-    results = asyncio.run(run_bench(config, security))
+    results = asyncio.run(run_bench(config, security, ssl_context=_http_ssl_context(args)))
     if table:
         print(format_table(results), file=out)
     if args.json not in (None, "-"):

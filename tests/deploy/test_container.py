@@ -10,9 +10,11 @@ the stand-in base image and run podman with the flags this machine needs); skipp
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -91,8 +93,9 @@ def repository(tmp_path: Path) -> Path:
 
 
 class Container:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, http_port: int = 0) -> None:
         self.name = name
+        self.http_port = http_port  # the KServe v2 REST port (SNAPSERVE_HTTP_PORT)
 
     def state(self) -> dict[str, str]:
         out = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", self.name).stdout
@@ -120,15 +123,16 @@ class Container:
 @pytest.fixture
 def container(image: str, repository: Path) -> Iterator[tuple[Container, int]]:
     name = f"snapserve-test-{uuid.uuid4().hex[:12]}"
-    port = free_port()
-    # Host network (podman-here): bind loopback only, on a free port. Configured by variables
+    port, http_port = free_port(), free_port()
+    # Host network (podman-here): bind loopback only, on free ports. Configured by variables
     # (SNAPSERVE_*) and flags after the image name, as docs/deploy.md shows.
     podman("run", "--detach", "--name", name,
-           "--env", f"SNAPSERVE_PORT={port}", "--env", "SNAPSERVE_HOST=127.0.0.1",
+           "--env", f"SNAPSERVE_PORT={port}", "--env", f"SNAPSERVE_HTTP_PORT={http_port}",
+           "--env", "SNAPSERVE_HOST=127.0.0.1",
            "--volume", f"{repository}:/models:ro",
            image, "--max-batch-size", "16", "--max-queue-delay-ms", "2", "--grace-s", "5")
     try:
-        yield Container(name), port
+        yield Container(name, http_port), port
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
 
@@ -150,6 +154,17 @@ def test_image_serves_predictions_and_stops_cleanly(container: tuple[Container, 
     np.testing.assert_allclose(prediction.probabilities, expected.mean(axis=1), atol=1e-5)
     assert tiny.probabilities.shape == (3, 2)
     np.testing.assert_allclose(tiny.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # The same image answers KServe v2 REST (JSON; REST sends the input as is: normalized here).
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                        "data": ((x - 0.5) / 2.0).ravel().tolist()}],
+            "outputs": [{"name": "probabilities"}]}
+    request = urllib.request.Request(f"http://127.0.0.1:{box.http_port}/v2/models/digits/infer",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        output = json.loads(response.read())["outputs"][0]
+    np.testing.assert_allclose(np.asarray(output["data"]).reshape(output["shape"]),
+                               expected.mean(axis=1), atol=1e-5)
 
     logs = box.logs()
     assert "execution providers ['CPUExecutionProvider']" in logs

@@ -188,8 +188,11 @@ def test_deployment_probes_port_and_user_agree_with_the_image(variant: str) -> N
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port
     assert annotations["prometheus.io/path"] == "/metrics"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": port, "service": ""}, probe
+    # HTTP probes on the REST port: ready to start and to take traffic, live to stay.
+    assert ports["http"] == int(variables["SNAPSERVE_HTTP_PORT"])
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == IMAGE_UID
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -204,7 +207,7 @@ def test_deployment_probes_port_and_user_agree_with_the_image(variant: str) -> N
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     for service in by_kind(resources, "Service"):
         assert service["spec"]["selector"].items() <= labels.items()
-        assert [p["targetPort"] for p in service["spec"]["ports"]] == [container["ports"][0]["name"]]
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["grpc", "http"]
     (pdb,) = by_kind(resources, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (hpa,) = by_kind(resources, "HorizontalPodAutoscaler")
