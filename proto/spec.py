@@ -41,3 +41,6 @@ class MemberSpec:
     step: int
     lr: float
     metrics: dict[str, float]
+    # Files holding the graph's tensors outside it (ONNX external data, for graphs over 2 GiB),
+    # as (file relative to the version folder, sha256); checked like the graph itself.
+    external_data: tuple[tuple[str, str], ...] = ()

@@ -18,12 +18,14 @@ batch-size bucket, with inputs padded up to the bucket.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -33,7 +35,7 @@ from snapserve.proto.tensors import ONNX_TO_NUMPY
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
 
-__all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphTiming", "RuntimeConfig",
+__all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
            "check_score_outputs", "choose_graph", "execution_providers", "session_options"]
 
 logger = logging.getLogger(__name__)
@@ -120,13 +122,46 @@ def session_options(config: RuntimeConfig) -> ort.SessionOptions:
     return options
 
 
-def _load(path: Path, config: RuntimeConfig,
+@dataclass(frozen=True)
+class GraphBytes:
+    """A graph as the bytes that were checked against its manifest, with its external-data
+    files' bytes by the `location` the graph names them: loaded from memory, so nothing is
+    re-opened between the check and the load."""
+
+    name: str  # the file's name, for messages
+    data: bytes
+    external: Mapping[str, bytes] = field(default_factory=dict)
+
+
+GraphSource = Union[Path, GraphBytes]
+
+
+@functools.lru_cache(maxsize=1)
+def _no_external_files() -> str:
+    """An empty folder: where ONNX Runtime is told to look for external data of a graph loaded
+    from memory. Otherwise it resolves such files against the working directory, so a graph
+    naming files the manifest does not list would read whatever lies there."""
+    return tempfile.mkdtemp(prefix="snapserve-no-external-data-")
+
+
+def _load(source: GraphSource, config: RuntimeConfig,
           cuda_options: dict[str, object] | None = None) -> ort.InferenceSession:
+    options = session_options(config)
+    model: str | bytes = str(source)
+    if isinstance(source, GraphBytes):
+        model = source.data
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         _no_external_files())
+        if source.external:
+            names = list(source.external)
+            buffers = [np.frombuffer(source.external[n], dtype=np.uint8) for n in names]
+            options.add_external_initializers_from_files_in_memory(
+                names, buffers, [len(b) for b in buffers])
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(config),
+        return ort.InferenceSession(model, sess_options=options,
                                     providers=execution_providers(config, cuda_options))
     except Exception as exc:  # ORT raises its own unnamed exception types
-        raise InvalidGraph(f"{path.name}: ONNX Runtime cannot load it: {exc}") from exc
+        raise InvalidGraph(f"{source.name}: ONNX Runtime cannot load it: {exc}") from exc
 
 
 def input_mismatch(session: ort.InferenceSession, input_name: str, dtype: np.dtype,
@@ -171,7 +206,7 @@ class MemberGraph:
 
     name = MEMBERS
 
-    def __init__(self, paths: Sequence[Path], input_name: str, output_name: str,
+    def __init__(self, paths: Sequence[GraphSource], input_name: str, output_name: str,
                  temperature: float, config: RuntimeConfig) -> None:
         self.input_name, self.output_name, self.temperature = input_name, output_name, temperature
         self._sessions = [_load(path, config) for path in paths]
@@ -223,7 +258,7 @@ class MemberGraph:
         return ensemble_scores(self.run_members(x), self.temperature)
 
 
-def check_score_outputs(path: Path, outputs: Sequence[str]) -> None:
+def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> None:
     """FusedOutputsMismatch unless a fused graph's outputs are exactly the score names: a graph
     built for other scores (an older or newer trainer) would be misread, not merely slower."""
     missing = [n for n in SCORE_NAMES if n not in outputs]
@@ -240,7 +275,7 @@ class FusedGraph:
 
     name = FUSED
 
-    def __init__(self, path: Path, input_name: str, temperature_input: str, temperature: float,
+    def __init__(self, path: GraphSource, input_name: str, temperature_input: str, temperature: float,
                  members: int, config: RuntimeConfig) -> None:
         self.input_name, self.members = input_name, members
         self._temperature_input = temperature_input
@@ -306,7 +341,7 @@ class _CudaGraphs:
     fails to load and the plain CUDA path is used instead.
     """
 
-    def __init__(self, path: Path, input_name: str, temperature_input: str,
+    def __init__(self, path: GraphSource, input_name: str, temperature_input: str,
                  temperature: np.ndarray, config: RuntimeConfig) -> None:
         self.buckets = config.cuda_graph_batch_sizes
         self.largest = self.buckets[-1]
@@ -353,9 +388,9 @@ class EnsembleRuntime:
     `keep(name)` drops the other. `run` gives member probabilities, `scores` every score.
     """
 
-    def __init__(self, member_paths: Sequence[Path], input_name: str, output_name: str,
+    def __init__(self, member_paths: Sequence[GraphSource], input_name: str, output_name: str,
                  config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
-                 fused_path: Path | None = None, temperature_input: str = "temperature",
+                 fused_path: GraphSource | None = None, temperature_input: str = "temperature",
                  graphs: Sequence[str] = (MEMBERS,)) -> None:
         if not member_paths:
             raise ModelLoadError("an ensemble needs at least one member")

@@ -24,7 +24,8 @@ from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, Infere
                                      InvalidInput, ModelLoadError, ModelRefusedInput,
                                      NonFiniteOutput)
 from snapserve.server.models.inputs import conform_input
-from snapserve.server.models.manifest import Manifest, read_manifest, verify_checksums
+from snapserve.server.engine.runtime import GraphBytes
+from snapserve.server.models.manifest import Manifest, read_manifest, read_verified
 from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
 from snapserve.server.request_context import current_request
 from snapserve.server.tracing import record_inference
@@ -249,13 +250,14 @@ def _graphs_to_load(manifest: Manifest, config: RuntimeConfig) -> tuple[Path | N
     return Path(file), ((FUSED,) if config.graph == FUSED else (FUSED, MEMBERS))
 
 
-def _build_runtime(manifest: Manifest, path: Path, config: RuntimeConfig,
+def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config: RuntimeConfig,
                    graphs: Sequence[str], fused_file: Path | None) -> EnsembleRuntime:
+    """A runtime over the verified bytes (read_verified): the graph files are not opened again."""
     fused = manifest.ensemble
     return EnsembleRuntime(
-        manifest.member_paths(path), manifest.input.name, manifest.output_name, config,
-        temperature=manifest.temperature,
-        fused_path=None if fused_file is None else path / fused_file,
+        [verified[Path(m.file)] for m in manifest.members], manifest.input.name,
+        manifest.output_name, config, temperature=manifest.temperature,
+        fused_path=None if fused_file is None else verified[fused_file],
         temperature_input=fused.temperature_input if fused is not None else "temperature",
         graphs=graphs)
 
@@ -271,10 +273,10 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     the members serve.
     """
     manifest = read_manifest(path)
-    verify_checksums(manifest, path)
+    verified = read_verified(manifest, path)  # read once: what was hashed is what loads
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
     try:
-        runtime = _build_runtime(manifest, path, runtime_config, graphs, fused_file)
+        runtime = _build_runtime(manifest, verified, runtime_config, graphs, fused_file)
     except FusedOutputsMismatch:
         raise  # the version and this server disagree on the scores: refused, not served slower
     except ModelLoadError as exc:
@@ -283,7 +285,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
         logger.error("%s version %d: the fused graph cannot be used (%s): serving the members",
                      manifest.name, manifest.version, exc)
         graphs = (MEMBERS,)
-        runtime = _build_runtime(manifest, path, runtime_config, graphs, None)
+        runtime = _build_runtime(manifest, verified, runtime_config, graphs, None)
     runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
@@ -292,7 +294,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
                                  tolerance=1e-2 if fp16 else 1e-4)
     runtime.keep(graph)
-    instances = [runtime] + [_build_runtime(manifest, path, runtime_config, (graph,), fused_file)
+    instances = [runtime] + [_build_runtime(manifest, verified, runtime_config, (graph,), fused_file)
                              for _ in range(runtime_config.instances - 1)]
     served = ServedEnsemble(manifest, path, runtime, batcher_config, instances)
     served.allow_nonfinite = runtime_config.allow_nonfinite

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ import numpy as np
 
 from snapserve.proto.tensors import NUMPY_TO_DTYPE
 from snapserve.proto.spec import InputSpec, MemberSpec, Normalization
+from snapserve.server.engine.runtime import GraphBytes
 from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
 __all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
-           "SCHEMA_VERSION", "read_manifest", "verify_checksums", "sha256_file"]
+           "SCHEMA_VERSION", "read_manifest", "read_verified", "verify_checksums", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,23 @@ def _member(value: Any, index: int) -> MemberSpec:
     return MemberSpec(
         file=_get(value, "file", str, where), sha256=sha,
         epoch=int(value.get("epoch") or 0), step=int(value.get("step") or 0),
-        lr=float(value.get("lr") or 0.0), metrics=_metrics(value.get("metrics"), where + "metrics"))
+        lr=float(value.get("lr") or 0.0), metrics=_metrics(value.get("metrics"), where + "metrics"),
+        external_data=_external_data(value.get("external_data"), where + "external_data"))
+
+
+def _external_data(value: Any, field: str) -> tuple[tuple[str, str], ...]:
+    """`external_data` (optional): [{"file", "sha256"}, ...], the graph's external-data files."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ManifestError(f"manifest field {field!r} must be a list of {{file, sha256}} objects")
+    entries = []
+    for index, entry in enumerate(value):
+        where = f"{field}[{index}]."
+        if not isinstance(entry, dict):
+            raise ManifestError(f"manifest field '{field}[{index}]' must be an object")
+        entries.append((_get(entry, "file", str, where), _sha(entry, where)))
+    return tuple(entries)
 
 
 def _sha(value: dict[str, Any], where: str) -> str:
@@ -244,21 +262,47 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
-    """Raise ChecksumMismatch (or ManifestError for a missing file) unless every member, and the
-    fused graph when there is one, matches."""
-    for member, path in zip(manifest.members, manifest.member_paths(version_dir)):
-        if not path.is_file():
-            raise MemberFileMissing(f"member file {member.file!r} is missing")
-        actual = sha256_file(path)
-        if actual != member.sha256:
-            raise ChecksumMismatch(f"member file {member.file!r} has sha256 {actual}, "
-                                   f"the manifest says {member.sha256}")
+def _read_checked(path: Path, expected: str, what: str) -> bytes:
+    """The file's bytes, read once: what is hashed is what is loaded, never re-opened between
+    the check and the load (a file swapped in between would go unchecked)."""
+    if not path.is_file():
+        raise MemberFileMissing(f"{what} is missing")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ChecksumMismatch(f"{what} has sha256 {actual}, the manifest says {expected}")
+    return data
+
+
+def _member_graph(member: MemberSpec, index: int, path: Path, version_dir: Path) -> GraphBytes:
+    external = {}
+    for j, (file, sha) in enumerate(member.external_data):
+        data_path = resolve_inside(version_dir, file, f"members[{index}].external_data[{j}].file")
+        # Keyed as the graph names it: its `location`, relative to the graph's own folder.
+        external[os.path.relpath(data_path, path.parent)] = _read_checked(
+            data_path, sha, f"external data file {file!r} of member {member.file!r}")
+    return GraphBytes(path.name, _read_checked(path, member.sha256, f"member file {member.file!r}"),
+                      external)
+
+
+def read_verified(manifest: Manifest, version_dir: Path) -> dict[Path, GraphBytes]:
+    """Every graph of the version (members, fused graphs) by its path relative to the folder,
+    as bytes checked against the manifest, with its external-data files. ChecksumMismatch, or
+    MemberFileMissing for a missing file."""
+    graphs = {}
+    for index, (member, path) in enumerate(zip(manifest.members,
+                                               manifest.member_paths(version_dir))):
+        graphs[Path(member.file)] = _member_graph(member, index, path, version_dir)
     # The fused graph is checked like a member: a version whose files do not match is refused.
-    for field, expected, path in manifest.fused_files(version_dir):
-        if not path.is_file():
-            raise MemberFileMissing(f"{field} {path.name!r} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ChecksumMismatch(f"{field} {path.name!r} has sha256 {actual}, "
-                                   f"the manifest says {expected}")
+    fused = manifest.ensemble
+    relative = [] if fused is None else [fused.file] + ([fused.fp16_file] if fused.fp16_file else [])
+    for file, (field, expected, path) in zip(relative, manifest.fused_files(version_dir)):
+        graphs[Path(file)] = GraphBytes(path.name, _read_checked(path, expected,
+                                                                 f"{field} {path.name!r}"))
+    return graphs
+
+
+def verify_checksums(manifest: Manifest, version_dir: Path) -> None:
+    """Raise ChecksumMismatch (or ManifestError for a missing file) unless every member, its
+    external data, and the fused graph when there is one, match."""
+    read_verified(manifest, version_dir)

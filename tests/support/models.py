@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
-IR_VERSION = 8  # old enough for any onnxruntime >= 1.17 (pyproject's floor)
+IR_VERSION = 8  # old enough for any onnxruntime pyproject allows
 
 DIGITS_SHAPE = (1, 4, 4)
 DIGITS_CLASSES = [str(i) for i in range(5)]
