@@ -31,7 +31,7 @@ from snapserve.server.api.http_messages import (BINARY_HEADER, BINARY_TYPE, JSON
                                                 RestInferRequest, decode_infer_request,
                                                 decode_json, encode_infer_response, error_body,
                                                 message_json)
-from snapserve.server.api.kserve import KServeCore
+from snapserve.server.api.kserve import SERVER_NAME, KServeCore
 from snapserve.server.api.security import UNAUTHENTICATED_MESSAGE, TokenAuthInterceptor
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN_MESSAGE
 from snapserve.server.api.shutdown import Drain
@@ -103,22 +103,26 @@ class HttpFrontEnd:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Drain, then tokens, then the endpoint; every failure as `{"error": ...}`."""
         try:
-            if request.path in OPEN_PATHS:
-                return await handler(request)
-            if not self._drain.admit():
-                raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
-            if self._auth is not None and not self._auth.authorized(
-                    [("authorization", request.headers.get("Authorization", ""))]):
-                self._auth.refused += 1
-                raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
-            response = await handler(request)
+            response = await self._admitted(request, handler)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
-            return _error(exc.status, self._http_message(exc, request))
+            response = _error(exc.status, self._http_message(exc, request))
         except Exception as exc:
-            return _error(*describe_http_error(exc))
+            response = _error(*describe_http_error(exc))
         if self._drain.draining:
             response.force_close()  # no keep-alive: the client's next call goes elsewhere
+        response.headers["Server"] = SERVER_NAME  # not aiohttp's and Python's versions
         return response
+
+    async def _admitted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        if not self._drain.admit():
+            raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
+        if self._auth is not None and not self._auth.authorized(
+                [("authorization", request.headers.get("Authorization", ""))]):
+            self._auth.refused += 1
+            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+        return await handler(request)
 
     def _http_message(self, exc: web.HTTPException, request: web.Request) -> str:
         if isinstance(exc, web.HTTPRequestEntityTooLarge):

@@ -200,3 +200,14 @@ def test_the_blocking_tritonclient_http_works_too(model_repo: Path) -> None:
         client.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+async def test_compressed_request_bodies_are_read(http_client: HttpClient, grpc_client: GrpcClient,
+                                                  algorithm: str) -> None:
+    """tritonclient's request_compression_algorithm: the body arrives compressed (Content-Encoding)."""
+    x = digits_input(2, seed=8)
+    rest = await http_client.infer("digits", [http_input(x)], request_compression_algorithm=algorithm,
+                                   response_compression_algorithm=algorithm)
+    grpc = await grpc_client.infer("digits", [grpc_input(x)])
+    assert np.array_equal(rest.as_numpy("probabilities"), grpc.as_numpy("probabilities"))
