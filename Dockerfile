@@ -8,7 +8,7 @@
 #   docker build --target server-gpu -t snapserve:gpu .
 #   docker build --target trainer -t snapserve:trainer .
 #
-# BASE_IMAGE: a Debian-based image with python3 (3.10+) and its venv module, like the default.
+# BASE_IMAGE: a Debian-based image with python3 (3.11+) and its venv module, like the default.
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------- settings for all

@@ -1,81 +1,124 @@
-"""The server's SNAPSERVE_* environment variables: every flag has one, a flag beats it, bad values
-are refused naming the variable, and the Dockerfile and docs/deploy.md name only real ones."""
+"""The server's settings: every flag is also a SNAPSERVE_* variable and a key of the --config file
+(YAML or TOML); flags > environment > file > defaults; a bad value, key or file is refused with the
+key named; the Dockerfile and docs/deploy.md name only real variables, and the docs list them all."""
 
 from __future__ import annotations
 
-import argparse
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from snapserve.server.cli import build_parser, config_from_args, env_var
+from snapserve.server.cli import build_parser, load_config, main
+from snapserve.server.errors import ConfigError
+from snapserve.server.settings import ServerSettings, env_name, flag_name
 
 ROOT = Path(__file__).resolve().parents[2]
+VARIABLES = {env_name(key) for key in ServerSettings.model_fields} | {"SNAPSERVE_CONFIG"}
 
 
-def flags() -> dict[str, str]:
-    """flag -> its variable, for every option of the server's CLI."""
-    return {a.option_strings[-1]: env_var(a) for a in build_parser({})._actions
-            if a.option_strings and a.dest != "help"}
-
-
-def test_every_flag_has_a_variable_named_after_it() -> None:
-    names = flags()
-    assert names["--model-repository"] == "SNAPSERVE_MODEL_REPOSITORY"
-    assert names["--max-batch-size"] == "SNAPSERVE_MAX_BATCH_SIZE"
-    for flag, name in names.items():
-        assert name == "SNAPSERVE_" + flag[2:].upper().replace("-", "_")
-    help_text = build_parser({}).format_help()
-    for name in names.values():
-        assert name in help_text
+def test_every_setting_is_a_flag_and_a_variable_named_after_it() -> None:
+    help_text = build_parser().format_help()
+    for key in ServerSettings.model_fields:
+        assert flag_name(key) in help_text and env_name(key) in help_text, key
+    assert env_name("max_batch_size") == "SNAPSERVE_MAX_BATCH_SIZE"
+    assert flag_name("max_batch_size") == "--max-batch-size"
 
 
 def test_variables_set_the_config(tmp_path: Path) -> None:
     environ = {"SNAPSERVE_MODEL_REPOSITORY": str(tmp_path), "SNAPSERVE_HOST": "0.0.0.0",
                "SNAPSERVE_PORT": "9000", "SNAPSERVE_DEVICE": "cpu", "SNAPSERVE_MAX_BATCH_SIZE": "4",
                "SNAPSERVE_MAX_QUEUE_DELAY_MS": "7.5", "SNAPSERVE_GRACE_S": "0.5",
-               "SNAPSERVE_LOG_LEVEL": "DEBUG"}
-    args = build_parser(environ).parse_args([])  # --model-repository is no longer required
-    config = config_from_args(args)
+               "SNAPSERVE_LOG_LEVEL": "DEBUG", "SNAPSERVE_CUDA_GRAPH_BATCH_SIZES": "1,2,4"}
+    settings, config = load_config([], environ)
     assert (config.model_repository, config.host, config.port) == (tmp_path, "0.0.0.0", 9000)
     assert (config.runtime.device, config.batcher.max_batch_size) == ("cpu", 4)
     assert (config.batcher.max_queue_delay_s, config.grace_s) == (0.0075, 0.5)
-    assert args.log_level == "DEBUG"
+    assert config.runtime.cuda_graph_batch_sizes == (1, 2, 4)
+    assert settings.log_level == "DEBUG"
 
 
-def test_a_flag_beats_its_variable_and_empty_is_unset(tmp_path: Path) -> None:
-    environ = {"SNAPSERVE_MODEL_REPOSITORY": str(tmp_path), "SNAPSERVE_PORT": "9000",
-               "SNAPSERVE_HOST": ""}
-    args = build_parser(environ).parse_args(["--port", "9001"])
-    assert (args.port, args.host) == (9001, "127.0.0.1")
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "model_repository: {repo}\nmax_batch_size: 16\nport: 7000\nversion_policy: specific\n"
+              "pin: digits=2 tiny=1\nadaptive_wait: false\n"),
+    (".toml", 'model-repository = "{repo}"\nmax-batch-size = 16\nport = 7000\n'
+              'version_policy = "specific"\npin = ["digits=2", "tiny=1"]\nadaptive_wait = false\n'),
+])
+def test_a_config_file_sets_every_key(suffix: str, text: str, tmp_path: Path) -> None:
+    path = tmp_path / f"server{suffix}"
+    path.write_text(text.format(repo=tmp_path))
+    _, config = load_config(["--config", str(path)], {})
+    assert (config.model_repository, config.port, config.batcher.max_batch_size) == (tmp_path, 7000, 16)
+    assert config.repository.pinned == {"digits": (2,), "tiny": (1,)}
+    assert config.batcher.adaptive_wait is False
 
 
-def test_without_the_variable_the_repository_is_still_required(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        build_parser({}).parse_args([])
-    assert info.value.code == 2
-    assert "--model-repository" in capsys.readouterr().err
+def test_flags_beat_variables_which_beat_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text(f"model_repository: {tmp_path}\nport: 7000\nhost: 0.0.0.0\nmax_batch_size: 16\n")
+    environ = {"SNAPSERVE_CONFIG": str(path), "SNAPSERVE_PORT": "8000", "SNAPSERVE_HOST": "",
+               "SNAPSERVE_MAX_BATCH_SIZE": "4"}
+    _, config = load_config(["--port", "9001"], environ)
+    assert config.port == 9001  # flag over variable over file
+    assert config.batcher.max_batch_size == 4  # variable over file
+    assert config.host == "0.0.0.0"  # an empty variable is unset: the file's value stands
+
+
+def test_without_a_repository_anywhere_it_is_required() -> None:
+    with pytest.raises(ConfigError, match=r"model_repository \(--model-repository, "
+                                          r"SNAPSERVE_MODEL_REPOSITORY or 'model_repository' in "
+                                          r"the config file\) is required"):
+        load_config([], {})
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("SNAPSERVE_PORT", "http", "SNAPSERVE_PORT='http' is not a valid int"),
-    ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "soon", "SNAPSERVE_MAX_QUEUE_DELAY_MS='soon' is not a valid float"),
-    ("SNAPSERVE_DEVICE", "tpu", "SNAPSERVE_DEVICE='tpu': choose from auto, cpu, cuda"),
-    ("SNAPSERVE_LOG_LEVEL", "LOUD", "SNAPSERVE_LOG_LEVEL='LOUD': choose from DEBUG"),
+    ("SNAPSERVE_PORT", "http", "port (--port, SNAPSERVE_PORT or 'port' in the config file): Input "
+                               "should be a valid integer"),
+    ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "soon", "max_queue_delay_ms (--max-queue-delay-ms"),
+    ("SNAPSERVE_DEVICE", "tpu", "device (--device, SNAPSERVE_DEVICE or 'device' in the config "
+                                "file): Input should be 'auto', 'cpu' or 'cuda', got 'tpu'"),
+    ("SNAPSERVE_LOG_LEVEL", "LOUD", "log_level (--log-level"),
+    ("SNAPSERVE_ALLOW_NONFINITE", "maybe", "allow_nonfinite (--allow-nonfinite"),
+    ("SNAPSERVE_PIN", "digits", "pin 'digits' is not MODEL=VERSION"),
 ])
-def test_bad_values_name_the_variable(name: str, value: str, message: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        build_parser({name: value})
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_values_name_the_key_and_where_it_is_set(name: str, value: str, message: str,
+                                                     tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--model-repository", str(tmp_path)], {name: value})
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("On", True),
+                                               ("0", False), ("false", False), ("no", False)])
+def test_switch_variables(raw: str, expected: bool, tmp_path: Path) -> None:
+    settings, _ = load_config(["--model-repository", str(tmp_path)],
+                              {"SNAPSERVE_ALLOW_REPOSITORY_CONTROL": raw})
+    assert settings.allow_repository_control is expected
+    assert load_config(["--model-repository", str(tmp_path), "--no-adaptive-wait"], {})[1] \
+        .batcher.adaptive_wait is False
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_batch_sise: 3\n", "'max_batch_sise' in {path} is not a setting; expected one of: "),
+    ("[1, 2]\n", "expected a mapping of settings, got list"),
+    ("port: [\n", "not valid YAML"),
+    ("max_batch_size: many\n", "max_batch_size (--max-batch-size"),
+])
+def test_bad_files_name_what_is_wrong(text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--model-repository", str(tmp_path), "--config", str(path)], {})
+    assert message.format(path=path) in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(["--model-repository", str(tmp_path), "--config", str(tmp_path / "no.yaml")], {})
 
 
 def test_a_value_the_config_refuses_names_its_field(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from snapserve.server.cli import main
     monkeypatch.setenv("SNAPSERVE_MODEL_REPOSITORY", str(tmp_path))
     monkeypatch.setenv("SNAPSERVE_MAX_BATCH_SIZE", "0")
     with pytest.raises(SystemExit) as info:
@@ -84,47 +127,32 @@ def test_a_value_the_config_refuses_names_its_field(
     assert "max_batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
+def test_print_config_shows_the_effective_settings(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text("max_batch_size: 16\nport: 7000\n")
+    done = subprocess.run([sys.executable, "-m", "snapserve.server", "--config", str(path),
+                           "--model-repository", str(tmp_path), "--port", "7100", "--print-config"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "SNAPSERVE_GRACE_S": "2.5"})
+    assert done.returncode == 0, done.stderr
+    shown = yaml.safe_load(done.stdout)
+    assert set(shown) == set(ServerSettings.model_fields)
+    assert (shown["max_batch_size"], shown["port"], shown["grace_s"]) == (16, 7100, 2.5)
+    # What it prints is itself a valid config file.
+    again = tmp_path / "again.yaml"
+    again.write_text(done.stdout)
+    assert load_config(["--config", str(again)], {})[1].port == 7100
+
+
 @pytest.mark.parametrize("path", ["Dockerfile", "docs/deploy.md"])
 def test_files_name_only_real_variables(path: str) -> None:
     text = (ROOT / path).read_text()
     named = set(re.findall(r"\bSNAPSERVE_[A-Z_]+[A-Z]\b", text)) - {"SNAPSERVE_FOO_BAR"}  # the rule
     assert named, f"{path} names no SNAPSERVE_* variable"
-    assert named <= set(flags().values()), f"{path} names unknown variables"
+    assert named <= VARIABLES, f"{path} names unknown variables: {sorted(named - VARIABLES)}"
 
 
 def test_deploy_doc_lists_every_variable() -> None:
     text = (ROOT / "docs" / "deploy.md").read_text()
-    missing = [name for name in flags().values() if name not in text]
+    missing = sorted(name for name in VARIABLES if name not in text)
     assert not missing, f"docs/deploy.md does not list {missing}"
-
-
-def switches() -> list[argparse.Action]:
-    return [a for a in build_parser({})._actions if a.option_strings and a.nargs == 0
-            and a.dest not in ("help", "version")]
-
-
-@pytest.mark.skipif(not switches(), reason="the server has no on/off flag (store_true) today")
-@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("On", True),
-                                               ("0", False), ("false", False), ("no", False)])
-def test_switch_variables(raw: str, expected: bool, tmp_path: Path) -> None:
-    switch = switches()[0]
-    args = build_parser({env_var(switch): raw, "SNAPSERVE_MODEL_REPOSITORY": str(tmp_path)}
-                        ).parse_args([])
-    assert getattr(args, switch.dest) is (expected if switch.const is True else not expected)
-
-
-@pytest.mark.skipif(not switches(), reason="the server has no on/off flag (store_true) today")
-def test_bad_switch_value_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
-    name = env_var(switches()[0])
-    with pytest.raises(SystemExit):
-        build_parser({name: "maybe"})
-    assert f"{name}='maybe': use one of 1, true" in capsys.readouterr().err
-
-
-@pytest.mark.skipif("--pin" not in flags(), reason="the server has no --pin flag")
-def test_list_variable_and_its_type_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    environ = {"SNAPSERVE_PIN": "digits=2 tiny=1,3", "SNAPSERVE_MODEL_REPOSITORY": str(tmp_path)}
-    assert build_parser(environ).parse_args([]).pin == [("digits", (2,)), ("tiny", (1, 3))]
-    with pytest.raises(SystemExit):
-        build_parser({"SNAPSERVE_PIN": "digits"})
-    assert "SNAPSERVE_PIN='digits': 'digits' is not MODEL=VERSION" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from snapserve.server.cli import build_parser, env_var
+from snapserve.server.settings import ServerSettings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -167,7 +167,7 @@ def env(container: Resource) -> dict[str, str]:
 
 
 def known_env_vars() -> set[str]:
-    return {env_var(a) for a in build_parser({})._actions if a.option_strings and a.dest != "help"}
+    return {env_name(key) for key in ServerSettings.model_fields} | {"SNAPSERVE_CONFIG"}
 
 
 @pytest.mark.parametrize("variant", RENDERED)

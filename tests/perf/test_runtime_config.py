@@ -21,12 +21,11 @@ def test_bad_settings_name_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_server_cli_maps_the_new_flags() -> None:
-    from snapserve.server.cli import build_parser, config_from_args
+    from snapserve.server.cli import load_config
 
-    args = build_parser({}).parse_args([
+    _, config = load_config([
         "--model-repository", ".", "--instances", "3", "--graph", "fused", "--precision", "fp16",
-        "--cuda-graph-batch-sizes", "1,2,4", "--no-adaptive-wait"])
-    config = config_from_args(args)
+        "--cuda-graph-batch-sizes", "1,2,4", "--no-adaptive-wait"], {})
     assert (config.runtime.instances, config.runtime.graph, config.runtime.precision,
             config.runtime.cuda_graph_batch_sizes) == (3, "fused", "fp16", (1, 2, 4))
     assert config.batcher.adaptive_wait is False

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
-from snapserve.server.cli import build_parser, config_from_args
+from snapserve.server.cli import load_config
 from snapserve.server.errors import ConfigError, VersionNotFound
 from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry
@@ -277,17 +277,16 @@ def test_repository_config_is_checked() -> None:
 
 
 def test_flags_map_onto_the_config(model_repo: Path) -> None:
-    args = build_parser({}).parse_args([
+    _, config = load_config([
         "--model-repository", str(model_repo), "--version-policy", "specific",
         "--pin", "digits=1,2", "--pin", "tiny=1", "--poll-interval", "2.5",
-        "--allow-repository-control", "--metrics-port", "9100"])
-    config = config_from_args(args)
+        "--allow-repository-control", "--metrics-port", "9100"], {})
     assert config.repository == RepositoryConfig(
         version_policy="specific", pinned={"digits": (1, 2), "tiny": (1,)}, poll_interval_s=2.5,
         allow_repository_control=True)
     assert config.metrics_port == 9100
-    from_env = build_parser({"SNAPSERVE_PIN": "digits=2 tiny=1", "SNAPSERVE_VERSION_POLICY":
-                             "specific"}).parse_args(["--model-repository", str(model_repo)])
-    assert config_from_args(from_env).repository.pinned == {"digits": (2,), "tiny": (1,)}
-    with pytest.raises(SystemExit):
-        build_parser({}).parse_args(["--model-repository", str(model_repo), "--pin", "digits"])
+    _, from_env = load_config(["--model-repository", str(model_repo)],
+                              {"SNAPSERVE_PIN": "digits=2 tiny=1", "SNAPSERVE_VERSION_POLICY": "specific"})
+    assert from_env.repository.pinned == {"digits": (2,), "tiny": (1,)}
+    with pytest.raises(ConfigError, match="pin 'digits' is not MODEL=VERSION"):
+        load_config(["--model-repository", str(model_repo), "--pin", "digits"], {})

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from snapserve.server.api.intake import Intake, IntakeConfig, queued
-from snapserve.server.cli import build_parser, config_from_args
+from snapserve.server.cli import load_config
 from snapserve.server.errors import ConfigError, Overloaded
 from tests.support.calls import digits_input, predict_request
 from tests.support.servers import serving
@@ -54,13 +54,13 @@ async def test_a_server_at_its_intake_bound_refuses_with_resource_exhausted(
 
 
 def test_limit_flags_and_defaults(model_repo: Path) -> None:
-    config = config_from_args(build_parser({}).parse_args(["--model-repository", str(model_repo)]))
+    config = load_config(["--model-repository", str(model_repo)], {})[1]
     assert config.intake == IntakeConfig()
     assert (config.intake.max_pending_calls, config.intake.max_pending_bytes,
             config.intake.decode_threads) == (1024, 256 * 2**20, 2)
-    config = config_from_args(build_parser({}).parse_args([
+    config = load_config([
         "--model-repository", str(model_repo), "--max-pending-calls", "8",
-        "--max-pending-mb", "1", "--decode-threads", "1"]))
+        "--max-pending-mb", "1", "--decode-threads", "1"], {})[1]
     assert config.intake == IntakeConfig(8, 2**20, 1)
 
 
@@ -119,11 +119,11 @@ async def test_idle_connections_are_closed(model_repo: Path) -> None:
 
 
 def test_connection_flags_and_defaults(model_repo: Path) -> None:
-    config = config_from_args(build_parser({}).parse_args(["--model-repository", str(model_repo)]))
+    config = load_config(["--model-repository", str(model_repo)], {})[1]
     assert config.connections == ConnectionConfig()
     assert dict(ConnectionConfig().grpc_options())["grpc.max_connection_idle_ms"] == 300_000
-    config = config_from_args(build_parser({}).parse_args([
+    config = load_config([
         "--model-repository", str(model_repo), "--max-connection-idle-s", "5",
-        "--max-connection-age-s", "0", "--keepalive-s", "30"]))
+        "--max-connection-age-s", "0", "--keepalive-s", "30"], {})[1]
     assert config.connections == ConnectionConfig(max_idle_s=5, max_age_s=0, keepalive_s=30)
     assert "grpc.max_connection_age_ms" not in dict(config.connections.grpc_options())

@@ -8,7 +8,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from snapserve.server.cli import build_parser, config_from_args
+from snapserve.server.cli import load_config
 from snapserve.server.metrics_endpoint import MetricsEndpointConfig
 from tests.support.servers import serving
 
@@ -46,13 +46,11 @@ async def test_idle_connections_hold_no_thread_and_are_closed(model_repo: Path) 
 
 
 def test_metrics_host_defaults_to_loopback(model_repo: Path) -> None:
-    args = build_parser({}).parse_args(["--model-repository", str(model_repo), "--host", "0.0.0.0",
-                                        "--metrics-port", "9100"])
-    config = config_from_args(args)
+    _, config = load_config(["--model-repository", str(model_repo), "--host", "0.0.0.0",
+                             "--metrics-port", "9100"], {})
     assert config.metrics_endpoint == MetricsEndpointConfig()
     assert (config.metrics_endpoint.host, config.metrics_endpoint.timeout_s,
             config.metrics_endpoint.max_connections) == ("127.0.0.1", 5.0, 16)
-    args = build_parser({"SNAPSERVE_METRICS_HOST": "0.0.0.0"}).parse_args(
-        ["--model-repository", str(model_repo), "--metrics-timeout-s", "2",
-         "--metrics-max-connections", "4"])
-    assert config_from_args(args).metrics_endpoint == MetricsEndpointConfig("0.0.0.0", 2.0, 4)
+    _, config = load_config(["--model-repository", str(model_repo), "--metrics-timeout-s", "2",
+                             "--metrics-max-connections", "4"], {"SNAPSERVE_METRICS_HOST": "0.0.0.0"})
+    assert config.metrics_endpoint == MetricsEndpointConfig("0.0.0.0", 2.0, 4)

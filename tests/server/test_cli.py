@@ -16,7 +16,7 @@ import pytest
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
-from snapserve.server.cli import build_parser, config_from_args
+from snapserve.server.cli import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
@@ -62,11 +62,10 @@ def test_signal_stops_the_server_cleanly(model_repo: Path, sig: signal.Signals) 
 
 
 def test_flags_map_onto_the_config(model_repo: Path) -> None:
-    args = build_parser().parse_args([
+    _, config = load_config([
         "--model-repository", str(model_repo), "--host", "0.0.0.0", "--port", "9000",
         "--device", "cpu", "--max-batch-size", "4", "--max-queue-delay-ms", "7.5",
-        "--max-queue-size", "3", "--intra-op-threads", "2", "--grace-s", "0.5"])
-    config = config_from_args(args)
+        "--max-queue-size", "3", "--intra-op-threads", "2", "--grace-s", "0.5"], {})
     assert (config.host, config.port, config.grace_s) == ("0.0.0.0", 9000, 0.5)
     assert (config.batcher.max_batch_size, config.batcher.max_queue_delay_s,
             config.batcher.max_queue_size) == (4, 0.0075, 3)
