@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import logging
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from snapserve.proto.version import package_version
 from snapserve.trainer.config import AMP_MODES, METHOD_NAMES, TrainConfig
 from snapserve.trainer.datasets import BUILTIN_DATASETS
 from snapserve.trainer.errors import ConfigError, TrainerError
@@ -102,8 +109,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train an ensemble and write a model version",
                               description="Train an ensemble and write it as a new model version.")
-    p.add_argument("--out", required=True, help="model repository folder (created if missing)")
+    p.add_argument("--out", default=None,
+                   help="model repository folder (created if missing); required, unless "
+                        "--from-manifest gives it")
     p.add_argument("--name", default=None, help="model name in the repository (default: the dataset's name)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="settings file (YAML or TOML) whose keys are these options' names "
+                        "(epochs: 150, swa_start: 0.75); a flag given here wins over it")
+    p.add_argument("--from-manifest", type=Path, default=None, metavar="MANIFEST",
+                   help="train again what made a version: its manifest.json's recorded settings "
+                        "(and its repository and name, unless --out/--name); flags and --config "
+                        "win over them")
     p.add_argument("--method", default=_DEFAULTS["method"], choices=sorted(METHOD_NAMES),
                    help="snapshot: cosine cycles, a member per cycle; fge: short linear cycles after "
                         "pre-training; swa: one averaged model; swag: members sampled around the SWA "
@@ -166,24 +182,95 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer", description="Train snapshot ensembles for snapserve.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # allow_abbrev=False everywhere: a prefix of one flag must never be read as another.
+    parser = argparse.ArgumentParser(prog="trainer", description="Train snapshot ensembles for snapserve.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _add_logging_options(parser, default=False)
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     _add_train_parser(subparsers)
     _add_compare_parser(subparsers)
     add_import_parser(subparsers)
+    for command in subparsers.choices.values():  # `trainer train -v` as well as `trainer -v train`
+        _add_logging_options(command, default=argparse.SUPPRESS)
     return parser
 
 
+def _add_logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    # On a subcommand the default is SUPPRESS, so not giving it there keeps the top level's value.
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="warnings and errors only")
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = {k: v for k, v in vars(args).items() if k in _FIELDS}
     return TrainConfig(**{**values, **overrides})
 
 
+def _flag_given(argv: Sequence[str], key: str) -> bool:
+    """Whether the option for TrainConfig field `key` is on the command line (abbreviations are
+    off, so a flag is always spelled out)."""
+    flag = "--" + key.replace("_", "-")
+    negated = "--no-" + key.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") or a == negated for a in argv)
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: does not parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting(s) {unknown}; expected some of "
+                          f"{sorted(_FIELDS)}")
+    return values
+
+
+def _manifest_settings(path: Path) -> dict[str, Any]:
+    """What trained a version, from its manifest: the `training` section's TrainConfig fields, its
+    repository (<repo>/<name>/<version>/manifest.json) and name. Where that run kept its
+    checkpoints and whether it resumed are not taken: a new run is a new run."""
+    try:
+        manifest = json.loads(path.read_text())
+        training = manifest["training"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--from-manifest {path}: not a model version's manifest.json ({exc})") from None
+    values = {k: v for k, v in training.items() if k in _FIELDS and k not in ("checkpoint_dir", "resume")}
+    values.setdefault("name", manifest.get("name"))
+    values["out"] = str(path.resolve().parent.parent.parent)
+    return values
+
+
+def train_config(args: argparse.Namespace, argv: Sequence[str]) -> TrainConfig:
+    """The TrainConfig of `trainer train` parsed from `argv` into `args`: the flags given, over
+    --config, over --from-manifest, over the defaults."""
+    layered: dict[str, Any] = {}
+    if args.from_manifest is not None:
+        layered.update(_manifest_settings(args.from_manifest))
+    if args.config is not None:
+        layered.update(_settings_file(args.config))
+    given = {k: v for k, v in vars(args).items() if k in _FIELDS and (_flag_given(argv, k) or k not in layered)}
+    values = {**layered, **given}
+    if values.get("out") is None:
+        raise ConfigError("--out is required (or --from-manifest, whose repository it takes)")
+    return TrainConfig(**values)
+
+
 def _train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = train_config(args, args.argv)
     began = time.perf_counter()
     result = run_training(config)
     if result is not None:  # None on DDP processes other than 0
@@ -222,7 +309,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     _configure_logging(args.verbose, args.quiet)
     try:
         return args.handler(args)
