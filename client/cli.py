@@ -11,6 +11,7 @@ Exit status: 0 ok, 1 the server refused the call, 2 bad command line or input fi
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import json
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from snapserve.proto.version import package_version
 from snapserve.client.bench import add_bench_parser
 from snapserve.client.credentials import read_token_file
 from snapserve.client.errors import ClientError
@@ -44,9 +46,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a prefix of one flag must never be read as another.
     parser = argparse.ArgumentParser(prog="ensemble-client",
-                                     description="Query a snapserve ensemble server.")
-    commands = parser.add_subparsers(dest="command", required=True)
+                                     description="Query a snapserve ensemble server.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=functools.partial(argparse.ArgumentParser,
+                                                                    allow_abbrev=False))
 
     predict = commands.add_parser("predict", help="predict a batch from a .npy file")
     _common(predict)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -196,3 +198,12 @@ def test_cli_predict_checks_its_input_before_calling(
     assert main(["predict", "--target", "127.0.0.1:1", "--model", "digits",
                  "--input", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_cli_has_a_version_and_takes_no_abbreviations() -> None:
+    done = subprocess.run([sys.executable, "-m", "snapserve.client", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("ensemble-client ")
+    done = subprocess.run([sys.executable, "-m", "snapserve.client", "predict", "--mod", "digits",
+                           "--input", "x.npy"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--model" in done.stderr
