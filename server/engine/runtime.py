@@ -104,8 +104,23 @@ def execution_providers(config: RuntimeConfig,
                           f"(available: {', '.join(available)}); install onnxruntime-gpu or use "
                           "device 'auto' or 'cpu'")
     if config.device != "cpu" and CUDA in available:
+        _preload_cuda_libraries()
         return [(CUDA, {"device_id": config.device_id, **(cuda_options or {})}), CPU]
     return [CPU]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels, where they are installed, before
+    the first CUDA session: without it ORT finds them only on LD_LIBRARY_PATH (or after torch was
+    imported), and a session it cannot place on CUDA quietly runs on the CPU. Once per process."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 (libraries found elsewhere still work; the check above says)
+        logger.warning("could not preload the CUDA libraries from the nvidia-* wheels: %s", exc)
 
 
 def session_options(config: RuntimeConfig) -> ort.SessionOptions:
@@ -405,11 +420,16 @@ class EnsembleRuntime:
         first = next(iter(self.graphs.values()))
         self.graph: str = first.name
         self.members: int = len(member_paths)
-        # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did.
+        # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did,
+        # for every session (each member, each graph), not the first one only.
         self.provider: str = first.provider
-        if config.device == "cuda" and self.provider != CUDA:
-            raise ModelLoadError(f"device is 'cuda' but ONNX Runtime placed the session on "
-                                 f"{self.provider} (CUDA libraries missing?)")
+        placed = {name: session.get_providers()[0]
+                  for graph in self.graphs.values() for name, session in graph.named_sessions}
+        if config.device == "cuda" and (off := sorted(n for n, p in placed.items() if p != CUDA)):
+            raise ModelLoadError(f"device is 'cuda' but ONNX Runtime placed {', '.join(off)} on "
+                                 f"{placed[off[0]]} (CUDA libraries missing?)")
+        if len(set(placed.values())) > 1:
+            self.provider = "mixed: " + ", ".join(f"{n} on {p}" for n, p in sorted(placed.items()))
 
     def check_input(self, dtype: np.dtype, shape: Sequence[int]) -> None:
         """GraphMismatch unless every graph declares the manifest's input (dtype, rank, sizes):
