@@ -1013,7 +1013,7 @@ class Run:
     def _server_command(self, plan: Plan, flags: set[str]) -> list[str]:
         device = "cpu" if plan.on_cpu else self.device
         command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(self.repo),
-                   "--host", "127.0.0.1", "--port", "0", "--device", device,
+                   "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--device", device,
                    "--max-batch-size", str(MAX_BATCH), "--log-level", "INFO", *plan.flags]
         if "--grace-s" in flags:
             command += ["--grace-s", "1"]
