@@ -64,11 +64,13 @@ MIN_SEEDS = 5
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"dataset": "mnist1d:train=1000,val=500,test=10000", "arch": "cnn1d", "width": 128,
              "budget": 100, "budgets": [20, 50, 100], "seeds": [0, 1, 2, 3, 4], "deep_members": 5,
-             "keep_last": 3, "methods": list(COMPARE_METHODS)},
+             "keep_last": 3, "methods": list(COMPARE_METHODS), "threads": 1},
     "quick": {"dataset": "mnist1d:train=300,val=200,test=1000", "arch": "cnn1d", "width": 8,
               "budget": 10, "budgets": [10], "seeds": [0, 1], "deep_members": 2,
-              "keep_last": 3, "methods": list(COMPARE_METHODS)},
+              "keep_last": 3, "methods": list(COMPARE_METHODS), "threads": 1},
 }
+# threads 1: models this small gain little from a second thread, and on a busy machine two
+# OpenMP threads spin waiting for each other (a 50-epoch run went from ~25 s to 335 s).
 
 # (column, key of a run's row, digits, lower is better); the table's metrics.
 METRICS = (
@@ -346,7 +348,7 @@ def resolve_profile(args: argparse.Namespace) -> argparse.Namespace:
 def run_compare(args: argparse.Namespace, make_config: Callable[..., TrainConfig]) -> str:
     """Runs the comparison; prints and returns the table."""
     args = resolve_profile(args)
-    torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads)
     comparison = Comparison(args, make_config)
     comparison.run()
     table = (comparison.out_dir / "table.md").read_text()

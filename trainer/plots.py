@@ -140,10 +140,11 @@ def plot_compare(folder: Path, rows: list[dict[str, Any]], budget: int) -> dict[
                         yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values],
                         marker="o", ms=3, capsize=2, label=method)
     for ax, label in zip(axes, ("test accuracy", "test NLL")):
-        ax.set_xlabel("training budget (epochs; deep: per member, M x the cost)")
+        ax.set_xlabel("budget (epochs; deep: per member, M x the cost)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("methods against the training budget (mean ± std over seeds)")
+    fig.suptitle("methods against the training budget (mean ± std over seeds: the seed spread;\n"
+                 "the paired differences to single and their intervals are in table.md)", fontsize=9)
     _save(fig, folder / "budget.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
@@ -152,15 +153,16 @@ def plot_compare(folder: Path, rows: list[dict[str, Any]], budget: int) -> dict[
         if not curves or len(curves[0]["by_size_accuracy"]) < 2:
             continue
         size = min(len(r["by_size_accuracy"]) for r in curves)
+        label = "snapshot, the last m" if method.startswith("snapshot (last") else method
         for ax, key in zip(axes, ("by_size_accuracy", "by_size_nll")):
             values = np.array([r[key][:size] for r in curves])
             ax.errorbar(range(1, size + 1), values.mean(0),
                         yerr=values.std(0, ddof=1) if len(values) > 1 else None,
-                        marker="o", ms=3, capsize=2, label=method)
+                        marker="o", ms=3, capsize=2, label=label)
     for ax, label in zip(axes, ("test accuracy", "test NLL")):
-        ax.set_xlabel("members in the ensemble (training order; snapshot (last m): the last m)")
+        ax.set_xlabel("members m (the first m, in training order)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"ensembles by number of members, budget {budget} epochs (mean ± std over seeds)")
+    fig.suptitle(f"ensembles by number of members, budget {budget} epochs (mean ± std over seeds)", fontsize=9)
     _save(fig, folder / "members.png")
     return {"budget": "budget.png", "members": "members.png"}

@@ -20,7 +20,7 @@ from snapserve.trainer.metrics import auroc
 
 @pytest.fixture(scope="module")
 def served(method_versions: tuple[Path, dict]) -> Iterator[ThreadedServer]:
-    server = ThreadedServer(ServerConfig(model_repository=method_versions[0], port=0,
+    server = ThreadedServer(ServerConfig(model_repository=method_versions[0], port=0, http_port=None,
                                          batcher=BatcherConfig(max_batch_size=64, max_queue_delay_s=0.002)))
     yield server
     server.stop()
