@@ -43,7 +43,7 @@ _BOOL = argparse.BooleanOptionalAction
 
 def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=_DEFAULTS["dataset"],
-                   help=f"built-in {sorted(BUILTIN_DATASETS)}; a .npz with x_train, y_train, x_test, y_test "
+                   help=f"built-in {sorted(BUILTIN_DATASETS)} (mnist1d:train=N,val=N,test=N,label_noise=F: other sizes); a .npz with x_train, y_train, x_test, y_test "
                         "[, x_val, y_val, classes]; a CIFAR-10/100 python folder; or a folder of class "
                         "sub-folders of images (default: %(default)s)")
     p.add_argument("--arch", default=_DEFAULTS["arch"],
@@ -156,7 +156,7 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="train every method, paired by seed, and tabulate the differences to single",
         description="Train each method with each seed (the same initial weights and data order for "
                     "every method) and tabulate test accuracy, NLL, ECE and the uncertainty scores' "
-                    "AUROCs, with each method's per-seed difference to single and its 95%% bootstrap "
+                    "AUROCs, with each method's per-seed difference to single and its 95% bootstrap "
                     "interval. Unset options take the recorded regime's values (the full profile), "
                     "or --quick's.")
     _add_model_and_data_options(p)

@@ -44,7 +44,7 @@ from snapserve.trainer.datasets import OOD_DESCRIPTION, Dataset, load_dataset
 from snapserve.trainer.errors import ConfigError
 from snapserve.trainer.publish import member_probabilities
 from snapserve.trainer.report import evaluate_ensemble
-from snapserve.trainer.train import member_models, resolve_device, seed_everything, train_ensemble
+from snapserve.trainer.train import TrainedEnsemble, member_models, resolve_device, seed_everything, train_ensemble
 
 __all__ = ["COMPARE_METHODS", "PROFILES", "bootstrap_interval", "format_table", "run_compare"]
 
@@ -136,7 +136,7 @@ class Comparison:
         return self.make_config(self.args, out=str(self.out_dir), method=method, epochs=epochs, seed=seed,
                                 keep_last=keep, plots=False)
 
-    def _train(self, config: TrainConfig) -> tuple[Any, list[torch.nn.Module]]:
+    def _train(self, config: TrainConfig) -> tuple[TrainedEnsemble, list[torch.nn.Module]]:
         seed_everything(config.seed)
         ensemble = train_ensemble(config, self.dataset, self.device, record_epochs=False)
         return ensemble, ensemble.models
