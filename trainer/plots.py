@@ -162,7 +162,8 @@ def plot_compare(folder: Path, rows: list[dict[str, Any]], budget: int) -> dict[
     for ax, label in zip(axes, ("test accuracy", "test NLL")):
         ax.set_xlabel("members m (the first m, in training order)")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=7)
+    if axes[0].lines:  # none until a run with several members is in
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"ensembles by number of members, budget {budget} epochs (mean ± std over seeds)", fontsize=9)
     _save(fig, folder / "members.png")
     return {"budget": "budget.png", "members": "members.png"}
