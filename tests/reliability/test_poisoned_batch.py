@@ -27,7 +27,9 @@ from tests.support.models import write_index_model, write_repository
 from tests.support.servers import serving
 
 # Requests sent together wait for each other: one batch.
-TOGETHER = BatcherConfig(max_batch_size=16, max_queue_delay_s=0.3, adaptive_wait=False)
+# Up to 4 one-example requests wait together: the batch goes when 4 have come, or after 2 s (a
+# loaded machine may take a while to send them; a short wait split them into two batches).
+TOGETHER = BatcherConfig(max_batch_size=4, max_queue_delay_s=2.0, adaptive_wait=False)
 INTERNALS = ("onnxruntime", "ONNXRuntimeError", "Gather", "indices", "INVALID_ARGUMENT :")
 
 
