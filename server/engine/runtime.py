@@ -36,7 +36,8 @@ from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMis
                                      InferenceError, InvalidGraph, ModelLoadError)
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
-           "check_score_outputs", "choose_graph", "execution_providers", "session_options"]
+           "check_score_outputs", "choose_graph", "execution_providers", "median_seconds",
+           "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,17 @@ FUSED, MEMBERS = "fused", "members"
 class RuntimeConfig:
     # auto: CUDA when this onnxruntime build has it, else CPU; cuda: refuse to start without it.
     device: str = "auto"
-    # Threads per session for one run. Small by default: several instances and models may share
-    # the machine, and pool threads compete with the event loop. 0: ONNX Runtime picks (one per
-    # physical core).
-    intra_op_threads: int = 1
+    # Threads per session for one run. 0 (auto): decided at load from the cores the process
+    # may use and what a lone example costs on 1 and on every core (engine/cores.py).
+    intra_op_threads: int = 0
     device_id: int = 0  # which GPU, with cuda
     # Runtime instances per model version (sessions loaded N times): up to N batches compute at
     # once. More helps when one batch cannot use the machine (small models, 1 thread each);
-    # each instance costs the model's memory again.
-    instances: int = 1
+    # each instance costs the model's memory again. 0 (auto): decided at load (engine/cores.py).
+    instances: int = 0
+    # Cores the auto settings plan for; 0: every core the process may use (engine/cores.py).
+    # A worker of --workers N gets its share.
+    cores: int = 0
     # auto: time the fused graph and the members at load and keep the faster; fused: the fused
     # graph whenever the version has one; members: never the fused graph.
     graph: str = "auto"
@@ -78,11 +81,13 @@ class RuntimeConfig:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0:
-            raise ConfigError(f"intra_op_threads must be an integer >= 0, got {self.intra_op_threads!r}")
+            raise ConfigError(f"intra_op_threads must be an integer >= 1, or 0 for auto, got {self.intra_op_threads!r}")
+        if not isinstance(self.cores, int) or self.cores < 0:
+            raise ConfigError(f"cores must be an integer >= 0, got {self.cores!r}")
         if not isinstance(self.device_id, int) or self.device_id < 0:
             raise ConfigError(f"device_id must be an integer >= 0, got {self.device_id!r}")
-        if not isinstance(self.instances, int) or self.instances < 1:
-            raise ConfigError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if not isinstance(self.instances, int) or self.instances < 0:
+            raise ConfigError(f"instances must be an integer >= 1, or 0 for auto, got {self.instances!r}")
         if self.graph not in GRAPHS:
             raise ConfigError(f"graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
         if self.precision not in PRECISIONS:
@@ -476,7 +481,7 @@ class GraphTiming:
             f" at batch {'/'.join(map(str, self.batch_sizes))}"
 
 
-def _median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
+def median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
     fn(x)  # the first run of a shape allocates and plans: not counted
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
@@ -508,6 +513,6 @@ def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: 
                          "(tolerance %.3g): serving the members", diff, tolerance)
             return MEMBERS, None
         for name in (FUSED, MEMBERS):
-            seconds[name].append(_median_seconds(runtime.graphs[name].scores, x, budget_s))
+            seconds[name].append(median_seconds(runtime.graphs[name].scores, x, budget_s))
     timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
     return (FUSED if timing.total(FUSED) <= timing.total(MEMBERS) else MEMBERS), timing

@@ -12,14 +12,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from snapserve.proto.scores import EnsembleScores
 from snapserve.server.engine.batcher import Batcher, BatcherConfig
-from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
-                                             RuntimeConfig, choose_graph)
+from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
+from snapserve.server.engine.runtime import (CUDA, FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
+                                             RuntimeConfig, choose_graph, median_seconds)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
                                      InvalidInput, ModelLoadError, ModelRefusedInput,
                                      NonFiniteOutput)
@@ -56,21 +57,30 @@ class ServedEnsemble:
     that many batches at once, each on an instance of its own, in that instance's own thread:
     a thread that always runs the same sessions finds their weights and buffers warm in its
     core's caches (measured 5-10% faster per small batch than a shared pool's next free thread).
+    `lead` (optional, not among `instances`): an instance with more threads, given a batch only
+    when nothing else computes, so a lone request has every core and a full queue the
+    parallel instances (engine/cores.py).
     """
 
     def __init__(self, manifest: Manifest, path: Path, runtime: EnsembleRuntime,
-                 batcher_config: BatcherConfig, instances: Sequence[EnsembleRuntime] = ()) -> None:
+                 batcher_config: BatcherConfig, instances: Sequence[EnsembleRuntime] = (),
+                 lead: EnsembleRuntime | None = None) -> None:
         self.manifest = manifest
         self.path = path
         self.runtime = runtime
-        self.instances: list[EnsembleRuntime] = list(instances) or [runtime]
-        # (instance, its thread) pairs not computing now; touched only on the event loop thread.
+        parallel: list[EnsembleRuntime] = list(instances) or [runtime]
+        self.instances: list[EnsembleRuntime] = ([lead] if lead is not None else []) + parallel
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"inference-{manifest.name}-{i}")
                          for i in range(len(self.instances))]
-        self._free = list(zip(self.instances, self._threads))
+        pairs = list(zip(self.instances, self._threads))
+        # The lead's (instance, thread) pair, and the parallel ones not computing now; touched
+        # only on the event loop thread.
+        self._lead = pairs.pop(0) if lead is not None else None
+        self._free = pairs
+        self._busy = 0  # batches computing now
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
-        batcher_config = dataclasses.replace(batcher_config,
-                                             max_concurrent_batches=len(self.instances))
+        self.thread_plan: ThreadPlan | None = None  # how instances and threads were chosen
+        batcher_config = dataclasses.replace(batcher_config, max_concurrent_batches=len(parallel))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
         # The effective per-model settings (models.settings), set by the lifecycle: reported
         # beside the runtime parameters.
@@ -128,17 +138,25 @@ class ServedEnsemble:
                       "execution_provider": self.runtime.provider}
         if self.graph_timing is not None:
             parameters["graph_timing"] = self.graph_timing.describe()
+        if self.thread_plan is not None:
+            parameters["intra_op_threads"] = ",".join(map(str, self.thread_plan.thread_counts))
+            parameters["concurrent_batches"] = str(self.thread_plan.parallel)
+            parameters["threads_choice"] = self.thread_plan.why
         return {**self.settings, **parameters}
 
     async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter_ns()
-        # The batcher runs at most len(instances) batches at once, so one is always free.
-        runtime, thread = self._free.pop()
+        # The batcher runs at most len(self._free) batches at once, so one is always free; the
+        # lead only when nothing else computes (so it is never taken twice).
+        pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
+        self._busy += 1
         try:
-            scores = await loop.run_in_executor(thread, self._infer_batch_sync, runtime, inputs)
+            scores = await loop.run_in_executor(pair[1], self._infer_batch_sync, pair[0], inputs)
         finally:
-            self._free.append((runtime, thread))
+            self._busy -= 1
+            if pair is not self._lead:
+                self._free.append(pair)
         compute_ns = time.perf_counter_ns() - started
         examples = sum(len(x) for x in inputs)
         for observer in self.observers:
@@ -275,8 +293,11 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     manifest = read_manifest(path)
     verified = read_verified(manifest, path)  # read once: what was hashed is what loads
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
+    # The first instance: one thread when auto (the graphs are timed on it, then the threads).
+    first_config = dataclasses.replace(runtime_config,
+                                       intra_op_threads=runtime_config.intra_op_threads or 1)
     try:
-        runtime = _build_runtime(manifest, verified, runtime_config, graphs, fused_file)
+        runtime = _build_runtime(manifest, verified, first_config, graphs, fused_file)
     except FusedOutputsMismatch:
         raise  # the version and this server disagree on the scores: refused, not served slower
     except ModelLoadError as exc:
@@ -285,7 +306,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
         logger.error("%s version %d: the fused graph cannot be used (%s): serving the members",
                      manifest.name, manifest.version, exc)
         graphs = (MEMBERS,)
-        runtime = _build_runtime(manifest, verified, runtime_config, graphs, None)
+        runtime = _build_runtime(manifest, verified, first_config, graphs, None)
     runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
@@ -294,13 +315,69 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
                                  tolerance=1e-2 if fp16 else 1e-4)
     runtime.keep(graph)
-    instances = [runtime] + [_build_runtime(manifest, verified, runtime_config, (graph,), fused_file)
-                             for _ in range(runtime_config.instances - 1)]
-    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances)
+
+    def build(threads: int) -> EnsembleRuntime:
+        config = dataclasses.replace(runtime_config, intra_op_threads=threads)
+        return _build_runtime(manifest, verified, config, (graph,), fused_file)
+
+    plan, runtime, lead = _plan_instances(runtime, runtime_config, timing, example,
+                                          batcher_config.max_batch_size, build)
+    instances = [runtime] + [build(plan.threads) for _ in range(plan.parallel - 1)]
+    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead)
     served.allow_nonfinite = runtime_config.allow_nonfinite
     served.graph_timing = timing
+    served.thread_plan = plan
     served.warm_up()
-    logger.info("%s version %d: serving the %s graph on %d instance(s)%s", manifest.name,
-                manifest.version, graph, len(instances),
+    logger.info("%s version %d: serving the %s graph on %d instance(s) of %s thread(s) (%s)%s",
+                manifest.name, manifest.version, graph, len(served.instances),
+                ",".join(map(str, plan.thread_counts)), plan.why,
                 f"; measured {timing.describe()}" if timing is not None else "")
     return served
+
+
+_MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
+
+
+def _fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s: float) -> float:
+    """The fastest of a few runs after a warm-up: other processes' work only ever adds time, so
+    the minimum is the least disturbed estimate of the model's own cost (a median at load
+    was 2-6x off on a busy machine, enough to flip the choice)."""
+    fn(x)
+    best, deadline = float("inf"), time.perf_counter() + budget_s
+    while best == float("inf") or time.perf_counter() < deadline:
+        began = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
+                    example: np.ndarray, max_batch_size: int,
+                    build: Callable[[int], EnsembleRuntime],
+                    ) -> tuple[ThreadPlan, EnsembleRuntime, EnsembleRuntime | None]:
+    """How many instances of how many threads (engine/cores.py), measured on `runtime` (open
+    with `intra_op_threads`, 1 when auto); the first parallel instance (`runtime`, or the one
+    with every core's threads when that alone serves) and the lead instance when the plan has
+    one. Nothing is measured when both settings are given, or on a GPU (one instance)."""
+    cores = config.cores or usable_cores()
+    if (config.instances != AUTO and config.intra_op_threads != AUTO) or runtime.provider == CUDA:
+        return plan_threads(config.instances or 1, config.intra_op_threads or 1, cores,
+                            None, None), runtime, None
+    # Bounded by time (a warm-up run and at least one more each): a model that takes seconds
+    # per example must not take minutes to load.
+    one = median_seconds(runtime.scores, example, 0.1, min_runs=1)
+    per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
+    if one * max_batch_size < _MEASURE_BUDGET_S:
+        batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
+        per_example = _fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S) / max_batch_size
+    lone, candidate = None, None
+    if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
+        candidate = build(cores)
+        lone = (one, median_seconds(candidate.scores, example, 0.1, min_runs=1))
+    plan = plan_threads(config.instances, config.intra_op_threads, cores,
+                        per_example if config.instances == AUTO else None, lone)
+    if candidate is not None and plan.lead_threads:
+        return plan, runtime, candidate
+    if candidate is not None and plan.threads == cores:  # every core's threads, one instance
+        return plan, candidate, None
+    return plan, runtime, None

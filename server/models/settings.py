@@ -6,8 +6,8 @@ batching, threading, graph or version policy than the server's defaults, without
     max_batch_size: 16          # examples per inference call, and per request
     max_queue_delay_ms: 1.0     # longest wait for a batch to fill
     max_queue_size: 128         # requests waiting before RESOURCE_EXHAUSTED
-    instances: 2                # runtime instances: batches computed at once
-    intra_op_threads: 1         # ONNX Runtime threads per session
+    instances: 2                # runtime instances: batches computed at once (auto: decide at load)
+    intra_op_threads: 1         # ONNX Runtime threads per session (auto: decide at load)
     graph: fused                # auto | fused | members
     precision: fp32             # fp32 | fp16
     version_policy: specific    # latest | all | specific
@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import yaml
 
 from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.cores import AUTO
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError, ModelSettingsError
 from snapserve.server.models.policy import RepositoryConfig
@@ -124,7 +125,7 @@ def _model_repository_config(name: str, s: ModelSettings, repository: Repository
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "max_batch_size": (int,), "max_queue_delay_ms": (int, float), "max_queue_size": (int,),
-    "instances": (int,), "intra_op_threads": (int,), "graph": (str,), "precision": (str,),
+    "instances": (int, str), "intra_op_threads": (int, str), "graph": (str,), "precision": (str,),
     "version_policy": (str,), "versions": (list,),
 }
 
@@ -140,6 +141,10 @@ def _check_value(key: str, value: Any) -> Any:
         return tuple(sorted(set(value)))
     if key == "max_queue_delay_ms":
         return float(value)
+    if key in ("instances", "intra_op_threads") and isinstance(value, str):
+        if value != "auto":
+            raise ModelSettingsError(f"{key} must be int or 'auto', got {value!r}")
+        return AUTO
     return value
 
 

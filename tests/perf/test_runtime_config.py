@@ -9,7 +9,7 @@ from snapserve.server.engine.runtime import RuntimeConfig
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"instances": 0}, "instances"),
+    ({"instances": -1}, "instances"),
     ({"graph": "both"}, "graph"),
     ({"precision": "int8"}, "precision"),
     ({"cuda_graph_batch_sizes": (8, 4)}, "cuda_graph_batch_sizes"),

@@ -1,0 +1,154 @@
+"""How many cores this process may use, and how a model version's instances share them.
+
+`usable_cores()` is what the kernel lets the process run on: its CPU affinity, cut down by a
+cgroup CPU quota (a container's `--cpus`, a Kubernetes CPU limit), never `os.cpu_count()`,
+which counts the host's cores whatever the process is allowed.
+
+`plan_threads` turns the `instances` / `intra_op_threads` settings (0: auto) and what was
+measured at load into the sessions to open (docs/performance.md, "Instances and threads"):
+
+- parallel instances of one thread each, one per core, when the model's compute per example is
+  larger than what the event loop spends on a request (else the loop, not the model, is the
+  bottleneck and more instances only add thread hops: measured 1,800 against 1,370 req/s for
+  the digits ensemble with 1 and 2 instances on 2 cores);
+- plus a *lead* instance with every core's threads, when it computes a lone example faster than
+  one thread does: the batcher hands it a batch only when nothing else computes, so a lone
+  request uses all cores and a full queue runs on the single-thread instances, one per core.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["AUTO", "LOOP_COST_S", "ThreadPlan", "cgroup_cpu_limit", "plan_threads", "usable_cores"]
+
+AUTO = 0  # instances / intra_op_threads: decide at load
+# Server CPU per one-example request outside the model (grpc.aio, decode, batcher, encode),
+# measured on the 2-core benchmark machine (benchmarks/RESULTS.md): ~0.5 ms.
+LOOP_COST_S = 0.5e-3
+# The lead instance is kept only when it is this much faster than one thread on a lone example.
+LEAD_GAIN = 0.85
+
+
+def _quota_v2(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _quota_v1(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def _cgroup_dirs(root: Path, self_cgroup: Path) -> list[tuple[Path, bool]]:
+    """(directory, is v2) for the process's cgroup and each ancestor, in every hierarchy that
+    has the CPU controller, plus each mount's root (in a container the path in /proc is the
+    host's, and the container's own cgroup is mounted at the root)."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    found: list[tuple[Path, bool]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            mounts, v2 = [root], True
+        elif "cpu" in controllers.split(","):
+            mounts, v2 = [root / controllers, root / "cpu", root / "cpu,cpuacct"], False
+        else:
+            continue
+        relative = Path(path.lstrip("/"))
+        for mount in dict.fromkeys(mounts):
+            found += [(mount / ancestor, v2) for ancestor in (relative, *relative.parents)]
+    return found
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                     self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The smallest CPU quota (in cores, e.g. 1.5) on the process's cgroup or any ancestor,
+    cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`); None: no quota."""
+    quotas = [q for directory, v2 in _cgroup_dirs(root, self_cgroup)
+              if (q := (_quota_v2 if v2 else _quota_v1)(directory)) is not None]
+    return min(quotas, default=None)
+
+
+def usable_cores(root: Path = Path("/sys/fs/cgroup"),
+                 self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """Cores this process may run on at once: its affinity, at most its cgroup quota (rounded
+    down: 1.5 cores of quota cannot keep two threads busy without throttling), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(root, self_cgroup)
+    if quota is not None:
+        cores = min(cores, math.floor(quota))
+    return max(cores, 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """The sessions a model version opens: `parallel` instances of `threads` each, computing up
+    to that many batches at once, and optionally a `lead` instance of `lead_threads`, used for a
+    batch only while nothing else computes."""
+
+    parallel: int
+    threads: int
+    lead_threads: int = 0  # 0: no lead instance
+    why: str = ""
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """Threads of each instance, the lead's first."""
+        lead = (self.lead_threads,) if self.lead_threads else ()
+        return lead + (self.threads,) * self.parallel
+
+
+def plan_threads(instances: int, intra_op_threads: int, cores: int,
+                 seconds_per_example: float | None, lone_seconds: tuple[float, float] | None,
+                 ) -> ThreadPlan:
+    """The plan for these settings (AUTO: decide) on `cores` cores.
+
+    Explicit values are kept as given; a lead instance is added only when both are AUTO.
+    `seconds_per_example`: one single-thread instance's compute per example at the largest
+    batch, measured at load (None: not measured, e.g. on a GPU: one instance). `lone_seconds`:
+    a lone example's seconds on (1 thread, `cores` threads), measured (None: not measured).
+    """
+    if instances != AUTO and intra_op_threads != AUTO:
+        return ThreadPlan(instances, intra_op_threads, why="as configured")
+    threads = intra_op_threads or 1
+    reasons = []
+    parallel = instances
+    if parallel == AUTO:
+        heavy = seconds_per_example is not None and seconds_per_example >= LOOP_COST_S
+        parallel = max(cores // threads, 1) if heavy else 1
+        if seconds_per_example is None:
+            reasons.append("1 instance (compute not measured)")
+        else:
+            reasons.append(f"{parallel} parallel instance(s): {1e3 * seconds_per_example:.2f} ms "
+                           f"of compute per example {'>=' if heavy else '<'} "
+                           f"{1e3 * LOOP_COST_S:.2f} ms of request handling")
+    lead = 0  # only when both are auto: N instances asked for are N instances
+    if instances == AUTO and intra_op_threads == AUTO and cores > 1 and lone_seconds is not None:
+        one, every = lone_seconds
+        if every <= LEAD_GAIN * one:
+            lead = cores
+        reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
+                       f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms on 1)")
+    why = f"auto on {cores} core(s): " + "; ".join(reasons)
+    if lead and parallel == 1:  # one batch at a time: the lead alone, never a second instance
+        return ThreadPlan(1, lead, why=why)
+    return ThreadPlan(parallel, threads, lead, why)

@@ -1,0 +1,124 @@
+"""The usable cores (affinity and cgroup quota, from files in a temp dir) and the thread plan."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from snapserve.server.engine.cores import (LOOP_COST_S, cgroup_cpu_limit, plan_threads,
+                                           usable_cores)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_on_the_process_cgroup_and_its_parents(tmp_path: Path) -> None:
+    proc = tmp_path / "proc-cgroup"
+    _write(proc, "0::/pods/pod1/box\n")
+    root = tmp_path / "cg"
+    _write(root / "pods" / "pod1" / "box" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(root, proc) is None
+    _write(root / "pods" / "pod1" / "cpu.max", "150000 100000\n")  # a parent's limit applies
+    _write(root / "pods" / "cpu.max", "400000 100000\n")
+    assert cgroup_cpu_limit(root, proc) == pytest.approx(1.5)
+
+
+def test_cgroup_v1_quota_in_the_cpu_hierarchy(tmp_path: Path) -> None:
+    proc = tmp_path / "proc-cgroup"
+    _write(proc, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
+    hierarchy = tmp_path / "cg" / "cpu,cpuacct"
+    _write(hierarchy / "docker" / "abc" / "cpu.cfs_quota_us", "200000\n")
+    _write(hierarchy / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(tmp_path / "cg", proc) == pytest.approx(2.0)
+    _write(hierarchy / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")  # -1: no quota
+    assert cgroup_cpu_limit(tmp_path / "cg", proc) is None
+
+
+def test_usable_cores_is_the_affinity_cut_down_by_the_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    proc = tmp_path / "proc-cgroup"
+    _write(proc, "0::/\n")
+    assert usable_cores(tmp_path / "none", proc) == affinity  # no cgroup files: affinity
+    _write(tmp_path / "cg" / "cpu.max", "50000 100000\n")  # half a core: still 1
+    assert usable_cores(tmp_path / "cg", proc) == 1
+    _write(tmp_path / "cg" / "cpu.max", f"{100000 * (affinity + 4)} 100000\n")
+    assert usable_cores(tmp_path / "cg", proc) == affinity  # a quota above the affinity
+    assert usable_cores(tmp_path / "cg", tmp_path / "missing") == affinity
+
+
+def test_plan_honours_explicit_settings() -> None:
+    plan = plan_threads(3, 2, cores=8, seconds_per_example=None, lone_seconds=None)
+    assert (plan.parallel, plan.threads, plan.lead_threads) == (3, 2, 0)
+    assert plan.thread_counts == (2, 2, 2)
+
+
+def test_plan_auto_cheap_model_runs_one_instance() -> None:
+    plan = plan_threads(0, 0, cores=4, seconds_per_example=LOOP_COST_S / 10,
+                        lone_seconds=(1e-3, 1e-3))  # more threads do not help a lone example
+    assert plan.thread_counts == (1,)
+
+
+def test_plan_auto_heavy_model_one_single_thread_instance_per_core_and_a_lead() -> None:
+    plan = plan_threads(0, 0, cores=4, seconds_per_example=4e-3, lone_seconds=(8e-3, 3e-3))
+    assert (plan.parallel, plan.threads, plan.lead_threads) == (4, 1, 4)
+    assert plan.thread_counts == (4, 1, 1, 1, 1) and "lead" in plan.why
+    # Given threads: as many instances as fit the cores, no lead.
+    plan = plan_threads(0, 2, cores=4, seconds_per_example=4e-3, lone_seconds=(8e-3, 3e-3))
+    assert plan.thread_counts == (2, 2)
+
+
+def test_plan_auto_one_instance_with_every_core_when_only_the_lead_pays() -> None:
+    plan = plan_threads(0, 0, cores=2, seconds_per_example=LOOP_COST_S / 10,
+                        lone_seconds=(8e-3, 3e-3))
+    assert plan.thread_counts == (2,) and plan.parallel == 1
+    plan = plan_threads(1, 0, cores=1, seconds_per_example=None, lone_seconds=None)
+    assert plan.thread_counts == (1,)
+
+
+@pytest.mark.parametrize("instances, threads", [(0, 0), (0, 1), (2, 0)])
+def test_auto_settings_load_a_valid_plan_that_answers(imported_repo: Path, instances: int,
+                                                      threads: int) -> None:
+    import asyncio
+
+    import numpy as np
+
+    from snapserve.server.engine.batcher import BatcherConfig
+    from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.models.ensemble import load_version
+
+    served = load_version(imported_repo / "mixed" / "1",
+                          RuntimeConfig(device="cpu", instances=instances, intra_op_threads=threads),
+                          BatcherConfig(max_batch_size=8))
+    plan, cores = served.thread_plan, usable_cores()
+    assert plan is not None and plan.parallel >= 1 and plan.threads >= 1
+    assert len(served.instances) == len(plan.thread_counts)
+    assert all(1 <= t <= max(cores, threads) for t in plan.thread_counts)
+    if instances:
+        assert plan.parallel == instances and plan.lead_threads == 0
+    if threads:
+        assert plan.threads == threads and plan.lead_threads == 0
+    parameters = served.runtime_parameters
+    assert parameters["intra_op_threads"] == ",".join(map(str, plan.thread_counts))
+    assert parameters["instances"] == str(len(plan.thread_counts))
+    assert parameters["threads_choice"] == plan.why
+    assert served.batcher.config.max_concurrent_batches == plan.parallel
+
+    async def answer() -> None:
+        await served.start()
+        try:
+            x = np.zeros((1, *served.manifest.input.shape[1:]), served.manifest.input.dtype)
+            results = await asyncio.gather(*(served.predict(x) for _ in range(6)))
+            assert all(r.probabilities.shape[0] == 1 for r in results)
+        finally:
+            await served.close()
+
+    asyncio.run(answer())
+
+
+def test_plan_explicit_instances_get_no_lead() -> None:
+    plan = plan_threads(2, 0, cores=4, seconds_per_example=4e-3, lone_seconds=(8e-3, 3e-3))
+    assert plan.thread_counts == (1, 1)
