@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
@@ -69,6 +69,7 @@ class ServerMetrics:
     def __init__(self, models: ModelRegistry) -> None:
         self.registry = CollectorRegistry()
         self._models = models
+        self._request_children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         self._http: MetricsEndpoint | None = None
         r = self.registry
         self.requests = Counter("snapserve_inference_requests", "Inference requests answered",
@@ -104,8 +105,14 @@ class ServerMetrics:
 
     def observe_request(self, model: str, api: str, code: grpc.StatusCode, seconds: float) -> None:
         label = model if model in self._models else OTHER_MODEL
-        self.requests.labels(label, api, code.name).inc()
-        self.request_seconds.labels(label, api).observe(seconds)
+        # The labelled children, looked up once per (model, api, code) instead of per request.
+        key = (label, api, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(label, api, code.name), self.request_seconds.labels(label, api))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observer(self, model: str, version: int) -> InferenceObserver:
         """What a loaded model version reports its queue and compute times to."""

@@ -11,7 +11,8 @@ error's traceback), and asyncio copies it into every task a request starts.
 from __future__ import annotations
 
 import contextlib
-import uuid
+import itertools
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -35,8 +36,21 @@ class RequestContext:
 _CURRENT: ContextVar[RequestContext | None] = ContextVar("snapserve_request", default=None)
 
 
+def _reset_ids() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX, _ID_COUNTER = os.urandom(8).hex(), itertools.count()
+
+
+_ID_PREFIX, _ID_COUNTER = "", itertools.count()
+_reset_ids()
+os.register_at_fork(after_in_child=_reset_ids)  # a forked worker must not repeat its parent's ids
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, unique per process (a random prefix) and call (a counter): as unique as a
+    uuid4 for a log's purposes, at a tenth of its cost (uuid4 was 4% of the event loop's time
+    per request: os.urandom and a UUID object, docs/performance.md)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def clean_request_id(value: str) -> str:

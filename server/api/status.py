@@ -27,8 +27,9 @@ from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError,
                                      ModelNotFound, ModelRefusedInput, NoLoadableVersion,
                                      NonFiniteOutput, Overloaded, QueueFull, RepositoryControlDenied,
                                      ShuttingDown, Unauthenticated, VersionNotFound)
-from snapserve.server.request_context import (REQUEST_ID_KEY, current_request, metadata_value,
-                                              open_request, request_context)
+from snapserve.server.request_context import (REQUEST_ID_KEY, RequestContext, current_request,
+                                              metadata_value, open_request, request_context)
+from snapserve.server import tracing
 from snapserve.server.tracing import end_request_span, extract_parent, request_span
 
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
@@ -197,26 +198,40 @@ def observed_request(metrics: ServerMetrics, model: str, api: str) -> Iterator[N
     """One inference request, for either API: counted by its outcome's status code and timed,
     traced (a span when tracing is on), and logged on `snapserve.server.access` (failures at
     INFO, answers at DEBUG), each under the current request's id (one is opened if none is)."""
-    with contextlib.ExitStack() as stack:
-        request = current_request() or stack.enter_context(request_context())
-        request.model, request.api = model, api
-        span = stack.enter_context(request_span(request.trace_parent, {
-            "snapserve.model": model, "snapserve.api": api,
-            "snapserve.request_id": request.request_id}))
-        start, code = time.perf_counter(), grpc.StatusCode.OK
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code = status_code(exc)
-            raise
-        finally:
-            seconds = time.perf_counter() - start
-            metrics.observe_request(model, api, code, seconds)
-            end_request_span(span, code.name, request.version)
-            _log_request(code, seconds)
+    request = current_request()
+    if request is None or tracing.active():  # the general case, with its context managers
+        with contextlib.ExitStack() as stack:
+            request = request or stack.enter_context(request_context())
+            span = stack.enter_context(request_span(request.trace_parent, {
+                "snapserve.model": model, "snapserve.api": api,
+                "snapserve.request_id": request.request_id}))
+            with _observed(metrics, request, model, api, span):
+                yield
+        return
+    # Every gRPC call already has its request context (abort_on_error) and, without a tracer
+    # provider, a span goes nowhere: no ExitStack, no span (docs/performance.md, the profile).
+    with _observed(metrics, request, model, api, None):
+        yield
+
+
+@contextlib.contextmanager
+def _observed(metrics: ServerMetrics, request: RequestContext, model: str, api: str,
+              span: Any) -> Iterator[None]:
+    request.model, request.api = model, api
+    start, code = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:
+        code = status_code(exc)
+        raise
+    finally:
+        seconds = time.perf_counter() - start
+        metrics.observe_request(model, api, code, seconds)
+        end_request_span(span, code.name, request.version)
+        _log_request(code, seconds)
 
 
 access_logger = logging.getLogger("snapserve.server.access")
