@@ -6,6 +6,8 @@
 
 - Closed loop (`--concurrency`): N callers, each sending its next request when the last one is
   answered; one level after another.
+- `--api stream`: the native PredictStream, one stream per caller, each sending its next
+  request when its last is answered (closed loop only).
 - Open loop (`--request-rate R`): requests start on a fixed schedule, R per second, whether
   or not earlier ones were answered; latency is timed from the scheduled start, so a client or
   server that falls behind shows it (no coordinated omission).
@@ -47,11 +49,12 @@ from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_K
 __all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
            "results_json", "run_bench", "run_bench_command", "write_results"]
 
-APIS = ("native", "kserve", "http")
+APIS = ("native", "kserve", "http", "stream")  # stream: native PredictStream, a stream per caller
 HTTP_DATA = ("json", "binary")  # --api http: tensors as JSON `data`, or Triton's binary extension
 BINARY_HEADER = "Inference-Header-Content-Length"
 NATIVE_PREDICT = "/snapserve.v1.EnsembleService/Predict"
 NATIVE_GET_MODEL = "/snapserve.v1.EnsembleService/GetModel"
+NATIVE_PREDICT_STREAM = "/snapserve.v1.EnsembleService/PredictStream"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 KSERVE_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 KSERVE_STATISTICS = "/inference.GRPCInferenceService/ModelStatistics"
@@ -91,6 +94,9 @@ class BenchConfig:
             raise BenchError("duration_s must be > 0 and warmup_s >= 0")
         if self.batch_size < 1:
             raise BenchError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.api == "stream" and self.request_rate is not None:
+            raise BenchError("api stream runs closed loops only (a stream per caller); "
+                             "drop request_rate")
 
 
 @dataclass
@@ -144,7 +150,8 @@ class _Target:
                  metadata: tuple[tuple[str, str], ...] | None) -> None:
         self.channel, self.config, self.metadata = channel, config, metadata
         # Identity (de)serializers: the request is bytes made once, answers stay bytes.
-        self.infer = channel.unary_unary(NATIVE_PREDICT if config.api == "native" else KSERVE_INFER)
+        self.native = config.api in ("native", "stream")  # the same messages
+        self.infer = channel.unary_unary(NATIVE_PREDICT if self.native else KSERVE_INFER)
 
     async def call(self, payload: bytes) -> bytes:
         return await self.infer(payload, timeout=self.config.timeout_s, metadata=self.metadata)
@@ -159,7 +166,7 @@ class _Target:
 
     async def input_spec(self) -> tuple[str, np.dtype, tuple[int, ...]]:
         """(input name, dtype, shape with -1 for the batch) from the server's metadata."""
-        if self.config.api == "native":
+        if self.native:
             meta = await self._unary(NATIVE_GET_MODEL, pb.GetModelRequest(
                 model=self.config.model, version=self.config.version), pb.ModelMetadata)
             return meta.input.name, DTYPE_TO_NUMPY[meta.input.dtype], tuple(meta.input.shape)
@@ -174,7 +181,7 @@ class _Target:
         return "" if self.config.version == 0 else str(self.config.version)
 
     def request(self, name: str, x: np.ndarray) -> bytes:
-        if self.config.api == "native":
+        if self.native:
             request = pb.PredictRequest(model=self.config.model, version=self.config.version)
             to_tensor(x, request.input)
             return request.SerializeToString()
@@ -188,7 +195,7 @@ class _Target:
 
     def check(self, answer: bytes, examples: int) -> None:
         """The first answer, decoded: a benchmark of wrong answers measures nothing."""
-        if self.config.api == "native":
+        if self.native:
             response = pb.PredictResponse.FromString(answer)
             rows = from_tensor(response.probabilities, "probabilities").shape[0]
         else:
@@ -221,6 +228,50 @@ class _Target:
                 totals[batch.batch_size] = (count + batch.compute_infer.count,
                                             ns + batch.compute_infer.ns)
         return totals
+
+
+class StreamRefused(Exception):
+    """A stream's answer that carries an error (the stream itself goes on)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = grpc.StatusCode.UNKNOWN
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                self.code = status
+
+
+class _StreamTarget(_Target):
+    """`_Target` over the native PredictStream: each caller (task) has a stream of its own and
+    sends its next request when the last is answered, as unary callers do; the answer is parsed
+    for its error field only (a stream answers a refusal in the message, not as a status)."""
+
+    def __init__(self, channel: grpc.aio.Channel, config: BenchConfig,
+                 metadata: tuple[tuple[str, str], ...] | None) -> None:
+        super().__init__(channel, config, metadata)
+        self._open = channel.stream_stream(NATIVE_PREDICT_STREAM)
+        self._streams: dict[asyncio.Task[Any] | None, Any] = {}
+
+    async def call(self, payload: bytes) -> bytes:
+        task = asyncio.current_task()
+        stream = self._streams.get(task)
+        if stream is None:
+            stream = self._streams[task] = self._open(metadata=self.metadata)
+        await stream.write(payload)
+        answer = await stream.read()
+        if answer is grpc.aio.EOF:
+            del self._streams[task]
+            raise StreamRefused(grpc.StatusCode.UNAVAILABLE.value[0], "the stream ended")
+        error = pb.PredictResponse.FromString(answer).error
+        if error.code:
+            raise StreamRefused(error.code, error.message)
+        return answer
+
+    def close_streams(self) -> None:
+        """End every caller's stream (after a level: its callers are done)."""
+        for stream in self._streams.values():
+            stream.cancel()
+        self._streams.clear()
 
 
 class HttpRefused(Exception):
@@ -311,10 +362,12 @@ def _status(exc: BaseException) -> str:
         return exc.code().name
     if isinstance(exc, HttpRefused):
         return f"HTTP_{exc.status}"
+    if isinstance(exc, StreamRefused):
+        return exc.code.name
     return type(exc).__name__
 
 
-Target = Union[_Target, _HttpTarget]
+Target = Union[_Target, _StreamTarget, _HttpTarget]
 
 
 async def _timed(target: Target, payload: bytes, window: _Window, began: float) -> None:
@@ -385,6 +438,8 @@ async def _level(target: Target, payload: bytes, config: BenchConfig,
     cpu = time.process_time() - cpu0
     after = await target.batch_statistics()
     await runner
+    if isinstance(target, _StreamTarget):
+        target.close_streams()
     batches, compute = _delta(after, before)
     ok = len(window.latencies)
     return LevelResult(
@@ -406,7 +461,8 @@ async def _open_target(config: BenchConfig, security: Security,
     """The target for `config.api`: a gRPC channel, or (http) an aiohttp session."""
     if config.api != "http":
         async with security.aio_channel(config.target, channel_options(MAX_MESSAGE_BYTES)) as channel:
-            yield _Target(channel, config, security.metadata)
+            cls = _StreamTarget if config.api == "stream" else _Target
+            yield cls(channel, config, security.metadata)
         return
     scheme = "http" if ssl_context is None else "https"
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context is not None else True)
@@ -430,6 +486,8 @@ async def run_bench(config: BenchConfig, security: Security = Security(),
             raise ClientError.from_rpc_error(exc) from exc
         except HttpRefused as exc:
             raise ClientError(grpc.StatusCode.UNKNOWN, str(exc)) from exc
+        except StreamRefused as exc:
+            raise ClientError(exc.code, str(exc)) from exc
         levels: list[int | None] = [None] if config.request_rate else list(config.concurrency)
         results = []
         for level in levels:
@@ -494,7 +552,8 @@ def add_bench_parser(commands: Any, common: Callable[[argparse.ArgumentParser], 
     bench.add_argument("--batch-size", type=int, default=1, help="examples per request (default 1)")
     bench.add_argument("--api", choices=APIS, default="native",
                        help="native: snapserve.v1 Predict; kserve: GRPCInferenceService/ModelInfer; "
-                            "http: KServe v2 REST infer (--target is then the REST port)")
+                            "http: KServe v2 REST infer (--target is then the REST port); "
+                            "stream: snapserve.v1 PredictStream, a stream per caller")
     bench.add_argument("--http-data", choices=HTTP_DATA, default="json",
                        help="with --api http: tensors as JSON data, or Triton's binary tensor "
                             "extension (default %(default)s)")
