@@ -194,6 +194,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.so_reuseport", int(config.reuse_port)),
         *config.connections.grpc_options(),
     ])
     # Raw-bytes handlers: our code parses each request (api/intake.py), within one bound.
@@ -221,7 +222,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         if config.http_port is not None:
             running.http = HttpFrontEnd(kserve.core, drain, auth, config.max_message_bytes)
             running.http_port = await running.http.start(config.host, config.http_port,
-                                                         ssl_context)
+                                                         ssl_context, config.reuse_port)
         if config.metrics_port is not None:
             running.metrics_port = await metrics.serve(config.metrics_endpoint,
                                                        config.metrics_port)

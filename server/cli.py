@@ -22,6 +22,7 @@ from snapserve.server.config import ServerConfig
 from snapserve.server.errors import ConfigError
 from snapserve.server.logs import configure_logging
 from snapserve.server.settings import ENV_PREFIX, ServerSettings, env_name, flag_name, load_settings
+from snapserve.server.workers import notify_ready, run_workers, worker_config, worker_index
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,22 @@ def _add_flag(parser: argparse.ArgumentParser, key: str, field: FieldInfo) -> No
         options["choices"] = typing.get_args(kind)
     elif typing.get_origin(kind) is tuple:  # --pin A --pin B; --cuda-graph-batch-sizes 1,2,4
         options.update(action="append", metavar="VALUE") if key == "pin" else options.update(type=str)
+    elif kind is int:
+        options["type"] = _int_or_auto
     else:
         options["type"] = kind
     parser.add_argument(flag_name(key), dest=key, **options)
+
+
+def _int_or_auto(text: str) -> int | str:
+    """An integer flag's value; 'auto' passes through for the settings that take it (others
+    refuse it there, with the key named)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -98,6 +112,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before loading, so a signal then also exits 0
         loop.add_signal_handler(sig, on_signal)
     running = await start_server(config)
+    notify_ready()  # the parent of --workers waits for every worker's word
     try:
         await stop.wait()
         logger.info("stopping (drain window %.1fs, grace %.1fs)", config.drain_window_s,
@@ -117,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     configure_logging(settings.log_level, settings.log_format, settings.log_requests)
+    index = worker_index()
+    if settings.workers > 1 and index is None:  # the parent: it serves nothing itself
+        return run_workers(sys.argv[1:] if argv is None else argv, config, settings.workers)
+    if index is not None:
+        config = worker_config(config, index, settings.workers)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # found at start-up: device, port

@@ -76,6 +76,9 @@ class ServerConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     # Idle and age limits of client connections, keepalive pings (server/api/connections.py).
     connections: ConnectionConfig = field(default_factory=ConnectionConfig)
+    # Bind the gRPC and REST ports with SO_REUSEPORT: one of `--workers N` processes sharing
+    # them (server/workers.py). Off otherwise, so a second server on a taken port fails to start.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

@@ -47,6 +47,11 @@ def _words(value: Any) -> Any:
     return value
 
 
+def _auto(value: Any) -> Any:
+    """'auto' -> 0 (decide at load); anything else as given."""
+    return 0 if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
 def _sizes(value: Any) -> Any:
     """'1,2,4' -> [1, 2, 4]; a list stays a list."""
     if isinstance(value, str):
@@ -69,10 +74,14 @@ class ServerSettings(BaseSettings):
                                        "tokens as gRPC; 0 turns it off")
     device: Literal["auto", "cpu", "cuda"] = Field(_R.device,
                                                    description="auto: CUDA when available, else CPU")
-    intra_op_threads: int = Field(_R.intra_op_threads,
-                                  description="ONNX Runtime threads per session; 0: one per core")
-    instances: int = Field(_R.instances,
-                           description="runtime instances per model version: batches computed at once")
+    intra_op_threads: int = Field("auto",
+                                  description="ONNX Runtime threads per session; auto (or 0): "
+                                              "chosen at load from the usable cores and a lone "
+                                              "example's time on 1 and on every core")
+    instances: int = Field("auto",
+                           description="runtime instances per model version: batches computed "
+                                       "at once; auto (or 0): one per usable core when the "
+                                       "model's compute outweighs request handling, else 1")
     graph: Literal["auto", "fused", "members"] = Field(
         _R.graph, description="auto: time the fused ensemble.onnx and the members at load, keep "
                               "the faster")
@@ -152,6 +161,10 @@ class ServerSettings(BaseSettings):
     allow_repository_control: bool = Field(_P.allow_repository_control,
                                            description="allow repository load/unload (KServe v2) "
                                                        "from clients")
+    workers: int = Field(1, ge=1, description="server processes sharing the gRPC and REST ports "
+                                               "(SO_REUSEPORT), each with its own sessions; "
+                                               "metrics are per worker, on metrics_port + its "
+                                               "index (docs/performance.md)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one object per line with request_id, model, version, status, "
@@ -160,6 +173,7 @@ class ServerSettings(BaseSettings):
                                                   "only failed ones")
 
     _split_pins = field_validator("pin", mode="before")(_words)
+    _auto_counts = field_validator("instances", "intra_op_threads", mode="before")(_auto)
     _split_sizes = field_validator("cuda_graph_batch_sizes", mode="before")(_sizes)
 
     def to_server_config(self) -> ServerConfig:

@@ -240,12 +240,15 @@ class HttpFrontEnd:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        """Bind host:port (0: any free port) and serve; the bound port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                    reuse_port: bool = False) -> int:
+        """Bind host:port (0: any free port) and serve; the bound port. `reuse_port`: with
+        SO_REUSEPORT, beside the other worker processes of `--workers` (server/workers.py)."""
         # handle_signals=False: the CLI owns SIGTERM (cli.serve -> RunningServer.stop).
         self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context)
+        site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context,
+                           reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
