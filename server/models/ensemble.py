@@ -369,7 +369,10 @@ def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Gra
     per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
     if one * max_batch_size < _MEASURE_BUDGET_S:
         batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
-        per_example = _fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S) / max_batch_size
+        try:
+            per_example = _fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S) / max_batch_size
+        except InferenceError:  # a model that refuses large batches is its requests' business
+            pass
     lone, candidate = None, None
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
