@@ -1,6 +1,6 @@
 """The serving benchmark: the real server, driven by `ensemble-client bench`, against the ceiling.
 
-    python -m benchmarks.serve [--duration 10] [--concurrency 1,8,32,64] [--instances 2]
+    python -m benchmarks.serve [--duration 10] [--concurrency 1,8,32,64] [--instances auto]
 
 1. Builds the benchmark models (benchmarks/ensembles.py) in runs/benchmarks/repo.
 2. Measures the ceiling of each (benchmarks/ceiling.py): in-process ONNX Runtime, no gRPC.
@@ -61,8 +61,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class ServerSettings:
-    instances: int = 2
-    intra_op_threads: int = 1
+    instances: int | str = "auto"  # the server's own defaults (engine/cores.py)
+    intra_op_threads: int | str = "auto"
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     graph: str = "auto"
@@ -153,7 +153,7 @@ def _serve_model(repository: Path, model: str, settings: ServerSettings, levels:
                 "http_binary": _measured_level(process, http_port, model, c32, duration, warmup,
                                                "http", "binary")}
     graph = re.search(rf"{model} version \d+: serving the (\w+) graph on \d+ instance\(s\)"
-                      r"(?:; measured (.*))?", log.read_text())
+                      r"(?:.*; measured (.*))?", log.read_text())
     return {"levels": results, "kserve_c32": apis["kserve"], "apis_c32": apis,
             "graph": graph.group(1) if graph else "?", "graph_timing": graph.group(2) if graph else None}
 
@@ -389,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop levels")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
-    parser.add_argument("--instances", type=int, default=ServerSettings.instances)
-    parser.add_argument("--intra-op-threads", type=int, default=ServerSettings.intra_op_threads)
+    parser.add_argument("--instances", default=ServerSettings.instances, help="a number or auto")
+    parser.add_argument("--intra-op-threads", default=ServerSettings.intra_op_threads,
+                        help="a number or auto")
     parser.add_argument("--max-batch-size", type=int, default=ServerSettings.max_batch_size)
     parser.add_argument("--max-queue-delay-ms", type=float, default=ServerSettings.max_queue_delay_ms)
     parser.add_argument("--graph", default=ServerSettings.graph, choices=["auto", "fused", "members"])
