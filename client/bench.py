@@ -79,6 +79,9 @@ class BenchConfig:
     timeout_s: float = 30.0  # per-request deadline
     seed: int = 0
     http_data: str = "json"  # with api http: how tensors travel (HTTP_DATA)
+    # gRPC connections the calls are spread over, round robin: more than one reaches every
+    # worker of a `--workers N` server (the kernel hands each connection to one worker).
+    connections: int = 1
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -94,6 +97,8 @@ class BenchConfig:
             raise BenchError("duration_s must be > 0 and warmup_s >= 0")
         if self.batch_size < 1:
             raise BenchError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.connections < 1:
+            raise BenchError(f"connections must be >= 1, got {self.connections}")
         if self.api == "stream" and self.request_rate is not None:
             raise BenchError("api stream runs closed loops only (a stream per caller); "
                              "drop request_rate")
@@ -146,15 +151,19 @@ Call = Callable[[bytes], Awaitable[bytes]]
 class _Target:
     """The model's input spec and a prepared request for one API, over one channel."""
 
-    def __init__(self, channel: grpc.aio.Channel, config: BenchConfig,
+    def __init__(self, channels: Sequence[grpc.aio.Channel], config: BenchConfig,
                  metadata: tuple[tuple[str, str], ...] | None) -> None:
-        self.channel, self.config, self.metadata = channel, config, metadata
+        self.channel, self.config, self.metadata = channels[0], config, metadata
         # Identity (de)serializers: the request is bytes made once, answers stay bytes.
         self.native = config.api in ("native", "stream")  # the same messages
-        self.infer = channel.unary_unary(NATIVE_PREDICT if self.native else KSERVE_INFER)
+        method = NATIVE_PREDICT if self.native else KSERVE_INFER
+        self._infers = [channel.unary_unary(method) for channel in channels]
+        self._calls = 0
 
     async def call(self, payload: bytes) -> bytes:
-        return await self.infer(payload, timeout=self.config.timeout_s, metadata=self.metadata)
+        self._calls += 1
+        infer = self._infers[self._calls % len(self._infers)]
+        return await infer(payload, timeout=self.config.timeout_s, metadata=self.metadata)
 
     async def _unary(self, method: str, request: Any, response_type: Any) -> Any:
         stub = self.channel.unary_unary(method, request_serializer=type(request).SerializeToString,
@@ -246,17 +255,18 @@ class _StreamTarget(_Target):
     sends its next request when the last is answered, as unary callers do; the answer is parsed
     for its error field only (a stream answers a refusal in the message, not as a status)."""
 
-    def __init__(self, channel: grpc.aio.Channel, config: BenchConfig,
+    def __init__(self, channels: Sequence[grpc.aio.Channel], config: BenchConfig,
                  metadata: tuple[tuple[str, str], ...] | None) -> None:
-        super().__init__(channel, config, metadata)
-        self._open = channel.stream_stream(NATIVE_PREDICT_STREAM)
+        super().__init__(channels, config, metadata)
+        self._opens = [channel.stream_stream(NATIVE_PREDICT_STREAM) for channel in channels]
         self._streams: dict[asyncio.Task[Any] | None, Any] = {}
 
     async def call(self, payload: bytes) -> bytes:
         task = asyncio.current_task()
         stream = self._streams.get(task)
-        if stream is None:
-            stream = self._streams[task] = self._open(metadata=self.metadata)
+        if stream is None:  # the callers' streams spread over the connections
+            open_stream = self._opens[len(self._streams) % len(self._opens)]
+            stream = self._streams[task] = open_stream(metadata=self.metadata)
         await stream.write(payload)
         answer = await stream.read()
         if answer is grpc.aio.EOF:
@@ -460,9 +470,13 @@ async def _open_target(config: BenchConfig, security: Security,
                        ssl_context: ssl.SSLContext | None) -> AsyncIterator[Target]:
     """The target for `config.api`: a gRPC channel, or (http) an aiohttp session."""
     if config.api != "http":
-        async with security.aio_channel(config.target, channel_options(MAX_MESSAGE_BYTES)) as channel:
+        # Channels of their own connection each (no shared subchannel pool).
+        options = [*channel_options(MAX_MESSAGE_BYTES), ("grpc.use_local_subchannel_pool", 1)]
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(security.aio_channel(config.target, options))
+                        for _ in range(config.connections)]
             cls = _StreamTarget if config.api == "stream" else _Target
-            yield cls(channel, config, security.metadata)
+            yield cls(channels, config, security.metadata)
         return
     scheme = "http" if ssl_context is None else "https"
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context is not None else True)
@@ -557,6 +571,9 @@ def add_bench_parser(commands: Any, common: Callable[[argparse.ArgumentParser], 
     bench.add_argument("--http-data", choices=HTTP_DATA, default="json",
                        help="with --api http: tensors as JSON data, or Triton's binary tensor "
                             "extension (default %(default)s)")
+    bench.add_argument("--connections", type=int, default=1,
+                       help="gRPC connections to spread the calls over (default 1; more reach "
+                            "every worker of a --workers server)")
     bench.add_argument("--json", default=None, metavar="PATH",
                        help="write JSON results there ('-': stdout); without it, a table on a "
                             "terminal and JSON otherwise")
@@ -579,6 +596,7 @@ def run_bench_command(client: Any, args: argparse.Namespace, out: TextIO) -> Non
         target=args.target, model=args.model, version=args.version, concurrency=args.concurrency,
         request_rate=args.request_rate, duration_s=args.duration, warmup_s=args.warmup,
         batch_size=args.batch_size, api=args.api, http_data=args.http_data,
+        connections=args.connections,
         timeout_s=args.timeout if args.timeout is not None else BenchConfig.timeout_s)
     security = Security.build(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, token=None if args.token_file is None

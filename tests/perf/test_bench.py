@@ -47,6 +47,22 @@ def test_kserve_api(served) -> None:  # type: ignore[no-untyped-def]
     assert result.requests > 0 and result.errors == {}
 
 
+def test_stream_api_over_several_connections(served) -> None:  # type: ignore[no-untyped-def]
+    results = asyncio.run(run_bench(_config(served, api="stream", concurrency=(1, 3),
+                                            connections=2)))
+    for r in results:
+        assert r.requests > 0 and r.errors == {}
+        assert r.server_batches  # the same ModelStatistics as unary
+    with pytest.raises(BenchError, match="closed loops only"):
+        BenchConfig(target="x", model="m", api="stream", request_rate=10.0)
+
+
+def test_stream_api_with_several_examples_per_request(served) -> None:  # type: ignore[no-untyped-def]
+    (result,) = asyncio.run(run_bench(_config(served, api="stream", concurrency=(2,),
+                                              batch_size=4)))
+    assert result.errors == {} and result.examples_per_s == pytest.approx(4 * result.throughput_rps)
+
+
 def test_errors_are_counted_by_status_code(tmp_path: Path, imported_repo: Path) -> None:
     # One waiting request at most, and no adaptive send: concurrent callers overflow the queue.
     server = ThreadedServer(ServerConfig(
