@@ -36,8 +36,7 @@ from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMis
                                      InferenceError, InvalidGraph, ModelLoadError)
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
-           "check_score_outputs", "choose_graph", "execution_providers", "median_seconds",
-           "session_options"]
+           "check_score_outputs", "choose_graph", "execution_providers", "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +480,7 @@ class GraphTiming:
             f" at batch {'/'.join(map(str, self.batch_sizes))}"
 
 
-def median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
+def _median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
     fn(x)  # the first run of a shape allocates and plans: not counted
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
@@ -513,6 +512,6 @@ def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: 
                          "(tolerance %.3g): serving the members", diff, tolerance)
             return MEMBERS, None
         for name in (FUSED, MEMBERS):
-            seconds[name].append(median_seconds(runtime.graphs[name].scores, x, budget_s))
+            seconds[name].append(_median_seconds(runtime.graphs[name].scores, x, budget_s))
     timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
     return (FUSED if timing.total(FUSED) <= timing.total(MEMBERS) else MEMBERS), timing

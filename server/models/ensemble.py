@@ -20,7 +20,7 @@ from snapserve.proto.scores import EnsembleScores
 from snapserve.server.engine.batcher import Batcher, BatcherConfig
 from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
 from snapserve.server.engine.runtime import (CUDA, FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
-                                             RuntimeConfig, choose_graph, median_seconds)
+                                             RuntimeConfig, choose_graph)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
                                      InvalidInput, ModelLoadError, ModelRefusedInput,
                                      NonFiniteOutput)
@@ -365,7 +365,7 @@ def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Gra
                             None, None), runtime, None
     # Bounded by time (a warm-up run and at least one more each): a model that takes seconds
     # per example must not take minutes to load.
-    one = median_seconds(runtime.scores, example, 0.1, min_runs=1)
+    one = _fastest_seconds(runtime.scores, example, 0.1)
     per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
     if one * max_batch_size < _MEASURE_BUDGET_S:
         batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
@@ -376,7 +376,7 @@ def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Gra
     lone, candidate = None, None
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
-        lone = (one, median_seconds(candidate.scores, example, 0.1, min_runs=1))
+        lone = (one, _fastest_seconds(candidate.scores, example, 0.1))
     plan = plan_threads(config.instances, config.intra_op_threads, cores,
                         per_example if config.instances == AUTO else None, lone)
     if candidate is not None and plan.lead_threads:
