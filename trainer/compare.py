@@ -1,7 +1,7 @@
 """`trainer compare`: every method against the single model, paired by seed, with intervals.
 
     trainer compare --out-dir runs/compare            # the recorded regime (see PROFILES)
-    trainer compare --quick --out-dir /tmp/compare    # the same code path in about a minute
+    trainer compare --quick --out-dir runs/compare    # the same code path in about a minute
 
 For each budget and seed, every method trains once through the one loop (`train.py`, nothing
 exported); the members are scored on the validation, test and out-of-distribution inputs with
