@@ -98,12 +98,17 @@ def _process(command: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, 
     try:
         yield process, _wait_for_port(log, process)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=30)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL if it has not exited in `timeout_s`."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _bench(port: int, model: str, level: str, duration: float, warmup: float,

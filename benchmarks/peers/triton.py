@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from typing import Any, Iterator, Sequence
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
 from benchmarks.serve import (_CLK_TCK, RESULTS, _bench, _echo, _fmt, _free_port, _process,
-                              replace_section)
+                              replace_section, stop_process)
 
 __all__ = ["main"]
 
@@ -150,12 +149,7 @@ def _triton(tritonserver: Path, backends: Path, repo: Path, log: Path
             time.sleep(0.2)
         yield process, port
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=60)
 
 
 def _tree_cpu_seconds(pid: int) -> float:

@@ -22,8 +22,8 @@ from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, TensorError, from_tensor,
-                                     to_tensor)
+from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
+                                     from_tensor, to_tensor)
 from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig
 from snapserve.server.api.kserve_messages import decode_infer_input
 from snapserve.server.errors import InvalidInput
@@ -59,11 +59,11 @@ def kserve(x: np.ndarray | None = None, *, datatype: str | None = None,
     names = ["input"] if inputs is None else inputs
     for name in names:
         if x is not None:
-            dt = {np.dtype(k).newbyteorder("="): v for v, k in KSERVE_TO_NUMPY.items()}[x.dtype]
-            tensor = request.inputs.add(name=name, datatype=dt, shape=x.shape)
+            request.inputs.add(name=name, datatype=NUMPY_TO_KSERVE[x.dtype.newbyteorder("=")],
+                               shape=x.shape)
             request.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
         else:
-            tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
             request.raw_input_contents.append(data)
     for name in outputs:
         request.outputs.add(name=name)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.soak import MODEL, INPUT_SHAPE, ServerProcess, build_repository

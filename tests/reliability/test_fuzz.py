@@ -6,7 +6,6 @@ Short here (the default suite); `pytest -m soak` runs the long profile (.ci/run 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import grpc

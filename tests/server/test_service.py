@@ -267,9 +267,8 @@ def test_status_table_maps_named_exceptions_and_subclasses() -> None:
     assert status_code(ZeroDivisionError()) == grpc.StatusCode.INTERNAL
 
 
-def batch_of_one_only_model() -> "onnx.ModelProto":
+def batch_of_one_only_model():  # -> onnx.ModelProto
     """Reshapes to a fixed [1, 16]: passes the load-time warm-up, fails on batches of 2."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.ones((16, 5), np.float32)

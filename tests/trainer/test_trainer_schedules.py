@@ -17,7 +17,7 @@ from snapserve.trainer.loop import TensorBatches, train_loop
 from snapserve.trainer.methods import METHODS, MethodContext, build_method, fge_phase_epochs
 from snapserve.trainer.models import build_model
 from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule,
-                               cycle_end_steps, step_decay_lr)
+                                         step_decay_lr)
 
 
 def paper_lr(t: int, lr0: float, T: int, M: int) -> float:
