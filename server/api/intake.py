@@ -57,10 +57,28 @@ class IntakeConfig:
 
 
 class _Ticket:
-    """One admitted call's share of the bound, given back once (queued, or the call ended)."""
+    """One admitted call's share of the bound, held for the `with` block, given back once
+    (queued, or the block ended). A class, not a generator: it is on every call's path."""
+
+    __slots__ = ("_intake", "nbytes", "_held", "_token")
 
     def __init__(self, intake: Intake, nbytes: int) -> None:
-        self._intake, self.nbytes, self._held = intake, nbytes, True
+        self._intake, self.nbytes, self._held = intake, nbytes, False
+        self._token: contextvars.Token[_Ticket | None] | None = None
+
+    def __enter__(self) -> _Ticket:
+        self._held = True
+        self._intake.calls += 1
+        self._intake.bytes += self.nbytes
+        self._token = _TICKET.set(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> bool:
+        if self._token is not None:
+            _TICKET.reset(self._token)
+            self._token = None
+        self.release()
+        return False
 
     def release(self) -> None:
         if self._held:
@@ -92,9 +110,9 @@ class Intake:
         self.refused = 0
         self._pool: ThreadPoolExecutor | None = None
 
-    @contextlib.contextmanager
-    def admit(self, nbytes: int) -> Iterator[_Ticket]:
-        """Count a call of `nbytes` until it is queued or ends; Overloaded beyond the bound."""
+    def admit(self, nbytes: int) -> _Ticket:
+        """A call of `nbytes`, counted while its `with` block runs (until queued); Overloaded
+        at once beyond the bound."""
         config = self.config
         if self.calls >= config.max_pending_calls or (
                 self.calls and self.bytes + nbytes > config.max_pending_bytes):
@@ -104,15 +122,7 @@ class Intake:
                 f"{self.bytes / 2**20:.1f} MiB; limits max_pending_calls="
                 f"{config.max_pending_calls}, max_pending_bytes={config.max_pending_bytes}); "
                 "retry later")
-        ticket = _Ticket(self, nbytes)
-        self.calls += 1
-        self.bytes += nbytes
-        token = _TICKET.set(ticket)
-        try:
-            yield ticket
-        finally:
-            _TICKET.reset(token)
-            ticket.release()
+        return _Ticket(self, nbytes)
 
     async def run(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args), on a decode thread when the payload is large (OFFLOAD_BYTES)."""
@@ -125,17 +135,24 @@ class Intake:
 
     async def parse(self, cls: type[protobuf_message.Message], data: bytes) -> Any:
         """The message of type `cls` in `data`; MalformedRequest naming the type if it is not one."""
-        try:
-            return await self.run(len(data), cls.FromString, data)
-        except protobuf_message.DecodeError as exc:
-            name = cls.DESCRIPTOR.full_name
-            raise MalformedRequest(f"the request is not a valid {name} protobuf message "
-                                   f"({exc}); send a serialized {name}") from exc
+        if len(data) < OFFLOAD_BYTES:  # no hop, no coroutine: the common case
+            return parse_message(cls, data)
+        return await self.run(len(data), parse_message, cls, data)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def parse_message(cls: type[protobuf_message.Message], data: bytes) -> Any:
+    """The message of type `cls` in `data`; MalformedRequest naming the type if it is not one."""
+    try:
+        return cls.FromString(data)
+    except protobuf_message.DecodeError as exc:
+        name = cls.DESCRIPTOR.full_name
+        raise MalformedRequest(f"the request is not a valid {name} protobuf message "
+                               f"({exc}); send a serialized {name}") from exc
 
 
 # -- raw-bytes method handlers -----------------------------------------------------------------
@@ -144,7 +161,8 @@ def _unary_request(intake: Intake, cls: type, impl: Callable[..., Any]) -> Calla
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             with intake.admit(len(data)):
-                request = await intake.parse(cls, data)
+                request = (parse_message(cls, data) if len(data) < OFFLOAD_BYTES
+                           else await intake.parse(cls, data))
                 return await impl(request, context)
         except (MalformedRequest, Overloaded) as exc:
             await context.abort(*describe_error(exc))

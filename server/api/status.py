@@ -155,17 +155,20 @@ def abort_on_error(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def unary(self: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # Opened for the rest of the call's task (grpc.aio runs each call in a task of its own,
+        # with its own copy of the context), so nothing needs resetting: no context manager on
+        # the per-request path.
         metadata = context.invocation_metadata()
-        with request_context(_request_id(request) or metadata_value(metadata, REQUEST_ID_KEY),
-                             extract_parent(metadata)) as current:
-            _answer_with_id(request, current.request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, current.request_id),))
-            try:
-                return await handler(self, request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await context.abort(*describe_error(exc))
+        current = open_request(_request_id(request) or metadata_value(metadata, REQUEST_ID_KEY),
+                               extract_parent(metadata))
+        _answer_with_id(request, current.request_id)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, current.request_id),))
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await context.abort(*describe_error(exc))
 
     return unary  # type: ignore[return-value]
 
@@ -193,45 +196,63 @@ def _answer_with_id(request: Any, request_id: str) -> None:
         setattr(request, field, request_id)
 
 
-@contextlib.contextmanager
-def observed_request(metrics: ServerMetrics, model: str, api: str) -> Iterator[None]:
+def observed_request(metrics: ServerMetrics, model: str, api: str
+                     ) -> contextlib.AbstractContextManager[None]:
     """One inference request, for either API: counted by its outcome's status code and timed,
     traced (a span when tracing is on), and logged on `snapserve.server.access` (failures at
     INFO, answers at DEBUG), each under the current request's id (one is opened if none is)."""
     request = current_request()
-    if request is None or tracing.active():  # the general case, with its context managers
-        with contextlib.ExitStack() as stack:
-            request = request or stack.enter_context(request_context())
-            span = stack.enter_context(request_span(request.trace_parent, {
-                "snapserve.model": model, "snapserve.api": api,
-                "snapserve.request_id": request.request_id}))
-            with _observed(metrics, request, model, api, span):
-                yield
-        return
+    if request is None or tracing.active():
+        return _traced_request(metrics, request, model, api)
     # Every gRPC call already has its request context (abort_on_error) and, without a tracer
-    # provider, a span goes nowhere: no ExitStack, no span (docs/performance.md, the profile).
-    with _observed(metrics, request, model, api, None):
-        yield
+    # provider, a span goes nowhere: no ExitStack, no span, no generator (docs/performance.md,
+    # the profile).
+    return _Observed(metrics, request, model, api, None)
 
 
 @contextlib.contextmanager
-def _observed(metrics: ServerMetrics, request: RequestContext, model: str, api: str,
-              span: Any) -> Iterator[None]:
-    request.model, request.api = model, api
-    start, code = time.perf_counter(), grpc.StatusCode.OK
-    try:
-        yield
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception as exc:
-        code = status_code(exc)
-        raise
-    finally:
-        seconds = time.perf_counter() - start
-        metrics.observe_request(model, api, code, seconds)
-        end_request_span(span, code.name, request.version)
+def _traced_request(metrics: ServerMetrics, request: RequestContext | None, model: str,
+                    api: str) -> Iterator[None]:
+    """The general case, with its context managers: a request context if none is open, a span."""
+    with contextlib.ExitStack() as stack:
+        request = request or stack.enter_context(request_context())
+        span = stack.enter_context(request_span(request.trace_parent, {
+            "snapserve.model": model, "snapserve.api": api,
+            "snapserve.request_id": request.request_id}))
+        with _Observed(metrics, request, model, api, span):
+            yield
+
+
+class _Observed:
+    """The block's outcome (its status code) and duration: metrics, span, access log."""
+
+    __slots__ = ("_metrics", "_request", "_model", "_api", "_span", "_start")
+
+    def __init__(self, metrics: ServerMetrics, request: RequestContext, model: str, api: str,
+                 span: Any) -> None:
+        self._metrics, self._request, self._model, self._api, self._span = (
+            metrics, request, model, api, span)
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._request.model, self._request.api = self._model, self._api
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: Any) -> bool:
+        seconds = time.perf_counter() - self._start
+        if kind is None or exc is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(exc, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        elif isinstance(exc, Exception):
+            code = status_code(exc)
+        else:  # KeyboardInterrupt, GeneratorExit: not the request's outcome
+            code = grpc.StatusCode.OK
+        self._metrics.observe_request(self._model, self._api, code, seconds)
+        end_request_span(self._span, code.name, self._request.version)
         _log_request(code, seconds)
+        return False  # the exception, if any, goes on
 
 
 access_logger = logging.getLogger("snapserve.server.access")
