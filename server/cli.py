@@ -112,7 +112,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before loading, so a signal then also exits 0
         loop.add_signal_handler(sig, on_signal)
     running = await start_server(config)
-    notify_ready()  # the parent of --workers waits for every worker's word
+    notify_ready(running.metrics_port)  # the parent of --workers waits for every worker's word
     try:
         await stop.wait()
         logger.info("stopping (drain window %.1fs, grace %.1fs)", config.drain_window_s,

@@ -140,7 +140,8 @@ class ServerSettings(BaseSettings):
                                                            "(health and reflection stay open)")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on "
                                                        "http://METRICS_HOST:PORT/metrics; 0 picks a "
-                                                       "free port (default: not served)")
+                                                       "free port (default: not served); with "
+                                                       "workers, one endpoint for all of them")
     metrics_host: str = Field(_M.host, description="address the metrics endpoint binds, apart from "
                                                    "host: metrics show what is served and how busy")
     metrics_timeout_s: float = Field(_M.timeout_s, description="seconds a metrics connection may "
@@ -163,8 +164,8 @@ class ServerSettings(BaseSettings):
                                                        "from clients")
     workers: int = Field(1, ge=1, description="server processes sharing the gRPC and REST ports "
                                                "(SO_REUSEPORT), each with its own sessions; "
-                                               "metrics are per worker, on metrics_port + its "
-                                               "index (docs/performance.md)")
+                                               "metrics_port serves their sum "
+                                               "(docs/performance.md)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one object per line with request_id, model, version, status, "

@@ -9,12 +9,19 @@ holds the port (reserved here when the setting is 0), says `serving on HOST:PORT
 worker is ready, forwards SIGTERM/SIGINT to all of them (each drains as a lone server does:
 drain window, grace) and exits 0 when all have. A worker that dies on its own stops the rest.
 
-Metrics are per worker: worker k serves /metrics on metrics_port + k (0: each its own free
-port, logged). A balancer connection stays on one worker; so does a client's channel.
+Metrics are one endpoint for the whole server: the parent serves /metrics on metrics_host:
+metrics_port (0: a free port, logged as a lone server logs it), once every worker is ready. Each
+worker serves its own on a free loopback port and writes that port into its ready pipe; at each
+scrape the parent fetches them all and serves the sum (server/metrics_merge.py), with
+`snapserve_workers` and `snapserve_worker_scrape_errors_total` of its own. The parent's endpoint
+runs on an event loop of its own, on a daemon thread: the main thread stays in the plain loops
+below, so signals are forwarded as before. A balancer connection stays on one worker; so does a
+client's channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -22,13 +29,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from types import FrameType
 from typing import Sequence
 
+from prometheus_client import CollectorRegistry
+
 from snapserve.server.config import ServerConfig, format_address
 from snapserve.server.engine.cores import usable_cores
+from snapserve.server.errors import ConfigError
+from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
+from snapserve.server.metrics_merge import WorkerMetrics
 
 __all__ = ["READY_FD_ENV", "WORKER_ENV", "notify_ready", "run_workers", "worker_config",
            "worker_index"]
@@ -37,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 WORKER_ENV = "ENSEMBLE_SERVER_WORKER"  # the worker's index, set by the parent for each child
 READY_FD_ENV = "ENSEMBLE_SERVER_READY_FD"  # a pipe the worker writes to once it serves
+NO_METRICS = b"-"  # what a worker says for its metrics port when metrics are off
+WORKER_METRICS_HOST = "127.0.0.1"  # only the parent reads a worker's metrics
 
 
 def worker_index() -> int | None:
@@ -46,21 +61,24 @@ def worker_index() -> int | None:
 
 
 def worker_config(config: ServerConfig, index: int, count: int) -> ServerConfig:
-    """A worker's config: the shared ports with SO_REUSEPORT, its own metrics port, and its
-    share of the cores for the auto instances and threads (engine/cores.py)."""
-    metrics_port = config.metrics_port
-    if metrics_port:  # None: not served; 0: any free port, per worker
-        metrics_port += index
+    """A worker's config: the shared ports with SO_REUSEPORT, metrics (when on) on a free
+    loopback port for the parent to fetch, and its share of the cores for the auto instances
+    and threads (engine/cores.py)."""
+    metrics_port = None if config.metrics_port is None else 0
+    endpoint = replace(config.metrics_endpoint, host=WORKER_METRICS_HOST)
     cores = config.runtime.cores or usable_cores()
     runtime = replace(config.runtime, cores=max(cores // count, 1))
-    return replace(config, reuse_port=True, metrics_port=metrics_port, runtime=runtime)
+    return replace(config, reuse_port=True, metrics_port=metrics_port, metrics_endpoint=endpoint,
+                   runtime=runtime)
 
 
-def notify_ready() -> None:
-    """Tell the parent this worker serves (a no-op outside `--workers`)."""
+def notify_ready(metrics_port: int | None) -> None:
+    """Tell the parent this worker serves, and on which loopback port its metrics are (None:
+    not served); a no-op outside `--workers`."""
     fd = os.environ.pop(READY_FD_ENV, None)
     if fd is not None:
-        os.write(int(fd), b"1")
+        word = NO_METRICS if metrics_port is None else str(metrics_port).encode()
+        os.write(int(fd), word + b"\n")  # one write, under PIPE_BUF: read whole
         os.close(int(fd))
 
 
@@ -80,6 +98,7 @@ class _Workers:
         self.stopping = False
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ready_pipes: dict[int, int] = {}  # read end -> worker index
+        self.metrics_ports: dict[int, int] = {}  # worker index -> its loopback metrics port
         for index in range(count):
             read, write = os.pipe()
             env = {**os.environ, WORKER_ENV: str(index), READY_FD_ENV: str(write)}
@@ -104,13 +123,20 @@ class _Workers:
         while self.ready_pipes and not self.stopping:
             readable, _, _ = select.select(list(self.ready_pipes), [], [], 0.2)
             for fd in readable:
-                said = os.read(fd, 1)
+                said = os.read(fd, 64).strip()
                 os.close(fd)
                 index = self.ready_pipes.pop(fd)
                 if not said:  # closed without a word: the worker is gone
                     logger.error("worker %d exited before serving", index)
                     return False
+                if said != NO_METRICS:
+                    self.metrics_ports[index] = int(said)
         return not self.ready_pipes
+
+    def live_metrics_ports(self) -> dict[int, int]:
+        """Index -> metrics port of each worker still running (asked from the metrics thread)."""
+        return {index: port for index, port in self.metrics_ports.items()
+                if self.processes[index].poll() is None}
 
     def wait(self) -> int:
         """Until every worker has exited; the first non-zero exit status, else 0."""
@@ -127,14 +153,66 @@ class _Workers:
             time.sleep(0.1)
 
 
+class _MetricsThread:
+    """The parent's /metrics: a MetricsEndpoint on an event loop of its own, on a daemon thread.
+    A scrape holds that loop while WorkerMetrics fetches the workers (at most its timeout)."""
+
+    def __init__(self, collector: WorkerMetrics, config: MetricsEndpointConfig) -> None:
+        registry = CollectorRegistry()
+        registry.register(collector)
+        self._collector = collector
+        self._endpoint = MetricsEndpoint(registry, config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics", daemon=True)
+
+    def start(self, port: int) -> int:
+        """Listen on the config's host:port; the bound port. ConfigError when it cannot bind."""
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self._endpoint.start(port), self._loop).result()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._endpoint.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._collector.close()
+
+
+def _serve_metrics(config: ServerConfig, workers: _Workers) -> _MetricsThread | None:
+    """The merged /metrics on metrics_host:metrics_port, logged as a lone server logs its own;
+    None when metrics are off."""
+    if config.metrics_port is None:
+        return None
+    collector = WorkerMetrics(workers.live_metrics_ports, len(workers.processes))
+    metrics = _MetricsThread(collector, config.metrics_endpoint)
+    try:
+        bound = metrics.start(config.metrics_port)
+    except BaseException:
+        metrics.close()
+        raise
+    logger.info("metrics on http://%s:%d/metrics", config.metrics_endpoint.host, bound)
+    return metrics
+
+
 def run_workers(argv: Sequence[str], config: ServerConfig, count: int) -> int:
     """Run `count` workers of this command line on config's port until a signal; the exit
-    status (0 when every worker drained and exited cleanly)."""
+    status (0 when every worker drained and exited cleanly; 2 when the metrics port cannot be
+    bound, as for a lone server)."""
     holder, port = _reserve(config.host, config.port)
     workers = _Workers(argv, count, port)
     previous = {sig: signal.signal(sig, workers.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    metrics = None
+    failed = False  # the parent's own start: its metrics port
     try:
-        if workers.wait_ready():
+        ready = workers.wait_ready()
+        if ready:
+            try:
+                metrics = _serve_metrics(config, workers)
+            except ConfigError as exc:
+                logger.error("%s", exc)
+                ready, failed = False, True
+        if ready:
             logger.info("serving on %s with %d workers", format_address(config.host, port), count)
         elif not workers.stopping:
             workers.stopping = True
@@ -143,8 +221,10 @@ def run_workers(argv: Sequence[str], config: ServerConfig, count: int) -> int:
         for fd in workers.ready_pipes:
             os.close(fd)
         logger.info("all %d workers stopped", count)
-        return code
+        return 2 if failed else code
     finally:
+        if metrics is not None:
+            metrics.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         holder.close()
