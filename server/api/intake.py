@@ -199,9 +199,15 @@ def _method_handler(servicer: object, method: MethodDescriptor,
     response_cls = message_factory.GetMessageClass(method.output_type)
     impl = getattr(servicer, method.name)
     wrap = _streamed_requests if method.client_streaming else _unary_request
+    serialize = response_cls.SerializeToString
+
+    def serializer(answer: Any) -> bytes:
+        # An answer assembled from bytes (proto/wire.py) goes as it is.
+        return answer if type(answer) is bytes else serialize(answer)
+
     return _KINDS[method.client_streaming, method.server_streaming](
         wrap(intake, request_cls, impl), request_deserializer=None,
-        response_serializer=response_cls.SerializeToString)
+        response_serializer=serializer)
 
 
 def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server,

@@ -11,22 +11,24 @@ table (api/status.py). Model versions are strings here ("" = the default, the ne
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 import grpc
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.version import package_version
 from snapserve.server.api.health import SERVING, HealthServicer
 from snapserve.server.api.intake import Intake, queued
 from snapserve.server.api.kserve_messages import (decode_infer_input, encode_infer_response,
-                                                  encode_model_config, encode_model_metadata,
+                                                  encode_infer_response_bytes, encode_model_config, encode_model_metadata,
                                                   encode_statistics, parse_version, payload_bytes,
                                                   requested_outputs)
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
 from snapserve.server.errors import InvalidInput, RepositoryControlDenied
 from snapserve.server.metrics import API_KSERVE, ServerMetrics
+from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.lifecycle import ModelManager
 from snapserve.server.models.policy import check_model_name
 
@@ -34,6 +36,7 @@ __all__ = ["EXTENSIONS", "SERVER_NAME", "KServeCore", "KServeServicer"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SERVER_NAME = "snapserve"
 # Triton's names for the optional parts of the protocol this server implements.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
@@ -108,6 +111,15 @@ class KServeCore:
     async def infer(self, request: kpb.ModelInferRequest, timeout: float | None,
                     api: str = API_KSERVE) -> kpb.ModelInferResponse:
         """One inference; `api` labels it in the metrics (which front end it came through)."""
+        return await self._infer(request, timeout, api, encode_infer_response)
+
+    async def infer_bytes(self, request: kpb.ModelInferRequest, timeout: float | None) -> bytes:
+        """One inference over gRPC: the serialized answer, assembled from bytes (proto/wire.py)."""
+        return await self._infer(request, timeout, API_KSERVE, encode_infer_response_bytes)
+
+    async def _infer(self, request: kpb.ModelInferRequest, timeout: float | None, api: str,
+                     encode: Callable[[EnsembleScores, ServedEnsemble, str, tuple[str, ...]], T]
+                     ) -> T:
         with observed_request(self._metrics, request.model_name, api):
             version = parse_version(request.model_version)
             served = self._registry.get(request.model_name, version)
@@ -116,7 +128,7 @@ class KServeCore:
             outputs = requested_outputs(request)
             queued()
             served, scores = await self._registry.predict(served, version, x, timeout)
-            return encode_infer_response(scores, served, request.id, outputs)
+            return encode(scores, served, request.id, outputs)
 
     # -- repository ------------------------------------------------------------------------------
 
@@ -212,8 +224,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_error
     async def ModelInfer(self, request: kpb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        return await self.core.infer(request, context.time_remaining())
+                         context: grpc.aio.ServicerContext) -> bytes:
+        return await self.core.infer_bytes(request, context.time_remaining())
 
     async def _stream_answer(self, request: kpb.ModelInferRequest,
                              timeout: float | None) -> kpb.ModelStreamInferResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from snapserve.proto.inference import model_config_pb2 as mc
 from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.tensors import (KSERVE_CONTENTS, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
                                      array_from_bytes, check_fits, check_shape, wire_type)
+from snapserve.proto.wire import tag, varint
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
@@ -28,6 +30,7 @@ from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import Duration
 
 __all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "PLATFORM", "decode_infer_input", "encode_infer_response",
+           "encode_infer_response_bytes",
            "encode_model_config", "encode_model_metadata", "encode_statistics", "parse_version",
            "payload_bytes", "requested_outputs"]
 
@@ -150,10 +153,10 @@ def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec,
         raise InvalidInput(str(exc)) from exc
 
 
-def requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
+def requested_outputs(request: kpb.ModelInferRequest) -> tuple[str, ...]:
     """The outputs to send, in request order: those named, or DEFAULT_OUTPUTS."""
     if not request.outputs:
-        return list(DEFAULT_OUTPUTS)
+        return DEFAULT_OUTPUTS
     names: list[str] = []
     for output in request.outputs:
         if output.name not in OUTPUTS:
@@ -164,11 +167,11 @@ def requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
         if output.name in names:
             raise InvalidInput(f"output {output.name!r} is asked for twice; name each output once")
         names.append(output.name)
-    return names
+    return tuple(names)
 
 
 def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, request_id: str,
-                          outputs: list[str]) -> kpb.ModelInferResponse:
+                          outputs: tuple[str, ...]) -> kpb.ModelInferResponse:
     response = kpb.ModelInferResponse(model_name=served.name, model_version=str(served.version),
                                       id=request_id)
     for name in outputs:
@@ -178,6 +181,55 @@ def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, reques
         wire = array.astype(KSERVE_TO_NUMPY[datatype], copy=False)  # a no-op on little-endian
         response.raw_output_contents.append(wire.tobytes(order="C"))
     return response
+
+
+_RESPONSE_FIELDS = kpb.ModelInferResponse.DESCRIPTOR.fields_by_name
+_ID_TAG = tag(_RESPONSE_FIELDS["id"].number)
+_RAW_OUTPUT_TAG = tag(_RESPONSE_FIELDS["raw_output_contents"].number)
+_LITTLE_ENDIAN = sys.byteorder == "little"  # tobytes() is then the wire's byte order
+
+
+def _infer_response_head(model: str, version: int, outputs: tuple[str, ...], rows: int,
+                         classes: int, members: int
+                         ) -> tuple[bytes, tuple[tuple[str, bytes, np.dtype], ...]]:
+    """What every answer of `rows` examples from this version says but its id and its bytes:
+    the serialized name, version and output specs; per output, the key and length that start
+    its raw contents, and the dtype its array must have."""
+    sizes = {"C": classes, "M": members}
+    response = kpb.ModelInferResponse(model_name=model, model_version=str(version))
+    chunks = []
+    for name in outputs:
+        spec = OUTPUTS[name]
+        shape = [rows, *(sizes[d] for d in spec.dims)]
+        response.outputs.add(name=name, datatype=spec.datatype, shape=shape)
+        dtype = KSERVE_TO_NUMPY[spec.datatype]
+        chunks.append((name, _RAW_OUTPUT_TAG + varint(math.prod(shape) * dtype.itemsize), dtype))
+    return response.SerializeToString(), tuple(chunks)
+
+
+def encode_infer_response_bytes(scores: EnsembleScores, served: ServedEnsemble, request_id: str,
+                                outputs: tuple[str, ...]) -> bytes:
+    """`encode_infer_response(...).SerializeToString()`, assembled from a cached head and one
+    `tobytes` per output (proto/wire.py): the answer is never built as a message."""
+    rows = len(scores)
+    key = ("kserve", rows, outputs)
+    cached = served.answer_heads.get(key)
+    if cached is None:
+        if len(served.answer_heads) > 1024:  # outputs in every order: do not grow without bound
+            served.answer_heads.clear()
+        manifest = served.manifest
+        cached = served.answer_heads[key] = _infer_response_head(
+            manifest.name, manifest.version, outputs, rows, len(manifest.classes),
+            served.runtime.members)
+    head, chunks = cached  # type: ignore[misc]
+    identifier = request_id.encode()
+    parts = [head, _ID_TAG, varint(len(identifier)), identifier]
+    for name, prefix, dtype in chunks:
+        array = getattr(scores, name)
+        if array.dtype != dtype or not _LITTLE_ENDIAN:  # not its declared type: the slow path
+            return encode_infer_response(scores, served, request_id, outputs).SerializeToString()
+        parts += (prefix, array.tobytes())
+    return b"".join(parts)
 
 
 def _input_datatype(spec: InputSpec) -> str:

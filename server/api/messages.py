@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
+from snapserve.proto.wire import length_delimited, tag, varint
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
 from snapserve.server.models.manifest import InputSpec
 from snapserve.server.models.registry import ModelRegistry
 
-__all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_summary"]
+__all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_prediction_bytes",
+           "encode_summary"]
 
 
 def decode_input(request: pb.PredictRequest, spec: InputSpec) -> np.ndarray:
@@ -43,6 +47,73 @@ def encode_prediction(scores: EnsembleScores, served: ServedEnsemble, request_id
     if include_member_probabilities:
         to_tensor(scores.member_probabilities, response.member_probabilities)
     return response
+
+
+# The tensors of an answer, in field order, with the dtype each is sent as (EnsembleScores').
+_TENSORS: tuple[tuple[str, np.dtype], ...] = (
+    ("probabilities", np.dtype(np.float32)), ("top_class", np.dtype(np.int64)),
+    ("predictive_entropy", np.dtype(np.float32)), ("expected_entropy", np.dtype(np.float32)),
+    ("mutual_information", np.dtype(np.float32)), ("vote_disagreement", np.dtype(np.float32)),
+    ("member_kl", np.dtype(np.float32)), ("member_top_class", np.dtype(np.int64)))
+_MEMBER_PROBABILITIES = ("member_probabilities", np.dtype(np.float32))
+_FIELDS = pb.PredictResponse.DESCRIPTOR.fields_by_name
+_REQUEST_ID_TAG = tag(_FIELDS["request_id"].number)
+_TOP_LABEL = _FIELDS["top_label"].number
+_DATA_TAG = tag(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
+_LITTLE_ENDIAN = sys.byteorder == "little"  # tobytes() is then the wire's byte order
+
+
+_Head = tuple[bytes, tuple[tuple[str, np.dtype, bytes], ...], tuple[bytes, ...]]
+
+
+def _prediction_head(model: str, version: int, rows: int, classes: tuple[str, ...], members: int,
+                     member_probabilities: bool) -> _Head:
+    """What every answer of `rows` examples from this version says but its id, its labels and
+    its bytes: the serialized model, version and each tensor's dtype and shape; per tensor, the
+    key and lengths that start its data (a Tensor holding only `data`, merged into the head's
+    by the parser); each class's top_label field."""
+    shapes = {"probabilities": [rows, len(classes)], "member_kl": [rows, members],
+              "member_top_class": [rows, members],
+              "member_probabilities": [rows, members, len(classes)]}
+    response = pb.PredictResponse(model=model, version=version)
+    tensors = _TENSORS + ((_MEMBER_PROBABILITIES,) if member_probabilities else ())
+    chunks = []
+    for name, dtype in tensors:
+        shape = shapes.get(name, [rows])
+        field = getattr(response, name)
+        field.dtype = NUMPY_TO_DTYPE[dtype]
+        field.shape[:] = shape
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        data_field_length = len(_DATA_TAG) + len(varint(nbytes)) + nbytes
+        chunks.append((name, dtype, tag(_FIELDS[name].number) + varint(data_field_length)
+                       + _DATA_TAG + varint(nbytes)))
+    labels = tuple(length_delimited(_TOP_LABEL, label.encode()) for label in classes)
+    return response.SerializeToString(), tuple(chunks), labels
+
+
+def encode_prediction_bytes(scores: EnsembleScores, served: ServedEnsemble, request_id: str,
+                            include_member_probabilities: bool) -> bytes:
+    """`encode_prediction(...).SerializeToString()`, assembled from a cached head and one
+    `tobytes` per tensor (proto/wire.py): the answer is never built as a message."""
+    rows = len(scores)
+    key = ("native", rows, include_member_probabilities)
+    cached = served.answer_heads.get(key)
+    if cached is None:
+        manifest = served.manifest
+        cached = served.answer_heads[key] = _prediction_head(
+            manifest.name, manifest.version, rows, manifest.classes, served.runtime.members,
+            include_member_probabilities)
+    head, chunks, labels = cached  # type: ignore[misc]
+    identifier = request_id.encode()
+    parts = [head, _REQUEST_ID_TAG, varint(len(identifier)), identifier]
+    for name, dtype, prefix in chunks:
+        array = getattr(scores, name)
+        if array.dtype != dtype or not _LITTLE_ENDIAN:  # not its declared type: the slow path
+            return encode_prediction(scores, served, request_id,
+                                     include_member_probabilities).SerializeToString()
+        parts += (prefix, array.tobytes())
+    parts += [labels[i] for i in scores.top_class.tolist()]
+    return b"".join(parts)
 
 
 def encode_summary(registry: ModelRegistry, name: str) -> pb.ModelSummary:

@@ -12,7 +12,8 @@ import grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server.api.intake import Intake, queued
-from snapserve.server.api.messages import decode_input, encode_metadata, encode_prediction, encode_summary
+from snapserve.server.api.messages import (decode_input, encode_metadata,
+                                           encode_prediction_bytes, encode_summary)
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
 from snapserve.server.metrics import API_NATIVE, ServerMetrics
 from snapserve.server.models.registry import ModelRegistry
@@ -37,19 +38,20 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         self._metrics = ServerMetrics(registry) if metrics is None else metrics
 
     async def _predict(self, request: pb.PredictRequest,
-                       timeout: float | None = None) -> pb.PredictResponse:
+                       timeout: float | None = None) -> bytes:
         with observed_request(self._metrics, request.model, API_NATIVE):
             served = self._registry.get(request.model, request.version)
             x = await self._intake.run(len(request.input.data), decode_input, request,
                                        served.manifest.input)
             queued()
             served, scores = await self._registry.predict(served, request.version, x, timeout)
-            return encode_prediction(scores, served, request.request_id,
-                                     request.include_member_probabilities)
+            # Serialized here (proto/wire.py): gRPC sends the bytes as they are.
+            return encode_prediction_bytes(scores, served, request.request_id,
+                                           request.include_member_probabilities)
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest,
-                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+                      context: grpc.aio.ServicerContext) -> bytes:
         return await self._predict(request, context.time_remaining())
 
     @abort_on_error

@@ -86,6 +86,9 @@ class ServedEnsemble:
         # beside the runtime parameters.
         self.settings: dict[str, str] = {}
         self.statistics = ModelStatistics()
+        # The front ends' per-version cache of what their answers share (api/messages.py,
+        # api/kserve_messages.py): it lives and goes with the version.
+        self.answer_heads: dict[tuple[object, ...], object] = {}
         # Told about every request and batch: the statistics above, and what the server adds
         # (its Prometheus metrics).
         self.observers: list[InferenceObserver] = [self.statistics]
