@@ -11,10 +11,12 @@ no ONNX and no gRPC: the caller decides what an item is and how many examples it
 - One exception from `fn` fails every caller in that batch.
 - Up to `max_concurrent_batches` batches compute at once (one per runtime instance); while
   they run the next one fills, so batches grow with load.
-- Adaptive wait (`adaptive_wait`): when no batch is computing, waiting for company only adds
-  latency (nothing will free up sooner), so what is queued is sent at once; the delay applies
-  only while other batches compute. A lone request on an idle server waits for nothing, and
-  under load batches still fill while the previous ones compute.
+- Adaptive wait (`adaptive_wait`): when no batch is computing, waiting only pays if company is
+  coming, so what is queued is sent as soon as it holds the company to expect: as many
+  requests as there were callers at once lately (a decaying peak, shared among the concurrent
+  batches), or at the delay, whichever comes first. A lone caller's requests wait for nothing;
+  N callers in a closed loop ride in batches of N; while other batches compute, the delay
+  applies as in a plain batcher, so batches fill while the previous ones compute.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DEADLINE_SLACK_S = 0.005
+# How fast the expected company (Batcher._company) falls when fewer callers come: from 32 to
+# one in about a dozen batches, each waiting at most max_queue_delay_s.
+_DECAY = 0.8
 R = TypeVar("R")
 
 
@@ -47,8 +52,9 @@ class BatcherConfig:
     max_queue_size: int = 256
     # Batches computed at once: one per runtime instance. More uses more cores on small models.
     max_concurrent_batches: int = 1
-    # Send at once when nothing computes (see the module docstring); False: always wait up to
-    # max_queue_delay_s for a full batch, as a plain delay-based batcher does.
+    # When nothing computes, send once the expected company is queued (see the module
+    # docstring); False: always wait up to max_queue_delay_s for a full batch, as a plain
+    # delay-based batcher does.
     adaptive_wait: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +118,11 @@ class Batcher(Generic[T, R]):
         self._slot_free: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Callers waiting on this batcher now (queued or computing), the most of them since the
+        # last batch was taken, and the estimate of how many callers there are (see _company).
+        self._callers = 0
+        self._peak_callers = 0
+        self._expected_callers = 1.0
 
     @property
     def queued(self) -> int:
@@ -168,8 +179,13 @@ class Batcher(Generic[T, R]):
                                      None if timeout is None else now + timeout)
         self._pending.append(entry)
         self._pending_examples += size
-        # Wake the worker only when it has something new to decide: a first item, or a full batch.
-        if len(self._pending) == 1 or self._pending_examples >= self.config.max_batch_size:
+        self._callers += 1
+        if self._callers > self._peak_callers:
+            self._peak_callers = self._callers
+        # Wake the worker only when it has something new to decide: a first item, the company
+        # it waits for, or a full batch.
+        if (len(self._pending) == 1 or len(self._pending) >= self._company()
+                or self._pending_examples >= self.config.max_batch_size):
             self._wakeup.set()
         try:
             return await entry.future
@@ -178,6 +194,8 @@ class Batcher(Generic[T, R]):
             # not when the worker next looks, so a burst of cancellations cannot fill the queue.
             self._discard(entry, loop.time())
             raise
+        finally:
+            self._callers -= 1
 
     async def close(self) -> None:
         """Refuse new items, compute what is queued, then stop the worker."""
@@ -233,8 +251,17 @@ class Batcher(Generic[T, R]):
         self._slot_free.set()
         self._wakeup.set()  # adaptive wait: nothing computing any more may mean "send now"
 
+    def _company(self) -> float:
+        """The requests an idle batcher waits for (adaptive wait): as many as there were callers
+        (queued or computing) at once since the last batch, a peak that decays by _DECAY a
+        batch when fewer come, shared among the batches that may compute at once. One caller:
+        1, sent at once. Eight callers in a closed loop: a batch of eight as soon as the eighth
+        arrives, instead of one batch per arrival (digits, c=8: 1.4x the rate, 0.6x the p99,
+        0.7x the CPU per request; docs/performance.md)."""
+        return self._expected_callers / self.config.max_concurrent_batches
+
     def _idle(self) -> bool:
-        """Adaptive wait: nothing computes, so waiting for more items only adds latency."""
+        """Adaptive wait: nothing computes, so only the expected company is worth waiting for."""
         return self.config.adaptive_wait and self._in_flight == 0
 
     async def _next_batch(self) -> list[_Entry[T, R]] | None:
@@ -250,7 +277,7 @@ class Batcher(Generic[T, R]):
         # previous batch was computing have waited already.
         flush_at = self._pending[0].enqueued + self.config.max_queue_delay_s
         while (self._pending_examples < self.config.max_batch_size and not self._closed
-               and not self._idle()):
+               and (not self._idle() or len(self._pending) < self._company())):
             if flush_at <= loop.time():
                 break
             self._wakeup.clear()
@@ -260,6 +287,8 @@ class Batcher(Generic[T, R]):
                 await self._wakeup.wait()
             finally:
                 timer.cancel()
+        self._expected_callers = max(self._peak_callers, self._expected_callers * _DECAY)
+        self._peak_callers = self._callers
         return self._take(loop.time())
 
     def _take(self, now: float) -> list[_Entry[T, R]]:

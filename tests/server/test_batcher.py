@@ -171,3 +171,64 @@ def test_can_be_built_outside_a_running_loop() -> None:
 def test_config_names_the_bad_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         BatcherConfig(**kwargs)
+
+
+async def _closed_loop(batcher: Batcher[int, int], callers: int, rounds: int) -> None:
+    """`callers` callers, each sending its next item as soon as its last is answered."""
+    async def caller(index: int) -> None:
+        for _ in range(rounds):
+            await batcher.submit(index)
+            await asyncio.sleep(0.0005 * (index % 3))  # callers come back at different times
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
+async def test_adaptive_wait_gathers_the_callers_a_closed_loop_has() -> None:
+    # Eight callers, one instance: after the first rounds an idle batcher waits for all eight
+    # (they come back within the delay) and sends the batch as the eighth arrives, instead of
+    # sending each arrival alone because nothing computes.
+    fn = Recorder(delay=0.002)
+    config = BatcherConfig(max_batch_size=32, max_queue_delay_s=0.05)
+    async with Batcher(fn, config) as batcher:
+        await _closed_loop(batcher, callers=8, rounds=20)
+    later = [len(b) for b in fn.batches[5:]]
+    assert later and all(size == 8 for size in later), fn.batches
+    # full company, not the delay: 20 rounds of a 2 ms batch, far below 20 x 50 ms
+    assert batcher.stats.batches < 30
+
+
+async def test_the_expected_company_is_shared_among_concurrent_batches() -> None:
+    fn = Recorder(delay=0.002)
+    config = BatcherConfig(max_batch_size=32, max_queue_delay_s=0.05, max_concurrent_batches=2)
+    async with Batcher(fn, config) as batcher:
+        await _closed_loop(batcher, callers=8, rounds=20)
+    assert max(len(b) for b in fn.batches[5:]) <= 8
+    assert sum(len(b) for b in fn.batches) == 160
+
+
+async def test_a_lone_caller_after_a_crowd_stops_waiting_within_a_few_batches() -> None:
+    fn = Recorder()
+    delay = 0.02
+    async with Batcher(fn, BatcherConfig(max_batch_size=32, max_queue_delay_s=delay)) as batcher:
+        await _closed_loop(batcher, callers=16, rounds=5)  # the batcher expects 16 callers now
+        loop = asyncio.get_running_loop()
+        waits = []
+        for i in range(30):
+            began = loop.time()
+            await batcher.submit(i)
+            waits.append(loop.time() - began)
+    assert waits[0] >= delay * 0.9  # it waited for company that did not come, the delay at most
+    assert max(waits[:20]) < delay * 2
+    assert max(waits[-5:]) < delay / 4, waits  # then it expects one caller: no wait
+
+
+async def test_without_adaptive_wait_a_lone_caller_always_waits_the_delay() -> None:
+    fn = Recorder()
+    delay = 0.01
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=delay, adaptive_wait=False)
+    async with Batcher(fn, config) as batcher:
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            began = loop.time()
+            await batcher.submit(i)
+            assert loop.time() - began >= delay * 0.9
