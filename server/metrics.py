@@ -35,10 +35,12 @@ import threading
 from typing import Any, Iterator
 
 import grpc
+import numpy as np
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                PlatformCollector, ProcessCollector)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from snapserve.proto.scores import EnsembleScores
 from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
@@ -46,7 +48,7 @@ from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import InferenceObserver
 
-__all__ = ["API_HTTP", "API_KSERVE", "API_NATIVE", "OTHER_MODEL", "ServerMetrics"]
+__all__ = ["API_HTTP", "API_KSERVE", "API_NATIVE", "OTHER_MODEL", "BatchHistogram", "ServerMetrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +90,14 @@ class ServerMetrics:
         self.load_failures = Counter("snapserve_model_load_failures",
                                      "Model versions refused at load", ["model", "reason"],
                                      registry=r)
-        self.mutual_information = Histogram(
+        self.mutual_information = BatchHistogram(
             "snapserve_served_mutual_information_nats",
             "Mutual information of each answered example: how much the members disagree",
-            ["model", "version"], buckets=MUTUAL_INFORMATION_BUCKETS, registry=r)
-        self.vote_disagreement = Histogram(
+            MUTUAL_INFORMATION_BUCKETS, registry=r)
+        self.vote_disagreement = BatchHistogram(
             "snapserve_served_vote_disagreement_ratio",
             "Fraction of members whose top class differs from the ensemble's, per answered example",
-            ["model", "version"], buckets=VOTE_DISAGREEMENT_BUCKETS, registry=r)
+            VOTE_DISAGREEMENT_BUCKETS, registry=r)
         r.register(_LoadedModelsCollector(models))
         # The process itself (CPU, RSS, open fds) on this registry, so one scrape has it all.
         ProcessCollector(registry=r)
@@ -167,11 +169,60 @@ class _VersionObserver:
         self._batch.observe(examples)
 
     def record_scores(self, scores: EnsembleScores) -> None:
-        # One observation per example (about a microsecond each), not per request: the mean
-        # over examples is what the dashboard plots.
-        for mi, vote in zip(scores.mutual_information.tolist(), scores.vote_disagreement.tolist()):
-            self._mutual_information.observe(mi)
-            self._vote_disagreement.observe(vote)
+        # Every example counts (the mean over examples is what the dashboard plots), observed a
+        # batch at a time in numpy.
+        self._mutual_information.observe_many(scores.mutual_information)
+        self._vote_disagreement.observe_many(scores.vote_disagreement)
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram labelled by model and version, observed an array at a time: one
+    `searchsorted` and `bincount` per batch instead of a Python call per example. Touched on
+    the event loop thread (observations and scrapes alike)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._labels = [*(floatToGoString(b) for b in buckets), "+Inf"]  # as Histogram's
+        self._children: dict[tuple[str, str], _BatchHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, model: str, version: str) -> _BatchHistogramChild:
+        child = self._children.get((model, version))
+        if child is None:
+            child = self._children[model, version] = _BatchHistogramChild(self._bounds)
+        return child
+
+    def remove(self, model: str, version: str) -> None:
+        del self._children[model, version]
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=["model", "version"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model", "version"])
+        for (model, version), child in list(self._children.items()):
+            cumulative = np.cumsum(child.counts).tolist()
+            family.add_metric([model, version], list(zip(self._labels, cumulative)),
+                              sum_value=child.total)
+        yield family
+
+
+class _BatchHistogramChild:
+    def __init__(self, bounds: np.ndarray) -> None:
+        self._bounds = bounds
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last: above every bound
+        self.total = 0.0
+
+    def observe_many(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]  # a NaN would poison the sum for good
+        if values.size:
+            # A value equal to a bound belongs to that bucket (le: less than or equal).
+            self.counts += np.bincount(np.searchsorted(self._bounds, values, side="left"),
+                                       minlength=len(self.counts))
+            self.total += float(values.sum())
 
 
 def _thread_count() -> float:

@@ -124,7 +124,6 @@ class ServedEnsemble:
         for observer in self.observers:
             observer.record_request(examples, True, time.perf_counter_ns() - start,
                                     max(answer.started_ns - start, 0))
-            observer.record_scores(answer.scores)
         # In the request's own context: its log lines name this version, its span gets the
         # queue wait and the batch (server/request_context.py, server/tracing.py).
         request = current_request()
@@ -155,7 +154,8 @@ class ServedEnsemble:
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
         self._busy += 1
         try:
-            scores = await loop.run_in_executor(pair[1], self._infer_batch_sync, pair[0], inputs)
+            scores, answered = await loop.run_in_executor(pair[1], self._infer_batch_sync,
+                                                          pair[0], inputs)
         finally:
             self._busy -= 1
             if pair is not self._lead:
@@ -164,16 +164,38 @@ class ServedEnsemble:
         examples = sum(len(x) for x in inputs)
         for observer in self.observers:
             observer.record_batch(examples, compute_ns)
+            for part in answered:
+                observer.record_scores(part)
         return [_Answer(None, started, r) if isinstance(r, InvalidInput)
                 else _Answer(r, started, None, compute_ns, examples) for r in scores]
 
-    def _infer_batch_sync(self, runtime: EnsembleRuntime,
-                          inputs: list[np.ndarray]) -> list[EnsembleScores | InvalidInput]:
+    def _infer_batch_sync(self, runtime: EnsembleRuntime, inputs: list[np.ndarray]
+                          ) -> tuple[list[EnsembleScores | InvalidInput], list[EnsembleScores]]:
+        """Each request's scores or why it is refused, and the answered scores for the
+        observers (the whole batch's at once when every request was answered).
+
+        The common case costs one run and one check of the outputs per batch (the inputs were
+        checked per request, so that a bad one is refused before it takes a place in the
+        queue): a run the model refuses or a non-finite output sends the batch down the slow
+        path, which finds the requests at fault and refuses them alone."""
+        joined = _join(inputs)
+        try:
+            scores = runtime.scores(joined)
+        except InferenceError:
+            pass
+        else:
+            if self.allow_nonfinite or np.isfinite(scores.probabilities).all():
+                return _rows(scores, inputs), [scores]
+        results = self._requests_scores(runtime, inputs, joined)
+        return results, [r for r in results if not isinstance(r, InvalidInput)]
+
+    def _requests_scores(self, runtime: EnsembleRuntime, inputs: list[np.ndarray],
+                         joined: np.ndarray) -> list[EnsembleScores | InvalidInput]:
         # Runs in a worker thread: the scores are computed here too (in the fused graph or in
         # numpy), over the whole batch, so the event loop only slices views. A failed batch is
         # re-run in halves until the requests the model cannot compute are found (_isolate):
         # they alone are refused, with one log line for the batch.
-        results = _isolate(runtime, inputs)
+        results = _isolate(runtime, inputs, joined)
         failed = [r for r in results if isinstance(r, InferenceError)]
         if failed:
             cause = str(failed[0]).splitlines()[0] if str(failed[0]) else type(failed[0]).__name__
@@ -203,22 +225,34 @@ class ServedEnsemble:
             thread.shutdown(wait=False)
 
 
-def _scores_per_request(runtime: EnsembleRuntime, inputs: list[np.ndarray]) -> list[EnsembleScores]:
-    """One run over the requests joined into a batch, cut back into each request's rows. One
-    copy joins them; a lone request's read-only view of its message goes as is."""
-    x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
-    scores = runtime.scores(x)
+def _join(inputs: list[np.ndarray]) -> np.ndarray:
+    """The requests as one batch: one copy joins them; a lone request's read-only view of its
+    message goes as is."""
+    return inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
+
+
+def _scores_per_request(runtime: EnsembleRuntime, inputs: list[np.ndarray],
+                        joined: np.ndarray | None = None) -> list[EnsembleScores]:
+    """One run over the requests joined into a batch (`joined`, when already made), cut back
+    into each request's rows."""
+    return _rows(runtime.scores(_join(inputs) if joined is None else joined), inputs)
+
+
+def _rows(scores: EnsembleScores, inputs: list[np.ndarray]) -> list[EnsembleScores]:
+    """The batch's scores cut back into each request's rows (views)."""
+    if len(inputs) == 1:
+        return [scores]
     bounds = np.cumsum([0] + [len(i) for i in inputs]).tolist()
     return [scores.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _isolate(runtime: EnsembleRuntime,
-             inputs: list[np.ndarray]) -> list[EnsembleScores | InferenceError]:
+def _isolate(runtime: EnsembleRuntime, inputs: list[np.ndarray], joined: np.ndarray | None = None
+             ) -> list[EnsembleScores | InferenceError]:
     """Each request's scores, or the error the model raised on it alone. A failed batch is
     re-run in halves (bisection): k bad requests among n cost about 2k*log2(n) extra runs,
     and the good ones are answered."""
     try:
-        return list(_scores_per_request(runtime, inputs))
+        return list(_scores_per_request(runtime, inputs, joined))
     except InferenceError as exc:
         if len(inputs) == 1:
             return [exc]

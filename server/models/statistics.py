@@ -28,7 +28,8 @@ class InferenceObserver(Protocol):
         """A batch of `examples` was computed (all members and the scores) in `compute_ns`."""
 
     def record_scores(self, scores: EnsembleScores) -> None:
-        """The scores a request was answered with (its rows of the batch's)."""
+        """Scores of answered examples, a batch at a time: the whole batch's when every request
+        in it was answered, else each answered request's rows."""
 
 
 @dataclass
