@@ -57,6 +57,8 @@ class ServedEnsemble:
     that many batches at once, each on an instance of its own, in that instance's own thread:
     a thread that always runs the same sessions finds their weights and buffers warm in its
     core's caches (measured 5-10% faster per small batch than a shared pool's next free thread).
+    A cheap model's one instance computes on the event loop instead, when its thread plan says
+    so (`on_loop`, engine/cores.py): the thread hop costs more than its batches.
     `lead` (optional, not among `instances`): an instance with more threads, given a batch only
     when nothing else computes, so a lone request has every core and a full queue the
     parallel instances (engine/cores.py).
@@ -143,6 +145,8 @@ class ServedEnsemble:
         if self.thread_plan is not None:
             parameters["intra_op_threads"] = ",".join(map(str, self.thread_plan.thread_counts))
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
+            parameters["compute_thread"] = ("event_loop" if self.thread_plan.on_loop
+                                            else "instance")
             parameters["threads_choice"] = self.thread_plan.why
         return {**self.settings, **parameters}
 
@@ -154,8 +158,11 @@ class ServedEnsemble:
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
         self._busy += 1
         try:
-            scores, answered = await loop.run_in_executor(pair[1], self._infer_batch_sync,
-                                                          pair[0], inputs)
+            if self.thread_plan is not None and self.thread_plan.on_loop:  # engine/cores.py
+                scores, answered = self._infer_batch_sync(pair[0], inputs)
+            else:
+                scores, answered = await loop.run_in_executor(pair[1], self._infer_batch_sync,
+                                                              pair[0], inputs)
         finally:
             self._busy -= 1
             if pair is not self._lead:
@@ -404,10 +411,12 @@ def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Gra
     # per example must not take minutes to load.
     one = _fastest_seconds(runtime.scores, example, 0.1)
     per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
+    batch_seconds = None  # the largest batch, when measured
     if one * max_batch_size < _MEASURE_BUDGET_S:
         batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
         try:
-            per_example = _fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S) / max_batch_size
+            batch_seconds = _fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S)
+            per_example = batch_seconds / max_batch_size
         except InferenceError:  # a model that refuses large batches is its requests' business
             pass
     lone, candidate = None, None
@@ -415,7 +424,7 @@ def _plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Gra
         candidate = build(cores)
         lone = (one, _fastest_seconds(candidate.scores, example, 0.1))
     plan = plan_threads(config.instances, config.intra_op_threads, cores,
-                        per_example if config.instances == AUTO else None, lone)
+                        per_example if config.instances == AUTO else None, lone, batch_seconds)
     if candidate is not None and plan.lead_threads:
         return plan, runtime, candidate
     if candidate is not None and plan.threads == cores:  # every core's threads, one instance

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from snapserve.server.engine.cores import (LOOP_COST_S, cgroup_cpu_limit, plan_threads,
+from snapserve.server.engine.cores import (LOOP_COST_S, ON_LOOP_MAX_S, cgroup_cpu_limit, plan_threads,
                                            usable_cores)
 
 
@@ -122,3 +122,46 @@ def test_auto_settings_load_a_valid_plan_that_answers(imported_repo: Path, insta
 def test_plan_explicit_instances_get_no_lead() -> None:
     plan = plan_threads(2, 0, cores=4, seconds_per_example=4e-3, lone_seconds=(8e-3, 3e-3))
     assert plan.thread_counts == (1, 1)
+
+
+def test_plan_computes_a_cheap_single_instance_on_the_event_loop() -> None:
+    cheap = LOOP_COST_S / 10
+    plan = plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=(2e-4, 3e-4),
+                        batch_seconds=ON_LOOP_MAX_S / 2)
+    assert plan.on_loop and plan.thread_counts == (1,) and "event loop" in plan.why
+    # a largest batch that would hold the loop too long, an explicit instance count, a lead,
+    # or nothing measured: its own thread
+    assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=None,
+                            batch_seconds=ON_LOOP_MAX_S * 2).on_loop
+    assert not plan_threads(1, 0, cores=2, seconds_per_example=None, lone_seconds=None,
+                            batch_seconds=ON_LOOP_MAX_S / 2).on_loop
+    assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=(4e-4, 1e-4),
+                            batch_seconds=ON_LOOP_MAX_S / 2).on_loop
+    assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=None).on_loop
+    heavy = plan_threads(0, 0, cores=2, seconds_per_example=4e-3, lone_seconds=None,
+                         batch_seconds=4e-3)
+    assert not heavy.on_loop and heavy.parallel == 2
+
+
+async def test_a_version_computed_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
+    import asyncio
+
+    import numpy as np
+
+    from snapserve.server.engine.batcher import BatcherConfig
+    from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.models.ensemble import load_version
+
+    served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
+                          BatcherConfig(max_batch_size=8))
+    assert served.thread_plan is not None and served.thread_plan.on_loop, served.thread_plan
+    assert served.runtime_parameters["compute_thread"] == "event_loop"
+    await served.start()
+    try:
+        x = np.random.default_rng(0).normal(size=(1, *served.manifest.input.shape[1:]))
+        answers = await asyncio.gather(*(served.predict(x.astype(np.float32)) for _ in range(5)))
+        reference = served.runtime.scores(x.astype(np.float32))
+        for answer in answers:
+            np.testing.assert_allclose(answer.probabilities, reference.probabilities, rtol=1e-6)
+    finally:
+        await served.close()
