@@ -29,7 +29,9 @@ have), so made-up names cannot grow the number of series without bound.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import os
 import threading
 from typing import Any, Iterator
@@ -175,6 +177,9 @@ class _VersionObserver:
         self._vote_disagreement.observe_many(scores.vote_disagreement)
 
 
+_FEW = 4  # examples below which BatchHistogram observes them one by one
+
+
 class BatchHistogram(Collector):
     """A Prometheus histogram labelled by model and version, observed an array at a time: one
     `searchsorted` and `bincount` per batch instead of a Python call per example. Touched on
@@ -212,10 +217,17 @@ class BatchHistogram(Collector):
 class _BatchHistogramChild:
     def __init__(self, bounds: np.ndarray) -> None:
         self._bounds = bounds
+        self._bound_list = bounds.tolist()
         self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last: above every bound
         self.total = 0.0
 
     def observe_many(self, values: np.ndarray) -> None:
+        if len(values) <= _FEW:  # a few examples: plain Python is cheaper than five numpy calls
+            for value in values.tolist():
+                if math.isfinite(value):
+                    self.counts[bisect.bisect_left(self._bound_list, value)] += 1
+                    self.total += value
+            return
         values = np.asarray(values, dtype=np.float64).ravel()
         values = values[np.isfinite(values)]  # a NaN would poison the sum for good
         if values.size:

@@ -39,7 +39,7 @@ def _check_finite(array: np.ndarray, sent: np.ndarray) -> None:
     # One pass over the input, small next to inference; NaN or Inf would come back as NaN
     # probabilities (or quietly wrong ones), which a client may not notice.
     finite = np.isfinite(array)
-    if finite.all():
+    if np.logical_and.reduce(finite, axis=None):  # the ufunc itself: .all() adds a Python layer
         return
     bad = np.argwhere(~finite)
     first = tuple(bad[0].tolist())
