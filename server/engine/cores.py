@@ -14,10 +14,11 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
 - plus a *lead* instance with every core's threads, when it computes a lone example faster than
   one thread does: the batcher hands it a batch only when nothing else computes, so a lone
   request uses all cores and a full queue runs on the single-thread instances, one per core;
-- a single single-thread instance computes *on the event loop* when its largest batch takes at
-  most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken, the loop woken,
-  the GIL handed over twice) then costs more than the run (measured, digits on 2 cores: c=1
-  1.71 -> 1.47 ms p50, c=32 2,484 -> 2,659 req/s and p99 34 -> 16 ms).
+- a single single-thread instance computes a lone request *on the event loop* when its largest
+  batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
+  the loop woken, the GIL handed over twice) then costs more than the run (measured, digits on
+  2 cores: c=1 p50 1.58 -> 1.40 ms). Batches of more requests still go to the thread, so the
+  loop takes in the next requests meanwhile.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class ThreadPlan:
     threads: int
     lead_threads: int = 0  # 0: no lead instance
     why: str = ""
-    on_loop: bool = False  # the one instance computes on the event loop thread, not its own
+    on_loop: bool = False  # a lone request computes on the event loop thread, not the instance's
 
     @property
     def thread_counts(self) -> tuple[int, ...]:
@@ -161,8 +162,9 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
                and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
     if on_loop:
-        reasons.append(f"computed on the event loop (the largest batch: {1e3 * batch_seconds:.2f} "
-                       f"ms <= {1e3 * ON_LOOP_MAX_S:.0f} ms, cheaper than a thread hop)")
+        reasons.append(f"a lone request computed on the event loop (the largest batch: "
+                       f"{1e3 * batch_seconds:.2f} ms <= {1e3 * ON_LOOP_MAX_S:.0f} ms: cheaper "
+                       "than a thread hop)")
     why = f"auto on {cores} core(s): " + "; ".join(reasons)
     if lead and parallel == 1:  # one batch at a time: the lead alone, never a second instance
         return ThreadPlan(1, lead, why=why)

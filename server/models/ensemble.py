@@ -57,8 +57,8 @@ class ServedEnsemble:
     that many batches at once, each on an instance of its own, in that instance's own thread:
     a thread that always runs the same sessions finds their weights and buffers warm in its
     core's caches (measured 5-10% faster per small batch than a shared pool's next free thread).
-    A cheap model's one instance computes on the event loop instead, when its thread plan says
-    so (`on_loop`, engine/cores.py): the thread hop costs more than its batches.
+    A cheap model's lone requests compute on the event loop instead, when its thread plan says
+    so (`on_loop`, engine/cores.py): the thread hop costs more than such a run.
     `lead` (optional, not among `instances`): an instance with more threads, given a batch only
     when nothing else computes, so a lone request has every core and a full queue the
     parallel instances (engine/cores.py).
@@ -145,8 +145,8 @@ class ServedEnsemble:
         if self.thread_plan is not None:
             parameters["intra_op_threads"] = ",".join(map(str, self.thread_plan.thread_counts))
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
-            parameters["compute_thread"] = ("event_loop" if self.thread_plan.on_loop
-                                            else "instance")
+            parameters["lone_request_compute"] = ("event_loop" if self.thread_plan.on_loop
+                                                  else "instance_thread")
             parameters["threads_choice"] = self.thread_plan.why
         return {**self.settings, **parameters}
 
@@ -158,7 +158,10 @@ class ServedEnsemble:
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
         self._busy += 1
         try:
-            if self.thread_plan is not None and self.thread_plan.on_loop:  # engine/cores.py
+            # A lone request of a cheap model: on the event loop, no thread hop (engine/cores.py).
+            # Batches of more go to the instance's thread, so the loop takes in the next
+            # requests while they compute (on the loop, they formed convoys of eight at c=32).
+            if len(inputs) == 1 and self.thread_plan is not None and self.thread_plan.on_loop:
                 scores, answered = self._infer_batch_sync(pair[0], inputs)
             else:
                 scores, answered = await loop.run_in_executor(pair[1], self._infer_batch_sync,

@@ -143,7 +143,7 @@ def test_plan_computes_a_cheap_single_instance_on_the_event_loop() -> None:
     assert not heavy.on_loop and heavy.parallel == 2
 
 
-async def test_a_version_computed_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
+async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
     import asyncio
 
     import numpy as np
@@ -155,13 +155,14 @@ async def test_a_version_computed_on_the_loop_answers_and_says_so(model_repo: Pa
     served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
                           BatcherConfig(max_batch_size=8))
     assert served.thread_plan is not None and served.thread_plan.on_loop, served.thread_plan
-    assert served.runtime_parameters["compute_thread"] == "event_loop"
+    assert served.runtime_parameters["lone_request_compute"] == "event_loop"
     await served.start()
     try:
         x = np.random.default_rng(0).normal(size=(1, *served.manifest.input.shape[1:]))
-        answers = await asyncio.gather(*(served.predict(x.astype(np.float32)) for _ in range(5)))
         reference = served.runtime.scores(x.astype(np.float32))
-        for answer in answers:
+        alone = await served.predict(x.astype(np.float32))  # on the loop
+        together = await asyncio.gather(*(served.predict(x.astype(np.float32)) for _ in range(5)))
+        for answer in [alone, *together]:
             np.testing.assert_allclose(answer.probabilities, reference.probabilities, rtol=1e-6)
     finally:
         await served.close()
