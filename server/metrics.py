@@ -49,6 +49,7 @@ from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointCo
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import InferenceObserver
+from snapserve.server.workers import worker_index
 
 __all__ = ["API_HTTP", "API_KSERVE", "API_NATIVE", "OTHER_MODEL", "BatchHistogram", "ServerMetrics"]
 
@@ -143,7 +144,12 @@ class ServerMetrics:
         no thread per connection, timeouts, a bound on connections); the bound port (for 0)."""
         self._http = MetricsEndpoint(self.registry, config)
         bound = await self._http.start(port)
-        logger.info("metrics on http://%s:%d/metrics", config.host, bound)
+        worker = worker_index()
+        if worker is None:
+            logger.info("metrics on http://%s:%d/metrics", config.host, bound)
+        else:  # the parent serves the sum and logs its own address (server/workers.py)
+            logger.info("worker %d: its metrics for the parent on http://%s:%d/metrics", worker,
+                        config.host, bound)
         return bound
 
     def close(self) -> None:
