@@ -97,8 +97,10 @@ class ServerSettings(BaseSettings):
     max_queue_size: int = Field(_B.max_queue_size,
                                 description="requests waiting per model before RESOURCE_EXHAUSTED")
     adaptive_wait: bool = Field(_B.adaptive_wait,
-                                description="send a batch at once when none is computing; off: "
-                                            "always wait up to the queue delay for a full batch")
+                                description="when none is computing, send a batch once it holds the "
+                                            "company to expect (as many requests as there were "
+                                            "callers lately); off: always wait up to the queue "
+                                            "delay for a full batch")
     max_stream_in_flight: int = Field(_S["max_stream_in_flight"].default,
                                       description="requests of one stream computed ahead")
     max_stream_share: float = Field(_S["max_stream_share"].default,

@@ -184,37 +184,31 @@ class ServedEnsemble:
         """Each request's scores or why it is refused, and the answered scores for the
         observers (the whole batch's at once when every request was answered).
 
-        The common case costs one run and one check of the outputs per batch (the inputs were
-        checked per request, so that a bad one is refused before it takes a place in the
-        queue): a run the model refuses or a non-finite output sends the batch down the slow
-        path, which finds the requests at fault and refuses them alone."""
-        joined = _join(inputs)
+        Runs where the batch computes (an instance's thread, or the loop for a cheap model's
+        lone request): the scores come from the fused graph or numpy over the whole batch, so
+        the event loop only slices views. The common case is one run and one check of the
+        outputs (the inputs were checked per request, so that a bad one is refused before it
+        takes a place in the queue). A run the model refuses is re-run in halves until the
+        requests it cannot compute are found (_isolate), and a non-finite output is looked for
+        per request: those requests alone are refused, with one log line for the batch."""
         try:
-            scores = runtime.scores(joined)
-        except InferenceError:
-            pass
+            scores = runtime.scores(_join(inputs))
+        except InferenceError as exc:
+            results = _halves(runtime, inputs, exc)
         else:
             if self.allow_nonfinite or np.isfinite(scores.probabilities).all():
                 return _rows(scores, inputs), [scores]
-        results = self._requests_scores(runtime, inputs, joined)
-        return results, [r for r in results if not isinstance(r, InvalidInput)]
-
-    def _requests_scores(self, runtime: EnsembleRuntime, inputs: list[np.ndarray],
-                         joined: np.ndarray) -> list[EnsembleScores | InvalidInput]:
-        # Runs in a worker thread: the scores are computed here too (in the fused graph or in
-        # numpy), over the whole batch, so the event loop only slices views. A failed batch is
-        # re-run in halves until the requests the model cannot compute are found (_isolate):
-        # they alone are refused, with one log line for the batch.
-        results = _isolate(runtime, inputs, joined)
+            results = list(_rows(scores, inputs))
         failed = [r for r in results if isinstance(r, InferenceError)]
         if failed:
             cause = str(failed[0]).splitlines()[0] if str(failed[0]) else type(failed[0]).__name__
             logger.warning("%s: the model could not compute %d of %d requests of a batch (refused "
                            "with INVALID_ARGUMENT; the others were answered): %s",
                            self.batcher.name, len(failed), len(inputs), cause)
-        return [ModelRefusedInput(REFUSED_MESSAGE) if isinstance(r, InferenceError)
-                else r if self.allow_nonfinite else _finite_or_refused(r, x)
-                for r, x in zip(results, inputs)]
+        answers = [ModelRefusedInput(REFUSED_MESSAGE) if isinstance(r, InferenceError)
+                   else r if self.allow_nonfinite else _finite_or_refused(r, x)
+                   for r, x in zip(results, inputs)]
+        return answers, [a for a in answers if not isinstance(a, InvalidInput)]
 
     def warm_up(self) -> None:
         """One example through every instance: loads kernels now, and checks the class count."""
@@ -241,13 +235,6 @@ def _join(inputs: list[np.ndarray]) -> np.ndarray:
     return inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
 
 
-def _scores_per_request(runtime: EnsembleRuntime, inputs: list[np.ndarray],
-                        joined: np.ndarray | None = None) -> list[EnsembleScores]:
-    """One run over the requests joined into a batch (`joined`, when already made), cut back
-    into each request's rows."""
-    return _rows(runtime.scores(_join(inputs) if joined is None else joined), inputs)
-
-
 def _rows(scores: EnsembleScores, inputs: list[np.ndarray]) -> list[EnsembleScores]:
     """The batch's scores cut back into each request's rows (views)."""
     if len(inputs) == 1:
@@ -256,16 +243,22 @@ def _rows(scores: EnsembleScores, inputs: list[np.ndarray]) -> list[EnsembleScor
     return [scores.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _isolate(runtime: EnsembleRuntime, inputs: list[np.ndarray], joined: np.ndarray | None = None
-             ) -> list[EnsembleScores | InferenceError]:
+def _isolate(runtime: EnsembleRuntime,
+             inputs: list[np.ndarray]) -> list[EnsembleScores | InferenceError]:
     """Each request's scores, or the error the model raised on it alone. A failed batch is
     re-run in halves (bisection): k bad requests among n cost about 2k*log2(n) extra runs,
     and the good ones are answered."""
     try:
-        return list(_scores_per_request(runtime, inputs, joined))
+        return _rows(runtime.scores(_join(inputs)), inputs)
     except InferenceError as exc:
-        if len(inputs) == 1:
-            return [exc]
+        return _halves(runtime, inputs, exc)
+
+
+def _halves(runtime: EnsembleRuntime, inputs: list[np.ndarray],
+            exc: InferenceError) -> list[EnsembleScores | InferenceError]:
+    """After `inputs` failed together with `exc`: each half on its own (_isolate)."""
+    if len(inputs) == 1:
+        return [exc]
     half = len(inputs) // 2
     return _isolate(runtime, inputs[:half]) + _isolate(runtime, inputs[half:])
 
