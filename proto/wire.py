@@ -12,9 +12,13 @@ message (docs/performance.md).
 
 from __future__ import annotations
 
-__all__ = ["LENGTH_DELIMITED", "length_delimited", "tag", "varint"]
+import sys
+
+__all__ = ["LENGTH_DELIMITED", "LITTLE_ENDIAN", "length_delimited", "tag", "varint"]
 
 LENGTH_DELIMITED = 2  # wire type of strings, bytes and embedded messages
+# Numbers go little-endian on the wire: a native array's tobytes() is its wire bytes only here.
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def varint(value: int) -> bytes:

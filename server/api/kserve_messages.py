@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +19,7 @@ from snapserve.proto.inference import model_config_pb2 as mc
 from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.tensors import (KSERVE_CONTENTS, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
                                      array_from_bytes, check_fits, check_shape, wire_type)
-from snapserve.proto.wire import tag, varint
+from snapserve.proto.wire import LITTLE_ENDIAN, tag, varint
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
@@ -186,7 +185,6 @@ def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, reques
 _RESPONSE_FIELDS = kpb.ModelInferResponse.DESCRIPTOR.fields_by_name
 _ID_TAG = tag(_RESPONSE_FIELDS["id"].number)
 _RAW_OUTPUT_TAG = tag(_RESPONSE_FIELDS["raw_output_contents"].number)
-_LITTLE_ENDIAN = sys.byteorder == "little"  # tobytes() is then the wire's byte order
 
 
 def _infer_response_head(model: str, version: int, outputs: tuple[str, ...], rows: int,
@@ -211,22 +209,15 @@ def encode_infer_response_bytes(scores: EnsembleScores, served: ServedEnsemble, 
                                 outputs: tuple[str, ...]) -> bytes:
     """`encode_infer_response(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per output (proto/wire.py): the answer is never built as a message."""
-    rows = len(scores)
-    key = ("kserve", rows, outputs)
-    cached = served.answer_heads.get(key)
-    if cached is None:
-        if len(served.answer_heads) > 1024:  # outputs in every order: do not grow without bound
-            served.answer_heads.clear()
-        manifest = served.manifest
-        cached = served.answer_heads[key] = _infer_response_head(
-            manifest.name, manifest.version, outputs, rows, len(manifest.classes),
-            served.runtime.members)
-    head, chunks = cached  # type: ignore[misc]
+    rows, manifest = len(scores), served.manifest
+    head, chunks = served.answer_head(("kserve", rows, outputs), _infer_response_head,
+                                      manifest.name, manifest.version, outputs, rows,
+                                      len(manifest.classes), served.runtime.members)
     identifier = request_id.encode()
     parts = [head, _ID_TAG, varint(len(identifier)), identifier]
     for name, prefix, dtype in chunks:
         array = getattr(scores, name)
-        if array.dtype != dtype or not _LITTLE_ENDIAN:  # not its declared type: the slow path
+        if array.dtype != dtype or not LITTLE_ENDIAN:  # not its declared type: the slow path
             return encode_infer_response(scores, served, request_id, outputs).SerializeToString()
         parts += (prefix, array.tobytes())
     return b"".join(parts)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
-from snapserve.proto.wire import length_delimited, tag, varint
+from snapserve.proto.wire import LITTLE_ENDIAN, length_delimited, tag, varint
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
@@ -60,7 +58,6 @@ _FIELDS = pb.PredictResponse.DESCRIPTOR.fields_by_name
 _REQUEST_ID_TAG = tag(_FIELDS["request_id"].number)
 _TOP_LABEL = _FIELDS["top_label"].number
 _DATA_TAG = tag(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
-_LITTLE_ENDIAN = sys.byteorder == "little"  # tobytes() is then the wire's byte order
 
 
 _Head = tuple[bytes, tuple[tuple[str, np.dtype, bytes], ...], tuple[bytes, ...]]
@@ -95,20 +92,16 @@ def encode_prediction_bytes(scores: EnsembleScores, served: ServedEnsemble, requ
                             include_member_probabilities: bool) -> bytes:
     """`encode_prediction(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per tensor (proto/wire.py): the answer is never built as a message."""
-    rows = len(scores)
-    key = ("native", rows, include_member_probabilities)
-    cached = served.answer_heads.get(key)
-    if cached is None:
-        manifest = served.manifest
-        cached = served.answer_heads[key] = _prediction_head(
-            manifest.name, manifest.version, rows, manifest.classes, served.runtime.members,
-            include_member_probabilities)
-    head, chunks, labels = cached  # type: ignore[misc]
+    rows, manifest = len(scores), served.manifest
+    head, chunks, labels = served.answer_head(
+        ("native", rows, include_member_probabilities), _prediction_head, manifest.name,
+        manifest.version, rows, manifest.classes, served.runtime.members,
+        include_member_probabilities)
     identifier = request_id.encode()
     parts = [head, _REQUEST_ID_TAG, varint(len(identifier)), identifier]
     for name, dtype, prefix in chunks:
         array = getattr(scores, name)
-        if array.dtype != dtype or not _LITTLE_ENDIAN:  # not its declared type: the slow path
+        if array.dtype != dtype or not LITTLE_ENDIAN:  # not its declared type: the slow path
             return encode_prediction(scores, served, request_id,
                                      include_member_probabilities).SerializeToString()
         parts += (prefix, array.tobytes())

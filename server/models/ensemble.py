@@ -12,7 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,9 @@ class _Answer(NamedTuple):
     error: InvalidInput | None = None  # this request alone failed; the rest of its batch did not
     compute_ns: int = 0  # how long its batch took
     batch_examples: int = 0  # examples in its batch, all requests together
+
+T = TypeVar("T")
+_ANSWER_HEADS = 1024  # per version: batch sizes x output selections
 
 # What a client is told when the model failed on its values alone: ONNX Runtime's own text
 # names internal nodes and tensors, so it goes to the log, not to the caller.
@@ -88,9 +91,8 @@ class ServedEnsemble:
         # beside the runtime parameters.
         self.settings: dict[str, str] = {}
         self.statistics = ModelStatistics()
-        # The front ends' per-version cache of what their answers share (api/messages.py,
-        # api/kserve_messages.py): it lives and goes with the version.
-        self.answer_heads: dict[tuple[object, ...], object] = {}
+        # What the front ends' answers share, per key (answer_head): lives and goes with the version.
+        self._answer_heads: dict[tuple[object, ...], Any] = {}
         # Told about every request and batch: the statistics above, and what the server adds
         # (its Prometheus metrics).
         self.observers: list[InferenceObserver] = [self.statistics]
@@ -134,6 +136,17 @@ class ServedEnsemble:
         record_inference(start, max(answer.started_ns, start), answer.compute_ns,
                          answer.batch_examples)
         return answer.scores
+
+    def answer_head(self, key: tuple[object, ...], build: Callable[..., T], *args: object) -> T:
+        """`build(*args)`, made once per `key` for this version: what a front end's answers of
+        one shape share (api/messages.py, api/kserve_messages.py). At most _ANSWER_HEADS are
+        kept (KServe outputs may be named in any order)."""
+        head = self._answer_heads.get(key)
+        if head is None:
+            if len(self._answer_heads) >= _ANSWER_HEADS:
+                self._answer_heads.clear()
+            head = self._answer_heads[key] = build(*args)
+        return head  # type: ignore[no-any-return]
 
     @property
     def runtime_parameters(self) -> dict[str, str]:
