@@ -134,9 +134,8 @@ class Intake:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def parse(self, cls: type[protobuf_message.Message], data: bytes) -> Any:
-        """The message of type `cls` in `data`; MalformedRequest naming the type if it is not one."""
-        if len(data) < OFFLOAD_BYTES:  # no hop, no coroutine: the common case
-            return parse_message(cls, data)
+        """The message of type `cls` in `data` (on a decode thread when large); MalformedRequest
+        naming the type if it is not one."""
         return await self.run(len(data), parse_message, cls, data)
 
     def close(self) -> None:
@@ -161,6 +160,7 @@ def _unary_request(intake: Intake, cls: type, impl: Callable[..., Any]) -> Calla
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             with intake.admit(len(data)):
+                # A small message parsed here: not even the coroutine of intake.parse.
                 request = (parse_message(cls, data) if len(data) < OFFLOAD_BYTES
                            else await intake.parse(cls, data))
                 return await impl(request, context)
