@@ -19,6 +19,7 @@ import numpy as np
 from snapserve.proto.scores import EnsembleScores
 from snapserve.server.engine.batcher import Batcher, BatcherConfig
 from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
+from snapserve.server.engine.handoff import start_in_thread
 from snapserve.server.engine.runtime import (CUDA, FUSED, MEMBERS, EnsembleRuntime, GraphTiming,
                                              RuntimeConfig, choose_graph)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
@@ -83,6 +84,7 @@ class ServedEnsemble:
         self._lead = pairs.pop(0) if lead is not None else None
         self._free = pairs
         self._busy = 0  # batches computing now
+        self._loop: asyncio.AbstractEventLoop | None = None  # the batches' loop, once known
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
         self.thread_plan: ThreadPlan | None = None  # how instances and threads were chosen
         batcher_config = dataclasses.replace(batcher_config, max_concurrent_batches=len(parallel))
@@ -164,7 +166,8 @@ class ServedEnsemble:
         return {**self.settings, **parameters}
 
     async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:
-        loop = asyncio.get_running_loop()
+        if self._loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call
+            self._loop = asyncio.get_running_loop()
         started = time.perf_counter_ns()
         # The batcher runs at most len(self._free) batches at once, so one is always free; the
         # lead only when nothing else computes (so it is never taken twice).
@@ -177,8 +180,10 @@ class ServedEnsemble:
             if len(inputs) == 1 and self.thread_plan is not None and self.thread_plan.on_loop:
                 scores, answered = self._infer_batch_sync(pair[0], inputs)
             else:
-                scores, answered = await loop.run_in_executor(pair[1], self._infer_batch_sync,
-                                                              pair[0], inputs)
+                # Started before the loop goes on: the thread gets the GIL now, not after the
+                # loop's next idle moment (engine/handoff.py).
+                scores, answered = await start_in_thread(self._loop, pair[1],
+                                                         self._infer_batch_sync, pair[0], inputs)
         finally:
             self._busy -= 1
             if pair is not self._lead:
