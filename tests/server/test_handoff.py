@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,13 +19,21 @@ async def test_the_work_has_started_when_the_call_returns() -> None:
         started.set()
         return a + b
 
-    with ThreadPoolExecutor(1) as executor:
-        for _ in range(20):  # each time, not by luck
-            started.clear()
-            future = start_in_thread(asyncio.get_running_loop(), executor, work, 2, 3,
-                                     wait_s=10.0)
-            assert started.is_set()
-            assert await future == 5
+    # A long switch interval: the worker, once it has the GIL, keeps it until it blocks, so
+    # `work`'s first line has run when the caller gets the GIL back (with plain
+    # run_in_executor the caller never lets go of it, and the flag is never set in time).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            for _ in range(20):  # each time, not by luck
+                started.clear()
+                future = start_in_thread(asyncio.get_running_loop(), executor, work, 2, 3,
+                                         wait_s=10.0)
+                assert started.is_set()
+                assert await future == 5
+    finally:
+        sys.setswitchinterval(interval)
 
 
 async def test_a_busy_thread_costs_the_loop_at_most_the_wait() -> None:
