@@ -116,7 +116,8 @@ class RunningServer:
         logger.info("refused %d calls while draining", self.drain.refused)
         self.intake.close()
         self.metrics.close()
-        heap.thaw()  # what start_server froze is the collector's again
+        if self.config.freeze_heap:
+            heap.thaw()  # what start_server froze is the collector's again
         logger.info("stopped serving on %s", self.address)
 
     def hurry(self) -> None:
@@ -236,7 +237,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         logger.warning("no model loaded from %s", config.model_repository)
     # The start-up heap out of the collector's way: full collections under load walked it
     # for ~26 ms each, stopping the loop (server/heap.py).
-    heap.freeze()
+    if config.freeze_heap:
+        heap.freeze()
     for service in HEALTH_SERVICE_NAMES:
         health.set(service, True)
     manager.start_polling()

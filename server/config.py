@@ -79,6 +79,11 @@ class ServerConfig:
     # Bind the gRPC and REST ports with SO_REUSEPORT: one of `--workers N` processes sharing
     # them (server/workers.py). Off otherwise, so a second server on a taken port fails to start.
     reuse_port: bool = False
+    # Freeze the heap once the server is up, out of the cyclic collector's way (server/heap.py:
+    # full collections under load stopped the loop for ~30 ms each). Off for a server embedded
+    # in a process whose own heap should stay the collector's (the test suite: a collection of
+    # pytest's heap at every start cost it 80 s).
+    freeze_heap: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

@@ -35,7 +35,8 @@ def model_repo(tmp_path: Path) -> Path:
 @pytest.fixture
 def server_config(model_repo: Path) -> ServerConfig:
     return ServerConfig(model_repository=model_repo, port=0, http_port=None,
-                        batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005))
+                        batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005),
+                        freeze_heap=False)
 
 
 @pytest.fixture

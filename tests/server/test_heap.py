@@ -14,7 +14,7 @@ from tests.support.servers import serving
 
 async def test_a_serving_server_has_its_heap_frozen_and_thaws_it_when_it_stops(
         model_repo: Path) -> None:
-    async with serving(model_repo) as running:
+    async with serving(model_repo, freeze_heap=True) as running:
         assert gc.get_freeze_count() > 10_000  # modules and versions, not a handful
         async with native_stub(running) as stub:
             scores = await native_predict(stub, digits_input(2))
@@ -22,11 +22,16 @@ async def test_a_serving_server_has_its_heap_frozen_and_thaws_it_when_it_stops(
     assert gc.get_freeze_count() == 0
 
 
+async def test_an_embedded_server_can_leave_the_heap_alone(model_repo: Path) -> None:
+    async with serving(model_repo, freeze_heap=False):
+        assert gc.get_freeze_count() == 0
+
+
 async def test_an_unloaded_version_frozen_at_start_up_is_freed(model_repo: Path) -> None:
     """The version and its batcher refer to each other: a cycle only the collector frees, and
     it was frozen with the rest at start-up."""
     control = RepositoryConfig(allow_repository_control=True)
-    async with serving(model_repo, repository=control) as running:
+    async with serving(model_repo, repository=control, freeze_heap=True) as running:
         version = weakref.ref(running.registry.get("digits", 1))
         assert gc.get_freeze_count() > 0
         await running.manager.unload_model("digits")

@@ -29,9 +29,11 @@ def fast_batching() -> BatcherConfig:
 def local_config(repo: Path, **config: Any) -> ServerConfig:
     """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given, and
     no REST port unless `http_port` is given (0: a free one; the default 8000 would collide
-    between test runs)."""
+    between test runs), and no frozen heap unless `freeze_heap` is given."""
     config.setdefault("batcher", fast_batching())
     config.setdefault("http_port", None)
+    # The suite's own heap stays the collector's (tests/server/test_heap.py turns it on).
+    config.setdefault("freeze_heap", False)
     return ServerConfig(model_repository=repo, port=0, **config)
 
 
