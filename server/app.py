@@ -236,7 +236,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if not len(registry):
         logger.warning("no model loaded from %s", config.model_repository)
     # The start-up heap out of the collector's way: full collections under load walked it
-    # for ~26 ms each, stopping the loop (server/heap.py).
+    # for ~30 ms each, stopping the loop (server/heap.py).
     if config.freeze_heap:
         heap.freeze()
     for service in HEALTH_SERVICE_NAMES:
