@@ -4,49 +4,31 @@ from __future__ import annotations
 
 import itertools
 from types import TracebackType
-from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 import numpy as np
 
-from snapserve.client.channels import (DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_MESSAGE_BYTES,
-                                       ChannelOption, RetryPolicy, Target, channel_options,
-                                       resolve_target)
-from snapserve.client.credentials import Pem, Security
+from snapserve.client.channels import ChannelOption, ClientBase
+from snapserve.client.credentials import Security
 from snapserve.client.errors import ClientError
 from snapserve.client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
 from snapserve.client.messages import normalize as normalize_input  # `normalize` is a parameter name
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncEnsembleClient"]
 
 
-class AsyncEnsembleClient:
+class AsyncEnsembleClient(ClientBase):
     """asyncio client; make it inside the running loop (grpc.aio channels bind to it).
 
         async with AsyncEnsembleClient("127.0.0.1:50051") as client:
             prediction = await client.predict("digits", x)
     """
 
-    def __init__(self, target: Target = DEFAULT_TARGET, *,
-                 timeout: float | None = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
-                 tls_ca: Pem | None = None, tls_cert: Pem | None = None,
-                 tls_key: Pem | None = None, token: str | None = None,
-                 retry: RetryPolicy | None = RetryPolicy(),
-                 load_balancing: str | None = "round_robin",
-                 options: Sequence[ChannelOption] = ()) -> None:
-        """Target, deadline, retry, balancing, TLS and token options as EnsembleClient's."""
-        self.target = resolve_target(target)
-        self.timeout = timeout
-        self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
-                                        tls_key=tls_key, token=token)
-        self._channel = self._security.aio_channel(
-            self.target, channel_options(max_message_bytes, retry, load_balancing, options))
-        self._stub = pb_grpc.EnsembleServiceStub(self._channel)
-        self._models: dict[tuple[str, int], ModelInfo] = {}
+    def _open_channel(self, security: Security, options: list[ChannelOption]) -> Any:
+        return security.aio_channel(self.target, options)
 
     async def predict(self, model: str, array: np.ndarray, version: int = 0,
                       member_probabilities: bool = False, normalize: bool = False,

@@ -25,7 +25,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
-__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "MAX_MESSAGE_BYTES", "RetryPolicy",
+from snapserve.client.credentials import Pem, Security
+from snapserve.client.messages import ModelInfo
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+
+__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "MAX_MESSAGE_BYTES", "ClientBase", "RetryPolicy",
            "Target", "channel_options", "resolve_target", "service_config"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -128,3 +132,33 @@ def _family(address: str) -> str:
         raise ValueError(f"target: {address!r} is not IP:PORT ([IPv6]:PORT); for host names use "
                          "one dns:///NAME:PORT target, which resolves to every address")
     return f"ipv{ip.version}"
+
+
+class ClientBase:
+    """What the blocking and the asyncio client share: the target, the default deadline, the
+    security, the channel and its stub, the metadata cache. A subclass says only how its
+    channel opens (`_open_channel`), since a grpc.aio channel is another type."""
+
+    def __init__(self, target: Target = DEFAULT_TARGET, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: Pem | None = None, tls_cert: Pem | None = None,
+                 tls_key: Pem | None = None, token: str | None = None,
+                 retry: RetryPolicy | None = RetryPolicy(),
+                 load_balancing: str | None = "round_robin",
+                 options: Sequence[ChannelOption] = ()) -> None:
+        """`target`: host:port, a dns:/// name (a headless Service) or a list of IP:PORT;
+        `tls_ca`/`tls_cert`/`tls_key`: PEM paths or bytes (any of them, or tls=True: TLS;
+        cert + key: mutual TLS); `token`: sent as `authorization: Bearer <token>`;
+        `options`: more gRPC channel options, which win over the client's own."""
+        self.target = resolve_target(target)
+        self.timeout = timeout  # default per-call deadline in seconds; None: no deadline
+        self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                        tls_key=tls_key, token=token)
+        self._channel = self._open_channel(
+            self._security, channel_options(max_message_bytes, retry, load_balancing, options))
+        self._stub = pb_grpc.EnsembleServiceStub(self._channel)
+        self._models: dict[tuple[str, int], ModelInfo] = {}
+
+    def _open_channel(self, security: Security, options: list[ChannelOption]) -> Any:
+        raise NotImplementedError

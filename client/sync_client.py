@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
-from snapserve.client.channels import (DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_MESSAGE_BYTES,
-                                       ChannelOption, RetryPolicy, Target, channel_options,
-                                       resolve_target)
-from snapserve.client.credentials import Pem, Security
+from snapserve.client.channels import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, ChannelOption, ClientBase,
+                                       channel_options)
+from snapserve.client.credentials import Security
 from snapserve.client.errors import ClientError
 from snapserve.client.messages import (ModelInfo, ModelSummary, Prediction, build_request, decode_metadata,
                              decode_prediction, decode_summary)
 from snapserve.client.messages import normalize as normalize_input  # `normalize` is a parameter name
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 
 __all__ = ["DEFAULT_TARGET", "EnsembleClient", "MAX_MESSAGE_BYTES", "channel_options"]
 
 
-class EnsembleClient:
+class EnsembleClient(ClientBase):
     """Blocking client. Every call raises ClientError (status code + server message) on failure.
 
         with EnsembleClient("127.0.0.1:50051") as client:
@@ -33,26 +31,8 @@ class EnsembleClient:
     None: no deadline), balanced over every address of `target` (client/channels.py).
     """
 
-    def __init__(self, target: Target = DEFAULT_TARGET, *,
-                 timeout: float | None = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
-                 tls_ca: Pem | None = None, tls_cert: Pem | None = None,
-                 tls_key: Pem | None = None, token: str | None = None,
-                 retry: RetryPolicy | None = RetryPolicy(),
-                 load_balancing: str | None = "round_robin",
-                 options: Sequence[ChannelOption] = ()) -> None:
-        """`target`: host:port, a dns:/// name (a headless Service) or a list of IP:PORT;
-        `tls_ca`/`tls_cert`/`tls_key`: PEM paths or bytes (any of them, or tls=True: TLS;
-        cert + key: mutual TLS); `token`: sent as `authorization: Bearer <token>`;
-        `options`: more gRPC channel options, which win over the client's own."""
-        self.target = resolve_target(target)
-        self.timeout = timeout  # default per-call deadline in seconds; None: no deadline
-        self._security = Security.build(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
-                                        tls_key=tls_key, token=token)
-        self._channel = self._security.channel(
-            self.target, channel_options(max_message_bytes, retry, load_balancing, options))
-        self._stub = pb_grpc.EnsembleServiceStub(self._channel)
-        self._models: dict[tuple[str, int], ModelInfo] = {}
+    def _open_channel(self, security: Security, options: list[ChannelOption]) -> Any:
+        return security.channel(self.target, options)
 
     def predict(self, model: str, array: np.ndarray, version: int = 0,
                 member_probabilities: bool = False, normalize: bool = False,
