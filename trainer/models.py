@@ -12,6 +12,7 @@ SWA/FGE reference code: basic blocks below depth 44, bottlenecks from 44 on, dep
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -127,52 +128,22 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class _ResNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, blocks_per_stage: int) -> None:
-        super().__init__()
-        self.conv = _conv3x3(in_channels, 16)
-        self.bn = nn.BatchNorm2d(16)
-        layers, planes = [], 16
-        for stage, width in enumerate((16, 32, 64)):
-            for index in range(blocks_per_stage):
-                stride = 2 if stage > 0 and index == 0 else 1
-                layers.append(_BasicBlock(planes, width, stride))
-                planes = width
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.bn(self.conv(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
-
-
-def resnet(input_shape: tuple[int, ...], num_classes: int, depth: int = 20) -> nn.Module:
-    """ResNet for CIFAR (He et al. 2016, section 4.2): 3 stages of 16/32/64 channels, depth 6n+2."""
-    _need_rank("resnet", input_shape, 3, "C, H, W")
-    if depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"depth for arch 'resnet' must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
-    return _ResNet(input_shape[0], num_classes, (depth - 2) // 6)
-
-
 class _PreActBlock(nn.Module):
-    expansion = 1
+    """Pre-activation basic block; `dropout` between its convolutions is the wide ResNet's."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = _conv3x3(in_planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = _conv3x3(planes, planes)
-        self.shortcut = _projection(in_planes, planes * self.expansion, stride)
+        self.shortcut = _projection(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(out)))))
         return out + shortcut
 
 
@@ -204,82 +175,65 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module | Non
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class _PreResNet(nn.Module):
-    """Pre-activation ResNet (He et al. 2016b) in the layout of the SWA/FGE reference code."""
+class _ResNet(nn.Module):
+    """The CIFAR residual network every residual arch here shares: a 3x3 stem of 16 channels,
+    three stages of `blocks_per_stage` blocks (the first block of stages 2 and 3 halves the
+    resolution), global average pooling and a linear head.
 
-    def __init__(self, in_channels: int, num_classes: int, depth: int) -> None:
+    `preact`: pre-activation blocks leave the last BatchNorm and ReLU to the end of the network;
+    post-activation ones (ResNet v1) have them after the stem instead. The BatchNorm is
+    registered where it runs, so state_dict keys keep the order of the forward pass.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, block: Callable[[int, int, int], nn.Module],
+                 blocks_per_stage: int, *, preact: bool, widths: tuple[int, int, int] = (16, 32, 64),
+                 expansion: int = 1) -> None:
         super().__init__()
-        block: type[_PreActBlock] | type[_PreActBottleneck]
-        if depth >= 44:
-            block, n = _PreActBottleneck, (depth - 2) // 9
-        else:
-            block, n = _PreActBlock, (depth - 2) // 6
+        self.preact = preact
         self.conv = _conv3x3(in_channels, 16)
+        if not preact:
+            self.bn = nn.BatchNorm2d(16)
         layers, planes = [], 16
-        for stage, width in enumerate((16, 32, 64)):
-            for index in range(n):
+        for stage, width in enumerate(widths):
+            for index in range(blocks_per_stage):
                 layers.append(block(planes, width, 2 if stage > 0 and index == 0 else 1))
-                planes = width * block.expansion
+                planes = width * expansion
         self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(planes)
+        if preact:
+            self.bn = nn.BatchNorm2d(planes)
         self.fc = nn.Linear(planes, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.layers(self.conv(x))))
+        if self.preact:
+            out = F.relu(self.bn(self.layers(self.conv(x))))
+        else:
+            out = self.layers(F.relu(self.bn(self.conv(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
+def resnet(input_shape: tuple[int, ...], num_classes: int, depth: int = 20) -> nn.Module:
+    """ResNet for CIFAR (He et al. 2016, section 4.2): 3 stages of 16/32/64 channels, depth 6n+2."""
+    _need_rank("resnet", input_shape, 3, "C, H, W")
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"depth for arch 'resnet' must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+    return _ResNet(input_shape[0], num_classes, _BasicBlock, (depth - 2) // 6, preact=False)
+
+
 def preresnet(input_shape: tuple[int, ...], num_classes: int, depth: int = 20) -> nn.Module:
-    """Depth 6n+2 with basic blocks below 44 (20, 32), 9n+2 with bottlenecks from 44 (56, 110, 164)."""
+    """Pre-activation ResNet (He et al. 2016b) in the layout of the SWA/FGE reference code: depth
+    6n+2 with basic blocks below 44 (20, 32), 9n+2 with bottlenecks from 44 (56, 110, 164)."""
     _need_rank("preresnet", input_shape, 3, "C, H, W")
     valid = (depth - 2) % 9 == 0 if depth >= 44 else depth >= 8 and (depth - 2) % 6 == 0
     if not valid:
         raise ConfigError(f"depth for arch 'preresnet' must be 6n+2 below 44 (20, 32) or 9n+2 from 44 "
                           f"(56, 110, 164), got {depth}")
-    return _PreResNet(input_shape[0], num_classes, depth)
-
-
-class _WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = _conv3x3(planes, planes)
-        self.shortcut = _projection(in_planes, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(out)))))
-        return out + shortcut
-
-
-class _WideResNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, depth: int, widen: int, dropout: float) -> None:
-        super().__init__()
-        n = (depth - 4) // 6
-        widths = (16 * widen, 32 * widen, 64 * widen)
-        self.conv = _conv3x3(in_channels, 16)
-        layers, planes = [], 16
-        for stage, width in enumerate(widths):
-            for index in range(n):
-                layers.append(_WideBlock(planes, width, 2 if stage > 0 and index == 0 else 1, dropout))
-                planes = width
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(planes)
-        self.fc = nn.Linear(planes, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.layers(self.conv(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+    if depth >= 44:
+        return _ResNet(input_shape[0], num_classes, _PreActBottleneck, (depth - 2) // 9, preact=True,
+                       expansion=_PreActBottleneck.expansion)
+    return _ResNet(input_shape[0], num_classes, _PreActBlock, (depth - 2) // 6, preact=True)
 
 
 def wrn(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: int = 4,
@@ -288,7 +242,8 @@ def wrn(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: 
     _need_rank("wrn", input_shape, 3, "C, H, W")
     if depth < 10 or (depth - 4) % 6:
         raise ConfigError(f"depth for arch 'wrn' must be 6n+4 (16, 22, 28, 40), got {depth}")
-    return _WideResNet(input_shape[0], num_classes, depth, width, dropout)
+    return _ResNet(input_shape[0], num_classes, functools.partial(_PreActBlock, dropout=dropout),
+                   (depth - 4) // 6, preact=True, widths=(16 * width, 32 * width, 64 * width))
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {

@@ -41,6 +41,25 @@ def test_every_architecture_maps_a_batch_to_logits(arch: str, shape: tuple, opti
     assert model(torch.randn(3, *shape)).shape == (3, 7)
 
 
+@pytest.mark.parametrize(("arch", "options", "order", "block"), [
+    ("resnet", {"depth": 8}, ["conv", "bn", "layers", "fc"], ["conv1", "bn1", "conv2", "bn2"]),
+    ("preresnet", {"depth": 8}, ["conv", "layers", "bn", "fc"], ["bn1", "conv1", "bn2", "conv2"]),
+    ("preresnet", {"depth": 47}, ["conv", "layers", "bn", "fc"],
+     ["bn1", "conv1", "bn2", "conv2", "bn3", "conv3", "shortcut"]),
+    ("wrn", {"depth": 10, "width": 4}, ["conv", "layers", "bn", "fc"], ["bn1", "conv1", "bn2", "conv2", "shortcut"]),
+])
+def test_state_dict_keys_keep_their_names_and_order(arch: str, options: dict, order: list[str],
+                                                     block: list[str]) -> None:
+    """Checkpoints and members written earlier load by these names: one network class serves
+    every residual arch, and each keeps the keys (and their order) of the forward pass."""
+    keys = list(build_model(arch, (3, 16, 16), 10, **options).state_dict())
+    assert list(dict.fromkeys(k.split(".")[0] for k in keys)) == order
+    # The first block projects its shortcut only where its channels grow (bottlenecks, wrn > 1).
+    first = [k.split(".")[2] for k in keys if k.startswith("layers.0.")]
+    assert list(dict.fromkeys(first)) == block
+    assert keys[-2:] == ["fc.weight", "fc.bias"]
+
+
 @pytest.mark.parametrize(("arch", "shape", "options", "message"), [
     ("resnet", (3, 32, 32), {"depth": 21}, r"6n\+2"),
     ("preresnet", (3, 32, 32), {"depth": 50}, r"9n\+2 from 44"),
