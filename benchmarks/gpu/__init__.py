@@ -1,2 +1,2 @@
-"""The CUDA end-to-end run (issue 17): one script, `benchmarks/gpu/run.py`, for one device call.
-See benchmarks/gpu/README.md."""
+"""The CUDA end-to-end run (issue 17): one device call, started by `benchmarks/gpu/run.py`.
+See benchmarks/gpu/README.md for the calls and for what each module of this package does."""

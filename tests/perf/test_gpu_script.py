@@ -17,11 +17,11 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from benchmarks.gpu import run as gpu
+from benchmarks.gpu import config, device, install, options
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.py"
-HAS_CUDA = gpu.CUDA in ort.get_available_providers()
+HAS_CUDA = config.CUDA in ort.get_available_providers()
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -55,11 +55,11 @@ def test_quick_dry_run_on_the_cpu_writes_every_section(tmp_path: Path) -> None:
     assert train["export_parity"]["fused_max_abs_diff"] < 1e-4
 
     imports = results["imports"]
-    assert imports[gpu.ONE]["members"] == 1
-    assert imports[gpu.FP16]["fp16"]["max_abs_diff"] <= imports[gpu.FP16]["fp16"]["tolerance"]
+    assert imports[config.ONE]["members"] == 1
+    assert imports[config.FP16]["fp16"]["max_abs_diff"] <= imports[config.FP16]["fp16"]["tolerance"]
 
     in_process = results["in_process"]
-    assert in_process["placement"]["ensemble.onnx"]["provider"] == gpu.CPU
+    assert in_process["placement"]["ensemble.onnx"]["provider"] == config.CPU
     assert in_process["parity"]["ensemble.onnx"]["max_abs_diff"] < 1e-5
     assert in_process["latency_ms"]["member-000.onnx"]["1"]["host"]["median_ms"] > 0
     assert in_process["batch1_ratio"]["host"] > 0
@@ -68,17 +68,17 @@ def test_quick_dry_run_on_the_cpu_writes_every_section(tmp_path: Path) -> None:
     for plan in ("fused", "members", "cpu", "fp16"):
         assert serve[plan]["status"] == "ok", serve[plan]
         for model, facts in serve[plan]["models"].items():
-            assert facts["execution_provider"] == gpu.CPU and facts["checks"] == [], (plan, model)
+            assert facts["execution_provider"] == config.CPU and facts["checks"] == [], (plan, model)
     for plan in ("fused+cuda-graphs", "fp16+cuda-graphs", "auto"):
         assert serve[plan] == {"status": "skipped", "reason": "needs --device cuda"}
-    sweep = serve["fused"]["models"][gpu.ENSEMBLE]
+    sweep = serve["fused"]["models"][config.ENSEMBLE]
     assert set(sweep["bench"]) == {"1", "4"} and sweep["bench"]["1"]["requests"] > 0
     assert sweep["bench"]["4"]["errors"] == {}
-    assert set(serve["fused"]["models"][gpu.ONE]["bench"]) == {"1"}
+    assert set(serve["fused"]["models"][config.ONE]["bench"]) == {"1"}
     assert sweep["runtime"]["graph"] == "fused"
-    assert serve["members"]["models"][gpu.ENSEMBLE]["runtime"]["graph"] == "members"
+    assert serve["members"]["models"][config.ENSEMBLE]["runtime"]["graph"] == "members"
     assert sweep["parity"]["max_abs_diff"] < 1e-5
-    assert serve["fp16"]["models"][gpu.FP16]["parity"]["max_abs_diff"] < 1e-2
+    assert serve["fp16"]["models"][config.FP16]["parity"]["max_abs_diff"] < 1e-2
     assert "io_binding" in results["options"]
 
     headline = results["headline"]
@@ -97,7 +97,7 @@ def test_cuda_asked_without_the_cuda_provider_fails_loudly(tmp_path: Path) -> No
     out = tmp_path / "out"
     done = run_script("--device", "cuda", "--quick", "--out", str(out), "--work", str(tmp_path / "work"),
                       timeout=120)
-    assert done.returncode == gpu.EXIT_NO_CUDA
+    assert done.returncode == config.EXIT_NO_CUDA
     assert "has no CUDAExecutionProvider" in done.stderr
     assert "refusing to benchmark on the CPU" in done.stderr
     results = json.loads((out / "results.json").read_text())
@@ -107,19 +107,19 @@ def test_cuda_asked_without_the_cuda_provider_fails_loudly(tmp_path: Path) -> No
 
 
 def test_a_session_that_fell_back_to_the_cpu_is_refused() -> None:
-    with pytest.raises(gpu.NoCuda, match="fell back to the CPU"):
-        gpu.require_cuda_provider({"version": "1", "file": "f", "available": [gpu.CUDA, gpu.CPU],
-                                   "placed": [gpu.CPU]})
-    gpu.require_cuda_provider({"version": "1", "file": "f", "available": [gpu.CUDA, gpu.CPU],
-                               "placed": [gpu.CUDA, gpu.CPU]})
+    with pytest.raises(config.NoCuda, match="fell back to the CPU"):
+        device.require_cuda_provider({"version": "1", "file": "f", "available": [config.CUDA, config.CPU],
+                                      "placed": [config.CPU]})
+    device.require_cuda_provider({"version": "1", "file": "f", "available": [config.CUDA, config.CPU],
+                                  "placed": [config.CUDA, config.CPU]})
 
     class OnCpu:
         def get_providers(self) -> list[str]:
-            return [gpu.CPU]
+            return [config.CPU]
 
-    with pytest.raises(gpu.NoCuda, match="placed the session on CPUExecutionProvider"):
-        gpu.session_on(OnCpu(), "cuda", "ensemble.onnx")
-    assert gpu.session_on(OnCpu(), "cpu", "ensemble.onnx") == gpu.CPU
+    with pytest.raises(config.NoCuda, match="placed the session on CPUExecutionProvider"):
+        device.session_on(OnCpu(), "cuda", "ensemble.onnx")
+    assert device.session_on(OnCpu(), "cpu", "ensemble.onnx") == config.CPU
 
 
 def _fake_wheel(path: Path) -> bytes:
@@ -138,7 +138,7 @@ def test_the_wheel_is_reassembled_from_parts_carried_in_several_calls(tmp_path: 
     chunks = [data[i:i + size] for i in range(0, len(data), size)]
     for index, chunk in enumerate(chunks):
         ((earlier if index < len(chunks) - 1 else last) / f"part-{index:02d}").write_bytes(chunk)
-    wheel = gpu.reassemble_wheel([earlier, last], tmp_path / "site")
+    wheel = install.reassemble_wheel([earlier, last], tmp_path / "site")
     assert wheel.name == "onnxruntime_gpu-9.9.9-cp312-cp312-manylinux_2_28_x86_64.whl"
     assert wheel.read_bytes() == data
 
@@ -146,15 +146,15 @@ def test_the_wheel_is_reassembled_from_parts_carried_in_several_calls(tmp_path: 
             "parts": [{"name": f"part-{i:02d}"} for i in range(len(chunks))]}
     (last / "parts.json").write_text(json.dumps(meta))
     (last / f"part-{len(chunks) - 1:02d}").write_bytes(b"stale")
-    with pytest.raises(gpu.NoCuda, match="does not match parts.json"):
-        gpu.reassemble_wheel([earlier, last], tmp_path / "site")
+    with pytest.raises(config.NoCuda, match="does not match parts.json"):
+        install.reassemble_wheel([earlier, last], tmp_path / "site")
     (earlier / "part-00").unlink()
-    with pytest.raises(gpu.NoCuda, match=r"parts missing: \['part-00'\]"):
-        gpu.reassemble_wheel([earlier, last], tmp_path / "site")
+    with pytest.raises(config.NoCuda, match=r"parts missing: \['part-00'\]"):
+        install.reassemble_wheel([earlier, last], tmp_path / "site")
 
 
 def test_the_project_links_as_pyproject_maps_its_packages(tmp_path: Path) -> None:
-    gpu.link_project(tmp_path)
+    install.link_project(tmp_path)
     for sub in ("proto", "server", "client", "trainer"):
         assert (tmp_path / "snapserve" / sub / "__init__.py").is_file()
 
@@ -170,11 +170,11 @@ def test_the_server_log_is_read_per_model() -> None:
         "INFO snapserve.server.lifecycle: loaded model resnet20-one version 1: 1 members, method imported, on X",
         "ERROR snapserve.server.registry: refusing model resnet20-fp16 version 1: device is 'cuda' but ...",
     ])
-    segments = gpu.log_segments(log)
-    first, second = gpu.load_facts(segments["resnet20"]), gpu.load_facts(segments["resnet20-one"])
+    segments = options.log_segments(log)
+    first, second = options.load_facts(segments["resnet20"]), options.load_facts(segments["resnet20-one"])
     assert first["cuda_graphs"] is False and first["cuda_graphs_refused"] == "capture refused"
     assert first["graph_logged"] == "fused" and second["cuda_graphs"] is True
-    assert gpu.load_facts(segments["resnet20-fp16"])["refused"].startswith("device is 'cuda'")
-    plan = next(p for p in gpu.plans(1) if p.name == "fused+cuda-graphs")
-    gaps = gpu.expectation_gaps(plan, "resnet20", {**first, "runtime": {"graph": "fused"}})
+    assert options.load_facts(segments["resnet20-fp16"])["refused"].startswith("device is 'cuda'")
+    plan = next(p for p in options.plans(1) if p.name == "fused+cuda-graphs")
+    gaps = options.expectation_gaps(plan, "resnet20", {**first, "runtime": {"graph": "fused"}})
     assert gaps == ["CUDA graphs asked for but not in use: capture refused"]
