@@ -71,7 +71,7 @@ USER 10001:10001
 VOLUME ["/models"]
 EXPOSE 50051 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "snapserve.server.healthcheck"]
+    CMD ["python", "-m", "snapserve.server.process.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ensemble-server"]
 
@@ -103,7 +103,7 @@ EXPOSE 50051 8000
 # gRPC health (grpc.health.v1) on 127.0.0.1:$SNAPSERVE_PORT: SERVING once the models are loaded
 # (the same answer as GET /v2/health/ready on the REST port; the image has no curl to ask that).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "snapserve.server.healthcheck"]
+    CMD ["python", "-m", "snapserve.server.process.healthcheck"]
 STOPSIGNAL SIGTERM
 # Configure with flags after the image name or SNAPSERVE_* variables (ensemble-server --help).
 ENTRYPOINT ["ensemble-server"]

@@ -1,8 +1,10 @@
 """Ensemble scores: pure numpy functions of the members' probabilities, defined once.
 
 The one definition both sides use (numpy only: no torch, no gRPC): the server computes its answers
-with it, the trainer its metrics, and the fused ONNX graph's outputs carry `SCORE_NAMES`. Adding a
-score means: its function here and in `ensemble_scores`, its field in the protos, its test.
+with it, the trainer its metrics, and the fused ONNX graph's outputs carry `SCORE_NAMES`. `SCORES`,
+one `ScoreSpec` row per score, drives the served dataclass, every encoder, the fused graph's
+outputs and the client. Adding a score means: its function here, its row in `SCORES`, its field
+in ensemble.proto (regenerated), its test.
 
 `member_probs` is always [batch, members, classes], each row a probability vector. Logs are
 natural; 0 * log 0 is taken as 0 (xlogy), so members that put exactly zero mass on a class are
@@ -12,13 +14,18 @@ float32 rounding would show) and results come back as float32 / int64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 __all__ = [
+    "SCORES",
     "SCORE_NAMES",
+    "SCORE_SPECS",
     "EnsembleScores",
+    "ScoreSpec",
+    "complete_scores",
     "ensemble_scores",
     "entropy",
     "expected_entropy",
@@ -122,45 +129,93 @@ def member_top_class(member_probs: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class EnsembleScores:
-    """Every score for a batch; row i of each array belongs to example i."""
+class ScoreSpec:
+    """One served score: what every encoder, the fused graph and the client need to know of it.
 
-    probabilities: np.ndarray        # [B, C] float32 (temperature applied)
-    top_class: np.ndarray            # [B] int64
-    predictive_entropy: np.ndarray   # [B] float32
-    expected_entropy: np.ndarray     # [B] float32
-    mutual_information: np.ndarray   # [B] float32
-    vote_disagreement: np.ndarray    # [B] float32
-    member_kl: np.ndarray            # [B, M] float32
-    member_top_class: np.ndarray     # [B, M] int64
-    member_probabilities: np.ndarray  # [B, M, C] float32
+    `dims` name the axes (batch, members, classes); `compute` takes the members' probabilities
+    [B, M, C], the scores computed before it in `SCORES` (so `top_class` reads the served
+    `probabilities`) and the temperature.
+    """
 
-    def __len__(self) -> int:
-        return len(self.top_class)
+    name: str
+    dtype: np.dtype
+    dims: tuple[str, ...]
+    compute: Callable[[np.ndarray, Mapping[str, np.ndarray], float], np.ndarray]
+    description: str
+    # Sent only when the request asks for it (its size grows with members x classes).
+    on_request: bool = False
 
-    def rows(self, start: int, stop: int) -> EnsembleScores:
-        """The scores of examples start..stop-1 (views, no copies)."""
-        return EnsembleScores(**{name: getattr(self, name)[start:stop]
-                                 for name in self.__dataclass_fields__})
-
-
-# The served outputs, in this order everywhere: EnsembleScores' fields, the fused graph's outputs,
-# the KServe output names.
-SCORE_NAMES: tuple[str, ...] = tuple(EnsembleScores.__dataclass_fields__)
+    def shape(self, batch: int, members: int, classes: int) -> tuple[int, ...]:
+        sizes = {"batch": batch, "members": members, "classes": classes}
+        return tuple(sizes[dim] for dim in self.dims)
 
 
-def ensemble_scores(member_probs: np.ndarray, temperature: float = 1.0) -> EnsembleScores:
+_F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+
+# The served outputs, in this order everywhere: the fields of EnsembleScores and of the native
+# answer, the KServe output names, the fused graph's outputs. A new score is a row here, its
+# function above, its field in ensemble.proto and a test.
+SCORES: tuple[ScoreSpec, ...] = (
+    ScoreSpec("probabilities", _F32, ("batch", "classes"),
+              lambda m, done, t: probabilities(m, t),
+              "the members' mean probabilities (after the manifest's temperature)"),
+    ScoreSpec("top_class", _I64, ("batch",),
+              lambda m, done, t: top_class(done["probabilities"]),
+              "the most probable class of `probabilities`"),
+    ScoreSpec("predictive_entropy", _F32, ("batch",),
+              lambda m, done, t: predictive_entropy(m),
+              "H[mean]: the total uncertainty of the averaged prediction"),
+    ScoreSpec("expected_entropy", _F32, ("batch",),
+              lambda m, done, t: expected_entropy(m),
+              "mean of H[member]: the uncertainty members have on their own"),
+    ScoreSpec("mutual_information", _F32, ("batch",),
+              lambda m, done, t: mutual_information(m),
+              "H[mean] - mean H[member]: the part of the uncertainty members disagree on"),
+    ScoreSpec("vote_disagreement", _F32, ("batch",),
+              lambda m, done, t: vote_disagreement(m),
+              "fraction of members whose top class differs from the ensemble's"),
+    ScoreSpec("member_kl", _F32, ("batch", "members"),
+              lambda m, done, t: member_kl(m),
+              "KL(member || mean) per member"),
+    ScoreSpec("member_top_class", _I64, ("batch", "members"),
+              lambda m, done, t: member_top_class(m),
+              "each member's own top class"),
+    ScoreSpec("member_probabilities", _F32, ("batch", "members", "classes"),
+              lambda m, done, t: m,
+              "each member's probabilities", on_request=True),
+)
+SCORE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SCORES)
+SCORE_SPECS: dict[str, ScoreSpec] = {spec.name: spec for spec in SCORES}
+
+
+def _len(self: Any) -> int:
+    return len(self.top_class)
+
+
+def _rows(self: Any, start: int, stop: int) -> Any:
+    """The scores of examples start..stop-1 (views, no copies)."""
+    return type(self)(**{name: getattr(self, name)[start:stop] for name in SCORE_NAMES})
+
+
+# Every score for a batch, one field per row of SCORES; row i of each array belongs to example i.
+EnsembleScores = make_dataclass(
+    "EnsembleScores", [(spec.name, np.ndarray) for spec in SCORES], frozen=True,
+    namespace={"__len__": _len, "rows": _rows, "__module__": __name__,
+               "__doc__": "Every score for a batch (one field per row of SCORES); row i of "
+                          "each array belongs to example i."})
+
+
+def ensemble_scores(member_probs: np.ndarray, temperature: float = 1.0) -> Any:
     """All scores of a [B, M, C] batch. Only `probabilities` sees the temperature (see the contract)."""
-    member_probs = np.asarray(member_probs, dtype=np.float32)
-    probs = probabilities(member_probs, temperature)
-    return EnsembleScores(
-        probabilities=probs,
-        top_class=top_class(probs),
-        predictive_entropy=predictive_entropy(member_probs),
-        expected_entropy=expected_entropy(member_probs),
-        mutual_information=mutual_information(member_probs),
-        vote_disagreement=vote_disagreement(member_probs),
-        member_kl=member_kl(member_probs),
-        member_top_class=member_top_class(member_probs),
-        member_probabilities=member_probs,
-    )
+    return complete_scores(np.asarray(member_probs, dtype=np.float32), {}, temperature)
+
+
+def complete_scores(member_probs: np.ndarray, known: Mapping[str, np.ndarray],
+                    temperature: float = 1.0) -> Any:
+    """EnsembleScores from the scores already computed (`known`, for example a fused graph's
+    outputs) and, for the rest, the members' probabilities [B, M, C] (float32)."""
+    done: dict[str, np.ndarray] = {}
+    for spec in SCORES:
+        value = known.get(spec.name)
+        done[spec.name] = spec.compute(member_probs, done, temperature) if value is None else value
+    return EnsembleScores(**done)

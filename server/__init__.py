@@ -1,20 +1,53 @@
-"""snapserve server: serves a model repository of snapshot ensembles over gRPC.
+"""snapserve server: serves a model repository of snapshot ensembles over gRPC and HTTP.
 
     running = await start_server(ServerConfig(model_repository=Path("models"), port=0))
     ...  # talk to 127.0.0.1:{running.port}
     await running.stop(grace=1.0)
 
-Three wings, arrows one way: api (the gRPC services, codecs, status codes, health, security,
-drain) -> models (registry, lifecycle, version policy, manifest, the served version) -> engine
-(batcher, ONNX Runtime sessions); app.py wires them. Never imports torch or trainer/.
+Three wings, arrows one way: api (the transports around one inference pipeline, status codes,
+health, security, drain) -> models (registry, lifecycle, version policy, manifest, the served
+version) -> engine (batcher, ONNX Runtime sessions, planning); observability (metrics, logs,
+tracing, request context) and process (cli, workers, heap, healthcheck) beside them; app.py wires
+them. Never imports torch or trainer/.
+
+The names below are loaded on first use: importing a light part of the server (the batcher, the
+errors) never loads grpc, aiohttp or ONNX Runtime.
 """
 
-from snapserve.server.app import RunningServer, start_server
-from snapserve.server.config import ServerConfig
-from snapserve.server.engine.batcher import Batcher, BatcherConfig
-from snapserve.server.engine.runtime import RuntimeConfig
-from snapserve.server.errors import ConfigError
-from snapserve.server.models.policy import RepositoryConfig
+from __future__ import annotations
 
-__all__ = ["Batcher", "BatcherConfig", "ConfigError", "RepositoryConfig", "RunningServer",
-           "RuntimeConfig", "ServerConfig", "start_server"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from snapserve.server.app import RunningServer, start_server
+    from snapserve.server.config import ServerConfig
+    from snapserve.server.engine.batcher import Batcher, BatcherConfig
+    from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.errors import ConfigError
+    from snapserve.server.models.policy import RepositoryConfig
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "Batcher": "snapserve.server.engine.batcher",
+    "BatcherConfig": "snapserve.server.engine.batcher",
+    "ConfigError": "snapserve.server.errors",
+    "RepositoryConfig": "snapserve.server.models.policy",
+    "RunningServer": "snapserve.server.app",
+    "RuntimeConfig": "snapserve.server.engine.runtime",
+    "ServerConfig": "snapserve.server.config",
+    "start_server": "snapserve.server.app",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,5 +1,5 @@
 import sys
 
-from snapserve.server.cli import main
+from snapserve.server.process.cli import main
 
 sys.exit(main())

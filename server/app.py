@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.server import heap
+from snapserve.server.process import heap
 from snapserve.server.api.health import HealthServicer
 from snapserve.server.api.http import HttpFrontEnd
 from snapserve.server.api.intake import Intake, add_servicer
@@ -32,7 +32,7 @@ from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
 from snapserve.server.engine.runtime import execution_providers
 from snapserve.server.errors import ConfigError
-from snapserve.server.metrics import ServerMetrics
+from snapserve.server.observability.metrics import ServerMetrics
 from snapserve.server.models.lifecycle import LifecycleEvents, ModelManager
 from snapserve.server.models.registry import ModelRegistry
 
@@ -236,7 +236,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if not len(registry):
         logger.warning("no model loaded from %s", config.model_repository)
     # The start-up heap out of the collector's way: full collections under load walked it
-    # for ~30 ms each, stopping the loop (server/heap.py).
+    # for ~30 ms each, stopping the loop (server/process/heap.py).
     if config.freeze_heap:
         heap.freeze()
     for service in HEALTH_SERVICE_NAMES:

@@ -16,7 +16,7 @@ from snapserve.server.api.security import SecurityConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.metrics_endpoint import MetricsEndpointConfig
+from snapserve.server.observability.metrics_endpoint import MetricsEndpointConfig
 from snapserve.server.models.policy import RepositoryConfig
 
 __all__ = ["DEFAULT_HTTP_PORT", "BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig",
@@ -77,9 +77,9 @@ class ServerConfig:
     # Idle and age limits of client connections, keepalive pings (server/api/connections.py).
     connections: ConnectionConfig = field(default_factory=ConnectionConfig)
     # Bind the gRPC and REST ports with SO_REUSEPORT: one of `--workers N` processes sharing
-    # them (server/workers.py). Off otherwise, so a second server on a taken port fails to start.
+    # them (server/process/workers.py). Off otherwise, so a second server on a taken port fails to start.
     reuse_port: bool = False
-    # Freeze the heap once the server is up, out of the cyclic collector's way (server/heap.py:
+    # Freeze the heap once the server is up, out of the cyclic collector's way (server/process/heap.py:
     # full collections under load stopped the loop for ~30 ms each). Off for a server embedded
     # in a process whose own heap should stay the collector's (the test suite: a collection of
     # pytest's heap at every start cost it 80 s).

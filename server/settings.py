@@ -26,7 +26,7 @@ from snapserve.server.config import ServerConfig
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.metrics_endpoint import MetricsEndpointConfig
+from snapserve.server.observability.metrics_endpoint import MetricsEndpointConfig
 from snapserve.server.models.policy import RepositoryConfig
 
 __all__ = ["ENV_PREFIX", "ServerSettings", "env_name", "flag_name", "load_settings", "read_config_file"]

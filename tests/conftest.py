@@ -15,9 +15,9 @@ import pytest
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
-from tests.support.models import write_repository
+from tests.support.models import conv_member, linear_members, save, write_repository
 from tests.support.pki import Pki, make_pki
-from tests.support.servers import ThreadedServer, local_config
+from tests.support.servers import ThreadedServer, cpu_server, local_config
 
 
 @pytest.fixture(scope="session")
@@ -56,5 +56,30 @@ async def stub(running_server: RunningServer) -> AsyncIterator[pb_grpc.EnsembleS
 def threaded_server(model_repo: Path) -> Iterator[ThreadedServer]:
     """A server on its own thread, for blocking clients (in-loop, they would starve it)."""
     server = ThreadedServer(local_config(model_repo))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def member_files(tmp_path: Path) -> list[Path]:
+    """Three members of two kinds (conv at opset 17 and 18, linear): fusing must cope."""
+    return save([conv_member(1, opset=17), conv_member(2, opset=18), *linear_members(1, seed=3)],
+                tmp_path / "onnx")
+
+
+@pytest.fixture
+def imported_repo(tmp_path: Path, member_files: list[Path]) -> Path:
+    """`member_files` imported as model `mixed` (the trainer's importer; needs the train extra)."""
+    from snapserve.trainer.importer import import_members
+
+    repo = tmp_path / "repo"
+    import_members(member_files, repo, "mixed")
+    return repo
+
+
+@pytest.fixture
+def served(imported_repo: Path) -> Iterator[ThreadedServer]:
+    """`imported_repo` served on the CPU by two instances."""
+    server = cpu_server(imported_repo, instances=2)
     yield server
     server.stop()

@@ -8,6 +8,8 @@ still a cycle, only deferred. Imports under `if TYPE_CHECKING:` do not run and a
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,4 +142,43 @@ def test_the_graph_reader_sees_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
     assert find_cycle(graph, set(graph)) == ["a", "b", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}, {"a", "b"}) is None
-    assert GRAPH["snapserve.server.cli"], "the reader found no imports in server/cli.py"
+    assert GRAPH["snapserve.server.process.cli"], "the reader found no imports in server/process/cli.py"
+
+
+# Inside the server, the wings point one way: api -> models -> engine (DESIGN.md "Layout").
+WINGS_BELOW = {"api": {"models", "engine"}, "models": {"engine"}, "engine": set()}
+
+
+@pytest.mark.parametrize("wing", sorted(WINGS_BELOW))
+def test_server_wings_import_only_downwards(wing: str) -> None:
+    prefix = f"snapserve.server.{wing}"
+    wrong = sorted(
+        f"{source} imports {target}"
+        for source, targets in GRAPH.items() if source.startswith(prefix + ".")
+        for target in targets
+        if target.startswith("snapserve.server.") and (other := target.split(".")[2]) in WINGS_BELOW
+        and other != wing and other not in WINGS_BELOW[wing]
+    )
+    assert not wrong, "\n".join(wrong)
+
+
+HEAVY = ("grpc", "aiohttp", "onnxruntime", "torch")
+
+
+@pytest.mark.parametrize("module", ["snapserve.server.engine.batcher", "snapserve.proto.scores",
+                                    "snapserve.server.errors"])
+def test_light_parts_import_without_the_heavy_dependencies(module: str) -> None:
+    """Importing the batcher or the scores (package __init__ files included) never loads
+    grpc, aiohttp, ONNX Runtime or torch: a fresh interpreter says which it loaded."""
+    probe = (f"import sys, {module}; "
+             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "", f"importing {module} loaded {result.stdout.strip()}"
+
+
+def test_the_server_package_still_exports_its_public_names() -> None:
+    import snapserve.server as server
+
+    for name in server.__all__:
+        assert getattr(server, name) is not None

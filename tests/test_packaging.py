@@ -46,7 +46,7 @@ def test_wheel_holds_one_top_level_package(wheel: Path) -> None:
     assert {top for top in tops if not top.endswith(".dist-info")} == {"snapserve"}
     top_level = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     entry_points = zipfile.ZipFile(wheel).read(top_level).decode()
-    for script in ("trainer = snapserve.trainer.cli:main", "ensemble-server = snapserve.server.cli:main",
+    for script in ("trainer = snapserve.trainer.cli:main", "ensemble-server = snapserve.server.process.cli:main",
                    "ensemble-client = snapserve.client.cli:main"):
         assert script in entry_points
 
@@ -69,7 +69,7 @@ def test_wheel_installs_beside_proto_plus(wheel: Path, tmp_path: Path) -> None:
     python = env_dir / "bin" / "python"
     _pip(python, "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{wheel}[cpu]", "proto-plus")
     probe = (
-        "import proto, snapserve.proto.snapserve.v1.ensemble_pb2 as pb, snapserve.server.cli, "
+        "import proto, snapserve.proto.snapserve.v1.ensemble_pb2 as pb, snapserve.server.process.cli, "
         "snapserve.client; "
         "from snapserve.proto.inference import grpc_service_pb2; "
         "assert hasattr(proto, 'Message'), proto.__file__; "

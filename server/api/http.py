@@ -39,9 +39,9 @@ from snapserve.server.api.status import HTTP_STATUS, describe_http_error
 from snapserve.server.config import format_address
 from snapserve.server.errors import (ConfigError, InvalidInput, ItemExpired, ShuttingDown,
                                      Unauthenticated)
-from snapserve.server.metrics import API_HTTP
-from snapserve.server.request_context import REQUEST_ID_KEY, request_context
-from snapserve.server.tracing import extract_parent
+from snapserve.server.observability.metrics import API_HTTP
+from snapserve.server.observability.request_context import REQUEST_ID_KEY, request_context
+from snapserve.server.observability.tracing import extract_parent
 
 __all__ = ["OPEN_PATHS", "HttpFrontEnd"]
 
@@ -243,7 +243,7 @@ class HttpFrontEnd:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None,
                     reuse_port: bool = False) -> int:
         """Bind host:port (0: any free port) and serve; the bound port. `reuse_port`: with
-        SO_REUSEPORT, beside the other worker processes of `--workers` (server/workers.py)."""
+        SO_REUSEPORT, beside the other worker processes of `--workers` (server/process/workers.py)."""
         # handle_signals=False: the CLI owns SIGTERM (cli.serve -> RunningServer.stop).
         self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -27,7 +27,7 @@ from snapserve.server.api.kserve_messages import (decode_infer_input, encode_inf
                                                   requested_outputs)
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
 from snapserve.server.errors import InvalidInput, RepositoryControlDenied
-from snapserve.server.metrics import API_KSERVE, ServerMetrics
+from snapserve.server.observability.metrics import API_KSERVE, ServerMetrics
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.lifecycle import ModelManager
 from snapserve.server.models.policy import check_model_name

@@ -15,7 +15,7 @@ from snapserve.server.api.intake import Intake, queued
 from snapserve.server.api.messages import (decode_input, encode_metadata,
                                            encode_prediction_bytes, encode_summary)
 from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
-from snapserve.server.metrics import API_NATIVE, ServerMetrics
+from snapserve.server.observability.metrics import API_NATIVE, ServerMetrics
 from snapserve.server.models.registry import ModelRegistry
 
 __all__ = ["EnsembleServicer"]

@@ -27,13 +27,13 @@ from snapserve.server.errors import (BatcherClosed, ConfigError, InferenceError,
                                      ModelNotFound, ModelRefusedInput, NoLoadableVersion,
                                      NonFiniteOutput, Overloaded, QueueFull, RepositoryControlDenied,
                                      ShuttingDown, Unauthenticated, VersionNotFound)
-from snapserve.server.request_context import (REQUEST_ID_KEY, RequestContext, current_request,
+from snapserve.server.observability.request_context import (REQUEST_ID_KEY, RequestContext, current_request,
                                               metadata_value, open_request, request_context)
-from snapserve.server import tracing
-from snapserve.server.tracing import end_request_span, extract_parent, request_span
+from snapserve.server.observability import tracing
+from snapserve.server.observability.tracing import end_request_span, extract_parent, request_span
 
 if TYPE_CHECKING:  # only its type: an interceptor needs the codes, not the metrics
-    from snapserve.server.metrics import ServerMetrics
+    from snapserve.server.observability.metrics import ServerMetrics
 
 __all__ = ["HTTP_STATUS", "STATUS_CODES", "abort_on_error", "answer_in_order",
            "describe_error", "describe_http_error", "http_status", "observed_request",
@@ -125,7 +125,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 def abort_on_error(handler: Handler) -> Handler:
     """Wrap a servicer method: an exception it raises ends the call with the exception's status
-    (STATUS_CODES) and message. The call runs as a request (server/request_context.py): its id
+    (STATUS_CODES) and message. The call runs as a request (server/observability/request_context.py): its id
     from the request's id field or `x-request-id` metadata or made up, echoed in the answer's id
     field and the `x-request-id` trailer; its trace parent from the metadata.
 

@@ -29,8 +29,8 @@ from snapserve.server.models.inputs import conform_input
 from snapserve.server.engine.runtime import GraphBytes
 from snapserve.server.models.manifest import Manifest, read_manifest, read_verified
 from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
-from snapserve.server.request_context import current_request
-from snapserve.server.tracing import record_inference
+from snapserve.server.observability.request_context import current_request
+from snapserve.server.observability.tracing import record_inference
 
 __all__ = ["ServedEnsemble", "load_version"]
 
@@ -131,7 +131,7 @@ class ServedEnsemble:
             observer.record_request(examples, True, time.perf_counter_ns() - start,
                                     max(answer.started_ns - start, 0))
         # In the request's own context: its log lines name this version, its span gets the
-        # queue wait and the batch (server/request_context.py, server/tracing.py).
+        # queue wait and the batch (server/observability/request_context.py, server/observability/tracing.py).
         request = current_request()
         if request is not None:
             request.version = self.version

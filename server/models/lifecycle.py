@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from snapserve.server import heap
+from snapserve.server.process import heap
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ModelLoadError, ModelNotFound, ModelSettingsError, NoLoadableVersion
@@ -245,7 +245,7 @@ class ModelManager:
             if previous is not None:  # reloaded with new settings: the old copy finishes its queue
                 await previous.close()
                 del previous
-                heap.collect_retired()  # even if it was frozen at start-up (server/heap.py)
+                heap.collect_retired()  # even if it was frozen at start-up (server/process/heap.py)
             logger.info("loaded model %s version %d: %d members, method %s, on %s",
                         name, version, served.runtime.members, served.manifest.method or "?",
                         served.runtime.provider)
@@ -268,7 +268,7 @@ class ModelManager:
                     name, version)
         await served.close()
         del served
-        heap.collect_retired()  # even if it was frozen at start-up (server/heap.py)
+        heap.collect_retired()  # even if it was frozen at start-up (server/process/heap.py)
         self._events.unloaded(name, version)
         logger.info("unloaded model %s version %d", name, version)
 

@@ -64,7 +64,7 @@ def test_images_run_as_non_root_and_serve_with_a_grpc_health_check() -> None:
     for name in ("server", "server-gpu"):
         body = all_stages[name]
         assert 'ENTRYPOINT ["ensemble-server"]' in body
-        assert any(line.startswith("HEALTHCHECK") and 'CMD ["python", "-m", "snapserve.server.healthcheck"]'
+        assert any(line.startswith("HEALTHCHECK") and 'CMD ["python", "-m", "snapserve.server.process.healthcheck"]'
                    in line for line in body)
         assert 'VOLUME ["/models"]' in body
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snapserve.server.cli import build_parser, load_config, main
+from snapserve.server.process.cli import build_parser, load_config, main
 from snapserve.server.errors import ConfigError
 from snapserve.server.settings import ServerSettings, env_name, flag_name
 

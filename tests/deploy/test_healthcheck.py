@@ -1,4 +1,4 @@
-"""`python -m snapserve.server.healthcheck`, the image's HEALTHCHECK, against a real server: exit 0 only for
+"""`python -m snapserve.server.process.healthcheck`, the image's HEALTHCHECK, against a real server: exit 0 only for
 SERVING, 1 for anything else, reading SNAPSERVE_PORT like the server does."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ async def healthcheck(*args: str, port: int | None = None) -> tuple[int, str]:
     if port is not None:
         env["SNAPSERVE_PORT"] = str(port)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapserve.server.healthcheck", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "snapserve.server.process.healthcheck", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode is not None
@@ -110,7 +110,7 @@ async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) 
 
 
 def test_tls_follows_the_server_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from snapserve.server.healthcheck import build_parser
+    from snapserve.server.process.healthcheck import build_parser
 
     monkeypatch.delenv("SNAPSERVE_TLS_CERT", raising=False)
     assert build_parser().parse_args([]).tls_ca is None

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 import snapserve.server.models.lifecycle
 from snapserve.server import RunningServer, ServerConfig, start_server
-from snapserve.server.healthcheck import check
+from snapserve.server.process.healthcheck import check
 from snapserve.server.models.policy import RepositoryConfig
 
 from tests.support.calls import triton_client

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
-from snapserve.server.cli import load_config
+from snapserve.server.process.cli import load_config
 from snapserve.server.errors import ConfigError, VersionNotFound
 from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry

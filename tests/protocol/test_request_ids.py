@@ -15,8 +15,8 @@ import tritonclient.grpc.aio as triton
 from snapserve.client import AsyncEnsembleClient, ClientError
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.server import RunningServer
-from snapserve.server.logs import configure_logging
-from snapserve.server.request_context import request_context
+from snapserve.server.observability.logs import configure_logging
+from snapserve.server.observability.request_context import request_context
 from tests.support.calls import digits_input, native_stub, predict_request
 
 GENERATED = re.compile(r"[0-9a-f]{32}")

@@ -66,7 +66,7 @@ async def test_a_span_per_request_under_the_callers_trace(
 
 def test_without_the_extra_tracing_is_off() -> None:
     code = ("import sys; sys.modules['opentelemetry'] = None\n"
-            "from snapserve.server import tracing\n"
+            "from snapserve.server.observability import tracing\n"
             "assert not tracing.ENABLED and tracing.extract_parent([('traceparent', 'x')]) is None\n"
             "with tracing.request_span(None, {}) as span: assert span is None\n"
             "tracing.record_inference(0, 1, 1, 1)\n")

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from snapserve.server.api.intake import Intake, IntakeConfig, queued
-from snapserve.server.cli import load_config
+from snapserve.server.process.cli import load_config
 from snapserve.server.errors import ConfigError, Overloaded
 from tests.support.calls import digits_input, predict_request
 from tests.support.servers import serving

@@ -8,8 +8,8 @@ import os
 import urllib.request
 from pathlib import Path
 
-from snapserve.server.cli import load_config
-from snapserve.server.metrics_endpoint import MetricsEndpointConfig
+from snapserve.server.process.cli import load_config
+from snapserve.server.observability.metrics_endpoint import MetricsEndpointConfig
 from tests.support.servers import serving
 
 IDLE = 300

@@ -20,9 +20,9 @@ from snapserve.proto.version import package_version
 from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
 from snapserve.server.errors import ConfigError
-from snapserve.server.logs import configure_logging
+from snapserve.server.observability.logs import configure_logging
 from snapserve.server.settings import ENV_PREFIX, ServerSettings, env_name, flag_name, load_settings
-from snapserve.server.workers import notify_ready, run_workers, worker_config, worker_index
+from snapserve.server.process.workers import notify_ready, run_workers, worker_config, worker_index
 
 logger = logging.getLogger(__name__)
 

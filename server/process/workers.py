@@ -12,7 +12,7 @@ drain window, grace) and exits 0 when all have. A worker that dies on its own st
 Metrics are one endpoint for the whole server: the parent serves /metrics on metrics_host:
 metrics_port (0: a free port, logged as a lone server logs it), once every worker is ready. Each
 worker serves its own on a free loopback port and writes that port into its ready pipe; at each
-scrape the parent fetches them all and serves the sum (server/metrics_merge.py), with
+scrape the parent fetches them all and serves the sum (server/observability/metrics_merge.py), with
 `snapserve_workers` and `snapserve_worker_scrape_errors_total` of its own. The parent's endpoint
 runs on an event loop of its own, on a daemon thread: the main thread stays in the plain loops
 below, so signals are forwarded as before. A balancer connection stays on one worker; so does a
@@ -40,8 +40,8 @@ from prometheus_client import CollectorRegistry
 from snapserve.server.config import ServerConfig, format_address
 from snapserve.server.engine.cores import usable_cores
 from snapserve.server.errors import ConfigError
-from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
-from snapserve.server.metrics_merge import WorkerMetrics
+from snapserve.server.observability.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
+from snapserve.server.observability.metrics_merge import WorkerMetrics
 
 __all__ = ["READY_FD_ENV", "WORKER_ENV", "notify_ready", "run_workers", "worker_config",
            "worker_index"]

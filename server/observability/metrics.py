@@ -45,11 +45,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from snapserve.proto.scores import EnsembleScores
-from snapserve.server.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
+from snapserve.server.observability.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import InferenceObserver
-from snapserve.server.workers import worker_index
+from snapserve.server.process.workers import worker_index
 
 __all__ = ["API_HTTP", "API_KSERVE", "API_NATIVE", "OTHER_MODEL", "BatchHistogram", "ServerMetrics"]
 
@@ -140,14 +140,14 @@ class ServerMetrics:
                 pass
 
     async def serve(self, config: MetricsEndpointConfig, port: int) -> int:
-        """Serve /metrics on config.host:port from the event loop (server/metrics_endpoint.py:
+        """Serve /metrics on config.host:port from the event loop (server/observability/metrics_endpoint.py:
         no thread per connection, timeouts, a bound on connections); the bound port (for 0)."""
         self._http = MetricsEndpoint(self.registry, config)
         bound = await self._http.start(port)
         worker = worker_index()
         if worker is None:
             logger.info("metrics on http://%s:%d/metrics", config.host, bound)
-        else:  # the parent serves the sum and logs its own address (server/workers.py)
+        else:  # the parent serves the sum and logs its own address (server/process/workers.py)
             logger.info("worker %d: its metrics for the parent on http://%s:%d/metrics", worker,
                         config.host, bound)
         return bound

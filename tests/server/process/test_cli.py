@@ -16,9 +16,9 @@ import pytest
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
-from snapserve.server.cli import load_config
+from snapserve.server.process.cli import load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 
 
@@ -73,7 +73,7 @@ def test_flags_map_onto_the_config(model_repo: Path) -> None:
 
 
 def test_bad_flag_value_names_the_field(model_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from snapserve.server.cli import main
+    from snapserve.server.process.cli import main
     with pytest.raises(SystemExit) as info:
         main(["--model-repository", str(model_repo), "--max-batch-size", "0"])
     assert info.value.code == 2

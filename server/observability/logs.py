@@ -1,5 +1,5 @@
 """The server's log lines: plain text or one JSON object per line, each naming the request it is
-about (server/request_context.py).
+about (server/observability/request_context.py).
 
     ensemble-server ... --log-format json
     {"time": "2026-12-01T20:45:25.404Z", "level": "INFO", "logger": "snapserve.server.access",
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from snapserve.server.request_context import current_request
+from snapserve.server.observability.request_context import current_request
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RequestFilter", "configure_logging"]
 

@@ -1,10 +1,10 @@
-"""`python -m snapserve.server.healthcheck`: ask a running server's gRPC health service whether it serves.
+"""`python -m snapserve.server.process.healthcheck`: ask a running server's gRPC health service whether it serves.
 
 The container's HEALTHCHECK: calls grpc.health.v1.Health/Check on 127.0.0.1:$SNAPSERVE_PORT for
 the overall service "" and exits 0 when the answer is SERVING, 1 otherwise (not serving, unknown
 service, unreachable, too slow). Flags override the environment:
 
-    python -m snapserve.server.healthcheck --port 50051 --service snapserve.v1.EnsembleService
+    python -m snapserve.server.process.healthcheck --port 50051 --service snapserve.v1.EnsembleService
 
 TLS: when the server serves TLS (SNAPSERVE_TLS_CERT set), the check speaks TLS too and trusts that
 certificate file, which suits a self-signed certificate or a chain that ends in its CA; otherwise
@@ -29,7 +29,7 @@ DEFAULT_PORT = 50051  # ServerConfig's default, read from the same SNAPSERVE_POR
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m snapserve.server.healthcheck",
+        prog="python -m snapserve.server.process.healthcheck",
         description="Exit 0 if the server's grpc.health.v1 status is SERVING, else 1.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="where to ask; the server in the same container (default %(default)s)")

@@ -1,4 +1,4 @@
-"""server/heap.py: the start-up heap is frozen out of the collector's way, and a retired model
+"""server/process/heap.py: the start-up heap is frozen out of the collector's way, and a retired model
 version is still freed (a frozen object is never collected)."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from snapserve.server.metrics import MUTUAL_INFORMATION_BUCKETS, VOTE_DISAGREEMENT_BUCKETS, BatchHistogram
+from snapserve.server.observability.metrics import MUTUAL_INFORMATION_BUCKETS, VOTE_DISAGREEMENT_BUCKETS, BatchHistogram
 
 
 def _samples(registry: CollectorRegistry) -> list[str]:

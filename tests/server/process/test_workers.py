@@ -25,11 +25,11 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import to_tensor
 from tests.support.promtool import promtool
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ALL_READY = re.compile(r"serving on 127\.0\.0\.1:(\d+) with 2 workers")
 # The parent's one endpoint, as a lone server logs its own; and each worker's, on loopback.
-PARENT_METRICS = re.compile(r"snapserve\.server\.workers: metrics on http://127\.0\.0\.1:(\d+)/")
-WORKER_METRICS = re.compile(r"snapserve\.server\.metrics: worker \d+: its metrics for the parent "
+PARENT_METRICS = re.compile(r"snapserve\.server\.process\.workers: metrics on http://127\.0\.0\.1:(\d+)/")
+WORKER_METRICS = re.compile(r"snapserve\.server\.observability\.metrics: worker \d+: its metrics for the parent "
                             r"on http://127\.0\.0\.1:(\d+)/")
 ANSWERED = re.compile(r'snapserve_inference_requests_total\{[^}]*code="OK"[^}]*\} (\S+)')
 

@@ -1,5 +1,5 @@
 """The request being answered, in a contextvar: its id, model and version, for every log line
-(server/logs.py) and trace span (server/tracing.py) about it.
+(server/observability/logs.py) and trace span (server/observability/tracing.py) about it.
 
 api/status.py opens one per call and per request of a stream: the id comes from the request
 itself (native `request_id`, KServe `id`), else the call's `x-request-id` metadata, else it is

@@ -1,4 +1,4 @@
-"""The workers' metrics merged into one exposition (server/metrics_merge.py): the rules on
+"""The workers' metrics merged into one exposition (server/observability/metrics_merge.py): the rules on
 hand-written text, then the collector fetching real HTTP endpoints, a silent one among them."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from snapserve.server.metrics_merge import WorkerMetrics, merge_families, parse_exposition
+from snapserve.server.observability.metrics_merge import WorkerMetrics, merge_families, parse_exposition
 
 # As prometheus_client writes them: worker 0 was asked for digits over both APIs, worker 1 for
 # digits natively and for tiny, which worker 0 never saw.

@@ -1,7 +1,7 @@
 """One /metrics for `--workers N`: the parent scrapes every worker's and serves their merge.
 
 Each worker serves its own registry on a loopback port (0: a free one) and tells the parent which
-(server/workers.py). On every scrape of the parent, `WorkerMetrics.collect` fetches each live
+(server/process/workers.py). On every scrape of the parent, `WorkerMetrics.collect` fetches each live
 worker's exposition (concurrently, `timeout_s` each), parses it and merges it per family and
 label set: counters, histograms (buckets, _sum, _count) and summaries are summed; gauges by
 GAUGE_RULES (sum unless listed: queue depth, threads and memory add up; a version loaded in

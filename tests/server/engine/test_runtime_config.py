@@ -21,7 +21,7 @@ def test_bad_settings_name_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_server_cli_maps_the_new_flags() -> None:
-    from snapserve.server.cli import load_config
+    from snapserve.server.process.cli import load_config
 
     _, config = load_config([
         "--model-repository", ".", "--instances", "3", "--graph", "fused", "--precision", "fp16",
