@@ -3,61 +3,82 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from snapserve.proto.scores import SCORES, ScoreSpec
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.spec import InputSpec, Normalization
 from snapserve.proto.spec import MemberSpec as MemberInfo  # the client's name for it
 from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
 
 __all__ = ["InputSpec", "MemberInfo", "ModelInfo", "ModelSummary", "Normalization", "Prediction",
-           "build_request", "decode_metadata", "decode_prediction", "decode_summary", "normalize"]
+           "PredictionFields", "build_request", "decode_metadata", "decode_prediction",
+           "decode_summary", "normalize", "prediction_type"]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Scores for a batch; row i of every array is example i. Arrays are read-only views of the
-    response's bytes (copy one to modify it)."""
+class PredictionFields:
+    """What every Prediction has beside its fields (which `prediction_type` makes from the score
+    table), so a new score reaches the client as a field, in `to_records` and in decoding."""
 
-    model: str
-    version: int
-    probabilities: np.ndarray         # [B, C] float32, temperature applied
-    top_class: np.ndarray             # [B] int64
-    top_label: np.ndarray             # [B] str
-    predictive_entropy: np.ndarray    # [B] float32, H[p_mean]
-    expected_entropy: np.ndarray      # [B] float32, mean_m H[p_m]
-    mutual_information: np.ndarray    # [B] float32, H[p_mean] - mean_m H[p_m]
-    vote_disagreement: np.ndarray     # [B] float32 in [0, 1]
-    member_kl: np.ndarray             # [B, M] float32, KL(p_m || p_mean)
-    member_top_class: np.ndarray      # [B, M] int64
-    member_probabilities: np.ndarray | None  # [B, M, C] float32, when asked for
-    request_id: str = ""
+    specs: ClassVar[tuple[ScoreSpec, ...]]
+    # The fields read by name here, declared for type checkers; the dataclass holds them.
+    probabilities: np.ndarray
+    top_class: np.ndarray
+    top_label: np.ndarray
 
     def __len__(self) -> int:
         return len(self.top_class)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per example."""
+        """One JSON-ready dict per example: its top class and label, the probability of that
+        class, then every score the answer carries."""
         records = []
         for i in range(len(self)):
-            record = {
-                "top_class": int(self.top_class[i]), "top_label": str(self.top_label[i]),
-                "probability": float(self.probabilities[i, self.top_class[i]]),
-                "probabilities": self.probabilities[i].tolist(),
-                "predictive_entropy": float(self.predictive_entropy[i]),
-                "expected_entropy": float(self.expected_entropy[i]),
-                "mutual_information": float(self.mutual_information[i]),
-                "vote_disagreement": float(self.vote_disagreement[i]),
-                "member_kl": self.member_kl[i].tolist(),
-                "member_top_class": self.member_top_class[i].tolist(),
-            }
-            if self.member_probabilities is not None:
-                record["member_probabilities"] = self.member_probabilities[i].tolist()
+            top = self.top_class[i]
+            record: dict[str, Any] = {"top_class": int(top), "top_label": str(self.top_label[i]),
+                                      "probability": float(self.probabilities[i, top])}
+            for spec in self.specs:
+                value = getattr(self, spec.name)
+                if value is not None:  # an on-request score nobody asked for
+                    record.setdefault(spec.name, value[i].tolist())
             records.append(record)
         return records
+
+    @classmethod
+    def from_response(cls, response: Any, member_probabilities: bool) -> PredictionFields:
+        """The Prediction in a PredictResponse; the scores sent only on request (member
+        probabilities) are None unless `member_probabilities` asked for them."""
+        scores = {spec.name: (from_tensor(getattr(response, spec.name), name=spec.name)
+                              if member_probabilities or not spec.on_request else None)
+                  for spec in cls.specs}
+        return cls(model=response.model, version=response.version, request_id=response.request_id,
+                   top_label=np.asarray(list(response.top_label), dtype=str), **scores)
+
+
+def prediction_type(specs: Sequence[ScoreSpec]) -> type:
+    """A frozen dataclass of a batch's answer: model, version, one field per score of `specs`
+    (with `top_label`, the labels of `top_class`, after it) and the request id."""
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [("model", str), ("version", int)]
+    for spec in specs:
+        fields.append((spec.name, np.ndarray | None if spec.on_request else np.ndarray))
+        if spec.name == "top_class":
+            fields.append(("top_label", np.ndarray))
+    fields.append(("request_id", str, field(default="")))
+    doc = "\n".join(f"    {spec.name}: [{', '.join(spec.dims)}] {spec.dtype}, {spec.description}"
+                    + (" (when asked for)" if spec.on_request else "") for spec in specs)
+    return make_dataclass(
+        "Prediction", fields, bases=(PredictionFields,), frozen=True,
+        namespace={"specs": tuple(specs), "__module__": __name__,
+                   "__doc__": "Scores for a batch; row i of every array is example i. Arrays are "
+                              "read-only views of the response's bytes (copy one to modify it).\n\n"
+                              + doc})
+
+
+Prediction = prediction_type(SCORES)
 
 
 @dataclass(frozen=True)
@@ -96,17 +117,8 @@ def build_request(model: str, array: np.ndarray, version: int = 0,
 
 
 def decode_prediction(response: pb.PredictResponse, member_probabilities: bool) -> Prediction:
-    def array(field: str) -> np.ndarray:
-        return from_tensor(getattr(response, field), name=field)
-
-    return Prediction(
-        model=response.model, version=response.version, request_id=response.request_id,
-        probabilities=array("probabilities"), top_class=array("top_class"),
-        top_label=np.asarray(list(response.top_label), dtype=str),
-        predictive_entropy=array("predictive_entropy"), expected_entropy=array("expected_entropy"),
-        mutual_information=array("mutual_information"), vote_disagreement=array("vote_disagreement"),
-        member_kl=array("member_kl"), member_top_class=array("member_top_class"),
-        member_probabilities=array("member_probabilities") if member_probabilities else None)
+    """The Prediction in `response` (see PredictionFields.from_response)."""
+    return Prediction.from_response(response, member_probabilities)
 
 
 def decode_summary(summary: pb.ModelSummary) -> ModelSummary:

@@ -1,7 +1,8 @@
 """Ensemble scores: pure numpy functions of the members' probabilities, defined once.
 
 The one definition both sides use (numpy only: no torch, no gRPC): the server computes its answers
-with it, the trainer its metrics, and the fused ONNX graph's outputs carry `SCORE_NAMES`. `SCORES`,
+with it, the trainer its metrics, and the fused ONNX graph's outputs carry `SCORE_NAMES` (a graph
+exported before a score existed lacks it: `complete_scores` fills it in). `SCORES`,
 one `ScoreSpec` row per score, drives the served dataclass, every encoder, the fused graph's
 outputs and the client. Adding a score means: its function here, its row in `SCORES`, its field
 in ensemble.proto (regenerated), its test.
@@ -20,6 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 __all__ = [
+    "FUSED_REQUIRED_SCORES",
     "SCORES",
     "SCORE_NAMES",
     "SCORE_SPECS",
@@ -185,6 +187,9 @@ SCORES: tuple[ScoreSpec, ...] = (
               "each member's probabilities", on_request=True),
 )
 SCORE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SCORES)
+# What every fused graph outputs, whatever else it lacks: `complete_scores` computes the scores a
+# graph exported before them lacks from its member probabilities, next to its probabilities.
+FUSED_REQUIRED_SCORES: tuple[str, ...] = ("member_probabilities", "probabilities")
 SCORE_SPECS: dict[str, ScoreSpec] = {spec.name: spec for spec in SCORES}
 
 

@@ -63,8 +63,10 @@ class GraphMismatch(ModelLoadError):
 
 
 class FusedOutputsMismatch(GraphMismatch):
-    """A fused graph's outputs are not the score names (`snapserve.proto.scores.SCORE_NAMES`):
-    it was built for other scores than this server computes, so the version is refused."""
+    """A fused graph has an output that is no score this server knows
+    (`snapserve.proto.scores.SCORE_NAMES`), or lacks `FUSED_REQUIRED_SCORES`: it was built for
+    other scores than this server computes, so the version is refused. A graph that only lacks
+    scores newer than it still loads."""
 
 
 class ModelSettingsError(ModelLoadError):

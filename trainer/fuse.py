@@ -8,8 +8,10 @@ One `run` of `ensemble.onnx` replaces M member runs plus the server's numpy scor
 
 It is built from the member graphs with the onnx API alone (no torch): each member's node,
 edge, initializer and function names get a prefix (`m000/` ...) so they cannot collide, the
-members share the one input, and the score nodes follow. The outputs are the served scores,
-named and ordered as `snapserve.proto.scores.SCORE_NAMES` (`FUSED_OUTPUTS`). The temperature is
+members share the one input, and the score nodes follow (`SCORE_NODES`, one builder per score).
+The outputs are the served scores it has builders for, named and ordered as
+`snapserve.proto.scores.SCORE_NAMES` (`FUSED_OUTPUTS`); the server computes any other score from
+the graph's `member_probabilities`, so a score added later needs no nodes here. The temperature is
 an overridable initializer (a graph input with a default): the server always feeds the
 manifest's value, so a temperature fitted after the graph was written can never disagree with
 it; other tools that load the graph get the default.
@@ -22,10 +24,11 @@ nearly equal entropies). No 0·log 0 arises: log-softmax of finite logits is fin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +36,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
-from snapserve.proto.scores import SCORE_NAMES, probabilities, softmax
+from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, SCORE_SPECS, SCORES,
+                                    probabilities, softmax)
 from snapserve.trainer.errors import RepositoryError
 
 __all__ = ["FUSED_FILE", "FUSED_FP16_FILE", "FUSED_OUTPUTS", "FP16_TOLERANCE", "MIN_OPSET",
-           "TEMPERATURE_INPUT", "FusionError", "add_fused_graph", "check_fused", "fuse_members",
-           "member_prefix", "member_to_fp16", "try_add_fused_graph"]
+           "SCORE_NODES", "TEMPERATURE_INPUT", "FusionError", "add_fused_graph", "check_fused",
+           "fuse_members", "member_prefix", "member_to_fp16", "try_add_fused_graph"]
 
 logger = logging.getLogger(__name__)
 
 FUSED_FILE = "ensemble.onnx"
 FUSED_FP16_FILE = "ensemble-fp16.onnx"
 TEMPERATURE_INPUT = "temperature"
-# The graph's outputs: the served scores, by name and in their order.
-FUSED_OUTPUTS = SCORE_NAMES
 # Softmax/LogSoftmax take one `axis` and Unsqueeze/ReduceSum take axes as an input from opset 13
 # on; older members are converted up to it.
 MIN_OPSET = 13
@@ -114,27 +116,90 @@ class _Graph:
         return self.op("Unsqueeze", [x, self.const(np.array([axis], dtype=np.int64), "axes")])
 
 
-def _score_nodes(g: _Graph, member_logits: list[str], members: int) -> None:
-    """[B, C] logits of each member -> the FUSED_OUTPUTS (see the module docstring)."""
-    logits = g.op("Concat", [g.unsqueeze(name, 1) for name in member_logits], axis=1)  # [B, M, C]
-    probs = g.op("Softmax", [logits], "member_probabilities", axis=-1)
-    log_probs = g.op("LogSoftmax", [logits], axis=-1)
-    mean = g.reduce("ReduceMean", probs, 1)  # p̄ [B, C]
-    log_mean = g.op("Sub", [g.reduce("ReduceLogSumExp", log_probs, 1),
-                            g.const(np.array(math.log(members), dtype=np.float32), "log_m")])
-    g.op("Softmax", [g.op("Div", [log_mean, TEMPERATURE_INPUT])], "probabilities", axis=-1)
-    g.op("ArgMax", ["probabilities"], "top_class", axis=1, keepdims=0)
-    g.op("Neg", [g.reduce("ReduceSum", g.op("Mul", [mean, log_mean]), 1)], "predictive_entropy")
-    member_entropy = g.op("Neg", [g.reduce("ReduceSum", g.op("Mul", [probs, log_probs]), 2)])
-    g.reduce("ReduceMean", member_entropy, 1, out="expected_entropy")
-    gap = g.op("Sub", [log_probs, g.unsqueeze(log_mean, 1)])
-    kl = g.reduce("ReduceSum", g.op("Mul", [probs, gap]), 2)  # [B, M]
-    g.op("Relu", [kl], "member_kl")  # >= 0 in exact arithmetic; clip rounding
-    g.op("Relu", [g.reduce("ReduceMean", kl, 1)], "mutual_information")
-    votes = g.op("ArgMax", [probs], "member_top_class", axis=2, keepdims=0)  # [B, M]
-    consensus = g.op("ArgMax", [mean], axis=1, keepdims=1)  # [B, 1]
-    differs = g.op("Cast", [g.op("Not", [g.op("Equal", [votes, consensus])])], to=TensorProto.FLOAT)
-    g.reduce("ReduceMean", differs, 1, out="vote_disagreement")
+class _Scores:
+    """The score nodes of one fused graph, each built once, on demand, into a tensor named after
+    its score; the intermediates several scores share are built once too."""
+
+    def __init__(self, g: _Graph, member_logits: list[str], members: int) -> None:
+        self.g, self.members = g, members
+        # [B, M, C]: the members' logits side by side
+        self.logits = g.op("Concat", [g.unsqueeze(name, 1) for name in member_logits], axis=1)
+        self._built: dict[str, str] = {}
+
+    def score(self, name: str) -> str:
+        if name not in self._built:
+            if name not in SCORE_NODES:
+                raise FusionError(f"the fused graph's score nodes need {name!r}, which has none")
+            self._built[name] = SCORE_NODES[name](self, name)
+        return self._built[name]
+
+    @functools.cached_property
+    def probs(self) -> str:  # [B, M, C]
+        return self.score("member_probabilities")
+
+    @functools.cached_property
+    def log_probs(self) -> str:  # [B, M, C]
+        return self.g.op("LogSoftmax", [self.logits], axis=-1)
+
+    @functools.cached_property
+    def mean(self) -> str:  # p̄ [B, C]
+        return self.g.reduce("ReduceMean", self.probs, 1)
+
+    @functools.cached_property
+    def log_mean(self) -> str:  # log p̄ [B, C], as logsumexp_m(log p_m) - log M
+        g = self.g
+        return g.op("Sub", [g.reduce("ReduceLogSumExp", self.log_probs, 1),
+                            g.const(np.array(math.log(self.members), dtype=np.float32), "log_m")])
+
+    @functools.cached_property
+    def kl(self) -> str:  # KL(p_m ‖ p̄) [B, M], before clipping
+        gap = self.g.op("Sub", [self.log_probs, self.g.unsqueeze(self.log_mean, 1)])
+        return self.g.reduce("ReduceSum", self.g.op("Mul", [self.probs, gap]), 2)
+
+
+def _vote_disagreement(s: _Scores, out: str) -> str:
+    g = s.g
+    consensus = g.op("ArgMax", [s.mean], axis=1, keepdims=1)  # [B, 1]
+    differs = g.op("Not", [g.op("Equal", [s.score("member_top_class"), consensus])])
+    return g.reduce("ReduceMean", g.op("Cast", [differs], to=TensorProto.FLOAT), 1, out=out)
+
+
+def _expected_entropy(s: _Scores, out: str) -> str:
+    g = s.g
+    member_entropy = g.op("Neg", [g.reduce("ReduceSum", g.op("Mul", [s.probs, s.log_probs]), 2)])
+    return g.reduce("ReduceMean", member_entropy, 1, out=out)
+
+
+# The node builders, by score name: each writes its score into the tensor `out` (the score's
+# name) and returns it. A score of SCORES without a builder here is not an output of the fused
+# graph; the server computes it from the member probabilities the graph outputs.
+SCORE_NODES: dict[str, Callable[[_Scores, str], str]] = {
+    "probabilities": lambda s, out: s.g.op(
+        "Softmax", [s.g.op("Div", [s.log_mean, TEMPERATURE_INPUT])], out, axis=-1),
+    "top_class": lambda s, out: s.g.op("ArgMax", [s.score("probabilities")], out, axis=1,
+                                       keepdims=0),
+    "predictive_entropy": lambda s, out: s.g.op(
+        "Neg", [s.g.reduce("ReduceSum", s.g.op("Mul", [s.mean, s.log_mean]), 1)], out),
+    "expected_entropy": _expected_entropy,
+    # MI = mean_m KL(p_m ‖ p̄); both are >= 0 in exact arithmetic, so Relu clips the rounding.
+    "mutual_information": lambda s, out: s.g.op("Relu", [s.g.reduce("ReduceMean", s.kl, 1)], out),
+    "vote_disagreement": _vote_disagreement,
+    "member_kl": lambda s, out: s.g.op("Relu", [s.kl], out),
+    "member_top_class": lambda s, out: s.g.op("ArgMax", [s.probs], out, axis=2, keepdims=0),
+    "member_probabilities": lambda s, out: s.g.op("Softmax", [s.logits], out, axis=-1),
+}
+# The graph's outputs: the served scores it has nodes for, by name and in the table's order.
+FUSED_OUTPUTS: tuple[str, ...] = tuple(name for name in SCORE_NAMES if name in SCORE_NODES)
+
+
+def _score_nodes(g: _Graph, member_logits: list[str], members: int) -> list[str]:
+    """[B, C] logits of each member -> the scores SCORE_NODES builds (see the module docstring);
+    returns their names in the table's order."""
+    missing = [name for name in FUSED_REQUIRED_SCORES if name not in SCORE_NODES]
+    if missing:  # the server computes every other score from these
+        raise FusionError(f"the fused graph has no nodes for {missing}, which the server needs")
+    scores = _Scores(g, member_logits, members)
+    return [scores.score(spec.name) for spec in SCORES if spec.name in SCORE_NODES]
 
 
 def _topological(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
@@ -162,17 +227,12 @@ def _topological(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return order
 
 
-def _output_infos(members: int, classes: int) -> list[onnx.ValueInfoProto]:
-    f, i = TensorProto.FLOAT, TensorProto.INT64
-    shapes = {"probabilities": (f, ["batch", classes]), "top_class": (i, ["batch"]),
-              "predictive_entropy": (f, ["batch"]), "expected_entropy": (f, ["batch"]),
-              "mutual_information": (f, ["batch"]), "vote_disagreement": (f, ["batch"]),
-              "member_kl": (f, ["batch", members]), "member_top_class": (i, ["batch", members]),
-              "member_probabilities": (f, ["batch", members, classes])}
-    missing = [name for name in FUSED_OUTPUTS if name not in shapes]
-    if missing:  # a score added to SCORE_NAMES without its nodes here: serve the members alone
-        raise FusionError(f"the fused graph does not compute the score(s) {missing} yet")
-    return [helper.make_tensor_value_info(name, *shapes[name]) for name in FUSED_OUTPUTS]
+def _output_infos(names: Sequence[str], members: int, classes: int) -> list[onnx.ValueInfoProto]:
+    sizes: dict[str, str | int] = {"batch": "batch", "members": members, "classes": classes}
+    return [helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(SCORE_SPECS[name].dtype),
+                [sizes[dim] for dim in SCORE_SPECS[name].dims])
+            for name in names]
 
 
 def _classes(model: onnx.ModelProto, output_name: str) -> int:
@@ -220,14 +280,14 @@ def fuse_members(members: Sequence[onnx.ModelProto], input_name: str = "input",
         if out_type != TensorProto.FLOAT:  # the scores are float32 whatever the members output
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
         member_logits.append(logits)
-    _score_nodes(g, member_logits, len(members))
+    outputs = _score_nodes(g, member_logits, len(members))
     graph_input = next(i for i in members[0].graph.input if i.name == input_name)
     temperature_init = numpy_helper.from_array(np.array(temperature, dtype=np.float32),
                                                TEMPERATURE_INPUT)
     graph = helper.make_graph(
         _topological(g.nodes), "snapserve_ensemble",
         [graph_input, helper.make_tensor_value_info(TEMPERATURE_INPUT, TensorProto.FLOAT, [])],
-        _output_infos(len(members), classes),
+        _output_infos(outputs, len(members), classes),
         initializer=[*initializers, *g.initializers, temperature_init],
         value_info=value_infos, sparse_initializer=sparse)
     model = helper.make_model(graph, functions=functions, producer_name="snapserve",
@@ -313,8 +373,8 @@ def add_fused_graph(version_dir: Path, manifest: dict[str, Any], fp16: bool = Fa
     data = fused.SerializeToString()
     (version_dir / FUSED_FILE).write_bytes(data)
     entry: dict[str, Any] = {"file": FUSED_FILE, "sha256": _sha256(data),
-                             "outputs": list(FUSED_OUTPUTS), "temperature_input": TEMPERATURE_INPUT,
-                             "max_abs_diff": diff}
+                             "outputs": [o.name for o in fused.graph.output],
+                             "temperature_input": TEMPERATURE_INPUT, "max_abs_diff": diff}
     logger.info("wrote %s (%d members, %.1f MiB): max |Δp| vs the members %.2e",
                 FUSED_FILE, len(files), len(data) / 2**20, diff)
     if fp16:

@@ -30,7 +30,8 @@ from typing import Mapping, Protocol, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from snapserve.proto.scores import SCORE_NAMES, EnsembleScores, ensemble_scores, softmax
+from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, EnsembleScores,
+                                    complete_scores, ensemble_scores, softmax)
 from snapserve.proto.tensors import ONNX_TO_NUMPY
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
@@ -277,20 +278,32 @@ class MemberGraph:
         return ensemble_scores(self.run_members(x), self.temperature)
 
 
-def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> None:
-    """FusedOutputsMismatch unless a fused graph's outputs are exactly the score names: a graph
-    built for other scores (an older or newer trainer) would be misread, not merely slower."""
+def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> tuple[str, ...]:
+    """The fused graph's scores, in the table's order; FusedOutputsMismatch unless its outputs
+    are scores this server knows and include FUSED_REQUIRED_SCORES. A graph exported before a
+    score existed lacks it (the server computes it from the member probabilities); an output
+    that is no known score means a graph built for other scores, which would be misread."""
     missing = [n for n in SCORE_NAMES if n not in outputs]
     unexpected = [n for n in outputs if n not in SCORE_NAMES]
-    if missing or unexpected:
+    if unexpected:
         raise FusedOutputsMismatch(
             f"{path.name}: its outputs do not match the score names this server computes: "
-            f"missing {missing}, unexpected {unexpected} (expected {list(SCORE_NAMES)}); "
-            "export the version again, or serve it with --graph members")
+            f"missing {missing}, unexpected {unexpected} (expected a subset of "
+            f"{list(SCORE_NAMES)}); export the version again, or serve it with --graph members")
+    if absent := [n for n in FUSED_REQUIRED_SCORES if n not in outputs]:
+        raise FusedOutputsMismatch(
+            f"{path.name}: its outputs lack {absent}, which every fused graph must have (the "
+            "other scores are computed from them); export the version again, or serve it with "
+            "--graph members")
+    if missing:
+        logger.info("%s: computing %s from its member probabilities (the graph predates them)",
+                    path.name, missing)
+    return tuple(n for n in SCORE_NAMES if n in outputs)
 
 
 class FusedGraph:
-    """The version's ensemble.onnx: one run gives every score."""
+    """The version's ensemble.onnx: one run gives every score it has; `complete_scores` adds
+    those it predates from its member probabilities."""
 
     name = FUSED
 
@@ -306,7 +319,7 @@ class FusedGraph:
         if inputs != [input_name] or temperature_input not in inputs + overridable:
             raise ModelLoadError(f"{path.name}: graph inputs are {inputs} (+ defaults {overridable}); "
                                  f"expected [{input_name!r}] and {temperature_input!r}")
-        check_score_outputs(path, outputs)
+        self._outputs = check_score_outputs(path, outputs)
         self.provider: str = self._session.get_providers()[0]
         self.named_sessions = [(path.name, self._session)]
         self._device_id = config.device_id
@@ -324,7 +337,7 @@ class FusedGraph:
         binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(x), "cuda", self._device_id))
         binding.bind_cpu_input(self._temperature_input, self._temperature)
-        for name in SCORE_NAMES:
+        for name in self._outputs:
             binding.bind_output(name, "cpu")
         self._session.run_with_iobinding(binding, self.run_options)
         return binding.copy_outputs_to_cpu()
@@ -332,19 +345,21 @@ class FusedGraph:
     def scores(self, x: np.ndarray) -> EnsembleScores:
         try:
             if self._cuda_graphs is not None and len(x) <= self._cuda_graphs.largest:
-                outputs = self._cuda_graphs.run(x)
+                outputs = self._cuda_graphs.run(x, self._outputs)
             elif self.provider == CUDA:
                 outputs = self._outputs_cuda(x)
             else:
-                outputs = self._session.run(SCORE_NAMES, {self.input_name: x,
-                                                          self._temperature_input: self._temperature},
+                outputs = self._session.run(self._outputs, {self.input_name: x,
+                                                            self._temperature_input: self._temperature},
                                             self.run_options)
         except Exception as exc:  # ORT's exception types are not public API
             raise InferenceError(f"ONNX Runtime failed on the fused graph: {exc}") from exc
-        if outputs[0].shape[0] != len(x):
-            raise InferenceError(f"the fused graph returned {outputs[0].shape[0]} rows for a batch "
+        known = dict(zip(self._outputs, outputs))
+        probs = known["member_probabilities"]
+        if probs.shape[0] != len(x):
+            raise InferenceError(f"the fused graph returned {probs.shape[0]} rows for a batch "
                                  f"of {len(x)}")
-        return EnsembleScores(**dict(zip(SCORE_NAMES, outputs)))
+        return complete_scores(probs, known, float(self._temperature))
 
     def run_members(self, x: np.ndarray) -> np.ndarray:
         return self.scores(x).member_probabilities
@@ -387,7 +402,8 @@ class _CudaGraphs:
             self._outputs.append(dict(zip([o.name for o in outputs], outs)))
         logger.info("CUDA graphs for batch sizes %s", list(self.buckets))
 
-    def run(self, x: np.ndarray) -> list[np.ndarray]:
+    def run(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """The outputs `names` for the batch x (at most the largest bucket's rows)."""
         rows = len(x)
         index = next(i for i, b in enumerate(self.buckets) if b >= rows)
         bucket = self.buckets[index]
@@ -397,7 +413,7 @@ class _CudaGraphs:
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(index + 1))  # -1 would mean no capture
         self._session.run_with_iobinding(self._bindings[index], options)
-        return [self._outputs[index][name].numpy()[:rows] for name in SCORE_NAMES]
+        return [self._outputs[index][name].numpy()[:rows] for name in names]
 
 
 class EnsembleRuntime:

@@ -100,3 +100,34 @@ def test_identities(p: np.ndarray) -> None:
     np.testing.assert_allclose(s.predictive_entropy, s.expected_entropy + s.mutual_information,
                                atol=1e-5)
     assert np.all(np.isfinite(s.member_kl))
+
+
+def test_the_table_drives_the_served_dataclass() -> None:
+    """EnsembleScores has one field per row of SCORES, in order, each of the row's dtype and
+    shape; the table's names and specs are its rows."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(scores.EnsembleScores)] == list(scores.SCORE_NAMES)
+    assert scores.SCORE_NAMES == tuple(spec.name for spec in scores.SCORES)
+    assert all(scores.SCORE_SPECS[spec.name] is spec for spec in scores.SCORES)
+    assert set(scores.FUSED_REQUIRED_SCORES) <= set(scores.SCORE_NAMES)
+    p = scores.softmax(np.random.default_rng(0).normal(size=(4, 3, 5)))
+    s = scores.ensemble_scores(p)
+    for spec in scores.SCORES:
+        value = getattr(s, spec.name)
+        assert value.dtype == spec.dtype and value.shape == spec.shape(4, 3, 5), spec.name
+
+
+def test_complete_scores_keeps_what_is_known_and_computes_the_rest() -> None:
+    """What a fused graph outputs is kept as it is; what it predates comes from the members'
+    probabilities, equal to the numpy score, and derived from the known scores it depends on."""
+    p = scores.softmax(np.random.default_rng(1).normal(size=(3, 4, 6))).astype(np.float32)
+    full = scores.ensemble_scores(p, 2.0)
+    known = {name: getattr(full, name) for name in scores.FUSED_REQUIRED_SCORES}
+    known["mutual_information"] = np.full(3, 7.0, dtype=np.float32)  # not recomputed
+    done = scores.complete_scores(p, known, 2.0)
+    assert done.probabilities is known["probabilities"]
+    np.testing.assert_array_equal(done.mutual_information, 7.0)
+    for name in scores.SCORE_NAMES:
+        if name != "mutual_information":
+            np.testing.assert_array_equal(getattr(done, name), getattr(full, name), err_msg=name)

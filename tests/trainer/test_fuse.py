@@ -228,3 +228,63 @@ def test_precision_fp16_serves_the_fp16_graph(tmp_path: Path, member_files: list
     x = np.random.default_rng(0).normal(0, 2, (4, *SHAPE)).astype(np.float32)
     np.testing.assert_allclose(served.runtime.scores(x).probabilities,
                                separate_path(member_files, x, 1.0).probabilities, atol=FP16_TOLERANCE)
+
+
+def test_the_table_drives_the_fused_outputs(member_files: list[Path]) -> None:
+    """The fused graph outputs every score that has nodes, in the table's order, with the
+    table's dtype and rank; today that is every score."""
+    from snapserve.proto.scores import SCORE_NAMES, SCORE_SPECS
+    from snapserve.trainer.fuse import SCORE_NODES
+
+    assert FUSED_OUTPUTS == tuple(n for n in SCORE_NAMES if n in SCORE_NODES) == SCORE_NAMES
+    fused = fuse_members([onnx.load(str(f)) for f in member_files])
+    session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.get_outputs()
+    assert [o.name for o in outputs] == list(FUSED_OUTPUTS)
+    for out in outputs:
+        spec = SCORE_SPECS[out.name]
+        assert out.type == f"tensor({'float' if spec.dtype == np.float32 else 'int64'})", out.name
+        assert len(out.shape) == len(spec.dims), out.name
+
+
+def _without_nodes(monkeypatch: pytest.MonkeyPatch, score: str) -> None:
+    """As if `score` were added to the table after the fused graph's nodes were written."""
+    from snapserve.trainer import fuse
+
+    monkeypatch.delitem(fuse.SCORE_NODES, score)
+
+
+def test_a_score_without_nodes_is_left_out_of_the_fused_graph(
+        member_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_nodes(monkeypatch, "vote_disagreement")
+    fused = fuse_members([onnx.load(str(f)) for f in member_files])
+    x = np.random.default_rng(2).normal(0, 2, (5, *SHAPE)).astype(np.float32)
+    got = fused_outputs(fused, x, 1.0)
+    assert list(got) == [n for n in FUSED_OUTPUTS if n != "vote_disagreement"]
+    np.testing.assert_allclose(got["mutual_information"],
+                               separate_path(member_files, x, 1.0).mutual_information,
+                               rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("score", ["vote_disagreement", "member_kl", "top_class"])
+def test_a_fused_graph_that_predates_a_score_serves_it_from_its_member_probabilities(
+        tmp_path: Path, member_files: list[Path], monkeypatch: pytest.MonkeyPatch,
+        score: str) -> None:
+    """A version exported before `score` existed still serves with its fused graph; the score
+    comes from the graph's member probabilities, equal to the members' numpy score."""
+    _without_nodes(monkeypatch, score)
+    version = import_members(member_files, tmp_path / "repo", "old", temperature=1.5)
+    monkeypatch.undo()  # the server of today, which knows the score
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert score not in manifest["ensemble"]["outputs"]
+    assert score not in [o.name for o in onnx.load(str(version / "ensemble.onnx")).graph.output]
+    served = _load(version, graph="fused")
+    assert served.runtime.graph == "fused"
+    x = np.random.default_rng(4).normal(0, 2, (6, *SHAPE)).astype(np.float32)
+    got, want = served.runtime.scores(x), separate_path(member_files, x, 1.5)
+    for name in FUSED_OUTPUTS:
+        if name in INTEGER_SCORES:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        else:
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5,
+                                       atol=2e-6, err_msg=name)

@@ -182,3 +182,42 @@ async def test_a_fused_graph_with_other_score_names_refuses_the_version(
                 if "refusing model digits version 1" in r.getMessage()]
     assert refusals and "do not match the score names" in refusals[0]
     assert "missing ['member_kl']" in refusals[0] and "unexpected ['kl_to_mean']" in refusals[0]
+
+
+def test_a_fused_graph_without_member_probabilities_refuses_the_version(tmp_path: Path) -> None:
+    """The scores a fused graph lacks are computed from its member probabilities: a graph
+    without them cannot be completed, so the version is refused, saying why."""
+    data = stale_fused_graph([n for n in SCORE_NAMES if n != "member_probabilities"])
+    version = write_digits(tmp_path, manifest_overrides={"ensemble": {
+        "file": "ensemble.onnx", "sha256": hashlib.sha256(data).hexdigest()}})
+    (version / "ensemble.onnx").write_bytes(data)
+    with pytest.raises(FusedOutputsMismatch, match=r"lack \['member_probabilities'\]"):
+        load_version(version, RuntimeConfig(), BatcherConfig())
+
+
+def test_a_fused_graph_that_predates_a_score_still_serves_it(tmp_path: Path) -> None:
+    """A fused graph exported before `expected_entropy` existed (the output removed with onnx)
+    loads, serves with the fused graph, and answers the score from its member probabilities."""
+    import onnx
+
+    from snapserve.proto.scores import expected_entropy
+    from snapserve.trainer.fuse import fuse_members
+    from tests.support.models import reference_member_probs
+
+    version = write_digits(tmp_path)
+    manifest = json.loads((version / "manifest.json").read_text())
+    fused = fuse_members([onnx.load(str(version / m["file"])) for m in manifest["members"]])
+    kept = [o for o in fused.graph.output if o.name != "expected_entropy"]
+    del fused.graph.output[:]
+    fused.graph.output.extend(kept)
+    data = fused.SerializeToString()
+    (version / "ensemble.onnx").write_bytes(data)
+    manifest["ensemble"] = {"file": "ensemble.onnx", "sha256": hashlib.sha256(data).hexdigest()}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    served = load_version(version, RuntimeConfig(device="cpu", graph="fused", intra_op_threads=1,
+                                                 instances=1), BatcherConfig(max_batch_size=4))
+    assert served.runtime.graph == "fused"
+    x = np.random.default_rng(0).uniform(0, 16, (5, *DIGITS_SHAPE)).astype(np.float32)
+    np.testing.assert_allclose(served.runtime.scores(x).expected_entropy,
+                               expected_entropy(reference_member_probs(version, x)),
+                               rtol=1e-5, atol=2e-6)
