@@ -1,8 +1,9 @@
 """The KServe v2 / Open Inference Protocol over REST, beside gRPC, in the server's event loop.
 
-Every endpoint turns its request into the protocol message a gRPC caller would send, calls the
-same operation (api/kserve.py `KServeCore`: one registry, one batcher, one math path) and writes
-the answer as JSON (api/http_messages.py). Errors come from the same table as gRPC's
+Inference decodes the body straight to arrays and calls the one pipeline (api/pipeline.py, the
+KServe core's `plane`), which answers with the encoded body (api/http_messages.py). Every other
+endpoint turns its request into the protocol message a gRPC caller would send and calls the same
+operation (api/kserve.py `KServeCore`), writing the answer as JSON. Errors come from the same table as gRPC's
 (api/status.py: the exception's gRPC code, and that code's HTTP status), with the same message,
 in the protocol's `{"error": "..."}` body.
 
@@ -29,9 +30,10 @@ from aiohttp import web
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.server.api.http_messages import (BINARY_HEADER, BINARY_TYPE, JSON_TYPE,
                                                 RestInferRequest, decode_infer_request,
-                                                decode_json, encode_infer_response, error_body,
-                                                message_json)
+                                                decode_json, decode_rest, encode_rest,
+                                                error_body, message_json)
 from snapserve.server.api.kserve import SERVER_NAME, KServeCore
+from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.api.security import UNAUTHENTICATED_MESSAGE, TokenAuthInterceptor
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN_MESSAGE
 from snapserve.server.api.shutdown import Drain
@@ -173,17 +175,18 @@ class HttpFrontEnd:
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await request.read()  # at most client_max_size, else 413
-        intake = self._core.intake
-        with intake.admit(len(body)):  # the gRPC side's bound on work before the queue
-            rest: RestInferRequest = await intake.run(
-                len(body), decode_infer_request, body, request.headers.get(BINARY_HEADER),
-                request.match_info["model"], _version(request))
+        plane = self._core.plane
+        with plane.intake.admit(len(body)) as ticket:  # the gRPC side's bound before the queue
+            rest = await plane.intake.run(len(body), decode_infer_request, body,
+                                          request.headers.get(BINARY_HEADER))
             headers = [(key.lower(), value) for key, value in request.headers.items()]
-            with request_context(rest.message.id or request.headers.get(REQUEST_ID_KEY, ""),
+            with request_context(rest.id or request.headers.get(REQUEST_ID_KEY, ""),
                                  extract_parent(headers)) as current:
-                rest.message.id = current.request_id  # echoed in the answer, as on gRPC
-                answer = await self._answer(rest)
-        payload, header_length = encode_infer_response(answer, rest)
+                # The array views the body: nothing left to decode that is worth a thread.
+                infer = InferRequest(request.match_info["model"], _version(request),
+                                     current.request_id, rest, decode_rest, 0, rest.timeout_s,
+                                     ticket)
+                payload, header_length = await self._answer(infer)
         if header_length is None:
             response = web.Response(body=payload, content_type=JSON_TYPE)
         else:
@@ -192,14 +195,16 @@ class HttpFrontEnd:
         response.headers[REQUEST_ID_KEY] = current.request_id
         return response
 
-    async def _answer(self, rest: RestInferRequest) -> kpb.ModelInferResponse:
-        """The core's answer, given up at the request's timeout as gRPC gives up at a deadline
-        (the batcher drops a request whose caller went away), so the client hears at once."""
+    async def _answer(self, infer: InferRequest[RestInferRequest]) -> tuple[bytes, int | None]:
+        """The pipeline's answer, given up at the request's timeout as gRPC gives up at a
+        deadline (the batcher drops a request whose caller went away), so the client hears at
+        once."""
         try:
-            return await asyncio.wait_for(self._core.infer(rest.message, rest.timeout_s, API_HTTP),
-                                          rest.timeout_s)
+            return await asyncio.wait_for(self._core.plane.infer(infer, encode_rest, API_HTTP),
+                                          infer.timeout)
         except asyncio.TimeoutError:
-            raise ItemExpired(f"the request's timeout of {rest.timeout_s * 1e3:.0f} ms passed "
+            assert infer.timeout is not None
+            raise ItemExpired(f"the request's timeout of {infer.timeout * 1e3:.0f} ms passed "
                               "before it was answered") from None
 
     # -- repository ----------------------------------------------------------------------------

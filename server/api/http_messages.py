@@ -1,14 +1,14 @@
-"""KServe v2 REST bodies <-> the protocol's messages (`inference.*`). Conversion and checks only.
+"""KServe v2 REST bodies <-> arrays and scores. Conversion and checks only.
 
-The REST front end (api/http.py) turns each request into the message a gRPC caller would send
-and calls the same operation (api/kserve.py `KServeCore`), so both transports share every check
-after this one and answer with the same numbers and messages.
+The REST front end (api/http.py) decodes a request's tensors straight to numpy arrays and hands
+them to the one pipeline (api/pipeline.py); the checks against the model and the outputs asked
+for are the KServe protocol's own (api/kserve_messages.py), so both transports answer alike.
 
-- An infer request's tensors become `raw_input_contents` (little-endian bytes), as tritonclient's
-  gRPC client sends them: JSON `data` (flat or nested, row-major) is converted here, with its own
-  checks (count against shape, numbers of the datatype's kind and range); binary tensors
+- An infer request's JSON `data` (flat or nested, row-major) becomes an array here, with its
+  own checks (count against shape, numbers of the datatype's kind and range); binary tensors
   (Triton's binary tensor data extension: a JSON header of `Inference-Header-Content-Length`
-  bytes, then each input's `binary_data_size` bytes in order) are sliced from the body as is.
+  bytes, then each input's `binary_data_size` bytes in order) are sliced from the body as is,
+  and viewed as arrays once the model's input is known.
 - An infer response goes back as JSON, each output's `data` flat and row-major, or, for the
   outputs asked for that way (`binary_data` per output, `binary_data_output` for all), as raw
   bytes after the JSON header, whose length the `Inference-Header-Content-Length` header says.
@@ -28,13 +28,17 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from snapserve.proto.inference import grpc_service_pb2 as kpb
-from snapserve.proto.tensors import (KSERVE_TO_NUMPY, TensorError, check_fits, check_shape,
-                                     wire_type)
+from snapserve.proto.scores import EnsembleScores
+from snapserve.proto.tensors import (KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
+                                     array_from_bytes, check_fits, check_shape, wire_type)
+from snapserve.server.api.kserve_messages import check_input_names, choose_outputs
+from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.errors import InvalidInput
+from snapserve.server.models.ensemble import ServedEnsemble
 
-__all__ = ["BINARY_HEADER", "JSON_TYPE", "BINARY_TYPE", "RestInferRequest", "decode_infer_request",
-           "decode_json", "encode_infer_response", "error_body", "message_json"]
+__all__ = ["BINARY_HEADER", "JSON_TYPE", "BINARY_TYPE", "RestInferRequest", "RestTensor",
+           "decode_infer_request", "decode_json", "decode_rest", "encode_rest", "error_body",
+           "json_data_array", "message_json"]
 
 # Triton's binary tensor data extension: the length of the JSON part of a body that continues
 # with raw tensor bytes.
@@ -52,10 +56,23 @@ _SENT_NAMES = {"f": "fractional numbers", "i": "integers", "u": "integers", "b":
 
 
 @dataclass(frozen=True)
-class RestInferRequest:
-    """A decoded REST infer request: the protocol message and what only REST has."""
+class RestTensor:
+    """One input of a REST request: its JSON `data` as an array, or its binary bytes."""
 
-    message: kpb.ModelInferRequest
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | memoryview
+
+
+@dataclass(frozen=True)
+class RestInferRequest:
+    """A decoded REST infer request: its tensors and what it asks of the answer."""
+
+    id: str
+    inputs: tuple[RestTensor, ...]
+    # (name, asks for the classification extension), in request order (choose_outputs).
+    outputs: tuple[tuple[str, bool], ...]
     # An output's own `binary_data` parameter, where it has one; else `binary_data_output`.
     binary_outputs: dict[str, bool]
     binary_output_default: bool
@@ -109,8 +126,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[memoryview, mem
     return view[:size], view[size:]
 
 
-def json_data_bytes(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> bytes:
-    """A tensor's JSON `data` (flat or nested) as little-endian bytes of `datatype`."""
+def json_data_array(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A tensor's JSON `data` (flat or nested) as an array of `datatype` and `shape`."""
     wire = wire_type(datatype, name).numpy
     try:
         values = np.asarray(data)
@@ -131,12 +148,12 @@ def json_data_bytes(data: Any, datatype: str, shape: tuple[int, ...], name: str)
         if low < info.min or high > info.max:
             raise InvalidInput(f"{name} data has values outside {datatype}'s range "
                                f"[{info.min:.6g}, {info.max:.6g}]")
-    return values.astype(wire, copy=False).tobytes()
+    return values.astype(wire.newbyteorder("="), copy=False).reshape(shape)
 
 
-def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
-                  message: kpb.ModelInferRequest) -> int:
-    """Add one input tensor to `message`; the offset of the next binary tensor."""
+def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int
+                  ) -> tuple[RestTensor, int]:
+    """One input tensor; the offset of the next binary tensor."""
     tensor = _object(tensor, f"inputs[{index}]")
     name = _string(tensor.get("name"), f"inputs[{index}].name")
     label = f"input {name!r}"
@@ -151,39 +168,37 @@ def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
         raise InvalidInput(str(exc)) from exc
     parameters = _object(tensor.get("parameters", {}), f"{label} parameters")
     size = parameters.get("binary_data_size")
+    data: np.ndarray | memoryview
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidInput(f"{label} binary_data_size must be a byte count, got {size!r}")
         if offset + size > len(binary):
             raise InvalidInput(f"{label} binary_data_size {size} runs past the body's "
                                f"{len(binary)} bytes of binary tensor data")
-        raw = bytes(binary[offset:offset + size])
+        data = binary[offset:offset + size]
         offset += size
     elif "data" in tensor:
         try:
-            raw = json_data_bytes(tensor["data"], datatype, shape, label)
+            data = json_data_array(tensor["data"], datatype, shape, label)
         except TensorError as exc:
             raise InvalidInput(str(exc)) from exc
     else:
         raise InvalidInput(f"{label} has neither data nor parameters.binary_data_size")
-    message.inputs.add(name=name, datatype=datatype, shape=shape)
-    message.raw_input_contents.append(raw)
-    return offset
+    return RestTensor(name, datatype, tuple(shape), data), offset
 
 
-def _decode_outputs(outputs: Any, message: kpb.ModelInferRequest) -> dict[str, bool]:
-    """Add the requested outputs to `message`; their own `binary_data` parameters."""
-    binary: dict[str, bool] = {}
+def _decode_outputs(outputs: Any) -> tuple[tuple[tuple[str, bool], ...], dict[str, bool]]:
+    """The requested outputs (name, asks for classification); their own `binary_data`."""
+    requested, binary = [], {}
     for index, output in enumerate(_list(outputs, "outputs")):
         output = _object(output, f"outputs[{index}]")
         name = _string(output.get("name"), f"outputs[{index}].name")
         parameters = _object(output.get("parameters", {}), f"output {name!r} parameters")
-        requested = message.outputs.add(name=name)
-        if "classification" in parameters:  # refused by the protocol's own check, as on gRPC
-            requested.parameters["classification"].int64_param = 0
+        # The classification extension is refused by the protocol's own check, as on gRPC.
+        requested.append((name, "classification" in parameters))
         if isinstance(parameters.get("binary_data"), bool):
             binary[name] = parameters["binary_data"]
-    return binary
+    return tuple(requested), binary
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:
@@ -196,43 +211,61 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return timeout / 1e6
 
 
-def decode_infer_request(body: bytes, header_length: str | None, model: str,
-                         version: str) -> RestInferRequest:
-    """An infer request's body (JSON, or JSON + binary tensors) as the protocol message."""
+def decode_infer_request(body: bytes, header_length: str | None) -> RestInferRequest:
+    """An infer request's body (JSON, or JSON + binary tensors), its tensors as arrays or bytes."""
     header, binary = _split_body(body, header_length)
     request = _object(decode_json(header), "the request body")
-    message = kpb.ModelInferRequest(model_name=model, model_version=version,
-                                    id=_string(request.get("id", ""), "id"))
+    request_id = _string(request.get("id", ""), "id")
     parameters = _object(request.get("parameters", {}), "parameters")
-    inputs = _list(request.get("inputs"), "inputs")
-    offset = 0
-    for index, tensor in enumerate(inputs):
-        offset = _decode_input(tensor, index, binary, offset, message)
+    offset, inputs = 0, []
+    for index, tensor in enumerate(_list(request.get("inputs"), "inputs")):
+        decoded, offset = _decode_input(tensor, index, binary, offset)
+        inputs.append(decoded)
     if offset != len(binary):
         raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary tensor data "
                            "that no input's binary_data_size accounts for")
-    binary_outputs = _decode_outputs(request.get("outputs", []), message)
-    return RestInferRequest(message, binary_outputs,
+    outputs, binary_outputs = _decode_outputs(request.get("outputs", []))
+    return RestInferRequest(request_id, tuple(inputs), outputs, binary_outputs,
                             parameters.get("binary_data_output") is True, _timeout(parameters))
 
 
-def encode_infer_response(response: kpb.ModelInferResponse,
-                          request: RestInferRequest) -> tuple[bytes, int | None]:
-    """The answer's body and, when it carries binary tensors, the length of its JSON part."""
+def decode_rest(request: RestInferRequest, served: ServedEnsemble) -> np.ndarray:
+    """The pipeline's decode step for a REST request (api/pipeline.py): its one input as an
+    array, with the checks a KServe gRPC request gets; the outputs it names are checked too."""
+    check_input_names([tensor.name for tensor in request.inputs], served.manifest.input)
+    tensor = request.inputs[0]
+    x = tensor.data
+    if isinstance(x, memoryview):
+        try:
+            x = array_from_bytes(x, tensor.datatype, tensor.shape,  # type: ignore[arg-type]
+                                 f"input {tensor.name!r}", field="raw contents")
+        except TensorError as exc:
+            raise InvalidInput(str(exc)) from exc
+    choose_outputs(list(request.outputs))
+    return x
+
+
+def encode_rest(scores: EnsembleScores, served: ServedEnsemble,
+                request: InferRequest[RestInferRequest]) -> tuple[bytes, int | None]:
+    """The pipeline's encode step for a REST request: the answer's body and, when it carries
+    binary tensors, the length of its JSON part."""
+    rest = request.message
     outputs, blobs = [], []
-    for output, raw in zip(response.outputs, response.raw_output_contents):
-        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
-                                 "shape": list(output.shape)}
-        if request.binary(output.name):
+    for name in choose_outputs(list(rest.outputs)):
+        array = np.asarray(getattr(scores, name))
+        datatype = NUMPY_TO_KSERVE[array.dtype.newbyteorder("=")]
+        wire = np.ascontiguousarray(array.astype(KSERVE_TO_NUMPY[datatype], copy=False))
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if rest.binary(name):
+            raw = wire.tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:  # orjson writes the array itself: float32 as float32, no Python floats between
-            entry["data"] = np.frombuffer(raw, dtype=KSERVE_TO_NUMPY[output.datatype])
+            entry["data"] = wire.reshape(-1)
         outputs.append(entry)
-    answer: dict[str, Any] = {"model_name": response.model_name,
-                              "model_version": response.model_version}
-    if response.id:
-        answer["id"] = response.id
+    answer: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version)}
+    if request.request_id:
+        answer["id"] = request.request_id
     answer["outputs"] = outputs
     header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
@@ -30,7 +30,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from snapserve.server.api.status import describe_error
 from snapserve.server.errors import ConfigError, MalformedRequest, Overloaded
 
-__all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "add_servicer", "queued"]
+__all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "Ticket", "add_servicer"]
 
 # Payloads from this size are parsed and decoded on a decode thread: below it, the hop to a
 # thread and back costs more than the work (a 256 KiB message parses in well under 1 ms).
@@ -56,48 +56,33 @@ class IntakeConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-class _Ticket:
-    """One admitted call's share of the bound, held for the `with` block, given back once
-    (queued, or the block ended). A class, not a generator: it is on every call's path."""
+class Ticket:
+    """One admitted call's share of the bound, held for the `with` block and given back once:
+    when the request joins a batcher's queue (`queued`, called by the pipeline it is passed to),
+    or when the block ends. A class, not a generator: it is on every call's path."""
 
-    __slots__ = ("_intake", "nbytes", "_held", "_token")
+    __slots__ = ("_intake", "nbytes", "_held")
 
     def __init__(self, intake: Intake, nbytes: int) -> None:
         self._intake, self.nbytes, self._held = intake, nbytes, False
-        self._token: contextvars.Token[_Ticket | None] | None = None
 
-    def __enter__(self) -> _Ticket:
+    def __enter__(self) -> Ticket:
         self._held = True
         self._intake.calls += 1
         self._intake.bytes += self.nbytes
-        self._token = _TICKET.set(self)
         return self
 
     def __exit__(self, *exc_info: object) -> bool:
-        if self._token is not None:
-            _TICKET.reset(self._token)
-            self._token = None
-        self.release()
+        self.queued()
         return False
 
-    def release(self) -> None:
+    def queued(self) -> None:
+        """The request went to a batcher: from there the queue's own bound holds it, so it no
+        longer counts against the intake bound. Idempotent."""
         if self._held:
             self._held = False
             self._intake.calls -= 1
             self._intake.bytes -= self.nbytes
-
-
-# The unary call being handled in this task: `queued()` releases its ticket.
-_TICKET: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar("intake_ticket",
-                                                                        default=None)
-
-
-def queued() -> None:
-    """Called by a servicer when the request goes to a batcher: from there the queue's own
-    bound holds it, so it no longer counts against the intake bound."""
-    ticket = _TICKET.get()
-    if ticket is not None:
-        ticket.release()
 
 
 class Intake:
@@ -110,7 +95,7 @@ class Intake:
         self.refused = 0
         self._pool: ThreadPoolExecutor | None = None
 
-    def admit(self, nbytes: int) -> _Ticket:
+    def admit(self, nbytes: int) -> Ticket:
         """A call of `nbytes`, counted while its `with` block runs (until queued); Overloaded
         at once beyond the bound."""
         config = self.config
@@ -122,7 +107,7 @@ class Intake:
                 f"{self.bytes / 2**20:.1f} MiB; limits max_pending_calls="
                 f"{config.max_pending_calls}, max_pending_bytes={config.max_pending_bytes}); "
                 "retry later")
-        return _Ticket(self, nbytes)
+        return Ticket(self, nbytes)
 
     async def run(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args), on a decode thread when the payload is large (OFFLOAD_BYTES)."""
@@ -157,12 +142,19 @@ def parse_message(cls: type[protobuf_message.Message], data: bytes) -> Any:
 # -- raw-bytes method handlers -----------------------------------------------------------------
 
 def _unary_request(intake: Intake, cls: type, impl: Callable[..., Any]) -> Callable[..., Any]:
+    # A method with a `ticket` parameter (inference) is handed the call's ticket, which it
+    # passes to the pipeline to give back once the request is queued; the others hold it to
+    # the end of the call.
+    takes_ticket = "ticket" in inspect.signature(impl).parameters
+
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            with intake.admit(len(data)):
+            with intake.admit(len(data)) as ticket:
                 # A small message parsed here: not even the coroutine of intake.parse.
                 request = (parse_message(cls, data) if len(data) < OFFLOAD_BYTES
                            else await intake.parse(cls, data))
+                if takes_ticket:
+                    return await impl(request, context, ticket)
                 return await impl(request, context)
         except (MalformedRequest, Overloaded) as exc:
             await context.abort(*describe_error(exc))

@@ -3,32 +3,32 @@
 
 `KServeCore` holds the protocol's logic on its messages and knows no transport: the gRPC
 servicer here and the REST front end (api/http.py) both call it, so the two answer alike, with
-the same checks and messages. Decode, call, encode, like the native service: inference goes
-through the same registry, batcher and runtime (`ModelRegistry.predict`), errors through the same
-table (api/status.py). Model versions are strings here ("" = the default, the newest loaded).
+the same checks and messages. Inference goes through the one pipeline (api/pipeline.py
+`DataPlane`, shared as `core.plane`), errors through the same table (api/status.py). Model
+versions are strings here ("" = the default, the newest loaded).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator, Callable, TypeVar
+import inspect
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from snapserve.proto.scores import EnsembleScores
 from snapserve.proto.version import package_version
 from snapserve.server.api.health import SERVING, HealthServicer
-from snapserve.server.api.intake import Intake, queued
-from snapserve.server.api.kserve_messages import (decode_infer_input, encode_infer_response,
-                                                  encode_infer_response_bytes, encode_model_config, encode_model_metadata,
-                                                  encode_statistics, parse_version, payload_bytes,
-                                                  requested_outputs)
-from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
+from snapserve.server.api.intake import Intake, Ticket
+from snapserve.server.api.kserve_messages import (decode_infer, encode_infer, encode_infer_bytes,
+                                                  encode_model_config, encode_model_metadata,
+                                                  encode_statistics, payload_bytes)
+from snapserve.server.api.pipeline import DataPlane, Encode, InferRequest, parse_version
+from snapserve.server.api.status import abort_on_error
+from snapserve.server.api.streams import answer_in_order
 from snapserve.server.errors import InvalidInput, RepositoryControlDenied
 from snapserve.server.observability.metrics import API_KSERVE, ServerMetrics
-from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.lifecycle import ModelManager
 from snapserve.server.models.policy import check_model_name
 
@@ -36,7 +36,6 @@ __all__ = ["EXTENSIONS", "SERVER_NAME", "KServeCore", "KServeServicer"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SERVER_NAME = "snapserve"
 # Triton's names for the optional parts of the protocol this server implements.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
@@ -60,10 +59,13 @@ class KServeCore:
     def __init__(self, manager: ModelManager, health: HealthServicer, metrics: ServerMetrics,
                  intake: Intake | None = None) -> None:
         self._manager = manager
-        self.intake = Intake() if intake is None else intake
         self._registry = manager.registry
         self._health = health
-        self._metrics = metrics
+        self.plane = DataPlane(self._registry, Intake() if intake is None else intake, metrics)
+
+    @property
+    def intake(self) -> Intake:
+        return self.plane.intake
 
     # -- server and model state ----------------------------------------------------------------
 
@@ -111,24 +113,19 @@ class KServeCore:
     async def infer(self, request: kpb.ModelInferRequest, timeout: float | None,
                     api: str = API_KSERVE) -> kpb.ModelInferResponse:
         """One inference; `api` labels it in the metrics (which front end it came through)."""
-        return await self._infer(request, timeout, api, encode_infer_response)
+        return await self._infer(request, timeout, encode_infer, api)
 
-    async def infer_bytes(self, request: kpb.ModelInferRequest, timeout: float | None) -> bytes:
+    async def infer_bytes(self, request: kpb.ModelInferRequest, timeout: float | None,
+                          ticket: Ticket | None = None) -> bytes:
         """One inference over gRPC: the serialized answer, assembled from bytes (proto/wire.py)."""
-        return await self._infer(request, timeout, API_KSERVE, encode_infer_response_bytes)
+        return await self._infer(request, timeout, encode_infer_bytes, API_KSERVE, ticket)
 
-    async def _infer(self, request: kpb.ModelInferRequest, timeout: float | None, api: str,
-                     encode: Callable[[EnsembleScores, ServedEnsemble, str, tuple[str, ...]], T]
-                     ) -> T:
-        with observed_request(self._metrics, request.model_name, api):
-            version = parse_version(request.model_version)
-            served = self._registry.get(request.model_name, version)
-            x = await self.intake.run(payload_bytes(request), decode_infer_input, request,
-                                       served.manifest.input, served.max_batch_size)
-            outputs = requested_outputs(request)
-            queued()
-            served, scores = await self._registry.predict(served, version, x, timeout)
-            return encode(scores, served, request.id, outputs)
+    def _infer(self, request: kpb.ModelInferRequest, timeout: float | None,
+               encode: Encode[kpb.ModelInferRequest, Any], api: str,
+               ticket: Ticket | None = None) -> Any:
+        return self.plane.infer(
+            InferRequest(request.model_name, request.model_version, request.id, request,
+                         decode_infer, payload_bytes(request), timeout, ticket), encode, api)
 
     # -- repository ------------------------------------------------------------------------------
 
@@ -178,54 +175,44 @@ class KServeCore:
         return kpb.RepositoryModelUnloadResponse()
 
 
+def _delegate(operation: str) -> Callable[..., Any]:
+    """A handler that answers with `core.<operation>(request)` (a message, or a coroutine of
+    one), its errors ending the call with their status (abort_on_error)."""
+    @abort_on_error
+    async def handler(self: KServeServicer, request: Any,
+                      context: grpc.aio.ServicerContext) -> Any:
+        answer = getattr(self.core, operation)(request)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    handler.__name__ = handler.__qualname__ = operation
+    return handler
+
+
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """The protocol over gRPC: each handler calls `core` (KServeCore), errors end the call with
-    their status (abort_on_error)."""
+    their status (abort_on_error). Every RPC but inference is one KServeCore operation on the
+    same message."""
 
     def __init__(self, manager: ModelManager, health: HealthServicer, metrics: ServerMetrics,
                  max_stream_in_flight: int = 64, intake: Intake | None = None) -> None:
         self.core = KServeCore(manager, health, metrics, intake)
         self._max_stream_in_flight = max_stream_in_flight
 
-    @abort_on_error
-    async def ServerLive(self, request: kpb.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
-        return self.core.server_live(request)
-
-    @abort_on_error
-    async def ServerReady(self, request: kpb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
-        return self.core.server_ready(request)
-
-    @abort_on_error
-    async def ModelReady(self, request: kpb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
-        return self.core.model_ready(request)
-
-    @abort_on_error
-    async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
-        return self.core.server_metadata(request)
-
-    @abort_on_error
-    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
-        return self.core.model_metadata(request)
-
-    @abort_on_error
-    async def ModelConfig(self, request: kpb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
-        return self.core.model_config(request)
-
-    @abort_on_error
-    async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
-        return self.core.model_statistics(request)
+    ServerLive = _delegate("server_live")
+    ServerReady = _delegate("server_ready")
+    ModelReady = _delegate("model_ready")
+    ServerMetadata = _delegate("server_metadata")
+    ModelMetadata = _delegate("model_metadata")
+    ModelConfig = _delegate("model_config")
+    ModelStatistics = _delegate("model_statistics")
+    RepositoryIndex = _delegate("repository_index")
+    RepositoryModelLoad = _delegate("repository_model_load")
+    RepositoryModelUnload = _delegate("repository_model_unload")
 
     @abort_on_error
     async def ModelInfer(self, request: kpb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> bytes:
-        return await self.core.infer_bytes(request, context.time_remaining())
+                         context: grpc.aio.ServicerContext, ticket: Ticket | None = None) -> bytes:
+        return await self.core.infer_bytes(request, context.time_remaining(), ticket)
 
     async def _stream_answer(self, request: kpb.ModelInferRequest,
                              timeout: float | None) -> kpb.ModelStreamInferResponse:
@@ -239,20 +226,3 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return answer_in_order(
             request_iterator, lambda request: self._stream_answer(request, context.time_remaining()),
             _stream_error, self._max_stream_in_flight)
-
-    @abort_on_error
-    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
-        return await self.core.repository_index(request)
-
-    @abort_on_error
-    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext
-                                  ) -> kpb.RepositoryModelLoadResponse:
-        return await self.core.repository_model_load(request)
-
-    @abort_on_error
-    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext
-                                    ) -> kpb.RepositoryModelUnloadResponse:
-        return await self.core.repository_model_unload(request)

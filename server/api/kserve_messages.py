@@ -16,10 +16,12 @@ import numpy as np
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import model_config_pb2 as mc
-from snapserve.proto.scores import EnsembleScores
+from snapserve.proto.scores import SCORE_SPECS, SCORES, EnsembleScores
 from snapserve.proto.tensors import (KSERVE_CONTENTS, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
                                      array_from_bytes, check_fits, check_shape, wire_type)
 from snapserve.proto.wire import LITTLE_ENDIAN, tag, varint
+from snapserve.server.api.answer_heads import AnswerHeads
+from snapserve.server.api.pipeline import InferRequest, parse_version
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
@@ -28,10 +30,10 @@ from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.models.statistics import Duration
 
-__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "PLATFORM", "decode_infer_input", "encode_infer_response",
-           "encode_infer_response_bytes",
-           "encode_model_config", "encode_model_metadata", "encode_statistics", "parse_version",
-           "payload_bytes", "requested_outputs"]
+__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "PLATFORM", "check_input_names", "choose_outputs", "decode_infer",
+           "decode_infer_input", "encode_infer", "encode_infer_bytes", "encode_infer_response",
+           "encode_infer_response_bytes", "encode_model_config", "encode_model_metadata",
+           "encode_statistics", "parse_version", "payload_bytes", "requested_outputs"]
 
 PLATFORM = "snapserve_ensemble"
 
@@ -39,43 +41,30 @@ PLATFORM = "snapserve_ensemble"
 @dataclass(frozen=True)
 class OutputSpec:
     datatype: str
-    dims: tuple[str, ...]  # after the batch: "C" classes, "M" members
+    dims: tuple[str, ...]  # after the batch: "classes", "members" (ScoreSpec.dims)
 
 
-# Named like the EnsembleScores fields they come from; docs/protocol.md describes each.
+# The KServe outputs are the score table's rows (proto/scores.py SCORES), named like the
+# EnsembleScores fields they come from; docs/protocol.md describes each. `top_class` is left
+# out: KServe clients take the top class from `probabilities`, as Triton's do.
+_NOT_OUTPUTS = frozenset({"top_class"})
 OUTPUTS: dict[str, OutputSpec] = {
-    "probabilities": OutputSpec("FP32", ("C",)),
-    "predictive_entropy": OutputSpec("FP32", ()),
-    "expected_entropy": OutputSpec("FP32", ()),
-    "mutual_information": OutputSpec("FP32", ()),
-    "vote_disagreement": OutputSpec("FP32", ()),
-    "member_kl": OutputSpec("FP32", ("M",)),
-    "member_top_class": OutputSpec("INT64", ("M",)),
-    "member_probabilities": OutputSpec("FP32", ("M", "C")),
-}
-# [batch, members, classes] can be large: sent only when a request names it.
-DEFAULT_OUTPUTS: tuple[str, ...] = tuple(n for n in OUTPUTS if n != "member_probabilities")
+    spec.name: OutputSpec(NUMPY_TO_KSERVE[spec.dtype], spec.dims[1:])
+    for spec in SCORES if spec.name not in _NOT_OUTPUTS}
+# Large ones ([batch, members, classes]) are sent only when a request names them.
+DEFAULT_OUTPUTS: tuple[str, ...] = tuple(
+    spec.name for spec in SCORES if spec.name in OUTPUTS and not spec.on_request)
 
 
 def output_dims(served: ServedEnsemble, name: str) -> list[int]:
     """An output's shape after the batch dimension, for this model version."""
-    sizes = {"C": len(served.manifest.classes), "M": served.runtime.members}
-    return [sizes[d] for d in OUTPUTS[name].dims]
+    return list(SCORE_SPECS[name].shape(1, served.runtime.members,
+                                         len(served.manifest.classes))[1:])
 
 
 def config_type(datatype: str) -> int:
     """Triton's model-config enum for a KServe datatype: the same name behind TYPE_."""
     return mc.DataType.Value(f"TYPE_{datatype}")
-
-
-def parse_version(text: str, field: str = "model_version") -> int:
-    """"" -> 0 (the default version); "3" -> 3; anything else is InvalidInput."""
-    if text == "":
-        return 0
-    if not text.isascii() or not text.isdigit() or text.startswith("0"):
-        raise InvalidInput(f"{field} {text!r} is not a version: expected a positive integer "
-                           "such as '2', or '' for the default (newest) version")
-    return int(text)
 
 
 def _check_capacity(count: int, spec: InputSpec, max_batch_size: int | None, what: str) -> None:
@@ -115,12 +104,16 @@ def _from_contents(tensor: kpb.ModelInferRequest.InferInputTensor, name: str, sp
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def _check_one_input(request: kpb.ModelInferRequest, spec: InputSpec) -> None:
-    if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
-        sent = [t.name for t in request.inputs]
+def check_input_names(sent: list[str], spec: InputSpec) -> None:
+    """InvalidInput unless the request's inputs, by name, are the model's one input."""
+    if len(sent) != 1 or sent[0] != spec.name:
         raise InvalidInput(f"the model takes one input named {spec.name!r} (datatype "
                            f"{NUMPY_TO_KSERVE.get(spec.dtype, spec.dtype)}, shape "
                            f"{format_shape(spec.shape)}); the request has inputs {sent}")
+
+
+def _check_one_input(request: kpb.ModelInferRequest, spec: InputSpec) -> None:
+    check_input_names([t.name for t in request.inputs], spec)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} entries "
@@ -154,18 +147,25 @@ def decode_infer_input(request: kpb.ModelInferRequest, spec: InputSpec,
 
 def requested_outputs(request: kpb.ModelInferRequest) -> tuple[str, ...]:
     """The outputs to send, in request order: those named, or DEFAULT_OUTPUTS."""
-    if not request.outputs:
+    return choose_outputs([(output.name, "classification" in output.parameters)
+                           for output in request.outputs])
+
+
+def choose_outputs(requested: list[tuple[str, bool]]) -> tuple[str, ...]:
+    """The outputs to send, from (name, asks for classification) in request order, for either
+    transport: those named, or DEFAULT_OUTPUTS when none is."""
+    if not requested:
         return DEFAULT_OUTPUTS
     names: list[str] = []
-    for output in request.outputs:
-        if output.name not in OUTPUTS:
-            raise InvalidInput(f"unknown output {output.name!r}; outputs are {', '.join(OUTPUTS)}")
-        if "classification" in output.parameters:
-            raise InvalidInput(f"output {output.name!r}: the classification extension is not "
+    for name, classification in requested:
+        if name not in OUTPUTS:
+            raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}")
+        if classification:
+            raise InvalidInput(f"output {name!r}: the classification extension is not "
                                "supported; ask for 'probabilities' and take the top classes")
-        if output.name in names:
-            raise InvalidInput(f"output {output.name!r} is asked for twice; name each output once")
-        names.append(output.name)
+        if name in names:
+            raise InvalidInput(f"output {name!r} is asked for twice; name each output once")
+        names.append(name)
     return tuple(names)
 
 
@@ -185,6 +185,7 @@ def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, reques
 _RESPONSE_FIELDS = kpb.ModelInferResponse.DESCRIPTOR.fields_by_name
 _ID_TAG = tag(_RESPONSE_FIELDS["id"].number)
 _RAW_OUTPUT_TAG = tag(_RESPONSE_FIELDS["raw_output_contents"].number)
+_HEADS = AnswerHeads()
 
 
 def _infer_response_head(model: str, version: int, outputs: tuple[str, ...], rows: int,
@@ -193,15 +194,14 @@ def _infer_response_head(model: str, version: int, outputs: tuple[str, ...], row
     """What every answer of `rows` examples from this version says but its id and its bytes:
     the serialized name, version and output specs; per output, the key and length that start
     its raw contents, and the dtype its array must have."""
-    sizes = {"C": classes, "M": members}
     response = kpb.ModelInferResponse(model_name=model, model_version=str(version))
     chunks = []
     for name in outputs:
-        spec = OUTPUTS[name]
-        shape = [rows, *(sizes[d] for d in spec.dims)]
-        response.outputs.add(name=name, datatype=spec.datatype, shape=shape)
-        dtype = KSERVE_TO_NUMPY[spec.datatype]
-        chunks.append((name, _RAW_OUTPUT_TAG + varint(math.prod(shape) * dtype.itemsize), dtype))
+        spec = SCORE_SPECS[name]
+        shape = spec.shape(rows, members, classes)
+        response.outputs.add(name=name, datatype=OUTPUTS[name].datatype, shape=shape)
+        chunks.append((name, _RAW_OUTPUT_TAG + varint(math.prod(shape) * spec.dtype.itemsize),
+                       spec.dtype))
     return response.SerializeToString(), tuple(chunks)
 
 
@@ -210,9 +210,9 @@ def encode_infer_response_bytes(scores: EnsembleScores, served: ServedEnsemble, 
     """`encode_infer_response(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per output (proto/wire.py): the answer is never built as a message."""
     rows, manifest = len(scores), served.manifest
-    head, chunks = served.answer_head(("kserve", rows, outputs), _infer_response_head,
-                                      manifest.name, manifest.version, outputs, rows,
-                                      len(manifest.classes), served.runtime.members)
+    head, chunks = _HEADS.get(served, (rows, outputs), _infer_response_head, manifest.name,
+                              manifest.version, outputs, rows, len(manifest.classes),
+                              served.runtime.members)
     identifier = request_id.encode()
     parts = [head, _ID_TAG, varint(len(identifier)), identifier]
     for name, prefix, dtype in chunks:
@@ -221,6 +221,28 @@ def encode_infer_response_bytes(scores: EnsembleScores, served: ServedEnsemble, 
             return encode_infer_response(scores, served, request_id, outputs).SerializeToString()
         parts += (prefix, array.tobytes())
     return b"".join(parts)
+
+
+def decode_infer(request: kpb.ModelInferRequest, served: ServedEnsemble) -> np.ndarray:
+    """The pipeline's decode step for a KServe request (api/pipeline.py): its input array; the
+    outputs it names are checked here too, before it is queued."""
+    x = decode_infer_input(request, served.manifest.input, served.max_batch_size)
+    requested_outputs(request)
+    return x
+
+
+def encode_infer(scores: EnsembleScores, served: ServedEnsemble,
+                 request: InferRequest[kpb.ModelInferRequest]) -> kpb.ModelInferResponse:
+    """The pipeline's encode step for a KServe request, as a message (streams)."""
+    return encode_infer_response(scores, served, request.request_id,
+                                 requested_outputs(request.message))
+
+
+def encode_infer_bytes(scores: EnsembleScores, served: ServedEnsemble,
+                       request: InferRequest[kpb.ModelInferRequest]) -> bytes:
+    """The pipeline's encode step for a unary KServe call: the serialized answer."""
+    return encode_infer_response_bytes(scores, served, request.request_id,
+                                       requested_outputs(request.message))
 
 
 def _input_datatype(spec: InputSpec) -> str:

@@ -1,21 +1,29 @@
-"""snapserve.v1 messages <-> server objects. No logic beyond conversion."""
+"""snapserve.v1 messages <-> server objects. No logic beyond conversion.
+
+The answer's tensors follow the score table (proto/scores.py `SCORES`): a new score is a row
+there and a field in ensemble.proto, no edit here.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from snapserve.proto.scores import EnsembleScores
+from snapserve.proto.scores import SCORES, EnsembleScores, ScoreSpec
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
 from snapserve.proto.wire import LITTLE_ENDIAN, length_delimited, tag, varint
+from snapserve.server.api.answer_heads import AnswerHeads
+from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.inputs import format_shape
 from snapserve.server.models.manifest import InputSpec
 from snapserve.server.models.registry import ModelRegistry
 
-__all__ = ["decode_input", "encode_metadata", "encode_prediction", "encode_prediction_bytes",
-           "encode_summary"]
+__all__ = ["answer_scores", "decode_input", "decode_predict", "encode_metadata", "encode_predict",
+           "encode_prediction", "encode_prediction_bytes", "encode_summary"]
 
 
 def decode_input(request: pb.PredictRequest, spec: InputSpec) -> np.ndarray:
@@ -29,35 +37,30 @@ def decode_input(request: pb.PredictRequest, spec: InputSpec) -> np.ndarray:
         raise InvalidInput(str(exc)) from exc
 
 
+def answer_scores(include_member_probabilities: bool) -> tuple[ScoreSpec, ...]:
+    """The scores a native answer carries, in SCORES' order (the answer's field order): every
+    one but those sent on request, and those too when asked."""
+    return SCORES if include_member_probabilities else _DEFAULT_SCORES
+
+
+_DEFAULT_SCORES = tuple(spec for spec in SCORES if not spec.on_request)
+
+
 def encode_prediction(scores: EnsembleScores, served: ServedEnsemble, request_id: str,
                       include_member_probabilities: bool) -> pb.PredictResponse:
     response = pb.PredictResponse(model=served.name, version=served.version, request_id=request_id)
-    to_tensor(scores.probabilities, response.probabilities)
-    to_tensor(scores.top_class, response.top_class)
+    for spec in answer_scores(include_member_probabilities):
+        to_tensor(getattr(scores, spec.name), getattr(response, spec.name))
     classes = served.manifest.classes
     response.top_label.extend(classes[i] for i in scores.top_class.tolist())
-    to_tensor(scores.predictive_entropy, response.predictive_entropy)
-    to_tensor(scores.expected_entropy, response.expected_entropy)
-    to_tensor(scores.mutual_information, response.mutual_information)
-    to_tensor(scores.vote_disagreement, response.vote_disagreement)
-    to_tensor(scores.member_kl, response.member_kl)
-    to_tensor(scores.member_top_class, response.member_top_class)
-    if include_member_probabilities:
-        to_tensor(scores.member_probabilities, response.member_probabilities)
     return response
 
 
-# The tensors of an answer, in field order, with the dtype each is sent as (EnsembleScores').
-_TENSORS: tuple[tuple[str, np.dtype], ...] = (
-    ("probabilities", np.dtype(np.float32)), ("top_class", np.dtype(np.int64)),
-    ("predictive_entropy", np.dtype(np.float32)), ("expected_entropy", np.dtype(np.float32)),
-    ("mutual_information", np.dtype(np.float32)), ("vote_disagreement", np.dtype(np.float32)),
-    ("member_kl", np.dtype(np.float32)), ("member_top_class", np.dtype(np.int64)))
-_MEMBER_PROBABILITIES = ("member_probabilities", np.dtype(np.float32))
 _FIELDS = pb.PredictResponse.DESCRIPTOR.fields_by_name
 _REQUEST_ID_TAG = tag(_FIELDS["request_id"].number)
 _TOP_LABEL = _FIELDS["top_label"].number
 _DATA_TAG = tag(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
+_HEADS = AnswerHeads()
 
 
 _Head = tuple[bytes, tuple[tuple[str, np.dtype, bytes], ...], tuple[bytes, ...]]
@@ -69,21 +72,17 @@ def _prediction_head(model: str, version: int, rows: int, classes: tuple[str, ..
     its bytes: the serialized model, version and each tensor's dtype and shape; per tensor, the
     key and lengths that start its data (a Tensor holding only `data`, merged into the head's
     by the parser); each class's top_label field."""
-    shapes = {"probabilities": [rows, len(classes)], "member_kl": [rows, members],
-              "member_top_class": [rows, members],
-              "member_probabilities": [rows, members, len(classes)]}
     response = pb.PredictResponse(model=model, version=version)
-    tensors = _TENSORS + ((_MEMBER_PROBABILITIES,) if member_probabilities else ())
     chunks = []
-    for name, dtype in tensors:
-        shape = shapes.get(name, [rows])
-        field = getattr(response, name)
-        field.dtype = NUMPY_TO_DTYPE[dtype]
+    for spec in answer_scores(member_probabilities):
+        shape = spec.shape(rows, members, len(classes))
+        field = getattr(response, spec.name)
+        field.dtype = NUMPY_TO_DTYPE[spec.dtype]
         field.shape[:] = shape
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * spec.dtype.itemsize
         data_field_length = len(_DATA_TAG) + len(varint(nbytes)) + nbytes
-        chunks.append((name, dtype, tag(_FIELDS[name].number) + varint(data_field_length)
-                       + _DATA_TAG + varint(nbytes)))
+        chunks.append((spec.name, spec.dtype, tag(_FIELDS[spec.name].number)
+                       + varint(data_field_length) + _DATA_TAG + varint(nbytes)))
     labels = tuple(length_delimited(_TOP_LABEL, label.encode()) for label in classes)
     return response.SerializeToString(), tuple(chunks), labels
 
@@ -93,8 +92,8 @@ def encode_prediction_bytes(scores: EnsembleScores, served: ServedEnsemble, requ
     """`encode_prediction(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per tensor (proto/wire.py): the answer is never built as a message."""
     rows, manifest = len(scores), served.manifest
-    head, chunks, labels = served.answer_head(
-        ("native", rows, include_member_probabilities), _prediction_head, manifest.name,
+    head, chunks, labels = _HEADS.get(
+        served, (rows, include_member_probabilities), _prediction_head, manifest.name,
         manifest.version, rows, manifest.classes, served.runtime.members,
         include_member_probabilities)
     identifier = request_id.encode()
@@ -107,6 +106,18 @@ def encode_prediction_bytes(scores: EnsembleScores, served: ServedEnsemble, requ
         parts += (prefix, array.tobytes())
     parts += [labels[i] for i in scores.top_class.tolist()]
     return b"".join(parts)
+
+
+def decode_predict(request: pb.PredictRequest, served: ServedEnsemble) -> np.ndarray:
+    """The pipeline's decode step for a native request (api/pipeline.py)."""
+    return decode_input(request, served.manifest.input)
+
+
+def encode_predict(scores: EnsembleScores, served: ServedEnsemble,
+                   request: InferRequest[pb.PredictRequest]) -> bytes:
+    """The pipeline's encode step for a native request: the serialized answer."""
+    return encode_prediction_bytes(scores, served, request.request_id,
+                                   request.message.include_member_probabilities)
 
 
 def encode_summary(registry: ModelRegistry, name: str) -> pb.ModelSummary:

@@ -1,6 +1,8 @@
-"""The native gRPC service `snapserve.v1.EnsembleService`: decode, call, encode.
+"""The native gRPC service `snapserve.v1.EnsembleService`: a thin codec around the pipeline.
 
-Errors become status codes in api/status.py (`abort_on_error`), as for every service.
+Inference hands the parsed request, its decoder and encoder (api/messages.py) and the call's
+intake ticket to the one pipeline (api/pipeline.py). Errors become status codes in
+api/status.py (`abort_on_error`), as for every service.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import grpc
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
-from snapserve.server.api.intake import Intake, queued
-from snapserve.server.api.messages import (decode_input, encode_metadata,
-                                           encode_prediction_bytes, encode_summary)
-from snapserve.server.api.status import abort_on_error, answer_in_order, observed_request
+from snapserve.server.api.intake import Intake, Ticket
+from snapserve.server.api.messages import (decode_predict, encode_metadata, encode_predict,
+                                           encode_summary)
+from snapserve.server.api.pipeline import DataPlane, InferRequest
+from snapserve.server.api.status import abort_on_error
+from snapserve.server.api.streams import answer_in_order
 from snapserve.server.observability.metrics import API_NATIVE, ServerMetrics
 from snapserve.server.models.registry import ModelRegistry
 
@@ -33,26 +37,22 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
     def __init__(self, registry: ModelRegistry, max_stream_in_flight: int = 64,
                  metrics: ServerMetrics | None = None, intake: Intake | None = None) -> None:
         self._registry = registry
-        self._intake = Intake() if intake is None else intake
         self._max_stream_in_flight = max_stream_in_flight
-        self._metrics = ServerMetrics(registry) if metrics is None else metrics
+        self.plane = DataPlane(registry, Intake() if intake is None else intake,
+                               ServerMetrics(registry) if metrics is None else metrics)
 
-    async def _predict(self, request: pb.PredictRequest,
-                       timeout: float | None = None) -> bytes:
-        with observed_request(self._metrics, request.model, API_NATIVE):
-            served = self._registry.get(request.model, request.version)
-            x = await self._intake.run(len(request.input.data), decode_input, request,
-                                       served.manifest.input)
-            queued()
-            served, scores = await self._registry.predict(served, request.version, x, timeout)
-            # Serialized here (proto/wire.py): gRPC sends the bytes as they are.
-            return encode_prediction_bytes(scores, served, request.request_id,
-                                           request.include_member_probabilities)
+    async def _predict(self, request: pb.PredictRequest, timeout: float | None = None,
+                       ticket: Ticket | None = None) -> bytes:
+        # Serialized by the encoder (proto/wire.py): gRPC sends the bytes as they are.
+        return await self.plane.infer(
+            InferRequest(request.model, request.version, request.request_id, request,
+                         decode_predict, len(request.input.data), timeout, ticket),
+            encode_predict, API_NATIVE)
 
     @abort_on_error
-    async def Predict(self, request: pb.PredictRequest,
-                      context: grpc.aio.ServicerContext) -> bytes:
-        return await self._predict(request, context.time_remaining())
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext,
+                      ticket: Ticket | None = None) -> bytes:
+        return await self._predict(request, context.time_remaining(), ticket)
 
     @abort_on_error
     def PredictStream(self, request_iterator: AsyncIterator[pb.PredictRequest],

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from snapserve.server.api.intake import Intake, IntakeConfig, queued
+from snapserve.server.api.intake import Intake, IntakeConfig
 from snapserve.server.process.cli import load_config
 from snapserve.server.errors import ConfigError, Overloaded
 from tests.support.calls import digits_input, predict_request
@@ -22,11 +22,13 @@ def test_intake_bounds_calls_and_bytes_until_queued() -> None:
         with pytest.raises(Overloaded, match="max_pending_bytes=100"):
             with intake.admit(50):
                 pass
-        with intake.admit(40):
+        with intake.admit(40) as ticket:
             with pytest.raises(Overloaded, match="max_pending_calls=2"):
                 with intake.admit(0):
                     pass
-            queued()  # the inner call went to a batcher: it no longer counts
+            ticket.queued()  # the inner call went to a batcher: it no longer counts
+            assert (intake.calls, intake.bytes) == (1, 60)
+            ticket.queued()  # given back once
             assert (intake.calls, intake.bytes) == (1, 60)
     assert (intake.calls, intake.bytes, intake.refused) == (0, 0, 2)
     with pytest.raises(ConfigError, match="max_pending_calls"):
