@@ -115,7 +115,7 @@ class RunningServer:
         await asyncio.gather(batchers, return_exceptions=True)  # cancelled ones included
         logger.info("refused %d calls while draining", self.drain.refused)
         self.intake.close()
-        self.metrics.close()
+        await self.metrics.close()
         if self.config.freeze_heap:
             heap.thaw()  # what start_server froze is the collector's again
         logger.info("stopped serving on %s", self.address)
@@ -235,8 +235,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         raise
     if not len(registry):
         logger.warning("no model loaded from %s", config.model_repository)
-    # The start-up heap out of the collector's way: full collections under load walked it
-    # for ~30 ms each, stopping the loop (server/process/heap.py).
+    # The start-up heap out of the collector's way: a full collection under load would walk it
+    # all, stopping the loop meanwhile (server/process/heap.py).
     if config.freeze_heap:
         heap.freeze()
     for service in HEALTH_SERVICE_NAMES:

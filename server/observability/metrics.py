@@ -152,9 +152,9 @@ class ServerMetrics:
                         config.host, bound)
         return bound
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._http is not None:
-            self._http.close()
+            await self._http.stop()
             self._http = None
 
 

@@ -1,13 +1,15 @@
-"""The Prometheus /metrics endpoint: a small HTTP/1.1 server on the event loop, no thread at all.
+"""The Prometheus /metrics endpoint: aiohttp on the event loop that calls it, no thread at all.
 
-Why not prometheus_client's own (a ThreadingHTTPServer): it starts a thread per connection and
-never times a connection out, so 300 idle connections held 300 threads, and it bound the gRPC
-host (0.0.0.0 in the image). Here:
-- its own host (`metrics_host`, default loopback): metrics tell an outsider what is served and
-  how busy it is, so they are not exposed unless asked for;
+Metrics tell an outsider what is served and how busy it is, and a scrape is cheap to open, so:
+- its own host (`metrics_host`, default loopback), apart from the gRPC host: not exposed unless
+  asked for;
 - a connection must send its request within `timeout_s`, and read the answer within it too;
-- at most `max_connections` at once; beyond, new connections are closed at once;
-- one request per connection (`Connection: close`): scrapers reconnect every interval anyway.
+- at most `max_connections` open at once; beyond, new connections are closed as they arrive;
+- one request per connection (`Connection: close`): scrapers reconnect every interval anyway;
+- GET (and HEAD) /metrics only: 404 for another path, 405 for another method.
+
+aiohttp's low-level `web.Server` rather than an `Application`: the bound on connections needs
+the protocol factory, which the low-level server is, and one path needs no router.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from snapserve.server.errors import ConfigError
 
-__all__ = ["MetricsEndpoint", "MetricsEndpointConfig"]
+__all__ = ["METRICS_PATH", "MetricsEndpoint", "MetricsEndpointConfig"]
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 8 * 1024  # request line and headers; a scraper sends a few hundred bytes
+METRICS_PATH = "/metrics"
+MAX_HEAD_BYTES = 8 * 1024  # a request or header line; a scraper sends a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -46,60 +51,109 @@ class MetricsEndpointConfig:
                               f"got {self.max_connections!r}")
 
 
-def _response(status: str, content_type: str, body: bytes) -> bytes:
-    head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode("latin-1") + body
+class _Refused(asyncio.Protocol):
+    """A connection beyond `max_connections`: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _BoundedServer(web.Server):
+    """aiohttp's protocol factory, which refuses connections beyond `limit` open at once.
+
+    Counted from the factory call to `connection_lost`, not by `connections`: a burst of
+    connections calls the factory several times before the first `connection_made` runs.
+    """
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 limit: int, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limit = limit
+        self.open = 0  # connections being served now
+        self.refused = 0  # connections closed at once: `limit` were open
+
+    def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
+        if self.open >= self.limit:
+            self.refused += 1
+            return _Refused()
+        self.open += 1
+        return super().__call__()
+
+    def connection_lost(self, handler: web.RequestHandler,
+                        exc: BaseException | None = None) -> None:
+        self.open -= 1
+        super().connection_lost(handler, exc)
+
+
+def _plain(status: int, text: str, **headers: str) -> web.Response:
+    response = web.Response(status=status, text=text, headers=headers)
+    response.force_close()
+    return response
 
 
 class MetricsEndpoint:
+    """Serves `registry` on config.host; `start` and `stop` run on the loop that serves it."""
+
     def __init__(self, registry: CollectorRegistry,
                  config: MetricsEndpointConfig = MetricsEndpointConfig()) -> None:
         self._registry = registry
         self.config = config
-        self._server: asyncio.base_events.Server | None = None
-        self.open = 0  # connections being served now
-        self.refused = 0  # connections closed at once: max_connections were open
+        self._server: _BoundedServer | None = None
+        self._runner: web.ServerRunner | None = None
+
+    @property
+    def open(self) -> int:
+        """Connections being served now."""
+        return 0 if self._server is None else self._server.open
+
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because `max_connections` were open."""
+        return 0 if self._server is None else self._server.refused
 
     async def start(self, port: int) -> int:
-        """Listen on config.host:port; the bound port (for port 0)."""
+        """Listen on config.host:port; the bound port (for port 0). ConfigError when it cannot
+        bind."""
+        timeout = self.config.timeout_s
+        # keepalive_timeout closes a connection that has not sent its (first) request in time;
+        # lingering_time 0: a request body nobody reads is not waited for.
+        self._server = _BoundedServer(self._answer, self.config.max_connections, access_log=None,
+                                      keepalive_timeout=timeout, lingering_time=0,
+                                      max_line_size=MAX_HEAD_BYTES, max_field_size=MAX_HEAD_BYTES)
+        self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=timeout)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host.strip("[]"), port)
         try:
-            self._server = await asyncio.start_server(self._serve, self.config.host.strip("[]"),
-                                                      port, limit=MAX_HEAD_BYTES)
+            await site.start()
         except OSError as exc:
+            await self.stop()
             raise ConfigError(f"metrics_port: cannot bind {self.config.host}:{port}: {exc}") from exc
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._runner.addresses[0][1])
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.open >= self.config.max_connections:
-            self.refused += 1
-            writer.close()
-            return
-        self.open += 1
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.config.timeout_s)
-            writer.write(self._answer(head))
-            await asyncio.wait_for(writer.drain(), self.config.timeout_s)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            pass  # too slow, too long, or gone: the connection is simply closed
-        finally:
-            self.open -= 1
-            writer.close()
-
-    def _answer(self, head: bytes) -> bytes:
-        lines = head.decode("latin-1").split("\r\n")
-        method, _, rest = lines[0].partition(" ")
-        path = rest.partition(" ")[0].partition("?")[0]
-        if method not in ("GET", "HEAD") or path not in ("/metrics", "/"):
-            return _response("404 Not Found", "text/plain", b"only GET /metrics is served\n")
-        accept = next((line.partition(":")[2].strip() for line in lines[1:]
-                       if line.lower().startswith("accept:")), "")
-        encoder, content_type = choose_encoder(accept)
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != METRICS_PATH:
+            return _plain(404, "only GET /metrics is served\n")
+        if request.method not in ("GET", "HEAD"):
+            return _plain(405, "only GET /metrics is served\n", Allow="GET, HEAD")
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         body = encoder(self._registry)
-        return _response("200 OK", content_type, b"" if method == "HEAD" else body)
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        response.content_length = len(body)
+        response.force_close()
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await response.prepare(request)
+                if request.method == "GET":
+                    await response.write(body)
+                await response.write_eof()
+        except TimeoutError:  # the client reads too slowly: drop it, unsent bytes and all
+            if request.transport is not None:
+                request.transport.abort()
+        return response
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+    async def stop(self) -> None:
+        """Stop listening and close the connections, waiting at most timeout_s for answers
+        being written."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

@@ -22,6 +22,7 @@ client's channel.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import select
@@ -171,7 +172,9 @@ class _MetricsThread:
         return asyncio.run_coroutine_threadsafe(self._endpoint.start(port), self._loop).result()
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._endpoint.close)
+        if self._thread.is_alive():  # the endpoint stops on the loop that serves it
+            stopping = asyncio.run_coroutine_threadsafe(self._endpoint.stop(), self._loop)
+            concurrent.futures.wait([stopping], timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
