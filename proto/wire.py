@@ -5,9 +5,8 @@ for every request of a model version and batch size: the servers serialize it on
 message, and per request append only the id and each tensor's bytes as length-delimited
 fields. A protobuf parser reads concatenated messages as one, merging them (an embedded message
 field that occurs twice is merged, a repeated one appended), so the result is the message the
-slow path would have built, field for field (tests/server/test_wire.py checks both encoders).
-Measured: a KServe ModelInferResponse of seven outputs in 1.5 us against 16 us built as a
-message (docs/performance.md).
+slow path would have built, field for field (tests/proto/test_wire.py checks both encoders).
+Appending bytes costs a fraction of building the message each time (docs/performance.md).
 """
 
 from __future__ import annotations

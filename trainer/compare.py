@@ -70,7 +70,7 @@ PROFILES: dict[str, dict[str, Any]] = {
               "keep_last": 3, "methods": list(COMPARE_METHODS), "threads": 1},
 }
 # threads 1: models this small gain little from a second thread, and on a busy machine two
-# OpenMP threads spin waiting for each other (a 50-epoch run went from ~25 s to 335 s).
+# OpenMP threads spin waiting for each other, which can make a run many times slower.
 
 # (column, key of a run's row, digits, lower is better); the table's metrics.
 METRICS = (

@@ -137,8 +137,8 @@ class Batcher(Generic[T, R]):
     async def start(self) -> None:
         """Start the worker task in the running loop; submit() calls it when needed."""
         if self._worker is None:
-            # The loop, kept: asyncio.get_running_loop() is a getpid() system call each time
-            # (1.3% of the event loop's time when it was called per request).
+            # The loop, kept: asyncio.get_running_loop() is a getpid() system call each time,
+            # too dear to make per request.
             self._loop = asyncio.get_running_loop()
             self._wakeup = asyncio.Event()
             self._slot_free = asyncio.Event()
@@ -256,8 +256,8 @@ class Batcher(Generic[T, R]):
         (queued or computing) at once since the last batch, a peak that decays by _DECAY a
         batch when fewer come, shared among the batches that may compute at once. One caller:
         1, sent at once. Eight callers in a closed loop: a batch of eight as soon as the eighth
-        arrives, instead of one batch per arrival (digits, c=8: 1.4x the rate, 0.6x the p99,
-        0.7x the CPU per request; docs/performance.md)."""
+        arrives, instead of one batch per arrival: fewer, fuller batches, so a higher rate and
+        less CPU per request (docs/performance.md, "The batcher")."""
         config = self.config
         # At most half the queue: callers beyond a full one are refused, not coming, and a
         # queue that fills while the batcher waits would refuse the next arrivals.

@@ -9,16 +9,14 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
 
 - parallel instances of one thread each, one per core, when the model's compute per example is
   larger than what the event loop spends on a request (else the loop, not the model, is the
-  bottleneck and more instances only add thread hops: measured 1,800 against 1,370 req/s for
-  the digits ensemble with 1 and 2 instances on 2 cores);
+  bottleneck, and more instances only add thread hops and smaller batches);
 - plus a *lead* instance with every core's threads, when it computes a lone example faster than
   one thread does: the batcher hands it a batch only when nothing else computes, so a lone
   request uses all cores and a full queue runs on the single-thread instances, one per core;
 - a single single-thread instance computes a lone request *on the event loop* when its largest
   batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
-  the loop woken, the GIL handed over twice) then costs more than the run (measured, digits on
-  2 cores: c=1 p50 1.58 -> 1.40 ms). Batches of more requests still go to the thread, so the
-  loop takes in the next requests meanwhile.
+  the loop woken, the GIL handed over twice) then costs more than the run. Batches of more
+  requests still go to the thread, so the loop takes in the next requests meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +30,9 @@ __all__ = ["AUTO", "LOOP_COST_S", "ON_LOOP_MAX_S", "ThreadPlan", "cgroup_cpu_lim
            "usable_cores"]
 
 AUTO = 0  # instances / intra_op_threads: decide at load
-# Server CPU per one-example request outside the model (grpc.aio, decode, batcher, encode),
-# measured on the 2-core benchmark machine (benchmarks/RESULTS.md): ~0.5 ms.
+# Server CPU per one-example request outside the model (grpc.aio, decode, batcher, encode), as
+# benchmarks/RESULTS.md records it; a model that computes an example faster than this is not
+# the bottleneck.
 LOOP_COST_S = 0.5e-3
 # The lead instance is kept only when it is this much faster than one thread on a lone example.
 LEAD_GAIN = 0.85

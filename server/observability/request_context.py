@@ -48,8 +48,8 @@ os.register_at_fork(after_in_child=_reset_ids)  # a forked worker must not repea
 
 def new_request_id() -> str:
     """32 hex digits, unique per process (a random prefix) and call (a counter): as unique as a
-    uuid4 for a log's purposes, at a tenth of its cost (uuid4 was 4% of the event loop's time
-    per request: os.urandom and a UUID object, docs/performance.md)."""
+    uuid4 for a log's purposes, without a system call (os.urandom) and a UUID object per
+    request, which made uuid4 the largest Python item of the event loop (docs/performance.md)."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 

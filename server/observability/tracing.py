@@ -31,9 +31,9 @@ _PLACEHOLDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider) if ENABLED
 
 
 # The provider set_tracer_provider() installed, read from OpenTelemetry's module global:
-# get_tracer_provider() also looks an environment variable up on every call (2.9% of the event
-# loop's time, three checks per request). The public call when that variable names a provider
-# (loaded on first use) or a later release moves the global.
+# get_tracer_provider() also looks an environment variable up on every call, and a request
+# checks three times (docs/performance.md, "Second pass"). The public call when that variable
+# names a provider (loaded on first use) or a later release moves the global.
 _DIRECT = (ENABLED and hasattr(trace, "_TRACER_PROVIDER")
            and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ)
 

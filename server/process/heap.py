@@ -1,23 +1,22 @@
 """The server's heap and Python's cyclic garbage collector: what is alive once the server is up
 (modules, the loaded versions) is frozen out of the collector's way.
 
-A full (generation 2) collection walks every tracked object, and a loaded server holds some
-70,000 of them (grpc, protobuf, numpy, ONNX Runtime, aiohttp, pydantic, the model versions). Under load, each request's objects live through a few young collections (a c=32
-request lives ~13 ms; a young collection runs every ~9 ms), so they reach the old generation
-fast and full collections follow: measured on digits at c=32 over 20 s, 11-12 of them, each
-stopping the event loop for ~30 ms (41 at most), 292-382 ms in all. With the start-up heap frozen
-(`gc.freeze`, as pre-forking servers do before they fork), the collections that follow walk
-only what came after: 46-56 ms in all over the same runs, and the c=32 p99 fell from 26.3-27.9
-to 23.8-25.7 ms, lower in each of three pairs (docs/performance.md, "Third pass").
+A full (generation 2) collection walks every tracked object, and a loaded server holds tens of
+thousands of them (grpc, protobuf, numpy, ONNX Runtime, aiohttp, pydantic, the model versions).
+Under load, each request's objects live through a few young collections, so they reach the old
+generation fast and full collections follow, each stopping the event loop for the whole walk.
+With the start-up heap frozen (`gc.freeze`, as pre-forking servers do before they fork), the
+collections that follow walk only what came after (figures in docs/performance.md, "Third
+pass").
 
 Frozen objects are never collected, so a retired model version (unloaded, or replaced by a
-reload) could stay in memory with its sessions if it was frozen: the version and its batcher
+reload) would stay in memory with its sessions if it were frozen: the version and its batcher
 refer to each other, a cycle only the collector frees. `collect_retired` therefore unfreezes,
-collects and freezes again after a version is retired (one full collection, tens of ms, at
-each unload; reloads are rare), and `thaw` gives everything back to the collector when the
-server stops (the process may go on, as in tests). `ServerConfig.freeze_heap` (default on)
-leaves the heap alone for a server embedded in a process whose own heap should stay the
-collector's: the test suite, where collecting pytest's heap at every start cost 80 s.
+collects and freezes again after a version is retired (one full collection at each unload;
+reloads are rare), and `thaw` gives everything back to the collector when the server stops
+(the process may go on, as in tests). `ServerConfig.freeze_heap` (default on) leaves the heap
+alone for a server embedded in a process whose own heap should stay the collector's, such as
+the test suite, which starts a server many times over a large heap of its own.
 """
 
 from __future__ import annotations
