@@ -20,7 +20,7 @@ import contextlib
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 from google.protobuf import message as protobuf_message

@@ -39,7 +39,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     VersionNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     # The model failed on this request's values alone (its batch re-run apart), or its output
-    # was NaN/Inf: the request is refused, the rest of its batch answered (models/ensemble.py).
+    # was NaN/Inf: the request is refused, the rest of its batch answered (models/bisection.py).
     ModelRefusedInput: grpc.StatusCode.INVALID_ARGUMENT,
     NonFiniteOutput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorError: grpc.StatusCode.INVALID_ARGUMENT,

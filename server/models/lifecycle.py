@@ -31,7 +31,8 @@ from snapserve.server.process import heap
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ModelLoadError, ModelNotFound, ModelSettingsError, NoLoadableVersion
-from snapserve.server.models.ensemble import ServedEnsemble, load_version
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.loading import load_version
 from snapserve.server.models.policy import RepositoryConfig, check_model_name, wanted_versions
 from snapserve.server.models.registry import ModelRegistry, scan_repository
 from snapserve.server.models.settings import EffectiveSettings, read_model_settings, settings_identity

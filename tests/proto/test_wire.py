@@ -17,7 +17,8 @@ from snapserve.server.api.kserve_messages import (DEFAULT_OUTPUTS, OUTPUTS, enco
 from snapserve.server.api.messages import encode_prediction, encode_prediction_bytes
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
-from snapserve.server.models.ensemble import ServedEnsemble, load_version
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.loading import load_version
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16383, 16384, 2**21 + 5, 2**35, 2**63 - 1])

@@ -16,7 +16,7 @@ from snapserve.client import EnsembleClient
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.errors import ModelLoadError
-from snapserve.server.models.ensemble import load_version
+from snapserve.server.models.loading import load_version
 from snapserve.proto.scores import EnsembleScores, ensemble_scores, softmax
 from snapserve.trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_INPUT, check_fused,
                           fuse_members, member_to_fp16)

@@ -88,7 +88,7 @@ def test_auto_settings_load_a_valid_plan_that_answers(imported_repo: Path, insta
 
     from snapserve.server.engine.batcher import BatcherConfig
     from snapserve.server.engine.runtime import RuntimeConfig
-    from snapserve.server.models.ensemble import load_version
+    from snapserve.server.models.loading import load_version
 
     served = load_version(imported_repo / "mixed" / "1",
                           RuntimeConfig(device="cpu", instances=instances, intra_op_threads=threads),
@@ -150,7 +150,7 @@ async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so
 
     from snapserve.server.engine.batcher import BatcherConfig
     from snapserve.server.engine.runtime import RuntimeConfig
-    from snapserve.server.models.ensemble import load_version
+    from snapserve.server.models.loading import load_version
 
     served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
                           BatcherConfig(max_batch_size=8))

@@ -19,7 +19,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RuntimeConfig, ServerConfig, start_server
 from snapserve.server.errors import ConfigError, FusedOutputsMismatch, ModelNotFound, VersionNotFound
-from snapserve.server.models.ensemble import load_version
+from snapserve.server.models.loading import load_version
 from snapserve.server.models.lifecycle import ModelManager
 from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry, scan_repository

@@ -1,0 +1,71 @@
+"""How many instances of a model version, of how many threads each: measured at load.
+
+The plan itself is engine/cores.py's `plan_threads`; this module measures what it needs on an
+opened runtime (a lone example, the largest batch, every core's threads) within a time budget.
+Knows nothing of models or the API: it takes a runtime and a function that builds more.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
+from snapserve.server.engine.runtime import CUDA, EnsembleRuntime, GraphTiming, RuntimeConfig
+from snapserve.server.errors import InferenceError
+
+__all__ = ["fastest_seconds", "plan_instances"]
+
+_MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
+
+
+def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s: float) -> float:
+    """The fastest of a few runs after a warm-up: other processes' work only ever adds time, so
+    the minimum is the least disturbed estimate of the model's own cost (a median at load
+    is far off on a busy machine, enough to flip the choice)."""
+    fn(x)
+    best, deadline = float("inf"), time.perf_counter() + budget_s
+    while best == float("inf") or time.perf_counter() < deadline:
+        began = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
+                    example: np.ndarray, max_batch_size: int,
+                    build: Callable[[int], EnsembleRuntime],
+                    ) -> tuple[ThreadPlan, EnsembleRuntime, EnsembleRuntime | None]:
+    """How many instances of how many threads (engine/cores.py), measured on `runtime` (open
+    with `intra_op_threads`, 1 when auto); the first parallel instance (`runtime`, or the one
+    with every core's threads when that alone serves) and the lead instance when the plan has
+    one. Nothing is measured when both settings are given, or on a GPU (one instance)."""
+    cores = config.cores or usable_cores()
+    if (config.instances != AUTO and config.intra_op_threads != AUTO) or runtime.provider == CUDA:
+        return plan_threads(config.instances or 1, config.intra_op_threads or 1, cores,
+                            None, None), runtime, None
+    # Bounded by time (a warm-up run and at least one more each): a model that takes seconds
+    # per example must not take minutes to load.
+    one = fastest_seconds(runtime.scores, example, 0.1)
+    per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
+    batch_seconds = None  # the largest batch, when measured
+    if one * max_batch_size < _MEASURE_BUDGET_S:
+        batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
+        try:
+            batch_seconds = fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S)
+            per_example = batch_seconds / max_batch_size
+        except InferenceError:  # a model that refuses large batches is its requests' business
+            pass
+    lone, candidate = None, None
+    if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
+        candidate = build(cores)
+        lone = (one, fastest_seconds(candidate.scores, example, 0.1))
+    plan = plan_threads(config.instances, config.intra_op_threads, cores,
+                        per_example if config.instances == AUTO else None, lone, batch_seconds)
+    if candidate is not None and plan.lead_threads:
+        return plan, runtime, candidate
+    if candidate is not None and plan.threads == cores:  # every core's threads, one instance
+        return plan, candidate, None
+    return plan, runtime, None

@@ -1,0 +1,127 @@
+"""Loading a model version: read and verify its files, choose its graph, plan its instances.
+
+`load_version` is what the lifecycle (models/lifecycle.py) calls for each version folder: the
+manifest and the verified graph bytes (models/manifest.py), the graph to serve (fused or
+members, runtime.choose_graph), the instances and threads (engine/planning.py), a warm-up run
+through each, and the ServedEnsemble (models/ensemble.py) over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.planning import plan_instances
+from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphBytes,
+                                             RuntimeConfig, choose_graph)
+from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
+                                     ModelLoadError)
+from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.manifest import Manifest, read_manifest, read_verified
+
+__all__ = ["load_version", "warm_up"]
+
+logger = logging.getLogger(__name__)
+
+
+def warm_up(manifest: Manifest, runtime: EnsembleRuntime) -> None:
+    """One example through the runtime: loads kernels now, and checks the class count."""
+    x = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
+    try:
+        classes = runtime.run(x).shape[-1]
+    except InferenceError as exc:
+        raise GraphMismatch(f"warm-up inference failed: {exc}") from exc
+    if classes != len(manifest.classes):
+        raise GraphMismatch(f"members output {classes} logits; the manifest lists "
+                             f"{len(manifest.classes)} classes")
+
+
+def _graphs_to_load(manifest: Manifest, config: RuntimeConfig) -> tuple[Path | None, tuple[str, ...]]:
+    """The fused file to load (the FP16 one when asked and present) and which graphs to open."""
+    fused = manifest.ensemble
+    if fused is None or config.graph == MEMBERS:
+        if config.graph == FUSED:
+            logger.warning("%s version %d has no fused graph: serving the members",
+                           manifest.name, manifest.version)
+        return None, (MEMBERS,)
+    file = fused.file
+    if config.precision == "fp16":
+        if fused.fp16_file is None:
+            logger.warning("%s version %d has no FP16 fused graph: serving FP32",
+                           manifest.name, manifest.version)
+        else:
+            file = fused.fp16_file
+    return Path(file), ((FUSED,) if config.graph == FUSED else (FUSED, MEMBERS))
+
+
+def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config: RuntimeConfig,
+                   graphs: Sequence[str], fused_file: Path | None) -> EnsembleRuntime:
+    """A runtime over the verified bytes (read_verified): the graph files are not opened again."""
+    fused = manifest.ensemble
+    return EnsembleRuntime(
+        [verified[Path(m.file)] for m in manifest.members], manifest.input.name,
+        manifest.output_name, config, temperature=manifest.temperature,
+        fused_path=None if fused_file is None else verified[fused_file],
+        temperature_input=fused.temperature_input if fused is not None else "temperature",
+        graphs=graphs)
+
+
+def load_version(path: Path, runtime_config: RuntimeConfig,
+                 batcher_config: BatcherConfig) -> ServedEnsemble:
+    """Read, verify and load <repository>/<model>/<version>; raises ModelLoadError if unusable.
+
+    With a fused graph and `graph=auto`, the first instance opens both graphs, times them
+    (runtime.choose_graph) and keeps the faster; the other instances open only that one. A fused
+    graph whose outputs are not `SCORE_NAMES` refuses the version (FusedOutputsMismatch): it was
+    built for other scores than this server computes. Any other fused-graph fault is logged and
+    the members serve.
+    """
+    manifest = read_manifest(path)
+    verified = read_verified(manifest, path)  # read once: what was hashed is what loads
+    fused_file, graphs = _graphs_to_load(manifest, runtime_config)
+    # The first instance: one thread when auto (the graphs are timed on it, then the threads).
+    first_config = dataclasses.replace(runtime_config,
+                                       intra_op_threads=runtime_config.intra_op_threads or 1)
+    try:
+        runtime = _build_runtime(manifest, verified, first_config, graphs, fused_file)
+    except FusedOutputsMismatch:
+        raise  # the version and this server disagree on the scores: refused, not served slower
+    except ModelLoadError as exc:
+        if graphs == (MEMBERS,):
+            raise
+        logger.error("%s version %d: the fused graph cannot be used (%s): serving the members",
+                     manifest.name, manifest.version, exc)
+        graphs = (MEMBERS,)
+        runtime = _build_runtime(manifest, verified, first_config, graphs, None)
+    runtime.check_input(manifest.input.dtype, manifest.input.shape)
+    warm_up(manifest, runtime)
+    example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
+    # FP16 members round: the export checked them within 1e-2 of FP32 (trainer/fuse.py).
+    fp16 = manifest.ensemble is not None and fused_file == Path(manifest.ensemble.fp16_file or "")
+    graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
+                                 tolerance=1e-2 if fp16 else 1e-4)
+    runtime.keep(graph)
+
+    def build(threads: int) -> EnsembleRuntime:
+        config = dataclasses.replace(runtime_config, intra_op_threads=threads)
+        return _build_runtime(manifest, verified, config, (graph,), fused_file)
+
+    plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,
+                                          batcher_config.max_batch_size, build)
+    instances = [runtime] + [build(plan.threads) for _ in range(plan.parallel - 1)]
+    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead)
+    served.allow_nonfinite = runtime_config.allow_nonfinite
+    served.graph_timing = timing
+    served.thread_plan = plan
+    for instance in served.instances:
+        warm_up(manifest, instance)
+    logger.info("%s version %d: serving the %s graph on %d instance(s) of %s thread(s) (%s)%s",
+                manifest.name, manifest.version, graph, len(served.instances),
+                ",".join(map(str, plan.thread_counts)), plan.why,
+                f"; measured {timing.describe()}" if timing is not None else "")
+    return served
