@@ -61,7 +61,8 @@ def test_metrics_host_defaults_to_loopback(model_repo: Path) -> None:
             config.metrics_endpoint.max_connections) == ("127.0.0.1", 5.0, 16)
     _, config = load_config(["--model-repository", str(model_repo), "--metrics-timeout-s", "2",
                              "--metrics-max-connections", "4"], {"SNAPSERVE_METRICS_HOST": "0.0.0.0"})
-    assert config.metrics_endpoint == MetricsEndpointConfig("0.0.0.0", 2.0, 4)
+    expected = MetricsEndpointConfig(host="0.0.0.0", timeout_s=2.0, max_connections=4)
+    assert config.metrics_endpoint == expected
 
 
 async def _ask(port: int, request_line: str, *headers: str) -> bytes:
