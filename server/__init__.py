@@ -21,20 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from snapserve.server.app import RunningServer, start_server
-    from snapserve.server.config import ServerConfig
-    from snapserve.server.engine.batcher import Batcher, BatcherConfig
-    from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.config import BatcherConfig, RepositoryConfig, RuntimeConfig, ServerConfig
+    from snapserve.server.engine.batcher import Batcher
     from snapserve.server.errors import ConfigError
-    from snapserve.server.models.policy import RepositoryConfig
 
 # Public name -> the module that defines it.
 _EXPORTS = {
     "Batcher": "snapserve.server.engine.batcher",
-    "BatcherConfig": "snapserve.server.engine.batcher",
+    "BatcherConfig": "snapserve.server.config",
     "ConfigError": "snapserve.server.errors",
-    "RepositoryConfig": "snapserve.server.models.policy",
+    "RepositoryConfig": "snapserve.server.config",
     "RunningServer": "snapserve.server.app",
-    "RuntimeConfig": "snapserve.server.engine.runtime",
+    "RuntimeConfig": "snapserve.server.config",
     "ServerConfig": "snapserve.server.config",
     "start_server": "snapserve.server.app",
 }

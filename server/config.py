@@ -1,31 +1,51 @@
-"""The server's configuration: one frozen dataclass, validated at construction.
+"""The settings model: one tree of frozen pydantic models, `ServerConfig` at its root.
 
-The CLI maps its flags onto it; tests and other code build it directly. Component settings live
-in their components' own dataclasses (BatcherConfig, RuntimeConfig, RepositoryConfig) and are
-nested here.
+One model per component (BatcherConfig, RuntimeConfig, RepositoryConfig, IntakeConfig,
+SecurityConfig, ConnectionConfig, MetricsEndpointConfig), each field with its default, bounds and
+description written once; the components take their model as it is. The flags, SNAPSERVE_*
+variables and `--config` file (server/settings.py) and each model's model-settings.yaml
+(server/models/settings.py) are made from these fields (`setting(...)` says how a field is spelt
+there) and validated by them. A bad value raises ConfigError naming the key.
+
+Imports only pydantic: the batcher imports it, and must stay light.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import math
+import re
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal, Mapping, Self
 
-from snapserve.server.api.connections import ConnectionConfig
-from snapserve.server.api.intake import IntakeConfig
-from snapserve.server.api.security import SecurityConfig
-from snapserve.server.engine.batcher import BatcherConfig
-from snapserve.server.engine.runtime import RuntimeConfig
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      TypeAdapter, ValidationError, WrapValidator, field_validator, model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
 from snapserve.server.errors import ConfigError
-from snapserve.server.observability.metrics_endpoint import MetricsEndpointConfig
-from snapserve.server.models.policy import RepositoryConfig
 
-__all__ = ["DEFAULT_HTTP_PORT", "BatcherConfig", "IntakeConfig", "RepositoryConfig", "RuntimeConfig",
-           "ServerConfig", "format_address"]
+__all__ = ["DEFAULT_HTTP_PORT", "DEVICES", "GRAPHS", "MAX_MODEL_NAME", "MODEL_NAME", "PRECISIONS",
+           "VERSION_POLICIES", "BatcherConfig", "ConfigModel", "ConnectionConfig", "FlatKey",
+           "IntakeConfig", "MetricsEndpointConfig", "RepositoryConfig", "RuntimeConfig",
+           "SecurityConfig", "ServerConfig", "error_text", "flat_keys", "format_address",
+           "parse_pins"]
 
-
+DEVICES = ("auto", "cpu", "cuda")
+GRAPHS = ("auto", "fused", "members")
+PRECISIONS = ("fp32", "fp16")
+VERSION_POLICIES = ("latest", "all", "specific")
+# A model's folder name, as the trainer writes it; one path component on common file systems.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_MODEL_NAME = 255
 # Triton's HTTP port (its gRPC one is 8001; MLServer's are 8080/8081): clear of the gRPC default
 # 50051 and of the metrics port the docs use (9100).
 DEFAULT_HTTP_PORT = 8000
+
+_DAY_S = 86400.0
+_MiB = 2**20
 
 
 def format_address(host: str, port: int) -> str:
@@ -33,94 +53,454 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@dataclass(frozen=True)
-class ServerConfig:
+# ---- how a field is a setting -----------------------------------------------------------------
+
+def setting(default: Any, description: str, *, key: str | None = None, unit: float = 1.0,
+            per_model: bool = False, off: Any = None, flat: Any = None, flat_default: Any = None,
+            **constraints: Any) -> Any:
+    """A field that is also a flat setting: a flag, a SNAPSERVE_* variable and a settings-file key.
+
+    key: its name there, where it differs from the field's; unit: the field's value per unit of
+    the flat one (1e-3 for a field in s set in ms); off: the flat value that means None; flat and
+    flat_default: the flat type and default, where the field's do not serve; per_model: a model's
+    model-settings.yaml may set it too.
+    """
+    extra = {"setting": {"key": key, "unit": unit, "per_model": per_model, "off": off,
+                         "flat": flat, "flat_default": flat_default}}
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+def count(default: int, description: str, low: int = 1, high: int = 65536, **options: Any) -> Any:
+    """An integer setting in [low, high]; strict: true, 1.5 and '8' are refused."""
+    return setting(default, description, strict=True, ge=low, le=high, **options)
+
+
+def seconds(default: float, description: str, low: float = 0.0, high: float = _DAY_S,
+            **options: Any) -> Any:
+    """A finite duration in [low, high] seconds (inf and NaN refused)."""
+    return setting(default, description, strict=True, allow_inf_nan=False, ge=low, le=high, **options)
+
+
+def _auto(value: Any) -> Any:
+    """'auto' -> 0 (decided at load); anything else as given."""
+    return 0 if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+def _sizes(value: Any) -> Any:
+    """'1,2,4' -> ['1', '2', '4']; a list stays a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _words(value: Any) -> Any:
+    """'digits=2 tiny=1,3' (a variable, a file's string, or each flag) -> ['digits=2', 'tiny=1,3']."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, (list, tuple)):
+        return [word for item in value for word in (item.split() if isinstance(item, str) else [item])]
+    return value
+
+
+def parse_pins(pins: Any) -> dict[str, tuple[int, ...]]:
+    """('digits=2', 'tiny=1,3', 'digits=4') -> {'digits': (2, 4), 'tiny': (1, 3)}."""
+    merged: dict[str, tuple[int, ...]] = {}
+    for item in _words(pins):
+        name, sep, versions = str(item).partition("=")
+        try:
+            numbers = tuple(int(v) for v in versions.split(","))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ConfigError(f"pin {item!r} is not MODEL=VERSION[,VERSION...]")
+        merged[name] = merged.get(name, ()) + numbers
+    return merged
+
+
+def _pins(value: Any) -> Any:
+    """`pinned` as a mapping, or as pins ('digits=2 tiny=1,3', the flag's spelling)."""
+    return value if isinstance(value, Mapping) else parse_pins(value)
+
+
+# ---- the base model and its messages ----------------------------------------------------------
+
+class ConfigModel(BaseModel):
+    """A frozen component config: unknown keys refused, every bad value a ConfigError naming it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, type(self))) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes`, validated as a new config is (`model_copy` does not validate)."""
+        if not changes:
+            return self
+        return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields},
+                             **changes})
+
+
+def field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> FieldInfo | None:
+    """The field an error's location points at, through nested configs; None if there is none."""
+    field = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return field
+        field = model.model_fields[part]
+        model = field.annotation  # type: ignore[assignment]
+    return field
+
+
+def _noun(field: FieldInfo | None, unit: float) -> str:
+    kinds = (field.annotation, *typing.get_args(field.annotation)) if field is not None else ()
+    integral = unit == 1 and any(k is int or typing.get_args(k)[:1] == (int,) for k in kinds)
+    return "an integer" if integral else "a number"
+
+
+def _number(value: Any, unit: float) -> str:
+    value = value / unit if unit != 1 else value
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
+           "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
+
+
+def error_text(item: ErrorDetails, field: FieldInfo | None = None, unit: float = 1.0) -> str:
+    """One validation error as '<what it must be>, got <value>'; a validator's own message as it
+    is. `unit` shows bounds in the unit the key is set in (ms for a field in s)."""
+    kind, ctx = item["type"], item.get("ctx") or {}
+    got = f", got {item.get('input')!r}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", item["msg"]))
+    if kind in _BOUNDS:
+        name, sign = _BOUNDS[kind]
+        return f"must be {_noun(field, unit)} {sign} {_number(ctx[name], unit)}{got}"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
+    if kind.startswith("int_"):
+        return f"must be an integer{got}"
+    if kind.startswith("float_"):
+        return f"must be a number{got}"
+    if kind.startswith("bool_"):
+        return f"must be true or false{got}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}{got}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a setting"
+    return f"{item['msg']}{got}"
+
+
+def dotted(loc: tuple[Any, ...]) -> str:
+    """('repository', 'pinned', 'digits') -> 'repository.pinned.digits'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def keyed(key: str, text: str) -> str:
+    """'key text', unless the text (a validator's message) already starts with the key."""
+    leaf = key.rsplit(".", 1)[-1]
+    return text if not key or text.startswith(leaf) else f"{key} {text}"
+
+
+def describe(error: ValidationError, model: type[BaseModel]) -> str:
+    """Every error of `error`, each naming its key, joined with '; '."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        text = error_text(item, field_at(model, loc))
+        nested = isinstance((item.get("ctx") or {}).get("error"), ConfigError)
+        lines.append(f"{dotted(loc)}.{text}" if nested and loc else keyed(dotted(loc), text))
+    return "; ".join(lines)
+
+
+# ---- the component models ---------------------------------------------------------------------
+
+class BatcherConfig(ConfigModel):
+    """The dynamic batcher (server/engine/batcher.py)."""
+
+    # Larger amortises per-call overhead, costs latency and memory.
+    max_batch_size: int = count(32, "examples per inference call, and per request",
+                                high=1 << 20, per_model=True)
+    # Latency traded for batch size.
+    max_queue_delay_s: float = seconds(0.002, "longest wait for a batch to fill", high=60.0,
+                                       key="max_queue_delay_ms", unit=1e-3, per_model=True)
+    # Beyond it callers get QueueFull at once instead of a slow answer.
+    max_queue_size: int = count(256, "requests waiting per model before RESOURCE_EXHAUSTED",
+                                high=1 << 20, per_model=True)
+    # When nothing computes, send once the expected company is queued (the batcher's docstring);
+    # off: always wait up to max_queue_delay_s for a full batch, as a plain batcher does.
+    adaptive_wait: bool = setting(True, "when none is computing, send a batch once it holds the "
+                                        "company to expect (as many requests as there were callers "
+                                        "lately); off: always wait up to the queue delay for a "
+                                        "full batch", strict=True)
+    # One per runtime instance (set at load, not a setting). More uses more cores on small models.
+    max_concurrent_batches: int = Field(1, strict=True, ge=1, le=4096)
+
+
+Threads = Annotated[int, BeforeValidator(_auto)]
+BatchSizes = Annotated[tuple[int, ...], BeforeValidator(_sizes)]
+
+
+class RuntimeConfig(ConfigModel):
+    """ONNX Runtime sessions of one model version (server/engine/runtime.py)."""
+
+    # cuda: refuse to start without it.
+    device: Literal[DEVICES] = setting("auto", "auto: CUDA when available, else CPU")
+    # 0 (auto): decided at load from the cores the process may use (engine/cores.py).
+    intra_op_threads: Threads = count(0, "ONNX Runtime threads per session; auto (or 0): chosen at "
+                                         "load from the usable cores and a lone example's time on "
+                                         "1 and on every core", low=0, high=1024, per_model=True)
+    # Each instance costs the model's memory again. 0 (auto): decided at load (engine/cores.py).
+    instances: Threads = count(0, "runtime instances per model version: batches computed at once; "
+                                  "auto (or 0): one per usable core when the model's compute "
+                                  "outweighs request handling, else 1", low=0, high=1024,
+                               per_model=True)
+    graph: Literal[GRAPHS] = setting("auto", "auto: time the fused ensemble.onnx and the members "
+                                             "at load, keep the faster", per_model=True)
+    # Checked for accuracy at export.
+    precision: Literal[PRECISIONS] = setting("fp32", "fp16: the version's FP16 fused graph, where "
+                                                     "it has one (for GPUs)", per_model=True)
+    # Inputs padded up to the next size; saves kernel launch time on small batches.
+    cuda_graph_batch_sizes: BatchSizes = setting(
+        (), "CUDA: capture the fused graph as CUDA graphs for these batch sizes, e.g. "
+            "1,2,4,8,16,32 (empty: off)")
+    # NaN/Inf come back as NaN (or quietly wrong) scores, so they are refused by default
+    # (models.inputs.conform_input).
+    allow_nonfinite: bool = setting(False, "pass NaN/Inf inputs to the model instead of refusing "
+                                           "them", strict=True)
+    device_id: int = Field(0, strict=True, ge=0, le=1024)  # which GPU, with cuda
+    # Cores the auto settings plan for; 0: every core the process may use. A worker of
+    # --workers N gets its share.
+    cores: int = Field(0, strict=True, ge=0, le=1 << 16)
+
+    @field_validator("cuda_graph_batch_sizes")
+    @classmethod
+    def _increasing(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 or b > 1 << 20 for b in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"cuda_graph_batch_sizes must be increasing integers in [1, {1 << 20}], "
+                             f"got {sizes!r}")
+        return sizes
+
+
+class RepositoryConfig(ConfigModel):
+    """Which versions are served, polling for new ones, explicit control (server/models/policy.py)."""
+
+    # specific: models without a pin are not served.
+    version_policy: Literal[VERSION_POLICIES] = setting(
+        "latest", "latest: the newest loadable version of each model; all: every version; "
+                  "specific: only the pinned versions", per_model=True)
+    pinned: Annotated[dict[str, tuple[int, ...]], BeforeValidator(_pins)] = setting(
+        {}, "MODEL=V[,V]: versions to serve with version_policy specific; a flag per model, or "
+            "separated by spaces ('digits=2 tiny=1,3')",
+        key="pin", flat=Annotated[tuple[str, ...], BeforeValidator(_words)], flat_default=())
+    # A scan lists folders and reads no model file unless something changed: a few seconds costs
+    # little. 0: read at start-up and on RepositoryModelLoad only.
+    poll_interval_s: float = seconds(0.0, "seconds between scans of the repository for new or "
+                                          "removed versions, switched without downtime; 0: never",
+                                     key="poll_interval")
+    # Off by default: they let any client that reaches the port change what is served.
+    allow_repository_control: bool = setting(False, "allow repository load/unload (KServe v2) "
+                                                    "from clients", strict=True)
+
+    @field_validator("pinned")
+    @classmethod
+    def _pinned_names(cls, pinned: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        checked = {}
+        for name, versions in pinned.items():
+            if len(name) > MAX_MODEL_NAME or not MODEL_NAME.fullmatch(name):
+                raise ValueError(f"pinned {name!r} is not a model name: expected letters, digits, "
+                                 f"'_', '.', '-', starting with a letter or digit, at most "
+                                 f"{MAX_MODEL_NAME} characters")
+            versions = tuple(sorted(set(versions)))
+            if not versions or versions[0] < 1:
+                raise ValueError(f"pinned[{name!r}] must list versions >= 1, got {versions!r}")
+            checked[name] = versions
+        return checked
+
+    @model_validator(mode="after")
+    def _policy_and_pins(self) -> Self:
+        if self.pinned and self.version_policy != "specific":
+            raise ValueError(f"pinned versions need version_policy 'specific', not "
+                             f"{self.version_policy!r}")
+        if self.version_policy == "specific" and not self.pinned:
+            raise ValueError("version_policy 'specific' needs pinned versions (--pin MODEL=V)")
+        return self
+
+
+class IntakeConfig(ConfigModel):
+    """Calls received but not yet queued, and the threads that decode them (server/api/intake.py)."""
+
+    max_pending_calls: int = count(1024, "calls received but not yet queued, server-wide, before "
+                                         "RESOURCE_EXHAUSTED", high=1 << 20)
+    # 4 messages of the default largest size (64 MiB) at once.
+    max_pending_bytes: int = count(256 * _MiB, "MiB those calls may hold, server-wide", high=1 << 40,
+                                   key="max_pending_mb", unit=_MiB, flat=float)
+    # More decode in parallel; fewer bound the CPU a flood of large requests takes from inference.
+    decode_threads: int = count(2, "threads that parse and decode large requests", high=256)
+
+
+class SecurityConfig(ConfigModel):
+    """TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default."""
+
+    tls_cert: Path | None = setting(None, "PEM certificate chain: serve TLS (with tls_key)")
+    tls_key: Path | None = setting(None, "PEM private key of tls_cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates it "
+                                               "signed (mutual TLS)")
+    auth_token_file: Path | None = setting(None, "bearer tokens, one per line: calls need "
+                                                 "'authorization: Bearer <token>' (health and "
+                                                 "reflection stay open)")
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+    @classmethod
+    def _readable(cls, path: Path | None, info: Any) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{info.field_name} {str(path)!r} is not a readable file")
+        return path
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (TLS) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def auth(self) -> bool:
+        return self.auth_token_file is not None
+
+
+class ConnectionConfig(ConfigModel):
+    """Limits on client connections, as gRPC channel options (`grpc_options`).
+
+    gRPC's defaults keep a connection forever, idle or not, and let a client ping as often as it
+    likes: a client that opens connections and walks away holds them, and a long-lived
+    connection never moves to a new instance behind a balancer.
+    """
+
+    # Closed with GOAWAY; long enough not to churn a client that calls every few seconds.
+    max_idle_s: float = seconds(300.0, "close a client connection without a call this long",
+                                key="max_connection_idle_s")
+    # Plus max_age_grace_s for its calls to end, so clients spread again over new instances.
+    max_age_s: float = seconds(1800.0, "ask every connection to go away after this long, so "
+                                       "clients spread over new instances; 0: never",
+                               key="max_connection_age_s")
+    max_age_grace_s: float = Field(30.0, strict=True, allow_inf_nan=False, ge=0, le=_DAY_S)
+    # Dropped when a ping is not answered within keepalive_timeout_s.
+    keepalive_s: float = seconds(60.0, "ping idle connections this often to find dead peers")
+    keepalive_timeout_s: float = Field(20.0, strict=True, allow_inf_nan=False, ge=0, le=_DAY_S)
+    # Clients pinging more often (without calls) are told to go away after a few strikes: pings
+    # cost the server work too.
+    min_client_ping_s: float = Field(10.0, strict=True, allow_inf_nan=False, ge=0, le=_DAY_S)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+        options = [("grpc.max_connection_idle_ms", ms(self.max_idle_s)),
+                   ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
+                   ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+                   ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_s)),
+                   ("grpc.http2.max_ping_strikes", 2)]
+        if self.max_age_s:
+            options += [("grpc.max_connection_age_ms", ms(self.max_age_s)),
+                        ("grpc.max_connection_age_grace_ms", ms(self.max_age_grace_s))]
+        return options
+
+
+class MetricsEndpointConfig(ConfigModel):
+    """The /metrics endpoint's own host, timeouts and connection bound."""
+
+    # Metrics show what is served and how busy: loopback unless asked.
+    host: str = setting("127.0.0.1", "address the metrics endpoint binds, apart from host: metrics "
+                                     "show what is served and how busy", key="metrics_host",
+                        min_length=1)
+    timeout_s: float = seconds(5.0, "seconds a metrics connection may take to send its request and "
+                                    "to read the answer", low=0.001, high=3600.0,
+                               key="metrics_timeout_s")
+    # A scraper needs one; more are closed as they arrive.
+    max_connections: int = count(16, "metrics connections open at once; more are closed as they "
+                                     "arrive", key="metrics_max_connections")
+
+
+Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
+
+
+class ServerConfig(ConfigModel):
+    """What `start_server` runs with. The field order is the order of `--help` and `--print-config`."""
+
     # <repository>/<model>/<version>/ as the trainer writes it (docs/model-repository.md).
-    model_repository: Path
-    host: str = "127.0.0.1"  # 0.0.0.0 / [::] to accept connections from other machines
-    port: int = 50051  # 0: any free port; RunningServer.port says which
-    batcher: BatcherConfig = field(default_factory=BatcherConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
-    grace_s: float = 5.0
-    # On SIGTERM, health says NOT_SERVING at once, but new requests are still answered this long
-    # (balancers and Kubernetes endpoints keep sending for seconds); then they are refused with
-    # UNAVAILABLE and the grace period begins. 0: refuse at once.
-    drain_window_s: float = 3.0
-    # Largest request or response on the wire; gRPC's own default (4 MiB) is small for images.
-    max_message_bytes: int = 64 * 1024 * 1024
-    # Requests of one PredictStream computed ahead of the answer being sent: more lets a stream
-    # fill batches by itself, and bounds the memory one stream may hold.
-    max_stream_in_flight: int = 64
-    # The share of a model's queue (batcher max_queue_size) one stream may hold: a stream's
-    # window is the smaller of the two, so one PredictStream cannot fill the queue by itself.
-    max_stream_share: float = 0.25
-    # TLS / mutual TLS and bearer tokens (server/api/security.py); all off by default.
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    # Concurrent calls (HTTP/2 streams) per client connection; more wait in the client until one
-    # ends. Bounds what one connection can hold open; gRPC's own default is unlimited.
-    max_concurrent_streams: int = 256
-    # Version policy, polling for new versions, explicit load/unload.
-    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
-    # Prometheus /metrics over HTTP on host:metrics_port. None: not served (still counted);
-    # 0: any free port (RunningServer.metrics_port says which).
-    metrics_port: int | None = None
-    # The metrics endpoint's own host (loopback unless asked), timeouts and connection bound.
-    metrics_endpoint: MetricsEndpointConfig = field(default_factory=MetricsEndpointConfig)
-    # The KServe v2 REST API (server/api/http.py) on host:http_port, beside gRPC, with the same
-    # TLS and tokens. None: not served; 0: any free port (RunningServer.http_port says which).
-    # (The CLI's --http-port 0 turns it off, as Triton users expect.)
-    http_port: int | None = DEFAULT_HTTP_PORT
-    # Server-wide bound on calls received but not yet queued and the bytes they hold, and the
-    # threads that decode large requests (server/api/intake.py).
-    intake: IntakeConfig = field(default_factory=IntakeConfig)
-    # Idle and age limits of client connections, keepalive pings (server/api/connections.py).
-    connections: ConnectionConfig = field(default_factory=ConnectionConfig)
-    # Bind the gRPC and REST ports with SO_REUSEPORT: one of `--workers N` processes sharing
-    # them (server/process/workers.py). Off otherwise, so a second server on a taken port fails to start.
+    model_repository: Path = setting(..., "folder of <model>/<version>/ as the trainer writes them")
+    # 0.0.0.0 / [::] to accept connections from other machines.
+    host: str = setting("127.0.0.1", "address to bind", min_length=1)
+    port: Port = setting(50051, "gRPC port; 0 picks a free one")
+    # None: not served; 0: any free port (RunningServer.http_port says which). The flag's 0 turns
+    # it off, as Triton users expect.
+    http_port: Port | None = setting(DEFAULT_HTTP_PORT, "serve the KServe v2 REST API (JSON, and "
+                                                        "Triton's binary tensors) on this port of "
+                                                        "host, with the same TLS and tokens as "
+                                                        "gRPC; 0 turns it off", off=0)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
+    # More lets a stream fill batches by itself; bounds the memory one stream may hold.
+    max_stream_in_flight: int = count(64, "requests of one stream computed ahead")
+    # A stream's window is the smaller of the two, so one PredictStream cannot fill the queue.
+    max_stream_share: float = setting(0.25, "share of a model's queue one stream may hold",
+                                      strict=True, gt=0, le=1)
+    # gRPC's own default (4 MiB) is small for images; gRPC's limit is 2 GiB.
+    max_message_bytes: int = count(64 * _MiB, "largest gRPC message in MiB", low=1024,
+                                   high=2**31 - 1, key="max_message_mb", unit=_MiB, flat=float)
+    grace_s: float = seconds(5.0, "on SIGTERM/SIGINT, time for in-flight requests")
+    # Balancers and Kubernetes endpoints keep sending for seconds after NOT_SERVING.
+    drain_window_s: float = seconds(3.0, "on SIGTERM/SIGINT, report NOT_SERVING but keep answering "
+                                         "new requests this long before refusing them; 0: refuse "
+                                         "at once")
+    # HTTP/2 streams per connection; more wait in the client. gRPC's own default is unlimited.
+    max_concurrent_streams: int = count(256, "concurrent calls per client connection")
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    connections: ConnectionConfig = Field(default_factory=ConnectionConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    # None: not served (still counted); 0: any free port (RunningServer.metrics_port says which).
+    metrics_port: Port | None = setting(None, "serve Prometheus metrics on "
+                                              "http://METRICS_HOST:PORT/metrics; 0 picks a free port "
+                                              "(default: not served); with workers, one endpoint "
+                                              "for all of them")
+    metrics_endpoint: MetricsEndpointConfig = Field(default_factory=MetricsEndpointConfig)
+    repository: RepositoryConfig = Field(default_factory=RepositoryConfig)
+    # SO_REUSEPORT: one of `--workers N` processes sharing the ports (server/process/workers.py);
+    # off otherwise, so a second server on a taken port fails to start.
     reuse_port: bool = False
-    # Freeze the heap once the server is up, out of the cyclic collector's way (server/process/heap.py:
-    # full collections under load stopped the loop for ~30 ms each). Off for a server embedded
-    # in a process whose own heap should stay the collector's (the test suite: a collection of
-    # pytest's heap at every start cost it 80 s).
+    # Freeze the heap once up, out of the cyclic collector's way (server/process/heap.py). Off
+    # for a server embedded in a process whose own heap should stay the collector's (tests).
     freeze_heap: bool = True
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model_repository", Path(self.model_repository))
-        if not self.model_repository.is_dir():
-            raise ConfigError(f"model_repository {str(self.model_repository)!r} is not a directory")
-        if not self.host:
-            raise ConfigError("host must not be empty")
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be an integer in [0, 65535], got {self.port!r}")
-        if not self.grace_s >= 0:
-            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s!r}")
-        if not self.drain_window_s >= 0:
-            raise ConfigError(f"drain_window_s must be >= 0, got {self.drain_window_s!r}")
-        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
-            raise ConfigError("max_message_bytes must be an integer >= 1024, "
-                              f"got {self.max_message_bytes!r}")
-        if not isinstance(self.max_stream_in_flight, int) or self.max_stream_in_flight < 1:
-            raise ConfigError("max_stream_in_flight must be an integer >= 1, "
-                              f"got {self.max_stream_in_flight!r}")
-        if not 0 < self.max_stream_share <= 1:
-            raise ConfigError(f"max_stream_share must be in (0, 1], got {self.max_stream_share!r}")
-        if not isinstance(self.max_concurrent_streams, int) or self.max_concurrent_streams < 1:
-            raise ConfigError("max_concurrent_streams must be an integer >= 1, "
-                              f"got {self.max_concurrent_streams!r}")
-        if self.metrics_port is not None and (
-                not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
-            raise ConfigError(f"metrics_port must be an integer in [0, 65535], got "
-                              f"{self.metrics_port!r}")
+    @field_validator("model_repository")
+    @classmethod
+    def _a_directory(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"model_repository {str(path)!r} is not a directory")
+        return path
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
         if self.metrics_port and self.metrics_port == self.port:
-            raise ConfigError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
-        if self.http_port is not None and (
-                not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535):
-            raise ConfigError(f"http_port must be an integer in [0, 65535] or None (off), got "
-                              f"{self.http_port!r}")
+            raise ValueError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             which = "gRPC" if self.http_port == self.port else "metrics"
-            raise ConfigError(f"http_port {self.http_port} is the {which} port; pick another")
+            raise ValueError(f"http_port {self.http_port} is the {which} port; pick another")
+        return self
 
     @property
     def stream_window(self) -> int:
@@ -132,3 +512,91 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return format_address(self.host, self.port)
+
+
+# ---- the flat keys ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlatKey:
+    """One flat setting: its key (flag --max-batch-size, SNAPSERVE_MAX_BATCH_SIZE, file key
+    max_batch_size) and the field of the tree it sets."""
+
+    key: str
+    path: tuple[str, ...]  # ('batcher', 'max_batch_size')
+    field: FieldInfo
+    unit: float
+    off: Any
+    per_model: bool
+    annotation: Any  # the flat value's type
+    default: Any  # the flat value's default; ... when required
+
+    def to_field(self, value: Any) -> Any:
+        """The field's value for this flat value (already of the flat type)."""
+        if self.off is not None and value == self.off:
+            return None
+        if self.unit != 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = value * self.unit
+            return int(value) if self.field.annotation is int and math.isfinite(value) else value
+        return value
+
+    def check(self, value: Any) -> Any:
+        """The field's value for this flat value, validated by the field's own type and bounds;
+        ConfigError saying what it must be (without the key: callers say where it was set)."""
+        try:
+            return _adapter(self.field).validate_python(self.to_field(value))
+        except ValidationError as exc:
+            item = exc.errors()[0]
+            item["input"] = value  # shown as it was set: in ms, not in s
+            raise ConfigError(error_text(item, self.field, self.unit)) from None
+
+
+@functools.cache
+def _adapter_of(annotation: Any, metadata: tuple[Any, ...]) -> TypeAdapter[Any]:
+    return TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation)
+
+
+def _adapter(field: FieldInfo) -> TypeAdapter[Any]:
+    """Validates one value as `field` does (type, strictness, bounds, before-validators)."""
+    return _adapter_of(field.annotation, tuple(field.metadata))
+
+
+_VALIDATORS = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)
+
+
+def _flat_key(path: tuple[str, ...], field: FieldInfo) -> FlatKey | None:
+    extra = field.json_schema_extra
+    spec = extra.get("setting") if isinstance(extra, dict) else None
+    if not isinstance(spec, dict):
+        return None
+    unit, off, flat = spec["unit"], spec["off"], spec["flat"]
+    if flat is not None:
+        annotation = flat
+    elif off is not None:
+        annotation = int
+    else:  # the field's type and its own before-validators ('auto'), without its bounds
+        validators = [m for m in field.metadata if isinstance(m, _VALIDATORS)]
+        annotation = Annotated[(field.annotation, *validators)] if validators else field.annotation
+    if spec["flat_default"] is not None:
+        default = spec["flat_default"]
+    elif field.is_required():
+        default = ...
+    elif unit != 1:
+        default = field.default / unit
+    else:
+        default = field.default
+    return FlatKey(spec["key"] or path[-1], path, field, unit, off, spec["per_model"], annotation,
+                   default)
+
+
+def _walk(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[FlatKey]:
+    for name, field in model.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, ConfigModel):
+            yield from _walk(nested, prefix + (name,))
+        elif (flat := _flat_key(prefix + (name,), field)) is not None:
+            yield flat
+
+
+def flat_keys(model: type[BaseModel] = ServerConfig) -> dict[str, FlatKey]:
+    """Key -> FlatKey for every setting in `model`'s tree, in field order."""
+    return {flat.key: flat for flat in _walk(model)}

@@ -18,13 +18,11 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from snapserve.proto.settings_file import SettingsFileError, read_settings_file
 from snapserve.proto.version import package_version
 from snapserve.trainer.config import AMP_MODES, METHOD_NAMES, TrainConfig
 from snapserve.trainer.datasets import BUILTIN_DATASETS
@@ -223,15 +221,11 @@ def _flag_given(argv: Sequence[str], key: str) -> bool:
 
 def _settings_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except OSError as exc:
+        values = read_settings_file(path, f"--config {path}")
+    except FileNotFoundError as exc:
         raise ConfigError(f"--config {path}: cannot be read: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"--config {path}: does not parse: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from None
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"--config {path}: unknown setting(s) {unknown}; expected some of "

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import inspect
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
@@ -28,7 +27,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from snapserve.server.api.status import describe_error
-from snapserve.server.errors import ConfigError, MalformedRequest, Overloaded
+from snapserve.server.config import IntakeConfig
+from snapserve.server.errors import MalformedRequest, Overloaded
 
 __all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "Ticket", "add_servicer"]
 
@@ -37,23 +37,6 @@ __all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "Ticket", "add_servicer"]
 OFFLOAD_BYTES = 256 * 1024
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class IntakeConfig:
-    # Calls received but not yet queued for a batch (parsing, decoding); beyond: RESOURCE_EXHAUSTED.
-    max_pending_calls: int = 1024
-    # Bytes those calls hold; 4 messages of the default largest size (64 MiB) at once.
-    max_pending_bytes: int = 256 * 1024 * 1024
-    # Threads that parse and decode large requests; more decode in parallel, fewer bound the CPU
-    # a flood of large requests may take from inference.
-    decode_threads: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("max_pending_calls", "max_pending_bytes", "decode_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class Ticket:

@@ -18,13 +18,13 @@ import logging
 import os
 import ssl
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 import grpc
 
 from snapserve.server.api.status import status_code
+from snapserve.server.config import SecurityConfig
 from snapserve.server.errors import ConfigError, Unauthenticated
 
 __all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
@@ -43,40 +43,6 @@ OPEN_METHOD_PREFIXES = (
 MIN_TOKEN_CHARS = 16
 UNAUTHENTICATED_MESSAGE = ("missing or invalid bearer token: send the metadata "
                            "'authorization: Bearer <token>' with a token the server was given")
-
-
-@dataclass(frozen=True)
-class SecurityConfig:
-    # PEM certificate chain and private key of the server. Both or neither: TLS on the port.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    # PEM CA bundle: clients must present a certificate it signed (mutual TLS). Needs tls_cert.
-    tls_client_ca: Path | None = None
-    # Bearer tokens, one per line; callers without one get UNAUTHENTICATED.
-    auth_token_file: Path | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
-            value = getattr(self, name)
-            if value is None or value == "":
-                object.__setattr__(self, name, None)
-                continue
-            path = Path(value)
-            object.__setattr__(self, name, path)
-            if not path.is_file():
-                raise ConfigError(f"{name} {str(path)!r} is not a readable file")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("tls_cert and tls_key go together: give both (TLS) or neither")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-    @property
-    def auth(self) -> bool:
-        return self.auth_token_file is not None
 
 
 def _read(path: Path, field: str) -> bytes:

@@ -27,7 +27,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Generic, TypeVar
 
-from snapserve.server.errors import BatcherClosed, ConfigError, ItemExpired, ItemTooLarge, QueueFull
+from snapserve.server.config import BatcherConfig
+from snapserve.server.errors import BatcherClosed, ItemExpired, ItemTooLarge, QueueFull
 
 __all__ = ["Batcher", "BatcherConfig", "BatcherStats", "BatcherClosed", "ItemExpired",
            "ItemTooLarge", "QueueFull"]
@@ -40,33 +41,6 @@ _DEADLINE_SLACK_S = 0.005
 # one in about a dozen batches, each waiting at most max_queue_delay_s.
 _DECAY = 0.8
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    # Examples per call of fn: larger amortises per-call overhead, costs latency and memory.
-    max_batch_size: int = 32
-    # How long the oldest waiting item may wait for others to join it: latency traded for batch size.
-    max_queue_delay_s: float = 0.002
-    # Items (requests) allowed to wait; beyond it callers get QueueFull instead of a slow answer.
-    max_queue_size: int = 256
-    # Batches computed at once: one per runtime instance. More uses more cores on small models.
-    max_concurrent_batches: int = 1
-    # When nothing computes, send once the expected company is queued (see the module
-    # docstring); False: always wait up to max_queue_delay_s for a full batch, as a plain
-    # delay-based batcher does.
-    adaptive_wait: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
-        if not self.max_queue_delay_s >= 0:  # also refuses NaN
-            raise ConfigError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s!r}")
-        if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
-            raise ConfigError(f"max_queue_size must be an integer >= 1, got {self.max_queue_size!r}")
-        if not isinstance(self.max_concurrent_batches, int) or self.max_concurrent_batches < 1:
-            raise ConfigError("max_concurrent_batches must be an integer >= 1, "
-                              f"got {self.max_concurrent_batches!r}")
 
 
 @dataclass

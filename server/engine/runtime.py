@@ -33,6 +33,7 @@ import onnxruntime as ort
 from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, EnsembleScores,
                                     complete_scores, ensemble_scores, softmax)
 from snapserve.proto.tensors import ONNX_TO_NUMPY
+from snapserve.server.config import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
 
@@ -43,60 +44,7 @@ logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
-GRAPHS = ("auto", "fused", "members")
-PRECISIONS = ("fp32", "fp16")
 FUSED, MEMBERS = "fused", "members"
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    # auto: CUDA when this onnxruntime build has it, else CPU; cuda: refuse to start without it.
-    device: str = "auto"
-    # Threads per session for one run. 0 (auto): decided at load from the cores the process
-    # may use and what a lone example costs on 1 and on every core (engine/cores.py).
-    intra_op_threads: int = 0
-    device_id: int = 0  # which GPU, with cuda
-    # Runtime instances per model version (sessions loaded N times): up to N batches compute at
-    # once. More helps when one batch cannot use the machine (small models, 1 thread each);
-    # each instance costs the model's memory again. 0 (auto): decided at load (engine/cores.py).
-    instances: int = 0
-    # Cores the auto settings plan for; 0: every core the process may use (engine/cores.py).
-    # A worker of --workers N gets its share.
-    cores: int = 0
-    # auto: time the fused graph and the members at load and keep the faster; fused: the fused
-    # graph whenever the version has one; members: never the fused graph.
-    graph: str = "auto"
-    # fp16: the version's FP16 fused graph where it has one (meant for CUDA; checked for
-    # accuracy at export). fp32 otherwise.
-    precision: str = "fp32"
-    # CUDA only: capture CUDA graphs of the fused graph for these batch sizes (inputs padded up
-    # to the next one); empty: off. Saves kernel launch time on small batches.
-    cuda_graph_batch_sizes: tuple[int, ...] = ()
-    # NaN/Inf in a float input: refused with INVALID_ARGUMENT by default, since they come back as
-    # NaN (or quietly wrong) scores; True passes them to the model (models.inputs.conform_input).
-    allow_nonfinite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0:
-            raise ConfigError(f"intra_op_threads must be an integer >= 1, or 0 for auto, got {self.intra_op_threads!r}")
-        if not isinstance(self.cores, int) or self.cores < 0:
-            raise ConfigError(f"cores must be an integer >= 0, got {self.cores!r}")
-        if not isinstance(self.device_id, int) or self.device_id < 0:
-            raise ConfigError(f"device_id must be an integer >= 0, got {self.device_id!r}")
-        if not isinstance(self.instances, int) or self.instances < 0:
-            raise ConfigError(f"instances must be an integer >= 1, or 0 for auto, got {self.instances!r}")
-        if self.graph not in GRAPHS:
-            raise ConfigError(f"graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        sizes = tuple(self.cuda_graph_batch_sizes)
-        if any(not isinstance(b, int) or b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
-            raise ConfigError("cuda_graph_batch_sizes must be increasing integers >= 1, "
-                              f"got {self.cuda_graph_batch_sizes!r}")
-        object.__setattr__(self, "cuda_graph_batch_sizes", sizes)
 
 
 def execution_providers(config: RuntimeConfig,

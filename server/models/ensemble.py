@@ -9,7 +9,6 @@ models/bisection.py. Loading a version is models/loading.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +76,7 @@ class ServedEnsemble:
         self._loop: asyncio.AbstractEventLoop | None = None  # the batches' loop, once known
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
         self.thread_plan: ThreadPlan | None = None  # how instances and threads were chosen
-        batcher_config = dataclasses.replace(batcher_config, max_concurrent_batches=len(parallel))
+        batcher_config = batcher_config.replace(max_concurrent_batches=len(parallel))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
         # The effective per-model settings (models.settings), set by the lifecycle: reported
         # beside the runtime parameters.

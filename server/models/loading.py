@@ -8,7 +8,6 @@ through each, and the ServedEnsemble (models/ensemble.py) over them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -85,8 +84,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     verified = read_verified(manifest, path)  # read once: what was hashed is what loads
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
     # The first instance: one thread when auto (the graphs are timed on it, then the threads).
-    first_config = dataclasses.replace(runtime_config,
-                                       intra_op_threads=runtime_config.intra_op_threads or 1)
+    first_config = runtime_config.replace(intra_op_threads=runtime_config.intra_op_threads or 1)
     try:
         runtime = _build_runtime(manifest, verified, first_config, graphs, fused_file)
     except FusedOutputsMismatch:
@@ -108,7 +106,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     runtime.keep(graph)
 
     def build(threads: int) -> EnsembleRuntime:
-        config = dataclasses.replace(runtime_config, intra_op_threads=threads)
+        config = runtime_config.replace(intra_op_threads=threads)
         return _build_runtime(manifest, verified, config, (graph,), fused_file)
 
     plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,

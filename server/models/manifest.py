@@ -19,6 +19,7 @@ import numpy as np
 
 from snapserve.proto.tensors import NUMPY_TO_DTYPE
 from snapserve.proto.spec import InputSpec, MemberSpec, Normalization
+from snapserve.server.config import MODEL_NAME
 from snapserve.server.engine.runtime import GraphBytes
 from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

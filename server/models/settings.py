@@ -22,42 +22,43 @@ unknown key or a bad value is refused with the key named, and the model keeps th
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from snapserve.server.engine.batcher import BatcherConfig
-from snapserve.server.engine.cores import AUTO
-from snapserve.server.engine.runtime import RuntimeConfig
+from snapserve.proto.settings_file import SettingsFileError, parse_settings_text, read_settings_file
+from snapserve.server.config import (BatcherConfig, FlatKey, RepositoryConfig, RuntimeConfig,
+                                     ServerConfig, flat_keys)
 from snapserve.server.errors import ConfigError, ModelSettingsError
-from snapserve.server.models.policy import RepositoryConfig
 
-__all__ = ["SETTINGS_FILE", "ModelSettings", "EffectiveSettings", "read_model_settings", "settings_identity"]
+__all__ = ["MODEL_KEYS", "SETTINGS_FILE", "ModelSettings", "EffectiveSettings", "parse_model_settings",
+           "read_model_settings", "settings_identity"]
 
 SETTINGS_FILE = "model-settings.yaml"
 _MAX_BYTES = 64 * 1024  # a settings file is a few lines; anything larger is a mistake
+# The server's settings a model may set for itself (`setting(..., per_model=True)` in
+# server/config.py), spelt as in the server's settings file; and `versions`, its own pins.
+MODEL_KEYS: dict[str, FlatKey] = {key: flat for key, flat in flat_keys(ServerConfig).items()
+                                  if flat.per_model}
+VERSIONS = "versions"
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The keys a model's settings file may set; None: the server's value."""
+    """The keys a model's settings file set, as written; each value already passed its field's
+    checks (alone: how it combines with the server's values is checked in `EffectiveSettings`)."""
 
-    max_batch_size: int | None = None
-    max_queue_delay_ms: float | None = None
-    max_queue_size: int | None = None
-    instances: int | None = None
-    intra_op_threads: int | None = None
-    graph: str | None = None
-    precision: str | None = None
-    version_policy: str | None = None
-    versions: tuple[int, ...] | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
 
     def given(self) -> dict[str, Any]:
         """The keys the file set, for logs and GetModel."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dict(self.values)
+
+    def changes(self, component: str) -> dict[str, Any]:
+        """Field -> value for one component of the tree ('batcher', 'runtime', 'repository')."""
+        return {MODEL_KEYS[key].path[-1]: MODEL_KEYS[key].check(value)
+                for key, value in self.values.items()
+                if key in MODEL_KEYS and MODEL_KEYS[key].path[0] == component}
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,13 @@ class EffectiveSettings:
               batcher: BatcherConfig, repository: RepositoryConfig) -> EffectiveSettings:
         """The server's configs overridden by `settings`; ModelSettingsError names a bad key.
 
-        Validation is the configs' own (their __post_init__), so a value a flag may not take,
-        a settings file may not take either.
+        Validation is the configs' own, so a value a flag may not take, a settings file may not
+        take either.
         """
-        s = settings
         try:
-            runtime = _replace(runtime, instances=s.instances, intra_op_threads=s.intra_op_threads,
-                               graph=s.graph, precision=s.precision)
-            delay = None if s.max_queue_delay_ms is None else s.max_queue_delay_ms / 1000
-            batcher = _replace(batcher, max_batch_size=s.max_batch_size, max_queue_delay_s=delay,
-                               max_queue_size=s.max_queue_size)
-            repository = _model_repository_config(name, s, repository)
+            runtime = runtime.replace(**settings.changes("runtime"))
+            batcher = batcher.replace(**settings.changes("batcher"))
+            repository = _model_repository_config(name, settings, repository)
         except ConfigError as exc:
             raise ModelSettingsError(f"{SETTINGS_FILE}: {exc}") from None
         return cls(runtime, batcher, repository, settings)
@@ -105,66 +102,52 @@ class EffectiveSettings:
         return {k: str(v) for k, v in values.items()}
 
 
-def _replace(config: Any, **changes: Any) -> Any:
-    given = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(config, **given) if given else config
-
-
 def _model_repository_config(name: str, s: ModelSettings, repository: RepositoryConfig) -> RepositoryConfig:
-    if s.version_policy is None:
-        if s.versions is not None:
+    policy, versions = s.changes("repository").get("version_policy"), s.values.get(VERSIONS)
+    if policy is None:
+        if versions is not None:
             raise ConfigError("versions needs version_policy: specific")
         return repository
-    if s.version_policy != "specific" and s.versions is not None:
-        raise ConfigError(f"versions needs version_policy: specific, not {s.version_policy!r}")
-    pinned = {name: s.versions} if s.versions is not None else {}
-    if s.version_policy == "specific" and not pinned:
+    if policy != "specific" and versions is not None:
+        raise ConfigError(f"versions needs version_policy: specific, not {policy!r}")
+    pinned = {name: versions} if versions is not None else {}
+    if policy == "specific" and not pinned:
         raise ConfigError("version_policy: specific needs versions: [...]")
-    return dataclasses.replace(repository, version_policy=s.version_policy, pinned=pinned)
+    return repository.replace(version_policy=policy, pinned=pinned)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "max_batch_size": (int,), "max_queue_delay_ms": (int, float), "max_queue_size": (int,),
-    "instances": (int, str), "intra_op_threads": (int, str), "graph": (str,), "precision": (str,),
-    "version_policy": (str,), "versions": (list,),
-}
+def _check_versions(value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ConfigError(f"must be a list of integers >= 1, got {value!r}")
+    return tuple(sorted(set(value)))
 
 
-def _check_value(key: str, value: Any) -> Any:
-    kinds = _TYPES[key]
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        expected = " or ".join(k.__name__ for k in kinds)
-        raise ModelSettingsError(f"{key} must be {expected}, got {value!r}")
-    if key == "versions":
-        if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-            raise ModelSettingsError(f"versions must be a list of integers >= 1, got {value!r}")
-        return tuple(sorted(set(value)))
-    if key == "max_queue_delay_ms":
-        return float(value)
-    if key in ("instances", "intra_op_threads") and isinstance(value, str):
-        if value != "auto":
-            raise ModelSettingsError(f"{key} must be int or 'auto', got {value!r}")
-        return AUTO
-    return value
+def _checked(data: Mapping[str, Any], source: str) -> ModelSettings:
+    """`data` as ModelSettings, each value checked by its field; ModelSettingsError names the key."""
+    unknown = sorted(str(k) for k in data if k not in MODEL_KEYS and k != VERSIONS)
+    if unknown:
+        raise ModelSettingsError(f"{source}: unknown key(s) {unknown}; expected some of "
+                                 f"{sorted([*MODEL_KEYS, VERSIONS])}")
+    values = {}
+    for key, value in data.items():
+        try:
+            if key == VERSIONS:
+                value = _check_versions(value)
+            else:
+                MODEL_KEYS[key].check(value)  # kept as written: `given` shows what the file says
+            values[key] = value
+        except ConfigError as exc:
+            raise ModelSettingsError(f"{source}: {key} {exc}") from None
+    return ModelSettings(values)
 
 
 def parse_model_settings(text: str, source: str) -> ModelSettings:
     """The settings in `text` (YAML; JSON is YAML too); ModelSettingsError names what is wrong."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ModelSettingsError(f"{source}: not valid YAML: {exc}") from None
-    if data is None:
-        return ModelSettings()
-    if not isinstance(data, Mapping):
-        raise ModelSettingsError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in _TYPES)
-    if unknown:
-        raise ModelSettingsError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(_TYPES)}")
-    try:
-        return ModelSettings(**{k: _check_value(k, v) for k, v in data.items()})
-    except ModelSettingsError as exc:
-        raise ModelSettingsError(f"{source}: {exc}") from None
+        return _checked(parse_settings_text(text, source), source)
+    except SettingsFileError as exc:
+        raise ModelSettingsError(str(exc)) from None
 
 
 def settings_identity(model_dir: Path) -> tuple[int, ...] | None:
@@ -180,17 +163,9 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
     """The model's settings file, or no settings when it has none."""
     path = model_dir / SETTINGS_FILE
     try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_BYTES + 1)
+        data = read_settings_file(path, path.name, max_bytes=_MAX_BYTES)
     except FileNotFoundError:
         return ModelSettings()
-    except OSError as exc:
-        raise ModelSettingsError(f"{path.name}: cannot be read: {exc}") from None
-    if len(raw) > _MAX_BYTES:
-        raise ModelSettingsError(f"{path.name}: larger than {_MAX_BYTES} bytes; a settings file is "
-                                 "a few lines")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ModelSettingsError(f"{path.name}: not UTF-8 text") from None
-    return parse_model_settings(text, path.name)
+    except SettingsFileError as exc:
+        raise ModelSettingsError(str(exc)) from None
+    return _checked(data, path.name)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from snapserve.server.config import MetricsEndpointConfig
 from snapserve.server.errors import ConfigError
 
 __all__ = ["METRICS_PATH", "MetricsEndpoint", "MetricsEndpointConfig"]
@@ -31,24 +31,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
 MAX_HEAD_BYTES = 8 * 1024  # a request or header line; a scraper sends a few hundred bytes
-
-
-@dataclass(frozen=True)
-class MetricsEndpointConfig:
-    host: str = "127.0.0.1"  # 0.0.0.0 for a scraper on another machine (then mind who can reach it)
-    # Seconds a connection may take to send its request, and to read the answer.
-    timeout_s: float = 5.0
-    # Connections open at once; a scraper needs one. More are closed as they arrive.
-    max_connections: int = 16
-
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise ConfigError("metrics_host must not be empty")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"metrics_timeout_s must be > 0, got {self.timeout_s!r}")
-        if not isinstance(self.max_connections, int) or self.max_connections < 1:
-            raise ConfigError("metrics_max_connections must be an integer >= 1, "
-                              f"got {self.max_connections!r}")
 
 
 class _Refused(asyncio.Protocol):

@@ -62,8 +62,9 @@ def _add_flag(parser: argparse.ArgumentParser, key: str, field: FieldInfo) -> No
         options["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:
         options["choices"] = typing.get_args(kind)
-    elif typing.get_origin(kind) is tuple:  # --pin A --pin B; --cuda-graph-batch-sizes 1,2,4
-        options.update(action="append", metavar="VALUE") if key == "pin" else options.update(type=str)
+    elif typing.get_origin(kind) is tuple:  # words: --pin A --pin B; numbers: --cuda-graph-batch-sizes 1,2,4
+        words = typing.get_args(kind)[:1] == (str,)
+        options.update(action="append", metavar="VALUE") if words else options.update(type=str)
     elif kind is int:
         options["type"] = _int_or_auto
     else:

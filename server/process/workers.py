@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from types import FrameType
 from typing import Sequence
 
@@ -66,11 +65,11 @@ def worker_config(config: ServerConfig, index: int, count: int) -> ServerConfig:
     loopback port for the parent to fetch, and its share of the cores for the auto instances
     and threads (engine/cores.py)."""
     metrics_port = None if config.metrics_port is None else 0
-    endpoint = replace(config.metrics_endpoint, host=WORKER_METRICS_HOST)
+    endpoint = config.metrics_endpoint.replace(host=WORKER_METRICS_HOST)
     cores = config.runtime.cores or usable_cores()
-    runtime = replace(config.runtime, cores=max(cores // count, 1))
-    return replace(config, reuse_port=True, metrics_port=metrics_port, metrics_endpoint=endpoint,
-                   runtime=runtime)
+    runtime = config.runtime.replace(cores=max(cores // count, 1))
+    return config.replace(reuse_port=True, metrics_port=metrics_port, metrics_endpoint=endpoint,
+                          runtime=runtime)
 
 
 def notify_ready(metrics_port: int | None) -> None:

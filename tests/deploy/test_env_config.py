@@ -75,11 +75,23 @@ def test_without_a_repository_anywhere_it_is_required() -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("SNAPSERVE_PORT", "http", "port (--port, SNAPSERVE_PORT or 'port' in the config file): Input "
-                               "should be a valid integer"),
+    ("SNAPSERVE_PORT", "http", "port (--port, SNAPSERVE_PORT or 'port' in the config file): must "
+                               "be an integer, got 'http'"),
     ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "soon", "max_queue_delay_ms (--max-queue-delay-ms"),
     ("SNAPSERVE_DEVICE", "tpu", "device (--device, SNAPSERVE_DEVICE or 'device' in the config "
-                                "file): Input should be 'auto', 'cpu' or 'cuda', got 'tpu'"),
+                                "file): must be one of 'auto', 'cpu' or 'cuda', got 'tpu'"),
+    ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "inf", "max_queue_delay_ms (--max-queue-delay-ms, "
+                                            "SNAPSERVE_MAX_QUEUE_DELAY_MS or 'max_queue_delay_ms' in "
+                                            "the config file): must be a finite number, got inf"),
+    ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "nan", "max_queue_delay_ms (--max-queue-delay-ms"),
+    ("SNAPSERVE_MAX_QUEUE_DELAY_MS", "1e9", "max_queue_delay_ms (--max-queue-delay-ms, "
+                                            "SNAPSERVE_MAX_QUEUE_DELAY_MS or 'max_queue_delay_ms' in "
+                                            "the config file): must be a number <= 60000, got 1000000000.0"),
+    ("SNAPSERVE_GRACE_S", "inf", "grace_s (--grace-s, SNAPSERVE_GRACE_S or 'grace_s' in the config "
+                                 "file): must be a finite number, got inf"),
+    ("SNAPSERVE_MAX_BATCH_SIZE", "1e9", "max_batch_size (--max-batch-size"),
+    ("SNAPSERVE_WORKERS", "0", "workers (--workers, SNAPSERVE_WORKERS or 'workers' in the config "
+                               "file): must be an integer >= 1, got 0"),
     ("SNAPSERVE_LOG_LEVEL", "LOUD", "log_level (--log-level"),
     ("SNAPSERVE_ALLOW_NONFINITE", "maybe", "allow_nonfinite (--allow-nonfinite"),
     ("SNAPSERVE_PIN", "digits", "pin 'digits' is not MODEL=VERSION"),
@@ -124,7 +136,8 @@ def test_a_value_the_config_refuses_names_its_field(
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
-    assert "max_batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert ("max_batch_size (--max-batch-size, SNAPSERVE_MAX_BATCH_SIZE or 'max_batch_size' in the "
+            "config file): must be an integer >= 1, got 0") in capsys.readouterr().err
 
 
 def test_print_config_shows_the_effective_settings(tmp_path: Path) -> None:

@@ -137,8 +137,13 @@ async def test_a_model_may_pin_its_own_versions(model_repo: Path) -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("[1, 2]", "expected a mapping"),
-    ("max_batch_size: 'x'", "max_batch_size must be int"),
-    ("instances: true", "instances must be int"),
+    ("max_batch_size: 'x'", "max_batch_size must be an integer, got 'x'"),
+    ("instances: true", "instances must be an integer, got True"),
+    ("max_queue_delay_ms: .inf", "max_queue_delay_ms must be a finite number, got inf"),
+    ("max_queue_delay_ms: .nan", "max_queue_delay_ms must be a finite number"),
+    ("max_queue_delay_ms: 100000.0", "max_queue_delay_ms must be a number <= 60000, got 100000.0"),
+    ("intra_op_threads: 100000", "intra_op_threads must be an integer <= 1024, got 100000"),
+    ("graph: fastest", "graph must be one of 'auto', 'fused' or 'members', got 'fastest'"),
     ("versions: [0]", "versions must be a list of integers >= 1"),
     ("colour: blue", "unknown key(s) ['colour']"),
     ("max_batch_size: [", "not valid YAML"),

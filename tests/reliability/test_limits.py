@@ -63,7 +63,7 @@ def test_limit_flags_and_defaults(model_repo: Path) -> None:
     config = load_config([
         "--model-repository", str(model_repo), "--max-pending-calls", "8",
         "--max-pending-mb", "1", "--decode-threads", "1"], {})[1]
-    assert config.intake == IntakeConfig(8, 2**20, 1)
+    assert config.intake == IntakeConfig(max_pending_calls=8, max_pending_bytes=2**20, decode_threads=1)
 
 
 # -- tokens and health ----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ import logging  # noqa: E402
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from snapserve.server.api.connections import ConnectionConfig  # noqa: E402
+from snapserve.server.config import ConnectionConfig  # noqa: E402
 from snapserve.server.api.security import SecurityConfig  # noqa: E402
 
 TOKEN = "a-token-long-enough-for-tests-01"

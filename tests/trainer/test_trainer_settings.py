@@ -56,7 +56,7 @@ def test_a_settings_file_under_the_flags(suffix: str, text: str, tmp_path: Path)
 @pytest.mark.parametrize("text, message", [
     ("epochz: 3\n", "unknown setting(s) ['epochz']"),
     ("[1]\n", "expected a mapping of settings, got list"),
-    ("epochs: [\n", "does not parse"),
+    ("epochs: [\n", "not valid YAML"),
     ("epochs: -1\n", "epochs"),
 ])
 def test_bad_settings_files_name_what_is_wrong(text: str, message: str, tmp_path: Path) -> None:

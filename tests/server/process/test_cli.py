@@ -77,7 +77,8 @@ def test_bad_flag_value_names_the_field(model_repo: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit) as info:
         main(["--model-repository", str(model_repo), "--max-batch-size", "0"])
     assert info.value.code == 2
-    assert "max_batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert ("max_batch_size (--max-batch-size, SNAPSERVE_MAX_BATCH_SIZE or 'max_batch_size' in the "
+            "config file): must be an integer >= 1, got 0") in capsys.readouterr().err
 
 
 def test_version_is_not_taken_for_a_prefix_of_another_flag() -> None:
