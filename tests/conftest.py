@@ -17,7 +17,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from tests.support.models import conv_member, linear_members, save, write_repository
 from tests.support.pki import Pki, make_pki
-from tests.support.servers import ThreadedServer, cpu_server, local_config
+from tests.support.servers import ThreadedServer, cpu_server, local_config, pinned_runtime
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def model_repo(tmp_path: Path) -> Path:
 def server_config(model_repo: Path) -> ServerConfig:
     return ServerConfig(model_repository=model_repo, port=0, http_port=None,
                         batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005),
-                        freeze_heap=False)
+                        runtime=pinned_runtime(), freeze_heap=False)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from snapserve.client import ClientError
 from snapserve.client.bench import BenchConfig, BenchError, format_table, run_bench
 from snapserve.client.cli import main as client_main
 from snapserve.server import BatcherConfig, ServerConfig
-from tests.support.servers import ThreadedServer
+from tests.support.servers import ThreadedServer, pinned_runtime
 
 
 def _config(server: ThreadedServer, **kwargs: object) -> BenchConfig:
@@ -66,7 +66,7 @@ def test_stream_api_with_several_examples_per_request(served) -> None:  # type: 
 def test_errors_are_counted_by_status_code(tmp_path: Path, imported_repo: Path) -> None:
     # One waiting request at most, and no adaptive send: concurrent callers overflow the queue.
     server = ThreadedServer(ServerConfig(
-        model_repository=imported_repo, port=0, http_port=None,
+        model_repository=imported_repo, port=0, http_port=None, runtime=pinned_runtime(),
         batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.02, max_queue_size=1,
                               adaptive_wait=False)))
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from snapserve.server import RunningServer
+from tests.support.servers import pinned_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,8 @@ async def test_tls_server_is_checked_over_tls(model_repo: Path, tmp_path: Path) 
 
     cert, key = self_signed(tmp_path)
     running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None,
-                                              security=SecurityConfig(tls_cert=cert, tls_key=key)))
+                                              security=SecurityConfig(tls_cert=cert, tls_key=key),
+                                              runtime=pinned_runtime()))
     try:
         # As in the container: SNAPSERVE_TLS_CERT set for the server, so the check trusts it.
         code, out = await healthcheck("--tls-ca", str(cert), port=running.port)

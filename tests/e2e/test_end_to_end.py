@@ -16,6 +16,7 @@ from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
 from snapserve.trainer.cli import main as trainer_main
 from snapserve.trainer.datasets import load_dataset
+from tests.support.servers import pinned_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +34,8 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_served_ensemble_matches_the_trainers_evaluation(trained_repo: Path) -> None:
     manifest = json.loads((trained_repo / "digits" / "1" / "manifest.json").read_text())
     test = load_dataset("digits").test
-    server = await start_server(ServerConfig(model_repository=trained_repo, port=0, http_port=None))
+    server = await start_server(ServerConfig(model_repository=trained_repo, port=0, http_port=None,
+                                             runtime=pinned_runtime()))
     try:
         async with AsyncEnsembleClient(f"127.0.0.1:{server.port}") as client:
             # Raw pixels in; the client applies the normalisation the server advertises.

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from benchmarks.soak import MAX_BATCH, MODEL, Reference, ServerProcess, build_repository
-from tests.support.servers import free_port
+from tests.support.servers import PINNED_FLAGS, free_port
 
-ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64", "--drain-window-s", "0.5",
-        "--grace-s", "3")
+ARGS = (*PINNED_FLAGS, "--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64",
+        "--drain-window-s", "0.5", "--grace-s", "3")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from snapserve.server.api.kserve_messages import (DEFAULT_OUTPUTS, OUTPUTS, enco
                                                   encode_infer_response_bytes)
 from snapserve.server.api.messages import encode_prediction, encode_prediction_bytes
 from snapserve.server.engine.batcher import BatcherConfig
-from snapserve.server.engine.runtime import RuntimeConfig
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.loading import load_version
+from tests.support.servers import pinned_runtime
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16383, 16384, 2**21 + 5, 2**35, 2**63 - 1])
@@ -39,7 +39,7 @@ def test_length_delimited_is_protobufs_own() -> None:
 
 @pytest.fixture
 def served(model_repo: Path) -> ServedEnsemble:
-    return load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
+    return load_version(model_repo / "digits" / "1", pinned_runtime(device="cpu"),
                         BatcherConfig(max_batch_size=8))
 
 

@@ -20,7 +20,7 @@ from snapserve.server.process.healthcheck import check
 from snapserve.server.models.policy import RepositoryConfig
 
 from tests.support.calls import triton_client
-from tests.support.servers import fast_batching, serving
+from tests.support.servers import fast_batching, pinned_runtime, serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -65,7 +65,8 @@ async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.M
     monkeypatch.setattr(snapserve.server.models.lifecycle, "load_version", held_load)
     port = free_port()
     starting = asyncio.ensure_future(start_server(ServerConfig(
-        model_repository=model_repo, port=port, http_port=None, batcher=fast_batching())))
+        model_repository=model_repo, port=port, http_port=None, batcher=fast_batching(),
+        runtime=pinned_runtime())))
     try:
         while True:  # until the port is bound and answers
             if starting.done():
@@ -91,7 +92,7 @@ async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.M
 
 async def test_watchers_hear_not_serving_when_shutdown_begins(model_repo: Path) -> None:
     running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None,
-                                              batcher=fast_batching()))
+                                              batcher=fast_batching(), runtime=pinned_runtime()))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         # Two watchers of one service: one leaving must not silence the other.

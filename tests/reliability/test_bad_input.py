@@ -24,14 +24,14 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
                                      from_tensor, to_tensor)
-from snapserve.server import BatcherConfig, RunningServer, RuntimeConfig
+from snapserve.server import BatcherConfig, RunningServer
 from snapserve.server.api.kserve_messages import decode_infer_input
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.inputs import conform_input
 from snapserve.server.models.manifest import InputSpec
 from tests.support.calls import digits_input
 from tests.support.models import reference_member_probs
-from tests.support.servers import serving
+from tests.support.servers import pinned_runtime, serving
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 F32 = np.float32
@@ -233,7 +233,7 @@ async def test_stream_answers_bad_requests_inline_and_goes_on(server: RunningSer
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 async def test_allow_nonfinite_passes_nan_to_the_model(model_repo: Path) -> None:
-    async with serving(model_repo, runtime=RuntimeConfig(allow_nonfinite=True)) as running:
+    async with serving(model_repo, runtime=pinned_runtime(allow_nonfinite=True)) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             response = await pb_grpc.EnsembleServiceStub(channel).Predict(native(NAN_INPUT))
             probabilities = from_tensor(response.probabilities)

@@ -26,6 +26,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import to_tensor
 from tests.support.models import write_slow_model
+from tests.support.servers import PINNED_FLAGS
 
 WINDOW_S = 2.0
 
@@ -77,7 +78,7 @@ async def _load_across_sigterm(server: ServerProcess, clients: int) -> tuple[Loa
 
 def test_sigterm_keeps_answering_for_the_drain_window(tmp_path: Path) -> None:
     repo = build_repository(tmp_path / "models")
-    with ServerProcess(repo, "--max-batch-size", "16", "--grace-s", "3",
+    with ServerProcess(repo, *PINNED_FLAGS, "--max-batch-size", "16", "--grace-s", "3",
                        "--drain-window-s", str(WINDOW_S)) as server:
         load, signalled, health = asyncio.run(_load_across_sigterm(server, clients=16))
         log = "".join(server.log)
@@ -113,7 +114,7 @@ def _send_slow(server: ServerProcess, outcome: list[str]) -> threading.Thread:
 
 
 def _stop_during_slow_batch(tmp_path: Path, *args: str, signals: int) -> tuple[float, str, list]:
-    with ServerProcess(_slow_repo(tmp_path), "--max-batch-size", "32", "--drain-window-s", "0",
+    with ServerProcess(_slow_repo(tmp_path), *PINNED_FLAGS, "--max-batch-size", "32", "--drain-window-s", "0",
                        *args) as server:
         outcome: list[str] = []
         thread = _send_slow(server, outcome)

@@ -30,7 +30,7 @@ from snapserve.server.errors import ConfigError
 from snapserve.server.models.policy import RepositoryConfig
 from tests.support.calls import digits_input, predict_request
 from tests.support.pki import Pki, tls_channel
-from tests.support.servers import ThreadedServer, serving
+from tests.support.servers import ThreadedServer, pinned_runtime, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = ("s3cret-token-for-tests-0001", "another-valid-token-0002")
@@ -233,7 +233,7 @@ def test_every_token_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPat
 def test_client_and_cli_with_mutual_tls_and_a_token(model_repo: Path, pki: Pki,
                                                     token_file: Path) -> None:
     server = ThreadedServer(ServerConfig(
-        model_repository=model_repo, port=0, http_port=None,
+        model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
         security=SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key,
                                 tls_client_ca=pki.ca, auth_token_file=token_file)))
     tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.soak import MAX_BATCH, MODEL, Reference, ServerProcess, build_repository, run_shutdown
+from tests.support.servers import PINNED_FLAGS
 
-ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64", "--drain-window-s", "1",
-        "--grace-s", "3")
+ARGS = (*PINNED_FLAGS, "--max-batch-size", str(MAX_BATCH), "--max-queue-size", "64",
+        "--drain-window-s", "1", "--grace-s", "3")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ import signal
 from pathlib import Path
 
 from benchmarks.soak import MAX_BATCH, MODEL, Reference, ServerProcess, build_repository, run_soak
+from tests.support.servers import PINNED_FLAGS
 
 
 def test_short_soak_loses_nothing(tmp_path: Path) -> None:
     repo = build_repository(tmp_path / "models")
     reference = Reference(repo / MODEL / "1")
     # A small queue, so overload refusals (RESOURCE_EXHAUSTED) are part of the mix.
-    with ServerProcess(repo, "--max-batch-size", str(MAX_BATCH), "--max-queue-size", "16",
+    with ServerProcess(repo, *PINNED_FLAGS, "--max-batch-size", str(MAX_BATCH), "--max-queue-size", "16",
                        "--grace-s", "3") as server:
         report = run_soak(server, reference, duration_s=8, concurrency=48)
         server.signal(signal.SIGTERM)

@@ -26,11 +26,25 @@ def fast_batching() -> BatcherConfig:
     return BatcherConfig(max_batch_size=8, max_queue_delay_s=0.002)
 
 
+# Instances and threads as the test servers pin them. Auto (0) measures the model at every load,
+# which costs a server start most of its time; only the tests about that choice ask for it.
+PINNED = {"instances": 1, "intra_op_threads": 1}
+# The same for a `python -m snapserve.server` process.
+PINNED_FLAGS = ("--instances", "1", "--intra-op-threads", "1")
+
+
+def pinned_runtime(**runtime: Any) -> RuntimeConfig:
+    """A RuntimeConfig with these settings, instances and threads `PINNED` unless given."""
+    return RuntimeConfig(**{**PINNED, **runtime})
+
+
 def local_config(repo: Path, **config: Any) -> ServerConfig:
-    """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given, and
-    no REST port unless `http_port` is given (0: a free one; the default 8000 would collide
-    between test runs), and no frozen heap unless `freeze_heap` is given."""
+    """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given,
+    `pinned_runtime()` unless `runtime` is given, no REST port unless `http_port` is given (0: a
+    free one; the default 8000 would collide between test runs), and no frozen heap unless
+    `freeze_heap` is given."""
     config.setdefault("batcher", fast_batching())
+    config.setdefault("runtime", pinned_runtime())
     config.setdefault("http_port", None)
     # The suite's own heap stays the collector's (tests/server/test_heap.py turns it on).
     config.setdefault("freeze_heap", False)
@@ -70,5 +84,6 @@ class ThreadedServer:
 
 
 def cpu_server(repo: Path, **runtime: Any) -> ThreadedServer:
-    """A ThreadedServer on the CPU with these RuntimeConfig settings (graph, instances, ...)."""
-    return ThreadedServer(local_config(repo, runtime=RuntimeConfig(device="cpu", **runtime)))
+    """A ThreadedServer on the CPU with these RuntimeConfig settings (graph, instances, ...),
+    instances and threads `PINNED` unless given."""
+    return ThreadedServer(local_config(repo, runtime=pinned_runtime(device="cpu", **runtime)))

@@ -23,7 +23,7 @@ from snapserve.trainer.fuse import (FP16_TOLERANCE, FUSED_OUTPUTS, TEMPERATURE_I
 from snapserve.trainer.importer import import_members
 
 from tests.support.models import CLASSES, SHAPE, conv_member, linear_members, save
-from tests.support.servers import cpu_server
+from tests.support.servers import cpu_server, pinned_runtime
 
 INTEGER_SCORES = {"top_class", "member_top_class"}
 
@@ -99,7 +99,7 @@ def test_export_records_the_fused_graph_in_the_manifest(imported_repo: Path) -> 
 
 
 def _load(version: Path, **runtime: object):  # type: ignore[no-untyped-def]
-    return load_version(version, RuntimeConfig(device="cpu", **runtime),
+    return load_version(version, pinned_runtime(device="cpu", **runtime),
                         BatcherConfig(max_batch_size=8))
 
 

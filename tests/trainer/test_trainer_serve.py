@@ -13,7 +13,7 @@ import pytest
 from snapserve.client import EnsembleClient
 from snapserve.server import BatcherConfig, ServerConfig
 from tests.support.models import reference_member_probs
-from tests.support.servers import ThreadedServer
+from tests.support.servers import ThreadedServer, pinned_runtime
 from snapserve.trainer.datasets import Dataset
 from snapserve.trainer.metrics import auroc
 
@@ -21,7 +21,8 @@ from snapserve.trainer.metrics import auroc
 @pytest.fixture(scope="module")
 def served(method_versions: tuple[Path, dict]) -> Iterator[ThreadedServer]:
     server = ThreadedServer(ServerConfig(model_repository=method_versions[0], port=0, http_port=None,
-                                         batcher=BatcherConfig(max_batch_size=64, max_queue_delay_s=0.002)))
+                                         batcher=BatcherConfig(max_batch_size=64, max_queue_delay_s=0.002),
+                                         runtime=pinned_runtime()))
     yield server
     server.stop()
 

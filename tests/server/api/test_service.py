@@ -18,6 +18,7 @@ from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_s
 from tests.support.calls import digits_input
 from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
                                   reference_member_probs, write_model_version)
+from tests.support.servers import pinned_runtime
 
 Stub = pb_grpc.EnsembleServiceStub
 
@@ -72,7 +73,8 @@ async def test_member_probabilities_when_asked(stub: Stub, model_repo: Path) -> 
 async def test_temperature_applies_to_probabilities_only(tmp_path: Path) -> None:
     version = write_model_version(tmp_path, "digits", random_members(3, 16, 5, seed=4),
                                   DIGITS_SHAPE, DIGITS_CLASSES, temperature=2.5)
-    running = await start_server(ServerConfig(model_repository=tmp_path, port=0, http_port=None))
+    running = await start_server(ServerConfig(model_repository=tmp_path, port=0, http_port=None,
+                                              runtime=pinned_runtime()))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             x = digits_input(4, seed=3)
@@ -189,7 +191,7 @@ async def test_list_and_get_model(stub: Stub, model_repo: Path) -> None:
 
 
 async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model_repo: Path) -> None:
-    config = ServerConfig(model_repository=model_repo, port=0, http_port=None,
+    config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
                           batcher=BatcherConfig(max_batch_size=16, max_queue_delay_s=0.05))
     running = await start_server(config)
     try:
@@ -207,7 +209,7 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model_
 
 
 async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
-    config = ServerConfig(model_repository=model_repo, port=0, http_port=None,
+    config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
                           batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3, max_queue_size=1,
                                                   adaptive_wait=False))
     running = await start_server(config)
@@ -226,7 +228,7 @@ async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
 
 
 async def test_cancelled_call_is_dropped_before_compute(model_repo: Path) -> None:
-    config = ServerConfig(model_repository=model_repo, port=0, http_port=None,
+    config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
                           batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3,
                                                 adaptive_wait=False))
     running = await start_server(config)
@@ -243,7 +245,7 @@ async def test_cancelled_call_is_dropped_before_compute(model_repo: Path) -> Non
 
 
 async def test_stop_with_grace_finishes_in_flight_requests(model_repo: Path) -> None:
-    config = ServerConfig(model_repository=model_repo, port=0, http_port=None,
+    config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
                           batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.2))
     running = await start_server(config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -289,7 +291,8 @@ async def test_a_request_the_model_fails_on_is_refused_and_the_server_goes_on(
     """The version passed its warm-up, so a run that fails on one request is that request's:
     INVALID_ARGUMENT without ONNX Runtime's internals (issue 14: they go to the log)."""
     write_model_version(tmp_path, "digits", [batch_of_one_only_model()], DIGITS_SHAPE, DIGITS_CLASSES)
-    running = await start_server(ServerConfig(model_repository=tmp_path, port=0, http_port=None))
+    running = await start_server(ServerConfig(model_repository=tmp_path, port=0, http_port=None,
+                                              runtime=pinned_runtime()))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = Stub(channel)

@@ -25,13 +25,14 @@ from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry, scan_repository
 from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
                                   write_model_version)
+from tests.support.servers import pinned_runtime
 
 
 @contextlib.asynccontextmanager
 async def loaded(repo: Path) -> AsyncIterator[ModelRegistry]:
     """The registry as the server's start-up load leaves it (no gRPC), closed on the way out."""
     registry = ModelRegistry()
-    await ModelManager(repo, RepositoryConfig(), RuntimeConfig(), BatcherConfig(),
+    await ModelManager(repo, RepositoryConfig(), pinned_runtime(), BatcherConfig(),
                        registry).load_all()
     try:
         yield registry
@@ -53,7 +54,8 @@ async def test_checksum_mismatch_refuses_that_model_and_serves_the_others(
         model_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     corrupt_member(model_repo / "digits" / "1")
     caplog.set_level(logging.ERROR, logger="snapserve.server")
-    running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None))
+    running = await start_server(ServerConfig(model_repository=model_repo, port=0, http_port=None,
+                                              runtime=pinned_runtime()))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)

@@ -17,6 +17,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 from snapserve.server.process.cli import load_config
+from tests.support.servers import PINNED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[3]
 READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
@@ -25,7 +26,7 @@ READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], int, list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo), "--port", "0",
-         "--http-port", "0", *extra],
+         "--http-port", "0", *PINNED_FLAGS, *extra],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: list[str] = []

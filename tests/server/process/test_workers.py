@@ -24,6 +24,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import to_tensor
 from tests.support.promtool import promtool
+from tests.support.servers import PINNED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[3]
 ALL_READY = re.compile(r"serving on 127\.0\.0\.1:(\d+) with 2 workers")
@@ -39,7 +40,7 @@ class _Parent:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo),
              "--port", "0", "--http-port", "0", "--metrics-port", "0", "--workers", "2",
-             "--drain-window-s", "0", "--grace-s", "5", "--poll-interval", "0"],
+             "--drain-window-s", "0", "--grace-s", "5", "--poll-interval", "0", *PINNED_FLAGS],
             cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
