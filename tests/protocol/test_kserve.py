@@ -9,6 +9,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+import pytest_asyncio
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
@@ -17,10 +18,26 @@ from tritonclient.utils import InferenceServerException
 from snapserve.server import RunningServer
 
 from tests.support.calls import SCORES, digits_input, native_predict, native_stub, triton_client
-from tests.support.models import DIGITS_SHAPE, write_int_model
+from tests.support.models import DIGITS_SHAPE, write_int_model, write_repository
 from tests.support.servers import serving
 
 Client = triton.InferenceServerClient
+
+# The tests share one server (`running`, `client` below) in one event loop: they only send
+# requests and read answers. The ones that count requests or change the repository start their own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+    async with serving(write_repository(tmp_path_factory.mktemp("models")), metrics_port=0) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(running: RunningServer) -> AsyncIterator[Client]:
+    async with triton_client(running) as c:
+        yield c
 
 
 def infer_input(x: np.ndarray, datatype: str = "FP32", name: str = "input") -> triton.InferInput:
@@ -225,32 +242,33 @@ async def test_stream_infer_answers_each_request_and_errors_inline(client: Clien
     assert error is not None and "model 'nope' is not served" in error.message()
 
 
-async def test_statistics_count_requests_batches_and_time(client: Client) -> None:
-    for seed in range(3):
-        await client.infer("digits", [infer_input(digits_input(2, seed=seed))])
-    await status_of(client.infer("digits", [infer_input(digits_input(1), name="wrong")]))
-    stats = (await client.get_inference_statistics("digits")).model_stats
-    assert [(s.name, s.version) for s in stats] == [("digits", "1")]
-    s = stats[0]
-    assert s.inference_count == 6 and 1 <= s.execution_count <= 3
-    assert s.inference_stats.success.count == 3 and s.inference_stats.success.ns > 0
-    assert s.inference_stats.queue.count == 3
-    assert s.inference_stats.compute_infer.count == s.execution_count
-    assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
-    assert s.last_inference > 0
-    everything = (await client.get_inference_statistics()).model_stats
-    assert [(m.name, m.version) for m in everything] == [("digits", "1"), ("tiny", "1")]
-    status, _ = await status_of(client.get_inference_statistics("nope"))
-    assert status == "StatusCode.NOT_FOUND"
+async def test_statistics_count_requests_batches_and_time(model_repo: Path) -> None:
+    async with serving(model_repo, metrics_port=0) as running, triton_client(running) as client:
+        for seed in range(3):
+            await client.infer("digits", [infer_input(digits_input(2, seed=seed))])
+        await status_of(client.infer("digits", [infer_input(digits_input(1), name="wrong")]))
+        stats = (await client.get_inference_statistics("digits")).model_stats
+        assert [(s.name, s.version) for s in stats] == [("digits", "1")]
+        s = stats[0]
+        assert s.inference_count == 6 and 1 <= s.execution_count <= 3
+        assert s.inference_stats.success.count == 3 and s.inference_stats.success.ns > 0
+        assert s.inference_stats.queue.count == 3
+        assert s.inference_stats.compute_infer.count == s.execution_count
+        assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
+        assert s.last_inference > 0
+        everything = (await client.get_inference_statistics()).model_stats
+        assert [(m.name, m.version) for m in everything] == [("digits", "1"), ("tiny", "1")]
+        status, _ = await status_of(client.get_inference_statistics("nope"))
+        assert status == "StatusCode.NOT_FOUND"
 
 
-async def test_repository_index_lists_versions_with_state(running: RunningServer, model_repo: Path,
-                                                          client: Client) -> None:
-    (model_repo / "digits" / ".tmp-9-partial").mkdir()  # a version being written: not listed
-    index = (await client.get_model_repository_index()).models
-    assert [(m.name, m.version, m.state) for m in index] == \
-        [("digits", "1", "READY"), ("tiny", "1", "READY")]
-    assert len((await client.get_model_repository_index(as_json=True))["models"]) == 2
+async def test_repository_index_lists_versions_with_state(model_repo: Path) -> None:
+    async with serving(model_repo, metrics_port=0) as running, triton_client(running) as client:
+        (model_repo / "digits" / ".tmp-9-partial").mkdir()  # a version being written: not listed
+        index = (await client.get_model_repository_index()).models
+        assert [(m.name, m.version, m.state) for m in index] == \
+            [("digits", "1", "READY"), ("tiny", "1", "READY")]
+        assert len((await client.get_model_repository_index(as_json=True))["models"]) == 2
 
 
 async def test_repository_control_is_disabled_by_default(client: Client) -> None:
