@@ -8,6 +8,7 @@ Outputs always go back as `raw_output_contents`, which is what tritonclient read
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from snapserve.proto.scores import SCORE_SPECS, SCORES, EnsembleScores
 from snapserve.proto.tensors import (KSERVE_CONTENTS, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, TensorError,
                                      array_from_bytes, check_fits, check_shape, wire_type)
 from snapserve.proto.wire import LITTLE_ENDIAN, tag, varint
-from snapserve.server.api.answer_heads import AnswerHeads
 from snapserve.server.api.pipeline import InferRequest, parse_version
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
@@ -185,15 +185,18 @@ def encode_infer_response(scores: EnsembleScores, served: ServedEnsemble, reques
 _RESPONSE_FIELDS = kpb.ModelInferResponse.DESCRIPTOR.fields_by_name
 _ID_TAG = tag(_RESPONSE_FIELDS["id"].number)
 _RAW_OUTPUT_TAG = tag(_RESPONSE_FIELDS["raw_output_contents"].number)
-_HEADS = AnswerHeads()
+# Heads of every version together: batch sizes x output selections (named in any order).
+_HEADS = 1024
 
 
+@functools.lru_cache(maxsize=_HEADS)
 def _infer_response_head(model: str, version: int, outputs: tuple[str, ...], rows: int,
                          classes: int, members: int
                          ) -> tuple[bytes, tuple[tuple[str, bytes, np.dtype], ...]]:
     """What every answer of `rows` examples from this version says but its id and its bytes:
     the serialized name, version and output specs; per output, the key and length that start
-    its raw contents, and the dtype its array must have."""
+    its raw contents, and the dtype its array must have. A pure function of its arguments,
+    so cached by them: no entry refers to a served version."""
     response = kpb.ModelInferResponse(model_name=model, model_version=str(version))
     chunks = []
     for name in outputs:
@@ -210,9 +213,8 @@ def encode_infer_response_bytes(scores: EnsembleScores, served: ServedEnsemble, 
     """`encode_infer_response(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per output (proto/wire.py): the answer is never built as a message."""
     rows, manifest = len(scores), served.manifest
-    head, chunks = _HEADS.get(served, (rows, outputs), _infer_response_head, manifest.name,
-                              manifest.version, outputs, rows, len(manifest.classes),
-                              served.runtime.members)
+    head, chunks = _infer_response_head(manifest.name, manifest.version, outputs, rows,
+                                        len(manifest.classes), served.runtime.members)
     identifier = request_id.encode()
     parts = [head, _ID_TAG, varint(len(identifier)), identifier]
     for name, prefix, dtype in chunks:

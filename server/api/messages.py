@@ -6,6 +6,7 @@ there and a field in ensemble.proto, no edit here.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -14,7 +15,6 @@ from snapserve.proto.scores import SCORES, EnsembleScores, ScoreSpec
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, TensorError, from_tensor, to_tensor
 from snapserve.proto.wire import LITTLE_ENDIAN, length_delimited, tag, varint
-from snapserve.server.api.answer_heads import AnswerHeads
 from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
@@ -60,18 +60,21 @@ _FIELDS = pb.PredictResponse.DESCRIPTOR.fields_by_name
 _REQUEST_ID_TAG = tag(_FIELDS["request_id"].number)
 _TOP_LABEL = _FIELDS["top_label"].number
 _DATA_TAG = tag(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
-_HEADS = AnswerHeads()
+# Heads of every version together: batch sizes x with or without member probabilities.
+_HEADS = 1024
 
 
 _Head = tuple[bytes, tuple[tuple[str, np.dtype, bytes], ...], tuple[bytes, ...]]
 
 
+@functools.lru_cache(maxsize=_HEADS)
 def _prediction_head(model: str, version: int, rows: int, classes: tuple[str, ...], members: int,
                      member_probabilities: bool) -> _Head:
     """What every answer of `rows` examples from this version says but its id, its labels and
     its bytes: the serialized model, version and each tensor's dtype and shape; per tensor, the
     key and lengths that start its data (a Tensor holding only `data`, merged into the head's
-    by the parser); each class's top_label field."""
+    by the parser); each class's top_label field. A pure function of its arguments, so cached
+    by them: no entry refers to a served version, and a retired one leaves nothing behind."""
     response = pb.PredictResponse(model=model, version=version)
     chunks = []
     for spec in answer_scores(member_probabilities):
@@ -92,10 +95,9 @@ def encode_prediction_bytes(scores: EnsembleScores, served: ServedEnsemble, requ
     """`encode_prediction(...).SerializeToString()`, assembled from a cached head and one
     `tobytes` per tensor (proto/wire.py): the answer is never built as a message."""
     rows, manifest = len(scores), served.manifest
-    head, chunks, labels = _HEADS.get(
-        served, (rows, include_member_probabilities), _prediction_head, manifest.name,
-        manifest.version, rows, manifest.classes, served.runtime.members,
-        include_member_probabilities)
+    head, chunks, labels = _prediction_head(manifest.name, manifest.version, rows,
+                                            manifest.classes, served.runtime.members,
+                                            include_member_probabilities)
     identifier = request_id.encode()
     parts = [head, _REQUEST_ID_TAG, varint(len(identifier)), identifier]
     for name, dtype, prefix in chunks:

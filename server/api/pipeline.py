@@ -5,7 +5,7 @@ intake ticket when a request's bytes arrive (api/intake.py), parses them, and ha
 an `InferRequest`: the parsed message, the transport's decoder and encoder, the ticket. The
 pipeline observes the request (metrics, span, access log), resolves the model version, decodes
 the input against that version's spec (on a decode thread when large), gives the ticket back as
-the request joins the batcher's queue, submits it (`ModelRegistry.predict`, which re-sends a
+the request joins the batcher's queue, submits it to the version (`submit`, which re-sends a
 request whose version a hot reload retired on the way) and encodes the scores. The request and
 its ticket are values passed along: nothing is left in context variables for a servicer to
 remember.
@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
 import grpc
 import numpy as np
 
+from snapserve.proto.scores import EnsembleScores
 from snapserve.server.api.intake import OFFLOAD_BYTES, Intake, Ticket
 from snapserve.server.api.status import status_code
-from snapserve.server.errors import InvalidInput
+from snapserve.server.errors import BatcherClosed, InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.observability import tracing
@@ -33,10 +34,9 @@ from snapserve.server.observability.request_context import (RequestContext, curr
 from snapserve.server.observability.tracing import end_request_span, request_span
 
 if TYPE_CHECKING:  # only its type: the pipeline reports to the metrics it is given
-    from snapserve.proto.scores import EnsembleScores
     from snapserve.server.observability.metrics import ServerMetrics
 
-__all__ = ["DataPlane", "InferRequest", "observed_request", "parse_version"]
+__all__ = ["DataPlane", "InferRequest", "observed_request", "parse_version", "submit"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,29 @@ class DataPlane:
                                             served))
             if request.ticket is not None:
                 request.ticket.queued()
-            served, scores = await self.registry.predict(served, version, x, request.timeout)
+            served, scores = await submit(self.registry, served, version, x, request.timeout)
             return encode(scores, served, request)
+
+
+async def submit(registry: ModelRegistry, served: ServedEnsemble, version: int, x: np.ndarray,
+                 timeout: float | None = None) -> tuple[ServedEnsemble, EnsembleScores]:
+    """The version that answered and its scores for x, sent to `served`: what
+    `registry.get(name, version)` gave this request (its input spec decoded x).
+
+    A request that picked a version just before a hot reload retired it finds that version's
+    batcher closed; it is sent once more, to what now serves the same name and `version`
+    (0: the default), so a reload fails no request. BatcherClosed stands when nothing replaced
+    it (the server is stopping); NOT_FOUND when the model went away meanwhile.
+    """
+    try:
+        return served, await served.predict(x, timeout=timeout)
+    except BatcherClosed:
+        replacement = registry.get(served.name, version)
+        if replacement is served:
+            raise
+        logger.debug("%s version %d was retired while a request was on its way; sending it to "
+                     "version %d", served.name, served.version, replacement.version)
+        return replacement, await replacement.predict(x, timeout=timeout)
 
 
 # -- what every request reports: metrics, span, access log ----------------------------------------

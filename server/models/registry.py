@@ -1,7 +1,8 @@
 """The model registry: model name -> version -> ServedEnsemble, shared by every service.
 
 The ModelManager (lifecycle.py) fills it from the <repository>/<model>/<version>/ folders that
-`scan_repository` finds; a request looks its version up once (`get`), then `predict` runs it.
+`scan_repository` finds; a request looks its version up once (`get`) and is sent to it by the
+pipeline (api/pipeline.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
-from snapserve.proto.scores import EnsembleScores
-from snapserve.server.errors import BatcherClosed, ModelNotFound, VersionNotFound
+from snapserve.server.errors import ModelNotFound, VersionNotFound
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.manifest import MODEL_NAME
 
@@ -60,28 +58,6 @@ class ModelRegistry:
         endpoint): each list() copy of a dict is one step under the GIL."""
         models = sorted(list(self._models.items()))
         return [served for _, versions in models for _, served in sorted(list(versions.items()))]
-
-    async def predict(self, served: ServedEnsemble, version: int, x: np.ndarray,
-                      timeout: float | None = None) -> tuple[ServedEnsemble, EnsembleScores]:
-        """The version that answered and its scores for x: what every service calls, with what
-        `get(name, version)` gave it for this request (the one lookup; its input spec decoded x).
-
-        A request that picked a version just before a hot reload retired it finds that
-        version's batcher closed; it is sent once more, to what now serves the same name and
-        `version` (0: the default), so a reload fails no request. BatcherClosed stands when
-        nothing replaced it (the server is stopping).
-        """
-        try:
-            return served, await served.predict(x, timeout=timeout)
-        except BatcherClosed:
-            # NOT_FOUND if the model went away meanwhile
-            replacement = self.get(served.name, version)
-            if replacement is served:
-                raise
-            logger.debug("%s version %d was retired while a request was on its way; "
-                         "sending it to version %d", served.name, served.version,
-                         replacement.version)
-            return replacement, await replacement.predict(x, timeout=timeout)
 
     def names(self) -> list[str]:
         return sorted(self._models)

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from snapserve.server import RunningServer
 from snapserve.server.process.cli import load_config
+from snapserve.server.api.pipeline import submit
 from snapserve.server.errors import ConfigError, VersionNotFound
 from snapserve.server.models.policy import RepositoryConfig
 from snapserve.server.models.registry import ModelRegistry
@@ -198,10 +199,10 @@ async def test_a_request_for_a_retired_version_is_sent_to_its_replacement(
         # Version 2 is retired after a request looked it up as the default, before it was queued.
         registry.remove("digits", 2)
         await v2.close()
-        served, scores = await registry.predict(v2, 0, x)
+        served, scores = await submit(registry, v2, 0, x)
         assert served is v1 and scores.probabilities.shape == (1, 5)
         with pytest.raises(VersionNotFound):  # a retired version asked for by number: gone
-            await registry.predict(v2, 2, x)
+            await submit(registry, v2, 2, x)
 
 
 async def test_explicit_unload_and_load(model_repo: Path) -> None:
