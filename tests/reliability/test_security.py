@@ -305,7 +305,7 @@ def test_server_code_imports_nothing_that_unpickles() -> None:
 
 
 def test_serving_loads_neither_torch_nor_the_trainer() -> None:
-    code = ("import sys, server.app, server.cli, client.cli\n"
+    code = ("import sys, server.app, server.process.cli, client.cli\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer', 'dill', "
             "'cloudpickle', 'joblib'))\n"
             "assert not bad, bad")
