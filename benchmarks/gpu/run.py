@@ -4,7 +4,7 @@
     python3 benchmarks/gpu/run.py --prepare                # here: wheels and parts to carry
     python3 benchmarks/gpu/run.py --device cuda --ort-parts /tmp/ortgpu .ortgpu \
         --wheels .ortgpu/wheels --out "$OUT"               # there: the one device call
-    python benchmarks/gpu/run.py --device cpu --quick --out DIR   # the dry run (tests/perf)
+    python benchmarks/gpu/run.py --device cpu --quick --out DIR   # the dry run (tests/benchmarks)
 
 benchmarks/gpu/README.md says how a session with a GPU makes the calls. The run drives the
 project only through its command lines (`python -m snapserve.trainer|server|client`) and the

@@ -67,7 +67,7 @@ def int_input_member(features: int, classes: int, seed: int) -> onnx.ModelProto:
     return _finish(graph)
 
 
-# -- members more like exported ones (tests/perf) ---------------------------------------------
+# -- members more like exported ones (tests/trainer, tests/benchmarks) ---------------------------------------------
 
 SHAPE = DIGITS_SHAPE  # one example
 CLASSES = 5
