@@ -339,7 +339,7 @@ def check_fused(fused: onnx.ModelProto, member_files: Sequence[Path], input_spec
                 examples: int = 7) -> float:
     """Max |Δ| of member and mean probabilities, fused graph vs the members run one by one.
 
-    The full set of scores is compared with the server's numpy scores in tests/perf; this is
+    The full set of scores is compared with the server's numpy scores in tests/trainer/test_fuse.py; this is
     the cheap export-time guard (like the PyTorch parity check) against a mis-wired graph.
     """
     x = _sample_input(input_spec, examples)
