@@ -198,11 +198,11 @@ class HttpFrontEnd:
     async def _answer(self, infer: InferRequest[RestInferRequest]) -> tuple[bytes, int | None]:
         """The pipeline's answer, given up at the request's timeout as gRPC gives up at a
         deadline (the batcher drops a request whose caller went away), so the client hears at
-        once."""
+        once. In this task: `asyncio.timeout`, unlike `wait_for`, starts no task of its own."""
         try:
-            return await asyncio.wait_for(self._core.plane.infer(infer, encode_rest, API_HTTP),
-                                          infer.timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(infer.timeout):
+                return await self._core.plane.infer(infer, encode_rest, API_HTTP)
+        except TimeoutError:
             assert infer.timeout is not None
             raise ItemExpired(f"the request's timeout of {infer.timeout * 1e3:.0f} ms passed "
                               "before it was answered") from None

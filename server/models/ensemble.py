@@ -1,6 +1,6 @@
 """One served model version: its manifest, its runtime instances and the batcher in front of them.
 
-`predict` is what the pipeline calls (api/pipeline.py, through ModelRegistry.predict): check
+`predict` is what the pipeline calls (api/pipeline.py `submit`): check
 the input, queue it, get this request's rows of the batch's scores back. A batch runs on an
 instance (`_infer_batch`); its answers, bad requests found by bisection, come from
 models/bisection.py. Loading a version is models/loading.py.

@@ -8,7 +8,7 @@ beside the one being served, in a worker thread; it is started and added to the 
 step on the event loop, which switches new requests to it; then the old version leaves the
 registry and its batcher closes, which computes what was queued for it before it goes. A
 request that picked the old version just before the switch is sent on to the new one
-(ModelRegistry.predict), so a reload fails no request.
+(api/pipeline.py `submit`), so a reload fails no request.
 
 A version that fails to load is remembered (by its folder's identity and times) and not tried
 again on every poll; it is retried when it changes, or on an explicit load.
