@@ -269,6 +269,11 @@ class RuntimeConfig(ConfigModel):
     cuda_graph_batch_sizes: BatchSizes = setting(
         (), "CUDA: capture the fused graph as CUDA graphs for these batch sizes, e.g. "
             "1,2,4,8,16,32 (empty: off)")
+    # Off only to measure what it buys: without it each member's run copies the batch to the
+    # device itself and its outputs back through a staging copy. CUDA graphs need it.
+    io_binding: bool = setting(True, "CUDA: copy a batch to the device once for every member and "
+                                     "write outputs straight to host memory (IO binding); off: "
+                                     "plain runs, for comparison", strict=True)
     # NaN/Inf come back as NaN (or quietly wrong) scores, so they are refused by default
     # (models.inputs.conform_input).
     allow_nonfinite: bool = setting(False, "pass NaN/Inf inputs to the model instead of refusing "
@@ -285,6 +290,13 @@ class RuntimeConfig(ConfigModel):
             raise ValueError(f"cuda_graph_batch_sizes must be increasing integers in [1, {1 << 20}], "
                              f"got {sizes!r}")
         return sizes
+
+    @model_validator(mode="after")
+    def _graphs_need_binding(self) -> Self:
+        if self.cuda_graph_batch_sizes and not self.io_binding:
+            raise ValueError("cuda_graph_batch_sizes needs io_binding: a CUDA graph replays the "
+                             "device buffers bound at capture")
+        return self
 
 
 class RepositoryConfig(ConfigModel):

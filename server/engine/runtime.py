@@ -12,8 +12,9 @@ graph optimisation, sequential execution, `intra_op_threads` per session, no thr
 (spinning threads steal the cores the event loop and the gRPC threads need), the CPU memory
 arena on (batch shapes repeat, so its blocks are reused). On CUDA, inputs are copied to the
 device once per batch and bound with IO binding (every member reads the same device copy) and
-outputs are written straight to host memory; the fused graph may use CUDA graphs, one per
-batch-size bucket, with inputs padded up to the bucket.
+outputs are written straight to host memory (`io_binding`, on by default); the fused graph may
+use CUDA graphs, one per batch-size bucket, with inputs padded up to the bucket, captured at load
+by the warm-up on each instance's own thread (`EnsembleRuntime.warm_up`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import functools
 import logging
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +40,54 @@ from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMis
                                      InferenceError, InvalidGraph, ModelLoadError)
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
-           "check_score_outputs", "choose_graph", "execution_providers", "session_options"]
+           "agreement_tolerance", "check_score_outputs", "choose_graph", "cuda_provider_options",
+           "execution_providers", "session_options", "warm_up_batch_sizes"]
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 FUSED, MEMBERS = "fused", "members"
+
+# cuDNN picks each convolution's algorithm on the first run of a shape. EXHAUSTIVE times every
+# candidate there, which a live batch pays for whenever its size is one the warm-up did not run
+# (dynamic batching forms every size from 1 to max_batch_size); HEURISTIC asks cuDNN's
+# heuristics, with no timed runs, and usually gets the fastest or close to it. So no request
+# waits on a search, whatever size its batch has.
+CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
+
+# How far the fused graph's probabilities may be from the members' before `choose_graph`
+# refuses it, by (provider, precision). A stale or foreign fused graph (other weights) differs
+# by far more than any of these. CPU kernels are the same code on the same data in both
+# graphs: only the order of float sums differs. On CUDA, cuDNN's and cuBLAS's algorithm choice
+# (per graph and per batch shape) and TF32 change the low bits. FP16 is the export's own check
+# (trainer/fuse.py FP16_TOLERANCE).
+_TOLERANCE = {(CPU, "fp32"): 1e-4, (CUDA, "fp32"): 5e-3, (CPU, "fp16"): 1e-2, (CUDA, "fp16"): 1e-2}
+
+# ONNX Runtime runs a CUDA graph id normally first (to allocate its memory), then captures it;
+# recent versions repeat the run inside the first call, older ones need more calls. Three
+# calls capture in both, and a captured graph's extra calls are plain replays.
+_CAPTURE_RUNS = 3
+
+
+def cuda_provider_options(config: RuntimeConfig) -> dict[str, object]:
+    """What the CUDA provider is given besides ONNX Runtime's defaults."""
+    return {"device_id": config.device_id, "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH}
+
+
+def agreement_tolerance(provider: str, precision: str) -> float:
+    """The largest difference in probabilities between the fused graph and the members that
+    still counts as the same ensemble, where they run on `provider` at `precision`."""
+    return _TOLERANCE[(CUDA if provider == CUDA else CPU, precision)]
+
+
+def warm_up_batch_sizes(max_batch_size: int, cuda_graph_buckets: Sequence[int] = ()) -> tuple[int, ...]:
+    """The batch sizes the load-time warm-up runs on every instance: 1 (a lone request, the
+    first and most frequent batch at low load), each captured CUDA-graph bucket up to
+    max_batch_size (the only shapes that path runs), and max_batch_size (a full queue; the
+    largest shape also grows the memory arenas to their working size once, at load). The sizes
+    in between run on memory already there and, with HEURISTIC algorithm choice, search nothing."""
+    return tuple(sorted({1, max_batch_size, *(b for b in cuda_graph_buckets if b <= max_batch_size)}))
 
 
 def execution_providers(config: RuntimeConfig,
@@ -58,7 +101,7 @@ def execution_providers(config: RuntimeConfig,
                           "device 'auto' or 'cpu'")
     if config.device != "cpu" and CUDA in available:
         _preload_cuda_libraries()
-        return [(CUDA, {"device_id": config.device_id, **(cuda_options or {})}), CPU]
+        return [(CUDA, {**cuda_provider_options(config), **(cuda_options or {})}), CPU]
     return [CPU]
 
 
@@ -161,6 +204,7 @@ class ScoresGraph(Protocol):
     name: str
     members: int
     provider: str
+    precision: str  # fp32 or fp16: what the graph's members compute in
     named_sessions: list[tuple[str, ort.InferenceSession]]  # (file name, session)
     run_options: ort.RunOptions  # passed to every run; its terminate flag stops them
 
@@ -173,6 +217,7 @@ class MemberGraph:
     """One session per member, then the numpy scores."""
 
     name = MEMBERS
+    precision = "fp32"
 
     def __init__(self, paths: Sequence[GraphSource], input_name: str, output_name: str,
                  temperature: float, config: RuntimeConfig) -> None:
@@ -190,6 +235,7 @@ class MemberGraph:
         self.named_sessions = [(path.name, s) for path, s in zip(paths, self._sessions)]
         self.provider: str = self._sessions[0].get_providers()[0]
         self._device_id = config.device_id
+        self.io_binding = self.provider == CUDA and config.io_binding
         self.run_options = ort.RunOptions()  # terminate() sets its flag: runs stop between nodes
 
     def _logits_cuda(self, x: np.ndarray) -> list[np.ndarray]:
@@ -208,7 +254,7 @@ class MemberGraph:
     def run_members(self, x: np.ndarray) -> np.ndarray:
         """[B, ...] model input -> [B, M, C] float32: each member's softmax(logits)."""
         try:
-            if self.provider == CUDA:
+            if self.io_binding:
                 logits = self._logits_cuda(x)
             else:
                 feed = {self.input_name: x}
@@ -256,8 +302,8 @@ class FusedGraph:
     name = FUSED
 
     def __init__(self, path: GraphSource, input_name: str, temperature_input: str, temperature: float,
-                 members: int, config: RuntimeConfig) -> None:
-        self.input_name, self.members = input_name, members
+                 members: int, config: RuntimeConfig, precision: str = "fp32") -> None:
+        self.input_name, self.members, self.precision = input_name, members, precision
         self._temperature_input = temperature_input
         self._temperature = np.array(temperature, dtype=np.float32)
         self._session = _load(path, config)
@@ -271,14 +317,45 @@ class FusedGraph:
         self.provider: str = self._session.get_providers()[0]
         self.named_sessions = [(path.name, self._session)]
         self._device_id = config.device_id
+        self.io_binding = self.provider == CUDA and config.io_binding
         self.run_options = ort.RunOptions()  # terminate() sets its flag: runs stop between nodes
+        self._file = path.name
         self._cuda_graphs: _CudaGraphs | None = None
-        if self.provider == CUDA and config.cuda_graph_batch_sizes:
+        # What GetModel says about CUDA graphs: the captured sizes, or off and why.
+        self.cuda_graphs = "off: cuda_graph_batch_sizes is empty"
+        if config.cuda_graph_batch_sizes and self.provider != CUDA:
+            self.cuda_graphs = f"off: they need the CUDA provider, this graph runs on {self.provider}"
+        elif config.cuda_graph_batch_sizes:
             try:
                 self._cuda_graphs = _CudaGraphs(path, input_name, temperature_input,
                                                 self._temperature, config)
+                self.cuda_graphs = "not captured yet (the load-time warm-up captures them)"
             except Exception as exc:  # capture needs every node on CUDA; the plain path works
-                logger.warning("%s: no CUDA graphs (%s); running without them", path.name, exc)
+                self._without_cuda_graphs(f"the session refuses them: {exc}")
+
+    @property
+    def cuda_graph_buckets(self) -> tuple[int, ...]:
+        """The batch sizes with a CUDA graph (empty when they are off)."""
+        return self._cuda_graphs.buckets if self._cuda_graphs is not None else ()
+
+    def _without_cuda_graphs(self, why: str) -> None:
+        logger.warning("%s: no CUDA graphs (%s); running without them", self._file, why)
+        self._cuda_graphs = None
+        self.cuda_graphs = f"off: {why}"
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture every bucket's CUDA graph on the calling thread, or fall back to the plain
+        session, logged with the reason. ONNX Runtime keeps a captured graph in the thread that
+        captured it, so this runs on the thread that will serve the batches (and a thread that
+        did not capture runs the plain session: live traffic never captures)."""
+        if self._cuda_graphs is None or self._cuda_graphs.captured_here():
+            return
+        try:
+            self._cuda_graphs.capture()
+        except Exception as exc:  # ORT's exception types are not public API
+            self._without_cuda_graphs(f"capture failed: {exc}")
+            return
+        self.cuda_graphs = "batch sizes " + ",".join(map(str, self._cuda_graphs.buckets))
 
     def _outputs_cuda(self, x: np.ndarray) -> list[np.ndarray]:
         binding = self._session.io_binding()
@@ -292,9 +369,10 @@ class FusedGraph:
 
     def scores(self, x: np.ndarray) -> EnsembleScores:
         try:
-            if self._cuda_graphs is not None and len(x) <= self._cuda_graphs.largest:
-                outputs = self._cuda_graphs.run(x, self._outputs)
-            elif self.provider == CUDA:
+            graphs = self._cuda_graphs
+            if graphs is not None and len(x) <= graphs.largest and graphs.captured_here():
+                outputs = graphs.run(x, self._outputs)
+            elif self.io_binding:
                 outputs = self._outputs_cuda(x)
             else:
                 outputs = self._session.run(self._outputs, {self.input_name: x,
@@ -318,9 +396,10 @@ class _CudaGraphs:
 
     A captured graph replays fixed device addresses, so each bucket owns its input and output
     buffers, bound once; a batch is padded up to its bucket, copied into the bucket's input
-    (`update_inplace`), replayed, and its rows cut from the outputs. Not run in this project's
-    CI (no GPU); if ONNX Runtime refuses capture (a node it cannot place on CUDA), the session
-    fails to load and the plain CUDA path is used instead.
+    (`update_inplace`), replayed, and its rows cut from the outputs. `capture` runs every
+    bucket on the calling thread: ONNX Runtime keeps captured graphs per thread. Not run in
+    this project's CI (no GPU); if ONNX Runtime refuses capture (a node it cannot place on
+    CUDA), the session fails to load or the capture raises, and the plain CUDA path is used.
     """
 
     def __init__(self, path: GraphSource, input_name: str, temperature_input: str,
@@ -348,7 +427,23 @@ class _CudaGraphs:
             self._bindings.append(binding)
             self._inputs.append(x)
             self._outputs.append(dict(zip([o.name for o in outputs], outs)))
+        self._captured_threads: set[int] = set()
+
+    def captured_here(self) -> bool:
+        return threading.get_ident() in self._captured_threads
+
+    def capture(self) -> None:
+        """Run every bucket on this thread until ONNX Runtime has captured its graph."""
+        for index in range(len(self.buckets)):
+            for _ in range(_CAPTURE_RUNS):
+                self._replay(index)
+        self._captured_threads.add(threading.get_ident())
         logger.info("CUDA graphs for batch sizes %s", list(self.buckets))
+
+    def _replay(self, index: int) -> None:
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(index + 1))  # -1 would mean no capture
+        self._session.run_with_iobinding(self._bindings[index], options)
 
     def run(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
         """The outputs `names` for the batch x (at most the largest bucket's rows)."""
@@ -358,9 +453,7 @@ class _CudaGraphs:
         if rows < bucket:
             x = np.concatenate([x, np.zeros((bucket - rows, *x.shape[1:]), dtype=x.dtype)])
         self._inputs[index].update_inplace(np.ascontiguousarray(x))
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(index + 1))  # -1 would mean no capture
-        self._session.run_with_iobinding(self._bindings[index], options)
+        self._replay(index)
         return [self._outputs[index][name].numpy()[:rows] for name in names]
 
 
@@ -374,14 +467,14 @@ class EnsembleRuntime:
     def __init__(self, member_paths: Sequence[GraphSource], input_name: str, output_name: str,
                  config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
                  fused_path: GraphSource | None = None, temperature_input: str = "temperature",
-                 graphs: Sequence[str] = (MEMBERS,)) -> None:
+                 graphs: Sequence[str] = (MEMBERS,), fused_precision: str = "fp32") -> None:
         if not member_paths:
             raise ModelLoadError("an ensemble needs at least one member")
         self.input_name, self.output_name = input_name, output_name
         self.graphs: dict[str, ScoresGraph] = {}
         if FUSED in graphs and fused_path is not None:
             self.graphs[FUSED] = FusedGraph(fused_path, input_name, temperature_input, temperature,
-                                            len(member_paths), config)
+                                            len(member_paths), config, fused_precision)
         if MEMBERS in graphs or not self.graphs:
             self.graphs[MEMBERS] = MemberGraph(member_paths, input_name, output_name, temperature,
                                                config)
@@ -406,6 +499,50 @@ class EnsembleRuntime:
             for file, session in graph.named_sessions:
                 if (why := input_mismatch(session, self.input_name, dtype, shape)) is not None:
                     raise GraphMismatch(f"{file}: {why}")
+
+    @property
+    def precision(self) -> str:
+        """What the graph in use computes in: fp16 only for the FP16 fused graph."""
+        return self.graphs[self.graph].precision
+
+    def warm_up_batch_sizes(self, max_batch_size: int) -> tuple[int, ...]:
+        """What `warm_up` should run on each instance (`warm_up_batch_sizes`)."""
+        fused = self.graphs.get(FUSED)
+        buckets = fused.cuda_graph_buckets if isinstance(fused, FusedGraph) else ()
+        return warm_up_batch_sizes(max_batch_size, buckets)
+
+    def warm_up(self, example: np.ndarray, batch_sizes: Sequence[int]) -> None:
+        """Capture the CUDA graphs, then run each batch size once, on the calling thread: what
+        the first runs of a shape cost (kernel loading, cuDNN's algorithm choice, the memory
+        arenas' growth) is paid here, at load, not by live requests. Run on the thread that
+        will serve this instance's batches, since ONNX Runtime keeps CUDA graphs per thread.
+        `example`: one example, [1, ...]."""
+        for graph in self.graphs.values():
+            if isinstance(graph, FusedGraph):
+                graph.capture_cuda_graphs()
+        for size in batch_sizes:
+            try:
+                self.scores(np.ascontiguousarray(np.repeat(example, size, axis=0)))
+            except InferenceError as exc:  # a model that refuses large batches still serves small
+                logger.warning("warm-up at batch %d failed (%s): that size's first live batch "
+                               "pays its first-run cost", size, exc)
+
+    def options_in_effect(self) -> dict[str, str]:
+        """The CUDA-related options as they apply to the graph in use, for GetModel and
+        ModelConfig: precision, CUDA graphs (the captured sizes, or off and why), IO binding
+        and cuDNN's algorithm search (not applicable off CUDA)."""
+        graph = self.graphs[self.graph]
+        on_cuda = graph.provider == CUDA
+        not_cuda = f"not applicable: runs on {graph.provider}"
+        if isinstance(graph, FusedGraph):
+            cuda_graphs = graph.cuda_graphs
+        else:
+            cuda_graphs = "off: CUDA graphs capture the fused graph only"
+        return {"precision": graph.precision,
+                "cuda_graphs": cuda_graphs,
+                "io_binding": ("on" if graph.io_binding else "off: io_binding is false") if on_cuda
+                else not_cuda,
+                "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH if on_cuda else not_cuda}
 
     def keep(self, name: str) -> None:
         """Serve with `name` from now on and release the other graph's sessions."""
@@ -432,13 +569,16 @@ class GraphTiming:
     """Median seconds per batch of each graph, by batch size, as measured at load."""
 
     batch_sizes: tuple[int, ...]
-    seconds: dict[str, tuple[float, ...]]
+    seconds: dict[str, tuple[float, ...]]  # empty when the graphs disagreed (see why)
+    why: str = ""  # the choice's reason, as logged and reported (GetModel's graph_choice)
 
     def total(self, graph: str) -> float:
         # Per example, summed over the sizes: each size counts, small ones are not drowned out.
         return sum(t / b for t, b in zip(self.seconds[graph], self.batch_sizes))
 
     def describe(self) -> str:
+        if not self.seconds:
+            return "not timed: " + self.why
         return ", ".join(f"{g} " + "/".join(f"{1e3 * t:.2f}" for t in times) + " ms"
                          for g, times in self.seconds.items()) + \
             f" at batch {'/'.join(map(str, self.batch_sizes))}"
@@ -456,26 +596,41 @@ def _median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> fl
 
 
 def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: int,
-                 budget_s: float = 0.2, tolerance: float = 1e-4) -> tuple[str, GraphTiming | None]:
+                 budget_s: float = 0.2, tolerance: float | None = None) -> tuple[str, GraphTiming | None]:
     """Which graph to serve with: time both on a few batch sizes (the median of a few runs
     each), keep the faster per example. Refuses a fused graph whose probabilities differ from
-    the members' (a stale or broken file) with an error log. `example`: one example, [1, ...]."""
+    the members' by more than `tolerance` (default: `agreement_tolerance` for the provider
+    and the fused graph's precision: a stale or broken file, not kernel rounding) with an
+    error log. The timing's `why` says which and why. `example`: one example, [1, ...]."""
     if FUSED not in runtime.graphs or MEMBERS not in runtime.graphs:
         return runtime.graph, None
+    fused_graph = runtime.graphs[FUSED]
+    if tolerance is None:
+        tolerance = agreement_tolerance(fused_graph.provider, fused_graph.precision)
     sizes = tuple(sorted({1, min(8, max_batch_size), max_batch_size}))
     rng = np.random.default_rng(0)
     seconds: dict[str, list[float]] = {FUSED: [], MEMBERS: []}
+    largest_diff = 0.0
     for size in sizes:
         x = np.ascontiguousarray(np.repeat(example, size, axis=0))
         x = (x + rng.normal(0, 1, x.shape)).astype(example.dtype) if x.dtype.kind == "f" else x
-        fused, members = runtime.graphs[FUSED].scores(x), runtime.graphs[MEMBERS].scores(x)
+        fused, members = fused_graph.scores(x), runtime.graphs[MEMBERS].scores(x)
         diff = float(np.max(np.abs(fused.member_probabilities - members.member_probabilities)))
         diff = max(diff, float(np.max(np.abs(fused.probabilities - members.probabilities))))
         if not diff <= tolerance:
+            why = (f"members: the fused graph's probabilities differ from the members' by "
+                   f"{diff:.3g} > tolerance {tolerance:.3g} at batch {size}")
             logger.error("the fused graph's probabilities differ from the members' by %.3g "
                          "(tolerance %.3g): serving the members", diff, tolerance)
-            return MEMBERS, None
+            return MEMBERS, GraphTiming(sizes, {}, why)
+        largest_diff = max(largest_diff, diff)
         for name in (FUSED, MEMBERS):
             seconds[name].append(_median_seconds(runtime.graphs[name].scores, x, budget_s))
     timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
-    return (FUSED if timing.total(FUSED) <= timing.total(MEMBERS) else MEMBERS), timing
+    fused_total, members_total = timing.total(FUSED), timing.total(MEMBERS)
+    chosen, other = (FUSED, MEMBERS) if fused_total <= members_total else (MEMBERS, FUSED)
+    ratio = max(fused_total, members_total) / max(min(fused_total, members_total), 1e-12)
+    why = (f"{chosen}: {ratio:.2f}x faster per example than {other} "
+           f"(agree within {largest_diff:.3g} <= tolerance {tolerance:.3g})")
+    logger.info("graph auto: serving %s (%s)", chosen, why.split(": ", 1)[1])
+    return chosen, GraphTiming(timing.batch_sizes, timing.seconds, why)

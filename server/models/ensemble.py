@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -133,6 +133,9 @@ class ServedEnsemble:
                       "execution_provider": self.runtime.provider}
         if self.graph_timing is not None:
             parameters["graph_timing"] = self.graph_timing.describe()
+            parameters["graph_choice"] = self.graph_timing.why
+        # precision, cuda_graphs, io_binding, cudnn_conv_algo_search as they apply
+        parameters.update(self.runtime.options_in_effect())
         if self.thread_plan is not None:
             parameters["intra_op_threads"] = ",".join(map(str, self.thread_plan.thread_counts))
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
@@ -174,6 +177,12 @@ class ServedEnsemble:
                 observer.record_scores(part)
         return [_Answer(None, started, r) if isinstance(r, InvalidInput)
                 else _Answer(r, started, None, compute_ns, examples) for r in scores]
+
+    def on_instance_threads(self, fn: Callable[[EnsembleRuntime], None]) -> None:
+        """fn(instance) for each instance on the thread that computes its batches, one after
+        another: what ONNX Runtime keeps per thread (CUDA graphs) is made where it is used."""
+        for instance, thread in zip(self.instances, self._threads):
+            thread.submit(fn, instance).result()
 
     async def start(self) -> None:
         await self.batcher.start()

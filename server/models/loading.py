@@ -28,11 +28,13 @@ __all__ = ["load_version", "warm_up"]
 logger = logging.getLogger(__name__)
 
 
-def warm_up(manifest: Manifest, runtime: EnsembleRuntime) -> None:
-    """One example through the runtime: loads kernels now, and checks the class count."""
+def warm_up(manifest: Manifest, runtime: EnsembleRuntime, batch_sizes: Sequence[int] = ()) -> None:
+    """One example through the runtime, which checks the class count; then its CUDA graphs
+    captured and `batch_sizes` run on the calling thread (EnsembleRuntime.warm_up)."""
     x = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
     try:
         classes = runtime.run(x).shape[-1]
+        runtime.warm_up(x, batch_sizes)
     except InferenceError as exc:
         raise GraphMismatch(f"warm-up inference failed: {exc}") from exc
     if classes != len(manifest.classes):
@@ -67,7 +69,9 @@ def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config:
         manifest.output_name, config, temperature=manifest.temperature,
         fused_path=None if fused_file is None else verified[fused_file],
         temperature_input=fused.temperature_input if fused is not None else "temperature",
-        graphs=graphs)
+        graphs=graphs,
+        fused_precision="fp16" if fused is not None and fused_file == Path(fused.fp16_file or "")
+        else "fp32")
 
 
 def load_version(path: Path, runtime_config: RuntimeConfig,
@@ -99,10 +103,8 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
-    # FP16 members round: the export checked them within 1e-2 of FP32 (trainer/fuse.py).
-    fp16 = manifest.ensemble is not None and fused_file == Path(manifest.ensemble.fp16_file or "")
-    graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
-                                 tolerance=1e-2 if fp16 else 1e-4)
+    # The tolerance follows the provider and the fused graph's precision (agreement_tolerance).
+    graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size)
     runtime.keep(graph)
 
     def build(threads: int) -> EnsembleRuntime:
@@ -116,8 +118,10 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     served.allow_nonfinite = runtime_config.allow_nonfinite
     served.graph_timing = timing
     served.thread_plan = plan
-    for instance in served.instances:
-        warm_up(manifest, instance)
+    # Every instance, on its own thread, before the version is ready: the sizes live traffic
+    # meets first, so their first-run costs (CUDA graph capture included) are paid at load.
+    sizes = runtime.warm_up_batch_sizes(batcher_config.max_batch_size)
+    served.on_instance_threads(lambda instance: warm_up(manifest, instance, sizes))
     logger.info("%s version %d: serving the %s graph on %d instance(s) of %s thread(s) (%s)%s",
                 manifest.name, manifest.version, graph, len(served.instances),
                 ",".join(map(str, plan.thread_counts)), plan.why,
