@@ -480,6 +480,8 @@ class EnsembleRuntime:
                                                config)
         first = next(iter(self.graphs.values()))
         self.graph: str = first.name
+        self._cuda_graphs_asked = bool(config.cuda_graph_batch_sizes)
+        self.warmed_batch_sizes: tuple[int, ...] = ()  # what `warm_up` ran, for GetModel
         self.members: int = len(member_paths)
         # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did,
         # for every session (each member, each graph), not the first one only.
@@ -526,23 +528,28 @@ class EnsembleRuntime:
             except InferenceError as exc:  # a model that refuses large batches still serves small
                 logger.warning("warm-up at batch %d failed (%s): that size's first live batch "
                                "pays its first-run cost", size, exc)
+                continue
+            self.warmed_batch_sizes = tuple(sorted({*self.warmed_batch_sizes, size}))
 
     def options_in_effect(self) -> dict[str, str]:
         """The CUDA-related options as they apply to the graph in use, for GetModel and
         ModelConfig: precision, CUDA graphs (the captured sizes, or off and why), IO binding
-        and cuDNN's algorithm search (not applicable off CUDA)."""
+        and cuDNN's algorithm search (not applicable off CUDA), the warm-up's batch sizes."""
         graph = self.graphs[self.graph]
         on_cuda = graph.provider == CUDA
         not_cuda = f"not applicable: runs on {graph.provider}"
         if isinstance(graph, FusedGraph):
             cuda_graphs = graph.cuda_graphs
+        elif self._cuda_graphs_asked:
+            cuda_graphs = "off: CUDA graphs capture the fused graph only; the members serve"
         else:
-            cuda_graphs = "off: CUDA graphs capture the fused graph only"
+            cuda_graphs = "off: cuda_graph_batch_sizes is empty"
         return {"precision": graph.precision,
                 "cuda_graphs": cuda_graphs,
                 "io_binding": ("on" if graph.io_binding else "off: io_binding is false") if on_cuda
                 else not_cuda,
-                "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH if on_cuda else not_cuda}
+                "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH if on_cuda else not_cuda,
+                "warm_up_batch_sizes": ",".join(map(str, self.warmed_batch_sizes)) or "none"}
 
     def keep(self, name: str) -> None:
         """Serve with `name` from now on and release the other graph's sessions."""
