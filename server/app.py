@@ -34,7 +34,7 @@ from snapserve.server.engine.runtime import execution_providers
 from snapserve.server.errors import ConfigError
 from snapserve.server.observability.metrics import ServerMetrics
 from snapserve.server.models.lifecycle import LifecycleEvents, ModelManager
-from snapserve.server.models.registry import ModelRegistry
+from snapserve.server.models.registry import ModelRegistry, check_repository_root
 
 __all__ = ["RunningServer", "start_server"]
 
@@ -183,13 +183,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         interceptors.append(auth)
     ssl_context = server_ssl_context(config.security) if config.http_port is not None else None
     _log_security(config)
+    check_repository_root(config.model_repository)  # one level too deep: refused, not served empty
     registry = ModelRegistry()
-    health = HealthServicer()
+    health = HealthServicer(HEALTH_SERVICE_NAMES)  # NOT_SERVING until the repository is loaded
     for interceptor in interceptors:  # a named model's health only for callers with a token
         if isinstance(interceptor, TokenAuthInterceptor):
             health.protect(interceptor.authorized, HEALTH_SERVICE_NAMES)
-    for service in HEALTH_SERVICE_NAMES:
-        health.set(service, False)  # until the repository is loaded
     metrics = ServerMetrics(registry)
     manager = ModelManager(config.model_repository, config.repository, config.runtime,
                            config.batcher, registry, lifecycle_events(health, metrics))
@@ -234,13 +233,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await running.stop(None)
         raise
     if not len(registry):
-        logger.warning("no model loaded from %s", config.model_repository)
+        logger.warning("no model loaded from %s: not ready (health NOT_SERVING, "
+                       "/v2/health/ready 503) until one loads", config.model_repository)
     # The start-up heap out of the collector's way: a full collection under load would walk it
     # all, stopping the loop meanwhile (server/process/heap.py).
     if config.freeze_heap:
         heap.freeze()
-    for service in HEALTH_SERVICE_NAMES:
-        health.set(service, True)
+    health.start_serving()  # SERVING while at least one model serves
     manager.start_polling()
     logger.info("serving on %s", running.address)
     return running

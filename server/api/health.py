@@ -1,8 +1,10 @@
 """`grpc.health.v1.Health`: the server's overall status and one status per model.
 
 Service names:
-- `""`: the whole server. NOT_SERVING while the repository loads at start-up and from the moment
-  shutdown begins (then in-flight requests drain); SERVING in between.
+- `""`: the whole server, ready meaning "can serve": SERVING once the repository has loaded
+  while at least one model serves (Triton's strict readiness); NOT_SERVING while the repository
+  loads at start-up, while no model is loaded, and from the moment shutdown begins (then
+  in-flight requests drain).
 - `snapserve.v1.EnsembleService`, `inference.GRPCInferenceService`: the same as `""`, for
   clients that check a service by its gRPC name.
 - `<model name>`: SERVING while at least one version of the model takes requests; NOT_SERVING
@@ -36,10 +38,15 @@ SERVICE_UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Statuses by service name; `set`/`forget` are called on the event loop thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_names: Sequence[str] = ("",)) -> None:
         self._status: dict[str, Status] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self._shutting_down = False
+        # The server's own names follow the models: every other name is a model's.
+        self._server_names = tuple(server_names)
+        self._started = False
+        for service in self._server_names:
+            self._status[service] = NOT_SERVING
         self._authorized: Callable[[object], bool] | None = None
         self._public: frozenset[str] = frozenset()
 
@@ -60,13 +67,44 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return self._status.get(service, SERVICE_UNKNOWN)
 
     def set(self, service: str, serving: bool) -> None:
-        """SERVING or NOT_SERVING; ignored once shutdown began (everything stays NOT_SERVING)."""
+        """A model's SERVING or NOT_SERVING; ignored once shutdown began (everything stays
+        NOT_SERVING). The server's own names follow: see `_follow_models`."""
+        if service in self._server_names:
+            raise ValueError(f"{service!r} is the server's own status; it follows the models")
         if not self._shutting_down:
             self._set(service, SERVING if serving else NOT_SERVING)
+            self._follow_models()
 
     def forget(self, service: str) -> None:
         if not self._shutting_down and self._status.pop(service, None) is not None:
             self._wake()
+            self._follow_models()
+
+    def start_serving(self) -> None:
+        """Start-up is done (the repository loaded): the server is SERVING from now on while
+        at least one model is."""
+        self._started = True
+        self._follow_models()
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, for the REST answer; None when it is."""
+        if self._shutting_down:
+            return "the server is shutting down"
+        if not self._started:
+            return "the server is loading its models"
+        if not self._models_serving():
+            return ("no model is loaded (see the server log, or POST /v2/repository/index for why "
+                    "each version was refused)")
+        return None
+
+    def _models_serving(self) -> bool:
+        return any(status == SERVING for service, status in self._status.items()
+                   if service not in self._server_names)
+
+    def _follow_models(self) -> None:
+        ready = self._started and not self._shutting_down and self._models_serving()
+        for service in self._server_names:
+            self._set(service, SERVING if ready else NOT_SERVING)
 
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING from now on, whatever is set later."""

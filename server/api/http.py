@@ -146,7 +146,7 @@ class HttpFrontEnd:
     async def ready(self, request: web.Request) -> web.Response:
         if self._core.server_ready(kpb.ServerReadyRequest()).ready:
             return web.Response()
-        return _error(503, "the server is not ready: loading its models, or shutting down")
+        return _error(503, f"not ready: {self._core.not_ready_reason()}")
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["model"], _version(request)

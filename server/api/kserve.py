@@ -76,6 +76,9 @@ class KServeCore:
         # The same answer as the health service for "": loaded, and not draining.
         return kpb.ServerReadyResponse(ready=self._health.status("") == SERVING)
 
+    def not_ready_reason(self) -> str:
+        return self._health.not_ready_reason() or "the server is ready"
+
     def model_ready(self, request: kpb.ModelReadyRequest) -> kpb.ModelReadyResponse:
         version = parse_version(request.version, "version")
         loaded = request.name in self._registry and (

@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from snapserve.server.errors import ModelNotFound, VersionNotFound
+from snapserve.server.errors import ConfigError, ModelNotFound, VersionNotFound
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.manifest import MODEL_NAME
 
-__all__ = ["ModelRegistry", "scan_repository"]
+__all__ = ["ModelRegistry", "check_repository_root", "scan_repository"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,22 @@ class ModelRegistry:
     async def close(self) -> None:
         # All at once: every model refuses new requests from the same moment (server shutdown).
         await asyncio.gather(*(served.close() for served in self))
+
+
+def check_repository_root(root: Path) -> None:
+    """ConfigError when `root` is a model folder (its folders are versions with a manifest.json)
+    rather than the repository above it: served as a repository it would hold no model, and
+    start with nothing to serve."""
+    versions = sorted((p.name for p in root.iterdir()
+                       if p.is_dir() and _VERSION.fullmatch(p.name) and (p / "manifest.json").is_file()),
+                      key=int)
+    if versions:
+        shown = ", ".join(f"{v}/" for v in versions[:3]) + (", ..." if len(versions) > 3 else "")
+        parent = root.resolve().parent
+        raise ConfigError(f"model repository {str(root)!r}: this looks like a model folder (its "
+                          f"folders {shown} are versions with a manifest.json); pass its parent, "
+                          f"--model-repository {str(parent)!r}, which serves it as model "
+                          f"{root.resolve().name!r}")
 
 
 def scan_repository(root: Path, warn: bool = True) -> dict[str, list[Path]]:
