@@ -27,7 +27,7 @@ class Plan:
     on_cpu: bool = False  # always --device cpu (the CPU comparison)
     cuda_only: bool = False
     needs: tuple[str, ...] = ()  # server flags this plan needs
-    expect: dict[str, Any] = field(default_factory=dict)  # graph, cuda_graphs, fp16
+    expect: dict[str, Any] = field(default_factory=dict)  # graph, cuda_graphs, fp16, io_binding
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -44,7 +44,7 @@ def plans(cpu_instances: int) -> list[Plan]:
              needs=("--graph",), expect={"graph": "members"}),
         Plan("fused+cuda-graphs", ("--graph", "fused", *graphs), sweep=(ENSEMBLE,), batch1=(ONE,),
              predict=(ENSEMBLE,), cuda_only=True, needs=("--graph", graphs[0]),
-             expect={"graph": "fused", "cuda_graphs": True}),
+             expect={"graph": "fused", "cuda_graphs": True, "io_binding": "on"}),
         Plan("cpu", ("--graph", "auto", "--instances", str(cpu_instances), "--intra-op-threads", "1"),
              sweep=(ENSEMBLE,), predict=(ENSEMBLE,), on_cpu=True),
         Plan("fp16", ("--graph", "fused", "--precision", "fp16"), sweep=(FP16,), predict=(FP16,),
@@ -53,7 +53,7 @@ def plans(cpu_instances: int) -> list[Plan]:
              predict=(FP16,), cuda_only=True, needs=("--graph", "--precision", graphs[0]),
              expect={"graph": "fused", "fp16": True, "cuda_graphs": True}),
         Plan("no-io-binding", ("--graph", "fused", "--no-io-binding"), sweep=(ENSEMBLE,), batch1=(ONE,),
-             cuda_only=True, needs=("--no-io-binding",), expect={"graph": "fused"}),
+             cuda_only=True, needs=("--no-io-binding",), expect={"graph": "fused", "io_binding": "off"}),
         Plan("auto", ("--graph", "auto"), inspect=(ENSEMBLE, ONE), cuda_only=True, needs=("--graph",)),
     ]
 
@@ -114,13 +114,21 @@ def option_availability(flags: set[str]) -> dict[str, str]:
 def expectation_gaps(plan: Plan, model: str, facts: dict[str, Any]) -> list[str]:
     """Where what the server did differs from what the plan asked for."""
     gaps = []
-    graph = facts.get("runtime", {}).get("graph")
+    runtime = facts.get("runtime", {})
+    graph = runtime.get("graph")
     if "graph" in plan.expect and graph != plan.expect["graph"]:
         gaps.append(f"asked for the {plan.expect['graph']} graph, GetModel says {graph!r}"
                     + (f" (fused refused: {facts['fused_refused']})" if "fused_refused" in facts else ""))
-    if plan.expect.get("cuda_graphs") and facts.get("cuda_graphs") is not True:
+    reported = runtime.get("cuda_graphs")  # GetModel: "batch sizes ..." or "off: why"
+    if plan.expect.get("cuda_graphs") and reported is not None and not reported.startswith("batch sizes"):
+        gaps.append(f"CUDA graphs asked for but not in use: GetModel says {reported!r}")
+    elif plan.expect.get("cuda_graphs") and reported is None and facts.get("cuda_graphs") is not True:
         gaps.append("CUDA graphs asked for but not in use: "
                     + facts.get("cuda_graphs_refused", "the log does not say they were captured"))
+    binding = runtime.get("io_binding")  # "on", "off: why", or not applicable off CUDA
+    asked = plan.expect.get("io_binding")
+    if asked is not None and binding is not None and not binding.startswith(asked):
+        gaps.append(f"asked for IO binding {asked}, GetModel says {binding!r}")
     if plan.expect.get("fp16") and facts.get("fp16_missing"):
         gaps.append("FP16 asked for, but the version has no FP16 graph: served FP32")
     return gaps

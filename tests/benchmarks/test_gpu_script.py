@@ -178,3 +178,20 @@ def test_the_server_log_is_read_per_model() -> None:
     plan = next(p for p in options.plans(1) if p.name == "fused+cuda-graphs")
     gaps = options.expectation_gaps(plan, "resnet20", {**first, "runtime": {"graph": "fused"}})
     assert gaps == ["CUDA graphs asked for but not in use: capture refused"]
+
+
+def test_io_binding_is_measured_and_checked_through_get_model() -> None:
+    """The run measures IO binding on and off, and GetModel's runtime map decides whether each
+    start had what it asked for (the server reports it: server/engine/runtime.py)."""
+    plans = {p.name: p for p in options.plans(1)}
+    assert "--no-io-binding" in plans["no-io-binding"].flags
+    assert options.option_availability({"--no-io-binding"})["io_binding"].startswith("available")
+    off = {"runtime": {"graph": "fused", "io_binding": "off: io_binding is false"}}
+    assert options.expectation_gaps(plans["no-io-binding"], "m", off) == []
+    on = {"runtime": {"graph": "fused", "io_binding": "on"}}
+    assert options.expectation_gaps(plans["no-io-binding"], "m", on) == [
+        "asked for IO binding off, GetModel says 'on'"]
+    refused = {"runtime": {"graph": "fused", "io_binding": "on",
+                           "cuda_graphs": "off: capture failed: boom"}}
+    assert options.expectation_gaps(plans["fused+cuda-graphs"], "m", refused) == [
+        "CUDA graphs asked for but not in use: GetModel says 'off: capture failed: boom'"]
