@@ -12,13 +12,14 @@ Imports only pydantic: the batcher imports it, and must stay light.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Mapping, Self
+from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping, Self
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
                       TypeAdapter, ValidationError, WrapValidator, field_validator, model_validator)
@@ -27,11 +28,11 @@ from pydantic_core import ErrorDetails
 
 from snapserve.server.errors import ConfigError
 
-__all__ = ["DEFAULT_HTTP_PORT", "DEVICES", "GRAPHS", "MAX_MODEL_NAME", "MODEL_NAME", "PRECISIONS",
+__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_METRICS_PORT", "DEVICES", "GRAPHS", "MAX_MODEL_NAME", "MODEL_NAME", "PRECISIONS",
            "VERSION_POLICIES", "BatcherConfig", "ConfigModel", "ConnectionConfig", "FlatKey",
            "IntakeConfig", "MetricsEndpointConfig", "RepositoryConfig", "RuntimeConfig",
            "SecurityConfig", "ServerConfig", "error_text", "flat_keys", "format_address",
-           "parse_pins"]
+           "OffOrPort", "did_you_mean", "parse_pins", "takes_auto"]
 
 DEVICES = ("auto", "cpu", "cuda")
 GRAPHS = ("auto", "fused", "members")
@@ -41,8 +42,10 @@ VERSION_POLICIES = ("latest", "all", "specific")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_MODEL_NAME = 255
 # Triton's HTTP port (its gRPC one is 8001; MLServer's are 8080/8081): clear of the gRPC default
-# 50051 and of the metrics port the docs use (9100).
+# 50051 and of the metrics port (8002).
 DEFAULT_HTTP_PORT = 8000
+# Triton's metrics port, as its users expect; on loopback unless metrics_host says otherwise.
+DEFAULT_METRICS_PORT = 8002
 
 _DAY_S = 86400.0
 _MiB = 2**20
@@ -84,6 +87,17 @@ def seconds(default: float, description: str, low: float = 0.0, high: float = _D
 def _auto(value: Any) -> Any:
     """'auto' -> 0 (decided at load); anything else as given."""
     return 0 if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'max_batch_size'?)' for a near miss among `choices` (a key's typo), else ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def takes_auto(field: FieldInfo) -> bool:
+    """Whether the field reads 'auto' as 0 (a value decided at load), so 0 is shown as `auto`."""
+    return any(isinstance(m, BeforeValidator) and m.func is _auto for m in field.metadata)
 
 
 def _sizes(value: Any) -> Any:
@@ -486,9 +500,10 @@ class ServerConfig(ConfigModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     # None: not served (still counted); 0: any free port (RunningServer.metrics_port says which).
     metrics_port: Port | None = setting(None, "serve Prometheus metrics on "
-                                              "http://METRICS_HOST:PORT/metrics; 0 picks a free port "
-                                              "(default: not served); with workers, one endpoint "
-                                              "for all of them")
+                                              "http://METRICS_HOST:PORT/metrics; off: not served; "
+                                              "0 picks a free port; with workers, one endpoint "
+                                              "for all of them", flat=OffOrPort,
+                                        flat_default=DEFAULT_METRICS_PORT)
     metrics_endpoint: MetricsEndpointConfig = Field(default_factory=MetricsEndpointConfig)
     repository: RepositoryConfig = Field(default_factory=RepositoryConfig)
     # SO_REUSEPORT: one of `--workers N` processes sharing the ports (server/process/workers.py);
@@ -508,6 +523,15 @@ class ServerConfig(ConfigModel):
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
         if self.metrics_port and self.metrics_port == self.port:
+def _off(value: Any) -> Any:
+    """'off' (or 'none') -> None: a port not served; anything else as given."""
+    return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
+
+
+# A port setting spelt `off` where it is not served (flags, variables, files).
+OffOrPort = Annotated[int | None, BeforeValidator(_off)]
+
+
             raise ValueError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             which = "gRPC" if self.http_port == self.port else "metrics"
@@ -544,6 +568,8 @@ class FlatKey:
 
     def to_field(self, value: Any) -> Any:
         """The field's value for this flat value (already of the flat type)."""
+    # The process serves them on Triton's 8002 unless told `off` (a flat default: a server
+    # embedded with ServerConfig(...) binds no port it was not given).
         if self.off is not None and value == self.off:
             return None
         if self.unit != 1 and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -19,12 +19,12 @@ from pydantic import Field, ValidationError, create_model
 from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
 
 from snapserve.proto.settings_file import SettingsFileError, read_settings_file
-from snapserve.server.config import (ConfigModel, FlatKey, ServerConfig, count, error_text, flat_keys,
-                                     parse_pins, setting)
+from snapserve.server.config import (ConfigModel, FlatKey, OffOrPort, ServerConfig, count, did_you_mean,
+                                     error_text, flat_keys, parse_pins, setting, takes_auto)
 from snapserve.server.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "ProcessConfig", "ServerSettings", "env_name", "flag_name", "load_settings",
-           "parse_pins", "read_config_file"]
+__all__ = ["ENV_PREFIX", "ProcessConfig", "ServerSettings", "env_name", "flag_name",
+           "load_settings", "parse_pins", "printable_settings", "read_config_file"]
 
 ENV_PREFIX = "SNAPSERVE_"
 
@@ -59,6 +59,18 @@ def _where(key: str) -> str:
     if key not in KEYS:
         return f"{key!r} (no such setting)"
     return f"{key} ({flag_name(key)}, {env_name(key)} or '{key}' in the config file)"
+
+
+def printable_settings(settings: Any) -> dict[str, Any]:
+    """The settings as --print-config shows them: JSON types, `auto` for a value decided at load
+    (an `auto` setting holds 0 until then), `off` for a port not served."""
+    values = settings.model_dump(mode="json")
+    for key, flat in KEYS.items():
+        if values.get(key) == 0 and takes_auto(flat.field):
+            values[key] = "auto"
+        elif values.get(key) is None and flat.annotation is OffOrPort:
+            values[key] = "off"
+    return values
 
 
 def _flat_field(flat: FlatKey) -> tuple[Any, Any]:
@@ -124,8 +136,8 @@ def _describe(error: ValidationError, config_file: Path | None) -> str:
     for item in error.errors():
         key = str(item["loc"][0]) if item["loc"] else "?"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{key!r} in {config_file or 'the settings'} is not a setting; expected "
-                         f"one of: {', '.join(KEYS)}")
+            lines.append(f"{key!r} in {config_file or 'the settings'} is not a setting"
+                         f"{did_you_mean(key, KEYS)}; expected one of: {', '.join(KEYS)}")
         elif item["type"] == "missing":
             lines.append(f"{_where(key)} is required")
         else:
@@ -134,13 +146,20 @@ def _describe(error: ValidationError, config_file: Path | None) -> str:
     return "; ".join(lines)
 
 
+# --print-config shows the settings without serving, so without the one required setting too.
+_UnservedSettings = create_model(  # type: ignore[call-overload]
+    "UnservedSettings", __base__=ServerSettings, __module__=__name__,
+    model_repository=(Path | None, Field(None, description=KEYS["model_repository"].field.description)))
+
+
 def load_settings(flags: Mapping[str, Any], config_file: Path | None = None,
-                  environ: Mapping[str, str] | None = None) -> Any:
+                  environ: Mapping[str, str] | None = None, *, to_serve: bool = True) -> Any:
     """Settings (a ServerSettings) from the flags given, then the environment (`environ`, default
-    os.environ), then `config_file`, then the defaults. ConfigError names every bad key."""
+    os.environ), then `config_file`, then the defaults. ConfigError names every bad key.
+    `to_serve=False` (--print-config): model_repository may be missing (None)."""
     file_values = read_config_file(config_file) if config_file is not None else {}
 
-    class _Sources(ServerSettings):  # type: ignore[misc, valid-type]
+    class _Sources(ServerSettings if to_serve else _UnservedSettings):  # type: ignore[misc, valid-type]
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[override]
                                        dotenv_settings, file_secret_settings):
@@ -152,7 +171,7 @@ def load_settings(flags: Mapping[str, Any], config_file: Path | None = None,
         settings = _Sources(**flags)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, config_file)) from None
-    settings = ServerSettings.model_construct(**settings.model_dump())
+    settings = (ServerSettings if to_serve else _UnservedSettings).model_construct(**settings.model_dump())
     settings.to_process_config()  # its bounds (workers >= 1), checked with the rest at start-up
     return settings
 

@@ -7,6 +7,7 @@ tests/support/, imported by name; a package's own conftest.py holds only its loc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -18,6 +19,10 @@ from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_s
 from tests.support.models import conv_member, linear_members, save, write_repository
 from tests.support.pki import Pki, make_pki
 from tests.support.servers import ThreadedServer, cpu_server, local_config, pinned_runtime
+
+# `ensemble-server` serves metrics on 8002 unless told otherwise; server processes the tests start
+# (and load_config without an environ) would collide there: off unless a test asks for a port.
+os.environ.setdefault("SNAPSERVE_METRICS_PORT", "off")
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,8 @@ from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.loading import load_version
 from snapserve.server.models.policy import RepositoryConfig, check_model_name, wanted_versions
 from snapserve.server.models.registry import ModelRegistry, scan_repository
-from snapserve.server.models.settings import EffectiveSettings, read_model_settings, settings_identity
+from snapserve.server.models.settings import (EffectiveSettings, foreign_settings_notice,
+                                              read_model_settings, settings_identity)
 
 __all__ = ["IndexEntry", "LifecycleEvents", "ModelManager"]
 
@@ -101,6 +102,8 @@ class ModelManager:
         self._loading: set[tuple[str, int]] = set()
         self._unloaded: set[str] = set()  # unloaded by request: polls leave them alone
         self._known: set[str] = set()     # models seen on disk, for health and removals
+        # Per model seen: what the index says of a config.pbtxt or model-settings.json it has.
+        self._notices: dict[str, str | None] = {}
         self._poller: asyncio.Task[None] | None = None
         # Per model: (settings file identity, what it is served with); the last bad file's
         # identity and message; with which settings each loaded version was loaded.
@@ -193,6 +196,10 @@ class ModelManager:
                                  self.root, self.config.poll_interval_s)
 
     async def _sync_model(self, name: str, on_disk: Mapping[int, Path]) -> None:
+        if name not in self._known:  # said once per model: a Triton/MLServer file it ignores
+            self._notices[name] = foreign_settings_notice(self.root / name)
+            if self._notices[name]:
+                logger.warning("model %s: %s", name, self._notices[name])
         self._known.add(name)
         loaded = set(self.registry.versions(name)) if name in self.registry else set()
         if not loaded:
@@ -337,7 +344,7 @@ class ModelManager:
     def _entry(self, name: str, version: int, loaded: set[int], wanted: set[int]) -> IndexEntry:
         key = (name, version)
         if version in loaded:
-            return IndexEntry(name, version, "READY")
+            return IndexEntry(name, version, "READY", self._notices.get(name) or "")
         if key in self._loading:
             return IndexEntry(name, version, "LOADING")
         if name in self._unloaded:
@@ -350,7 +357,8 @@ class ModelManager:
             reason = f"not selected by version policy {self._repository_config(name).version_policy}"
         else:
             reason = "a newer version is served" if loaded else "not loaded yet"
-        return IndexEntry(name, version, "UNAVAILABLE", reason)
+        notice = self._notices.get(name)
+        return IndexEntry(name, version, "UNAVAILABLE", f"{reason}; {notice}" if notice else reason)
 
     async def close(self) -> None:
         """Stop polling (a load in progress is abandoned); the registry is closed by its owner."""

@@ -22,17 +22,19 @@ unknown key or a bad value is refused with the key named, and the model keeps th
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from snapserve.proto.settings_file import SettingsFileError, parse_settings_text, read_settings_file
 from snapserve.server.config import (BatcherConfig, FlatKey, RepositoryConfig, RuntimeConfig,
-                                     ServerConfig, flat_keys)
+                                     ServerConfig, did_you_mean, flat_keys)
 from snapserve.server.errors import ConfigError, ModelSettingsError
 
-__all__ = ["MODEL_KEYS", "SETTINGS_FILE", "ModelSettings", "EffectiveSettings", "parse_model_settings",
-           "read_model_settings", "settings_identity"]
+__all__ = ["FOREIGN_FILES", "MODEL_KEYS", "SETTINGS_FILE", "ModelSettings", "EffectiveSettings",
+           "foreign_settings_notice", "parse_model_settings", "read_model_settings", "settings_identity"]
 
 SETTINGS_FILE = "model-settings.yaml"
 _MAX_BYTES = 64 * 1024  # a settings file is a few lines; anything larger is a mistake
@@ -123,12 +125,29 @@ def _check_versions(value: Any) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+# Triton's (config.pbtxt) and MLServer's (model-settings.json) keys -> what ours is.
+FOREIGN_KEYS = {
+    "max_queue_delay_microseconds": "max_queue_delay_ms (in milliseconds)",
+    "dynamic_batching": "max_queue_delay_ms and max_queue_size (flat keys)",
+    "instance_group": "instances (a count)",
+    "max_batch_time": "max_queue_delay_ms (in milliseconds, not seconds)",
+    "parallel_workers": "instances",
+    "parameters": "flat keys (max_batch_size, instances, version_policy, versions ...)",
+}
+
+
+def _unknown_key_hint(key: str) -> str:
+    if key in FOREIGN_KEYS:
+        return f"{key!r} -> {FOREIGN_KEYS[key]}"
+    return f"{key!r}{did_you_mean(key, [*MODEL_KEYS, VERSIONS])}"
+
+
 def _checked(data: Mapping[str, Any], source: str) -> ModelSettings:
     """`data` as ModelSettings, each value checked by its field; ModelSettingsError names the key."""
     unknown = sorted(str(k) for k in data if k not in MODEL_KEYS and k != VERSIONS)
     if unknown:
-        raise ModelSettingsError(f"{source}: unknown key(s) {unknown}; expected some of "
-                                 f"{sorted([*MODEL_KEYS, VERSIONS])}")
+        raise ModelSettingsError(f"{source}: unknown key(s) {', '.join(map(_unknown_key_hint, unknown))}; "
+                                 f"expected some of {sorted([*MODEL_KEYS, VERSIONS])}")
     values = {}
     for key, value in data.items():
         try:
@@ -169,3 +188,61 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
     except SettingsFileError as exc:
         raise ModelSettingsError(str(exc)) from None
     return _checked(data, path.name)
+
+
+# Other servers' per-model files: read only to say what snapserve reads instead.
+FOREIGN_FILES = {"config.pbtxt": "Triton's", "model-settings.json": "MLServer's"}
+_PBTXT_KEYS = (("max_batch_size", re.compile(r"\bmax_batch_size\s*:\s*(\d+)"), 1),
+               ("max_queue_delay_ms", re.compile(r"\bmax_queue_delay_microseconds\s*:\s*(\d+)"), 1e-3),
+               ("instances", re.compile(r"\binstance_group\s*[:{\[][^}]*?\bcount\s*:\s*(\d+)",
+                                        re.S), 1))
+
+
+def _pbtxt_equivalents(text: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, pattern, unit in _PBTXT_KEYS:
+        match = pattern.search(text)
+        if match:
+            value = int(match.group(1)) * unit
+            found[key] = int(value) if unit == 1 else round(value, 3)
+    return found
+
+
+def _mlserver_equivalents(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found: dict[str, Any] = {}
+    if isinstance(data.get("max_batch_size"), int) and data["max_batch_size"] > 0:
+        found["max_batch_size"] = data["max_batch_size"]
+    if isinstance(data.get("max_batch_time"), (int, float)) and data["max_batch_time"] > 0:
+        found["max_queue_delay_ms"] = round(data["max_batch_time"] * 1000, 3)
+    if isinstance(data.get("parallel_workers"), int) and data["parallel_workers"] > 0:
+        found["instances"] = data["parallel_workers"]
+    version = (data.get("parameters") or {}).get("version") if isinstance(data.get("parameters"), dict) else None
+    if isinstance(version, (int, str)) and str(version).isdigit() and int(version) > 0:
+        found.update(version_policy="specific", versions=[int(version)])
+    return found
+
+
+def foreign_settings_notice(model_dir: Path) -> str | None:
+    """What to say about a Triton config.pbtxt or an MLServer model-settings.json in a model's
+    folder (snapserve ignores them): the file it reads instead, and the equivalent keys where
+    they can be read off. None when there is no such file."""
+    notes = []
+    for file_name, whose in FOREIGN_FILES.items():
+        path = model_dir / file_name
+        try:
+            with path.open("rb") as handle:
+                text = handle.read(_MAX_BYTES).decode("utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            continue
+        found = _pbtxt_equivalents(text) if file_name == "config.pbtxt" else _mlserver_equivalents(text)
+        equivalent = (f"; in {SETTINGS_FILE}: " + ", ".join(f"{k}: {v}" for k, v in found.items())
+                      if found else "")
+        notes.append(f"{file_name} ({whose}) is ignored: snapserve reads {SETTINGS_FILE} beside "
+                     f"the version folders (docs/model-repository.md){equivalent}")
+    return "; ".join(notes) or None

@@ -21,7 +21,8 @@ from snapserve.server.app import start_server
 from snapserve.server.config import ServerConfig
 from snapserve.server.errors import ConfigError
 from snapserve.server.observability.logs import configure_logging
-from snapserve.server.settings import ENV_PREFIX, ServerSettings, env_name, flag_name, load_settings
+from snapserve.server.settings import (ENV_PREFIX, ServerSettings, env_name, flag_name, load_settings,
+                                       printable_settings)
 from snapserve.server.process.workers import notify_ready, run_workers, worker_config, worker_index
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help=f"settings file, YAML (.yaml) or TOML (.toml) [env {ENV_PREFIX}CONFIG]")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the effective settings (YAML) and exit")
+                        help="print the effective settings (YAML) and exit; needs no repository")
     for key, field in ServerSettings.model_fields.items():
         _add_flag(parser, key, field)
+    parser.add_argument("--no-metrics", dest="metrics_port", action="store_const", const="off",
+                        help="serve no metrics endpoint (as --metrics-port off)")
     return parser
+
+
+# Other servers' spellings of a flag, and the line that points to ours.
+_FOREIGN_FLAGS = {
+    "--model-store": "--model-store is Triton's flag; snapserve takes --model-repository DIR",
+    "--model-repository-path": "snapserve takes --model-repository DIR",
+    "--models": "snapserve takes --model-repository DIR",
+}
+
+
+def unknown_arguments_hint(extra: Sequence[str]) -> str | None:
+    """What to write instead of arguments argparse does not know, where we can tell: another
+    server's flag (Triton's --model-store) or a folder given without a flag (as `mlserver start
+    models`)."""
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        if flag in _FOREIGN_FLAGS:
+            return _FOREIGN_FLAGS[flag]
+        if not word.startswith("-"):
+            return (f"{word!r}: the repository is a flag, not a positional argument: "
+                    f"ensemble-server --model-repository {word}")
+    return None
 
 
 def _add_flag(parser: argparse.ArgumentParser, key: str, field: FieldInfo) -> None:
     kind = field.annotation
+    if typing.get_origin(kind) is typing.Annotated:  # its validators run in the settings model
+        kind = typing.get_args(kind)[0]
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     default = "required" if field.is_required() else field.default
@@ -73,10 +100,10 @@ def _add_flag(parser: argparse.ArgumentParser, key: str, field: FieldInfo) -> No
 
 
 def _int_or_auto(text: str) -> int | str:
-    """An integer flag's value; 'auto' passes through for the settings that take it (others
-    refuse it there, with the key named)."""
-    if text.strip().lower() == "auto":
-        return "auto"
+    """An integer flag's value; 'auto' and 'off' pass through for the settings that take them
+    (others refuse them there, with the key named)."""
+    if text.strip().lower() in ("auto", "off"):
+        return text.strip().lower()
     try:
         return int(text)
     except ValueError:
@@ -122,16 +149,32 @@ async def serve(config: ServerConfig) -> None:
         await running.stop(config.grace_s, config.drain_window_s)
 
 
+def _print_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> None:
+    """The effective settings as YAML; `auto` where a value is decided at load. Needs no
+    repository (model_repository: null when none is set)."""
+    given = vars(build_parser().parse_args(argv))
+    env = os.environ if environ is None else environ
+    config_file = given.pop("config", None) or (Path(env[f"{ENV_PREFIX}CONFIG"])
+                                                if env.get(f"{ENV_PREFIX}CONFIG") else None)
+    given.pop("print_config", None)
+    settings = load_settings(given, config_file, env, to_serve=False)
+    print(yaml.safe_dump(printable_settings(settings), sort_keys=False), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # --help, --version and unknown flags end here
+    args, extra = parser.parse_known_args(argv)  # --help and --version end here
+    if extra:
+        hint = unknown_arguments_hint(extra)
+        parser.exit(2, f"{parser.prog}: error: unrecognized arguments: {' '.join(extra)}"
+                       f"{'; ' + hint if hint else ''}\n")
     try:
+        if getattr(args, "print_config", False):
+            _print_config(argv)
+            return 0
         settings, config = load_config(argv)
     except ConfigError as exc:  # a message naming the key; the usage would bury it
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    if getattr(args, "print_config", False):
-        print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
-        return 0
     configure_logging(settings.log_level, settings.log_format, settings.log_requests)
     index = worker_index()
     if settings.workers > 1 and index is None:  # the parent: it serves nothing itself

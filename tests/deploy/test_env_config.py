@@ -114,7 +114,7 @@ def test_switch_variables(raw: str, expected: bool, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("max_batch_sise: 3\n", "'max_batch_sise' in {path} is not a setting; expected one of: "),
+    ("max_batch_sise: 3\n", "'max_batch_sise' in {path} is not a setting (did you mean 'max_batch_size'?); expected one of: "),
     ("[1, 2]\n", "expected a mapping of settings, got list"),
     ("port: [\n", "not valid YAML"),
     ("max_batch_size: many\n", "max_batch_size (--max-batch-size"),
