@@ -152,7 +152,7 @@ class ScoreSpec:
         return tuple(sizes[dim] for dim in self.dims)
 
 
-_F32, _I64 = np.dtype(np.float32), np.dtype(np.int64)
+_F32, _I64, _I32 = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32)
 
 # The served outputs, in this order everywhere: the fields of EnsembleScores and of the native
 # answer, the KServe output names, the fused graph's outputs. A new score is a row here, its
@@ -185,6 +185,11 @@ SCORES: tuple[ScoreSpec, ...] = (
     ScoreSpec("member_probabilities", _F32, ("batch", "members", "classes"),
               lambda m, done, t: m,
               "each member's probabilities", on_request=True),
+    # Adaptive evaluation (server/engine/adaptive.py) answers a row with its first k members;
+    # the full ensemble evaluates them all, which is what this computes.
+    ScoreSpec("members_evaluated", _I32, ("batch",),
+              lambda m, done, t: np.full(len(m), m.shape[1], dtype=np.int32),
+              "how many members the row's scores come from (M unless served adaptively)"),
 )
 SCORE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SCORES)
 # What every fused graph outputs, whatever else it lacks: `complete_scores` computes the scores a

@@ -288,6 +288,12 @@ class RuntimeConfig(ConfigModel):
     io_binding: bool = setting(True, "CUDA: copy a batch to the device once for every member and "
                                      "write outputs straight to host memory (IO binding); off: "
                                      "plain runs, for comparison", strict=True)
+    # Needs the version's calibration (manifest `adaptive`, written by the trainer): without it
+    # every member runs. Serves the members graph (the fused graph runs every member).
+    adaptive_members: bool = setting(False, "adaptive member evaluation: run members one at a "
+                                            "time in the calibrated order and answer a row once "
+                                            "its running mean passes the version's threshold",
+                                     per_model=True, strict=True)
     # NaN/Inf come back as NaN (or quietly wrong) scores, so they are refused by default
     # (models.inputs.conform_input).
     allow_nonfinite: bool = setting(False, "pass NaN/Inf inputs to the model instead of refusing "

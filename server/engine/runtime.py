@@ -35,6 +35,7 @@ import onnxruntime as ort
 from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, EnsembleScores,
                                     complete_scores, ensemble_scores, softmax)
 from snapserve.proto.tensors import ONNX_TO_NUMPY
+from snapserve.server.engine.adaptive import AdaptiveMembers, adaptive_scores
 from snapserve.server.config import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
@@ -271,6 +272,19 @@ class MemberGraph:
     def scores(self, x: np.ndarray) -> EnsembleScores:
         return ensemble_scores(self.run_members(x), self.temperature)
 
+    def run_member(self, index: int, x: np.ndarray) -> np.ndarray:
+        """[B, ...] model input -> [B, C] float32: member `index`'s softmax(logits) alone, for
+        adaptive evaluation (engine/adaptive.py), which runs a member on the rows still open."""
+        try:
+            logits = self._sessions[index].run([self.output_name], {self.input_name: x},
+                                               self.run_options)[0]
+        except Exception as exc:  # ORT's exception types are not public API
+            raise InferenceError(f"ONNX Runtime failed: {exc}") from exc
+        if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
+            raise InferenceError(f"member {index} returned logits of shape {list(logits.shape)} "
+                                 f"for a batch of {x.shape[0]}; expected [batch, classes]")
+        return softmax(logits.astype(np.float32, copy=False), axis=-1)
+
 
 def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> tuple[str, ...]:
     """The fused graph's scores, in the table's order; FusedOutputsMismatch unless its outputs
@@ -467,9 +481,12 @@ class EnsembleRuntime:
     def __init__(self, member_paths: Sequence[GraphSource], input_name: str, output_name: str,
                  config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
                  fused_path: GraphSource | None = None, temperature_input: str = "temperature",
-                 graphs: Sequence[str] = (MEMBERS,), fused_precision: str = "fp32") -> None:
+                 graphs: Sequence[str] = (MEMBERS,), fused_precision: str = "fp32",
+                 adaptive: AdaptiveMembers | None = None) -> None:
         if not member_paths:
             raise ModelLoadError("an ensemble needs at least one member")
+        # Adaptive evaluation runs member by member: on the members graph only (models/loading.py).
+        self.adaptive = adaptive
         self.input_name, self.output_name = input_name, output_name
         self.graphs: dict[str, ScoresGraph] = {}
         if FUSED in graphs and fused_path is not None:
@@ -549,7 +566,9 @@ class EnsembleRuntime:
                 "io_binding": ("on" if graph.io_binding else "off: io_binding is false") if on_cuda
                 else not_cuda,
                 "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH if on_cuda else not_cuda,
-                "warm_up_batch_sizes": ",".join(map(str, self.warmed_batch_sizes)) or "none"}
+                "warm_up_batch_sizes": ",".join(map(str, self.warmed_batch_sizes)) or "none",
+                "adaptive_members": self.adaptive.describe() if self.adaptive is not None
+                else "off: every member runs"}
 
     def keep(self, name: str) -> None:
         """Serve with `name` from now on and release the other graph's sessions."""
@@ -561,8 +580,11 @@ class EnsembleRuntime:
         return self.graphs[self.graph].run_members(x)
 
     def scores(self, x: np.ndarray) -> EnsembleScores:
-        """Every score of the batch x, from the graph in use."""
-        return self.graphs[self.graph].scores(x)
+        """Every score of the batch x, from the graph in use (member by member when adaptive)."""
+        graph = self.graphs[self.graph]
+        if self.adaptive is not None and isinstance(graph, MemberGraph):
+            return adaptive_scores(graph, x, self.adaptive)
+        return graph.scores(x)
 
     def terminate(self) -> None:
         """Stop the runs in progress (ONNX Runtime checks the flag between nodes) and every later

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from snapserve.server.engine.adaptive import AdaptiveMembers
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.planning import plan_instances
 from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphBytes,
@@ -23,7 +24,7 @@ from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, Infere
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.manifest import Manifest, read_manifest, read_verified
 
-__all__ = ["load_version", "warm_up"]
+__all__ = ["adaptive_plan", "load_version", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def warm_up(manifest: Manifest, runtime: EnsembleRuntime, batch_sizes: Sequence[
 def _graphs_to_load(manifest: Manifest, config: RuntimeConfig) -> tuple[Path | None, tuple[str, ...]]:
     """The fused file to load (the FP16 one when asked and present) and which graphs to open."""
     fused = manifest.ensemble
+    if config.adaptive_members and manifest.adaptive is not None:
+        return None, (MEMBERS,)  # adaptive evaluation runs member by member
     if fused is None or config.graph == MEMBERS:
         if config.graph == FUSED:
             logger.warning("%s version %d has no fused graph: serving the members",
@@ -60,6 +63,24 @@ def _graphs_to_load(manifest: Manifest, config: RuntimeConfig) -> tuple[Path | N
     return Path(file), ((FUSED,) if config.graph == FUSED else (FUSED, MEMBERS))
 
 
+def adaptive_plan(manifest: Manifest, config: RuntimeConfig) -> AdaptiveMembers | None:
+    """The stopping plan when the model serves adaptively and the version is calibrated."""
+    if not config.adaptive_members or manifest.adaptive is None:
+        return None
+    return AdaptiveMembers(manifest.adaptive.order, manifest.adaptive.thresholds)
+
+
+def _log_adaptive(manifest: Manifest, runtime: EnsembleRuntime, config: RuntimeConfig) -> None:
+    if runtime.adaptive is not None:
+        logger.info("%s version %d: adaptive member evaluation (%s); it serves the members "
+                    "graph, since the fused graph runs every member", manifest.name,
+                    manifest.version, runtime.adaptive.describe())
+    elif config.adaptive_members:
+        logger.warning("%s version %d: adaptive_members is on but the manifest has no 'adaptive' "
+                       "calibration (written by `trainer train`, or `trainer import` with "
+                       "validation data): every member runs", manifest.name, manifest.version)
+
+
 def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config: RuntimeConfig,
                    graphs: Sequence[str], fused_file: Path | None) -> EnsembleRuntime:
     """A runtime over the verified bytes (read_verified): the graph files are not opened again."""
@@ -67,9 +88,10 @@ def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config:
     return EnsembleRuntime(
         [verified[Path(m.file)] for m in manifest.members], manifest.input.name,
         manifest.output_name, config, temperature=manifest.temperature,
+        output_kind=manifest.output_kind,
         fused_path=None if fused_file is None else verified[fused_file],
         temperature_input=fused.temperature_input if fused is not None else "temperature",
-        graphs=graphs,
+        graphs=graphs, adaptive=adaptive_plan(manifest, config),
         fused_precision="fp16" if fused is not None and fused_file == Path(fused.fp16_file or "")
         else "fp32")
 
@@ -106,6 +128,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     # The tolerance follows the provider and the fused graph's precision (agreement_tolerance).
     graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size)
     runtime.keep(graph)
+    _log_adaptive(manifest, runtime, runtime_config)
 
     def build(threads: int) -> EnsembleRuntime:
         config = runtime_config.replace(intra_op_threads=threads)

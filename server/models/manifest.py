@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from snapserve.server.config import MODEL_NAME
 from snapserve.server.engine.runtime import GraphBytes
 from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
 
-__all__ = ["Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
+__all__ = ["AdaptiveSpec", "Manifest", "InputSpec", "Normalization", "MemberSpec", "FusedSpec", "MODEL_NAME",
            "SCHEMA_VERSION", "read_manifest", "read_verified", "verify_checksums", "sha256_file"]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ class FusedSpec:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """`adaptive` (optional): the calibrated member order and stopping thresholds
+    (snapserve.proto.adaptive), used when the model serves with adaptive_members."""
+
+    order: tuple[int, ...]  # member indices
+    thresholds: tuple[float, ...]  # tau_1 .. tau_{M-1}; inf where the manifest says null
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -61,6 +71,7 @@ class Manifest:
     metrics: dict[str, float]
     text: str  # manifest.json as written, for what the fields above do not carry
     ensemble: FusedSpec | None = None
+    adaptive: AdaptiveSpec | None = None
 
     def member_paths(self, version_dir: Path) -> list[Path]:
         return [resolve_inside(version_dir, m.file, f"members[{i}].file")
@@ -199,6 +210,24 @@ def _fused(value: Any) -> FusedSpec | None:
         fp16_sha256=None if fp16 is None else _sha(fp16, "ensemble.fp16."))
 
 
+def _adaptive(value: Any, members: int) -> AdaptiveSpec | None:
+    """The optional `adaptive` entry; absent or null (older manifests): every member runs."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError("manifest field 'adaptive' must be an object or null")
+    order, thresholds = _get(value, "order", list, "adaptive."), _get(value, "thresholds", list, "adaptive.")
+    if sorted(order) != list(range(members)) or any(isinstance(i, bool) for i in order):
+        raise ManifestError(f"manifest field 'adaptive.order' {order!r} must list each member "
+                            f"index 0..{members - 1} once")
+    if len(thresholds) != members - 1 or not all(
+            t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and t == t)
+            for t in thresholds):
+        raise ManifestError(f"manifest field 'adaptive.thresholds' must hold {members - 1} numbers "
+                            "(or null: never stop there), one per member count 1..M-1")
+    return AdaptiveSpec(tuple(order), tuple(math.inf if t is None else float(t) for t in thresholds))
+
+
 def parse_manifest(text: str, version_dir: Path) -> Manifest:
     """Parse and check manifest text read from `version_dir` (<model>/<integer version>)."""
     try:
@@ -236,7 +265,7 @@ def parse_manifest(text: str, version_dir: Path) -> Manifest:
         output_name=_get(output, "name", str, "output."), classes=tuple(classes),
         temperature=float(temperature), members=tuple(_member(m, i) for i, m in enumerate(members)),
         metrics=_metrics(data.get("metrics"), "metrics"), text=text,
-        ensemble=_fused(data.get("ensemble")))
+        ensemble=_fused(data.get("ensemble")), adaptive=_adaptive(data.get("adaptive"), len(members)))
     manifest.member_paths(version_dir)  # refuse paths that leave the folder before any file is read
     manifest.fused_files(version_dir)
     return manifest

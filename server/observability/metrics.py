@@ -16,6 +16,7 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_model_load_failures_total | counter | model, reason (checksum, manifest, missing_file, invalid_onnx, graph_mismatch, load_error, unexpected): versions refused at load |
 | snapserve_served_mutual_information_nats | histogram | model, version: per answered example, the members' disagreement (epistemic uncertainty) |
 | snapserve_served_vote_disagreement_ratio | histogram | model, version: per answered example, the fraction of members outvoted |
+| snapserve_members_evaluated | histogram | model, version: per answered example, the members its answer came from (fewer than all only when served adaptively) |
 | snapserve_process_threads | gauge | (none): OS threads of the server (ONNX Runtime's included) |
 | process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
 | python_info | gauge | version, implementation: the interpreter |
@@ -68,6 +69,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MUTUAL_INFORMATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Fractions of members; 0: all vote with the ensemble (the usual case, so its own bucket).
 VOTE_DISAGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Members: every count up to 10 (the usual ensemble sizes), then coarser.
+MEMBERS_EVALUATED_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 32, 64)
 
 
 class ServerMetrics:
@@ -101,6 +104,10 @@ class ServerMetrics:
             "snapserve_served_vote_disagreement_ratio",
             "Fraction of members whose top class differs from the ensemble's, per answered example",
             VOTE_DISAGREEMENT_BUCKETS, registry=r)
+        self.members_evaluated = BatchHistogram(
+            "snapserve_members_evaluated",
+            "Members each answered example's scores came from (all, unless served adaptively)",
+            MEMBERS_EVALUATED_BUCKETS, registry=r)
         r.register(_LoadedModelsCollector(models))
         # The process itself (CPU, RSS, open fds) on this registry, so one scrape has it all.
         ProcessCollector(registry=r)
@@ -133,7 +140,7 @@ class ServerMetrics:
     def forget(self, model: str, version: int) -> None:
         """Drop an unloaded version's series, so hot reloads do not pile them up."""
         for histogram in (self.queue_seconds, self.compute_seconds, self.batch_size,
-                          self.mutual_information, self.vote_disagreement):
+                          self.mutual_information, self.vote_disagreement, self.members_evaluated):
             try:
                 histogram.remove(model, str(version))
             except KeyError:  # never observed
@@ -167,6 +174,7 @@ class _VersionObserver:
         self._batch = metrics.batch_size.labels(model, version)
         self._mutual_information = metrics.mutual_information.labels(model, version)
         self._vote_disagreement = metrics.vote_disagreement.labels(model, version)
+        self._members_evaluated = metrics.members_evaluated.labels(model, version)
 
     def record_request(self, examples: int, ok: bool, total_ns: int, queue_ns: int) -> None:
         if ok:
@@ -181,6 +189,7 @@ class _VersionObserver:
         # batch at a time in numpy.
         self._mutual_information.observe_many(scores.mutual_information)
         self._vote_disagreement.observe_many(scores.vote_disagreement)
+        self._members_evaluated.observe_many(scores.members_evaluated)
 
 
 _FEW = 4  # examples below which BatchHistogram observes them one by one

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!proto/snapserve/v1/ensemble.proto\x12\x0csnapserve.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.snapserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8f\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12$\n\x1cinclude_member_probabilities\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa4\x04\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12+\n\rprobabilities\x18\x04 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\'\n\ttop_class\x18\x05 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x11\n\ttop_label\x18\x06 \x03(\t\x12\x30\n\x12predictive_entropy\x18\x07 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12.\n\x10\x65xpected_entropy\x18\x08 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x30\n\x12mutual_information\x18\t \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12/\n\x11vote_disagreement\x18\n \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\'\n\tmember_kl\x18\x0b \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12.\n\x10member_top_class\x18\x0c \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x32\n\x14member_probabilities\x18\r \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\"\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x13.snapserve.v1.Error\"\x13\n\x11ListModelsRequest\"`\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.snapserve.v1.ModelSummary\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"8\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\"\x83\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.snapserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x32\n\rnormalization\x18\x04 \x01(\x0b\x32\x1b.snapserve.v1.Normalization\"\xb3\x01\n\x06Member\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x32\n\x07metrics\x18\x06 \x03(\x0b\x32!.snapserve.v1.Member.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06method\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.snapserve.v1.InputSpec\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\t\x12%\n\x07members\x18\x07 \x03(\x0b\x32\x14.snapserve.v1.Member\x12\x39\n\x07metrics\x18\x08 \x03(\x0b\x32(.snapserve.v1.ModelMetadata.MetricsEntry\x12\x13\n\x0btemperature\x18\t \x01(\x01\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\x12\x39\n\x07runtime\x18\r \x03(\x0b\x32(.snapserve.v1.ModelMetadata.RuntimeEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRuntimeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8c\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT16\x10\x06\x12\x08\n\x04INT8\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\x08\n\x04\x42OOL\x10\t2\xc4\x02\n\x0f\x45nsembleService\x12\x46\n\x07Predict\x12\x1c.snapserve.v1.PredictRequest\x1a\x1d.snapserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.snapserve.v1.PredictRequest\x1a\x1d.snapserve.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.snapserve.v1.ListModelsRequest\x1a .snapserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1d.snapserve.v1.GetModelRequest\x1a\x1b.snapserve.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!proto/snapserve/v1/ensemble.proto\x12\x0csnapserve.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.snapserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8f\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12$\n\x1cinclude_member_probabilities\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd5\x04\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12+\n\rprobabilities\x18\x04 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\'\n\ttop_class\x18\x05 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x11\n\ttop_label\x18\x06 \x03(\t\x12\x30\n\x12predictive_entropy\x18\x07 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12.\n\x10\x65xpected_entropy\x18\x08 \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x30\n\x12mutual_information\x18\t \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12/\n\x11vote_disagreement\x18\n \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\'\n\tmember_kl\x18\x0b \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12.\n\x10member_top_class\x18\x0c \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\x32\n\x14member_probabilities\x18\r \x01(\x0b\x32\x14.snapserve.v1.Tensor\x12\"\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x13.snapserve.v1.Error\x12/\n\x11members_evaluated\x18\x0f \x01(\x0b\x32\x14.snapserve.v1.Tensor\"\x13\n\x11ListModelsRequest\"`\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07members\x18\x05 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.snapserve.v1.ModelSummary\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"8\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\"\x83\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.snapserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x32\n\rnormalization\x18\x04 \x01(\x0b\x32\x1b.snapserve.v1.Normalization\"\xb3\x01\n\x06Member\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x32\n\x07metrics\x18\x06 \x03(\x0b\x32!.snapserve.v1.Member.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe6\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06method\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.snapserve.v1.InputSpec\x12\x0f\n\x07\x63lasses\x18\x06 \x03(\t\x12%\n\x07members\x18\x07 \x03(\x0b\x32\x14.snapserve.v1.Member\x12\x39\n\x07metrics\x18\x08 \x03(\x0b\x32(.snapserve.v1.ModelMetadata.MetricsEntry\x12\x13\n\x0btemperature\x18\t \x01(\x01\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\x12\x15\n\rmanifest_json\x18\x0c \x01(\t\x12\x39\n\x07runtime\x18\r \x03(\x0b\x32(.snapserve.v1.ModelMetadata.RuntimeEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRuntimeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8c\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT16\x10\x06\x12\x08\n\x04INT8\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\x08\n\x04\x42OOL\x10\t2\xc4\x02\n\x0f\x45nsembleService\x12\x46\n\x07Predict\x12\x1c.snapserve.v1.PredictRequest\x1a\x1d.snapserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.snapserve.v1.PredictRequest\x1a\x1d.snapserve.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.snapserve.v1.ListModelsRequest\x1a .snapserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1d.snapserve.v1.GetModelRequest\x1a\x1b.snapserve.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELMETADATA_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELMETADATA_RUNTIMEENTRY']._loaded_options = None
   _globals['_MODELMETADATA_RUNTIMEENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1966
-  _globals['_DATATYPE']._serialized_end=2106
+  _globals['_DATATYPE']._serialized_start=2015
+  _globals['_DATATYPE']._serialized_end=2155
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=127
   _globals['_PREDICTREQUEST']._serialized_start=130
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=275
   _globals['_ERROR']._serialized_end=313
   _globals['_PREDICTRESPONSE']._serialized_start=316
-  _globals['_PREDICTRESPONSE']._serialized_end=864
-  _globals['_LISTMODELSREQUEST']._serialized_start=866
-  _globals['_LISTMODELSREQUEST']._serialized_end=885
-  _globals['_MODELSUMMARY']._serialized_start=887
-  _globals['_MODELSUMMARY']._serialized_end=983
-  _globals['_LISTMODELSRESPONSE']._serialized_start=985
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1049
-  _globals['_GETMODELREQUEST']._serialized_start=1051
-  _globals['_GETMODELREQUEST']._serialized_end=1100
-  _globals['_NORMALIZATION']._serialized_start=1102
-  _globals['_NORMALIZATION']._serialized_end=1158
-  _globals['_INPUTSPEC']._serialized_start=1161
-  _globals['_INPUTSPEC']._serialized_end=1292
-  _globals['_MEMBER']._serialized_start=1295
-  _globals['_MEMBER']._serialized_end=1474
-  _globals['_MEMBER_METRICSENTRY']._serialized_start=1428
-  _globals['_MEMBER_METRICSENTRY']._serialized_end=1474
-  _globals['_MODELMETADATA']._serialized_start=1477
-  _globals['_MODELMETADATA']._serialized_end=1963
-  _globals['_MODELMETADATA_METRICSENTRY']._serialized_start=1428
-  _globals['_MODELMETADATA_METRICSENTRY']._serialized_end=1474
-  _globals['_MODELMETADATA_RUNTIMEENTRY']._serialized_start=1917
-  _globals['_MODELMETADATA_RUNTIMEENTRY']._serialized_end=1963
-  _globals['_ENSEMBLESERVICE']._serialized_start=2109
-  _globals['_ENSEMBLESERVICE']._serialized_end=2433
+  _globals['_PREDICTRESPONSE']._serialized_end=913
+  _globals['_LISTMODELSREQUEST']._serialized_start=915
+  _globals['_LISTMODELSREQUEST']._serialized_end=934
+  _globals['_MODELSUMMARY']._serialized_start=936
+  _globals['_MODELSUMMARY']._serialized_end=1032
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1034
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1098
+  _globals['_GETMODELREQUEST']._serialized_start=1100
+  _globals['_GETMODELREQUEST']._serialized_end=1149
+  _globals['_NORMALIZATION']._serialized_start=1151
+  _globals['_NORMALIZATION']._serialized_end=1207
+  _globals['_INPUTSPEC']._serialized_start=1210
+  _globals['_INPUTSPEC']._serialized_end=1341
+  _globals['_MEMBER']._serialized_start=1344
+  _globals['_MEMBER']._serialized_end=1523
+  _globals['_MEMBER_METRICSENTRY']._serialized_start=1477
+  _globals['_MEMBER_METRICSENTRY']._serialized_end=1523
+  _globals['_MODELMETADATA']._serialized_start=1526
+  _globals['_MODELMETADATA']._serialized_end=2012
+  _globals['_MODELMETADATA_METRICSENTRY']._serialized_start=1477
+  _globals['_MODELMETADATA_METRICSENTRY']._serialized_end=1523
+  _globals['_MODELMETADATA_RUNTIMEENTRY']._serialized_start=1966
+  _globals['_MODELMETADATA_RUNTIMEENTRY']._serialized_end=2012
+  _globals['_ENSEMBLESERVICE']._serialized_start=2158
+  _globals['_ENSEMBLESERVICE']._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

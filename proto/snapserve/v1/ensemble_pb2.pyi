@@ -63,7 +63,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model", "version", "request_id", "probabilities", "top_class", "top_label", "predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement", "member_kl", "member_top_class", "member_probabilities", "error")
+    __slots__ = ("model", "version", "request_id", "probabilities", "top_class", "top_label", "predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement", "member_kl", "member_top_class", "member_probabilities", "error", "members_evaluated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class PredictResponse(_message.Message):
     MEMBER_TOP_CLASS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_EVALUATED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     request_id: str
@@ -92,7 +93,8 @@ class PredictResponse(_message.Message):
     member_top_class: Tensor
     member_probabilities: Tensor
     error: Error
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., top_class: _Optional[_Union[Tensor, _Mapping]] = ..., top_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., vote_disagreement: _Optional[_Union[Tensor, _Mapping]] = ..., member_kl: _Optional[_Union[Tensor, _Mapping]] = ..., member_top_class: _Optional[_Union[Tensor, _Mapping]] = ..., member_probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    members_evaluated: Tensor
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., top_class: _Optional[_Union[Tensor, _Mapping]] = ..., top_label: _Optional[_Iterable[str]] = ..., predictive_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., expected_entropy: _Optional[_Union[Tensor, _Mapping]] = ..., mutual_information: _Optional[_Union[Tensor, _Mapping]] = ..., vote_disagreement: _Optional[_Union[Tensor, _Mapping]] = ..., member_kl: _Optional[_Union[Tensor, _Mapping]] = ..., member_top_class: _Optional[_Union[Tensor, _Mapping]] = ..., member_probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., members_evaluated: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
