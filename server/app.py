@@ -228,6 +228,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
         if config.metrics_port is not None:
             running.metrics_port = await metrics.serve(config.metrics_endpoint,
                                                        config.metrics_port)
+            if running.http is not None:  # where REST's /metrics sends a scraper
+                running.http.metrics_url = (
+                    "the server's --metrics-port (one endpoint for all its workers)"
+                    if config.reuse_port else  # a worker's own port is the parent's to read
+                    f"http://{format_address(config.metrics_endpoint.host, running.metrics_port)}/metrics")
         await manager.load_all()
     except BaseException:
         await running.stop(None)

@@ -28,11 +28,13 @@ import orjson
 from aiohttp import web
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.version import package_version
 from snapserve.server.api.http_messages import (BINARY_HEADER, BINARY_TYPE, JSON_TYPE,
                                                 RestInferRequest, decode_infer_request,
                                                 decode_json, decode_rest, encode_rest,
                                                 error_body, message_json)
 from snapserve.server.api.kserve import SERVER_NAME, KServeCore
+from snapserve.server.api.openapi import OPENAPI_PATH, openapi_document
 from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.api.security import UNAUTHENTICATED_MESSAGE, TokenAuthInterceptor
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN_MESSAGE
@@ -80,6 +82,9 @@ class HttpFrontEnd:
         self._max_body_bytes = max_body_bytes
         self._runner: web.AppRunner | None = None
         self.address = ""
+        # Where /metrics is served, for a scraper pointed at this port (app.py sets it; None:
+        # metrics are off).
+        self.metrics_url: str | None = None
 
     # -- the application ----------------------------------------------------------------------
 
@@ -93,7 +98,9 @@ class HttpFrontEnd:
                   get("/v2/models/stats", self.statistics),  # before /v2/models/{model}
                   post("/v2/repository/index", self.repository_index),
                   post("/v2/repository/models/{model}/load", self.repository_load),
-                  post("/v2/repository/models/{model}/unload", self.repository_unload)]
+                  post("/v2/repository/models/{model}/unload", self.repository_unload),
+                  get(OPENAPI_PATH, self.openapi),
+                  get("/metrics", self.metrics_elsewhere)]
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [get(base, self.model_metadata), get(f"{base}/ready", self.model_ready),
                        get(f"{base}/config", self.model_config),
@@ -170,6 +177,17 @@ class HttpFrontEnd:
     async def statistics(self, request: web.Request) -> web.Response:
         return _json(message_json(self._core.model_statistics(kpb.ModelStatisticsRequest(
             name=request.match_info.get("model", ""), version=_version(request)))))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document(package_version()))
+
+    async def metrics_elsewhere(self, request: web.Request) -> web.Response:
+        """Prometheus metrics have a port of their own (Triton's 8002), not this one: a 404
+        that says where they are."""
+        where = (f"they are served at {self.metrics_url}" if self.metrics_url else
+                 "they are off on this server (--metrics-port off); --metrics-port 8002 serves them")
+        return _error(404, f"metrics are not on the REST port: {where} (--metrics-port, "
+                           "--metrics-host)")
 
     # -- inference -----------------------------------------------------------------------------
 
