@@ -32,6 +32,7 @@ from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
 from snapserve.server.engine.runtime import execution_providers
 from snapserve.server.errors import ConfigError
+from snapserve.server.listeners import check_file_limit, quiet_accept_errors
 from snapserve.server.observability.metrics import ServerMetrics
 from snapserve.server.models.lifecycle import LifecycleEvents, ModelManager
 from snapserve.server.models.registry import ModelRegistry, check_repository_root
@@ -160,6 +161,16 @@ def _log_security(config: ServerConfig) -> None:
                        "the port can load and unload models (use --auth-token-file)")
 
 
+def _connection_caps(config: ServerConfig) -> int:
+    """Client connections every listener may hold at once, together."""
+    caps = config.connections.max_connections
+    if config.http_port is not None:
+        caps += config.http.max_connections + config.http.reserved_connections
+    if config.metrics_port is not None:
+        caps += config.metrics_endpoint.max_connections
+    return caps
+
+
 def lifecycle_events(health: HealthServicer, metrics: ServerMetrics) -> LifecycleEvents:
     """The lifecycle's reports, delivered: serving state to health, loads and failures to metrics."""
     return LifecycleEvents(serving=health.set, forgotten=health.forget, loaded=metrics.watch,
@@ -192,6 +203,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = ServerMetrics(registry)
     manager = ModelManager(config.model_repository, config.repository, config.runtime,
                            config.batcher, registry, lifecycle_events(health, metrics))
+    check_file_limit(_connection_caps(config))
+    quiet_accept_errors(asyncio.get_running_loop())  # for the loop's life: it passes on the rest
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -222,7 +235,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     try:
         await server.start()
         if config.http_port is not None:
-            running.http = HttpFrontEnd(kserve.core, drain, auth, config.max_message_bytes)
+            running.http = HttpFrontEnd(kserve.core, drain, auth, config.max_message_bytes,
+                                        config.http)
             running.http_port = await running.http.start(config.host, config.http_port,
                                                          ssl_context, config.reuse_port)
         if config.metrics_port is not None:

@@ -30,7 +30,7 @@ from snapserve.server.errors import ConfigError
 
 __all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_METRICS_PORT", "DEVICES", "GRAPHS", "MAX_MODEL_NAME", "MODEL_NAME", "PRECISIONS",
            "VERSION_POLICIES", "BatcherConfig", "ConfigModel", "ConnectionConfig", "FlatKey",
-           "IntakeConfig", "MetricsEndpointConfig", "RepositoryConfig", "RuntimeConfig",
+           "HttpLimits", "IntakeConfig", "MetricsEndpointConfig", "RepositoryConfig", "RuntimeConfig",
            "SecurityConfig", "ServerConfig", "error_text", "flat_keys", "format_address",
            "OffOrPort", "did_you_mean", "parse_pins", "takes_auto"]
 
@@ -443,6 +443,15 @@ class ConnectionConfig(ConfigModel):
         ms = lambda seconds: int(seconds * 1000)  # noqa: E731
         options = [("grpc.max_connection_idle_ms", ms(self.max_idle_s)),
                    ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
+    # A connection must finish its TLS handshake and send HTTP/2's preface and SETTINGS within
+    # this, or it is closed: a half-sent preface otherwise holds its file descriptor for good.
+    handshake_timeout_s: float = seconds(10.0, "close a gRPC connection that has not finished "
+                                               "its handshake (TLS, HTTP/2 preface) this long",
+                                         low=0.1, high=3600.0, key="grpc_handshake_timeout_s")
+    # Beyond it, new connections are closed as they arrive; with the REST and metrics caps it
+    # keeps the process under its open-file limit (server/listeners.py `check_file_limit`).
+    max_connections: int = count(2048, "gRPC client connections open at once; more are closed as "
+                                       "they arrive", key="grpc_max_connections", high=1 << 20)
                    ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
                    ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_s)),
                    ("grpc.http2.max_ping_strikes", 2)]
@@ -454,6 +463,8 @@ class ConnectionConfig(ConfigModel):
 
 class MetricsEndpointConfig(ConfigModel):
     """The /metrics endpoint's own host, timeouts and connection bound."""
+                   ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_s)),
+                   ("grpc.max_allowed_incoming_connections", self.max_connections),
 
     # Metrics show what is served and how busy: loopback unless asked.
     host: str = setting("127.0.0.1", "address the metrics endpoint binds, apart from host: metrics "
@@ -481,6 +492,33 @@ class ServerConfig(ConfigModel):
     # None: not served; 0: any free port (RunningServer.http_port says which). The flag's 0 turns
     # it off, as Triton users expect.
     http_port: Port | None = setting(DEFAULT_HTTP_PORT, "serve the KServe v2 REST API (JSON, and "
+class HttpLimits(ConfigModel):
+    """What one REST connection may take, as nginx's client_header_timeout, client_body_timeout
+    and keepalive_timeout (server/listeners.py, server/api/http.py)."""
+
+    # From the connection's open, or the first byte of a later request, to its last header.
+    header_timeout_s: float = seconds(10.0, "seconds a REST client has to send a request's "
+                                            "headers", low=0.01, high=3600.0,
+                                      key="http_header_timeout_s")
+    # Between two reads, as nginx's: a slow link still sends a large body, a stalled one is cut.
+    body_timeout_s: float = seconds(30.0, "seconds a REST body may go without a byte arriving",
+                                    low=0.01, high=3600.0, key="http_body_timeout_s")
+    keepalive_timeout_s: float = seconds(60.0, "close a REST connection idle between requests "
+                                               "this long", low=0.01, high=3600.0,
+                                         key="http_keepalive_timeout_s")
+    # At the cap a new connection closes the longest-idle one (idle, or still sending headers).
+    max_connections: int = count(512, "REST connections open at once", key="http_max_connections",
+                                 high=1 << 20)
+    # Beyond max_connections: health checks only, so probes get through busy connections too.
+    reserved_connections: int = count(16, "REST connections beyond http_max_connections kept for "
+                                          "the health checks", low=0, high=4096,
+                                      key="http_reserved_connections")
+    # gzip and deflate reach about 1000:1; tensors of real data stay far below 100:1.
+    max_inflate_ratio: float = setting(100.0, "a compressed REST body may inflate to this many "
+                                              "times its size (above 1 MiB)", strict=True,
+                                       allow_inf_nan=False, ge=1.0, le=1e6)
+
+
                                                         "Triton's binary tensors) on this port of "
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
@@ -526,6 +564,7 @@ class ServerConfig(ConfigModel):
             raise ValueError(f"model_repository {str(path)!r} is not a directory")
         return path
 
+    http: HttpLimits = Field(default_factory=HttpLimits)
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
         if self.metrics_port and self.metrics_port == self.port:

@@ -12,8 +12,16 @@ uvicorn it costs as little per request or less (docs/performance.md), embeds wit
 process of its own, and brings the request-size bound, TLS and a graceful shutdown with it.
 
 Around every endpoint but the health checks, in gRPC's order: the drain (api/shutdown.py: 503
-once the server is stopping), then the bearer tokens (api/security.py: 401). The health checks
-stay open for probes and balancers, as gRPC health does.
+once the server is stopping), then the bearer tokens (api/security.py: 401), both decided on the
+headers, before a byte of the body is read. The health checks stay open for probes and
+balancers, as gRPC health does.
+
+Bounds before bytes: the listener bounds connections and how long they may take to send their
+headers or sit idle (server/listeners.py, `HttpLimits`); a body is read by api/http_body.py
+within the server's message bound and, for inference, within what the model can take (its
+`max_batch_size` examples of its input shape), counted against the pending-bytes bound as it
+arrives; each input's declared shape and datatype are checked against the model before its data
+becomes an array.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 import orjson
@@ -29,20 +37,23 @@ from aiohttp import web
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.version import package_version
+from snapserve.server.api.http_body import BodyLimits, BodyRefused, read_body
 from snapserve.server.api.http_messages import (BINARY_HEADER, BINARY_TYPE, JSON_TYPE,
                                                 RestInferRequest, decode_infer_request,
                                                 decode_json, decode_rest, encode_rest,
-                                                error_body, message_json)
+                                                error_body, message_json, model_body_bound)
 from snapserve.server.api.kserve import SERVER_NAME, KServeCore
 from snapserve.server.api.openapi import OPENAPI_PATH, openapi_document
-from snapserve.server.api.pipeline import InferRequest
+from snapserve.server.api.pipeline import InferRequest, parse_version
 from snapserve.server.api.security import UNAUTHENTICATED_MESSAGE, TokenAuthInterceptor
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN_MESSAGE
 from snapserve.server.api.shutdown import Drain
 from snapserve.server.api.status import HTTP_STATUS, describe_http_error
-from snapserve.server.config import format_address
-from snapserve.server.errors import (ConfigError, InvalidInput, ItemExpired, ShuttingDown,
-                                     Unauthenticated)
+from snapserve.server.config import HttpLimits, format_address
+from snapserve.server.errors import (ConfigError, InvalidInput, ItemExpired, ServerError,
+                                     ShuttingDown, Unauthenticated)
+from snapserve.server.listeners import BoundedServer, ListenerLimits
+from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.observability.metrics import API_HTTP
 from snapserve.server.observability.request_context import REQUEST_ID_KEY, request_context
 from snapserve.server.observability.tracing import extract_parent
@@ -54,6 +65,8 @@ logger = logging.getLogger(__name__)
 # Probes and balancers call these without credentials, and must hear "not ready" while draining.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Repository control bodies hold a flag or a few parameter names.
+CONTROL_BODY_BYTES = 64 * 1024
 
 
 def _json(obj: object) -> web.Response:
@@ -75,11 +88,13 @@ class HttpFrontEnd:
     """The REST endpoints over a KServeCore; `start` binds, `stop` finishes what was accepted."""
 
     def __init__(self, core: KServeCore, drain: Drain, auth: TokenAuthInterceptor | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, limits: HttpLimits = HttpLimits()) -> None:
         self._core = core
         self._drain = drain
         self._auth = auth
         self._max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.server: BoundedServer | None = None
         self._runner: web.AppRunner | None = None
         self.address = ""
         # Where /metrics is served, for a scraper pointed at this port (app.py sets it; None:
@@ -115,8 +130,16 @@ class HttpFrontEnd:
             response = await self._admitted(request, handler)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
             response = _error(exc.status, self._http_message(exc, request))
+        except BodyRefused as exc:
+            response = _error(exc.status, str(exc))
+        except ConnectionError:
+            # The client went away mid-body: nobody to answer, nothing of ours went wrong.
+            logger.debug("client %s went away before its request was read", request.remote)
+            raise
         except Exception as exc:
             response = _error(*describe_http_error(exc))
+        if not request.content.is_eof():
+            response.force_close()  # the rest of a body refused is not read: the answer ends it
         if self._drain.draining:
             response.force_close()  # no keep-alive: the client's next call goes elsewhere
         response.headers["Server"] = SERVER_NAME  # not aiohttp's and Python's versions
@@ -191,12 +214,33 @@ class HttpFrontEnd:
 
     # -- inference -----------------------------------------------------------------------------
 
+    def _served(self, request: web.Request) -> ServedEnsemble | None:
+        """The version a request names, to bound its body by; None when there is none (the
+        pipeline reports why, counted as every refusal is)."""
+        try:
+            return self._core.plane.registry.get(request.match_info["model"],
+                                                 parse_version(_version(request)))
+        except ServerError:
+            return None
+
+    def _body_limits(self, served: ServedEnsemble | None) -> BodyLimits:
+        limits = self.limits
+        bound, what = self._max_body_bytes, "--max-message-mb"
+        if served is not None:
+            model_bound, what_model = model_body_bound(served)
+            if model_bound < bound:
+                bound, what = model_bound, what_model
+        return BodyLimits(bound, limits.body_timeout_s, limits.max_inflate_ratio, what)
+
     async def infer(self, request: web.Request) -> web.Response:
-        body = await request.read()  # at most client_max_size, else 413
         plane = self._core.plane
-        with plane.intake.admit(len(body)) as ticket:  # the gRPC side's bound before the queue
+        served = self._served(request)
+        # The declared length counts against the gRPC side's bound before a byte is read; a
+        # chunked or compressed body counts as it arrives (api/http_body.py).
+        with plane.intake.admit(request.content_length or 0) as ticket:
+            body = await read_body(request, self._body_limits(served), ticket)
             rest = await plane.intake.run(len(body), decode_infer_request, body,
-                                          request.headers.get(BINARY_HEADER))
+                                          request.headers.get(BINARY_HEADER), served)
             headers = [(key.lower(), value) for key, value in request.headers.items()]
             with request_context(rest.id or request.headers.get(REQUEST_ID_KEY, ""),
                                  extract_parent(headers)) as current:
@@ -228,7 +272,10 @@ class HttpFrontEnd:
     # -- repository ----------------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> dict:
-        body = await request.read()
+        limits = self.limits
+        body = await read_body(request, BodyLimits(CONTROL_BODY_BYTES, limits.body_timeout_s,
+                                                   limits.max_inflate_ratio,
+                                                   "a repository request's bound"))
         if not body.strip():
             return {}
         obj = decode_json(body)
@@ -268,7 +315,8 @@ class HttpFrontEnd:
         """Bind host:port (0: any free port) and serve; the bound port. `reuse_port`: with
         SO_REUSEPORT, beside the other worker processes of `--workers` (server/process/workers.py)."""
         # handle_signals=False: the CLI owns SIGTERM (cli.serve -> RunningServer.stop).
-        self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        self._runner = _Runner(self.application(), self._listener_limits(), access_log=None,
+                               handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context,
                            reuse_port=reuse_port or None)
@@ -279,11 +327,17 @@ class HttpFrontEnd:
             self._runner = None
             raise ConfigError(f"http_port: cannot bind {format_address(host, port)}: "
                               f"{exc.strerror}") from exc
+        self.server = self._runner.server  # type: ignore[assignment]
         bound = self._runner.addresses[0][1]
         scheme = "https" if ssl_context is not None else "http"
         self.address = f"{scheme}://{format_address(host, bound)}"
         logger.info("serving KServe v2 REST on %s/v2", self.address)
         return bound
+
+    def _listener_limits(self) -> ListenerLimits:
+        limits = self.limits
+        return ListenerLimits(limits.header_timeout_s, limits.keepalive_timeout_s,
+                              limits.max_connections, limits.reserved_connections, OPEN_PATHS)
 
     async def stop(self, grace: float | None) -> None:
         """Stop listening, give requests still being answered `grace` seconds (None: none),
@@ -297,3 +351,23 @@ class HttpFrontEnd:
             # aiohttp reads a timeout of 0 as none at all: the smallest positive one instead.
             await runner.server.shutdown(max(grace or 0.0, 0.001))
         await runner.cleanup()
+
+
+def _overflow(request: web.BaseRequest) -> web.Response:
+    return _error(503, "the server is at its connection limit (http_max_connections); this "
+                       "connection may ask for /v2/health/* only: retry later")
+
+
+class _Runner(web.AppRunner):
+    """aiohttp's AppRunner, serving through a BoundedServer (server/listeners.py)."""
+
+    def __init__(self, app: web.Application, limits: ListenerLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # the app's own handler, after its start-up
+        # auto_decompress off: a body is inflated by api/http_body.py, within its bounds.
+        return BoundedServer(plain.request_handler, self._limits, _overflow,
+                             request_factory=plain.request_factory, server_name=SERVER_NAME,
+                             auto_decompress=False, access_log=None)

@@ -4,6 +4,9 @@ The REST front end (api/http.py) decodes a request's tensors straight to numpy a
 them to the one pipeline (api/pipeline.py); the checks against the model and the outputs asked
 for are the KServe protocol's own (api/kserve_messages.py), so both transports answer alike.
 
+- Before a body is read, its length is held to what the model can take (`model_body_bound`);
+  once its JSON is parsed, each input's declared shape and datatype are checked against the
+  model's input and `max_batch_size` before its data becomes an array (`check_declared`).
 - An infer request's JSON `data` (flat or nested, row-major) becomes an array here, with its
   own checks (count against shape, numbers of the datatype's kind and range); binary tensors
   (Triton's binary tensor data extension: a JSON header of `Inference-Header-Content-Length`
@@ -35,10 +38,11 @@ from snapserve.server.api.kserve_messages import check_input_names, choose_outpu
 from snapserve.server.api.pipeline import InferRequest
 from snapserve.server.errors import InvalidInput
 from snapserve.server.models.ensemble import ServedEnsemble
+from snapserve.server.models.inputs import conform_input, format_shape
 
 __all__ = ["BINARY_HEADER", "JSON_TYPE", "BINARY_TYPE", "RestInferRequest", "RestTensor",
-           "decode_infer_request", "decode_json", "decode_rest", "encode_rest", "error_body",
-           "json_data_array", "message_json"]
+           "check_declared", "decode_infer_request", "decode_json", "decode_rest", "encode_rest",
+           "error_body", "json_data_array", "message_json", "model_body_bound"]
 
 # Triton's binary tensor data extension: the length of the JSON part of a body that continues
 # with raw tensor bytes.
@@ -53,6 +57,29 @@ _INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT6
 _ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 _KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "true/false"}
 _SENT_NAMES = {"f": "fractional numbers", "i": "integers", "u": "integers", "b": "booleans"}
+# The most a JSON value of any datatype takes with its separator ("-1.2345678901234567e-308,"),
+# above a binary tensor's 8 bytes; and what a body holds besides its data (id, names, outputs).
+JSON_VALUE_BYTES = 32
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def model_body_bound(served: ServedEnsemble) -> tuple[int, str]:
+    """The largest body a request to `served` can need (JSON or binary), and what sets it."""
+    spec = served.manifest.input
+    values = served.max_batch_size * math.prod(d for d in spec.shape[1:])
+    bound = values * JSON_VALUE_BYTES + BODY_OVERHEAD_BYTES
+    return bound, (f"model {served.name!r} takes at most {served.max_batch_size} examples "
+                   f"(max_batch_size) of shape {format_shape(spec.shape[1:])}, which no body "
+                   f"needs more than {bound} bytes for")
+
+
+def check_declared(shape: tuple[int, ...], datatype: str, served: ServedEnsemble,
+                   label: str) -> None:
+    """InvalidInput unless the model takes an input of this shape and datatype: checked on a
+    zero-stride view, before the input's data is read."""
+    wire = wire_type(datatype, label).numpy
+    conform_input(np.broadcast_to(np.zeros((), wire), shape), served.manifest.input,
+                  served.max_batch_size, allow_nonfinite=True)
 
 
 @dataclass(frozen=True)
@@ -151,8 +178,8 @@ def json_data_array(data: Any, datatype: str, shape: tuple[int, ...], name: str)
     return values.astype(wire.newbyteorder("="), copy=False).reshape(shape)
 
 
-def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int
-                  ) -> tuple[RestTensor, int]:
+def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
+                  served: ServedEnsemble | None) -> tuple[RestTensor, int]:
     """One input tensor; the offset of the next binary tensor."""
     tensor = _object(tensor, f"inputs[{index}]")
     name = _string(tensor.get("name"), f"inputs[{index}].name")
@@ -177,6 +204,8 @@ def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int
                                f"{len(binary)} bytes of binary tensor data")
         data = binary[offset:offset + size]
         offset += size
+        if served is not None and name == served.manifest.input.name:
+            check_declared(tuple(shape), datatype, served, label)
     elif "data" in tensor:
         try:
             data = json_data_array(tensor["data"], datatype, shape, label)
@@ -211,15 +240,17 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return timeout / 1e6
 
 
-def decode_infer_request(body: bytes, header_length: str | None) -> RestInferRequest:
-    """An infer request's body (JSON, or JSON + binary tensors), its tensors as arrays or bytes."""
+def decode_infer_request(body: bytes, header_length: str | None,
+                         served: ServedEnsemble | None = None) -> RestInferRequest:
+    """An infer request's body (JSON, or JSON + binary tensors), its tensors as arrays or bytes;
+    with `served`, each input's declared shape and datatype checked against it first."""
     header, binary = _split_body(body, header_length)
     request = _object(decode_json(header), "the request body")
     request_id = _string(request.get("id", ""), "id")
     parameters = _object(request.get("parameters", {}), "parameters")
     offset, inputs = 0, []
     for index, tensor in enumerate(_list(request.get("inputs"), "inputs")):
-        decoded, offset = _decode_input(tensor, index, binary, offset)
+        decoded, offset = _decode_input(tensor, index, binary, offset, served)
         inputs.append(decoded)
     if offset != len(binary):
         raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary tensor data "

@@ -193,3 +193,19 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def grow(ticket: Ticket, nbytes: int) -> None:
+    """Count `nbytes` more on a held ticket (a REST body as it streams in); Overloaded, the
+    ticket unchanged, when that takes the server past max_pending_bytes."""
+    intake = ticket._intake
+    if ticket._held and intake.calls > 1 and (
+            intake.bytes + nbytes > intake.config.max_pending_bytes):
+        intake.refused += 1
+        raise Overloaded(
+            f"the server is decoding too much at once ({intake.calls} calls holding "
+            f"{intake.bytes / 2**20:.1f} MiB, max_pending_bytes="
+            f"{intake.config.max_pending_bytes}); retry later")
+    if ticket._held:
+        intake.bytes += nbytes
+    ticket.nbytes += nbytes

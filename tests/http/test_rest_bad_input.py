@@ -101,8 +101,10 @@ BAD: dict[str, tuple[Any, dict[str, str] | None, int, str]] = {
                 "data holds values that are not numbers; datatype FP32 takes numbers"),
     "booleans into FP32": (body(tensor([True] * 16, shape=[1, 1, 4, 4])), None, 400,
                            "data holds booleans; datatype FP32 takes numbers"),
-    "fractions into INT64": (body(tensor([0.5] * 16, shape=[1, 1, 4, 4], datatype="INT64")),
-                             None, 400, "data holds fractional numbers; datatype INT64 takes integers"),
+    # The declared datatype is checked against the model's before the data is read.
+    "INT64 into a float model": (body(tensor([0.5] * 16, shape=[1, 1, 4, 4], datatype="INT64")),
+                                 None, 400, "input dtype int64 is not accepted; the model takes "
+                                            "float32"),
     "beyond FP32": (body(tensor([1e39] * 16, shape=[1, 1, 4, 4])), None, 400,
                     "data has values outside FP32's range"),
     "BYTES": (body(tensor(["a"], shape=[1], datatype="BYTES")), None, 400,
