@@ -2,7 +2,7 @@
 
     from snapserve.client import EnsembleClient
     with EnsembleClient("127.0.0.1:50051") as c:
-        p = c.predict("digits", x, normalize=True)
+        p = c.predict("digits", x)  # raw inputs: the model normalises them
         p.probabilities, p.mutual_information, p.vote_disagreement
 
 Failures raise ClientError (with .code, a grpc.StatusCode, and .message from the server).

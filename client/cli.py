@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True,
                          help=".npy array [batch, ...]; one example without the batch axis also works")
     predict.add_argument("--normalize", action="store_true",
-                         help="apply the model's (x - mean) / std first (for raw inputs)")
+                         help="apply the model's (x - mean) / std first: only for versions whose "
+                              "input kind is 'normalized' (exported before the graphs normalised); "
+                              "a no-op for the others")
     predict.add_argument("--members", action="store_true", help="include member probabilities (JSON)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.set_defaults(run=run_predict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar
@@ -11,9 +12,11 @@ import numpy as np
 
 from snapserve.proto.scores import SCORES, ScoreSpec
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
-from snapserve.proto.spec import InputSpec, Normalization
+from snapserve.proto.spec import NORMALIZED, RAW, InputSpec, Normalization
 from snapserve.proto.spec import MemberSpec as MemberInfo  # the client's name for it
 from snapserve.proto.tensors import DTYPE_TO_NUMPY, from_tensor, to_tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["InputSpec", "MemberInfo", "ModelInfo", "ModelSummary", "Normalization", "Prediction",
            "PredictionFields", "build_request", "decode_metadata", "decode_prediction",
@@ -131,7 +134,8 @@ def decode_metadata(meta: pb.ModelMetadata) -> ModelInfo:
     spec = InputSpec(
         name=meta.input.name, dtype=DTYPE_TO_NUMPY[meta.input.dtype].newbyteorder("="),
         shape=tuple(meta.input.shape),
-        normalization=None if norm is None else Normalization(tuple(norm.mean), tuple(norm.std), norm.axis))
+        normalization=None if norm is None else Normalization(tuple(norm.mean), tuple(norm.std), norm.axis),
+        kind=meta.input.kind or NORMALIZED)  # a server older than the field: the client normalises
     return ModelInfo(
         name=meta.name, version=meta.version, versions=tuple(meta.versions), method=meta.method,
         input=spec, classes=tuple(meta.classes),
@@ -144,12 +148,18 @@ def decode_metadata(meta: pb.ModelMetadata) -> ModelInfo:
 
 
 def normalize(x: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(x - mean) / std broadcast along the spec's axis, cast to the model's dtype; x unchanged
-    when the model declares no normalisation."""
+    """(x - mean) / std broadcast along the spec's axis, cast to the model's dtype, for a
+    version whose clients normalise (input kind normalized); x unchanged when the model declares
+    no normalisation or its graphs apply it (kind raw: normalising here would do it twice)."""
     x = np.asarray(x)
-    if spec.normalization is None:
+    if spec.kind == RAW and spec.normalization is not None:
+        # A no-op, not an error: code written for older versions keeps working, with the right
+        # answer, when a newer version of the same model becomes the default.
+        logger.warning("normalize=True is not needed: model input %r is normalised inside the "
+                       "model's graphs; sending the raw values", spec.name)
+    norm = spec.client_normalization
+    if norm is None:
         return x
-    norm = spec.normalization
     shape = [1] * x.ndim
     if len(norm.mean) > 1:
         if x.ndim <= norm.axis or x.shape[norm.axis] != len(norm.mean):

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from snapserve.client.batches import join_predictions, split_batch
 from snapserve.client.channels import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, ChannelOption, ClientBase,
                                        channel_options)
 from snapserve.client.credentials import Security
@@ -24,7 +25,7 @@ class EnsembleClient(ClientBase):
     """Blocking client. Every call raises ClientError (status code + server message) on failure.
 
         with EnsembleClient("127.0.0.1:50051") as client:
-            prediction = client.predict("digits", x, normalize=True)
+            prediction = client.predict("digits", x)
 
     Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with backoff and jitter
     (`retry`; None: never), within the call's deadline (`timeout`, default DEFAULT_TIMEOUT_S;
@@ -36,15 +37,27 @@ class EnsembleClient(ClientBase):
 
     def predict(self, model: str, array: np.ndarray, version: int = 0,
                 member_probabilities: bool = False, normalize: bool = False,
-                timeout: float | None = None, request_id: str = "") -> Prediction:
-        """Scores for a batch `array` ([B, ...]). `normalize=True` applies the model's
-        (x - mean) / std first (the spec is fetched once and cached). `request_id`: the id the
-        server logs this request under (default: one it makes up); `Prediction.request_id`."""
+                timeout: float | None = None, request_id: str = "",
+                split: bool = True) -> Prediction:
+        """Scores for a batch `array` ([B, ...]) of raw values. `normalize=True` is for versions
+        exported before their graphs normalised (GetModel's input kind `normalized`): it applies
+        the model's (x - mean) / std first (the spec is fetched once and cached); for the others
+        it is a no-op with a warning. `request_id`: the id the
+        server logs this request under (default: one it makes up); `Prediction.request_id`.
+        `split` (default): a batch above the model's max_batch_size is sent as several requests
+        and answered as one; False: the server refuses it (INVALID_ARGUMENT)."""
         if normalize:
             array = normalize_input(array, self.get_model(model, version).input)
-        request = build_request(model, array, version, member_probabilities, request_id)
-        response = self._call(self._stub.Predict, request, timeout)
-        return decode_prediction(response, member_probabilities)
+        array = np.asarray(array)
+        # A batch above the model's max_batch_size goes as several requests (split=False: the
+        # server refuses it); the limit is GetModel's, fetched once and cached.
+        limit = self.get_model(model, version).max_batch_size if split and len(array) > 1 else 0
+        parts = []
+        for part in split_batch(array, limit):
+            request = build_request(model, part, version, member_probabilities, request_id)
+            parts.append(decode_prediction(self._call(self._stub.Predict, request, timeout),
+                                           member_probabilities))
+        return join_predictions(parts)
 
     def list_models(self, timeout: float | None = None) -> list[ModelSummary]:
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)

@@ -31,7 +31,8 @@ def generate(out_dir: Path, root: Path = ROOT) -> None:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *sources]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {sources}")
-    for module in sorted((out_dir / "proto").rglob("*_pb2*.py*")):
+    # .py and .pyi only: a __pycache__ beside them holds *_pb2*.pyc, which is not text.
+    for module in sorted(m for m in (out_dir / "proto").rglob("*_pb2*.py*") if m.suffix in (".py", ".pyi")):
         module.write_text(_PROTOC_IMPORT.sub(r"\1snapserve.proto.", module.read_text()))
     for package in PRIVATE_POOL_PACKAGES:
         for module in sorted((out_dir / package).glob("*_pb2.py")):

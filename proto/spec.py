@@ -11,12 +11,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["InputSpec", "MemberSpec", "Normalization"]
+__all__ = ["INPUT_KINDS", "LOGITS", "NORMALIZED", "OUTPUT_KINDS", "PROBABILITIES", "RAW", "InputSpec",
+           "MemberSpec", "Normalization"]
+
+# What a version's graphs take (manifest `input.kind`, GetModel `InputSpec.kind`): RAW, the graphs
+# apply `normalization` themselves, so every client sends raw values; NORMALIZED, the client
+# applies it before sending (versions exported before normalisation moved into the graphs).
+RAW, NORMALIZED = "raw", "normalized"
+INPUT_KINDS = (RAW, NORMALIZED)
+# What each member graph outputs (manifest `output.kind`): LOGITS, softmax gives probabilities;
+# PROBABILITIES, rows that already sum to one (an imported graph ending in a softmax).
+LOGITS, PROBABILITIES = "logits", "probabilities"
+OUTPUT_KINDS = (LOGITS, PROBABILITIES)
 
 
 @dataclass(frozen=True)
 class Normalization:
-    """Model input = (raw - mean) / std, broadcast along `axis`; applied by clients, not graphs."""
+    """Model input = (raw - mean) / std, broadcast along `axis`; applied by the graphs (input kind
+    RAW) or by clients (NORMALIZED)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -29,6 +41,12 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int, ...]  # -1 for the batch dimension
     normalization: Normalization | None
+    kind: str = NORMALIZED  # RAW or NORMALIZED, see above
+
+    @property
+    def client_normalization(self) -> Normalization | None:
+        """The normalisation a client must apply before sending: None when the graphs apply it."""
+        return self.normalization if self.kind == NORMALIZED else None
 
 
 @dataclass(frozen=True)

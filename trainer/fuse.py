@@ -38,6 +38,7 @@ from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
 from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, SCORE_SPECS, SCORES,
                                     probabilities, softmax)
+from snapserve.proto.spec import LOGITS, PROBABILITIES
 from snapserve.trainer.errors import RepositoryError
 
 __all__ = ["FUSED_FILE", "FUSED_FP16_FILE", "FUSED_OUTPUTS", "FP16_TOLERANCE", "MIN_OPSET",
@@ -246,11 +247,17 @@ def _classes(model: onnx.ModelProto, output_name: str) -> int:
 
 
 def fuse_members(members: Sequence[onnx.ModelProto], input_name: str = "input",
-                 output_name: str = "logits", temperature: float = 1.0) -> onnx.ModelProto:
+                 output_name: str = "logits", temperature: float = 1.0,
+                 served: Sequence[int] | None = None,
+                 output_kind: str = LOGITS) -> onnx.ModelProto:
     """One graph running every member on `input_name` and computing FUSED_OUTPUTS.
 
     The members must share the input (name, type) and the output name; the importer and the
-    trainer check that first, with messages naming the member.
+    trainer check that first, with messages naming the member. `served` (the manifest's
+    selection, repeats allowed) lists the members the scores are over: each member runs once and
+    its logits enter the [B, M, C] stack as often as listed; None: each member once.
+    `output_kind` probabilities: the members end in their own softmax, so their log (floored
+    at the smallest float32, so a zero stays finite) stands for the logits: softmax(log p) = p.
     """
     if not members:
         raise FusionError("cannot fuse an ensemble of no members")
@@ -279,21 +286,25 @@ def fuse_members(members: Sequence[onnx.ModelProto], input_name: str = "input",
         out_type = next(o.type.tensor_type.elem_type for o in graph.output if o.name == logits)
         if out_type != TensorProto.FLOAT:  # the scores are float32 whatever the members output
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        if output_kind == PROBABILITIES:
+            tiny = g.const(np.array(np.finfo(np.float32).tiny, dtype=np.float32), "tiny")
+            logits = g.op("Log", [g.op("Max", [logits, tiny])])
         member_logits.append(logits)
-    outputs = _score_nodes(g, member_logits, len(members))
+    order = list(range(len(members))) if served is None else list(served)
+    outputs = _score_nodes(g, [member_logits[i] for i in order], len(order))
     graph_input = next(i for i in members[0].graph.input if i.name == input_name)
     temperature_init = numpy_helper.from_array(np.array(temperature, dtype=np.float32),
                                                TEMPERATURE_INPUT)
     graph = helper.make_graph(
         _topological(g.nodes), "snapserve_ensemble",
         [graph_input, helper.make_tensor_value_info(TEMPERATURE_INPUT, TensorProto.FLOAT, [])],
-        _output_infos(outputs, len(members), classes),
+        _output_infos(outputs, len(order), classes),
         initializer=[*initializers, *g.initializers, temperature_init],
         value_info=value_infos, sparse_initializer=sparse)
     model = helper.make_model(graph, functions=functions, producer_name="snapserve",
                               opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())])
     model.ir_version = max(m.ir_version for m in members)
-    helper.set_model_props(model, {"snapserve.members": str(len(members)),
+    helper.set_model_props(model, {"snapserve.members": str(len(order)),
                                    "snapserve.temperature": repr(float(temperature))})
     try:
         onnx.checker.check_model(model)
@@ -336,7 +347,7 @@ def _session(model: onnx.ModelProto | Path) -> Any:
 
 def check_fused(fused: onnx.ModelProto, member_files: Sequence[Path], input_spec: dict[str, Any],
                 output_name: str, temperature: float, tolerance: float = _CHECK_TOLERANCE,
-                examples: int = 7) -> float:
+                examples: int = 7, output_kind: str = LOGITS) -> float:
     """Max |Δ| of member and mean probabilities, fused graph vs the members run one by one.
 
     The full set of scores is compared with the server's numpy scores in tests/trainer/test_fuse.py; this is
@@ -346,9 +357,10 @@ def check_fused(fused: onnx.ModelProto, member_files: Sequence[Path], input_spec
     fused_out = _session(fused).run(["member_probabilities", "probabilities"],
                                     {input_spec["name"]: x,
                                      TEMPERATURE_INPUT: np.array(temperature, dtype=np.float32)})
-    logits = np.stack([_session(path).run([output_name], {input_spec["name"]: x})[0]
-                       for path in member_files], axis=1).astype(np.float64)
-    probs = softmax(logits)  # [B, M, C]
+    outputs = np.stack([_session(path).run([output_name], {input_spec["name"]: x})[0]
+                        for path in member_files], axis=1).astype(np.float64)
+    probs = (outputs / outputs.sum(axis=-1, keepdims=True) if output_kind == PROBABILITIES
+             else softmax(outputs))  # [B, M, C]
     served = probabilities(probs, temperature)
     worst = max(float(np.max(np.abs(fused_out[0] - probs))),
                 float(np.max(np.abs(fused_out[1] - served))))
@@ -366,10 +378,14 @@ def add_fused_graph(version_dir: Path, manifest: dict[str, Any], fp16: bool = Fa
     the members; the fused files are checksummed here).
     """
     spec, output_name = manifest["input"], manifest["output"]["name"]
+    output_kind = manifest["output"].get("kind", LOGITS)
     temperature = float(manifest.get("temperature", 1.0))
     files = [version_dir / m["file"] for m in manifest["members"]]
-    fused = fuse_members([onnx.load(str(f)) for f in files], spec["name"], output_name, temperature)
-    diff = check_fused(fused, files, spec, output_name, temperature)
+    served = (manifest.get("selection") or {}).get("members")
+    fused = fuse_members([onnx.load(str(f)) for f in files], spec["name"], output_name, temperature, served,
+                         output_kind)
+    listed = files if served is None else [files[i] for i in served]  # the multiset the scores are over
+    diff = check_fused(fused, listed, spec, output_name, temperature, output_kind=output_kind)
     data = fused.SerializeToString()
     (version_dir / FUSED_FILE).write_bytes(data)
     entry: dict[str, Any] = {"file": FUSED_FILE, "sha256": _sha256(data),
@@ -378,7 +394,8 @@ def add_fused_graph(version_dir: Path, manifest: dict[str, Any], fp16: bool = Fa
     logger.info("wrote %s (%d members, %.1f MiB): max |Δp| vs the members %.2e",
                 FUSED_FILE, len(files), len(data) / 2**20, diff)
     if fp16:
-        entry["fp16"] = _add_fp16(version_dir, files, spec, output_name, temperature)
+        entry["fp16"] = _add_fp16(version_dir, files, spec, output_name, temperature, served,
+                                  output_kind)
     manifest["ensemble"] = entry
     return entry
 
@@ -395,12 +412,14 @@ def try_add_fused_graph(version_dir: Path, manifest: dict[str, Any],
 
 
 def _add_fp16(version_dir: Path, files: list[Path], spec: dict[str, Any], output_name: str,
-              temperature: float) -> dict[str, Any]:
+              temperature: float, served: Sequence[int] | None,
+              output_kind: str = LOGITS) -> dict[str, Any]:
     half = fuse_members([member_to_fp16(onnx.load(str(f))) for f in files], spec["name"],
-                        output_name, temperature)
+                        output_name, temperature, served, output_kind)
     # Accuracy parity: FP16 against the FP32 members, on more examples than the wiring check.
-    diff = check_fused(half, files, spec, output_name, temperature, tolerance=FP16_TOLERANCE,
-                       examples=64)
+    listed = files if served is None else [files[i] for i in served]
+    diff = check_fused(half, listed, spec, output_name, temperature, tolerance=FP16_TOLERANCE,
+                       examples=64, output_kind=output_kind)
     data = half.SerializeToString()
     (version_dir / FUSED_FP16_FILE).write_bytes(data)
     logger.info("wrote %s: max |Δp| vs the FP32 members %.2e", FUSED_FP16_FILE, diff)

@@ -263,6 +263,16 @@ def encode_model_metadata(registry: ModelRegistry,
                  for name, out in OUTPUTS.items()])
 
 
+def input_parameters(spec: InputSpec) -> dict[str, str]:
+    """What a KServe client must know to send this version's input (ModelConfig parameters):
+    `input_kind` raw (send raw values: the graphs normalise) or normalized (apply
+    `input_normalization`, JSON {mean, std, axis}, before sending)."""
+    norm = spec.normalization
+    return {"input_kind": spec.kind,
+            "input_normalization": "null" if norm is None else json.dumps(
+                {"mean": list(norm.mean), "std": list(norm.std), "axis": norm.axis})}
+
+
 def _version_policy(config: RepositoryConfig, name: str) -> mc.ModelVersionPolicy:
     if config.version_policy == "all":
         return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
@@ -294,6 +304,7 @@ def encode_model_config(served: ServedEnsemble, config: RepositoryConfig) -> mc.
                        "members": str(served.runtime.members),
                        "classes": json.dumps(list(manifest.classes)),
                        "temperature": repr(manifest.temperature),
+                       **input_parameters(manifest.input), "output_kind": manifest.output_kind,
                        "execution_provider": served.runtime.provider,
                        "max_queue_size": str(batching.max_queue_size),
                        **served.runtime_parameters}.items():  # graph (fused/members), instances

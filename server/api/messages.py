@@ -129,7 +129,8 @@ def encode_summary(registry: ModelRegistry, name: str) -> pb.ModelSummary:
 
 
 def _input_spec(spec: InputSpec) -> pb.InputSpec:
-    message = pb.InputSpec(name=spec.name, dtype=NUMPY_TO_DTYPE[spec.dtype], shape=spec.shape)
+    message = pb.InputSpec(name=spec.name, dtype=NUMPY_TO_DTYPE[spec.dtype], shape=spec.shape,
+                           kind=spec.kind)
     if spec.normalization is not None:
         norm = spec.normalization
         message.normalization.CopyFrom(pb.Normalization(mean=norm.mean, std=norm.std, axis=norm.axis))

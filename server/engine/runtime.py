@@ -34,6 +34,7 @@ import onnxruntime as ort
 
 from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, EnsembleScores,
                                     complete_scores, ensemble_scores, softmax)
+from snapserve.proto.spec import LOGITS, PROBABILITIES
 from snapserve.proto.tensors import ONNX_TO_NUMPY
 from snapserve.server.engine.adaptive import AdaptiveMembers, adaptive_scores
 from snapserve.server.config import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
@@ -82,12 +83,17 @@ def agreement_tolerance(provider: str, precision: str) -> float:
     return _TOLERANCE[(CUDA if provider == CUDA else CPU, precision)]
 
 
-def warm_up_batch_sizes(max_batch_size: int, cuda_graph_buckets: Sequence[int] = ()) -> tuple[int, ...]:
+def warm_up_batch_sizes(max_batch_size: int, cuda_graph_buckets: Sequence[int] = (),
+                        provider: str = CUDA) -> tuple[int, ...]:
     """The batch sizes the load-time warm-up runs on every instance: 1 (a lone request, the
-    first and most frequent batch at low load), each captured CUDA-graph bucket up to
-    max_batch_size (the only shapes that path runs), and max_batch_size (a full queue; the
-    largest shape also grows the memory arenas to their working size once, at load). The sizes
-    in between run on memory already there and, with HEURISTIC algorithm choice, search nothing."""
+    first and most frequent batch at low load); on CUDA also each captured CUDA-graph bucket up
+    to max_batch_size (the only shapes that path runs) and max_batch_size (a full queue; the
+    largest shape also grows the device memory pools to their working size once, at load). The
+    sizes in between run on memory already there and, with HEURISTIC algorithm choice, search
+    nothing. On the CPU there is no algorithm search or capture to move out of live traffic,
+    and a full batch of a heavy model would cost the load as much as its largest request."""
+    if provider != CUDA:
+        return (1,)
     return tuple(sorted({1, max_batch_size, *(b for b in cuda_graph_buckets if b <= max_batch_size)}))
 
 
@@ -214,6 +220,15 @@ class ScoresGraph(Protocol):
     def run_members(self, x: np.ndarray) -> np.ndarray: ...
 
 
+def as_probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
+    """Members' outputs (float32, classes last) -> probabilities: softmax of logits; rows a
+    graph's own softmax gave (`output_kind` probabilities) as they are, not softmaxed again,
+    only rescaled to sum to one (float32 rounding)."""
+    if output_kind == PROBABILITIES:
+        return outputs / np.sum(outputs, axis=-1, keepdims=True)
+    return softmax(outputs, axis=-1)
+
+
 class MemberGraph:
     """One session per member, then the numpy scores."""
 
@@ -221,8 +236,9 @@ class MemberGraph:
     precision = "fp32"
 
     def __init__(self, paths: Sequence[GraphSource], input_name: str, output_name: str,
-                 temperature: float, config: RuntimeConfig) -> None:
+                 temperature: float, config: RuntimeConfig, output_kind: str = LOGITS) -> None:
         self.input_name, self.output_name, self.temperature = input_name, output_name, temperature
+        self.output_kind = output_kind
         self._sessions = [_load(path, config) for path in paths]
         for path, session in zip(paths, self._sessions):
             inputs, outputs = _input_names(session), [o.name for o in session.get_outputs()]
@@ -253,7 +269,7 @@ class MemberGraph:
         return logits
 
     def run_members(self, x: np.ndarray) -> np.ndarray:
-        """[B, ...] model input -> [B, M, C] float32: each member's softmax(logits)."""
+        """[B, ...] model input -> [B, M, C] float32: each member's probabilities."""
         try:
             if self.io_binding:
                 logits = self._logits_cuda(x)
@@ -267,7 +283,8 @@ class MemberGraph:
         if len(shapes) != 1 or len(logits[0].shape) != 2 or logits[0].shape[0] != x.shape[0]:
             raise InferenceError(f"members returned logits of shapes {sorted(shapes)} for a batch "
                                  f"of {x.shape[0]}; expected [batch, classes] from every member")
-        return softmax(np.stack(logits, axis=1).astype(np.float32, copy=False), axis=-1)
+        return as_probabilities(np.stack(logits, axis=1).astype(np.float32, copy=False),
+                                self.output_kind)
 
     def scores(self, x: np.ndarray) -> EnsembleScores:
         return ensemble_scores(self.run_members(x), self.temperature)
@@ -482,7 +499,7 @@ class EnsembleRuntime:
                  config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
                  fused_path: GraphSource | None = None, temperature_input: str = "temperature",
                  graphs: Sequence[str] = (MEMBERS,), fused_precision: str = "fp32",
-                 adaptive: AdaptiveMembers | None = None) -> None:
+                 adaptive: AdaptiveMembers | None = None, output_kind: str = LOGITS) -> None:
         if not member_paths:
             raise ModelLoadError("an ensemble needs at least one member")
         # Adaptive evaluation runs member by member: on the members graph only (models/loading.py).
@@ -494,7 +511,7 @@ class EnsembleRuntime:
                                             len(member_paths), config, fused_precision)
         if MEMBERS in graphs or not self.graphs:
             self.graphs[MEMBERS] = MemberGraph(member_paths, input_name, output_name, temperature,
-                                               config)
+                                               config, output_kind)
         first = next(iter(self.graphs.values()))
         self.graph: str = first.name
         self._cuda_graphs_asked = bool(config.cuda_graph_batch_sizes)
@@ -528,7 +545,7 @@ class EnsembleRuntime:
         """What `warm_up` should run on each instance (`warm_up_batch_sizes`)."""
         fused = self.graphs.get(FUSED)
         buckets = fused.cuda_graph_buckets if isinstance(fused, FusedGraph) else ()
-        return warm_up_batch_sizes(max_batch_size, buckets)
+        return warm_up_batch_sizes(max_batch_size, buckets, self.provider)
 
     def warm_up(self, example: np.ndarray, batch_sizes: Sequence[int]) -> None:
         """Capture the CUDA graphs, then run each batch size once, on the calling thread: what

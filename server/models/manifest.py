@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from snapserve.proto.tensors import NUMPY_TO_DTYPE
-from snapserve.proto.spec import InputSpec, MemberSpec, Normalization
+from snapserve.proto.spec import (INPUT_KINDS, LOGITS, NORMALIZED, OUTPUT_KINDS, RAW, InputSpec,
+                                  MemberSpec, Normalization)
 from snapserve.server.config import MODEL_NAME
 from snapserve.server.engine.runtime import GraphBytes
 from snapserve.server.errors import ChecksumMismatch, ManifestError, MemberFileMissing
@@ -71,6 +72,7 @@ class Manifest:
     metrics: dict[str, float]
     text: str  # manifest.json as written, for what the fields above do not carry
     ensemble: FusedSpec | None = None
+    output_kind: str = LOGITS  # what each member outputs: LOGITS or PROBABILITIES
     adaptive: AdaptiveSpec | None = None
 
     def member_paths(self, version_dir: Path) -> list[Path]:
@@ -137,7 +139,13 @@ def _input_spec(data: dict[str, Any]) -> InputSpec:
             or any(d < 1 for d in shape[1:])):
         raise ManifestError(f"manifest field 'input.shape' {shape!r} must be a list of integers "
                             "with -1 first (the batch) and sizes >= 1 after it")
-    return InputSpec(name, dtype, tuple(shape), _normalization(spec.get("normalization"), len(shape)))
+    normalization = _normalization(spec.get("normalization"), len(shape))
+    # Absent (versions written before graphs normalised): the client normalises, if anything.
+    kind = spec.get("kind", RAW if normalization is None else NORMALIZED)
+    if kind not in INPUT_KINDS:
+        raise ManifestError(f"manifest field 'input.kind' is {kind!r}; expected one of "
+                            f"{list(INPUT_KINDS)} (raw: the graphs apply input.normalization)")
+    return InputSpec(name, dtype, tuple(shape), normalization, kind)
 
 
 def _normalization(value: Any, ndim: int) -> Normalization | None:
@@ -241,8 +249,10 @@ def parse_manifest(text: str, version_dir: Path) -> Manifest:
         raise ManifestError(f"manifest field 'schema_version' is {schema!r}; this server reads "
                             f"{SCHEMA_VERSION}")
     output = _get(data, "output", dict)
-    if output.get("kind", "logits") != "logits":
-        raise ManifestError(f"manifest field 'output.kind' is {output.get('kind')!r}; expected 'logits'")
+    output_kind = output.get("kind", LOGITS)
+    if output_kind not in OUTPUT_KINDS:
+        raise ManifestError(f"manifest field 'output.kind' is {output_kind!r}; expected one of "
+                            f"{list(OUTPUT_KINDS)}")
     classes = _get(data, "classes", list)
     if len(classes) < 1 or not all(isinstance(c, str) for c in classes):
         raise ManifestError("manifest field 'classes' must be a non-empty list of strings")
@@ -262,7 +272,7 @@ def parse_manifest(text: str, version_dir: Path) -> Manifest:
     manifest = Manifest(
         name=folder_name, version=folder_version,
         method=str(data.get("method", "")), input=_input_spec(data),
-        output_name=_get(output, "name", str, "output."), classes=tuple(classes),
+        output_name=_get(output, "name", str, "output."), output_kind=output_kind, classes=tuple(classes),
         temperature=float(temperature), members=tuple(_member(m, i) for i, m in enumerate(members)),
         metrics=_metrics(data.get("metrics"), "metrics"), text=text,
         ensemble=_fused(data.get("ensemble")), adaptive=_adaptive(data.get("adaptive"), len(members)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -18,6 +19,7 @@ from snapserve.trainer.cli import main as trainer_main
 from snapserve.trainer.importer import MemberMismatch, import_members
 from tests.support.models import (CLASSES, SHAPE, conv_member, linear_members, member_model,
                                   random_members, reference_member_probs, save)
+from tests.support.servers import cpu_server
 
 
 def test_import_writes_a_servable_version(imported_repo: Path, member_files: list[Path]) -> None:
@@ -25,7 +27,7 @@ def test_import_writes_a_servable_version(imported_repo: Path, member_files: lis
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["method"] == "imported" and manifest["version"] == 1
     assert manifest["input"] == {"name": "input", "dtype": "float32", "shape": [-1, *SHAPE],
-                                 "normalization": None}
+                                 "normalization": None, "kind": "raw"}
     assert manifest["output"] == {"name": "logits", "kind": "logits", "shape": [-1, CLASSES]}
     assert manifest["classes"] == [str(i) for i in range(CLASSES)]
     assert [m["source"] for m in manifest["members"]] == [f.name for f in member_files]
@@ -138,15 +140,71 @@ def test_members_with_external_weights_are_inlined(tmp_path: Path) -> None:
                    for t in member.graph.initializer)
 
 
-def test_probability_outputs_get_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = conv_member(1)
-    softmaxed = helper.make_node("Softmax", ["logits_raw"], ["logits"], axis=1)
+def _ending_in(model: onnx.ModelProto, *ops: str) -> onnx.ModelProto:
+    """`model` with `ops` (each one input, one output) after its logits, under the same output name."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
     for node in model.graph.node:
-        node.output[:] = ["logits_raw" if o == "logits" else o for o in node.output]
-    model.graph.node.append(softmaxed)
-    with caplog.at_level(logging.WARNING, logger="snapserve.trainer.importer"):
-        import_members(save([model], tmp_path / "onnx"), tmp_path / "repo", "p")
-    assert "look like probabilities" in caplog.text
+        node.output[:] = ["raw" if o == "logits" else o for o in node.output]
+    names = ["raw", *[f"after_{i}" for i in range(len(ops) - 1)], "logits"]
+    for op, (src, dst) in zip(ops, zip(names, names[1:])):
+        model.graph.node.append(helper.make_node(op, [src], [dst], **({"axis": 1} if op == "Softmax" else {})))
+    return model
+
+
+def _own_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("graph", ["members", "fused"])
+def test_probability_outputs_are_served_as_they_are(tmp_path: Path, graph: str) -> None:
+    """A final softmax is detected, recorded, and not applied a second time by either graph."""
+    files = save([_ending_in(conv_member(1), "Softmax"), _ending_in(linear_members(1, seed=3)[0], "Softmax")],
+                 tmp_path / "onnx")
+    version = import_members(files, tmp_path / "repo", "p")
+    assert json.loads((version / "manifest.json").read_text())["output"]["kind"] == "probabilities"
+    x = np.random.default_rng(0).normal(0, 2, (6, *SHAPE)).astype(np.float32)
+    own = np.stack([_own_outputs(f, x) for f in files], axis=1)  # [B, M, C], rows summing to one
+    server = cpu_server(tmp_path / "repo", graph=graph)
+    try:
+        with EnsembleClient(server.target, timeout=10) as client:
+            prediction = client.predict("p", x, member_probabilities=True)
+    finally:
+        server.stop()
+    np.testing.assert_allclose(prediction.member_probabilities, own, atol=1e-5)
+    np.testing.assert_allclose(prediction.probabilities, own.mean(axis=1), atol=1e-5)
+    assert prediction.probabilities.max(axis=1).min() > 1.5 / CLASSES  # not the flat 1/C of a double softmax
+
+
+def test_probabilities_without_a_softmax_node_are_told_by_their_rows(tmp_path: Path) -> None:
+    # exp(x) / sum(exp(x)) spelled out: no Softmax node, rows that sum to one
+    model = conv_member(2)
+    for node in model.graph.node:
+        node.output[:] = ["raw" if o == "logits" else o for o in node.output]
+    model.graph.node.extend([helper.make_node("Exp", ["raw"], ["e"]),
+                             helper.make_node("ReduceSum", ["e", "axes"], ["s"], keepdims=1),
+                             helper.make_node("Div", ["e", "s"], ["logits"])])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"))
+    version = import_members(save([model], tmp_path / "onnx"), tmp_path / "repo", "p")
+    assert json.loads((version / "manifest.json").read_text())["output"]["kind"] == "probabilities"
+
+
+def test_outputs_that_tell_nothing_need_the_flag(tmp_path: Path) -> None:
+    files = save([_ending_in(conv_member(1), "Relu")], tmp_path / "onnx")  # >= 0, rows not summing to 1
+    with pytest.raises(MemberMismatch, match="cannot tell whether its outputs are logits or probabilities"
+                                             ".*--output-kind logits|probabilities"):
+        import_members(files, tmp_path / "repo", "r")
+    version = import_members(files, tmp_path / "repo", "r", output_kind="logits")
+    assert json.loads((version / "manifest.json").read_text())["output"]["kind"] == "logits"
+    assert trainer_main(["-q", "import", "--members", str(files[0]), "--out", str(tmp_path / "repo"),
+                         "--name", "r", "--output-kind", "probabilities"]) == 0
+    assert json.loads((tmp_path / "repo" / "r" / "2" / "manifest.json").read_text())["output"]["kind"] \
+        == "probabilities"
+
+
+def test_members_of_both_kinds_are_refused(tmp_path: Path) -> None:
+    files = save([conv_member(1), _ending_in(conv_member(2), "Softmax")], tmp_path / "onnx")
+    with pytest.raises(MemberMismatch, match="member-0.onnx outputs logits, .*member-1.onnx probabilities"):
+        import_members(files, tmp_path / "repo", "both")
 
 
 def test_cli_imports_and_reports_a_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

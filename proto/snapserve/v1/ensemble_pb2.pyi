@@ -139,16 +139,18 @@ class Normalization(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., axis: _Optional[int] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "normalization")
+    __slots__ = ("name", "dtype", "shape", "normalization", "kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     normalization: Normalization
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("file", "sha256", "epoch", "step", "lr", "metrics")
