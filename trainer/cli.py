@@ -90,6 +90,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adaptive-tolerance", type=float, default=_DEFAULTS["adaptive_tolerance"], metavar="POINTS",
+                   help="adaptive member evaluation: validation accuracy points the calibrated thresholds "
+                        "may lose against the full ensemble (default: %(default)s)")
     p.add_argument("--calibrate", action=_BOOL, default=_DEFAULTS["calibrate"],
                    help="fit the temperature on the validation split after pooling (default: %(default)s)")
     p.add_argument("--plots", action=_BOOL, default=_DEFAULTS["plots"],

@@ -30,7 +30,7 @@ METHOD_NAMES: tuple[str, ...] = tuple(DEFAULT_MEMBERS)
 # Settings that do not change the trained weights: a run resumed with different values of these
 # is the same run (same checkpoint folder). Everything else is part of the run's identity.
 _NOT_IDENTITY = {"out", "name", "threads", "device", "resume", "checkpoint_dir", "plots", "calibrate",
-                 "keep_last"}
+                 "keep_last", "adaptive_tolerance"}
 
 
 def default_threads() -> int:
@@ -74,6 +74,9 @@ class TrainConfig:
     # Data, evaluation, output.
     augment: bool | None = None  # None: random crop + flip for natural images (CIFAR), else off
     calibrate: bool = True  # fit the temperature on the validation split (pool, then calibrate)
+    # Accuracy points adaptive member evaluation may lose on the validation split (trainer/adaptive.py):
+    # larger stops more rows early (cheaper serving), smaller keeps closer to the full ensemble.
+    adaptive_tolerance: float = 0.1
     plots: bool = True  # PNG plots and report.md in the version's report/
     # Operations.
     checkpoint_dir: str | None = None  # None: <out>/.runs/<name>-<method>-<hash of the settings>
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 2 (BatchNorm needs a batch variance), got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.adaptive_tolerance <= 100:
+            raise ConfigError(f"adaptive_tolerance must be in [0, 100] accuracy points, got {self.adaptive_tolerance}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from snapserve.proto.scores import softmax
+from snapserve.trainer.adaptive import adaptive_evaluation
 from snapserve.trainer.config import TrainConfig
 from snapserve.trainer.datasets import OOD_DESCRIPTION, SPLIT_SEED, Dataset
 from snapserve.trainer.errors import ConfigError, RepositoryError
@@ -78,9 +79,14 @@ def evaluate(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble) -
         raise ConfigError(f"{config.method}: the run collected no members")
     probs = {split: member_probabilities(ensemble.models, dataset, x, ensemble.device)
              for split, x in evaluation_inputs(dataset).items()}
-    return evaluate_ensemble(probs["val"], dataset.val.y, probs["test"], dataset.test.y,
-                             exported=exported_count(config, ensemble), calibrate=config.calibrate,
-                             ood_probs=probs["ood"])
+    count = exported_count(config, ensemble)
+    evaluation = evaluate_ensemble(probs["val"], dataset.val.y, probs["test"], dataset.test.y,
+                                   exported=count, calibrate=config.calibrate, ood_probs=probs["ood"])
+    exported = list(range(len(ensemble.members) - count, len(ensemble.members)))  # manifest order
+    evaluation["adaptive"] = adaptive_evaluation(probs["val"][:, exported], dataset.val.y,
+                                                 probs["test"][:, exported], dataset.test.y,
+                                                 config.adaptive_tolerance)
+    return evaluation
 
 
 def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble,
@@ -117,11 +123,13 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
                 training=training_summary(config, dataset, ensemble, export_seconds),
                 opset=ONNX_OPSET, temperature=evaluation["temperature"],
             )
+            manifest["adaptive"] = evaluation["adaptive"]["manifest"]  # from the validation split
             report = {"temperature": evaluation["temperature"], "calibrated": config.calibrate,
                       "test": test, "val": evaluation["val"], "history": asdict(ensemble.history),
                       "epoch_losses": ensemble.history.loss, "member_steps": list(ensemble.method.collector.steps),
                       "train_seconds": ensemble.train_seconds, "export_seconds": export_seconds,
-                      "ood": OOD_DESCRIPTION}
+                      "ood": OOD_DESCRIPTION,
+                      "adaptive": {**manifest["adaptive"], "test": evaluation["adaptive"]["test"]}}
             if config.plots:
                 _write_report_files(writer.directory / "report", manifest, report, ensemble, count)
             try_add_fused_graph(writer.directory, manifest)  # ensemble.onnx: members + scores, one graph

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from snapserve.proto.scores import ensemble_scores, mean_probabilities, mutual_information
+from snapserve.trainer.adaptive import adaptive_markdown
 from snapserve.trainer.metrics import (auroc, classification_metrics, fit_temperature, pairwise_disagreement,
                                        rejection_curve, reliability_bins, temperature_scaled)
 
@@ -121,6 +122,8 @@ def report_markdown(manifest: dict[str, Any], report: dict[str, Any], plots: dic
     offset = len(test["members"]) - len(manifest["members"])  # the exported are the last ones
     lines += [_row(f"member {i} (step {m['step']})", test["members"][offset + i])
               for i, m in enumerate(manifest["members"])]
+    if report.get("adaptive") is not None:
+        lines += adaptive_markdown(report["adaptive"])
     lines += ["", f"Mean pairwise disagreement {test['mean_pairwise_disagreement']:.4f}, mean mutual "
               f"information {test['mean_mutual_information']:.4f} nats.", ""]
     lines += _uncertainty_markdown(test["uncertainty"], report.get("ood"))
