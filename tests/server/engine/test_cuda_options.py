@@ -48,7 +48,9 @@ def test_the_cuda_provider_gets_an_explicit_algorithm_search() -> None:
     (8, (2, 4, 64), (1, 2, 4, 8)),  # a bucket no batch reaches is not run
 ])
 def test_the_warm_up_plan(max_batch: int, buckets: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    assert warm_up_batch_sizes(max_batch, buckets) == expected
+    assert warm_up_batch_sizes(max_batch, buckets, CUDA) == expected
+    # The CPU has no algorithm search or capture to move out of live traffic: a lone request.
+    assert warm_up_batch_sizes(max_batch, buckets, CPU) == (1,)
 
 
 def test_the_agreement_tolerance_follows_provider_and_precision() -> None:
@@ -83,8 +85,8 @@ def test_cuda_graphs_off_says_why(imported_repo: Path, graph: str, runtime: dict
 
 def test_every_instance_is_warmed_on_its_own_thread(imported_repo: Path) -> None:
     served = _load(imported_repo / "mixed" / "1", max_batch_size=8, graph="members", instances=2)
-    assert [r.warmed_batch_sizes for r in served.instances] == [(1, 8), (1, 8)]
-    assert served.runtime_parameters["warm_up_batch_sizes"] == "1,8"
+    assert [r.warmed_batch_sizes for r in served.instances] == [(1,), (1,)]  # CPU: a lone request
+    assert served.runtime_parameters["warm_up_batch_sizes"] == "1"
     seen: list[tuple[int, str]] = []
     served.on_instance_threads(lambda r: seen.append((id(r), threading.current_thread().name)))
     assert [i for i, _ in seen] == [id(r) for r in served.instances]
