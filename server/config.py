@@ -439,10 +439,6 @@ class ConnectionConfig(ConfigModel):
     # cost the server work too.
     min_client_ping_s: float = Field(10.0, strict=True, allow_inf_nan=False, ge=0, le=_DAY_S)
 
-    def grpc_options(self) -> list[tuple[str, int]]:
-        ms = lambda seconds: int(seconds * 1000)  # noqa: E731
-        options = [("grpc.max_connection_idle_ms", ms(self.max_idle_s)),
-                   ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
     # A connection must finish its TLS handshake and send HTTP/2's preface and SETTINGS within
     # this, or it is closed: a half-sent preface otherwise holds its file descriptor for good.
     handshake_timeout_s: float = seconds(10.0, "close a gRPC connection that has not finished "
@@ -452,6 +448,13 @@ class ConnectionConfig(ConfigModel):
     # keeps the process under its open-file limit (server/listeners.py `check_file_limit`).
     max_connections: int = count(2048, "gRPC client connections open at once; more are closed as "
                                        "they arrive", key="grpc_max_connections", high=1 << 20)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+        options = [("grpc.max_connection_idle_ms", ms(self.max_idle_s)),
+                   ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_s)),
+                   ("grpc.max_allowed_incoming_connections", self.max_connections),
+                   ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
                    ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
                    ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_s)),
                    ("grpc.http2.max_ping_strikes", 2)]
@@ -463,8 +466,6 @@ class ConnectionConfig(ConfigModel):
 
 class MetricsEndpointConfig(ConfigModel):
     """The /metrics endpoint's own host, timeouts and connection bound."""
-                   ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_s)),
-                   ("grpc.max_allowed_incoming_connections", self.max_connections),
 
     # Metrics show what is served and how busy: loopback unless asked.
     host: str = setting("127.0.0.1", "address the metrics endpoint binds, apart from host: metrics "
@@ -478,20 +479,6 @@ class MetricsEndpointConfig(ConfigModel):
                                      "arrive", key="metrics_max_connections")
 
 
-Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
-
-
-class ServerConfig(ConfigModel):
-    """What `start_server` runs with. The field order is the order of `--help` and `--print-config`."""
-
-    # <repository>/<model>/<version>/ as the trainer writes it (docs/model-repository.md).
-    model_repository: Path = setting(..., "folder of <model>/<version>/ as the trainer writes them")
-    # 0.0.0.0 / [::] to accept connections from other machines.
-    host: str = setting("127.0.0.1", "address to bind", min_length=1)
-    port: Port = setting(50051, "gRPC port; 0 picks a free one")
-    # None: not served; 0: any free port (RunningServer.http_port says which). The flag's 0 turns
-    # it off, as Triton users expect.
-    http_port: Port | None = setting(DEFAULT_HTTP_PORT, "serve the KServe v2 REST API (JSON, and "
 class HttpLimits(ConfigModel):
     """What one REST connection may take, as nginx's client_header_timeout, client_body_timeout
     and keepalive_timeout (server/listeners.py, server/api/http.py)."""
@@ -519,6 +506,29 @@ class HttpLimits(ConfigModel):
                                        allow_inf_nan=False, ge=1.0, le=1e6)
 
 
+Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
+
+
+def _off(value: Any) -> Any:
+    """'off' (or 'none') -> None: a port not served; anything else as given."""
+    return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
+
+
+# A port setting spelt `off` where it is not served (flags, variables, files).
+OffOrPort = Annotated[int | None, BeforeValidator(_off)]
+
+
+class ServerConfig(ConfigModel):
+    """What `start_server` runs with. The field order is the order of `--help` and `--print-config`."""
+
+    # <repository>/<model>/<version>/ as the trainer writes it (docs/model-repository.md).
+    model_repository: Path = setting(..., "folder of <model>/<version>/ as the trainer writes them")
+    # 0.0.0.0 / [::] to accept connections from other machines.
+    host: str = setting("127.0.0.1", "address to bind", min_length=1)
+    port: Port = setting(50051, "gRPC port; 0 picks a free one")
+    # None: not served; 0: any free port (RunningServer.http_port says which). The flag's 0 turns
+    # it off, as Triton users expect.
+    http_port: Port | None = setting(DEFAULT_HTTP_PORT, "serve the KServe v2 REST API (JSON, and "
                                                         "Triton's binary tensors) on this port of "
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
@@ -541,8 +551,11 @@ class HttpLimits(ConfigModel):
     max_concurrent_streams: int = count(256, "concurrent calls per client connection")
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     connections: ConnectionConfig = Field(default_factory=ConnectionConfig)
+    http: HttpLimits = Field(default_factory=HttpLimits)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     # None: not served (still counted); 0: any free port (RunningServer.metrics_port says which).
+    # The process serves them on Triton's 8002 unless told `off` (a flat default: a server
+    # embedded with ServerConfig(...) binds no port it was not given).
     metrics_port: Port | None = setting(None, "serve Prometheus metrics on "
                                               "http://METRICS_HOST:PORT/metrics; off: not served; "
                                               "0 picks a free port; with workers, one endpoint "
@@ -564,19 +577,9 @@ class HttpLimits(ConfigModel):
             raise ValueError(f"model_repository {str(path)!r} is not a directory")
         return path
 
-    http: HttpLimits = Field(default_factory=HttpLimits)
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:
         if self.metrics_port and self.metrics_port == self.port:
-def _off(value: Any) -> Any:
-    """'off' (or 'none') -> None: a port not served; anything else as given."""
-    return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
-
-
-# A port setting spelt `off` where it is not served (flags, variables, files).
-OffOrPort = Annotated[int | None, BeforeValidator(_off)]
-
-
             raise ValueError(f"metrics_port {self.metrics_port} is the gRPC port; pick another")
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             which = "gRPC" if self.http_port == self.port else "metrics"
@@ -613,8 +616,6 @@ class FlatKey:
 
     def to_field(self, value: Any) -> Any:
         """The field's value for this flat value (already of the flat type)."""
-    # The process serves them on Triton's 8002 unless told `off` (a flat default: a server
-    # embedded with ServerConfig(...) binds no port it was not given).
         if self.off is not None and value == self.off:
             return None
         if self.unit != 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
