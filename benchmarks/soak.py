@@ -47,8 +47,8 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 
-__all__ = ["Reference", "ServerProcess", "ShutdownReport", "SoakReport", "build_repository",
-           "run_shutdown", "run_soak"]
+__all__ = ["FloodReport", "Reference", "ServerProcess", "ShutdownReport", "SoakReport",
+           "build_repository", "run_shutdown", "run_soak", "run_stream_flood"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "soak"
@@ -541,6 +541,92 @@ def run_shutdown(server: ServerProcess, reference: Reference, load_s: float = 3.
     retry after `retry_unavailable_s`."""
     return asyncio.run(_shutdown(server, reference, load_s, concurrency, seed,
                                  retry_unavailable_s))
+
+
+# -- stream flood: streams that write and never read ----------------------------------------------
+
+@dataclass
+class FloodReport:
+    streams: int
+    duration_s: float
+    sent: int                # messages the server took (each write completed)
+    answered: int            # answers read back once the flood ended, errors included
+    errors: dict[str, int]   # inline error answers by code (RESOURCE_EXHAUSTED when queues fill)
+    rss_start_mib: float
+    rss_peak_mib: float
+    health_max_s: float      # slowest Health/Check during the flood
+    predicts: int            # unary Predicts answered on another connection meanwhile
+    predict_failures: list[str]
+
+    @property
+    def lost(self) -> int:
+        """Messages taken whose answer never came: must be 0."""
+        return self.sent - self.answered
+
+
+async def _flood(server: ServerProcess, streams: int, duration_s: float,
+                 batch: int) -> FloodReport:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    loop = asyncio.get_running_loop()
+    x = np.zeros((batch, *INPUT_SHAPE), np.float32)
+    request = pb.PredictRequest(model=MODEL, input=to_tensor(x))
+    single = pb.PredictRequest(model=MODEL, input=to_tensor(x[:1]))
+    stop = asyncio.Event()
+    sent, answered, errors = [0], [0], collections.Counter[str]()
+    rss, health_s, failures, predicts = [server.rss_kib()], [0.0], list[str](), [0]
+
+    async def write(call: Any) -> None:
+        while not stop.is_set():
+            await call.write(request)
+            sent[0] += 1
+        await call.done_writing()
+
+    async def read(call: Any) -> None:
+        async for answer in call:
+            answered[0] += 1
+            if answer.HasField("error"):
+                errors[_code_name(answer.error.code)] += 1
+
+    async def probe(channel: grpc.aio.Channel) -> None:
+        health = health_pb2_grpc.HealthStub(channel)
+        native = pb_grpc.EnsembleServiceStub(channel)
+        while not stop.is_set():
+            start = loop.time()
+            await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            health_s[0] = max(health_s[0], loop.time() - start)
+            try:
+                await native.Predict(single, timeout=5)
+                predicts[0] += 1
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}"[:200])
+            rss.append(server.rss_kib())
+            await asyncio.sleep(0.2)
+
+    start = loop.time()
+    async with grpc.aio.insecure_channel(server.target) as channel, \
+            grpc.aio.insecure_channel(server.target) as side:
+        stub = pb_grpc.EnsembleServiceStub(channel)
+        calls = [stub.PredictStream(timeout=duration_s + 60) for _ in range(streams)]
+        writers = [asyncio.ensure_future(write(call)) for call in calls]
+        prober = asyncio.ensure_future(probe(side))
+        await asyncio.sleep(duration_s)
+        stop.set()
+        # Only now are the answers read: the writers blocked on flow control go on and end.
+        await asyncio.wait_for(asyncio.gather(*writers, *(read(call) for call in calls), prober),
+                               60)
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return FloodReport(streams, round(loop.time() - start, 2), sent[0], answered[0], dict(errors),
+                       mib(rss[0]), mib(max(rss)), round(health_s[0], 3), predicts[0],
+                       failures[:10])
+
+
+def run_stream_flood(server: ServerProcess, streams: int = 64, duration_s: float = 10,
+                     batch: int = MAX_BATCH) -> FloodReport:
+    """`streams` PredictStreams on one connection write batch-`batch` requests for `duration_s`
+    without reading an answer; meanwhile another connection checks health and sends unary
+    Predicts. Then every answer is read: one per message taken."""
+    return asyncio.run(_flood(server, streams, duration_s, batch))
 
 
 # -- command line -------------------------------------------------------------------------------------

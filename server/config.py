@@ -374,6 +374,11 @@ class IntakeConfig(ConfigModel):
                                    key="max_pending_mb", unit=_MiB, flat=float)
     # More decode in parallel; fewer bound the CPU a flood of large requests takes from inference.
     decode_threads: int = count(2, "threads that parse and decode large requests", high=256)
+    # Half the default queue (256): streams alone cannot fill a model's queue, so unary calls
+    # still get in; a stream with no room reads nothing more (HTTP/2 flow control holds the rest).
+    max_stream_requests: int = count(128, "streamed requests read and not yet answered, server-wide; "
+                                          "a stream reads its next request only when there is "
+                                          "room", high=1 << 20)
 
 
 class SecurityConfig(ConfigModel):
@@ -438,6 +443,12 @@ class ConnectionConfig(ConfigModel):
     # Clients pinging more often (without calls) are told to go away after a few strikes: pings
     # cost the server work too.
     min_client_ping_s: float = Field(10.0, strict=True, allow_inf_nan=False, ge=0, le=_DAY_S)
+    # gRPC's adaptive window (BDP probing) grows a call's window to megabytes, and the bytes a
+    # client sends into it are held by the server whether or not it reads them: a fixed window
+    # bounds what a call that is not being read (a stream with no room) holds, per call.
+    flow_window_kib: int = count(256, "HTTP/2 flow-control window of each call in KiB: what a "
+                                      "client may send ahead of what the server reads",
+                                 low=64, high=65536)
 
     # A connection must finish its TLS handshake and send HTTP/2's preface and SETTINGS within
     # this, or it is closed: a half-sent preface otherwise holds its file descriptor for good.
@@ -457,7 +468,9 @@ class ConnectionConfig(ConfigModel):
                    ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
                    ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
                    ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_s)),
-                   ("grpc.http2.max_ping_strikes", 2)]
+                   ("grpc.http2.max_ping_strikes", 2),
+                   ("grpc.http2.bdp_probe", 0),
+                   ("grpc.http2.lookahead_bytes", self.flow_window_kib * 1024)]
         if self.max_age_s:
             options += [("grpc.max_connection_age_ms", ms(self.max_age_s)),
                         ("grpc.max_connection_age_grace_ms", ms(self.max_age_grace_s))]

@@ -169,6 +169,9 @@ def json_data_array(data: Any, datatype: str, shape: tuple[int, ...], name: str)
         sent = _SENT_NAMES.get(values.dtype.kind, "values that are not numbers")
         raise InvalidInput(f"{name} data holds {sent}; datatype {datatype} takes "
                            f"{_KIND_NAMES[wire.kind]}")
+    if values.size and wire.kind in "iuf" and _holds_bool(data):
+        raise InvalidInput(f"{name} data mixes true/false with numbers; datatype {datatype} "
+                           f"takes {_KIND_NAMES[wire.kind]} only")
     if values.size and wire.kind in "iuf":
         info = np.iinfo(wire) if wire.kind in "iu" else np.finfo(wire)
         low, high = values.min(), values.max()
@@ -176,6 +179,16 @@ def json_data_array(data: Any, datatype: str, shape: tuple[int, ...], name: str)
             raise InvalidInput(f"{name} data has values outside {datatype}'s range "
                                f"[{info.min:.6g}, {info.max:.6g}]")
     return values.astype(wire.newbyteorder("="), copy=False).reshape(shape)
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether JSON data (flat or evenly nested lists) holds a true/false: np.asarray makes
+    [1.0, true] numbers, so a boolean among numbers is only seen in the lists themselves."""
+    if type(data) is not list:
+        return type(data) is bool
+    if data and type(data[0]) is list:
+        return any(_holds_bool(row) for row in data)
+    return bool in set(map(type, data))
 
 
 def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,

@@ -77,6 +77,8 @@ class Intake:
         self.bytes = 0
         self.refused = 0
         self._pool: ThreadPoolExecutor | None = None
+        # Streamed requests read and not yet answered, server-wide (api/streams.py).
+        self.stream_room = asyncio.Semaphore(config.max_stream_requests)
 
     def admit(self, nbytes: int) -> Ticket:
         """A call of `nbytes`, counted while its `with` block runs (until queued); Overloaded
@@ -150,9 +152,12 @@ def _streamed_requests(intake: Intake, cls: type, impl: Callable[..., Any]) -> C
                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async def parsed() -> AsyncIterator[Any]:
             # A message that is not a protobuf is a read error: the stream ends with its status.
+            # Pulled only when the stream has room (api/streams.py): the bytes of a message
+            # count here while it is parsed, the stream's bounds hold it from then on.
             async for data in requests:
-                with intake.admit(len(data)):  # one message at a time; the window bounds the rest
-                    yield await intake.parse(cls, data)
+                with intake.admit(len(data)):
+                    request = await intake.parse(cls, data)
+                yield request
 
         # An async generator function, as grpc.aio wants for a streamed answer; closed with the
         # call, so what the servicer still computes is cancelled at once.

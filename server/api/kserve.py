@@ -228,4 +228,4 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # What is left of the stream's deadline goes into the batcher with each request.
         return answer_in_order(
             request_iterator, lambda request: self._stream_answer(request, context.time_remaining()),
-            _stream_error, self._max_stream_in_flight)
+            _stream_error, self._max_stream_in_flight, self.core.intake.stream_room)

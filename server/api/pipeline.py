@@ -30,7 +30,7 @@ from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
 from snapserve.server.observability import tracing
 from snapserve.server.observability.request_context import (RequestContext, current_request,
-                                                            request_context)
+                                                            loggable, request_context)
 from snapserve.server.observability.tracing import end_request_span, request_span
 
 if TYPE_CHECKING:  # only its type: the pipeline reports to the metrics it is given
@@ -48,9 +48,12 @@ def parse_version(text: str, field: str = "model_version") -> int:
     """"" -> 0 (the default version); "3" -> 3; anything else is InvalidInput."""
     if text == "":
         return 0
-    if not text.isascii() or not text.isdigit() or text.startswith("0"):
-        raise InvalidInput(f"{field} {text!r} is not a version: expected a positive integer "
-                           "such as '2', or '' for the default (newest) version")
+    # Cut before int(): a version is an int64, and int() refuses (ValueError) past 4,300 digits.
+    if (len(text) > 19 or not text.isascii() or not text.isdigit() or text.startswith("0")
+            or int(text) >= 2**63):
+        raise InvalidInput(f"{field} {text[:40]!r}{'...' if len(text) > 40 else ''} is not a "
+                           "version: expected a positive integer below 2**63 such as '2', or "
+                           "'' for the default (newest) version")
     return int(text)
 
 
@@ -194,7 +197,7 @@ def _log_request(code: grpc.StatusCode, seconds: float) -> None:
         request = current_request()
         api, model, version = ("", "", None) if request is None else (
             request.api, request.model, request.version)
-        access_logger.log(level, "%s %s%s: %s in %.2f ms", api, model,
+        access_logger.log(level, "%s %s%s: %s in %.2f ms", api, loggable(model),
                           "" if version is None else f" version {version}", code.name,
                           seconds * 1000,
                           extra={"status": code.name, "latency_ms": round(seconds * 1000, 3)})

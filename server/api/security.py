@@ -26,6 +26,7 @@ import grpc
 from snapserve.server.api.status import status_code
 from snapserve.server.config import SecurityConfig
 from snapserve.server.errors import ConfigError, Unauthenticated
+from snapserve.server.observability.request_context import loggable
 
 __all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
            "refusing_handler", "server_credentials", "server_ssl_context"]
@@ -179,6 +180,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         self.refused += 1
         # Debug only: under a scan or a misconfigured client this would flood the log.
-        logger.debug("refused %s: no valid bearer token (%d refused so far)", method, self.refused)
+        logger.debug("refused %s: no valid bearer token (%d refused so far)", loggable(method),
+                     self.refused)
         return refusing_handler(await continuation(handler_call_details),
                                 Unauthenticated(UNAUTHENTICATED_MESSAGE))

@@ -61,7 +61,8 @@ class EnsembleServicer(pb_grpc.EnsembleServiceServicer):
         # that waits past it is dropped before compute (counted as expired, not cancelled).
         return answer_in_order(request_iterator,
                                lambda request: self._predict(request, context.time_remaining()),
-                               _error_answer, self._max_stream_in_flight)
+                               _error_answer, self._max_stream_in_flight,
+                               self.plane.intake.stream_room)
 
     @abort_on_error
     async def ListModels(self, request: pb.ListModelsRequest,

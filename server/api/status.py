@@ -74,8 +74,19 @@ def describe_error(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if code is grpc.StatusCode.INTERNAL:
         # Our bug or the model's: log the traceback here, give the caller the gist only.
         logger.error("internal error: %r", exc, exc_info=exc)
-        return code, f"internal error: {type(exc).__name__}: {exc}"
-    return code, str(exc)
+        return code, _cut(f"internal error: {type(exc).__name__}: {exc}")
+    return code, _cut(str(exc))
+
+
+# Messages echo what the client sent (a model name, a version): a 100 KB name would make a
+# status past gRPC's 16 KiB metadata limit, which the client sees as RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 2048
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... [{len(message)} characters, cut]"
 
 
 # The HTTP status of each gRPC code, as google.rpc.Code pairs them (grpc-gateway and Envoy's

@@ -23,9 +23,10 @@ Answer = TypeVar("Answer")
 async def answer_in_order(requests: AsyncIterator[Request],
                           answer: Callable[[Request], Awaitable[Answer]],
                           error_answer: Callable[[Request, grpc.StatusCode, str], Answer],
-                          window: int) -> AsyncIterator[Answer]:
+                          window: int, shared: asyncio.Semaphore) -> AsyncIterator[Answer]:
     """A stream's answers, in request order. Requests are read ahead and started at once (up to
-    `window`), so the requests of one stream share batches. A request that fails gets
+    `window` of this stream, and as long as `shared`, the server-wide bound on streamed requests
+    in flight, has room), so the requests of one stream share batches. A request that fails gets
     `error_answer(request, code, message)` and the stream goes on; a read error (the client went
     away) is re-raised."""
     stream = current_request()
@@ -40,15 +41,35 @@ async def answer_in_order(requests: AsyncIterator[Request],
             except Exception as exc:
                 return error_answer(request, *describe_error(exc))
 
-    # At most `window` requests started and not yet answered (the slot is taken before the task
-    # is made, and given back once its answer is sent): a bounded queue alone let window + 2 in.
+    # At most `window` requests of this stream, and `shared` (server-wide) of all streams, read
+    # and not yet answered. Room is taken *before* the next message is read and given back once
+    # its answer is sent: a stream with no room reads nothing, so its unread messages stay in
+    # gRPC's flow-control window and the client's writes wait (HTTP/2 back-pressure).
     slots = asyncio.Semaphore(window)
     in_flight: asyncio.Queue[asyncio.Task[Answer] | None] = asyncio.Queue()
+    held = 0  # shared slots this stream holds; given back, whatever is left, when it ends
+
+    async def take_room() -> None:
+        nonlocal held
+        await slots.acquire()
+        await shared.acquire()
+        held += 1
+
+    def give_room() -> None:
+        nonlocal held
+        held -= 1
+        shared.release()
+        slots.release()
 
     async def read() -> None:
         try:
-            async for request in requests:
-                await slots.acquire()
+            while True:
+                await take_room()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    give_room()
+                    break
                 await in_flight.put(asyncio.ensure_future(settled(request)))
         except Exception:
             await in_flight.put(None)  # wake the writer, which re-raises from `await reader`
@@ -61,7 +82,7 @@ async def answer_in_order(requests: AsyncIterator[Request],
             try:
                 yield await task
             finally:
-                slots.release()
+                give_room()
         await reader  # re-raises a read error (e.g. the client went away mid-stream)
     finally:
         reader.cancel()
@@ -69,3 +90,5 @@ async def answer_in_order(requests: AsyncIterator[Request],
             task = in_flight.get_nowait()
             if task is not None:
                 task.cancel()
+        for _ in range(held):
+            shared.release()

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from snapserve.server.observability.request_context import current_request
+from snapserve.server.observability.request_context import current_request, loggable
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RequestFilter", "configure_logging"]
 
@@ -35,7 +35,8 @@ class RequestFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         request = current_request()
         record.request_id = request.request_id if request else None
-        record.model = (request.model or None) if request else None
+        # A model name is the client's text until a version resolved it: escaped and cut.
+        record.model = (loggable(request.model) or None) if request else None
         record.version = request.version if request else None
         record.request_tag = f" [{request.request_id}]" if request else ""
         return True

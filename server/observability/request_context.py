@@ -17,11 +17,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-__all__ = ["REQUEST_ID_KEY", "RequestContext", "current_request", "metadata_value",
+__all__ = ["REQUEST_ID_KEY", "RequestContext", "current_request", "loggable", "metadata_value",
            "new_request_id", "open_request", "request_context"]
 
 REQUEST_ID_KEY = "x-request-id"  # the de facto header name (Envoy, nginx, KServe's ingress)
 MAX_ID_CHARS = 128  # a longer id is cut: it goes into every log line of its request
+# Model names are at most 255 characters (config.MAX_MODEL_NAME): a valid one is logged whole.
+MAX_LOGGED_CHARS = 256
 
 
 @dataclass
@@ -56,6 +58,16 @@ def new_request_id() -> str:
 def clean_request_id(value: str) -> str:
     """Printable ASCII only, at most MAX_ID_CHARS: an id a caller chose cannot forge log lines."""
     return "".join(c for c in value[:4 * MAX_ID_CHARS] if " " < c <= "~")[:MAX_ID_CHARS]
+
+
+def loggable(value: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """A client's string (a model name, a path) as a log may hold it: control and other
+    non-printable characters escaped (a newline cannot start a forged line) and cut to about
+    `limit` characters, marked when cut (a 100 KB name writes a short line)."""
+    if len(value) <= limit and value.isprintable():
+        return value
+    text = value[:limit].encode("unicode_escape").decode("ascii")[:limit]
+    return text + f"...[{len(value)} chars]" if len(value) > limit else text
 
 
 def metadata_value(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str:
