@@ -45,7 +45,7 @@ def test_decoding_and_records_follow_the_table() -> None:
     assert records[0]["top_label"] == LABELS[p.top_class[0]]
     with_members = decode_prediction(response, member_probabilities=True)
     assert with_members.member_probabilities.shape == (3, 2, len(LABELS))
-    assert list(with_members.to_records()[0])[-1] == "member_probabilities"
+    assert "member_probabilities" in with_members.to_records()[0]
 
 
 def test_a_new_row_reaches_the_client_as_a_field() -> None:
