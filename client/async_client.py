@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from types import TracebackType
 from typing import Any, AsyncIterable, AsyncIterator, Iterable
@@ -9,6 +10,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Iterable
 import grpc
 import numpy as np
 
+from snapserve.client.batches import join_predictions, split_batch
 from snapserve.client.channels import ChannelOption, ClientBase
 from snapserve.client.credentials import Security
 from snapserve.client.errors import ClientError
@@ -32,12 +34,22 @@ class AsyncEnsembleClient(ClientBase):
 
     async def predict(self, model: str, array: np.ndarray, version: int = 0,
                       member_probabilities: bool = False, normalize: bool = False,
-                      timeout: float | None = None, request_id: str = "") -> Prediction:
+                      timeout: float | None = None, request_id: str = "",
+                      split: bool = True) -> Prediction:
+        """As EnsembleClient.predict; the parts of a split batch are sent at once."""
         if normalize:
             array = normalize_input(array, (await self.get_model(model, version)).input)
-        request = build_request(model, array, version, member_probabilities, request_id)
-        response = await self._call(self._stub.Predict, request, timeout)
-        return decode_prediction(response, member_probabilities)
+        array = np.asarray(array)
+        # A batch above the model's max_batch_size goes as several requests (split=False: the
+        # server refuses it); the limit is GetModel's, fetched once and cached.
+        limit = (await self.get_model(model, version)).max_batch_size if split and len(array) > 1 else 0
+
+        async def one(part: np.ndarray) -> Prediction:
+            request = build_request(model, part, version, member_probabilities, request_id)
+            return decode_prediction(await self._call(self._stub.Predict, request, timeout),
+                                     member_probabilities)
+
+        return join_predictions(await asyncio.gather(*map(one, split_batch(array, limit))))
 
     async def predict_stream(self, model: str,
                              arrays: Iterable[np.ndarray] | AsyncIterable[np.ndarray],

@@ -112,6 +112,17 @@ def resolve_target(target: Target) -> str:
     """A gRPC target for one address or a list of them. A list becomes an `ipv4:`/`ipv6:` target
     (gRPC balances over it); its addresses must be IP literals of one family with ports."""
     if isinstance(target, str):
+        scheme = target.split("://", 1)[0].lower() if "://" in target else ""
+        if scheme in ("http", "https", "grpc", "grpcs"):
+            netloc = target.split("://", 1)[1].split("/")[0]
+            host, sep, port = netloc.rpartition(":")
+            if not sep:
+                host, port = netloc, ""
+            suggested = f"{host or '127.0.0.1'}:{50051 if port in ('', '8000') else port}"
+            raise ValueError(f"target {target!r} is a URL; the target takes host:port of the gRPC "
+                             f"port (default 50051), e.g. {suggested}"
+                             f"{' with TLS' if scheme in ('https', 'grpcs') else ''}; the REST "
+                             "port (--http-port, default 8000) is for curl and HTTP clients")
         return target
     addresses = list(target)
     if not addresses:

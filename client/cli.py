@@ -1,6 +1,6 @@
 """`ensemble-client` (also `python -m snapserve.client`): query a snapserve server from the shell.
 
-    ensemble-client predict --model digits --input x.npy [--normalize] [--json]
+    ensemble-client predict --model digits --input x.npy (or x.csv) [--normalize] [--json] [--no-split]
     ensemble-client models [--json]
     ensemble-client model --model digits
     ensemble-client bench --model digits --concurrency 1,8,32 [--request-rate R] [--json out.json]
@@ -14,6 +14,7 @@ import argparse
 import functools
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Callable, TextIO
 
@@ -59,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True)
     predict.add_argument("--version", type=int, default=0, help="0: the server's default")
     predict.add_argument("--input", required=True,
-                         help=".npy array [batch, ...]; one example without the batch axis also works")
+                         help=".npy array [batch, ...] (one example without the batch axis also "
+                              "works), or a .csv of one example per row")
+    predict.add_argument("--no-split", dest="split", action="store_false",
+                         help="refuse a batch above the model's max_batch_size instead of sending "
+                              "it as several requests")
     predict.add_argument("--normalize", action="store_true",
                          help="apply the model's (x - mean) / std first: only for versions whose "
                               "input kind is 'normalized' (exported before the graphs normalised); "
@@ -112,11 +117,37 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def read_csv(path: str) -> np.ndarray:
+    """A CSV (or TSV) of numbers, one example per row; a header line is skipped."""
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+        header = any(c.isalpha() and c not in "eE" for c in first) or "nan" in first.lower()
+        x = np.loadtxt(path, delimiter=delimiter, skiprows=1 if header else 0, ndmin=2,
+                       dtype=np.float64)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"cannot read {path} as CSV (numbers, one example per row, "
+                             f"'{delimiter}'-separated): {exc}") from exc
+    return x
+
+
 def read_input(path: str) -> np.ndarray:
-    """The --input array, checked before any call: a readable .npy of real numbers."""
+    """The --input array, checked before any call: a readable .npy (or CSV) of real numbers."""
+    if path.lower().endswith(_CSV_SUFFIXES):
+        x = read_csv(path)
+        if x.size == 0:
+            raise InputFileError(f"{path} holds no numbers; expected one example per row")
+        return x
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
+        if _is_text(path):
+            raise InputFileError(f"{path} is text, not a .npy array: name it .csv to read it as "
+                                 "CSV (one example per row), or save it with np.save") from exc
         raise InputFileError(f"cannot read {path} as a .npy array: {exc}") from exc
     if not isinstance(x, np.ndarray):  # an .npz archive
         raise InputFileError(f"{path} is an .npz archive; save one array with np.save")
@@ -124,6 +155,16 @@ def read_input(path: str) -> np.ndarray:
         raise InputFileError(f"{path} holds a {x.dtype} array of shape {list(x.shape)}; "
                              "expected a non-empty array of numbers")
     return x
+
+
+def _is_text(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError:
+        return False
+    return bool(head) and not head.startswith(b"\x93NUMPY") and all(
+        32 <= b < 127 or b in b"\t\r\n" for b in head)
 
 
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
@@ -144,10 +185,14 @@ def fit_input(x: np.ndarray, spec: InputSpec, path: str = "input") -> np.ndarray
     """`x` as a batch of the model's input ([B, ...], its dtype). Also accepted: one example
     without the batch axis, and either without the model's size-1 axes (for a [-1, 1, 8, 8]
     model: [B, 8, 8], [1, 8, 8] or [8, 8])."""
+    features = tuple(spec.shape[1:])
+    flat = (x.shape[0], int(np.prod(features))) if x.ndim == 2 and -1 not in features else None
     for shape in (x.shape, (1, *x.shape)):  # a batch, else one example
         full = _with_unit_axes(shape, spec.shape)
         if full is not None:
             return x.reshape(full).astype(spec.dtype, copy=False)
+    if flat is not None and x.shape == flat:  # rows of flat features (a CSV): reshaped
+        return x.reshape(x.shape[0], *features).astype(spec.dtype, copy=False)
     raise InputFileError(f"{path} has shape {list(x.shape)}; the model takes {list(spec.shape)} "
                          f"(-1: the batch), or one example of {list(spec.shape[1:])}")
 
@@ -156,7 +201,7 @@ def run_predict(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -
     x = read_input(args.input)  # checked before the server is asked anything
     x = fit_input(x, client.get_model(args.model, args.version).input, args.input)
     prediction = client.predict(args.model, x, version=args.version, normalize=args.normalize,
-                                member_probabilities=args.members)
+                                member_probabilities=args.members, split=args.split)
     if args.json:
         json.dump({"model": prediction.model, "version": prediction.version,
                    "examples": prediction.to_records()}, out, indent=2)
@@ -181,6 +226,16 @@ def run_model(client: EnsembleClient, args: argparse.Namespace, out: TextIO) -> 
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    try:
+        return _main(argv, out)
+    except BrokenPipeError:  # `ensemble-client predict --json | head`: the reader had enough
+        # Python flushes stdout again at exit; pointed at /dev/null, that flush is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None, out: TextIO | None) -> int:
     args = build_parser().parse_args(argv)
     out = sys.stdout if out is None else out
     run: Callable[[EnsembleClient, argparse.Namespace, TextIO], None] = args.run

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["ClientError", "REQUEST_ID_KEY"]
+__all__ = ["ClientError", "HTTP1_HINT", "REQUEST_ID_KEY"]
 
 REQUEST_ID_KEY = "x-request-id"  # the metadata key the server reads and answers with
+# What gRPC core says when the target answers HTTP/1.1 (a REST port, a web server).
+_HTTP1_SIGNS = ("http1.x server", "Expected SETTINGS frame")
+HTTP1_HINT = ("; the target answers HTTP/1.1, not gRPC: is it the REST port? snapserve speaks "
+              "gRPC on --port (default 50051) and REST on --http-port (default 8000); the target "
+              "takes host:port of the gRPC port, e.g. 127.0.0.1:50051")
 
 
 class ClientError(Exception):
@@ -30,7 +35,10 @@ class ClientError(Exception):
         details = error.details() if hasattr(error, "details") else str(error)
         trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         request_id = next((value for key, value in trailers or () if key == REQUEST_ID_KEY), None)
-        return cls(code, details or "", request_id)
+        details = details or ""
+        if any(sign in details for sign in _HTTP1_SIGNS):
+            details += HTTP1_HINT
+        return cls(code, details, request_id)
 
     @classmethod
     def from_code_value(cls, value: int, message: str, request_id: str | None = None) -> ClientError:

@@ -43,9 +43,7 @@ class EnsembleClient(ClientBase):
         exported before their graphs normalised (GetModel's input kind `normalized`): it applies
         the model's (x - mean) / std first (the spec is fetched once and cached); for the others
         it is a no-op with a warning. `request_id`: the id the
-        server logs this request under (default: one it makes up); `Prediction.request_id`.
-        `split` (default): a batch above the model's max_batch_size is sent as several requests
-        and answered as one; False: the server refuses it (INVALID_ARGUMENT)."""
+        server logs this request under (default: one it makes up); `Prediction.request_id`."""
         if normalize:
             array = normalize_input(array, self.get_model(model, version).input)
         array = np.asarray(array)

@@ -35,8 +35,8 @@ from snapserve.trainer.report import evaluate_ensemble, report_markdown
 from snapserve.trainer.repository import VersionWriter, build_manifest
 from snapserve.trainer.train import TrainedEnsemble
 
-__all__ = ["TrainResult", "evaluate", "evaluation_inputs", "member_probabilities", "publish_version", "training_summary",
-           "write_version"]
+__all__ = ["TrainResult", "evaluate", "evaluation_inputs", "member_probabilities", "publish_version",
+           "training_summary", "write_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +68,19 @@ def evaluation_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
     return {"val": dataset.val.x, "test": dataset.test.x, "ood": dataset.ood_inputs()}
 
 
-def exported_count(config: TrainConfig, ensemble: TrainedEnsemble) -> int:
-    """How many of the last members are exported (--keep-last, else all)."""
-    return min(config.keep_last or len(ensemble.members), len(ensemble.members))
-
-
 def evaluate(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble) -> dict[str, Any]:
-    """Every member and the ensemble on the validation and test splits; the temperature."""
+    """Every member and the ensemble on the validation and test splits; the members to serve
+    (config.selection, on the validation split) and the temperature."""
     if not ensemble.members:
         raise ConfigError(f"{config.method}: the run collected no members")
     probs = {split: member_probabilities(ensemble.models, dataset, x, ensemble.device)
              for split, x in evaluation_inputs(dataset).items()}
-    count = exported_count(config, ensemble)
+    assert config.selection is not None  # TrainConfig fills it in
+    k = min(config.keep_last, len(ensemble.members)) if config.keep_last is not None else None
     evaluation = evaluate_ensemble(probs["val"], dataset.val.y, probs["test"], dataset.test.y,
-                                   exported=count, calibrate=config.calibrate, ood_probs=probs["ood"])
-    exported = list(range(len(ensemble.members) - count, len(ensemble.members)))  # manifest order
+                                   selection=config.selection, k=k, calibrate=config.calibrate,
+                                   ood_probs=probs["ood"])
+    exported = list(evaluation["selection"].distinct)  # the manifest's members, in its order
     evaluation["adaptive"] = adaptive_evaluation(probs["val"][:, exported], dataset.val.y,
                                                  probs["test"][:, exported], dataset.test.y,
                                                  config.adaptive_tolerance)
@@ -96,22 +94,24 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
     x_test = dataset.normalize(dataset.test.x)
     # Real inputs: the whole test split, a batch of one, and an odd size.
     parity_batches = [x_test, x_test[:1], x_test[:7]]
-    test, count = evaluation["test"], exported_count(config, ensemble)
-    offset = len(ensemble.members) - count
+    test, selection = evaluation["test"], evaluation["selection"]
     schedule = ensemble.method.schedule
     try:
         with VersionWriter(config.out, config.name) as writer:
             entries = []
-            for index in range(count):
-                member, model = ensemble.members[offset + index], ensemble.models[offset + index]
-                path = writer.member_path(index)
+            # The distinct chosen members, once each; the manifest's selection lists them with
+            # their repeats, and the server expands one run of each to that list.
+            for position, index in enumerate(selection.distinct):
+                member, model = ensemble.members[index], ensemble.models[index]
+                path = writer.member_path(position)
                 export_onnx(model, path, dataset.input_shape)
                 diff = check_parity(model, path, parity_batches, threads=config.threads)
-                logger.info("exported member %d (step %d): parity max abs diff %.2e", index, member.step, diff)
-                entries.append({"file": writer.member_file(index),
+                logger.info("exported member %d (collected %d, step %d): parity max abs diff %.2e",
+                            position, index, member.step, diff)
+                entries.append({"file": writer.member_file(position), "index": index,
                                 "epoch": math.ceil(member.step / ensemble.steps_per_epoch),
                                 "step": member.step, "lr": schedule.lr(member.step),
-                                "metrics": test["members"][offset + index], **member.info})
+                                "metrics": test["members"][index], **member.info})
             export_seconds = time.perf_counter() - began
             served, raw = test["ensemble_calibrated"], test["ensemble"]
             manifest = build_manifest(
@@ -123,15 +123,16 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
                 training=training_summary(config, dataset, ensemble, export_seconds),
                 opset=ONNX_OPSET, temperature=evaluation["temperature"],
             )
+            manifest["selection"] = selection.to_manifest()
             manifest["adaptive"] = evaluation["adaptive"]["manifest"]  # from the validation split
             report = {"temperature": evaluation["temperature"], "calibrated": config.calibrate,
                       "test": test, "val": evaluation["val"], "history": asdict(ensemble.history),
                       "epoch_losses": ensemble.history.loss, "member_steps": list(ensemble.method.collector.steps),
                       "train_seconds": ensemble.train_seconds, "export_seconds": export_seconds,
-                      "ood": OOD_DESCRIPTION,
+                      "ood": OOD_DESCRIPTION, "selection": manifest["selection"],
                       "adaptive": {**manifest["adaptive"], "test": evaluation["adaptive"]["test"]}}
             if config.plots:
-                _write_report_files(writer.directory / "report", manifest, report, ensemble, count)
+                _write_report_files(writer.directory / "report", manifest, report, ensemble, selection.distinct)
             try_add_fused_graph(writer.directory, manifest)  # ensemble.onnx: members + scores, one graph
             version_dir = writer.commit(manifest, report)
     except OSError as error:
@@ -141,12 +142,12 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
 
 
 def _write_report_files(folder: Path, manifest: dict[str, Any], report: dict[str, Any],
-                        ensemble: TrainedEnsemble, count: int) -> None:
+                        ensemble: TrainedEnsemble, served: tuple[int, ...]) -> None:
     schedule = ensemble.method.schedule
     plots = write_plots(
         folder, lr=schedule.lr, total_steps=schedule.total_steps, steps_per_epoch=ensemble.steps_per_epoch,
         member_steps=list(ensemble.method.collector.steps),
-        exported_steps=[m.step for m in ensemble.members[len(ensemble.members) - count:]],
+        exported_steps=[ensemble.members[i].step for i in served],
         method=ensemble.method.name, history=report["history"], test_report=report["test"],
         temperature=report["temperature"])
     (folder / "report.md").write_text(report_markdown(manifest, report, plots) + "\n")

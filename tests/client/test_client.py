@@ -184,7 +184,7 @@ def test_cli_predict_takes_the_obvious_shapes(threaded_server: ThreadedServer, t
 @pytest.mark.parametrize("content, message", [
     (np.array(["a", "b"]), "holds a <U1 array"),
     (np.zeros((0, 1, 4, 4), np.float32), "non-empty"),
-    (None, "cannot read"),
+    (None, "is text, not a .npy array"),
 ])
 def test_cli_predict_checks_its_input_before_calling(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: np.ndarray | None,
