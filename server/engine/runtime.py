@@ -290,7 +290,7 @@ class MemberGraph:
         return ensemble_scores(self.run_members(x), self.temperature)
 
     def run_member(self, index: int, x: np.ndarray) -> np.ndarray:
-        """[B, ...] model input -> [B, C] float32: member `index`'s softmax(logits) alone, for
+        """[B, ...] model input -> [B, C] float32: member `index`'s probabilities alone, for
         adaptive evaluation (engine/adaptive.py), which runs a member on the rows still open."""
         try:
             logits = self._sessions[index].run([self.output_name], {self.input_name: x},
@@ -300,7 +300,7 @@ class MemberGraph:
         if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
             raise InferenceError(f"member {index} returned logits of shape {list(logits.shape)} "
                                  f"for a batch of {x.shape[0]}; expected [batch, classes]")
-        return softmax(logits.astype(np.float32, copy=False), axis=-1)
+        return as_probabilities(logits.astype(np.float32, copy=False), self.output_kind)
 
 
 def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> tuple[str, ...]:
