@@ -25,7 +25,7 @@ from typing import AsyncIterator, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["NOT_SERVING", "SERVICE_UNKNOWN", "SERVING", "HealthServicer"]
+__all__ = ["MAX_WATCHERS", "NOT_SERVING", "SERVICE_UNKNOWN", "SERVING", "HealthServicer"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,18 @@ Status = health_pb2.HealthCheckResponse.ServingStatus
 SERVING: Status = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Status = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN: Status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+# Watch streams open at once, server-wide: Watch is open without a token (probes use it) and
+# each stream holds a call's memory for as long as the client keeps it open.
+MAX_WATCHERS = 256
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Statuses by service name; `set`/`forget` are called on the event loop thread."""
 
-    def __init__(self, server_names: Sequence[str] = ("",)) -> None:
+    def __init__(self, server_names: Sequence[str] = ("",),
+                 max_watchers: int = MAX_WATCHERS) -> None:
+        self.max_watchers = max_watchers
+        self.watchers = 0  # Watch streams open now
         self._status: dict[str, Status] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self._shutting_down = False
@@ -135,11 +141,25 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The current status at once, then every change until the call ends."""
+        """The current status at once, then every change until the call ends; at most
+        `max_watchers` at once, server-wide (RESOURCE_EXHAUSTED beyond: Watch needs no token)."""
         await self._check_caller(request.service, context)
+        if self.watchers >= self.max_watchers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.watchers} Health/Watch streams are open, the most this "
+                                f"server keeps ({self.max_watchers}); use Health/Check, or "
+                                "retry later")
+        self.watchers += 1
+        try:
+            async for answer in self._changes(request.service):
+                yield answer
+        finally:
+            self.watchers -= 1
+
+    async def _changes(self, service: str) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last: Status | None = None
         while True:
-            status = self.status(request.service)
+            status = self.status(service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status

@@ -18,6 +18,7 @@ import logging
 import os
 import ssl
 import stat
+import time
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
@@ -64,6 +65,8 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
         raise ConfigError(f"tls_key {str(config.tls_key)!r} holds no PEM private key")
     if os.stat(config.tls_key).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("tls_key %s is readable by other users; chmod 600 it", config.tls_key)
+    _check_key_pair(config.tls_cert, config.tls_key, key)
+    _warn_validity(config.tls_cert)
     client_ca = None
     if config.tls_client_ca is not None:
         client_ca = _read(config.tls_client_ca, "tls_client_ca")
@@ -71,6 +74,49 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
             raise ConfigError(f"tls_client_ca {str(config.tls_client_ca)!r} holds no PEM certificate")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def _no_passphrase() -> bytes:
+    raise ConfigError("no passphrase")  # never a prompt on the terminal
+
+
+def _check_key_pair(cert_path: Path, key_path: Path, key: bytes) -> None:
+    """ConfigError naming the fault when the key is encrypted or is not the certificate's:
+    gRPC would only report that it cannot bind the port."""
+    if b"ENCRYPTED" in key:  # PKCS#8 "ENCRYPTED PRIVATE KEY", or a legacy "Proc-Type: 4,ENCRYPTED"
+        raise ConfigError(f"tls_key {str(key_path)!r} is encrypted with a passphrase, which the "
+                          "server cannot ask for: write it unencrypted (openssl pkey -in KEY "
+                          "-out KEY.plain) and chmod 600 it")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path,
+                                                                password=_no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"tls_key {str(key_path)!r} does not match tls_cert "
+                              f"{str(cert_path)!r}: the key is not the one the certificate was "
+                              "issued for") from exc
+        raise ConfigError(f"tls_cert {str(cert_path)!r} / tls_key {str(key_path)!r} cannot be "
+                          f"used: {exc}") from exc
+
+
+def _warn_validity(cert_path: Path) -> None:
+    """A warning, with its dates, when the certificate has expired or is not valid yet: clients
+    will refuse the handshake, but the operator may be replacing it, so the server starts."""
+    try:
+        # The standard library's only certificate parser outside a handshake (no extra
+        # dependency); a Python without it skips the warning.
+        decoded = ssl._ssl._test_decode_cert(str(cert_path))  # type: ignore[attr-defined]
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, ssl.SSLError):
+        return
+    now = time.time()
+    if now > not_after:
+        logger.warning("tls_cert %s expired on %s (valid from %s): clients will refuse it",
+                       cert_path, decoded["notAfter"], decoded["notBefore"])
+    elif now < not_before:
+        logger.warning("tls_cert %s is not valid until %s (and until %s): clients will refuse "
+                       "it until then", cert_path, decoded["notBefore"], decoded["notAfter"])
 
 
 def server_ssl_context(config: SecurityConfig) -> ssl.SSLContext | None:
