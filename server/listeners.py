@@ -110,7 +110,11 @@ class _Connection(RequestHandler):
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """aiohttp's answer to a request it could not parse (a bad request line, headers too
-        large): one line at DEBUG, not a traceback quoting the request's bytes at ERROR."""
+        large), or whose client went away mid-body: one line at DEBUG, not a traceback quoting
+        the request's bytes at ERROR."""
+        if isinstance(exc, ConnectionError):
+            logger.debug("client %s went away before its request was read", request.remote)
+            status = 400  # never delivered: nobody is listening
         if status >= 500:
             response = super().handle_error(request, status, exc, message)
         else:

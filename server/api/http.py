@@ -133,9 +133,7 @@ class HttpFrontEnd:
         except BodyRefused as exc:
             response = _error(exc.status, str(exc))
         except ConnectionError:
-            # The client went away mid-body: nobody to answer, nothing of ours went wrong.
-            logger.debug("client %s went away before its request was read", request.remote)
-            raise
+            raise  # the client went away mid-body: the listener logs it at DEBUG
         except Exception as exc:
             response = _error(*describe_http_error(exc))
         if not request.content.is_eof():

@@ -89,7 +89,10 @@ class _Body:
 async def _inflated(inflater: zlib._Decompress, chunk: bytes, body: _Body) -> None:
     data = chunk
     while data:
-        part = inflater.decompress(data, INFLATE_STEP)
+        try:
+            part = inflater.decompress(data, INFLATE_STEP)
+        except zlib.error as exc:
+            raise BodyRefused(400, f"the body is not valid for its Content-Encoding: {exc}") from None
         data = inflater.unconsumed_tail
         if part:
             body.add(part)

@@ -1,0 +1,223 @@
+"""Bounds before bytes on the REST port, over raw sockets (a client that misbehaves on purpose):
+header, body and keep-alive timeouts, the connection cap with its health reserve, compressed
+bodies bounded while they inflate, auth decided on the headers, bodies counted against the
+pending-bytes bound and the model's size, and aiohttp's own refusals quiet and unbranded."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from snapserve.server import RunningServer
+from snapserve.server.config import HttpLimits, IntakeConfig
+from tests.support.calls import digits_input
+from tests.support.servers import serving
+
+INFER = "/v2/models/digits/infer"
+READ_S = 5.0
+
+
+def infer_body(batch: int = 2) -> bytes:
+    x = digits_input(batch)
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+
+
+async def raw(port: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+def head(path: str = INFER, length: int | None = None, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one answer (Content-Length framed), within READ_S."""
+    async with asyncio.timeout(READ_S):
+        status_line = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode().partition(":")
+            headers[key.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def closed(reader: asyncio.StreamReader, within_s: float) -> bool:
+    try:
+        async with asyncio.timeout(within_s):
+            while await reader.read(65536):
+                pass
+        return True
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+async def healthy(port: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/v2/health/ready",
+                               timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+            assert response.status == 200
+
+
+async def ok_infer(port: int, data: bytes | None = None, **headers: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{port}{INFER}", data=data or infer_body(),
+                                headers={k.replace("_", "-"): v for k, v in headers.items()}
+                                ) as response:
+            return response.status, json.loads(await response.read())
+
+
+@pytest.fixture
+async def limited(model_repo: Path) -> RunningServer:
+    limits = HttpLimits(header_timeout_s=0.5, body_timeout_s=0.5, keepalive_timeout_s=0.5,
+                        max_connections=4, reserved_connections=2)
+    async with serving(model_repo, http_port=0, http=limits) as running:
+        yield running
+
+
+async def test_idle_half_sent_headers_and_stalled_bodies_are_closed(limited: RunningServer
+                                                                    ) -> None:
+    port = limited.http_port
+    idle, _ = await raw(port, b"")
+    half_head, _ = await raw(port, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x")
+    stalled, _ = await raw(port, head(length=20_000) + b'{"inputs": [')
+    assert await closed(idle, 2.0) and await closed(half_head, 2.0)
+    status, _, body = await answer(stalled)  # cut by the body timeout, told why, then closed
+    assert status == 408 and b"http_body_timeout_s" in body
+    assert await closed(stalled, 2.0)
+    # After an answer, an idle keep-alive connection is closed too.
+    kept, writer = await raw(port, head(length=len(infer_body())) + infer_body())
+    assert (await answer(kept))[0] == 200
+    assert await closed(kept, 2.0)
+    await healthy(port)
+
+
+async def test_at_the_cap_health_gets_in_and_idle_connections_make_room(limited: RunningServer
+                                                                        ) -> None:
+    port, server = limited.http_port, limited.http.server
+    # Requests being answered hold their places: bodies still arriving (no timeout yet).
+    busy = [await raw(port, head(length=1000) + b"{") for _ in range(4)]
+    await asyncio.sleep(0.1)
+    # The reserve answers health, and only health.
+    reader, _ = await raw(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await answer(reader))[0] == 200
+    reader, _ = await raw(port, head(length=len(infer_body())) + infer_body())
+    status, _, body = await answer(reader)
+    assert status == 503 and b"http_max_connections" in body
+    # Every place taken by idle connections: each new one closes the one idle longest.
+    for r, w in busy:
+        w.close()
+    await asyncio.sleep(0.1)
+    idle = [await raw(port, b"") for _ in range(8)]
+    await healthy(port)
+    assert server.evicted >= 3 and len(server.open) <= 6
+    for _, w in idle:
+        w.close()
+
+
+async def test_auth_refuses_on_the_headers_before_a_body_byte(model_repo: Path,
+                                                             tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("sesame\n")
+    async with serving(model_repo, http_port=0, security={"auth_token_file": tokens}) as running:
+        reader, _ = await raw(running.http_port, head(length=50_000_000))  # no body byte sent
+        status, headers, _ = await answer(reader)
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert await closed(reader, 2.0)  # the body is not drained: the connection ends
+
+
+async def test_compressed_bodies_are_bounded_while_they_inflate(model_repo: Path) -> None:
+    async with serving(model_repo, http_port=0, max_message_bytes=32 * 2**20) as running:
+        port = running.http_port
+        status, answer_ = await ok_infer(port, gzip.compress(infer_body()), Content_Encoding="gzip")
+        assert status == 200 and answer_["outputs"]
+        status, answer_ = await ok_infer(port, zlib.compress(infer_body()),
+                                         Content_Encoding="deflate")
+        assert status == 200
+        # A bomb: 64 MiB of zeros in ~64 KiB; refused within the bound, not inflated whole.
+        bomb = gzip.compress(b"0" * (64 * 2**20), compresslevel=9)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, _ = await raw(port, head(length=len(bomb), Content_Encoding="gzip") + bomb)
+        status, _, body = await answer(reader)
+        assert status == 413 and b"max_batch_size" in body, body  # the model's bound
+        assert loop.time() - started < 2.0
+        # Where only the server's bound holds (no such model), the ratio stops it first.
+        reader, _ = await raw(port, head("/v2/models/nosuch/infer", length=len(bomb),
+                                         Content_Encoding="gzip") + bomb)
+        status, _, body = await answer(reader)
+        assert status == 413 and b"max_inflate_ratio" in body, body
+        for encoding in ("br", "compress", "gzip, gzip"):
+            status, answer_ = await ok_infer(port, infer_body(), Content_Encoding=encoding)
+            assert status == 415 and "gzip or deflate" in answer_["error"]
+        status, answer_ = await ok_infer(port, b"\x1f\x8b not gzip", Content_Encoding="gzip")
+        assert status == 400 and "Content-Encoding" in answer_["error"], answer_
+        await healthy(port)
+
+
+async def test_bodies_are_held_to_the_model_and_the_pending_bound(model_repo: Path) -> None:
+    intake = IntakeConfig(max_pending_bytes=50_000)
+    async with serving(model_repo, http_port=0, intake=intake) as running:
+        port = running.http_port
+        # A declared shape far beyond max_batch_size: 400 before the data is read as an array.
+        huge = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                       "shape": [15_000_000], "data": [0.0]}]}).encode()
+        status, answer_ = await ok_infer(port, huge)
+        assert status == 400 and "does not match the model's" in answer_["error"], answer_
+        # A declared length beyond what the model can take: 413 before a byte is read.
+        reader, _ = await raw(port, head(length=57 * 2**20))
+        status, _, body = await answer(reader)
+        assert status == 413 and b"max_batch_size" in body
+        # Two bodies on their way: the second declared length passes max_pending_bytes.
+        first = await raw(port, head(length=40_000) + b"{")
+        await asyncio.sleep(0.1)
+        second, writer = await raw(port, head(length=40_000) + b"{")
+        status, _, body = await answer(second)
+        assert status == 429 and b"max_pending_bytes" in body
+        assert running.intake.bytes == 40_000
+        first[1].close()
+        await healthy(port)
+
+
+async def test_client_faults_answered_quietly_and_without_a_banner(
+        rest: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    port = rest.http_port
+    caplog.set_level(logging.DEBUG)
+    reader, _ = await raw(port, b"GARBAGE \x00\xff /\r\n\r\n")
+    status, headers, _ = await answer(reader)
+    assert status == 400 and "aiohttp" not in headers.get("server", "").lower()
+    reader, _ = await raw(port, b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    status, headers, _ = await answer(reader)
+    assert status in (400, 431) and "python" not in headers.get("server", "").lower()
+    status, answer_ = await ok_infer(port, infer_body(), Content_Encoding="zstd")
+    assert status == 415
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/v2/models/digits/versions/{'9' * 5000}"
+                               ) as response:
+            assert response.status == 400
+            assert "aiohttp" not in response.headers.get("Server", "").lower()
+    # A client that goes away mid-body.
+    _, writer = await raw(port, head(length=10_000) + b'{"inputs": [')
+    await asyncio.sleep(0.05)
+    writer.transport.abort()
+    await asyncio.sleep(0.2)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+    status, _ = await ok_infer(port)
+    assert status == 200
