@@ -62,3 +62,6 @@ class MemberSpec:
     # Files holding the graph's tensors outside it (ONNX external data, for graphs over 2 GiB),
     # as (file relative to the version folder, sha256); checked like the graph itself.
     external_data: tuple[tuple[str, str], ...] = ()
+    # The graph file's size in bytes, when the manifest gives it (the trainer writes it): checked
+    # before the file is read, so a file that is not the one published costs no memory.
+    size: int | None = None

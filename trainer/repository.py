@@ -126,6 +126,8 @@ class VersionWriter:
         tmp = self.directory
         for member in manifest["members"]:
             member["sha256"] = sha256_file(self._inside(tmp, member["file"]))
+            # The server compares the size before it reads the file (server/models/manifest.py).
+            member["size"] = self._inside(tmp, member["file"]).stat().st_size
         _write_json(tmp / "report" / "metrics.json", report)
         for _ in range(_RENAME_ATTEMPTS):
             version = next_version(self.model_dir)

@@ -31,6 +31,11 @@ __all__ = ["AdaptiveSpec", "Manifest", "InputSpec", "Normalization", "MemberSpec
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# The largest graph file read: protobuf's limit on one message, past which an ONNX graph keeps
+# its weights in external data files. External data files are bounded by their manifest sizes
+# when given, and by EXTERNAL_DATA_BYTES otherwise.
+MAX_GRAPH_BYTES = 2**31 - 1
+EXTERNAL_DATA_BYTES = 64 * 2**30
 MANIFEST_FILE = "manifest.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -177,7 +182,18 @@ def _member(value: Any, index: int) -> MemberSpec:
         file=_get(value, "file", str, where), sha256=sha,
         epoch=int(value.get("epoch") or 0), step=int(value.get("step") or 0),
         lr=float(value.get("lr") or 0.0), metrics=_metrics(value.get("metrics"), where + "metrics"),
-        external_data=_external_data(value.get("external_data"), where + "external_data"))
+        external_data=_external_data(value.get("external_data"), where + "external_data"),
+        size=_size(value.get("size"), where + "size"))
+
+
+def _size(value: Any, field: str) -> int | None:
+    """`size` (optional): a file's length in bytes."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_GRAPH_BYTES:
+        raise ManifestError(f"manifest field {field!r} must be the file's size in bytes, an "
+                            f"integer in [1, {MAX_GRAPH_BYTES}]")
+    return value
 
 
 def _external_data(value: Any, field: str) -> tuple[tuple[str, str], ...]:
@@ -301,12 +317,30 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _read_checked(path: Path, expected: str, what: str) -> bytes:
+def _read_checked(path: Path, expected: str, what: str, size: int | None = None,
+                  limit: int = MAX_GRAPH_BYTES) -> bytes:
     """The file's bytes, read once: what is hashed is what is loaded, never re-opened between
-    the check and the load (a file swapped in between would go unchecked)."""
+    the check and the load (a file swapped in between would go unchecked).
+
+    Its size is checked first, on the open file: against the manifest's `size` when it gives
+    one, else against `limit`. A file that is not the published one (a 3 GiB sparse file where
+    a few MB were written) is refused before a byte of it is read. The bytes are then read into
+    one buffer of that size, which is hashed and handed on as it is: ONNX Runtime takes `bytes`,
+    so chunks read apart would have to be joined, a second copy."""
     if not path.is_file():
         raise MemberFileMissing(f"{what} is missing")
-    data = path.read_bytes()
+    with path.open("rb") as file:
+        length = os.fstat(file.fileno()).st_size
+        if size is not None and length != size:
+            raise ChecksumMismatch(f"{what} is {length} bytes, the manifest says {size}")
+        if length > limit:
+            raise ChecksumMismatch(f"{what} is {length} bytes, more than a graph file may be "
+                                   f"({limit}: protobuf's limit; larger weights belong in "
+                                   "external data files)")
+        data = file.read(length + 1)  # one byte more: a file that grew since is seen
+    if len(data) != length:
+        raise ChecksumMismatch(f"{what} changed size while it was read ({length} bytes, then "
+                               f"{len(data)})")
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ChecksumMismatch(f"{what} has sha256 {actual}, the manifest says {expected}")
@@ -319,9 +353,10 @@ def _member_graph(member: MemberSpec, index: int, path: Path, version_dir: Path)
         data_path = resolve_inside(version_dir, file, f"members[{index}].external_data[{j}].file")
         # Keyed as the graph names it: its `location`, relative to the graph's own folder.
         external[os.path.relpath(data_path, path.parent)] = _read_checked(
-            data_path, sha, f"external data file {file!r} of member {member.file!r}")
-    return GraphBytes(path.name, _read_checked(path, member.sha256, f"member file {member.file!r}"),
-                      external)
+            data_path, sha, f"external data file {file!r} of member {member.file!r}",
+            limit=EXTERNAL_DATA_BYTES)
+    return GraphBytes(path.name, _read_checked(path, member.sha256, f"member file {member.file!r}",
+                                               member.size), external)
 
 
 def read_verified(manifest: Manifest, version_dir: Path) -> dict[Path, GraphBytes]:
