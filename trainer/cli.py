@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
 from snapserve.trainer.models import ARCHITECTURES
 from snapserve.trainer.run import run_training
+from snapserve.trainer.checkpoint import load_checkpoint
 
 __all__ = ["build_parser", "main"]
 
@@ -269,7 +271,11 @@ def train_config(args: argparse.Namespace, argv: Sequence[str]) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     config = train_config(args, args.argv)
     began = time.perf_counter()
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
+        print(_interrupted(config, args.argv), file=sys.stderr)
+        return 130
     if result is not None:  # None on DDP processes other than 0
         _print_summary(result.manifest, result.version_dir, time.perf_counter() - began)
     return 0
@@ -286,9 +292,23 @@ def _print_summary(manifest: dict[str, Any], version_dir: Any, seconds: float) -
     members = manifest["members"]
     print(f"wrote {version_dir} ({manifest['method']}, {len(members)} members, {seconds:.1f} s)")
     print("member  epoch   step  test_acc  test_nll")
+        print(f"report: {Path(result.version_dir) / 'report'}")
     for index, member in enumerate(members):
         metrics = member["metrics"]
         print(f"{index:6d}  {member['epoch']:5d}  {member['step']:5d}  "
+def _interrupted(config: TrainConfig, argv: Sequence[str]) -> str:
+    """What to say on Ctrl-C: the epoch of the last checkpoint, and the command that goes on."""
+    checkpoint = config.run_dir() / "checkpoint.pt"
+    if not checkpoint.is_file():
+        return "interrupted before the first epoch ended; nothing to resume (no checkpoint)"
+    try:
+        epoch = load_checkpoint(config.run_dir())["epoch"]
+    except (TrainerError, KeyError, OSError, RuntimeError):
+        epoch = "?"
+    again = shlex.join(["trainer", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"interrupted at epoch {epoch}; `{again}` goes on (checkpoint in {config.run_dir()})"
+
+
               f"{metrics['accuracy']:8.4f}  {metrics['nll']:8.4f}")
     m = manifest["metrics"]
     print(f"ensemble test accuracy {m['accuracy']:.4f}  nll {m['nll_uncalibrated']:.4f}  "

@@ -16,12 +16,12 @@ import torch
 
 from snapserve.trainer.config import TrainConfig
 from snapserve.trainer.datasets import load_dataset
-from snapserve.trainer.distributed import close_distributed, init_distributed
+from snapserve.trainer.distributed import DistContext, close_distributed, init_distributed
 from snapserve.trainer.errors import CheckpointError, RepositoryError
 from snapserve.trainer.publish import TrainResult, publish_version
 from snapserve.trainer.train import resolve_device, seed_everything, train_ensemble
 
-__all__ = ["run_training"]
+__all__ = ["remove_if_empty", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,37 @@ def run_training(config: TrainConfig) -> TrainResult | None:
         if context.is_main:
             _check_writable(Path(config.out), "output folder (--out)", RepositoryError)
             _check_writable(config.run_dir(), "checkpoint folder", CheckpointError)
-        dataset = load_dataset(config.dataset)
-        logger.info("dataset %s: %d train, %d val, %d test, input %s, %d classes; device %s%s",
-                    dataset.name, len(dataset.train), len(dataset.val), len(dataset.test),
-                    list(dataset.input_shape), dataset.num_classes, device,
-                    f", {context.world_size} processes" if context.enabled else "")
-        ensemble = train_ensemble(config, dataset, device, context)
-        if not context.is_main:
-            return None
-        return publish_version(config, dataset, ensemble)
+        try:
+            return _train_and_publish(config, context, device)
+        except BaseException:  # an error or Ctrl-C: no empty checkpoint folder left behind
+            if context.is_main:
+                remove_if_empty(config.run_dir())
+            raise
     finally:
         close_distributed(context)
+
+
+def _train_and_publish(config: TrainConfig, context: DistContext, device: torch.device,
+                       ) -> TrainResult | None:
+    dataset = load_dataset(config.dataset)
+    logger.info("dataset %s: %d train, %d val, %d test, input %s, %d classes; device %s%s",
+                dataset.name, len(dataset.train), len(dataset.val), len(dataset.test),
+                list(dataset.input_shape), dataset.num_classes, device,
+                f", {context.world_size} processes" if context.enabled else "")
+    ensemble = train_ensemble(config, dataset, device, context)
+    if not context.is_main:
+        return None
+    return publish_version(config, dataset, ensemble)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Removes a run's checkpoint folder that holds nothing (a run that failed or was stopped
+    before its first checkpoint), and `.runs` with it when that is empty too."""
+    for folder in (run_dir, run_dir.parent) if run_dir.parent.name == ".runs" else (run_dir,):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
 
 
 def _check_writable(folder: Path, what: str, error: type[Exception]) -> None:

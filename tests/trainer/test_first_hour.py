@@ -1,0 +1,80 @@
+"""The trainer's first hour: Ctrl-C says where it stopped and how to go on, a failed run leaves
+no empty checkpoint folder, progress shows elapsed time and an ETA, the end names the report."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapserve.trainer.cli import main
+from snapserve.trainer.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["--dataset", "digits", "--arch", "mlp", "--method", "snapshot", "--epochs", "4",
+        "--members", "2", "--seed", "5", "--no-plots", "--name", "digits"]
+# Ctrl-C (SIGINT, as a terminal sends it) right before update {at}.
+INTERRUPTER = """
+import os, signal, sys
+import snapserve.trainer.loop as loop
+real_step, done = loop.train_step, [0]
+def step(*args, **kwargs):
+    done[0] += 1
+    if done[0] == {at}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_step(*args, **kwargs)
+loop.train_step = step
+from snapserve.trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _interrupted(out: Path, at: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", INTERRUPTER.format(at=at), "train", "--threads",
+                           "1", "--out", str(out), *ARGS], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, check=False)
+
+
+def test_ctrl_c_says_the_epoch_and_the_command_that_goes_on(tmp_path: Path) -> None:
+    done = _interrupted(tmp_path / "models", at=45)  # inside epoch 3
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "interrupted at epoch 2; `trainer train --threads 1 --out" in done.stderr
+    assert "--resume` goes on" in done.stderr
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_no_empty_run_folder(tmp_path: Path) -> None:
+    done = _interrupted(tmp_path / "models", at=3)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted before the first epoch ended; nothing to resume" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "models" / ".runs").exists()
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(tmp_path: Path) -> None:
+    assert main(["train", "--threads", "1", "--out", str(tmp_path / "models"),
+                 "--dataset", str(tmp_path / "missing.npz"), "--epochs", "1"]) != 0
+    assert not (tmp_path / "models" / ".runs").exists()
+
+
+def test_progress_lines_show_elapsed_time_and_an_eta(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapserve.trainer.loop")
+    progress = Progress(total_steps=100, steps_per_epoch=10, stream=io.StringIO())
+    progress.epoch(1, 10, 0.5, 0.9, 0.1, 0)
+    progress.epoch(2, 20, 0.4, 0.9, 0.1, 0)
+    line = caplog.records[-1].getMessage()
+    assert "elapsed 0s  eta 0s" in line  # 80 steps left at a rate this fast
+
+
+def test_the_end_of_a_run_prints_the_report_path(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--threads", "1", "--out", str(tmp_path / "models"), "--dataset", "digits",
+                 "--arch", "mlp", "--epochs", "1", "--members", "1", "--no-plots",
+                 "--name", "digits"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {tmp_path / 'models' / 'digits' / '1' / 'report'}" in printed
+    assert (tmp_path / "models" / "digits" / "1" / "report" / "metrics.json").is_file()
