@@ -154,10 +154,13 @@ class BoundedServer(web.Server):
 
     def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
         limits = self.limits
+        # A connection that made room by closing an idle one takes its place in full.
         reserve = len(self.open) >= limits.max_connections
-        if len(self.open) >= limits.max_connections + limits.reserved and not self._evict():
-            self.refused += 1
-            return _Refused()
+        if len(self.open) >= limits.max_connections + limits.reserved:
+            if not self._evict():
+                self.refused += 1
+                return _Refused()
+            reserve = False
         connection = _Connection(self, loop=self._loop, **self._kwargs)
         connection.reserve = reserve
         self.open[connection] = None
