@@ -31,7 +31,6 @@ from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
 from snapserve.trainer.models import ARCHITECTURES
 from snapserve.trainer.run import run_training
-from snapserve.trainer.checkpoint import load_checkpoint
 
 __all__ = ["build_parser", "main"]
 
@@ -278,24 +277,10 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if result is not None:  # None on DDP processes other than 0
         _print_summary(result.manifest, result.version_dir, time.perf_counter() - began)
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from snapserve.trainer.compare import run_compare
-
-    run_compare(args, config_from_args)
-    return 0
-
-
-def _print_summary(manifest: dict[str, Any], version_dir: Any, seconds: float) -> None:
-    members = manifest["members"]
-    print(f"wrote {version_dir} ({manifest['method']}, {len(members)} members, {seconds:.1f} s)")
-    print("member  epoch   step  test_acc  test_nll")
         print(f"report: {Path(result.version_dir) / 'report'}")
-    for index, member in enumerate(members):
-        metrics = member["metrics"]
-        print(f"{index:6d}  {member['epoch']:5d}  {member['step']:5d}  "
+    return 0
+
+
 def _interrupted(config: TrainConfig, argv: Sequence[str]) -> str:
     """What to say on Ctrl-C: the epoch of the last checkpoint, and the command that goes on."""
     checkpoint = config.run_dir() / "checkpoint.pt"
@@ -309,6 +294,20 @@ def _interrupted(config: TrainConfig, argv: Sequence[str]) -> str:
     return f"interrupted at epoch {epoch}; `{again}` goes on (checkpoint in {config.run_dir()})"
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from snapserve.trainer.compare import run_compare
+
+    run_compare(args, config_from_args)
+    return 0
+
+
+def _print_summary(manifest: dict[str, Any], version_dir: Any, seconds: float) -> None:
+    members = manifest["members"]
+    print(f"wrote {version_dir} ({manifest['method']}, {len(members)} members, {seconds:.1f} s)")
+    print("member  epoch   step  test_acc  test_nll")
+    for index, member in enumerate(members):
+        metrics = member["metrics"]
+        print(f"{index:6d}  {member['epoch']:5d}  {member['step']:5d}  "
               f"{metrics['accuracy']:8.4f}  {metrics['nll']:8.4f}")
     m = manifest["metrics"]
     print(f"ensemble test accuracy {m['accuracy']:.4f}  nll {m['nll_uncalibrated']:.4f}  "
