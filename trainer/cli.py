@@ -30,6 +30,7 @@ from snapserve.trainer.datasets import BUILTIN_DATASETS
 from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
 from snapserve.trainer.models import ARCHITECTURES
+from snapserve.trainer.checkpoint import load_checkpoint
 from snapserve.trainer.run import run_training
 
 __all__ = ["build_parser", "main"]
