@@ -25,7 +25,8 @@ from typing import Any
 
 from snapserve.proto.settings_file import SettingsFileError, read_settings_file
 from snapserve.proto.version import package_version
-from snapserve.trainer.config import AMP_MODES, METHOD_NAMES, TrainConfig
+from snapserve.trainer.config import (AMP_MODES, DEFAULT_SELECTION, METHOD_NAMES, SELECTION_RULES, SINGLE_SCHEDULES,
+                                      TrainConfig)
 from snapserve.trainer.datasets import BUILTIN_DATASETS
 from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
@@ -134,8 +135,16 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--members", type=int, default=None,
                    help="snapshot: cycles M (default 5); swag, swag-diag: samples S (default 10); single and swa: 1; "
                         "fge: one per cycle (set by the budget)")
-    p.add_argument("--keep-last", type=int, default=None, metavar="M",
-                   help="snapshot/fge: export only the last M members")
+    p.add_argument("--selection", default=None, choices=SELECTION_RULES,
+                   help="which collected members to serve, chosen on the validation split: all; last-k (the "
+                        "last --keep-last K); greedy (forward selection with replacement on validation NLL). "
+                        "Default per method: " + ", ".join(f"{m} {r}" for m, (r, _) in DEFAULT_SELECTION.items()))
+    p.add_argument("--keep-last", type=int, default=None, metavar="K",
+                   help="snapshot/fge: serve the last K members (selection last-k)")
+    p.add_argument("--single-schedule", default=_DEFAULTS["single_schedule"], choices=SINGLE_SCHEDULES,
+                   help="single: step decay (0.1x at 50%% and 75%%, the SSE paper's), linear (constant, then "
+                        "down to 1%% from 50%% to 90%%: the FGE/SWA reference's) or cosine (one cycle) "
+                        "(default: %(default)s)")
     _add_optimizer_options(p)
     p.add_argument("--seed", type=int, default=_DEFAULTS["seed"],
                    help="training seed; the data split is fixed (default: %(default)s)")
@@ -156,12 +165,12 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
 
     full = PROFILES["full"]
     p = subparsers.add_parser(
-        "compare", help="train every method, paired by seed, and tabulate the differences to single",
+        "compare", help="train every method, paired by seed, and tabulate the differences to the baselines",
         description="Train each method with each seed (the same initial weights and data order for "
                     "every method) and tabulate test accuracy, NLL, ECE and the uncertainty scores' "
-                    "AUROCs, with each method's per-seed difference to single and its 95% bootstrap "
-                    "interval. Unset options take the recorded regime's values (the full profile), "
-                    "or --quick's.")
+                    "AUROCs, with each method's per-seed difference to single-step (and to its own "
+                    "paper's baseline) and its 95% paired t- and bootstrap intervals. Unset options take "
+                    "the recorded regime's values (the full profile), or --quick's.")
     _add_model_and_data_options(p)
     p.add_argument("--quick", action="store_true",
                    help="a small profile that runs every method in about a minute (for tests)")
@@ -170,12 +179,17 @@ def _add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=None,
                    help=f"budgets of the budget plot (full: {' '.join(map(str, full['budgets']))})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="(full: 0 1 2 3 4)")
-    p.add_argument("--methods", nargs="+", default=None, choices=COMPARE_METHODS,
-                   help="deep: M models, each the whole budget (M x the cost); deep-1x: M models of "
-                        "budget/M epochs (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"{', '.join(COMPARE_METHODS)}, each with optional settings of its own: "
+                        "snapshot:lr=0.2,members=3. single-step/-linear/-cosine: the SSE paper's step decay, "
+                        "the FGE/SWA reference's linear decay, one cosine cycle; deep: M models, each the whole "
+                        "budget (M x the cost); deep-1x: M models of budget/M epochs (full: all but deep)")
     p.add_argument("--deep-members", type=int, default=None, help=f"M of the deep ensembles (full: {full['deep_members']})")
-    p.add_argument("--keep-last", type=int, default=None, metavar="M",
-                   help=f"also score snapshot's ensemble of its last M members (full: {full['keep_last']})")
+    p.add_argument("--selections", nargs="+", default=None, choices=SELECTION_RULES,
+                   help="member-selection rules scored for every method with several members, each a row "
+                        f"(full: {' '.join(full['selections'])})")
+    p.add_argument("--keep-last", type=int, nargs="+", default=None, metavar="K",
+                   help=f"the k of the last-k rule, one row each (full: {' '.join(map(str, full['keep_last']))})")
     p.add_argument("--out-dir", required=True,
                    help="folder for table.md, runs.json, runs.csv (every per-seed value) and the plots")
     _add_optimizer_options(p)

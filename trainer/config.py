@@ -15,7 +15,8 @@ from snapserve.trainer.errors import ConfigError, RepositoryError
 from snapserve.trainer.models import check_arch
 from snapserve.trainer.repository import validate_model_name
 
-__all__ = ["AMP_MODES", "DEFAULT_MEMBERS", "METHOD_NAMES", "SWAG_SCALES", "TrainConfig", "default_threads"]
+__all__ = ["AMP_MODES", "DEFAULT_MEMBERS", "DEFAULT_SELECTION", "METHOD_NAMES", "SINGLE_SCHEDULES", "SWAG_SCALES",
+           "TrainConfig", "default_threads"]
 
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -26,11 +27,20 @@ DEFAULT_MEMBERS: dict[str, int | None] = {"snapshot": 5, "fge": None, "swa": 1, 
 # SWAG's covariance scale when sampling: the paper's 1/2 for SWAG, 1 for SWAG-Diag (Maddox et al.).
 SWAG_SCALES = {"swag": 0.5, "swag-diag": 1.0}
 METHOD_NAMES: tuple[str, ...] = tuple(DEFAULT_MEMBERS)
+# Member selection when --selection is not given: (rule, k), chosen by measurement on the
+# validation split of the recorded comparison (docs/trainer.md, "Member selection").
+DEFAULT_SELECTION: dict[str, tuple[str, int | None]] = {
+    "snapshot": ("all", None), "fge": ("all", None), "swag": ("all", None), "swag-diag": ("all", None),
+    "swa": ("all", None), "single": ("all", None)}
+SELECTION_RULES = ("all", "last-k", "greedy")  # trainer/selection.py implements them
+# The single model's schedule: the SSE paper's step decay, the FGE/SWA reference's linear decay
+# to 1 %, or one cosine cycle over the whole budget (SSE's single-cycle baseline).
+SINGLE_SCHEDULES = ("step", "linear", "cosine")
 
 # Settings that do not change the trained weights: a run resumed with different values of these
 # is the same run (same checkpoint folder). Everything else is part of the run's identity.
 _NOT_IDENTITY = {"out", "name", "threads", "device", "resume", "checkpoint_dir", "plots", "calibrate",
-                 "keep_last", "adaptive_tolerance"}
+                 "keep_last", "selection", "adaptive_tolerance"}
 
 
 def default_threads() -> int:
@@ -57,7 +67,9 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch and ONNX Runtime; None: default_threads()
     depth: int | None = None  # resnet/preresnet/wrn; None: 20, 20, 16
     width: int | None = None  # mlp units, cnn/cnn1d channels, wrn widen factor; None: the arch's
-    keep_last: int | None = None  # export only the last m members (the paper's last-m ensemble)
+    keep_last: int | None = None  # k of selection last-k (the paper's last-m ensemble); alone: last-k
+    selection: str | None = None  # all, last-k or greedy, on the validation split; None: DEFAULT_SELECTION
+    single_schedule: str = "step"  # single: step decay (SSE), linear to 1 % (FGE/SWA), or one cosine cycle
     # FGE (Garipov et al. 2018): 80% pre-training as in the reference README, 2-epoch cycles.
     fge_start: float = 0.8
     fge_cycle: int = 2  # epochs per cycle, even: the member is taken at its middle
@@ -95,6 +107,11 @@ class TrainConfig:
             object.__setattr__(self, "name", _default_name(self.dataset))
         if self.threads is None:
             object.__setattr__(self, "threads", default_threads())
+        if self.selection is None:
+            rule, k = ("last-k", self.keep_last) if self.keep_last is not None else DEFAULT_SELECTION[self.method]
+            object.__setattr__(self, "selection", rule)
+            if self.keep_last is None and k is not None:
+                object.__setattr__(self, "keep_last", k)
         if self.swag_scale is None and self.method in SWAG_SCALES:
             object.__setattr__(self, "swag_scale", SWAG_SCALES[self.method])
         self._check_numbers()
@@ -137,6 +154,15 @@ class TrainConfig:
             raise ConfigError(f"keep_last applies to snapshot and fge, not {self.method!r}")
         if self.keep_last is not None and self.members is not None and self.keep_last > self.members:
             raise ConfigError(f"keep_last={self.keep_last} is more than members={self.members}")
+        if self.selection not in SELECTION_RULES:
+            raise ConfigError(f"selection must be one of {SELECTION_RULES}, got {self.selection!r}")
+        if (self.selection == "last-k") != (self.keep_last is not None):
+            raise ConfigError(f"selection last-k takes its k from keep_last (and keep_last means last-k): got "
+                              f"selection={self.selection!r}, keep_last={self.keep_last}")
+        if self.single_schedule not in SINGLE_SCHEDULES:
+            raise ConfigError(f"single_schedule must be one of {SINGLE_SCHEDULES}, got {self.single_schedule!r}")
+        if self.single_schedule != "step" and self.method != "single":
+            raise ConfigError(f"single_schedule applies to method 'single', not {self.method!r}")
         for field in ("fge_start", "swa_start"):
             if not 0 < getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be a fraction of the budget in (0, 1), got {getattr(self, field)}")

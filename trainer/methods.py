@@ -5,7 +5,8 @@
     swa       pre-training, then a high constant/cyclic LR, one averaged member (Izmailov et al. 2018)
     swag      SWA plus a low-rank Gaussian over the weights, S sampled members (Maddox et al. 2019)
     swag-diag SWAG with the diagonal Gaussian alone (the paper's SWAG-Diag), S sampled members
-    single    the ordinary baseline at the same budget (step decay), one member
+    single    the ordinary baseline at the same budget, one member: step decay (the SSE paper's),
+              linear decay to 1 % (the FGE/SWA reference's) or one cosine cycle (SSE's single cycle)
 
 Budgets are whole epochs; every phase boundary falls at the end of an epoch.
 """
@@ -21,7 +22,8 @@ from snapserve.trainer.collectors import AveragingCollector, StepCollector
 from snapserve.trainer.config import TrainConfig
 from snapserve.trainer.errors import ConfigError
 from snapserve.trainer.loop import Collector, Schedule
-from snapserve.trainer.schedules import CyclicCosineSchedule, FGESchedule, StepDecaySchedule, SWASchedule
+from snapserve.trainer.schedules import (CyclicCosineSchedule, FGESchedule, LinearDecaySchedule, StepDecaySchedule,
+                                         SWASchedule)
 
 __all__ = ["METHODS", "Method", "MethodContext", "build_method", "fge_phase_epochs"]
 
@@ -131,10 +133,19 @@ def _gaussian_method(name: str, config: TrainConfig, context: MethodContext, ran
 
 
 def single_method(config: TrainConfig, context: MethodContext) -> Method:
-    """The baseline at the same budget: step decay, one member at the end."""
+    """The baseline at the same budget, one member at the end: each paper's own schedule
+    (`single_schedule`), so every method is compared with the baseline its paper used."""
     if config.members not in (None, 1):
         raise ConfigError(f"members must be 1 for method 'single', got {config.members}")
-    schedule = StepDecaySchedule(lr0=config.lr, total_steps=config.epochs * context.steps_per_epoch)
+    total = config.epochs * context.steps_per_epoch
+    schedule: StepDecaySchedule | LinearDecaySchedule | CyclicCosineSchedule
+    if config.single_schedule == "linear":
+        schedule = LinearDecaySchedule(lr0=config.lr, total_steps=total)
+    elif config.single_schedule == "cosine":
+        schedule = CyclicCosineSchedule(lr0=config.lr, total_steps=total, cycles=1,
+                                        steps_per_epoch=context.steps_per_epoch)
+    else:
+        schedule = StepDecaySchedule(lr0=config.lr, total_steps=total)
     return Method("single", schedule, StepCollector(schedule.member_steps(), keep=context.keep_members))
 
 

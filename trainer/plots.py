@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # before pyplot: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["PLOT_FILES", "plot_compare", "write_plots"]
+__all__ = ["PLOT_FILES", "plot_compare", "plot_cycle_length", "write_plots"]
 
 PLOT_FILES = {"lr": "lr.png", "training": "training.png", "members": "members.png",
               "reliability": "reliability.png", "rejection": "rejection.png"}
@@ -43,7 +43,7 @@ def plot_lr(path: Path, lr: Callable[[int], float], total_steps: int, steps_per_
     skipped = sorted(set(member_steps) - set(exported_steps))
     if skipped and not method.startswith("swa"):
         ax.scatter([s / steps_per_epoch for s in skipped], [lr(s) for s in skipped], facecolor="white",
-                   edgecolor="tab:red", zorder=4, s=18, label="not exported (keep-last)")
+                   edgecolor="tab:red", zorder=4, s=18, label="not served (selection)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title(f"{method}: learning rate per iteration")
@@ -167,3 +167,33 @@ def plot_compare(folder: Path, rows: list[dict[str, Any]], budget: int) -> dict[
     fig.suptitle(f"ensembles by number of members, budget {budget} epochs (mean ± std over seeds)", fontsize=9)
     _save(fig, folder / "members.png")
     return {"budget": "budget.png", "members": "members.png"}
+
+
+def plot_cycle_length(path: Path, points: list[dict[str, Any]]) -> bool:
+    """When does a snapshot ensemble pay? Its paired Δ to single-step (accuracy, NLL) against
+    the steps per cycle, one series per (lr, member-selection rule), error bars the paired 95%
+    t-interval. Drawn only with two or more cycle lengths; returns whether it was."""
+    if len({p["steps_per_cycle"] for p in points}) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        lr = "lr=0.2" if "lr=0.2" in point["method"] else "lr=0.1"
+        series.setdefault(f"{lr}, {point['method'].rsplit('[', 1)[-1].rstrip(']')}", []).append(point)
+    for label, mine in sorted(series.items()):
+        mine.sort(key=lambda p: p["steps_per_cycle"])
+        for ax, key in zip(axes, ("accuracy", "nll")):
+            x = [p["steps_per_cycle"] for p in mine]
+            y = [p[key]["diff"] for p in mine]
+            err = [[p[key]["diff"] - p[key]["low"] for p in mine], [p[key]["high"] - p[key]["diff"] for p in mine]]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=label)
+    for ax, label in zip(axes, ("Δ test accuracy vs single-step", "Δ test NLL vs single-step")):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("steps per cycle (budget x steps per epoch / M)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("snapshot ensembles: paired Δ to single-step at equal budget (mean, 95% t-interval over seeds)",
+                 fontsize=9)
+    _save(fig, path)
+    return True

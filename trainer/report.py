@@ -1,7 +1,8 @@
 """Evaluation of a trained ensemble and its report: metrics.json's content and report.md.
 
-Members are scored on the validation and test splits; the ensemble is the mean of the exported
-members' probabilities (never of their logits or weights). Members' probabilities are [N, M, C]
+Members are scored on the validation and test splits; the ensemble is the mean of the chosen
+members' probabilities (never of their logits or weights), chosen on the validation split
+(`selection.py`). Members' probabilities are [N, M, C]
 ([batch, members, classes], as in `snapserve.proto.scores`). The temperature is fitted on the
 validation split AFTER pooling (fit T on log p̄: pool, then calibrate) and the test metrics are
 given both ways. Ensemble accuracy/NLL "by size" grow the ensemble one member at a time, in
@@ -10,6 +11,7 @@ training order ("forward") and from the last member back ("backward", the paper'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from snapserve.proto.scores import ensemble_scores, mean_probabilities, mutual_i
 from snapserve.trainer.adaptive import adaptive_markdown
 from snapserve.trainer.metrics import (auroc, classification_metrics, fit_temperature, pairwise_disagreement,
                                        rejection_curve, reliability_bins, temperature_scaled)
+from snapserve.trainer.selection import select_members
 
 __all__ = ["UNCERTAINTY_SCORES", "evaluate_ensemble", "report_markdown", "split_report", "uncertainty_report"]
 
@@ -51,26 +54,31 @@ def uncertainty_report(member_probs: np.ndarray, labels: np.ndarray, temperature
 
 
 def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
-                 exported: int | None = None, ood_probs: np.ndarray | None = None) -> dict[str, Any]:
-    """Metrics of each member, of the ensemble of the last `exported` members (all by default),
-    calibrated with `temperature` and not, of the ensemble grown one member at a time, and
-    what its uncertainty scores flag (`ood_probs`: the members on out-of-distribution inputs)."""
+                 chosen: Sequence[int] | None = None, ood_probs: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of each member, of the ensemble of the `chosen` members (indices, repeats weigh
+    more; all by default), calibrated with `temperature` and not, of the ensemble grown one
+    member at a time, and what its uncertainty scores flag (`ood_probs`: the members on
+    out-of-distribution inputs)."""
     count = member_probs.shape[1]
-    size = exported or count
-    chosen = member_probs[:, count - size:]
+    chosen = list(range(count)) if chosen is None else list(chosen)
+    picked = member_probs[:, chosen]
     members = [classification_metrics(member_probs[:, m], labels) for m in range(count)]
-    mean = mean_probabilities(chosen)
+    mean = mean_probabilities(picked)
     calibrated = temperature_scaled(mean, temperature)
-    disagreement = pairwise_disagreement(chosen)
+    distinct = sorted(set(chosen))
+    disagreement = pairwise_disagreement(member_probs[:, distinct])
+    every = pairwise_disagreement(member_probs)
     return {
         "members": members,
         "ensemble": classification_metrics(mean, labels),
         "ensemble_calibrated": classification_metrics(calibrated, labels),
-        "members_mean": {k: float(np.mean([m[k] for m in members[count - size:]])) for k in members[0]},
-        # Diversity: without it an ensemble is one model served M times.
-        "mean_pairwise_disagreement": float(disagreement[~np.eye(size, dtype=bool)].mean()) if size > 1 else 0.0,
+        "members_mean": {k: float(np.mean([members[m][k] for m in chosen])) for k in members[0]},
+        # Diversity: without it an ensemble is one model served M times. Among the distinct
+        # chosen members, and among all collected (the premise: near-final yet different).
+        "mean_pairwise_disagreement": _off_diagonal_mean(disagreement),
         "pairwise_disagreement": disagreement.tolist(),
-        "mean_mutual_information": float(mutual_information(chosen).mean(dtype=np.float64)),
+        "collected_mean_pairwise_disagreement": _off_diagonal_mean(every),
+        "mean_mutual_information": float(mutual_information(picked).mean(dtype=np.float64)),
         "ensemble_by_size": {
             "forward": [classification_metrics(mean_probabilities(member_probs[:, :m]), labels)
                         for m in range(1, count + 1)],
@@ -79,21 +87,29 @@ def split_report(member_probs: np.ndarray, labels: np.ndarray, temperature: floa
         },
         "reliability": {"uncalibrated": reliability_bins(mean, labels),
                         "calibrated": reliability_bins(calibrated, labels)},
-        "uncertainty": uncertainty_report(chosen, labels, temperature,
-                                          None if ood_probs is None else ood_probs[:, count - size:]),
+        "uncertainty": uncertainty_report(picked, labels, temperature,
+                                          None if ood_probs is None else ood_probs[:, chosen]),
     }
 
 
+def _off_diagonal_mean(matrix: np.ndarray) -> float:
+    size = len(matrix)
+    return float(matrix[~np.eye(size, dtype=bool)].mean()) if size > 1 else 0.0
+
+
 def evaluate_ensemble(val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
-                      test_labels: np.ndarray, *, exported: int, calibrate: bool = True,
-                      ood_probs: np.ndarray | None = None) -> dict[str, Any]:
-    """{"temperature", "val", "test"}: T fitted on the validation split's pooled probabilities;
-    `ood_probs` (members on out-of-distribution inputs) goes into the test report."""
-    pooled = mean_probabilities(val_probs[:, val_probs.shape[1] - exported:])
+                      test_labels: np.ndarray, *, selection: str = "all", k: int | None = None,
+                      calibrate: bool = True, ood_probs: np.ndarray | None = None) -> dict[str, Any]:
+    """{"selection", "temperature", "val", "test"}: the members chosen by `selection` (with `k`
+    for last-k) on the validation split, then T fitted on their pooled validation probabilities;
+    `ood_probs` (members on out-of-distribution inputs) goes into the test report. The test
+    split is scored only after both are fixed."""
+    choice = select_members(val_probs, val_labels, selection, k)
+    pooled = mean_probabilities(val_probs[:, list(choice.members)])
     temperature = fit_temperature(pooled, val_labels) if calibrate else 1.0
-    return {"temperature": temperature,
-            "val": split_report(val_probs, val_labels, temperature, exported),
-            "test": split_report(test_probs, test_labels, temperature, exported, ood_probs)}
+    return {"selection": choice, "temperature": temperature,
+            "val": split_report(val_probs, val_labels, temperature, choice.members),
+            "test": split_report(test_probs, test_labels, temperature, choice.members, ood_probs)}
 
 
 def _row(name: str, m: dict[str, float]) -> str:
@@ -119,12 +135,23 @@ def report_markdown(manifest: dict[str, Any], report: dict[str, Any], plots: dic
         _row("ensemble, uncalibrated", test["ensemble"]),
         _row("members, mean", test["members_mean"]),
     ]
-    offset = len(test["members"]) - len(manifest["members"])  # the exported are the last ones
-    lines += [_row(f"member {i} (step {m['step']})", test["members"][offset + i])
-              for i, m in enumerate(manifest["members"])]
+    selection = manifest.get("selection")
+    served = selection["collected"] if selection is not None else list(range(len(test["members"])))
+    for i, m in enumerate(test["members"]):
+        times = served.count(i)
+        lines.append(_row(f"member {i} ({f'served x{times}' if times else 'not served'})", m))
+    if selection is not None:
+        val = selection["validation"]
+        lines += ["", f"Member selection `{selection['rule']}`"
+                  + (f" (k = {selection['k']})" if selection.get("k") else "")
+                  + f" on the validation split: collected members {selection['collected']} served "
+                  f"(repeats weigh more); validation NLL {val['nll']:.4f}, accuracy {val['accuracy']:.4f} "
+                  f"(all {selection['collected_count']} members: {val['all_members_nll']:.4f}, "
+                  f"{val['all_members_accuracy']:.4f})."]
     if report.get("adaptive") is not None:
         lines += adaptive_markdown(report["adaptive"])
-    lines += ["", f"Mean pairwise disagreement {test['mean_pairwise_disagreement']:.4f}, mean mutual "
+    lines += ["", f"Mean pairwise disagreement {test['mean_pairwise_disagreement']:.4f} among the served "
+              f"members ({test['collected_mean_pairwise_disagreement']:.4f} among all collected), mean mutual "
               f"information {test['mean_mutual_information']:.4f} nats.", ""]
     lines += _uncertainty_markdown(test["uncertainty"], report.get("ood"))
     titles = {"lr": "Learning rate and members", "training": "Training loss and test error",

@@ -13,6 +13,8 @@ checkpoint (written at the end of every epoch) always holds a consistent set of 
 - `SWASchedule`: the SWA reference schedule (constant, linear decay to swa_lr by 90% of
   swa_start), then a constant swa_lr or linear cycles from swa_lr_max down to swa_lr.
 - `StepDecaySchedule` (single): 0.1 -> 0.01 at 50% -> 0.001 at 75%, the SSE paper's baseline.
+- `LinearDecaySchedule` (single): the FGE/SWA reference schedule over the whole budget, the
+  baseline of those papers (FGE's pre-training is this schedule cut off where FGE starts).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from snapserve.trainer.errors import ConfigError
 __all__ = [
     "CyclicCosineSchedule",
     "FGESchedule",
+    "LinearDecaySchedule",
     "SWASchedule",
     "StepDecaySchedule",
     "cycle_end_steps",
@@ -117,6 +120,23 @@ def linear_decay_lr(step: int, lr0: float, steps: int, final_ratio: float = 0.01
     else:
         factor = final_ratio
     return lr0 * factor
+
+
+@dataclass(frozen=True)
+class LinearDecaySchedule:
+    """`linear_decay_lr` over the whole budget, one member at the end (the `single-linear` baseline)."""
+
+    lr0: float
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.lr0, self.total_steps)
+
+    def lr(self, step: int) -> float:
+        return linear_decay_lr(step, self.lr0, self.total_steps)
+
+    def member_steps(self) -> list[int]:
+        return [self.total_steps]
 
 
 def _cycle_position(i: int, cycle_steps: int) -> float:
