@@ -100,3 +100,18 @@ def test_missing_unreadable_and_unknown_datasets(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "objects.npz"))
     with pytest.raises(DatasetError, match=r"unknown dataset 'cifar99'.*\['digits', 'mnist1d'\]"):
         load_dataset("cifar99")
+
+
+@pytest.mark.parametrize("member", ["extra", "x_train.bin", "notes.txt"])
+def test_every_npz_member_counts_against_the_limit_whatever_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member: str) -> None:
+    import zipfile
+
+    path = Path(_save(tmp_path, **_arrays()))
+    # 64 MiB of zeros deflate to ~64 KiB: refused by its declared size, never inflated.
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, b"\0" * (64 * 2**20))
+    assert path.stat().st_size < 2**20
+    monkeypatch.setenv("SNAPSERVE_MAX_DATASET_BYTES", str(32 * 2**20))
+    with pytest.raises(DatasetError, match=f"up to {member}.*the limit is 32 MiB"):
+        load_dataset(str(path))

@@ -207,3 +207,23 @@ def test_augmentation_is_for_images_and_on_by_default_for_cifar(tmp_path: Path) 
     assert _batches(TrainConfig(out="x", batch_size=8, augment=False), cifar, cpu, one).augment_fill is None
     first = next(batches.epoch(0))
     assert first.x.shape == (8, 3, 32, 32) and torch.equal(first.x, next(batches.epoch(0)).x)
+
+
+def test_cifar_labels_sharing_references_are_refused_before_numpy_expands_them(
+        tmp_path: Path) -> None:
+    # ~9 KB of pickle: 4 labels, each the same list of lists, which np.asarray would expand to
+    # 4 x 3000 x 3000 int64 (~290 MB; the 1.4 GB with one more level).
+    row = [0] * 3000
+    grid = [row] * 3000
+    _dump(tmp_path / "data_batch_1", {b"data": np.zeros((4, 3072), np.uint8),
+                                      b"labels": [grid] * 4}, False)
+    _dump(tmp_path / "test_batch", _batch(5, 1), False)
+    assert (tmp_path / "data_batch_1").stat().st_size < 64 * 1024
+    with pytest.raises(DatasetError, match="'labels' must be 4 integers .* holding other than "
+                                           "integers"):
+        load_dataset(str(tmp_path))
+    # names in batches.meta likewise: strings only
+    _dump(tmp_path / "data_batch_1", _batch(10, 1), False)
+    _dump(tmp_path / "batches.meta", {b"label_names": [grid] * 10}, False)
+    with pytest.raises(DatasetError, match="expected 10 names"):
+        load_dataset(str(tmp_path))

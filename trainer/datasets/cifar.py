@@ -131,7 +131,7 @@ def _read_batch(path: Path, label_key: str, classes: int) -> Split:
     batch = safe_unpickle(path)
     if not isinstance(batch, dict):
         raise DatasetError(f"{path}: expected a dict, found {type(batch).__name__}")
-    batch = {_text(k): v for k, v in batch.items()}
+    batch = _text_keys(batch)
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype == object:
         raise DatasetError(f"{path}: 'data' must be a numeric numpy array, got {type(data).__name__}")
@@ -139,6 +139,7 @@ def _read_batch(path: Path, label_key: str, classes: int) -> Split:
         raise DatasetError(f"{path}: 'data' must be [N, 3072] (3x32x32 images), got shape {list(data.shape)}")
     if labels is None:
         raise DatasetError(f"{path}: no {label_key!r} list; found keys {sorted(batch)}")
+    _check_flat_ints(path, label_key, labels, len(data))
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{path}: {label_key!r} must be {len(data)} integers (one per image), got "
@@ -147,6 +148,26 @@ def _read_batch(path: Path, label_key: str, classes: int) -> Split:
         raise DatasetError(f"{path}: labels must be in [0, {classes - 1}], found [{labels.min()}, {labels.max()}]")
     check_size(path, f"'data' as float32 ({len(data)} images)", len(data) * 3072 * 4)
     return Split(data.reshape(-1, 3, 32, 32).astype(np.float32), labels.astype(np.int64))
+
+
+def _text_keys(mapping: dict[Any, Any]) -> dict[str, Any]:
+    """A batch dict by text keys; other keys (a tuple of shared references would print as
+    gigabytes) are dropped."""
+    return {_text(k): v for k, v in mapping.items() if isinstance(k, (bytes, str))}
+
+
+def _check_flat_ints(path: Path, key: str, labels: Any, count: int) -> None:
+    """Labels as CIFAR writes them (a list of ints, or a 1-D integer array), checked by length and
+    element type before numpy sees them: a few KB of pickle can nest lists that share references,
+    which np.asarray would expand to gigabytes."""
+    if isinstance(labels, np.ndarray):
+        return  # its size was bounded as it was unpickled (_bounded_reconstruct)
+    if not isinstance(labels, list) or len(labels) != count or not all(
+            type(v) is int for v in labels):
+        got = (f"a list holding {'other than integers' if len(labels) == count else len(labels)}"
+               if isinstance(labels, list) else f"a {type(labels).__name__}")
+        raise DatasetError(f"{path}: {key!r} must be {count} integers (one per image) in a list, "
+                           f"got {got}")
 
 
 def _concat(splits: list[Split]) -> Split:
@@ -159,9 +180,10 @@ def _class_names(path: Path, key: str, count: int, default: tuple[str, ...] | No
             return tuple(str(i) for i in range(count))
         return default
     meta = safe_unpickle(path)
-    names = {_text(k): v for k, v in meta.items()}.get(key) if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) != count:
-        raise DatasetError(f"{path}: expected {count} names under {key!r}")
+    names = _text_keys(meta).get(key) if isinstance(meta, dict) else None
+    if (not isinstance(names, list) or len(names) != count
+            or not all(isinstance(n, (bytes, str)) for n in names)):
+        raise DatasetError(f"{path}: expected {count} names (strings) under {key!r}")
     return tuple(_text(n) for n in names)
 
 

@@ -16,6 +16,7 @@ __all__ = ["MAX_DATASET_BYTES_ENV", "REQUIRED_NPZ_ARRAYS", "check_size", "load_n
            "max_dataset_bytes"]
 
 REQUIRED_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+NPY_MAGIC = b"\x93NUMPY"
 # The most memory one dataset file may make the trainer allocate (its arrays as read, and as
 # float32), so a crafted file (a zip bomb .npz, a pickle or image header claiming gigabytes) is
 # refused by name instead of taking the machine's memory. CIFAR-10's train split as float32 is
@@ -94,14 +95,21 @@ def _member_bytes(member: zipfile.ZipExtFile) -> int:
 
 
 def _check_npz_sizes(path: Path) -> None:
-    """Refuse an .npz whose members, decompressed or as arrays, exceed the limit, before reading."""
+    """Refuse an .npz whose members, decompressed or as arrays, exceed the limit, before reading.
+
+    Every member counts, whatever its name: np.load reads a member without the .npy suffix too
+    (as an array if it holds one, else as its bytes). Its declared size bounds what zipfile
+    inflates; an array's header bounds what numpy allocates; only the header is inflated here."""
     total = 0
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
+            total += info.file_size
+            check_size(path, f"its members (up to {info.filename})", total)
             with archive.open(info) as member:
-                total += max(info.file_size, _member_bytes(member))
+                is_array = member.read(len(NPY_MAGIC)) == NPY_MAGIC
+            if is_array:
+                with archive.open(info) as member:
+                    total += max(0, _member_bytes(member) - info.file_size)
             check_size(path, f"its arrays (up to {info.filename})", total)
 
 
