@@ -78,3 +78,14 @@ def test_the_end_of_a_run_prints_the_report_path(tmp_path: Path,
     printed = capsys.readouterr().out
     assert f"report: {tmp_path / 'models' / 'digits' / '1' / 'report'}" in printed
     assert (tmp_path / "models" / "digits" / "1" / "report" / "metrics.json").is_file()
+
+
+def test_a_csv_data_set_gets_a_message_about_csv(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    assert main(["train", "--out", str(tmp_path / "models"), "--dataset", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "a CSV file is not a data set the trainer reads; convert it to a .npz" in err
+    assert "zip" not in err and "pickle" not in err
+    assert not (tmp_path / "models" / ".runs").exists()
