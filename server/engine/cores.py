@@ -26,7 +26,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AUTO", "LOOP_COST_S", "ON_LOOP_MAX_S", "ThreadPlan", "cgroup_cpu_limit", "plan_threads",
+from snapserve.server.errors import ModelSettingsError
+
+__all__ = ["AUTO", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "ThreadPlan",
+           "check_thread_budget", "cgroup_cpu_limit", "plan_threads",
            "usable_cores"]
 
 AUTO = 0  # instances / intra_op_threads: decide at load
@@ -105,6 +108,28 @@ def usable_cores(root: Path = Path("/sys/fs/cgroup"),
     if quota is not None:
         cores = min(cores, math.floor(quota))
     return max(cores, 1)
+
+
+# The most ONNX Runtime threads one model version's instances may ask for, per usable core.
+# Past a few threads a core, more only add context switches and slow every other model on the
+# machine; a few leave room for deliberate over-subscription (small models, cores shared with a
+# sidecar). Auto never plans past one per core.
+MAX_THREADS_PER_CORE = 4
+
+
+def check_thread_budget(instances: int, intra_op_threads: int, cores: int) -> None:
+    """ModelSettingsError naming the keys when the configured instances x intra_op_threads pass
+    MAX_THREADS_PER_CORE x `cores`. Refused, not clamped: a server that runs other than its
+    settings say is harder to reason about than a load that fails saying why (a hot reload keeps
+    the version it had). AUTO (0) counts as 1: auto fills at most the cores."""
+    threads = max(instances, 1) * max(intra_op_threads, 1)
+    limit = MAX_THREADS_PER_CORE * cores
+    if threads > limit:
+        raise ModelSettingsError(
+            f"instances ({instances or 'auto'}) x intra_op_threads ({intra_op_threads or 'auto'}) "
+            f"= {threads} ONNX Runtime threads, more than {MAX_THREADS_PER_CORE} per usable core "
+            f"({cores} cores: {limit}); lower instances or intra_op_threads (flags --instances, "
+            "--intra-op-threads, or the model's model-settings.yaml), or leave them auto")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from snapserve.server.engine.adaptive import AdaptiveMembers
 from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.cores import check_thread_budget, usable_cores
 from snapserve.server.engine.planning import plan_instances
 from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphBytes,
                                              RuntimeConfig, choose_graph)
@@ -106,6 +107,9 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     built for other scores than this server computes. Any other fused-graph fault is logged and
     the members serve.
     """
+    # Before any session opens: the first would already start the threads asked for.
+    check_thread_budget(runtime_config.instances, runtime_config.intra_op_threads,
+                        runtime_config.cores or usable_cores())
     manifest = read_manifest(path)
     verified = read_verified(manifest, path)  # read once: what was hashed is what loads
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
