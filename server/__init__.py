@@ -4,6 +4,9 @@
     ...  # talk to 127.0.0.1:{running.port}
     await running.stop(grace=1.0)
 
+    ensemble = Ensemble.load("models/digits/1")  # a version in this process, no server
+    scores = ensemble.predict(x)                 # the server's scores for the same inputs
+
 Three wings, arrows one way: api (the transports around one inference pipeline, status codes,
 health, security, drain) -> models (registry, lifecycle, version policy, manifest, the served
 version) -> engine (batcher, ONNX Runtime sessions, planning); observability (metrics, logs,
@@ -24,12 +27,14 @@ if TYPE_CHECKING:
     from snapserve.server.config import BatcherConfig, RepositoryConfig, RuntimeConfig, ServerConfig
     from snapserve.server.engine.batcher import Batcher
     from snapserve.server.errors import ConfigError
+    from snapserve.server.inprocess import Ensemble
 
 # Public name -> the module that defines it.
 _EXPORTS = {
     "Batcher": "snapserve.server.engine.batcher",
     "BatcherConfig": "snapserve.server.config",
     "ConfigError": "snapserve.server.errors",
+    "Ensemble": "snapserve.server.inprocess",
     "RepositoryConfig": "snapserve.server.config",
     "RunningServer": "snapserve.server.app",
     "RuntimeConfig": "snapserve.server.config",
