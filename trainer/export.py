@@ -3,7 +3,9 @@
 torch 2.13 still accepts `dynamo=False` (the TorchScript exporter) but warns that it will be
 removed, so we use the torch.export-based exporter. Opset 18 is its lowest native opset: asking
 for 17 goes through a version converter. Graphs take `input` [batch, ...] (dynamic batch) and
-return `logits` [batch, C]; they do not normalize (the manifest says how).
+return `logits` [batch, C]. Given the dataset's normalisation, a graph takes raw inputs and
+applies it itself (`Normalized`, a Sub and a Div at the front), so every client on every
+transport sends raw data; the manifest records it as `input.kind: raw`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,13 +26,32 @@ from torch import nn
 from snapserve.proto.scores import softmax
 from snapserve.trainer.errors import ExportParityError
 
-__all__ = ["INPUT_NAME", "ONNX_OPSET", "OUTPUT_NAME", "PARITY_TOLERANCE",
+__all__ = ["INPUT_NAME", "ONNX_OPSET", "OUTPUT_NAME", "PARITY_TOLERANCE", "Normalized",
            "check_parity", "export_onnx", "onnx_logits", "torch_logits"]
 
 ONNX_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 PARITY_TOLERANCE = 1e-4  # max abs difference of probabilities; float32 graphs agree to ~1e-6
+
+
+class Normalized(nn.Module):
+    """`model` on (x - mean) / std, broadcast as the manifest's `input.normalization` says
+    (per channel along `axis`, or one scalar pair): the exported graph takes raw inputs."""
+
+    def __init__(self, model: nn.Module, normalization: Mapping[str, object], ndim: int) -> None:
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(normalization["mean"], dtype=torch.float32)
+        std = torch.tensor(normalization["std"], dtype=torch.float32)
+        shape = [1] * ndim  # the input's rank, batch included
+        if mean.numel() > 1:
+            shape[int(normalization.get("axis", 1))] = mean.numel()  # type: ignore[call-overload]
+        self.register_buffer("mean", mean.reshape(shape))
+        self.register_buffer("std", std.reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
 
 
 @contextmanager
@@ -49,9 +70,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int],
-                opset: int = ONNX_OPSET) -> None:
-    """Writes `model` (a CPU copy in eval mode; the original is untouched) to `path`."""
-    cpu_model = copy.deepcopy(model).to("cpu").eval()
+                opset: int = ONNX_OPSET, normalization: Mapping[str, object] | None = None) -> None:
+    """Writes `model` (a CPU copy in eval mode; the original is untouched) to `path`; with
+    `normalization` (the manifest's), the graph takes raw inputs and normalises them first."""
+    cpu_model: nn.Module = copy.deepcopy(model).to("cpu").eval()
+    if normalization is not None:
+        cpu_model = Normalized(cpu_model, normalization, 1 + len(input_shape)).eval()
     # A batch of 2 in the example: a batch of 1 could be specialized into the graph.
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     with _quiet_exporter():
@@ -92,17 +116,22 @@ def onnx_logits(path: str | Path, x: np.ndarray, threads: int = 1) -> np.ndarray
 
 
 def check_parity(model: nn.Module, path: str | Path, batches: Sequence[np.ndarray],
-                 tolerance: float = PARITY_TOLERANCE, threads: int = 1) -> float:
+                 tolerance: float = PARITY_TOLERANCE, threads: int = 1,
+                 normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
     """Max abs difference of ONNX Runtime vs PyTorch (CPU, eval) probabilities over `batches`.
 
-    Raises ExportParityError, naming the batch and the difference, beyond `tolerance`.
+    With `normalize` (the trainer's own, e.g. Dataset.normalize) the batches are raw: the graph
+    gets them as they are and PyTorch gets `normalize(x)`, as in training and evaluation, so the
+    graph's normalisation is checked too. Raises ExportParityError, naming the batch and the
+    difference, beyond `tolerance`.
     """
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     session = onnx_session(path, threads)
     worst = 0.0
     for x in batches:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        expected = softmax(torch_logits(cpu_model, x).astype(np.float64))
+        model_x = x if normalize is None else np.ascontiguousarray(normalize(x), dtype=np.float32)
+        expected = softmax(torch_logits(cpu_model, model_x).astype(np.float64))
         got = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64))
         if got.shape != expected.shape:
             raise ExportParityError(str(path), len(x), float("inf"), tolerance)

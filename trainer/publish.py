@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from snapserve.proto.scores import softmax
+from snapserve.proto.spec import RAW
 from snapserve.trainer.adaptive import adaptive_evaluation
 from snapserve.trainer.config import TrainConfig
 from snapserve.trainer.datasets import OOD_DESCRIPTION, SPLIT_SEED, Dataset
@@ -91,7 +92,8 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
                   evaluation: dict[str, Any]) -> TrainResult:
     """Exports and checks the members, then writes the version folder atomically."""
     began = time.perf_counter()
-    x_test = dataset.normalize(dataset.test.x)
+    x_test = dataset.test.x  # raw: the graphs normalise, as the manifest's input.kind says
+    normalization = dataset.normalization()
     # Real inputs: the whole test split, a batch of one, and an odd size.
     parity_batches = [x_test, x_test[:1], x_test[:7]]
     test, selection = evaluation["test"], evaluation["selection"]
@@ -104,8 +106,9 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
             for position, index in enumerate(selection.distinct):
                 member, model = ensemble.members[index], ensemble.models[index]
                 path = writer.member_path(position)
-                export_onnx(model, path, dataset.input_shape)
-                diff = check_parity(model, path, parity_batches, threads=config.threads)
+                export_onnx(model, path, dataset.input_shape, normalization=normalization)
+                diff = check_parity(model, path, parity_batches, threads=config.threads,
+                                    normalize=dataset.normalize)
                 logger.info("exported member %d (collected %d, step %d): parity max abs diff %.2e",
                             position, index, member.step, diff)
                 entries.append({"file": writer.member_file(position), "index": index,
@@ -116,13 +119,14 @@ def write_version(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemb
             served, raw = test["ensemble_calibrated"], test["ensemble"]
             manifest = build_manifest(
                 name=config.name, method=ensemble.method.name, input_shape=list(dataset.input_shape),
-                normalization=dataset.normalization(), classes=list(dataset.classes), members=entries,
+                normalization=normalization, classes=list(dataset.classes), members=entries,
                 metrics={**served, **{f"{k}_uncalibrated": raw[k] for k in ("nll", "brier", "ece")},
                          "members_mean_accuracy": test["members_mean"]["accuracy"],
                          "members_mean_nll": test["members_mean"]["nll"]},
                 training=training_summary(config, dataset, ensemble, export_seconds),
                 opset=ONNX_OPSET, temperature=evaluation["temperature"],
             )
+            manifest["input"]["kind"] = RAW  # the graphs apply input.normalization themselves
             manifest["selection"] = selection.to_manifest()
             manifest["adaptive"] = evaluation["adaptive"]["manifest"]  # from the validation split
             report = {"temperature": evaluation["temperature"], "calibrated": config.calibrate,

@@ -55,6 +55,21 @@ def test_onnx_matches_pytorch_on_real_batches(arch: str, digits: Dataset, tmp_pa
     assert (onnx_logits(path, x).argmax(1) == digits.test.y).mean() > 0.8
 
 
+def test_a_graph_exported_with_the_normalization_takes_raw_inputs(digits: Dataset, tmp_path: Path) -> None:
+    """The graph applies (x - mean) / std itself: raw pixels in, the trainer's own logits out."""
+    model = trained("cnn", digits)
+    path = tmp_path / "member.onnx"
+    export_onnx(model, path, digits.input_shape, normalization=digits.normalization())
+    raw = digits.test.x
+    assert check_parity(model, path, [raw, raw[:1], raw[:7]], normalize=digits.normalize) < 1e-4
+    np.testing.assert_allclose(onnx_logits(path, raw[:7]), torch_logits(model, digits.normalize(raw[:7])),
+                               atol=1e-4)
+    # A graph without the normalisation fails the same raw-input check, loudly.
+    export_onnx(model, tmp_path / "bare.onnx", digits.input_shape)
+    with pytest.raises(ExportParityError):
+        check_parity(model, tmp_path / "bare.onnx", [raw], normalize=digits.normalize)
+
+
 def test_parity_failure_names_the_numbers(digits: Dataset, tmp_path: Path) -> None:
     model = trained("cnn", digits)
     path = tmp_path / "member.onnx"
