@@ -41,7 +41,9 @@ def _reimport(version_dir: Path, repository: Path, name: str) -> Path:
         classes.write_text("\n".join(manifest["classes"]) + "\n")
         return import_members([version_dir / m["file"] for m in manifest["members"]], repository,
                               name, classes, manifest.get("temperature", 1.0),
-                              manifest["input"].get("normalization"))
+                              # Members that normalise in-graph (kind raw) need no client normalisation.
+                              None if manifest["input"].get("kind") == "raw"
+                              else manifest["input"].get("normalization"))
 
 
 def digits_version(repository: Path, source: Path = ROOT / "models" / DIGITS) -> Path:

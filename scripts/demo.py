@@ -80,7 +80,8 @@ def query(target: str, name: str, x: np.ndarray, batch: int) -> dict[str, np.nda
     parts: dict[str, list[np.ndarray]] = {}
     with EnsembleClient(target) as client:
         for start in range(0, len(x), batch):
-            pred = client.predict(name, x[start:start + batch], normalize=True, member_probabilities=True)
+            # Raw pixels: the model's graphs apply its normalisation.
+            pred = client.predict(name, x[start:start + batch], member_probabilities=True)
             for key in ("probabilities", "member_probabilities", "mutual_information",
                         "vote_disagreement", "predictive_entropy", "member_kl"):
                 parts.setdefault(key, []).append(getattr(pred, key))
