@@ -1,0 +1,534 @@
+"""Adaptive member evaluation measured (issue 27, item 3): the full ensemble against adaptive
+serving of the same members, in one run.
+
+    python -m benchmarks.adaptive [--seeds 0,1,2] [--epochs 30] [--width 256] [--members 5]
+        [--duration 10] [--warmup 2] [--concurrency 1,8,32] [--repo DIR] [--no-write]
+
+1. Trains (`trainer train --arch cnn1d --width W`, one seed after another, `--threads 1`) or takes
+   from `--repo` one calibrated ensemble per seed (a model's newest version whose manifest has
+   `adaptive`). Models trained here land in runs/benchmarks/adaptive/repo and are reused.
+2. Says whether compute dominates request handling: the in-process time of one example through
+   every member (ONNX Runtime, one thread, the ceiling's `members` way) against the server's CPU
+   per request on a cheap model (one linear member over the same input), and the members' share
+   of the full server's CPU per example.
+3. Starts two `ensemble-server` processes one after the other on the same repository: full (every
+   member, the server's own choice of graph) and `--adaptive-members`. On each, for every seed:
+   the whole test split through the native API (the server's own answers: probabilities,
+   entropy, mutual information, members_evaluated), then closed loops of one-example requests
+   at each concurrency, driven by the project's load generator (client/bench.py) over the test
+   inputs in a fixed shuffled order: an adaptive server's cost depends on the inputs, so a
+   load of one repeated input would say nothing. Server CPU per example from /proc.
+4. Reports full against adaptive, paired on the same test examples: accuracy, NLL, the error-
+   flagging AUROC of the entropy and of the mutual information, mean members evaluated, and
+   examples/s and server CPU per example at each concurrency; differences as a paired
+   t-interval over seeds. Writes the "Adaptive member evaluation" section of
+   benchmarks/RESULTS.md and the raw numbers to runs/benchmarks/adaptive/results.json.
+
+Throughput shares the machine with whatever else runs: the load average and the other
+processes' share of the CPU go beside the numbers. Accuracy and the scores do not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from benchmarks.ceiling import _median, _ways
+from benchmarks.ensembles import latest_version
+from benchmarks.serve import (ServerSettings, _busy_seconds, _cpu_seconds, _fmt, _machine,
+                              _own_seconds, _process, replace_section)
+
+__all__ = ["main", "paired_interval", "render", "run"]
+
+logger = logging.getLogger("benchmarks.adaptive")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+WORK = ROOT / "runs" / "benchmarks" / "adaptive"
+SECTION = "Adaptive member evaluation"
+CHEAP = "handling-probe"  # the cheap model: its compute is negligible beside its handling
+GOAL_SPEEDUP = 2.5  # adaptive examples/s over full at the goal's concurrency
+GOAL_CONCURRENCY = 32
+GOAL_ACCURACY_POINTS = 0.1
+GOAL_AUROC = 0.01
+GOAL_COMPUTE_RATIO = 5.0
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def _calibrated(model_dir: Path) -> Path | None:
+    version = latest_version(model_dir)
+    if version is None:
+        return None
+    manifest = json.loads((version / "manifest.json").read_text())
+    return version if manifest.get("adaptive") else None
+
+
+def train_models(repo: Path, seeds: Sequence[int], dataset: str, width: int, epochs: int,
+                 members: int) -> dict[str, Path]:
+    """One calibrated ensemble per seed in `repo` (trained unless already there): name -> version."""
+    versions = {}
+    for seed in seeds:
+        name = f"cnn1d-w{width}-e{epochs}-m{members}-s{seed}"
+        version = _calibrated(repo / name)
+        if version is None:
+            logger.info("training %s (trainer train, %d epochs, one thread)", name, epochs)
+            subprocess.run([sys.executable, "-m", "snapserve.trainer", "-q", "train", "--dataset",
+                            dataset, "--arch", "cnn1d", "--width", str(width), "--epochs",
+                            str(epochs), "--members", str(members), "--seed", str(seed),
+                            "--threads", "1", "--no-plots", "--out", str(repo), "--name", name],
+                           check=True, cwd=ROOT)
+            version = _calibrated(repo / name)
+            if version is None:
+                raise RuntimeError(f"{name}: the trainer wrote no calibrated version")
+        versions[name] = version
+    return versions
+
+
+def existing_models(repo: Path) -> dict[str, Path]:
+    """Every model in `repo` whose newest version carries a calibration: name -> version."""
+    found = {}
+    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        version = _calibrated(model_dir)
+        if version is not None:
+            found[model_dir.name] = version
+    if not found:
+        raise SystemExit(f"{repo}: no model with a calibrated (manifest 'adaptive') version")
+    return found
+
+
+def cheap_model(repo: Path, input_shape: Sequence[int], classes: int) -> Path:
+    """A one-member model over the same input (flatten, one matrix product): what the server
+    costs per request when the model costs next to nothing."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from snapserve.trainer.importer import import_members
+
+    existing = latest_version(repo / CHEAP)
+    if existing is not None:
+        return existing
+    features = int(np.prod(input_shape))
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(0, 0.1, (features, classes)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])], "probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(model, path)
+        return import_members([path], repo, CHEAP)
+
+
+def test_split(version_dir: Path, dataset: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The test split the version was trained beside (raw inputs, as the served graph takes)."""
+    from snapserve.trainer.datasets import load_dataset
+
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    training = manifest.get("training") or {}
+    spec = dataset or training.get("dataset")
+    if not spec:
+        raise SystemExit(f"{version_dir}: the manifest names no dataset; give --dataset")
+    data = load_dataset(spec, split_seed=int(training.get("split_seed", 0)))
+    x, spec = data.test.x, manifest["input"]
+    norm = spec.get("normalization")
+    if spec.get("kind") != "raw" and norm:  # older graphs take inputs normalised by the caller
+        shape = [1] * x.ndim
+        shape[int(norm.get("axis", 1))] = -1
+        x = (x - np.reshape(norm["mean"], shape)) / np.reshape(norm["std"], shape)
+    return np.ascontiguousarray(x, dtype=np.float32), data.test.y
+
+
+def in_process_ms(version_dir: Path, batch: int, budget_s: float) -> float:
+    """ms per example of every member (one thread, logits only) at one batch size."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    run_members = _ways(version_dir, manifest, 1)["members"]
+    x = np.random.default_rng(0).normal(0, 1, (batch, *manifest["input"]["shape"][1:])).astype(np.float32)
+    return 1e3 * _median(lambda: run_members(x), budget_s) / batch
+
+
+# --- load: the project's load generator over many inputs ----------------------------------------
+
+class _Cycling:
+    """A bench target (client/bench.py) whose calls send the prepared requests in turn, shared
+    by every caller, instead of one request again and again."""
+
+    def __init__(self, target: Any, payloads: Sequence[bytes]) -> None:
+        self._target, self._payloads, self._next = target, payloads, 0
+
+    async def call(self, payload: bytes) -> bytes:
+        chosen = self._payloads[self._next % len(self._payloads)]
+        self._next += 1
+        return await self._target.call(chosen)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+async def _drive(target: str, model: str, inputs: np.ndarray, concurrency: int, duration: float,
+                 warmup: float) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from snapserve.client.bench import BenchConfig, _level, _open_target
+    from snapserve.client.credentials import Security
+
+    config = BenchConfig(target=target, model=model, concurrency=(concurrency,),
+                         duration_s=duration, warmup_s=warmup)
+    async with _open_target(config, Security(), None) as bench_target:
+        name, dtype, _shape = await bench_target.input_spec()
+        payloads = [bench_target.request(name, row[None].astype(dtype)) for row in inputs]
+        bench_target.check(await bench_target.call(payloads[0]), 1)
+        result = await _level(_Cycling(bench_target, payloads), payloads[0], config, concurrency)
+    return asdict(result)
+
+
+def _measured_level(pid: int, port: int, model: str, inputs_file: Path, concurrency: int,
+                    duration: float, warmup: float) -> dict[str, Any]:
+    """One closed-loop level from a client process of its own (its CPU is not the server's);
+    the server's CPU over the level from /proc."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cpu0, began = _cpu_seconds(pid), time.perf_counter()
+        subprocess.run([sys.executable, "-m", "benchmarks.adaptive", "drive", "--target",
+                        f"127.0.0.1:{port}", "--model", model, "--inputs", str(inputs_file),
+                        "--concurrency", str(concurrency), "--duration", str(duration),
+                        "--warmup", str(warmup), "--out", out.name], check=True, cwd=ROOT)
+        cpu, wall = _cpu_seconds(pid) - cpu0, time.perf_counter() - began
+        result = json.loads(Path(out.name).read_text())
+    answered = result["requests"] + sum(result["errors"].values())
+    # Over warm-up and window together: the rate is about the same in both.
+    result["server_cpu_ms_per_example"] = 1e3 * cpu / max(answered * (duration + warmup) / duration, 1)
+    result["server_cpu_share"] = cpu / wall
+    return result
+
+
+# --- the test split, as served ------------------------------------------------------------------
+
+def served_answers(port: int, model: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    from snapserve.client.sync_client import EnsembleClient
+
+    with EnsembleClient(f"127.0.0.1:{port}") as client:
+        p = client.predict(model, x)
+    return {"probabilities": np.asarray(p.probabilities, dtype=np.float64),
+            "predictive_entropy": np.asarray(p.predictive_entropy, dtype=np.float64),
+            "mutual_information": np.asarray(p.mutual_information, dtype=np.float64),
+            "members_evaluated": np.asarray(p.members_evaluated, dtype=np.int64)}
+
+
+def split_metrics(answers: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float | None]:
+    from snapserve.trainer.metrics import auroc
+
+    probs = answers["probabilities"]
+    rows = np.arange(len(labels))
+    errors = np.argmax(probs, axis=1) != labels
+    return {"accuracy": float(1 - errors.mean()),
+            "nll": float(-np.log(np.clip(probs[rows, labels], 1e-12, None)).mean()),
+            "entropy_auroc": auroc(answers["predictive_entropy"], errors),
+            "mi_auroc": auroc(answers["mutual_information"], errors),
+            "mean_members_evaluated": float(answers["members_evaluated"].mean()),
+            "errors": int(errors.sum())}
+
+
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> dict[str, float | None]:
+    """Mean of per-seed paired differences and its t-interval (None below two seeds)."""
+    d = np.asarray([v for v in differences if v is not None], dtype=np.float64)
+    if len(d) == 0:
+        return {"mean": None, "low": None, "high": None, "seeds": 0}
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"mean": mean, "low": None, "high": None, "seeds": 1}
+    from scipy.stats import t
+
+    half = float(t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": int(len(d))}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def _serve(repo: Path, models: Sequence[str], adaptive: bool, settings: ServerSettings,
+           tests: dict[str, tuple[np.ndarray, np.ndarray]], inputs_files: dict[str, Path],
+           levels: Sequence[int], duration: float, warmup: float, workdir: Path,
+           cheap: bool) -> dict[str, Any]:
+    label = "adaptive" if adaptive else "full"
+    command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo),
+               "--port", "0", *settings.flags(),
+               "--adaptive-members" if adaptive else "--no-adaptive-members"]
+    log = workdir / f"server-{label}.log"
+    out: dict[str, Any] = {"models": {}}
+    with _process(command, log) as (process, port):
+        if cheap:
+            out["cheap"] = {c: _measured_level(process.pid, port, CHEAP, inputs_files[models[0]], c,
+                                               duration, warmup) for c in sorted({1, max(levels)})}
+        for model in models:
+            x, y = tests[model]
+            answers = served_answers(port, model, x)
+            result: dict[str, Any] = {"test": split_metrics(answers, y),
+                                      "answers": {k: v.tolist() for k, v in answers.items()
+                                                  if k != "probabilities"},
+                                      "levels": {}}
+            for c in levels:
+                level = _measured_level(process.pid, port, model, inputs_files[model], c, duration, warmup)
+                result["levels"][c] = level
+                logger.info("%s %s c=%d: %.1f ex/s, server %.3f ms CPU/example", label, model, c,
+                            level["examples_per_s"], level["server_cpu_ms_per_example"])
+            out["models"][model] = result
+    out["log"] = [line for line in log.read_text(errors="replace").splitlines()
+                  if "serving the" in line or "adaptive" in line][:20]
+    return out
+
+
+def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmup: float,
+        settings: ServerSettings, dataset: str | None, workdir: Path, budget_s: float = 0.5,
+        ) -> dict[str, Any]:
+    machine = _machine()
+    logger.info("load average before %s", machine["load_average_before"])
+    busy0, own0, began = _busy_seconds(), _own_seconds(), time.monotonic()
+    repo = workdir / "repo"  # the models and the cheap one, by link: nothing else loads
+    repo.mkdir()
+    tests, inputs_files = {}, {}
+    for name, version in versions.items():
+        (repo / name / version.name).parent.mkdir()
+        (repo / name / version.name).symlink_to(version.resolve(), target_is_directory=True)
+        x, y = test_split(version, dataset)
+        tests[name] = (x, y)
+        inputs_files[name] = workdir / f"{name}-inputs.npy"
+        np.save(inputs_files[name], x[np.random.default_rng(0).permutation(len(x))])
+    first = next(iter(versions.values()))
+    manifest = json.loads((first / "manifest.json").read_text())
+    cheap_model(repo, manifest["input"]["shape"][1:], len(manifest["classes"]))
+    compute = {1: in_process_ms(first, 1, budget_s), max(levels): in_process_ms(first, max(levels), budget_s)}
+    logger.info("in-process, every member, one thread: %s ms per example by batch size", compute)
+    full = _serve(repo, list(versions), False, settings, tests, inputs_files, levels, duration,
+                  warmup, workdir, cheap=True)
+    adaptive = _serve(repo, list(versions), True, settings, tests, inputs_files, levels, duration,
+                      warmup, workdir, cheap=False)
+    machine["load_average_after"] = os.getloadavg()
+    others = max(_busy_seconds() - busy0 - (_own_seconds() - own0), 0.0)
+    machine["others_cpu_share"] = others / (time.monotonic() - began) / (os.cpu_count() or 1)
+    return summarize(versions, compute, full, adaptive, levels, machine, duration, warmup, settings)
+
+
+def summarize(versions: dict[str, Path], compute: dict[int, float], full: dict[str, Any],
+              adaptive: dict[str, Any], levels: Sequence[int], machine: dict[str, Any],
+              duration: float, warmup: float, settings: ServerSettings) -> dict[str, Any]:
+    top = max(levels)
+    cheap = full["cheap"]
+    handling = {c: cheap[c]["server_cpu_ms_per_example"] for c in cheap}
+    seeds: dict[str, Any] = {}
+    for name, version in versions.items():
+        f, a = full["models"][name], adaptive["models"][name]
+        trained = json.loads((version / "report" / "metrics.json").read_text()).get("adaptive", {}) \
+            if (version / "report" / "metrics.json").is_file() else {}
+        seeds[name] = {
+            "version_dir": str(version), "full": f["test"], "adaptive": a["test"],
+            "trainer_test": trained.get("test"), "calibration": {
+                k: trained.get(k) for k in ("order", "thresholds", "tolerance", "validation")},
+            "levels": {c: {"full": f["levels"][c], "adaptive": a["levels"][c]} for c in levels},
+            "speedup": {c: a["levels"][c]["examples_per_s"] / max(f["levels"][c]["examples_per_s"], 1e-9)
+                        for c in levels},
+            "share_of_full_server_cpu_c1": compute[1] / f["levels"][min(levels)]["server_cpu_ms_per_example"],
+        }
+    def delta(key: str) -> list[float | None]:
+        return [None if s["adaptive"][key] is None or s["full"][key] is None
+                else s["adaptive"][key] - s["full"][key] for s in seeds.values()]
+    intervals = {key: paired_interval(delta(key)) for key in
+                 ("accuracy", "nll", "entropy_auroc", "mi_auroc", "mean_members_evaluated")}
+    intervals["speedup"] = {c: paired_interval([s["speedup"][c] for s in seeds.values()]) for c in levels}
+    return {"machine": machine, "settings": settings.__dict__, "duration_s": duration,
+            "warmup_s": warmup, "levels": list(levels),
+            "compute_ms_per_example": compute, "handling_ms_per_request": handling,
+            "compute_over_handling": {c: compute[c] / handling[c] for c in compute if c in handling},
+            "cheap_levels": cheap, "seeds": seeds, "intervals": intervals,
+            "server_log": {"full": full["log"], "adaptive": adaptive["log"]},
+            "top": top}
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def _interval(i: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+    if i["mean"] is None:
+        return "n/a"
+    if i["low"] is None:
+        return f"{scale * i['mean']:+.{digits}f} (one seed)"
+    return (f"{scale * i['mean']:+.{digits}f} [{scale * i['low']:+.{digits}f}, "
+            f"{scale * i['high']:+.{digits}f}]")
+
+
+def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    """(goal, met, the numbers) for each of the issue's targets on this run."""
+    iv, top = report["intervals"], report["top"]
+    speed = iv["speedup"].get(GOAL_CONCURRENCY) or iv["speedup"][top]
+    acc, ent = iv["accuracy"], iv["entropy_auroc"]
+    ratio = report["compute_over_handling"].get(1)
+    out = [(f"compute ≥ {GOAL_COMPUTE_RATIO:g}× request handling (batch 1)",
+            None if ratio is None else ratio >= GOAL_COMPUTE_RATIO, f"{_fmt(ratio, 1)}×")]
+    out.append((f"adaptive ≥ {GOAL_SPEEDUP:g}× full examples/s at c={GOAL_CONCURRENCY}",
+                None if speed["mean"] is None else speed["mean"] >= GOAL_SPEEDUP,
+                f"{_fmt(speed['mean'], 2)}× (per-seed interval "
+                f"{_fmt(speed['low'], 2)}–{_fmt(speed['high'], 2)})"))
+    out.append((f"test accuracy no more than {GOAL_ACCURACY_POINTS:g} points below full",
+                None if acc["mean"] is None else 100 * acc["mean"] >= -GOAL_ACCURACY_POINTS,
+                f"Δ {_interval(acc, 100, 2)} points"))
+    out.append((f"entropy error-AUROC no more than {GOAL_AUROC:g} below full",
+                None if ent["mean"] is None else ent["mean"] >= -GOAL_AUROC,
+                f"Δ {_interval(ent)}"))
+    return out
+
+
+def render(report: dict[str, Any], command: str) -> str:
+    m, s, levels = report["machine"], report["settings"], report["levels"]
+    load = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    lines = [f"## {SECTION}", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} (benchmarks/adaptive.py). "
+             "Full: every member, the server's own graph choice; adaptive: the same versions with "
+             "`--adaptive-members` (issue 27). One-example requests over the test inputs in a fixed "
+             "shuffled order, closed loop, native API; the client is a process of its own.", "",
+             f"- Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}",
+             f"- Load average (1/5/15 min) before: {load(m['load_average_before'])}; after: "
+             f"{load(m['load_average_after'])}. Other processes used "
+             f"{100 * m['others_cpu_share']:.1f}% of the machine's CPU during the run.",
+             f"- Server: `--device cpu --instances {s['instances']} --intra-op-threads "
+             f"{s['intra_op_threads']} --max-batch-size {s['max_batch_size']} --max-queue-delay-ms "
+             f"{s['max_queue_delay_ms']} --graph {s['graph']}`; each level "
+             f"{report['warmup_s']:g} s warm-up, then {report['duration_s']:g} s measured", ""]
+    compute, handling = report["compute_ms_per_example"], report["handling_ms_per_request"]
+    shares = [v["share_of_full_server_cpu_c1"] for v in report["seeds"].values()]
+    lines += ["**Does compute dominate request handling?** In-process, every member, one thread "
+              "(the ceiling's `members` way): " + ", ".join(
+                  f"{_fmt(compute[c], 3)} ms per example at batch {c}" for c in sorted(compute))
+              + ". The server's CPU per request on a cheap model (one linear member, same input): "
+              + ", ".join(f"{_fmt(handling[c], 3)} ms at c={c}" for c in sorted(handling))
+              + ". Compute over handling: " + ", ".join(
+                  f"**{_fmt(v, 1)}×** (batch {c} vs c={c})"
+                  for c, v in sorted(report["compute_over_handling"].items()))
+              + f"; the members' share of the full server's CPU per example at c={min(levels)}: "
+              + ", ".join(f"{100 * v:.0f}%" for v in shares) + " (per seed).", ""]
+    lines += ["Throughput and server CPU per example, per seed (full → adaptive):", "",
+              "| model | c | full ex/s | adaptive ex/s | speed-up | full CPU ms/ex | adaptive CPU ms/ex | p50 ms full / adaptive | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, seed in report["seeds"].items():
+        for c in levels:
+            f, a = seed["levels"][c]["full"], seed["levels"][c]["adaptive"]
+            errors = sum(f["errors"].values()) + sum(a["errors"].values())
+            lines.append(f"| {name} | {c} | {_fmt(f['examples_per_s'])} | {_fmt(a['examples_per_s'])} | "
+                         f"**{_fmt(seed['speedup'][c], 2)}×** | {_fmt(f['server_cpu_ms_per_example'], 3)} | "
+                         f"{_fmt(a['server_cpu_ms_per_example'], 3)} | "
+                         f"{_fmt(f['latency_ms'].get('p50'), 2)} / {_fmt(a['latency_ms'].get('p50'), 2)} | {errors} |")
+    lines += ["", "The test split as served (the servers' own answers; entropy and MI: AUROC of "
+              "flagging the served answer's errors):", "",
+              "| model | acc. full | acc. adaptive | NLL full | NLL adaptive | entropy AUROC full | entropy AUROC adaptive | MI AUROC full | MI AUROC adaptive | members evaluated |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, seed in report["seeds"].items():
+        f, a = seed["full"], seed["adaptive"]
+        lines.append(f"| {name} | {_fmt(100 * f['accuracy'], 2)} | {_fmt(100 * a['accuracy'], 2)} | "
+                     f"{_fmt(f['nll'], 4)} | {_fmt(a['nll'], 4)} | {_fmt(f['entropy_auroc'], 4)} | "
+                     f"{_fmt(a['entropy_auroc'], 4)} | {_fmt(f['mi_auroc'], 4)} | {_fmt(a['mi_auroc'], 4)} | "
+                     f"{_fmt(a['mean_members_evaluated'], 3)} of {_fmt(f['mean_members_evaluated'], 0)} |")
+    iv = report["intervals"]
+    lines += ["", "Adaptive minus full, paired on the same test examples; mean over seeds and 95% "
+              "t-interval over seeds:", "",
+              f"- accuracy: {_interval(iv['accuracy'], 100, 2)} points",
+              f"- NLL: {_interval(iv['nll'], 1, 4)}",
+              f"- entropy error-AUROC: {_interval(iv['entropy_auroc'], 1, 4)}",
+              f"- mutual-information error-AUROC: {_interval(iv['mi_auroc'], 1, 4)} (rows answered "
+              "by one member have MI 0: no disagreement is observable there)",
+              f"- members evaluated: {_interval(iv['mean_members_evaluated'], 1, 3)}",
+              "- speed-up (adaptive over full examples/s): " + ", ".join(
+                  f"c={c} {_interval(iv['speedup'][c], 1, 2)}×" for c in levels), ""]
+    consistent = [name for name, seed in report["seeds"].items() if seed["trainer_test"]
+                  and abs(seed["trainer_test"]["mean_members_evaluated"]
+                          - seed["adaptive"]["mean_members_evaluated"]) < 1e-9]
+    lines += [f"The served members-evaluated equal the trainer's own test-split numbers (report "
+              f"metrics.json `adaptive.test`) for {len(consistent)} of {len(report['seeds'])} seeds.", "",
+              "Goals (issue 27) on this run:", ""]
+    for goal, met, numbers in goals(report):
+        verdict = "n/a" if met is None else ("met" if met else "NOT met")
+        lines.append(f"- {goal}: {numbers} — **{verdict}**")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def _drive_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.adaptive drive")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--inputs", type=Path, required=True, help=".npy of single examples")
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--warmup", type=float, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    result = asyncio.run(_drive(args.target, args.model, np.load(args.inputs), args.concurrency,
+                                args.duration, args.warmup))
+    args.out.write_text(json.dumps(result, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["drive"]:
+        return _drive_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", type=Path, default=None,
+                        help="take the calibrated models here (one per seed) instead of training")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (without --repo)")
+    parser.add_argument("--dataset", default=None,
+                        help="training data (default mnist1d); with --repo, the test split's "
+                             "source (default: the manifest's)")
+    parser.add_argument("--width", type=int, default=256, help="cnn1d channels")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--concurrency", default="1,8,32", help="closed-loop levels")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
+    parser.add_argument("--instances", default=ServerSettings.instances)
+    parser.add_argument("--intra-op-threads", default=ServerSettings.intra_op_threads)
+    parser.add_argument("--max-batch-size", type=int, default=ServerSettings.max_batch_size)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=ServerSettings.max_queue_delay_ms)
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds per in-process timing")
+    parser.add_argument("--json", type=Path, default=WORK / "results.json", help="raw numbers")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.repo is not None:
+        versions = existing_models(args.repo)
+    else:
+        versions = train_models(WORK / "repo", [int(s) for s in args.seeds.split(",")],
+                                args.dataset or "mnist1d", args.width, args.epochs, args.members)
+    settings = ServerSettings(args.instances, args.intra_op_threads, args.max_batch_size,
+                              args.max_queue_delay_ms)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as workdir:
+        report = run(versions, levels, args.duration, args.warmup, settings, args.dataset,
+                     Path(workdir), args.budget)
+    command = "python -m benchmarks.adaptive " + " ".join(argv)
+    section = render(report, command.strip())
+    print(section)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if not args.no_write:
+        RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "",
+                                           SECTION, section))
+        logger.info("wrote %s and %s", RESULTS, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
