@@ -32,7 +32,7 @@ from snapserve.trainer.errors import ConfigError, TrainerError
 from snapserve.trainer.importer import add_import_parser
 from snapserve.trainer.models import ARCHITECTURES
 from snapserve.trainer.checkpoint import load_checkpoint
-from snapserve.trainer.run import run_training
+from snapserve.trainer.api import train_version
 
 __all__ = ["build_parser", "main"]
 
@@ -286,7 +286,7 @@ def _train(args: argparse.Namespace) -> int:
     config = train_config(args, args.argv)
     began = time.perf_counter()
     try:
-        result = run_training(config)
+        result = train_version(config)
     except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
         print(_interrupted(config, args.argv), file=sys.stderr)
         return 130

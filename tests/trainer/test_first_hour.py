@@ -89,3 +89,21 @@ def test_a_csv_data_set_gets_a_message_about_csv(tmp_path: Path,
     assert "a CSV file is not a data set the trainer reads; convert it to a .npz" in err
     assert "zip" not in err and "pickle" not in err
     assert not (tmp_path / "models" / ".runs").exists()
+
+
+def test_the_python_api_trains_and_writes_a_version(tmp_path: Path) -> None:
+    from snapserve.trainer import train_version
+
+    result = train_version(out=tmp_path / "models", name="digits", dataset="digits", arch="mlp", epochs=1,
+                   members=1, plots=False, threads=1)
+    assert result is not None
+    assert result.version_dir == tmp_path / "models" / "digits" / "1"
+    assert result.manifest["name"] == "digits" and (result.version_dir / "manifest.json").is_file()
+
+
+def test_the_python_api_names_an_unknown_setting(tmp_path: Path) -> None:
+    from snapserve.trainer.api import train_version
+    from snapserve.trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\]"):
+        train_version(out=tmp_path, epoch=3)
