@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -65,8 +66,14 @@ def test_wheel_ships_every_source_package_and_the_protos(wheel: Path) -> None:
 @pytest.mark.slow
 def test_wheel_installs_beside_proto_plus(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    # The suite's own site-packages comes after the new venv's (a plain path line: its editable
+    # install of this project is not activated there), so pip and the wheel's dependencies are
+    # found there: pip still resolves the wheel's [cpu] requirements against the constraints,
+    # installs only the wheel and proto-plus into the new venv, and leaves the other venv alone.
+    site = next((env_dir / "lib").glob("python*/site-packages"))
+    (site / "suite-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _pip(python, "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{wheel}[cpu]", "proto-plus")
     probe = (
         "import proto, snapserve.proto.snapserve.v1.ensemble_pb2 as pb, snapserve.server.process.cli, "
@@ -79,6 +86,5 @@ def test_wheel_installs_beside_proto_plus(wheel: Path, tmp_path: Path) -> None:
     done = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "site-packages/proto/" in done.stdout, "proto-plus's `proto` was shadowed"
-    site = next((env_dir / "lib").glob("python*/site-packages"))
     ours = {p.name for p in site.iterdir() if p.name in {"server", "client", "trainer", "snapserve"}}
     assert ours == {"snapserve"}
