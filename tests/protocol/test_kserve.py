@@ -74,7 +74,8 @@ async def test_model_metadata_lists_every_output_with_shape_and_datatype(client:
         "probabilities": ("FP32", [-1, 5]), "predictive_entropy": ("FP32", [-1]),
         "expected_entropy": ("FP32", [-1]), "mutual_information": ("FP32", [-1]),
         "vote_disagreement": ("FP32", [-1]), "member_kl": ("FP32", [-1, 3]),
-        "member_top_class": ("INT64", [-1, 3]), "member_probabilities": ("FP32", [-1, 3, 5])}
+        "member_top_class": ("INT64", [-1, 3]), "member_probabilities": ("FP32", [-1, 3, 5]),
+        "members_evaluated": ("INT32", [-1])}
     status, message = await status_of(client.get_model_metadata("nope"))
     assert status == "StatusCode.NOT_FOUND" and "model 'nope' is not served" in message
     status, _ = await status_of(client.get_model_metadata("digits", "x1"))

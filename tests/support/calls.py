@@ -14,11 +14,12 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 from snapserve.server import RunningServer
+from snapserve.server.api.kserve_messages import DEFAULT_OUTPUTS
 from tests.support.models import DIGITS_SHAPE
 
-# What a native Predict answers by default (member_probabilities only when asked).
-SCORES = ("probabilities", "predictive_entropy", "expected_entropy", "mutual_information",
-          "vote_disagreement", "member_kl", "member_top_class")
+# The scores every API answers by default, from the score table (member_probabilities only when
+# asked; top_class is compared on its own).
+SCORES = DEFAULT_OUTPUTS
 
 
 def digits_input(batch: int, seed: int = 0) -> np.ndarray:
