@@ -48,7 +48,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 
 __all__ = ["FloodReport", "Reference", "ServerProcess", "ShutdownReport", "SoakReport",
-           "build_repository", "run_shutdown", "run_soak", "run_stream_flood"]
+           "build_repository", "flood_holds", "run_shutdown", "run_soak", "run_stream_flood"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "soak"
@@ -621,6 +621,23 @@ async def _flood(server: ServerProcess, streams: int, duration_s: float,
                        failures[:10])
 
 
+# The flood's bounds: 128 streams on one connection, and what the server may take meanwhile.
+FLOOD_STREAMS = 128
+FLOOD_RSS_MIB = 128  # 128 calls x a 256 KiB window is 32 MiB; the rest is answers and buffers
+FLOOD_HEALTH_S = 0.5
+# Streams keep at most half of the soak's queue (SERVER_ARGS: 32), as the default 128 does of the
+# default 256: unary calls keep room, and no streamed request is refused for a full queue.
+FLOOD_ARGS = ("--max-stream-requests", "16")
+
+
+def flood_holds(flood: FloodReport) -> bool:
+    """Nothing lost, memory within FLOOD_RSS_MIB of the start, health within FLOOD_HEALTH_S,
+    unary calls answered."""
+    return (flood.lost == 0 and flood.rss_peak_mib - flood.rss_start_mib < FLOOD_RSS_MIB
+            and flood.health_max_s < FLOOD_HEALTH_S and flood.predicts > 0
+            and not flood.predict_failures)
+
+
 def run_stream_flood(server: ServerProcess, streams: int = 64, duration_s: float = 10,
                      batch: int = MAX_BATCH) -> FloodReport:
     """`streams` PredictStreams on one connection write batch-`batch` requests for `duration_s`
@@ -644,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=None,
                         help="a repository with a model 'soak' (default: build one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flood", type=float, default=20,
+                        help="seconds of the stream flood (streams that never read), 0: none "
+                             "(default 20)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "soak_results.json"),
                         help="JSON results file; '-' for stdout only")
     args = parser.parse_args(argv)
@@ -654,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
             soak = run_soak(server, reference, args.duration, args.concurrency, args.seed)
             server.signal(signal.SIGTERM)
             soak_exit = server.wait()
+        flood = None
+        if args.flood:
+            with ServerProcess(repo, *SERVER_ARGS, *FLOOD_ARGS) as server:
+                flood = run_stream_flood(server, FLOOD_STREAMS, args.flood)
         shutdowns = []
         for retry in (None, 0.05):
             with ServerProcess(repo, *SERVER_ARGS) as server:
@@ -663,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         "soak": asdict(soak) | {"server_exit_code": soak_exit},
         "shutdown": [asdict(s) | {"lost": s.lost, "computed_unanswered": s.computed_unanswered}
                      for s in shutdowns],
+        "stream_flood": None if flood is None else asdict(flood) | {"lost": flood.lost},
         "server_args": list(SERVER_ARGS),
         "environment": {"python": platform.python_version(), "grpcio": grpc.__version__,
                         "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -672,9 +697,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out != "-":
         Path(args.out).write_text(text + "\n")
     print(summary(soak, shutdowns))
-    good = soak.lost == 0 and all(s.lost == 0 and s.computed_unanswered == 0 and s.exit_code == 0
+    if flood is not None:
+        print(flood_summary(flood))
+    good = soak.lost == 0 and (flood is None or flood_holds(flood)) and all(s.lost == 0 and s.computed_unanswered == 0 and s.exit_code == 0
                                   for s in shutdowns)
     return 0 if good else 1
+
+
+def flood_summary(flood: FloodReport) -> str:
+    return (f"stream flood: {flood.streams} streams writing without reading for "
+            f"{flood.duration_s:.0f} s: {flood.sent} messages taken, {flood.answered} answered "
+            f"({flood.lost} lost; inline errors {flood.errors}); server RSS "
+            f"{flood.rss_start_mib} -> peak {flood.rss_peak_mib} MiB; slowest health check "
+            f"{flood.health_max_s} s; {flood.predicts} unary Predicts answered meanwhile, "
+            f"{len(flood.predict_failures)} failed")
 
 
 def summary(soak: SoakReport, shutdowns: Sequence[ShutdownReport]) -> str:

@@ -560,7 +560,8 @@ class ServerConfig(ConfigModel):
     drain_window_s: float = seconds(3.0, "on SIGTERM/SIGINT, report NOT_SERVING but keep answering "
                                          "new requests this long before refusing them; 0: refuse "
                                          "at once")
-    # HTTP/2 streams per connection; more wait in the client. gRPC's own default is unlimited.
+    # HTTP/2 streams per connection; past it gRPC refuses the stream (UNAVAILABLE, never seen by
+    # the server), which the snapserve clients retry. gRPC's own default is unlimited.
     max_concurrent_streams: int = count(256, "concurrent calls per client connection")
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     connections: ConnectionConfig = Field(default_factory=ConnectionConfig)
