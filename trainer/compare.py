@@ -76,9 +76,9 @@ _SPEC_KEYS = {"lr": float, "members": int}
 
 # The settings `trainer compare` runs when no flag says otherwise. "full" is the regime recorded
 # in benchmarks/RESULTS.md, chosen by measurement (docs/trainer.md, "Comparing methods"):
-# MNIST-1D with 4,000 training examples, a 10,000-example test split, a cnn1d of 106k parameters.
+# MNIST-1D with 4,000 training examples, a 10,000-example test split, a cnn1d of 28k parameters.
 PROFILES: dict[str, dict[str, Any]] = {
-    "full": {"dataset": "mnist1d:train=4000,val=500,test=10000", "arch": "cnn1d", "width": 128,
+    "full": {"dataset": "mnist1d:train=4000,val=500,test=10000", "arch": "cnn1d", "width": 64,
              "budget": 80, "budgets": [80], "seeds": [0, 1, 2, 3, 4], "deep_members": 5,
              "keep_last": [2, 3], "selections": ["all", "last-k", "greedy"],
              "methods": [m for m in COMPARE_METHODS if m != "deep"], "threads": 1},
