@@ -181,40 +181,49 @@ class _Cycling:
         return getattr(self._target, name)
 
 
-async def _drive(target: str, model: str, inputs: np.ndarray, concurrency: int, duration: float,
-                 warmup: float) -> dict[str, Any]:
+async def _drive(target: str, plan: Sequence[dict[str, Any]], server_pid: int, duration: float,
+                 warmup: float) -> list[dict[str, Any]]:
+    """Each planned level in turn (model, inputs .npy, concurrency), with the server's CPU
+    over it from /proc: one client process for them all, started once."""
     from dataclasses import asdict
 
     from snapserve.client.bench import BenchConfig, _level, _open_target
     from snapserve.client.credentials import Security
 
-    config = BenchConfig(target=target, model=model, concurrency=(concurrency,),
-                         duration_s=duration, warmup_s=warmup)
-    async with _open_target(config, Security(), None) as bench_target:
-        name, dtype, _shape = await bench_target.input_spec()
-        payloads = [bench_target.request(name, row[None].astype(dtype)) for row in inputs]
-        bench_target.check(await bench_target.call(payloads[0]), 1)
-        result = await _level(_Cycling(bench_target, payloads), payloads[0], config, concurrency)
-    return asdict(result)
+    results = []
+    for step in plan:
+        config = BenchConfig(target=target, model=step["model"], concurrency=(step["concurrency"],),
+                             duration_s=duration, warmup_s=warmup)
+        async with _open_target(config, Security(), None) as bench_target:
+            name, dtype, _shape = await bench_target.input_spec()
+            payloads = [bench_target.request(name, row[None].astype(dtype))
+                        for row in np.load(step["inputs"])]
+            bench_target.check(await bench_target.call(payloads[0]), 1)
+            cpu0, began = _cpu_seconds(server_pid), time.perf_counter()
+            result = asdict(await _level(_Cycling(bench_target, payloads), payloads[0], config,
+                                         step["concurrency"]))
+            cpu, wall = _cpu_seconds(server_pid) - cpu0, time.perf_counter() - began
+        answered = result["requests"] + sum(result["errors"].values())
+        # Over warm-up and window together: the rate is about the same in both.
+        result["server_cpu_ms_per_example"] = 1e3 * cpu / max(answered * (duration + warmup) / duration, 1)
+        result["server_cpu_share"] = cpu / wall
+        results.append({**step, "result": result})
+    return results
 
 
-def _measured_level(pid: int, port: int, model: str, inputs_file: Path, concurrency: int,
-                    duration: float, warmup: float) -> dict[str, Any]:
-    """One closed-loop level from a client process of its own (its CPU is not the server's);
-    the server's CPU over the level from /proc."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cpu0, began = _cpu_seconds(pid), time.perf_counter()
+def _measured_levels(pid: int, port: int, plan: Sequence[dict[str, Any]], duration: float,
+                     warmup: float) -> list[dict[str, Any]]:
+    """The plan's levels from a client process of its own (its CPU is not the server's, and
+    nothing of this process competes with it)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", mode="w") as plan_file, \
+            tempfile.NamedTemporaryFile(suffix=".json") as out:
+        json.dump(list(plan), plan_file)
+        plan_file.flush()
         subprocess.run([sys.executable, "-m", "benchmarks.adaptive", "drive", "--target",
-                        f"127.0.0.1:{port}", "--model", model, "--inputs", str(inputs_file),
-                        "--concurrency", str(concurrency), "--duration", str(duration),
-                        "--warmup", str(warmup), "--out", out.name], check=True, cwd=ROOT)
-        cpu, wall = _cpu_seconds(pid) - cpu0, time.perf_counter() - began
-        result = json.loads(Path(out.name).read_text())
-    answered = result["requests"] + sum(result["errors"].values())
-    # Over warm-up and window together: the rate is about the same in both.
-    result["server_cpu_ms_per_example"] = 1e3 * cpu / max(answered * (duration + warmup) / duration, 1)
-    result["server_cpu_share"] = cpu / wall
-    return result
+                        f"127.0.0.1:{port}", "--server-pid", str(pid), "--plan", plan_file.name,
+                        "--duration", str(duration), "--warmup", str(warmup), "--out", out.name],
+                       check=True, cwd=ROOT)
+        return json.loads(Path(out.name).read_text())
 
 
 # --- the test split, as served ------------------------------------------------------------------
@@ -271,22 +280,24 @@ def _serve(repo: Path, models: Sequence[str], adaptive: bool, settings: ServerSe
     log = workdir / f"server-{label}.log"
     out: dict[str, Any] = {"models": {}}
     with _process(command, log) as (process, port):
-        if cheap:
-            out["cheap"] = {c: _measured_level(process.pid, port, CHEAP, inputs_files[models[0]], c,
-                                               duration, warmup) for c in sorted({1, max(levels)})}
         for model in models:
             x, y = tests[model]
             answers = served_answers(port, model, x)
-            result: dict[str, Any] = {"test": split_metrics(answers, y),
-                                      "answers": {k: v.tolist() for k, v in answers.items()
-                                                  if k != "probabilities"},
-                                      "levels": {}}
-            for c in levels:
-                level = _measured_level(process.pid, port, model, inputs_files[model], c, duration, warmup)
-                result["levels"][c] = level
-                logger.info("%s %s c=%d: %.1f ex/s, server %.3f ms CPU/example", label, model, c,
-                            level["examples_per_s"], level["server_cpu_ms_per_example"])
-            out["models"][model] = result
+            out["models"][model] = {"test": split_metrics(answers, y), "levels": {},
+                                    "answers": {k: v.tolist() for k, v in answers.items()
+                                                if k != "probabilities"}}
+        plan = [{"model": CHEAP, "inputs": str(inputs_files[models[0]]), "concurrency": c}
+                for c in (sorted({1, max(levels)}) if cheap else ())]
+        plan += [{"model": model, "inputs": str(inputs_files[model]), "concurrency": c}
+                 for model in models for c in levels]
+        for step in _measured_levels(process.pid, port, plan, duration, warmup):
+            level, c = step["result"], step["concurrency"]
+            if step["model"] == CHEAP:
+                out.setdefault("cheap", {})[c] = level
+                continue
+            out["models"][step["model"]]["levels"][c] = level
+            logger.info("%s %s c=%d: %.1f ex/s, server %.3f ms CPU/example", label, step["model"],
+                        c, level["examples_per_s"], level["server_cpu_ms_per_example"])
     out["log"] = [line for line in log.read_text(errors="replace").splitlines()
                   if "serving the" in line or "adaptive" in line][:20]
     return out
@@ -468,16 +479,16 @@ def render(report: dict[str, Any], command: str) -> str:
 def _drive_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.adaptive drive")
     parser.add_argument("--target", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--inputs", type=Path, required=True, help=".npy of single examples")
-    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--server-pid", type=int, required=True, help="whose CPU to read")
+    parser.add_argument("--plan", type=Path, required=True,
+                        help="JSON list of {model, inputs (.npy of single examples), concurrency}")
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--warmup", type=float, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = asyncio.run(_drive(args.target, args.model, np.load(args.inputs), args.concurrency,
-                                args.duration, args.warmup))
-    args.out.write_text(json.dumps(result, default=str))
+    results = asyncio.run(_drive(args.target, json.loads(args.plan.read_text()), args.server_pid,
+                                 args.duration, args.warmup))
+    args.out.write_text(json.dumps(results, default=str))
     return 0
 
 
