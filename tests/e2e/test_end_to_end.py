@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,10 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Narrow and short (three 2-epoch cycles, one thread, no plots): still well above the 0.9
+    # the test asks of the ensemble, and each member's ONNX export costs more than its training.
     repo = tmp_path_factory.mktemp("models")
     code = trainer_main(["train", "--method", "snapshot", "--dataset", "digits", "--arch", "cnn",
-                         "--epochs", "12", "--members", "3", "--lr", "0.1", "--seed", "0",
-                         "--out", str(repo), "--name", "digits"])
+                         "--width", "8", "--epochs", "6", "--members", "3", "--lr", "0.1", "--seed", "0",
+                         "--threads", "1", "--no-plots", "--out", str(repo), "--name", "digits"])
     assert code == 0
     return repo
 
@@ -66,9 +69,12 @@ async def test_served_ensemble_matches_the_trainers_evaluation(trained_repo: Pat
 @pytest.mark.slow
 def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     """`make demo` in small: the real CLIs in subprocesses, the table, a clean server exit."""
+    # A narrow model, and the demo's server pinned to one instance and one thread (the automatic
+    # plan measures the model at load): the table's layout does not depend on either.
+    env = {**os.environ, "SNAPSERVE_INSTANCES": "1", "SNAPSERVE_INTRA_OP_THREADS": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--epochs", "4",
-                          "--members", "2", "--out", str(tmp_path / "models")],
-                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+                          "--members", "2", "--width", "16", "--out", str(tmp_path / "models")],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ensemble" in out.stdout and "members mean" in out.stdout
     assert "mutual_information" in out.stdout
