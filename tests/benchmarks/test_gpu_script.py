@@ -25,8 +25,12 @@ HAS_CUDA = config.CUDA in ort.get_available_providers()
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """The script in its own process group, so a timeout also stops the servers it started."""
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, text=True,
+    """The script in its own process group, so a timeout also stops the servers it started.
+    Its servers inherit the environment: pinned to one instance and one thread, as the suite's
+    own servers are (the automatic plan measures every model at load); the options that set
+    instances or threads by flag still do."""
+    env = {**os.environ, "SNAPSERVE_INSTANCES": "1", "SNAPSERVE_INTRA_OP_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, text=True, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
