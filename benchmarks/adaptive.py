@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ GOAL_CONCURRENCY = 32
 GOAL_ACCURACY_POINTS = 0.1
 GOAL_AUROC = 0.01
 GOAL_COMPUTE_RATIO = 5.0
+# The server's load-time line: its graph, instances and its own compute-vs-handling estimate.
+_GRAPH = re.compile(r"(\S+) version \d+: serving the (\w+) graph on (.*?ms of request handling)")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -371,13 +374,14 @@ def summarize(versions: dict[str, Path], compute: dict[int, float], full: dict[s
 
 # --- the report ---------------------------------------------------------------------------------
 
-def _interval(i: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+def _interval(i: dict[str, Any], scale: float = 1.0, digits: int = 3, signed: bool = True) -> str:
+    sign = "+" if signed else ""
     if i["mean"] is None:
         return "n/a"
     if i["low"] is None:
-        return f"{scale * i['mean']:+.{digits}f} (one seed)"
-    return (f"{scale * i['mean']:+.{digits}f} [{scale * i['low']:+.{digits}f}, "
-            f"{scale * i['high']:+.{digits}f}]")
+        return f"{scale * i['mean']:{sign}.{digits}f} (one seed)"
+    return (f"{scale * i['mean']:{sign}.{digits}f} [{scale * i['low']:{sign}.{digits}f}, "
+            f"{scale * i['high']:{sign}.{digits}f}]")
 
 
 def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
@@ -390,8 +394,7 @@ def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             None if ratio is None else ratio >= GOAL_COMPUTE_RATIO, f"{_fmt(ratio, 1)}×")]
     out.append((f"adaptive ≥ {GOAL_SPEEDUP:g}× full examples/s at c={GOAL_CONCURRENCY}",
                 None if speed["mean"] is None else speed["mean"] >= GOAL_SPEEDUP,
-                f"{_fmt(speed['mean'], 2)}× (per-seed interval "
-                f"{_fmt(speed['low'], 2)}–{_fmt(speed['high'], 2)})"))
+                f"{_interval(speed, 1, 2, signed=False)}× (mean over seeds [95% t-interval])"))
     out.append((f"test accuracy no more than {GOAL_ACCURACY_POINTS:g} points below full",
                 None if acc["mean"] is None else 100 * acc["mean"] >= -GOAL_ACCURACY_POINTS,
                 f"Δ {_interval(acc, 100, 2)} points"))
@@ -429,7 +432,14 @@ def render(report: dict[str, Any], command: str) -> str:
                   for c, v in sorted(report["compute_over_handling"].items()))
               + f"; the members' share of the full server's CPU per example at c={min(levels)}: "
               + ", ".join(f"{100 * v:.0f}%" for v in shares) + " (per seed).", ""]
-    lines += ["Throughput and server CPU per example, per seed (full → adaptive):", "",
+    for label in ("full", "adaptive"):
+        for line in report["server_log"][label]:
+            found = _GRAPH.search(line)
+            if found and found.group(1) != CHEAP:
+                lines.append(f"- {label} server, {found.group(1)}: the {found.group(2)} graph "
+                             f"({found.group(3)})")
+                break
+    lines += ["", "Throughput and server CPU per example, per seed (full → adaptive):", "",
               "| model | c | full ex/s | adaptive ex/s | speed-up | full CPU ms/ex | adaptive CPU ms/ex | p50 ms full / adaptive | errors |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, seed in report["seeds"].items():
@@ -460,7 +470,7 @@ def render(report: dict[str, Any], command: str) -> str:
               "by one member have MI 0: no disagreement is observable there)",
               f"- members evaluated: {_interval(iv['mean_members_evaluated'], 1, 3)}",
               "- speed-up (adaptive over full examples/s): " + ", ".join(
-                  f"c={c} {_interval(iv['speedup'][c], 1, 2)}×" for c in levels), ""]
+                  f"c={c} {_interval(iv['speedup'][c], 1, 2, signed=False)}×" for c in levels), ""]
     consistent = [name for name, seed in report["seeds"].items() if seed["trainer_test"]
                   and abs(seed["trainer_test"]["mean_members_evaluated"]
                           - seed["adaptive"]["mean_members_evaluated"]) < 1e-9]
