@@ -72,12 +72,17 @@ _GRAPH = re.compile(r"(\S+) version \d+: serving the (\w+) graph on (.*?ms of re
 
 # --- models -------------------------------------------------------------------------------------
 
-def _calibrated(model_dir: Path) -> Path | None:
+def _calibrated(model_dir: Path, **training: Any) -> Path | None:
+    """The newest version of a model when it carries a calibration and was trained with the
+    `training` settings given (manifest `training`), else None."""
     version = latest_version(model_dir)
     if version is None:
         return None
     manifest = json.loads((version / "manifest.json").read_text())
-    return version if manifest.get("adaptive") else None
+    recorded = manifest.get("training") or {}
+    if not manifest.get("adaptive") or any(recorded.get(k) != v for k, v in training.items()):
+        return None
+    return version
 
 
 def train_models(repo: Path, seeds: Sequence[int], dataset: str, width: int, epochs: int,
@@ -85,8 +90,10 @@ def train_models(repo: Path, seeds: Sequence[int], dataset: str, width: int, epo
     """One calibrated ensemble per seed in `repo` (trained unless already there): name -> version."""
     versions = {}
     for seed in seeds:
-        name = f"cnn1d-w{width}-e{epochs}-m{members}-s{seed}"
-        version = _calibrated(repo / name)
+        name = f"cnn1d-w{width}-e{epochs}-s{seed}"
+        settings = {"dataset": dataset, "arch": "cnn1d", "width": width, "epochs": epochs,
+                    "members": members, "seed": seed}
+        version = _calibrated(repo / name, **settings)
         if version is None:
             logger.info("training %s (trainer train, %d epochs, one thread)", name, epochs)
             subprocess.run([sys.executable, "-m", "snapserve.trainer", "-q", "train", "--dataset",
@@ -94,7 +101,7 @@ def train_models(repo: Path, seeds: Sequence[int], dataset: str, width: int, epo
                             str(epochs), "--members", str(members), "--seed", str(seed),
                             "--threads", "1", "--no-plots", "--out", str(repo), "--name", name],
                            check=True, cwd=ROOT)
-            version = _calibrated(repo / name)
+            version = _calibrated(repo / name, **settings)
             if version is None:
                 raise RuntimeError(f"{name}: the trainer wrote no calibrated version")
         versions[name] = version
@@ -404,6 +411,12 @@ def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def busy(machine: dict[str, Any]) -> bool:
+    """Whether others used enough of the machine that throughput is not a clean number."""
+    cores = machine.get("cores") or 1
+    return machine["others_cpu_share"] > 0.1 or machine["load_average_before"][0] > 0.5 * cores
+
+
 def render(report: dict[str, Any], command: str) -> str:
     m, s, levels = report["machine"], report["settings"], report["levels"]
     load = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
@@ -420,6 +433,11 @@ def render(report: dict[str, Any], command: str) -> str:
              f"{s['intra_op_threads']} --max-batch-size {s['max_batch_size']} --max-queue-delay-ms "
              f"{s['max_queue_delay_ms']} --graph {s['graph']}`; each level "
              f"{report['warmup_s']:g} s warm-up, then {report['duration_s']:g} s measured", ""]
+    if busy(m):
+        lines += ["**Busy machine: throughput ratios are not a clean run.** Other processes held "
+                  "the cores (load average and their CPU share above), so examples/s and CPU per "
+                  "example are of a shared machine, and the speed-up with them. The test-split "
+                  "numbers (accuracy, NLL, AUROC, members evaluated) do not depend on load.", ""]
     compute, handling = report["compute_ms_per_example"], report["handling_ms_per_request"]
     shares = [v["share_of_full_server_cpu_c1"] for v in report["seeds"].values()]
     lines += ["**Does compute dominate request handling?** In-process, every member, one thread "
@@ -480,7 +498,8 @@ def render(report: dict[str, Any], command: str) -> str:
     for goal, met, numbers in goals(report):
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
         lines.append(f"- {goal}: {numbers} — **{verdict}**")
-    lines.append("")
+    lines += ["", "Not in this run: the tuned Triton (benchmarks/peers/triton.py) running the full "
+              "ensemble on the same members, beside these two.", ""]
     return "\n".join(lines)
 
 
