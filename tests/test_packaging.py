@@ -73,7 +73,8 @@ def test_wheel_installs_beside_proto_plus(wheel: Path, tmp_path: Path) -> None:
     # found there: pip still resolves the wheel's [cpu] requirements against the constraints,
     # installs only the wheel and proto-plus into the new venv, and leaves the other venv alone.
     site = next((env_dir / "lib").glob("python*/site-packages"))
-    (site / "suite-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    suite_sites = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (site / "suite-dependencies.pth").write_text("".join(f"{path}\n" for path in suite_sites))
     _pip(python, "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{wheel}[cpu]", "proto-plus")
     probe = (
         "import proto, snapserve.proto.snapserve.v1.ensemble_pb2 as pb, snapserve.server.process.cli, "
