@@ -119,7 +119,7 @@ def test_quick_compare_pairs_every_method_with_the_baselines(tmp_path: Path) -> 
         for kind in ("error_auroc", "ood_auroc"):
             assert 0 <= by["swag [all]", seed][f"{kind}_mutual_information"] <= 1
             assert single[f"{kind}_mutual_information"] is None  # one member: MI is 0 everywhere, left empty
-        assert 0 < by["swag [all]", seed]["refused_5_mutual_information"] <= 0.05
+        assert 0 < by["swag [all]", seed]["refused_5_mutual_information"] <= 0.05 + 1e-9
     # swa comes from the SWAG run's average: exactly what a run of method swa trains
     dataset = load_dataset(quick["dataset"])
     config = TrainConfig(out=str(tmp_path), method="swa", dataset=quick["dataset"], arch=quick["arch"],
