@@ -51,15 +51,18 @@ class Selection:
         return tuple(sorted(set(self.members)))
 
     def served_positions(self) -> list[int]:
-        """`members` as positions in `distinct` (the manifest's member list)."""
+        """The chosen members, sorted, as positions in `distinct` (the manifest's member list):
+        a member's repeats sit together, and a choice without repeats is [0, 1, ..., n-1]."""
         position = {index: i for i, index in enumerate(self.distinct)}
-        return [position[m] for m in self.members]
+        return [position[m] for m in sorted(self.members)]
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's `selection`: `members` indexes the manifest's member list (what the
-        server serves, repeats included); `collected` the same members among all collected."""
+        server serves, repeats included); `collected` the same members among all collected;
+        `order` the chosen members in the order the rule chose them (greedy: as added)."""
         return {"rule": self.rule, "k": self.k, "members": self.served_positions(),
-                "collected": list(self.members), "collected_count": self.collected,
+                "collected": sorted(self.members), "order": list(self.members),
+                "collected_count": self.collected,
                 "validation": {"nll": self.val_nll, "accuracy": self.val_accuracy,
                                "all_members_nll": self.all_val_nll,
                                "all_members_accuracy": self.all_val_accuracy}}

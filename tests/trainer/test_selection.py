@@ -31,11 +31,12 @@ def test_greedy_adds_with_replacement_and_stops_when_nothing_improves() -> None:
     labels = np.zeros(2, dtype=np.int64)
     choice = select_members(probs, labels, "greedy")
     assert choice.members == (0, 1, 0)
-    assert choice.distinct == (0, 1) and choice.served_positions() == [0, 1, 0]
+    assert choice.distinct == (0, 1) and choice.served_positions() == [0, 0, 1]
     assert choice.val_nll == pytest.approx(-(np.log(0.95 * 2 / 3 + 0.3 / 3) + np.log(0.4 * 2 / 3 + 0.9 / 3)) / 2)
     assert choice.val_nll < choice.all_val_nll
     manifest = choice.to_manifest()
-    assert manifest["members"] == [0, 1, 0] and manifest["collected"] == [0, 1, 0]
+    assert manifest["members"] == [0, 0, 1] and manifest["collected"] == [0, 0, 1]
+    assert manifest["order"] == [0, 1, 0]  # as greedy added them
     assert manifest["rule"] == "greedy" and manifest["collected_count"] == 3
 
 
