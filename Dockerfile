@@ -43,7 +43,9 @@ ENV VIRTUAL_ENV=/opt/venv \
     SNAPSERVE_MODEL_REPOSITORY=/models \
     SNAPSERVE_HOST=0.0.0.0 \
     SNAPSERVE_PORT=50051 \
-    SNAPSERVE_HTTP_PORT=8000
+    SNAPSERVE_HTTP_PORT=8000 \
+    SNAPSERVE_METRICS_PORT=8002 \
+    SNAPSERVE_METRICS_HOST=0.0.0.0
 # A fixed non-root uid/gid (10001), so Kubernetes' runAsUser/fsGroup can name it.
 RUN groupadd --system --gid 10001 snapserve \
     && useradd --system --no-log-init --uid 10001 --gid snapserve \
@@ -69,7 +71,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     SNAPSERVE_DEVICE=cuda
 USER 10001:10001
 VOLUME ["/models"]
-EXPOSE 50051 8000
+EXPOSE 50051 8000 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "snapserve.server.process.healthcheck"]
 STOPSIGNAL SIGTERM
@@ -99,7 +101,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[cpu]"
 USER 10001:10001
 VOLUME ["/models"]
-EXPOSE 50051 8000
+EXPOSE 50051 8000 8002
 # gRPC health (grpc.health.v1) on 127.0.0.1:$SNAPSERVE_PORT: SERVING once the models are loaded
 # (the same answer as GET /v2/health/ready on the REST port; the image has no curl to ask that).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -273,8 +273,11 @@ def test_kserve_inference_service() -> None:
     variables = env(container)
     assert set(variables) <= known_env_vars()
     port = int(variables["SNAPSERVE_PORT"])
-    # One port, named h2c: how KServe/Knative know it speaks gRPC (HTTP/2 cleartext).
-    assert container["ports"] == [{"name": "h2c", "containerPort": port, "protocol": "TCP"}]
+    # gRPC first, named h2c: how KServe/Knative know it speaks gRPC (HTTP/2 cleartext); REST
+    # declared beside it.
+    assert container["ports"] == [{"name": "h2c", "containerPort": port, "protocol": "TCP"},
+                                  {"name": "http", "containerPort": int(variables["SNAPSERVE_HTTP_PORT"]),
+                                   "protocol": "TCP"}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": port, "service": ""}, probe
     assert pod_spec["securityContext"]["runAsUser"] == IMAGE_UID
