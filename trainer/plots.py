@@ -3,7 +3,8 @@
     lr.png           the LR at every iteration, members (or SWA averaging points) marked
     training.png     training loss and test error per epoch
     members.png      ensemble accuracy and NLL as members are added (last-m and training order)
-    reliability.png  reliability diagrams of the ensemble, before and after temperature scaling
+    reliability.png  reliability diagrams of the ensemble, before and after temperature scaling,
+                     each bar labelled with the examples its bin holds
     rejection.png    accuracy on the kept examples when the most uncertain are refused, per score
 """
 
@@ -19,7 +20,7 @@ matplotlib.use("Agg")  # before pyplot: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["PLOT_FILES", "plot_compare", "plot_cycle_length", "write_plots"]
+__all__ = ["PLOT_FILES", "bin_counts", "plot_compare", "plot_cycle_length", "write_plots"]
 
 PLOT_FILES = {"lr": "lr.png", "training": "training.png", "members": "members.png",
               "reliability": "reliability.png", "rejection": "rejection.png"}
@@ -82,6 +83,14 @@ def plot_members(path: Path, by_size: dict[str, list[dict[str, float]]]) -> None
     _save(fig, path)
 
 
+def bin_counts(bins: dict[str, list[float]]) -> list[tuple[float, float, str]]:
+    """(x, y, text) of each non-empty bin's example count, written over its bar: a bar of 3
+    examples and one of 3000 look alike without it."""
+    edges, width = bins["edges"], bins["edges"][1] - bins["edges"][0]
+    return [(edges[i] + width / 2, min(bins["accuracy"][i], 0.9) + 0.02, f"{int(count)}")
+            for i, count in enumerate(bins["count"]) if count]
+
+
 def plot_reliability(path: Path, reliability: dict[str, dict[str, list[float]]], temperature: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), sharey=True)
     for ax, key in zip(axes, ("uncalibrated", "calibrated")):
@@ -91,6 +100,8 @@ def plot_reliability(path: Path, reliability: dict[str, dict[str, list[float]]],
         filled = [i for i, c in enumerate(bins["count"]) if c]
         ax.bar([edges[i] for i in filled], [bins["accuracy"][i] for i in filled], width=width,
                align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+        for x, y, text in bin_counts(bins):  # examples per bin
+            ax.text(x, y, text, ha="center", va="bottom", fontsize=6, rotation=90)
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.set_xlabel("confidence")
         ax.set_title(key if key == "uncalibrated" else f"calibrated (T={temperature:.2f})")

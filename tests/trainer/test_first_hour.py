@@ -107,3 +107,20 @@ def test_the_python_api_names_an_unknown_setting(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['epoch'\]"):
         train_version(out=tmp_path, epoch=3)
+
+
+def test_the_reliability_diagram_labels_each_bin_with_its_examples(tmp_path: Path) -> None:
+    import numpy as np
+
+    from snapserve.trainer.metrics import reliability_bins
+    from snapserve.trainer.plots import bin_counts, plot_reliability
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.3, size=500)
+    labels = rng.integers(0, 4, size=500)
+    bins = reliability_bins(probs, labels)
+    labelled = bin_counts(bins)
+    assert sum(int(text) for _, _, text in labelled) == 500
+    assert len(labelled) == sum(1 for c in bins["count"] if c)
+    plot_reliability(tmp_path / "reliability.png", {"uncalibrated": bins, "calibrated": bins}, 1.0)
+    assert (tmp_path / "reliability.png").stat().st_size > 0
