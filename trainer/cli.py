@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -338,10 +339,26 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("snapserve.trainer").setLevel(level)
 
 
+def _subcommand(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand `args` ran (`trainer train`), else `parser`."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        chosen = getattr(args, action.dest, None) if action.dest != argparse.SUPPRESS else None
+        for name, sub in action.choices.items():
+            if name == chosen or sub.get_default("handler") is getattr(args, "handler", None):
+                return sub
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse's own error, with the nearest flag for a typo (--epoch: --epochs)
+        flags = sorted({flag for action in _subcommand(parser, args)._actions
+                        for flag in action.option_strings})
+        hints = [f"{word} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                 word.split("=")[0], flags, n=1)) else word for word in extra]
+        parser.exit(2, f"trainer: error: unrecognized arguments: {' '.join(hints)}\n")
     args.argv = argv
     _configure_logging(args.verbose, args.quiet)
     try:

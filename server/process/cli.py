@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import signal
@@ -61,14 +62,16 @@ _FOREIGN_FLAGS = {
 }
 
 
-def unknown_arguments_hint(extra: Sequence[str]) -> str | None:
+def unknown_arguments_hint(extra: Sequence[str], flags: Sequence[str] = ()) -> str | None:
     """What to write instead of arguments argparse does not know, where we can tell: another
-    server's flag (Triton's --model-store) or a folder given without a flag (as `mlserver start
-    models`)."""
+    server's flag (Triton's --model-store), a folder given without a flag (as `mlserver start
+    models`), or the nearest of `flags` to a typo."""
     for word in extra:
         flag = word.split("=", 1)[0]
         if flag in _FOREIGN_FLAGS:
             return _FOREIGN_FLAGS[flag]
+        if flag.startswith("--") and (close := difflib.get_close_matches(flag, flags, n=1)):
+            return f"did you mean {close[0]}?"
         if not word.startswith("-"):
             return (f"{word!r}: the repository is a flag, not a positional argument: "
                     f"ensemble-server --model-repository {word}")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # --help and --version end here
     if extra:
-        hint = unknown_arguments_hint(extra)
+        hint = unknown_arguments_hint(extra, [f for a in parser._actions for f in a.option_strings])
         parser.exit(2, f"{parser.prog}: error: unrecognized arguments: {' '.join(extra)}"
                        f"{'; ' + hint if hint else ''}\n")
     try:

@@ -124,3 +124,10 @@ def test_the_reliability_diagram_labels_each_bin_with_its_examples(tmp_path: Pat
     assert len(labelled) == sum(1 for c in bins["count"] if c)
     plot_reliability(tmp_path / "reliability.png", {"uncalibrated": bins, "calibrated": bins}, 1.0)
     assert (tmp_path / "reliability.png").stat().st_size > 0
+
+
+def test_a_flag_typo_gets_did_you_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--epoch", "3"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --epoch (did you mean --epochs?) 3" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def test_print_config_says_auto_and_needs_no_repository(
     (["--model-store", "models"], "--model-store is Triton's flag; snapserve takes --model-repository DIR"),
     (["--model-store=models"], "--model-store is Triton's flag"),
     (["models"], "ensemble-server --model-repository models"),
+    (["--max-batch", "8"], "unrecognized arguments: --max-batch 8; did you mean --max-batch-size?"),
 ])
 def test_other_servers_spellings_point_to_model_repository(
         capsys: pytest.CaptureFixture[str], argv: list[str], hint: str) -> None:
