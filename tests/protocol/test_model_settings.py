@@ -145,7 +145,7 @@ async def test_a_model_may_pin_its_own_versions(model_repo: Path) -> None:
     ("intra_op_threads: 100000", "intra_op_threads must be an integer <= 1024, got 100000"),
     ("graph: fastest", "graph must be one of 'auto', 'fused' or 'members', got 'fastest'"),
     ("versions: [0]", "versions must be a list of integers >= 1"),
-    ("colour: blue", "unknown key(s) ['colour']"),
+    ("colour: blue", "unknown key(s) 'colour'; expected some of"),
     ("max_batch_size: [", "not valid YAML"),
 ])
 def test_bad_settings_name_what_is_wrong(text: str, message: str) -> None:
