@@ -146,6 +146,9 @@ class ScoreSpec:
     description: str
     # Sent only when the request asks for it (its size grows with members x classes).
     on_request: bool = False
+    # An output of the fused graph; False: always computed by the server (a fused graph runs
+    # every member, so there is nothing for it to compute).
+    fused: bool = True
 
     def shape(self, batch: int, members: int, classes: int) -> tuple[int, ...]:
         sizes = {"batch": batch, "members": members, "classes": classes}
@@ -189,7 +192,8 @@ SCORES: tuple[ScoreSpec, ...] = (
     # the full ensemble evaluates them all, which is what this computes.
     ScoreSpec("members_evaluated", _I32, ("batch",),
               lambda m, done, t: np.full(len(m), m.shape[1], dtype=np.int32),
-              "how many members the row's scores come from (M unless served adaptively)"),
+              "how many members the row's scores come from (M unless served adaptively)",
+              fused=False),
 )
 SCORE_NAMES: tuple[str, ...] = tuple(spec.name for spec in SCORES)
 # What every fused graph outputs, whatever else it lacks: `complete_scores` computes the scores a

@@ -32,8 +32,8 @@ from typing import Mapping, Protocol, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, EnsembleScores,
-                                    complete_scores, ensemble_scores, softmax)
+from snapserve.proto.scores import (FUSED_REQUIRED_SCORES, SCORE_NAMES, SCORE_SPECS,
+                                    EnsembleScores, complete_scores, ensemble_scores, softmax)
 from snapserve.proto.spec import LOGITS, PROBABILITIES
 from snapserve.proto.tensors import ONNX_TO_NUMPY
 from snapserve.server.engine.adaptive import AdaptiveMembers, adaptive_scores
@@ -320,9 +320,9 @@ def check_score_outputs(path: GraphSource, outputs: Sequence[str]) -> tuple[str,
             f"{path.name}: its outputs lack {absent}, which every fused graph must have (the "
             "other scores are computed from them); export the version again, or serve it with "
             "--graph members")
-    if missing:
+    if predates := [n for n in missing if SCORE_SPECS[n].fused]:
         logger.info("%s: computing %s from its member probabilities (the graph predates them)",
-                    path.name, missing)
+                    path.name, predates)
     return tuple(n for n in SCORE_NAMES if n in outputs)
 
 
