@@ -503,6 +503,13 @@ class HttpLimits(ConfigModel):
     # Between two reads, as nginx's: a slow link still sends a large body, a stalled one is cut.
     body_timeout_s: float = seconds(30.0, "seconds a REST body may go without a byte arriving",
                                     low=0.01, high=3600.0, key="http_body_timeout_s")
+    # And on the whole body, as Apache's mod_reqtimeout MinRate: after the first
+    # http_body_timeout_s it must average this rate, so a body trickled a byte at a time (never a
+    # gap as long as the timeout) still ends, while a large body on a slow link goes through.
+    body_min_kib_s: float = setting(16.0, "REST bodies slower than this on average (KiB/s, after "
+                                          "the first http_body_timeout_s) are cut", strict=True,
+                                    allow_inf_nan=False, ge=0.001, le=1e6,
+                                    key="http_body_min_kib_s")
     keepalive_timeout_s: float = seconds(60.0, "close a REST connection idle between requests "
                                                "this long", low=0.01, high=3600.0,
                                          key="http_keepalive_timeout_s")

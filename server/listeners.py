@@ -6,9 +6,16 @@ long, so that idle and half-sent connections cannot take the server's file descr
   client_header_timeout). Between requests, aiohttp's keep-alive timeout closes an idle one.
 - A cap: at most `max_connections` open at once, and `reserved` more whose requests may only
   be for `reserved_paths` (health checks): a request for anything else on one of those gets
-  503 and its connection is closed. At the full count, a new connection closes the one idle
-  longest (idle between requests, or still sending its headers), as nginx reuses its idle
-  keep-alive connections; when every one is answering a request, the new one is closed.
+  503 and its connection is closed. A connection takes a full place only while fewer than
+  `max_connections` hold one, so closing a reserve connection never turns its place into a full
+  one: the reserve stays for health checks however the places churn.
+- Eviction: at the full count, a new connection closes the one that has waited longest for a
+  request (idle since its last answer, or since its open while it is still sending its
+  headers: slow senders go first, a client between back-to-back requests last), as nginx reuses
+  its idle keep-alive connections. One that waited less than `evict_grace_s` is never closed:
+  its request is on its way (a health probe, a client's fresh connection), and closing it would
+  fail a request that was never slow. With none to close (every one answering a request or
+  within its grace), the new connection is closed at once.
 - Accept errors (EMFILE: no file descriptor left) are logged once per interval with a count,
   not once per attempt (`quiet_accept_errors`).
 - No `Server:` banner naming aiohttp's and Python's versions: the listener's own name.
@@ -33,7 +40,7 @@ from typing import Any, Awaitable, Callable, Collection
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["ListenerLimits", "BoundedServer", "check_file_limit", "quiet_accept_errors"]
+__all__ = ["EVICT_GRACE_S", "ListenerLimits", "BoundedServer", "check_file_limit", "quiet_accept_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,9 @@ MAX_HEAD_BYTES = 8 * 1024
 SPARE_FILES = 256
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_LOG_INTERVAL_S = 10.0
+# A fresh connection's request is on its way within this on any link a probe uses; longer would
+# let a flood of fresh connections keep every place from being freed for as long.
+EVICT_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class ListenerLimits:
     max_connections: int
     reserved: int = 0
     reserved_paths: Collection[str] = ()
+    evict_grace_s: float = 0.0
 
 
 class _Refused(asyncio.Protocol):
@@ -74,6 +85,7 @@ class _Connection(RequestHandler):
         self.busy = False  # answering a request (its body included)
         self.reserve = False  # took one of the reserved places: health checks only
         self.counted = True  # still counted as open (an evicted one stops counting at once)
+        self.waiting_since = server.now()  # open, or the end of its last answer
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -147,38 +159,56 @@ class BoundedServer(web.Server):
         self._overflow = overflow
         self.server_name = server_name  # the Server header: no aiohttp or Python version
         self.limits = limits
-        self.open: dict[_Connection, None] = {}  # oldest first
+        self.open: dict[_Connection, None] = {}  # in the order they began waiting
+        self.full = 0  # open connections in full places (not the reserve)
         self.refused = 0  # closed at once: every place taken by a request being answered
         self.evicted = 0  # idle ones closed to make room
         self.timed_out = 0  # closed for sending their headers too slowly
 
     def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
         limits = self.limits
-        # A connection that made room by closing an idle one takes its place in full.
-        reserve = len(self.open) >= limits.max_connections
-        if len(self.open) >= limits.max_connections + limits.reserved:
-            if not self._evict():
-                self.refused += 1
-                return _Refused()
-            reserve = False
+        if len(self.open) >= limits.max_connections + limits.reserved and not self._evict():
+            self.refused += 1
+            return _Refused()
         connection = _Connection(self, loop=self._loop, **self._kwargs)
-        connection.reserve = reserve
+        # Decided after the eviction: a new connection that closed a reserve one takes the
+        # reserve place it freed, never a full one.
+        connection.reserve = self.full >= limits.max_connections
+        self.full += not connection.reserve
         self.open[connection] = None
         return connection
 
+    def now(self) -> float:
+        return self._loop.time()
+
     def _evict(self) -> bool:
-        """Close the connection idle longest to make room; False when every one is busy."""
+        """Close the connection that has waited longest for a request, past the grace; False
+        when every one is answering a request or within its grace.
+
+        `open` is in the order connections began waiting (`waited`), so the first idle one is
+        the one to close, and when it is within the grace every later one is too."""
         for connection in self.open:
-            if not connection.busy:
-                self.forget(connection)
-                self.evicted += 1
-                connection.force_close()
-                return True
+            if connection.busy:
+                continue
+            if self.now() - connection.waiting_since < self.limits.evict_grace_s:
+                return False
+            self.forget(connection)
+            self.evicted += 1
+            connection.force_close()
+            return True
         return False
+
+    def waited(self, connection: _Connection) -> None:
+        """`connection` answered a request and waits for the next: last in the eviction order."""
+        connection.waiting_since = self.now()
+        if connection.counted:
+            self.open.pop(connection, None)
+            self.open[connection] = None
 
     def forget(self, connection: _Connection) -> None:
         if connection.counted:
             connection.counted = False
+            self.full -= not connection.reserve
             self.open.pop(connection, None)
 
     async def _tracked(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -195,6 +225,7 @@ class BoundedServer(web.Server):
                 response = await self._inner(request)
         finally:
             connection.busy = False
+            self.waited(connection)
         if not response.prepared:
             response.headers["Server"] = self.server_name
         return response

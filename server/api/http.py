@@ -52,7 +52,7 @@ from snapserve.server.api.status import HTTP_STATUS, describe_http_error
 from snapserve.server.config import HttpLimits, format_address
 from snapserve.server.errors import (ConfigError, InvalidInput, ItemExpired, ServerError,
                                      ShuttingDown, Unauthenticated)
-from snapserve.server.listeners import BoundedServer, ListenerLimits
+from snapserve.server.listeners import EVICT_GRACE_S, BoundedServer, ListenerLimits
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.observability.metrics import API_HTTP
 from snapserve.server.observability.request_context import REQUEST_ID_KEY, request_context
@@ -228,7 +228,8 @@ class HttpFrontEnd:
             model_bound, what_model = model_body_bound(served)
             if model_bound < bound:
                 bound, what = model_bound, what_model
-        return BodyLimits(bound, limits.body_timeout_s, limits.max_inflate_ratio, what)
+        return BodyLimits(bound, limits.body_timeout_s, limits.max_inflate_ratio, what,
+                          limits.body_min_kib_s * 1024)
 
     async def infer(self, request: web.Request) -> web.Response:
         plane = self._core.plane
@@ -273,7 +274,8 @@ class HttpFrontEnd:
         limits = self.limits
         body = await read_body(request, BodyLimits(CONTROL_BODY_BYTES, limits.body_timeout_s,
                                                    limits.max_inflate_ratio,
-                                                   "a repository request's bound"))
+                                                   "a repository request's bound",
+                                                   limits.body_min_kib_s * 1024))
         if not body.strip():
             return {}
         obj = decode_json(body)
@@ -334,8 +336,10 @@ class HttpFrontEnd:
 
     def _listener_limits(self) -> ListenerLimits:
         limits = self.limits
+        # A connection is not protected longer than it may take to send its headers.
         return ListenerLimits(limits.header_timeout_s, limits.keepalive_timeout_s,
-                              limits.max_connections, limits.reserved_connections, OPEN_PATHS)
+                              limits.max_connections, limits.reserved_connections, OPEN_PATHS,
+                              min(EVICT_GRACE_S, limits.header_timeout_s))
 
     async def stop(self, grace: float | None) -> None:
         """Stop listening, give requests still being answered `grace` seconds (None: none),

@@ -8,7 +8,11 @@
   it passes the bound or inflates more than `max_inflate_ratio` times what was sent: aiohttp's
   own inflation runs in its protocol before any handler could bound it, so it is off
   (`auto_decompress=False`). Another encoding gets 415.
-- A body that goes `body_timeout_s` without a byte is cut (408), as nginx's client_body_timeout.
+- A body that goes `body_timeout_s` without a byte is cut (408), as nginx's client_body_timeout,
+  and so is one slower than `min_rate` bytes/s on average past its first `body_timeout_s`
+  (Apache mod_reqtimeout's MinRate): its deadline is `body_timeout_s` after the headers plus a
+  second for every `min_rate` bytes arrived. A gap bound alone lets a body trickled a byte at a
+  time hold its connection, and a place under the connection cap, for as long as it likes.
 - A refused body is not read further: the answer closes the connection (`BodyRefused`).
 """
 
@@ -46,6 +50,7 @@ class BodyLimits:
     body_timeout_s: float
     max_inflate_ratio: float
     what: str = "--max-message-mb"  # where the bound comes from, for the message
+    min_rate: float = 16 * 1024  # bytes/s, averaged from the headers on (http_body_min_kib_s)
 
 
 def _decompressor(request: web.BaseRequest) -> zlib._Decompress | None:
@@ -113,11 +118,21 @@ async def read_body(request: web.BaseRequest, limits: BodyLimits,
     if ticket is not None and declared is not None and declared > ticket.nbytes:
         grow(ticket, declared - ticket.nbytes)
     body = _Body(limits, ticket)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     while True:
+        deadline = start + limits.body_timeout_s + body.sent / limits.min_rate
+        wait = min(limits.body_timeout_s, deadline - loop.time())
         try:
-            async with asyncio.timeout(limits.body_timeout_s):
+            if wait <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(wait):
                 chunk = await request.content.readany()
         except TimeoutError:
+            if wait < limits.body_timeout_s:
+                raise BodyRefused(408, f"the request body arrives slower than "
+                                       f"{limits.min_rate / 1024:g} KiB/s (http_body_min_kib_s): "
+                                       f"{body.sent} bytes in {loop.time() - start:.1f} s") from None
             raise BodyRefused(408, f"no byte of the request body arrived for "
                                    f"{limits.body_timeout_s:g} s (http_body_timeout_s); "
                                    f"{body.sent} bytes arrived before") from None

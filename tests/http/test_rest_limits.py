@@ -119,15 +119,101 @@ async def test_at_the_cap_health_gets_in_and_idle_connections_make_room(limited:
     reader, _ = await raw(port, head(length=len(infer_body())) + infer_body())
     status, _, body = await answer(reader)
     assert status == 503 and b"http_max_connections" in body
-    # Every place taken by idle connections: each new one closes the one idle longest.
     for r, w in busy:
         w.close()
     await asyncio.sleep(0.1)
-    idle = [await raw(port, b"") for _ in range(8)]
+    assert len(server.open) <= 2
     await healthy(port)
-    assert server.evicted >= 3 and len(server.open) <= 6
-    for _, w in idle:
+
+
+@pytest.fixture
+async def patient(model_repo: Path) -> RunningServer:
+    """Two places and one reserve, with timeouts far beyond the eviction grace."""
+    limits = HttpLimits(header_timeout_s=8.0, body_timeout_s=8.0, keepalive_timeout_s=8.0,
+                        max_connections=2, reserved_connections=1)
+    async with serving(model_repo, http_port=0, http=limits) as running:
+        yield running
+
+
+HEALTH = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_eviction_spares_young_connections_and_closes_the_longest_waiting(
+        patient: RunningServer) -> None:
+    port, server = patient.http_port, patient.http.server
+    grace = server.limits.evict_grace_s
+    assert grace > 0
+    client, client_w = await raw(port, HEALTH)  # opened first, then kept alive between requests
+    assert (await answer(client))[0] == 200
+    slow, slow_w = await raw(port, b"GET /v2/health/ready HTTP/1.1\r\nHo")  # headers, slowly
+    # Writers are kept: a StreamWriter collected closes its connection.
+    idle, idle_w = await raw(port, b"")  # the reserve place
+    # Every place within its grace: the new connection is closed, not one of them.
+    fresh, fresh_w = await raw(port, b"")
+    assert await closed(fresh, 1.0)
+    assert server.refused == 1 and server.evicted == 0 and len(server.open) == 3
+    await asyncio.sleep(grace + 0.2)
+    client_w.write(HEALTH)  # back-to-back requests: it waits the least, though opened first
+    assert (await answer(client))[0] == 200
+    # Past the grace, a new connection closes the one waiting longest: the slow sender.
+    _, late_w = await raw(port, b"")
+    assert await closed(slow, 2.0)
+    assert server.evicted == 1
+    client_w.write(HEALTH)
+    assert (await answer(client))[0] == 200
+    # A health probe at the full count gets in by closing the idle one, and is answered.
+    probe, probe_w = await raw(port, HEALTH)
+    assert (await answer(probe))[0] == 200
+    assert await closed(idle, 2.0)
+    for w in (fresh_w, idle_w, probe_w, late_w):
         w.close()
+    slow_w.close()
+    client_w.close()
+
+
+async def test_a_connection_that_closes_a_reserve_one_takes_the_reserve_place(
+        patient: RunningServer) -> None:
+    port, server = patient.http_port, patient.http.server
+    # Both full places held by bodies still arriving: busy, never closed for room.
+    busy = [await raw(port, head(length=1000) + b"{") for _ in range(2)]
+    await asyncio.sleep(0.1)
+    spare, spare_w = await raw(port, b"")  # the reserve place (its writer kept: open)
+    await asyncio.sleep(server.limits.evict_grace_s + 0.2)
+    # It closes the reserve connection and takes its place: health only, not a full place.
+    newcomer, newcomer_w = await raw(port, head(length=len(infer_body())) + infer_body())
+    status, _, body = await answer(newcomer)
+    assert status == 503 and b"http_max_connections" in body
+    assert await closed(spare, 2.0)
+    assert server.full == 2
+    # The 503'd one is gone: a probe takes the reserve place.
+    reader, writer = await raw(port, HEALTH)
+    assert (await answer(reader))[0] == 200
+    for w in (spare_w, newcomer_w, writer, *(w for _, w in busy)):
+        w.close()
+
+
+async def test_a_body_trickled_below_the_minimum_rate_is_cut(limited: RunningServer) -> None:
+    """A byte every tenth of a second never leaves a gap as long as the body timeout (0.5 s),
+    yet falls far below http_body_min_kib_s: cut soon after the timeout, told why."""
+    port = limited.http_port
+    reader, writer = await raw(port, head(length=20_000) + b'{"inputs": [')
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    status = None
+
+    async def trickle() -> None:
+        for _ in range(100):
+            writer.write(b" ")
+            await asyncio.sleep(0.1)
+
+    sender = asyncio.ensure_future(trickle())
+    try:
+        status, _, body = await answer(reader)
+    finally:
+        sender.cancel()
+    assert status == 408 and b"http_body_min_kib_s" in body, body
+    assert loop.time() - start < 4.0
+    assert await closed(reader, 2.0)
 
 
 async def test_auth_refuses_on_the_headers_before_a_body_byte(model_repo: Path,
