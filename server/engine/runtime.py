@@ -236,7 +236,8 @@ class MemberGraph:
     precision = "fp32"
 
     def __init__(self, paths: Sequence[GraphSource], input_name: str, output_name: str,
-                 temperature: float, config: RuntimeConfig, output_kind: str = LOGITS) -> None:
+                 temperature: float, config: RuntimeConfig, output_kind: str = LOGITS,
+                 served: Sequence[int] | None = None) -> None:
         self.input_name, self.output_name, self.temperature = input_name, output_name, temperature
         self.output_kind = output_kind
         self._sessions = [_load(path, config) for path in paths]
@@ -248,7 +249,11 @@ class MemberGraph:
             if output_name not in outputs:
                 raise ModelLoadError(f"{path.name}: graph outputs are {outputs}; the manifest "
                                      f"expects {output_name!r}")
-        self.members = len(self._sessions)
+        # A member selection with repeats runs each member once and gathers its probabilities
+        # into the listed order, so the scores are those of the listed multiset.
+        identity = served is None or list(served) == list(range(len(paths)))
+        self.served = None if identity else np.asarray(served, dtype=np.intp)
+        self.members = len(self._sessions) if self.served is None else len(self.served)
         self.named_sessions = [(path.name, s) for path, s in zip(paths, self._sessions)]
         self.provider: str = self._sessions[0].get_providers()[0]
         self._device_id = config.device_id
@@ -283,8 +288,8 @@ class MemberGraph:
         if len(shapes) != 1 or len(logits[0].shape) != 2 or logits[0].shape[0] != x.shape[0]:
             raise InferenceError(f"members returned logits of shapes {sorted(shapes)} for a batch "
                                  f"of {x.shape[0]}; expected [batch, classes] from every member")
-        return as_probabilities(np.stack(logits, axis=1).astype(np.float32, copy=False),
-                                self.output_kind)
+        probs = as_probabilities(np.stack(logits, axis=1).astype(np.float32, copy=False), self.output_kind)
+        return probs if self.served is None else probs[:, self.served]
 
     def scores(self, x: np.ndarray) -> EnsembleScores:
         return ensemble_scores(self.run_members(x), self.temperature)
@@ -499,7 +504,8 @@ class EnsembleRuntime:
                  config: RuntimeConfig = RuntimeConfig(), *, temperature: float = 1.0,
                  fused_path: GraphSource | None = None, temperature_input: str = "temperature",
                  graphs: Sequence[str] = (MEMBERS,), fused_precision: str = "fp32",
-                 adaptive: AdaptiveMembers | None = None, output_kind: str = LOGITS) -> None:
+                 adaptive: AdaptiveMembers | None = None, output_kind: str = LOGITS,
+                 served: Sequence[int] | None = None) -> None:
         if not member_paths:
             raise ModelLoadError("an ensemble needs at least one member")
         # Adaptive evaluation runs member by member: on the members graph only (models/loading.py).
@@ -508,15 +514,15 @@ class EnsembleRuntime:
         self.graphs: dict[str, ScoresGraph] = {}
         if FUSED in graphs and fused_path is not None:
             self.graphs[FUSED] = FusedGraph(fused_path, input_name, temperature_input, temperature,
-                                            len(member_paths), config, fused_precision)
+                                            len(served or member_paths), config, fused_precision)
         if MEMBERS in graphs or not self.graphs:
             self.graphs[MEMBERS] = MemberGraph(member_paths, input_name, output_name, temperature,
-                                               config, output_kind)
+                                               config, output_kind, served)
         first = next(iter(self.graphs.values()))
         self.graph: str = first.name
         self._cuda_graphs_asked = bool(config.cuda_graph_batch_sizes)
         self.warmed_batch_sizes: tuple[int, ...] = ()  # what `warm_up` ran, for GetModel
-        self.members: int = len(member_paths)
+        self.members: int = len(served or member_paths)  # the served list's length, repeats included
         # ORT falls back to CPU quietly when the CUDA libraries fail to load: report what it did,
         # for every session (each member, each graph), not the first one only.
         self.provider: str = first.provider

@@ -68,6 +68,12 @@ def adaptive_plan(manifest: Manifest, config: RuntimeConfig) -> AdaptiveMembers 
     """The stopping plan when the model serves adaptively and the version is calibrated."""
     if not config.adaptive_members or manifest.adaptive is None:
         return None
+    if manifest.selection is not None and list(manifest.selection) != list(range(len(manifest.members))):
+        # The calibration runs over the distinct members; a selection with repeats is served whole.
+        logger.warning("%s version %d: adaptive_members is off for a member selection with repeats "
+                       "(%s): every listed member runs", manifest.name, manifest.version,
+                       list(manifest.selection))
+        return None
     return AdaptiveMembers(manifest.adaptive.order, manifest.adaptive.thresholds)
 
 
@@ -76,7 +82,7 @@ def _log_adaptive(manifest: Manifest, runtime: EnsembleRuntime, config: RuntimeC
         logger.info("%s version %d: adaptive member evaluation (%s); it serves the members "
                     "graph, since the fused graph runs every member", manifest.name,
                     manifest.version, runtime.adaptive.describe())
-    elif config.adaptive_members:
+    elif config.adaptive_members and manifest.adaptive is None:
         logger.warning("%s version %d: adaptive_members is on but the manifest has no 'adaptive' "
                        "calibration (written by `trainer train`, or `trainer import` with "
                        "validation data): every member runs", manifest.name, manifest.version)
@@ -92,7 +98,7 @@ def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config:
         output_kind=manifest.output_kind,
         fused_path=None if fused_file is None else verified[fused_file],
         temperature_input=fused.temperature_input if fused is not None else "temperature",
-        graphs=graphs, adaptive=adaptive_plan(manifest, config),
+        graphs=graphs, adaptive=adaptive_plan(manifest, config), served=manifest.selection,
         fused_precision="fp16" if fused is not None and fused_file == Path(fused.fp16_file or "")
         else "fp32")
 

@@ -79,6 +79,9 @@ class Manifest:
     ensemble: FusedSpec | None = None
     output_kind: str = LOGITS  # what each member outputs: LOGITS or PROBABILITIES
     adaptive: AdaptiveSpec | None = None
+    # `selection.members`: the served list of members (positions in `members`, repeats weigh
+    # more); None (older manifests): every member once.
+    selection: tuple[int, ...] | None = None
 
     def member_paths(self, version_dir: Path) -> list[Path]:
         return [resolve_inside(version_dir, m.file, f"members[{i}].file")
@@ -234,6 +237,19 @@ def _fused(value: Any) -> FusedSpec | None:
         fp16_sha256=None if fp16 is None else _sha(fp16, "ensemble.fp16."))
 
 
+def _selection(value: Any, members: int) -> tuple[int, ...] | None:
+    """The optional `selection` entry's served members; absent or null: every member once."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError("manifest field 'selection' must be an object or null")
+    served = _get(value, "members", list, "selection.")
+    if not served or not all(type(m) is int and 0 <= m < members for m in served):
+        raise ManifestError(f"manifest field 'selection.members' {served!r} must list member positions "
+                            f"in 0..{members - 1} (at least one, repeats allowed)")
+    return tuple(served)
+
+
 def _adaptive(value: Any, members: int) -> AdaptiveSpec | None:
     """The optional `adaptive` entry; absent or null (older manifests): every member runs."""
     if value is None:
@@ -291,7 +307,8 @@ def parse_manifest(text: str, version_dir: Path) -> Manifest:
         output_name=_get(output, "name", str, "output."), output_kind=output_kind, classes=tuple(classes),
         temperature=float(temperature), members=tuple(_member(m, i) for i, m in enumerate(members)),
         metrics=_metrics(data.get("metrics"), "metrics"), text=text,
-        ensemble=_fused(data.get("ensemble")), adaptive=_adaptive(data.get("adaptive"), len(members)))
+        ensemble=_fused(data.get("ensemble")), adaptive=_adaptive(data.get("adaptive"), len(members)),
+        selection=_selection(data.get("selection"), len(members)))
     manifest.member_paths(version_dir)  # refuse paths that leave the folder before any file is read
     manifest.fused_files(version_dir)
     return manifest
