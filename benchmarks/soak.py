@@ -48,7 +48,8 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor, to_tensor
 
 __all__ = ["FloodReport", "Reference", "ServerProcess", "ShutdownReport", "SoakReport",
-           "build_repository", "flood_holds", "run_shutdown", "run_soak", "run_stream_flood"]
+           "SlowReport", "build_repository", "slow_args", "flood_holds", "run_shutdown", "run_slow_clients",
+           "run_soak", "run_stream_flood", "slow_holds"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "soak"
@@ -646,6 +647,242 @@ def run_stream_flood(server: ServerProcess, streams: int = 64, duration_s: float
     return asyncio.run(_flood(server, streams, duration_s, batch))
 
 
+# -- slow clients: connections that hold places on the REST port -----------------------------------
+
+REST_READY = re.compile(r"serving KServe v2 REST on https?://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class SlowReport:
+    connections: int         # slow connections the flood keeps open (re-opened when closed)
+    duration_s: float
+    opened: int              # flood connections opened, re-opens included
+    closed_by_server: int    # flood connections the server closed (timed out, cut, evicted, refused)
+    cut_408: int             # slow bodies answered 408 (below the minimum rate)
+    sent: int                # valid REST requests sent on kept-alive connections
+    answered: int            # answered 200 with the reference's probabilities
+    refused: int             # answered with a refusal (503 at the connection cap, 429 overload)
+    retried: int             # sent again once: the kept-alive connection was closed while idle
+    failures: list[str]      # anything else: a wrong answer, a connection error (lost)
+    health_checks: int       # REST /v2/health/ready on a fresh connection each, and gRPC health
+    health_failures: list[str]
+    health_max_s: float      # slowest of either, failures aside
+    rss_start_mib: float
+    rss_peak_mib: float
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.answered - self.refused
+
+
+async def _rest_port(server: ServerProcess, within_s: float = 30) -> int:
+    """The REST port, from the server's log (its line may follow `serving on`)."""
+    for _ in range(int(within_s / 0.05)):
+        for line in list(server.log):
+            if match := REST_READY.search(line):
+                return int(match.group(1))
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the server logged no REST address:\n" + "".join(server.log[-20:]))
+
+
+async def _slow_connection(port: int, kind: str, stop: asyncio.Event, counts: collections.Counter[str]) -> None:
+    """One slow client, re-opened a moment after the server closes it: idle (sends nothing),
+    headers a byte at a time (never finished), or a body a byte at a time after whole headers."""
+    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            "application/json\r\nContent-Length: 100000\r\n\r\n").encode()
+    endless = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 4000
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            counts["connect_failed"] += 1
+            await asyncio.sleep(SLOW_REOPEN_S)
+            continue
+        counts["opened"] += 1
+        sent = 0
+        try:
+            if kind == "body":
+                writer.write(head + b"[")
+            while not stop.is_set():
+                try:
+                    data = await asyncio.wait_for(reader.read(4096), SLOW_TRICKLE_S)
+                except TimeoutError:
+                    if kind == "head":
+                        writer.write(endless[sent % len(endless):][:1])
+                    elif kind == "body":
+                        writer.write(b" ")
+                    sent += 1
+                    continue
+                if data.startswith(b"HTTP/1.1 408"):
+                    counts["cut_408"] += 1
+                if not data:
+                    counts["closed"] += 1
+                    break
+        except OSError:
+            counts["closed"] += 1
+        finally:
+            writer.close()
+        await asyncio.sleep(SLOW_REOPEN_S)
+
+
+async def _slow(server: ServerProcess, reference: Reference, connections: int, duration_s: float,
+                clients: int, seed: int) -> SlowReport:
+    import aiohttp
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = await _rest_port(server)
+    base = f"http://127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    stop = asyncio.Event()
+    counts = collections.Counter[str]()
+    tally = {"sent": 0, "answered": 0, "refused": 0, "retried": 0}
+    failures: list[str] = []
+    health_failures: list[str] = []
+    health_s, checks = [0.0], [0]
+    rss = [server.rss_kib()]
+
+    async def valid(session: aiohttp.ClientSession) -> None:
+        x, expected = reference.sample(rng, rng.randint(1, 4))
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                            "data": x.reshape(-1).tolist()}],
+                "outputs": [{"name": "probabilities"}]}
+        tally["sent"] += 1
+        for attempt in range(2):
+            try:
+                async with session.post(f"{base}/v2/models/{MODEL}/infer", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=30)) as response:
+                    answer = await response.json(content_type=None)
+                    status = response.status
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A kept-alive connection the server closed while it was idle (evicted at the
+                # full count, as nginx does): the request was never taken. Clients retry an
+                # idempotent request on a fresh connection then (RFC 9112 9.3.1); once.
+                if attempt:
+                    failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                    return
+                tally["retried"] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                return
+        if status in (429, 503):
+            tally["refused"] += 1
+        elif status != 200:
+            failures.append(f"{status}: {answer}"[:200])
+        else:
+            out = answer["outputs"][0]
+            got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+            if Reference.matches(got, expected):
+                tally["answered"] += 1
+            else:
+                failures.append("wrong probabilities")
+
+    async def client() -> None:
+        # One kept-alive connection per client, as a real client's pool.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            await valid(session)  # before the flood: its place is taken
+            await started.wait()
+            while not stop.is_set():
+                await valid(session)
+
+    async def rest_health() -> None:
+        start = loop.time()
+        try:
+            # A fresh connection each time, as a probe's.
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s, \
+                    s.get(f"{base}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200, r.status
+            health_s[0] = max(health_s[0], loop.time() - start)
+        except (aiohttp.ClientError, TimeoutError, AssertionError) as exc:
+            health_failures.append(f"REST {type(exc).__name__}: {exc} after "
+                                   f"{loop.time() - start:.2f} s"[:200])
+
+    async def grpc_health(stub: Any) -> None:
+        start = loop.time()
+        try:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health_s[0] = max(health_s[0], loop.time() - start)
+        except grpc.aio.AioRpcError as exc:
+            health_failures.append(f"gRPC {exc.code().name} after {loop.time() - start:.2f} s")
+
+    async def probe() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            await started.wait()
+            while not stop.is_set():
+                await asyncio.gather(rest_health(), grpc_health(stub))
+                checks[0] += 2
+                rss.append(server.rss_kib())
+                await asyncio.sleep(0.1)
+
+    started = asyncio.Event()
+    workers = [asyncio.ensure_future(client()) for _ in range(clients)]
+    prober = asyncio.ensure_future(probe())
+    await asyncio.sleep(1.0)  # the clients' first answers: their connections hold places
+    kinds = ("idle", "head", "body")
+    flood = [asyncio.ensure_future(_slow_connection(port, kinds[i % 3], stop, counts))
+             for i in range(connections)]
+    started.set()
+    start = loop.time()
+    await asyncio.sleep(duration_s)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*workers, prober, *flood), 60)
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return SlowReport(connections, round(loop.time() - start, 2), counts["opened"],
+                      counts["closed"], counts["cut_408"], tally["sent"], tally["answered"],
+                      tally["refused"], tally["retried"], failures[:10], checks[0], health_failures[:10],
+                      round(health_s[0], 3), mib(rss[0]), mib(max(rss)))
+
+
+# The slow clients' bounds: a REST cap of 32 + 8 reserved, three times as many slow connections.
+SLOW_CONNECTIONS = 120
+SLOW_CLIENTS = 4
+SLOW_TRICKLE_S = 0.25    # a byte this often: never a gap as long as the body timeout
+SLOW_REOPEN_S = 0.5      # a closed slow connection comes back after this, as slowloris's do
+SLOW_RSS_MIB = 64        # 120 connections of a few KiB each; the rest is buffers and answers
+SLOW_HEALTH_S = 0.5
+SLOW_ARGS = ("--http-max-connections", "32", "--http-reserved-connections", "8",
+             "--http-header-timeout-s", "3", "--http-body-timeout-s", "2")
+
+
+def slow_args() -> tuple[str, ...]:
+    """SLOW_ARGS with a free REST port (ServerProcess's `--http-port 0` turns REST off)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return (*SLOW_ARGS, "--http-port", str(port))
+
+
+def slow_holds(slow: SlowReport) -> bool:
+    """Nothing lost, every health check answered within SLOW_HEALTH_S, memory within
+    SLOW_RSS_MIB of the start, valid requests answered."""
+    return (slow.lost == 0 and not slow.failures and not slow.health_failures
+            and slow.health_max_s < SLOW_HEALTH_S and slow.answered > 0
+            and slow.rss_peak_mib - slow.rss_start_mib < SLOW_RSS_MIB)
+
+
+def run_slow_clients(server: ServerProcess, reference: Reference, connections: int = SLOW_CONNECTIONS,
+                     duration_s: float = 20, clients: int = SLOW_CLIENTS,
+                     seed: int = 0) -> SlowReport:
+    """`connections` slow REST connections (idle, headers or a body a byte at a time; each re-opened
+    when the server closes it) for `duration_s`, while `clients` kept-alive clients send valid
+    requests and a prober checks REST health on fresh connections and gRPC health."""
+    return asyncio.run(_slow(server, reference, connections, duration_s, clients, seed))
+
+
+def slow_summary(slow: SlowReport) -> str:
+    return (f"slow clients: {slow.connections} slow REST connections for {slow.duration_s:.0f} s "
+            f"({slow.opened} opened, {slow.closed_by_server} closed by the server, {slow.cut_408} "
+            f"bodies cut 408): {slow.sent} valid requests, {slow.answered} answered, "
+            f"{slow.refused} refused, {slow.lost} lost ({slow.retried} retried once on a fresh "
+            f"connection); {slow.health_checks} health checks, "
+            f"{len(slow.health_failures)} failed, slowest {slow.health_max_s} s; server RSS "
+            f"{slow.rss_start_mib} -> peak {slow.rss_peak_mib} MiB")
+
+
 # -- command line -------------------------------------------------------------------------------------
 
 SERVER_ARGS = ("--max-batch-size", str(MAX_BATCH), "--max-queue-size", "32", "--grace-s", "10",
@@ -664,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood", type=float, default=20,
                         help="seconds of the stream flood (streams that never read), 0: none "
                              "(default 20)")
+    parser.add_argument("--slow", type=float, default=20,
+                        help="seconds of the slow-client phase (slow REST connections beyond the "
+                             "cap), 0: none (default 20)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "soak_results.json"),
                         help="JSON results file; '-' for stdout only")
     args = parser.parse_args(argv)
@@ -678,6 +918,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.flood:
             with ServerProcess(repo, *SERVER_ARGS, *FLOOD_ARGS) as server:
                 flood = run_stream_flood(server, FLOOD_STREAMS, args.flood)
+        slow = None
+        if args.slow:
+            with ServerProcess(repo, *SERVER_ARGS, *slow_args(), "--metrics-port", "off") as server:
+                slow = run_slow_clients(server, reference, duration_s=args.slow)
         shutdowns = []
         for retry in (None, 0.05):
             with ServerProcess(repo, *SERVER_ARGS) as server:
@@ -688,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         "shutdown": [asdict(s) | {"lost": s.lost, "computed_unanswered": s.computed_unanswered}
                      for s in shutdowns],
         "stream_flood": None if flood is None else asdict(flood) | {"lost": flood.lost},
+        "slow_clients": None if slow is None else asdict(slow) | {"lost": slow.lost},
         "server_args": list(SERVER_ARGS),
         "environment": {"python": platform.python_version(), "grpcio": grpc.__version__,
                         "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -699,7 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(soak, shutdowns))
     if flood is not None:
         print(flood_summary(flood))
-    good = soak.lost == 0 and (flood is None or flood_holds(flood)) and all(s.lost == 0 and s.computed_unanswered == 0 and s.exit_code == 0
+    if slow is not None:
+        print(slow_summary(slow))
+    good = soak.lost == 0 and (flood is None or flood_holds(flood)) and (slow is None or slow_holds(slow)) and all(s.lost == 0 and s.computed_unanswered == 0 and s.exit_code == 0
                                   for s in shutdowns)
     return 0 if good else 1
 

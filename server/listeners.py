@@ -187,16 +187,25 @@ class BoundedServer(web.Server):
 
         `open` is in the order connections began waiting (`waited`), so the first idle one is
         the one to close, and when it is within the grace every later one is too."""
+        victim = None
         for connection in self.open:
             if connection.busy:
                 continue
-            if self.now() - connection.waiting_since < self.limits.evict_grace_s:
-                return False
-            self.forget(connection)
-            self.evicted += 1
-            connection.force_close()
-            return True
-        return False
+            if self.now() - connection.waiting_since >= self.limits.evict_grace_s:
+                victim = connection
+            break
+        if victim is None:
+            # Every idle one is within its grace: the reserve's oldest still sending its request
+            # goes, young or not. Else a flood of fresh connections keeps every place young and
+            # a probe is refused at once; this way it always gets in, and has as many arrivals
+            # as there are reserve places to send its request, which a probe does at once.
+            victim = next((c for c in self.open if c.reserve and not c.busy), None)
+        if victim is None:
+            return False
+        self.forget(victim)
+        self.evicted += 1
+        victim.force_close()
+        return True
 
     def waited(self, connection: _Connection) -> None:
         """`connection` answered a request and waits for the next: last in the eviction order."""
