@@ -17,6 +17,14 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
   batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
   the loop woken, the GIL handed over twice) then costs more than the run. Batches of more
   requests still go to the thread, so the loop takes in the next requests meanwhile.
+
+The same model on the same machine must get the same plan at every start, though timings at
+load move with whatever else the machine runs. So each choice keeps the simpler plan unless the
+other is measured better by more than PLAN_MARGIN (`clearly_better`): one instance unless the
+compute per example passes the request handling by that much, no lead instance unless it is
+that much faster on a lone example, the fused graph unless the members are that much faster
+(runtime.choose_graph). A model whose two options are near a tie (the usual case where noise
+decides) then always gets the simpler one; a flip needs a true ratio near the margin itself.
 """
 
 from __future__ import annotations
@@ -28,17 +36,19 @@ from pathlib import Path
 
 from snapserve.server.errors import ModelSettingsError
 
-__all__ = ["AUTO", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "ThreadPlan",
-           "check_thread_budget", "cgroup_cpu_limit", "plan_threads",
-           "usable_cores"]
+__all__ = ["AUTO", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "PLAN_MARGIN",
+           "ThreadPlan", "check_thread_budget", "cgroup_cpu_limit", "clearly_better",
+           "plan_threads", "usable_cores"]
 
 AUTO = 0  # instances / intra_op_threads: decide at load
 # Server CPU per one-example request outside the model (grpc.aio, decode, batcher, encode), as
 # benchmarks/RESULTS.md records it; a model that computes an example faster than this is not
 # the bottleneck.
 LOOP_COST_S = 0.5e-3
-# The lead instance is kept only when it is this much faster than one thread on a lone example.
-LEAD_GAIN = 0.85
+# How much better the less simple of two plans must measure before it is chosen: more than
+# the spread of timings at load on a shared machine (a busy neighbour, frequency scaling), so
+# that noise alone cannot flip a choice between two starts.
+PLAN_MARGIN = 0.25
 # The longest a batch may hold the event loop when computed on it: health checks and new calls
 # wait that long (a couple of queue delays), never more.
 ON_LOOP_MAX_S = 5e-3
@@ -132,6 +142,13 @@ def check_thread_budget(instances: int, intra_op_threads: int, cores: int) -> No
             "--intra-op-threads, or the model's model-settings.yaml), or leave them auto")
 
 
+def clearly_better(simpler_seconds: float, other_seconds: float,
+                   margin: float = PLAN_MARGIN) -> bool:
+    """Whether the other plan beats the simpler one by more than `margin`: its time times
+    (1 + margin) is still below the simpler plan's. Ties and near-ties keep the simpler plan."""
+    return other_seconds * (1 + margin) < simpler_seconds
+
+
 @dataclass(frozen=True)
 class ThreadPlan:
     """The sessions a model version opens: `parallel` instances of `threads` each, computing up
@@ -168,21 +185,26 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     reasons = []
     parallel = instances
     if parallel == AUTO:
-        heavy = seconds_per_example is not None and seconds_per_example >= LOOP_COST_S
+        # Parallel instances pay when the model, not the loop's handling, is what a request
+        # waits for: the handling is the "simpler" side the compute must clearly pass.
+        heavy = (seconds_per_example is not None
+                 and clearly_better(seconds_per_example, LOOP_COST_S))
         parallel = max(cores // threads, 1) if heavy else 1
         if seconds_per_example is None:
             reasons.append("1 instance (compute not measured)")
         else:
             reasons.append(f"{parallel} parallel instance(s): {1e3 * seconds_per_example:.2f} ms "
-                           f"of compute per example {'>=' if heavy else '<'} "
-                           f"{1e3 * LOOP_COST_S:.2f} ms of request handling")
+                           f"of compute per example {'>' if heavy else '<='} "
+                           f"{1 + PLAN_MARGIN:.2f} x {1e3 * LOOP_COST_S:.2f} ms of request "
+                           "handling")
     lead = 0  # only when both are auto: N instances asked for are N instances
     if instances == AUTO and intra_op_threads == AUTO and cores > 1 and lone_seconds is not None:
         one, every = lone_seconds
-        if every <= LEAD_GAIN * one:
+        if clearly_better(one, every):
             lead = cores
         reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
-                       f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms on 1)")
+                       f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms on 1; "
+                       f"kept when over {1 + PLAN_MARGIN:.2f} x faster)")
     on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
                and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
     if on_loop:

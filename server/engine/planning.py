@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 
 from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
-from snapserve.server.engine.runtime import CUDA, EnsembleRuntime, GraphTiming, RuntimeConfig
+from snapserve.server.engine.runtime import (CUDA, EnsembleRuntime, GraphTiming, RuntimeConfig,
+                                             compute_clock, fastest_in_turn)
 from snapserve.server.errors import InferenceError
 
 __all__ = ["fastest_seconds", "plan_instances"]
@@ -21,16 +22,17 @@ __all__ = ["fastest_seconds", "plan_instances"]
 _MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
 
 
-def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s: float) -> float:
-    """The fastest of a few runs after a warm-up: other processes' work only ever adds time, so
-    the minimum is the least disturbed estimate of the model's own cost (a median at load
-    is far off on a busy machine, enough to flip the choice)."""
+def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s: float,
+                    clock: Callable[[], float] = time.perf_counter) -> float:
+    """The fastest of a few runs after a warm-up, by `clock`: other processes' work only ever
+    adds time, so the minimum is the least disturbed estimate of the model's own cost (a
+    median at load is far off on a busy machine, enough to flip the choice)."""
     fn(x)
     best, deadline = float("inf"), time.perf_counter() + budget_s
     while best == float("inf") or time.perf_counter() < deadline:
-        began = time.perf_counter()
+        began = clock()
         fn(x)
-        best = min(best, time.perf_counter() - began)
+        best = min(best, clock() - began)
     return best
 
 
@@ -47,21 +49,26 @@ def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Grap
         return plan_threads(config.instances or 1, config.intra_op_threads or 1, cores,
                             None, None), runtime, None
     # Bounded by time (a warm-up run and at least one more each): a model that takes seconds
-    # per example must not take minutes to load.
-    one = fastest_seconds(runtime.scores, example, 0.1)
+    # per example must not take minutes to load. The model's own cost, compared with the
+    # request handling's CPU and the loop's bound: on a one-thread session, its CPU time.
+    clock = compute_clock(config.intra_op_threads or 1, runtime.provider)
+    one = fastest_seconds(runtime.scores, example, 0.1, clock)
     per_example = one  # at batch 1: an upper bound, and plainly heavy when this slow
     batch_seconds = None  # the largest batch, when measured
     if one * max_batch_size < _MEASURE_BUDGET_S:
         batch = np.ascontiguousarray(np.repeat(example, max_batch_size, axis=0))
         try:
-            batch_seconds = fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S)
+            batch_seconds = fastest_seconds(runtime.scores, batch, _MEASURE_BUDGET_S, clock)
             per_example = batch_seconds / max_batch_size
         except InferenceError:  # a model that refuses large batches is its requests' business
             pass
     lone, candidate = None, None
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
-        lone = (one, fastest_seconds(candidate.scores, example, 0.1))
+        # A lead's gain is in wall time (threads in parallel), timed in turn so a burst of
+        # other work cannot land on one thread count alone.
+        one, every = fastest_in_turn((runtime.scores, candidate.scores), example, 0.2, 1)
+        lone = (one, every)
     plan = plan_threads(config.instances, config.intra_op_threads, cores,
                         per_example if config.instances == AUTO else None, lone, batch_seconds)
     if candidate is not None and plan.lead_threads:

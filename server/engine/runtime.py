@@ -7,8 +7,9 @@ thread (ONNX Runtime releases the GIL while it computes). Two ways to compute th
 - `fused`: the version's `ensemble.onnx`, one session that runs every member and computes the
   scores in the graph, so one `run` replaces M runs and the Python math.
 
-`choose_graph` times both at load and keeps the faster. Settings (docs/performance.md): full
-graph optimisation, sequential execution, `intra_op_threads` per session, no thread spinning
+`choose_graph` times both at load and keeps the faster (the fused graph on a near-tie).
+Settings (docs/performance.md): full graph optimisation, sequential execution,
+`intra_op_threads` per session, no thread spinning
 (spinning threads steal the cores the event loop and the gRPC threads need), the CPU memory
 arena on (batch shapes repeat, so its blocks are reused). On CUDA, inputs are copied to the
 device once per batch and bound with IO binding (every member reads the same device copy) and
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import statistics
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence, Union
+from typing import Callable, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -38,12 +38,14 @@ from snapserve.proto.spec import LOGITS, PROBABILITIES
 from snapserve.proto.tensors import ONNX_TO_NUMPY
 from snapserve.server.engine.adaptive import AdaptiveMembers, adaptive_scores
 from snapserve.server.config import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
+from snapserve.server.engine.cores import PLAN_MARGIN, clearly_better
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
-           "agreement_tolerance", "check_score_outputs", "choose_graph", "cuda_provider_options",
-           "execution_providers", "session_options", "warm_up_batch_sizes"]
+           "agreement_tolerance", "check_score_outputs", "choose_graph", "compute_clock",
+           "cuda_provider_options", "execution_providers", "fastest_in_turn", "session_options",
+           "warm_up_batch_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -618,7 +620,8 @@ class EnsembleRuntime:
 
 @dataclass(frozen=True)
 class GraphTiming:
-    """Median seconds per batch of each graph, by batch size, as measured at load."""
+    """Seconds per batch of each graph (the fastest of runs taken in turn), by batch size, as
+    measured at load."""
 
     batch_sizes: tuple[int, ...]
     seconds: dict[str, tuple[float, ...]]  # empty when the graphs disagreed (see why)
@@ -636,21 +639,41 @@ class GraphTiming:
             f" at batch {'/'.join(map(str, self.batch_sizes))}"
 
 
-def _median_seconds(fn, x: np.ndarray, budget_s: float, min_runs: int = 3) -> float:  # type: ignore[no-untyped-def]
-    fn(x)  # the first run of a shape allocates and plans: not counted
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 50):
-        began = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+def compute_clock(intra_op_threads: int, provider: str) -> Callable[[], float]:
+    """The clock that times a session's own cost: the calling thread's CPU time when the
+    session computes on that thread alone (one intra-op thread on the CPU), which other
+    processes cannot lengthen, only delay; else the wall clock (worker threads' or the GPU's
+    time is not the caller's)."""
+    return time.thread_time if intra_op_threads == 1 and provider == CPU else time.perf_counter
+
+
+def fastest_in_turn(fns: Sequence[Callable[[np.ndarray], object]], x: np.ndarray,
+                    budget_s: float, min_rounds: int = 3,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
+    """The fastest run of each function on `x` by `clock`, their runs taken in turn for
+    `budget_s` of wall time (at least `min_rounds` rounds). Other processes' work only ever
+    adds time, so the fastest run is the least disturbed; taken in turn, a burst of it slows
+    every function alike instead of landing on one and deciding a comparison between them."""
+    for fn in fns:
+        fn(x)  # the first run of a shape allocates and plans: not counted
+    best = [float("inf")] * len(fns)
+    rounds, deadline = 0, time.perf_counter() + budget_s
+    while rounds < min_rounds or time.perf_counter() < deadline:
+        for index, fn in enumerate(fns):
+            began = clock()
+            fn(x)
+            best[index] = min(best[index], clock() - began)
+        rounds += 1
+    return tuple(best)
 
 
 def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: int,
-                 budget_s: float = 0.2, tolerance: float | None = None) -> tuple[str, GraphTiming | None]:
-    """Which graph to serve with: time both on a few batch sizes (the median of a few runs
-    each), keep the faster per example. Refuses a fused graph whose probabilities differ from
+                 budget_s: float = 0.2, tolerance: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[str, GraphTiming | None]:
+    """Which graph to serve with: time both on a few batch sizes (`fastest_in_turn` by `clock`,
+    `compute_clock` at load); the fused graph (one run computes every member and score) unless
+    the members are faster per example by more than PLAN_MARGIN (engine/cores.py: a near-tie
+    must not flip between starts). Refuses a fused graph whose probabilities differ from
     the members' by more than `tolerance` (default: `agreement_tolerance` for the provider
     and the fused graph's precision: a stale or broken file, not kernel rounding) with an
     error log. The timing's `why` says which and why. `example`: one example, [1, ...]."""
@@ -676,13 +699,17 @@ def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: 
                          "(tolerance %.3g): serving the members", diff, tolerance)
             return MEMBERS, GraphTiming(sizes, {}, why)
         largest_diff = max(largest_diff, diff)
-        for name in (FUSED, MEMBERS):
-            seconds[name].append(_median_seconds(runtime.graphs[name].scores, x, budget_s))
+        fused_s, members_s = fastest_in_turn(
+            (fused_graph.scores, runtime.graphs[MEMBERS].scores), x, budget_s, clock=clock)
+        seconds[FUSED].append(fused_s)
+        seconds[MEMBERS].append(members_s)
     timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
     fused_total, members_total = timing.total(FUSED), timing.total(MEMBERS)
-    chosen, other = (FUSED, MEMBERS) if fused_total <= members_total else (MEMBERS, FUSED)
-    ratio = max(fused_total, members_total) / max(min(fused_total, members_total), 1e-12)
-    why = (f"{chosen}: {ratio:.2f}x faster per example than {other} "
+    chosen, other = ((MEMBERS, FUSED) if clearly_better(fused_total, members_total)
+                     else (FUSED, MEMBERS))
+    speedup = timing.total(other) / max(timing.total(chosen), 1e-12)
+    why = (f"{chosen}: {speedup:.2f}x faster per example than {other}; the members serve only "
+           f"when over {1 + PLAN_MARGIN:.2f}x faster "
            f"(agree within {largest_diff:.3g} <= tolerance {tolerance:.3g})")
     logger.info("graph auto: serving %s (%s)", chosen, why.split(": ", 1)[1])
     return chosen, GraphTiming(timing.batch_sizes, timing.seconds, why)

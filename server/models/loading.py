@@ -19,7 +19,7 @@ from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.cores import check_thread_budget, usable_cores
 from snapserve.server.engine.planning import plan_instances
 from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphBytes,
-                                             RuntimeConfig, choose_graph)
+                                             RuntimeConfig, choose_graph, compute_clock)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
                                      ModelLoadError)
 from snapserve.server.models.ensemble import ServedEnsemble
@@ -136,7 +136,8 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
     # The tolerance follows the provider and the fused graph's precision (agreement_tolerance).
-    graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size)
+    graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
+                                 clock=compute_clock(first_config.intra_op_threads, runtime.provider))
     runtime.keep(graph)
     _log_adaptive(manifest, runtime, runtime_config)
 
