@@ -61,8 +61,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"],
-                   help="lr0: the initial LR, and each snapshot cycle's (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="lr0: the initial LR, and each snapshot cycle's (default: 0.2 for snapshot, else 0.1)")
     p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"], help="(default: %(default)s)")
     p.add_argument("--nesterov", action=_BOOL, default=_DEFAULTS["nesterov"],
                    help="Nesterov momentum (default: %(default)s)")

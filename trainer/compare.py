@@ -240,6 +240,7 @@ class Comparison:
             config = self.config(spec, epochs, seed)
             ensemble, models = self._train(config)
             probs = self._probabilities(models, ensemble)
+            probs.info["lr"] = config.lr
             if config.method == "snapshot":
                 full = epochs // (config.members or 1) * ensemble.steps_per_epoch
                 probs.info["steps_per_cycle"] = full
@@ -315,7 +316,8 @@ class Comparison:
     def title(self) -> str:
         a = self.args
         return (f"{a.dataset}, {a.arch} (width {a.width}), budget {a.budget} epochs, seeds "
-                f"{' '.join(map(str, a.seeds))}, lr {a.lr}, batch {a.batch_size}, deep ensembles of "
+                f"{' '.join(map(str, a.seeds))}, lr {a.lr or 'per method (snapshot 0.2, else 0.1)'}, batch "
+                f"{a.batch_size}, deep ensembles of "
                 f"{a.deep_members}; test split ({len(self.dataset.test)} examples); OOD: {OOD_DESCRIPTION} "
                 f"({len(self.inputs['ood'])})")
 
@@ -509,7 +511,7 @@ def cycle_points(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]
         stats = {key: paired(rows, method, key, budget) for key in ("accuracy", "nll")}
         if all("diff" in s for s in stats.values()):
             points.append({"method": method, "steps_per_cycle": mine[0]["steps_per_cycle"],
-                           "rule": mine[0]["rule"], **stats})
+                           "lr": mine[0].get("lr"), "rule": mine[0]["rule"], **stats})
     return points
 
 

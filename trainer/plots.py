@@ -189,8 +189,8 @@ def plot_cycle_length(path: Path, points: list[dict[str, Any]]) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
     series: dict[str, list[dict[str, Any]]] = {}
     for point in points:
-        lr = "lr=0.2" if "lr=0.2" in point["method"] else "lr=0.1"
-        series.setdefault(f"{lr}, {point['method'].rsplit('[', 1)[-1].rstrip(']')}", []).append(point)
+        rule = point["method"].rsplit("[", 1)[-1].rstrip("]")
+        series.setdefault(f"lr0 {point['lr']}, {rule}", []).append(point)
     for label, mine in sorted(series.items()):
         mine.sort(key=lambda p: p["steps_per_cycle"])
         for ax, key in zip(axes, ("accuracy", "nll")):

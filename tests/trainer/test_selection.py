@@ -80,6 +80,13 @@ def test_keep_last_means_last_k_and_nothing_else() -> None:
         TrainConfig(out="repo", method="snapshot", selection="last-k")
 
 
+def test_snapshot_defaults_to_lr0_0_2_and_every_method_to_all_members() -> None:
+    assert TrainConfig(out="repo").lr == 0.2 and TrainConfig(out="repo", lr=0.1).lr == 0.1
+    assert {TrainConfig(out="repo", method=m).lr for m in ("fge", "swa", "swag", "single")} == {0.1}
+    assert TrainConfig(out="repo", method="fge").fge_lrs() == (0.05, 0.01)  # the README's, from 0.1
+    assert {TrainConfig(out="repo", method=m).selection for m in ("snapshot", "fge", "swag")} == {"all"}
+
+
 def test_a_version_exports_the_distinct_chosen_members_and_lists_the_repeats(tmp_path: Path) -> None:
     manifest = train_cli(tmp_path, "--dataset", "digits", "--arch", "mlp", "--width", "16", "--epochs", "4",
                          "--members", "4", "--selection", "greedy", "--seed", "0", "--name", "picked")
