@@ -67,6 +67,8 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Repository control bodies hold a flag or a few parameter names.
 CONTROL_BODY_BYTES = 64 * 1024
+# Connections the kernel queues before the loop accepts them (the system's somaxconn caps it).
+LISTEN_BACKLOG = 1024
 
 
 def _json(obj: object) -> web.Response:
@@ -318,8 +320,10 @@ class HttpFrontEnd:
         self._runner = _Runner(self.application(), self._listener_limits(), access_log=None,
                                handle_signals=False)
         await self._runner.setup()
+        # A deep accept queue: under a flood of connections a busy loop accepts late, and a
+        # health probe whose SYN the kernel drops waits for the client's 1 s retransmission.
         site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context,
-                           reuse_port=reuse_port or None)
+                           reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as exc:
