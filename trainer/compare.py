@@ -38,6 +38,7 @@ import csv
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from snapserve.trainer.report import evaluate_ensemble
 from snapserve.trainer.train import TrainedEnsemble, member_models, resolve_device, seed_everything, train_ensemble
 
 __all__ = ["BASELINE", "COMPARE_METHODS", "PROFILES", "MethodSpec", "bootstrap_interval", "format_table",
-           "parse_method", "run_compare", "t_interval"]
+           "parse_method", "plot_cycles", "run_compare", "t_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -512,6 +513,30 @@ def cycle_points(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]
         if all("diff" in s for s in stats.values()):
             points.append({"method": method, "steps_per_cycle": mine[0]["steps_per_cycle"],
                            "lr": mine[0].get("lr"), "rule": mine[0]["rule"], **stats})
+    return points
+
+
+def plot_cycles(run_files: Sequence[str | Path], out: str | Path, budget: int) -> list[dict[str, Any]]:
+    """cycles.png over several comparisons' runs.json (the main table and the snapshot sweeps):
+    their rows together, each (method, seed, budget) once (runs are deterministic per seed on
+    one machine, so the baselines they share are the same numbers). Returns the points.
+
+        python -c "from snapserve.trainer.compare import plot_cycles; plot_cycles(['a/runs.json', 'b/runs.json'], 'cycles.png', 80)"
+    """
+    from snapserve.trainer.plots import plot_cycle_length
+
+    rows: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for file in run_files:
+        data = json.loads(Path(file).read_text())
+        # A row without its lr takes its method's own (`snapshot:lr=0.2`), else the comparison's --lr.
+        given = re.search(r", lr ([0-9.]+),", data["title"])
+        for row in data["runs"]:
+            if row.get("lr") is None:
+                own = re.search(r"lr=([0-9.]+)", row["method"])
+                row["lr"] = float(own.group(1)) if own else float(given.group(1)) if given else None
+            rows.setdefault((row["method"], row["seed"], row["budget"]), row)
+    points = cycle_points(list(rows.values()), budget)
+    plot_cycle_length(Path(out), points)
     return points
 
 

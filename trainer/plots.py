@@ -191,14 +191,16 @@ def plot_cycle_length(path: Path, points: list[dict[str, Any]]) -> bool:
     for point in points:
         rule = point["method"].rsplit("[", 1)[-1].rstrip("]")
         series.setdefault(f"lr0 {point['lr']}, {rule}", []).append(point)
-    for label, mine in sorted(series.items()):
+    for i, (label, mine) in enumerate(sorted(series.items())):
         mine.sort(key=lambda p: p["steps_per_cycle"])
-        for ax, key in zip(axes, ("accuracy", "nll")):
-            x = [p["steps_per_cycle"] for p in mine]
-            y = [p[key]["diff"] for p in mine]
-            err = [[p[key]["diff"] - p[key]["low"] for p in mine], [p[key]["high"] - p[key]["diff"] for p in mine]]
+        shift = 1 + 0.025 * (i - len(series) / 2)  # series side by side at one cycle length
+        for ax, key, scale in zip(axes, ("accuracy", "nll"), (100, 1)):
+            x = [p["steps_per_cycle"] * shift for p in mine]
+            y = [scale * p[key]["diff"] for p in mine]
+            err = [[scale * (p[key]["diff"] - p[key]["low"]) for p in mine],
+                   [scale * (p[key]["high"] - p[key]["diff"]) for p in mine]]
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=label)
-    for ax, label in zip(axes, ("Δ test accuracy vs single-step", "Δ test NLL vs single-step")):
+    for ax, label in zip(axes, ("Δ test accuracy vs single-step (points)", "Δ test NLL vs single-step")):
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("steps per cycle (budget x steps per epoch / M)")
