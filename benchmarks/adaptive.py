@@ -1,7 +1,7 @@
 """Adaptive member evaluation measured (issue 27, item 3): the full ensemble against adaptive
 serving of the same members, in one run.
 
-    python -m benchmarks.adaptive [--seeds 0,1,2] [--epochs 30] [--width 256] [--members 5]
+    python -m benchmarks.adaptive [--seeds 0,1,2] [--epochs 40] [--width 640] [--members 5]
         [--duration 10] [--warmup 2] [--concurrency 1,8,32] [--repo DIR] [--no-write]
 
 1. Trains (`trainer train --arch cnn1d --width W`, one seed after another, `--threads 1`) or takes
@@ -532,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None,
                         help="training data (default mnist1d); with --repo, the test split's "
                              "source (default: the manifest's)")
-    parser.add_argument("--width", type=int, default=256, help="cnn1d channels")
+    parser.add_argument("--width", type=int, default=640,
+                        help="cnn1d channels: wide enough that compute dominates request handling")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--concurrency", default="1,8,32", help="closed-loop levels")
