@@ -123,11 +123,13 @@ class Container:
 @pytest.fixture
 def container(image: str, repository: Path) -> Iterator[tuple[Container, int]]:
     name = f"snapserve-test-{uuid.uuid4().hex[:12]}"
-    port, http_port = free_port(), free_port()
-    # Host network (podman-here): bind loopback only, on free ports. Configured by variables
-    # (SNAPSERVE_*) and flags after the image name, as docs/deploy.md shows.
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    # Host network (podman-here): bind loopback only, on free ports (the metrics default, 8002,
+    # may be another server's on this host). Configured by variables (SNAPSERVE_*) and flags
+    # after the image name, as docs/deploy.md shows.
     podman("run", "--detach", "--name", name,
            "--env", f"SNAPSERVE_PORT={port}", "--env", f"SNAPSERVE_HTTP_PORT={http_port}",
+           "--env", f"SNAPSERVE_METRICS_PORT={metrics_port}",
            "--env", "SNAPSERVE_HOST=127.0.0.1",
            "--volume", f"{repository}:/models:ro",
            image, "--max-batch-size", "16", "--max-queue-delay-ms", "2", "--grace-s", "5")
