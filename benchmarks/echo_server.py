@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.scores import SCORES
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, to_tensor
 
 __all__ = ["canned_response", "serve"]
@@ -27,13 +28,12 @@ logger = logging.getLogger("benchmarks.echo_server")
 def canned_response(classes: int, members: int) -> bytes:
     """A PredictResponse for one example, shaped like a real one (same fields, same sizes)."""
     response = pb.PredictResponse(model="echo", version=1)
+    for spec in SCORES:  # every score a default answer carries, from the one table
+        if not spec.on_request:
+            to_tensor(np.zeros(spec.shape(1, members, classes), spec.dtype),
+                      getattr(response, spec.name))
     to_tensor(np.full((1, classes), 1 / classes, np.float32), response.probabilities)
-    to_tensor(np.zeros(1, np.int64), response.top_class)
     response.top_label.append("0")
-    for field in ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement"):
-        to_tensor(np.zeros(1, np.float32), getattr(response, field))
-    to_tensor(np.zeros((1, members), np.float32), response.member_kl)
-    to_tensor(np.zeros((1, members), np.int64), response.member_top_class)
     return response.SerializeToString()
 
 
