@@ -204,6 +204,8 @@ def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
     try:
         shape = check_shape(shape_json, label)
         check_fits(shape, wire_type(datatype, label).numpy, label)
+        if served is not None and name == served.manifest.input.name:
+            check_declared(tuple(shape), datatype, served, label)
     except TensorError as exc:
         raise InvalidInput(str(exc)) from exc
     parameters = _object(tensor.get("parameters", {}), f"{label} parameters")
@@ -217,8 +219,6 @@ def _decode_input(tensor: Any, index: int, binary: memoryview, offset: int,
                                f"{len(binary)} bytes of binary tensor data")
         data = binary[offset:offset + size]
         offset += size
-        if served is not None and name == served.manifest.input.name:
-            check_declared(tuple(shape), datatype, served, label)
     elif "data" in tensor:
         try:
             data = json_data_array(tensor["data"], datatype, shape, label)
