@@ -22,7 +22,7 @@ The same model on the same machine must get the same plan at every start, though
 load move with whatever else the machine runs. So each choice keeps the simpler plan unless the
 other is measured better by more than PLAN_MARGIN (`clearly_better`): one instance unless the
 compute per example passes the request handling by that much, no lead instance unless it is
-that much faster on a lone example, the fused graph unless the members are that much faster
+LEAD_MARGIN faster on a lone example (it takes every core), the fused graph unless the members are that much faster
 (runtime.choose_graph). A model whose two options are near a tie (the usual case where noise
 decides) then always gets the simpler one; a flip needs a true ratio near the margin itself.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from snapserve.server.errors import ModelSettingsError
 
-__all__ = ["AUTO", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "PLAN_MARGIN",
+__all__ = ["AUTO", "LEAD_MARGIN", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "PLAN_MARGIN",
            "ThreadPlan", "check_thread_budget", "cgroup_cpu_limit", "clearly_better",
            "plan_threads", "usable_cores"]
 
@@ -49,6 +49,9 @@ LOOP_COST_S = 0.5e-3
 # the spread of timings at load on a shared machine (a busy neighbour, frequency scaling), so
 # that noise alone cannot flip a choice between two starts.
 PLAN_MARGIN = 0.25
+# A lead instance must win by more: it takes every core while it runs, and intra-op speed-ups on
+# a lone example of a small model sit near 1 + PLAN_MARGIN on two cores, where noise decides.
+LEAD_MARGIN = 0.5
 # The longest a batch may hold the event loop when computed on it: health checks and new calls
 # wait that long (a couple of queue delays), never more.
 ON_LOOP_MAX_S = 5e-3
@@ -200,11 +203,11 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     lead = 0  # only when both are auto: N instances asked for are N instances
     if instances == AUTO and intra_op_threads == AUTO and cores > 1 and lone_seconds is not None:
         one, every = lone_seconds
-        if clearly_better(one, every):
+        if clearly_better(one, every, LEAD_MARGIN):
             lead = cores
         reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
                        f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms on 1; "
-                       f"kept when over {1 + PLAN_MARGIN:.2f} x faster)")
+                       f"kept when over {1 + LEAD_MARGIN:.2f} x faster)")
     on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
                and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
     if on_loop:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from snapserve.server.engine.cores import (LOOP_COST_S, PLAN_MARGIN, clearly_better,
+from snapserve.server.engine.cores import (LEAD_MARGIN, LOOP_COST_S, PLAN_MARGIN, clearly_better,
                                            plan_threads, usable_cores)
 from tests.support.models import conv_member, linear_members, save, slow_member
 
@@ -26,13 +26,14 @@ def test_the_simpler_plan_stays_unless_the_other_is_past_the_margin() -> None:
     assert not clearly_better(simpler, simpler * 1.5)  # the other is slower
 
 
-@pytest.mark.parametrize("gain, lead", [(1.10, False), (1 + PLAN_MARGIN * 0.95, False),
-                                        (1 + PLAN_MARGIN * 1.05, True), (2.0, True)])
+@pytest.mark.parametrize("gain, lead", [(1.10, False), (1 + PLAN_MARGIN * 1.05, False),
+                                        (1 + LEAD_MARGIN * 0.95, False),
+                                        (1 + LEAD_MARGIN * 1.05, True), (2.0, True)])
 def test_a_lead_instance_only_when_clearly_faster_on_a_lone_example(gain: float, lead: bool) -> None:
     one = 4e-3
     plan = plan_threads(0, 0, cores=2, seconds_per_example=4e-3, lone_seconds=(one, one / gain))
     assert bool(plan.lead_threads) is lead, plan.why
-    assert f"kept when over {1 + PLAN_MARGIN:.2f} x faster" in plan.why
+    assert f"kept when over {1 + LEAD_MARGIN:.2f} x faster" in plan.why
 
 
 @pytest.mark.parametrize("compute, parallel", [(1.0, 1), (1 + PLAN_MARGIN * 0.95, 1),
