@@ -70,9 +70,9 @@ async def test_health_stays_fast_while_huge_typed_requests_arrive(
             latencies = await health
     finally:
         server.stop()
-    # Generous for a loaded, shared machine; before the fix each such request held the event
-    # loop for seconds (2.5 s measured).
-    assert max(latencies) < 0.5, sorted(latencies)[-5:]
+    # Generous for a loaded machine (the suite runs on two workers, and this test's client
+    # shares the server's process): a request decoded on the event loop holds it for seconds.
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]
     assert [c for c, _ in codes] == [grpc.StatusCode.INVALID_ARGUMENT] * 4, codes
     assert "at most 128" in codes[0][1], codes[0][1]  # 8 examples x 16 values
 
