@@ -72,5 +72,9 @@ def any_failed(context: DistContext, failed: bool, device: torch.device) -> bool
 
 
 def close_distributed(context: DistContext) -> None:
+    """Every process waits for the others before tearing the group down: process 0 still
+    publishes after training, and a peer that destroyed the group and exited meanwhile could
+    abort in gloo's teardown ("terminate called without an active exception")."""
     if context.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
