@@ -9,15 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from snapserve.server import ServerConfig, start_server
 from snapserve.server.config import SecurityConfig
 from snapserve.server.errors import ConfigError
-from tests.support.pki import Pki
+from tests.support.pki import Pki, self_signed
 from tests.support.servers import local_config
 
 
@@ -46,19 +43,8 @@ async def test_an_encrypted_key_is_named(model_repo: Path, pki: Pki, tmp_path: P
 async def test_a_certificate_out_of_its_dates_warns(model_repo: Path, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture, days: int,
                                                     words: str) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert_path, key_path = self_signed(tmp_path, valid_from_days=days)
     start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "cert.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
     with caplog.at_level(logging.WARNING, "snapserve.server.api.security"):
         running = await start_server(_config(model_repo, cert_path, key_path))
         await running.stop(None)

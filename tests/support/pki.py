@@ -72,6 +72,23 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
     return builder.sign(issuer_key, hashes.SHA256())
 
 
+def self_signed(directory: Path, valid_from_days: float = 0.0) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, valid for one day from
+    `valid_from_days` from now (negative: in the past), and its key (0600)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+             + datetime.timedelta(days=valid_from_days))
+    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(_name("localhost"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return _write_cert(cert, directory / "server.pem"), _write_key(key, directory / "server.key")
+
+
 def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     keys = {n: ec.generate_private_key(ec.SECP256R1())
