@@ -29,6 +29,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from snapserve.server.api.status import describe_error
 from snapserve.server.config import IntakeConfig
 from snapserve.server.errors import MalformedRequest, Overloaded
+from snapserve.server.observability.threads import name_os_thread
 
 __all__ = ["OFFLOAD_BYTES", "Intake", "IntakeConfig", "Ticket", "add_servicer"]
 
@@ -100,7 +101,8 @@ class Intake:
             return fn(*args)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.decode_threads,
-                                            thread_name_prefix="decode")
+                                            thread_name_prefix="decode",
+                                            initializer=name_os_thread, initargs=("decode",))
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def parse(self, cls: type[protobuf_message.Message], data: bytes) -> Any:

@@ -28,6 +28,7 @@ from snapserve.server.models.inputs import conform_input
 from snapserve.server.models.manifest import Manifest
 from snapserve.server.models.statistics import InferenceObserver, ModelStatistics
 from snapserve.server.observability.request_context import current_request
+from snapserve.server.observability.threads import name_os_thread
 from snapserve.server.observability.tracing import record_inference
 
 __all__ = ["ServedEnsemble"]
@@ -65,7 +66,9 @@ class ServedEnsemble:
         self.runtime = runtime
         parallel: list[EnsembleRuntime] = list(instances) or [runtime]
         self.instances: list[EnsembleRuntime] = ([lead] if lead is not None else []) + parallel
-        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"inference-{manifest.name}-{i}")
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"inference-{manifest.name}-{i}",
+                                            initializer=name_os_thread,
+                                            initargs=(f"inference-{i}",))
                          for i in range(len(self.instances))]
         pairs = list(zip(self.instances, self._threads))
         # The lead's (instance, thread) pair, and the parallel ones not computing now; touched
