@@ -1,8 +1,10 @@
 """Adaptive member evaluation measured (issue 27, item 3): the full ensemble against adaptive
-serving of the same members, in one run.
+serving of the same members, beside the tuned Triton running the full ensemble, in one run.
 
     python -m benchmarks.adaptive [--seeds 0,1,2] [--epochs 40] [--width 640] [--members 5]
         [--duration 10] [--warmup 2] [--concurrency 1,8,32] [--repo DIR] [--no-write]
+        [--no-triton] [--triton-sweep-duration 3] [--triton-sweep-delays 0,100,500]
+        [--triton-sweep-instances 1,2] [--triton-sweep-threads 1,2]
 
 1. Trains (`trainer train --arch cnn1d --width W`, one seed after another, `--threads 1`) or takes
    from `--repo` one calibrated ensemble per seed (a model's newest version whose manifest has
@@ -19,11 +21,19 @@ serving of the same members, in one run.
    at each concurrency, driven by the project's load generator (client/bench.py) over the test
    inputs in a fixed shuffled order: an adaptive server's cost depends on the inputs, so a
    load of one repeated input would say nothing. Server CPU per example from /proc.
-4. Reports full against adaptive, paired on the same test examples: accuracy, NLL, the error-
+4. Then, after both (not interleaved), the tuned Triton (benchmarks/peers/triton.py; on unless
+   `--no-triton`, skipped with a note when its venv cannot be made): `tritonserver` whose python
+   backend runs each version's fused ensemble.onnx. Its settings (dynamic-batcher delay,
+   instances, ONNX Runtime threads) are swept on the first seed's model alone, to keep the run
+   short, with the same cycling test-input load through KServe v2 gRPC (Triton has no native
+   API); the best by `best_setting` (geometric mean of examples/s over the levels) then serves
+   every seed's model for the full plan. Server CPU counts Triton's whole process tree (the
+   python backend runs each instance in a stub process).
+5. Reports full against adaptive, paired on the same test examples: accuracy, NLL, the error-
    flagging AUROC of the entropy and of the mutual information, mean members evaluated, and
-   examples/s and server CPU per example at each concurrency; differences as a paired
-   t-interval over seeds. Writes the "Adaptive member evaluation" section of
-   benchmarks/RESULTS.md and the raw numbers to runs/benchmarks/adaptive/results.json.
+   examples/s and server CPU per example at each concurrency, and both against Triton;
+   differences and ratios as a paired t-interval over seeds. Writes the "Adaptive member
+   evaluation" section of benchmarks/RESULTS.md and the raw numbers to runs/benchmarks/adaptive/results.json.
 
 Throughput shares the machine with whatever else runs: the load average and the other
 processes' share of the CPU go beside the numbers. Accuracy and the scores do not depend on it.
@@ -42,18 +52,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from benchmarks.ceiling import _ways
 from benchmarks.ensembles import latest_version
-from benchmarks.serve import (ServerSettings, _busy_seconds, _cpu_seconds, _fmt, _machine,
-                              _own_seconds, _process, replace_section)
+from benchmarks.serve import (ServerSettings, _busy_seconds, _fmt, _machine, _own_seconds,
+                              _process, replace_section)
 from snapserve.server.engine.runtime import compute_clock, fastest_in_turn
 
-__all__ = ["main", "paired_interval", "render", "run"]
+if TYPE_CHECKING:
+    from benchmarks.peers.triton import TritonSetting
+
+__all__ = ["TritonArm", "main", "paired_interval", "render", "run", "triton_lines"]
 
 logger = logging.getLogger("benchmarks.adaptive")
 
@@ -68,8 +82,29 @@ GOAL_CONCURRENCY = 32
 GOAL_ACCURACY_POINTS = 0.1
 GOAL_AUROC = 0.01
 GOAL_COMPUTE_RATIO = 5.0
+# Triton's sweep by default: no wait up to a quarter of snapserve's default delay, one instance
+# or one per core, one thread or every core's. Shorter than benchmarks/peers/triton.py's sweep
+# (no 2000 µs): its settings x levels points add to every run of this benchmark.
+TRITON_DELAYS_US, TRITON_INSTANCES, TRITON_THREADS = (0, 100, 500), (1, 2), (1, 2)
 # The server's load-time line: its graph, instances and its own compute-vs-handling estimate.
 _GRAPH = re.compile(r"(\S+) version \d+: serving the (\w+) graph on (.*?ms of request handling)")
+
+
+@dataclass(frozen=True)
+class TritonArm:
+    """The tuned Triton beside the two snapserve servers: the settings swept on the first
+    seed's model, and each sweep point's measured seconds per level (after
+    benchmarks/peers/triton.py's SWEEP_WARMUP_S unmeasured)."""
+
+    settings: tuple[TritonSetting, ...]
+    sweep_duration_s: float = 3.0  # per level and setting: long enough to rank, short enough
+    # that the sweep (settings x levels points) stays a fraction of the run
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise ValueError("settings must hold at least one Triton setting")
+        if not self.sweep_duration_s > 0:
+            raise ValueError(f"sweep_duration_s must be > 0, got {self.sweep_duration_s}")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -199,28 +234,40 @@ class _Cycling:
         return getattr(self._target, name)
 
 
+def _server_cpu(step: dict[str, Any]) -> Callable[[int], float]:
+    """The reader of a server's CPU seconds for a plan step: the process alone, or with
+    `process_tree` its whole tree (Triton's python backend computes in stub processes)."""
+    if step.get("process_tree"):
+        from benchmarks.peers.triton import _tree_cpu_seconds
+
+        return _tree_cpu_seconds
+    from benchmarks.serve import _cpu_seconds
+
+    return _cpu_seconds
+
+
 async def _drive(target: str, plan: Sequence[dict[str, Any]], server_pid: int, duration: float,
                  warmup: float) -> list[dict[str, Any]]:
-    """Each planned level in turn (model, inputs .npy, concurrency), with the server's CPU
-    over it from /proc: one client process for them all, started once."""
-    from dataclasses import asdict
-
+    """Each planned level in turn (model, inputs .npy, concurrency, optional api and
+    process_tree), with the server's CPU over it from /proc: one client process for them all,
+    started once."""
     from snapserve.client.bench import BenchConfig, _level, _open_target
     from snapserve.client.credentials import Security
 
     results = []
     for step in plan:
         config = BenchConfig(target=target, model=step["model"], concurrency=(step["concurrency"],),
-                             duration_s=duration, warmup_s=warmup)
+                             duration_s=duration, warmup_s=warmup, api=step.get("api", "native"))
+        cpu_seconds = _server_cpu(step)
         async with _open_target(config, Security(), None) as bench_target:
             name, dtype, _shape = await bench_target.input_spec()
             payloads = [bench_target.request(name, row[None].astype(dtype))
                         for row in np.load(step["inputs"])]
             bench_target.check(await bench_target.call(payloads[0]), 1)
-            cpu0, began = _cpu_seconds(server_pid), time.perf_counter()
+            cpu0, began = cpu_seconds(server_pid), time.perf_counter()
             result = asdict(await _level(_Cycling(bench_target, payloads), payloads[0], config,
                                          step["concurrency"]))
-            cpu, wall = _cpu_seconds(server_pid) - cpu0, time.perf_counter() - began
+            cpu, wall = cpu_seconds(server_pid) - cpu0, time.perf_counter() - began
         answered = result["requests"] + sum(result["errors"].values())
         # Over warm-up and window together: the rate is about the same in both.
         result["server_cpu_ms_per_example"] = 1e3 * cpu / max(answered * (duration + warmup) / duration, 1)
@@ -321,9 +368,73 @@ def _serve(repo: Path, models: Sequence[str], adaptive: bool, settings: ServerSe
     return out
 
 
+def _triton_server(arm: TritonArm, versions: dict[str, Path], workdir: Path,
+                   ) -> tuple[Path, Path, Path] | str:
+    """(tritonserver, backends, model repository) ready to start, or why Triton cannot run
+    here: its venv is made on first use (pip), which an offline machine cannot do."""
+    from benchmarks.peers import triton as peer
+
+    try:
+        tritonserver = peer._install()
+        backends = peer._backends(tritonserver, workdir / "triton-backends")
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        logger.warning("Triton left out: %s", exc)
+        return f"Triton could not be installed or set up ({exc})"
+    return tritonserver, backends, peer._triton_repo(versions, arm.settings, workdir / "triton-repo")
+
+
+def _triton_plan(names: dict[str, str], inputs_files: dict[str, Path],
+                 levels: Sequence[int]) -> list[dict[str, Any]]:
+    """The snapserve levels' load for Triton's models (seed -> Triton model name): the same
+    cycling test inputs, through KServe v2 gRPC, CPU over Triton's whole process tree."""
+    return [{"model": triton_name, "seed": name, "inputs": str(inputs_files[name]),
+             "concurrency": c, "api": "kserve", "process_tree": True}
+            for name, triton_name in names.items() for c in levels]
+
+
+def _serve_triton(arm: TritonArm, server: tuple[Path, Path, Path], versions: dict[str, Path],
+                  inputs_files: dict[str, Path], levels: Sequence[int], duration: float,
+                  warmup: float, workdir: Path) -> dict[str, Any]:
+    """The sweep on the first seed's model, then every seed's model at the best setting."""
+    from benchmarks.peers import triton as peer
+
+    first = next(iter(versions))
+    by_key = {s.key: s for s in arm.settings}
+    sweep: dict[str, Any] = {"model": first, "duration_s": arm.sweep_duration_s,
+                             "warmup_s": peer.SWEEP_WARMUP_S,
+                             "settings": [asdict(s) | {"key": s.key} for s in arm.settings],
+                             "points": {}, "geomean_examples_per_s": {}}
+    out: dict[str, Any] = {"sweep": sweep, "models": {name: {} for name in versions}}
+    with peer._triton(*server, workdir / "triton.log") as triton:
+        pid, port = triton.process.pid, triton.grpc_port
+        for setting in arm.settings:
+            name = peer._triton_name(first, setting)
+            with triton.loaded([name]):
+                steps = _measured_levels(pid, port, _triton_plan({first: name}, inputs_files, levels),
+                                         arm.sweep_duration_s, peer.SWEEP_WARMUP_S)
+            sweep["points"][setting.key] = [step["result"] for step in steps]
+            sweep["geomean_examples_per_s"][setting.key] = peer._geomean(
+                step["result"]["examples_per_s"] for step in steps)
+            logger.info("triton sweep %s %s: %s ex/s", first, setting.describe(), " / ".join(
+                f"{step['result']['examples_per_s']:.0f}" for step in steps))
+        key, why = peer.best_setting(sweep["points"])
+        best = by_key[key]
+        out["best"] = {"key": key, **asdict(best), "why": why, "described": best.describe()}
+        logger.info("Triton's best setting on %s: %s (%s)", first, best.describe(), why)
+        names = {name: peer._triton_name(name, best) for name in versions}
+        with triton.loaded(list(names.values())):
+            for step in _measured_levels(pid, port, _triton_plan(names, inputs_files, levels),
+                                         duration, warmup):
+                level, c = step["result"], step["concurrency"]
+                out["models"][step["seed"]][c] = level
+                logger.info("triton %s c=%d: %.1f ex/s, server tree %.3f ms CPU/example",
+                            step["seed"], c, level["examples_per_s"], level["server_cpu_ms_per_example"])
+    return out
+
+
 def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmup: float,
         settings: ServerSettings, dataset: str | None, workdir: Path, budget_s: float = 0.5,
-        ) -> dict[str, Any]:
+        triton: TritonArm | None = None) -> dict[str, Any]:
     machine = _machine()
     logger.info("load average before %s", machine["load_average_before"])
     busy0, own0, began = _busy_seconds(), _own_seconds(), time.monotonic()
@@ -342,19 +453,51 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
     cheap_model(repo, manifest["input"]["shape"][1:], len(manifest["classes"]))
     compute = {1: in_process_ms(first, 1, budget_s), max(levels): in_process_ms(first, max(levels), budget_s)}
     logger.info("in-process, every member, one thread: %s CPU ms per example by batch size", compute)
+    # Set up before the snapserve servers run, so a Triton that cannot run here says so at once.
+    triton_server = None if triton is None else _triton_server(triton, versions, workdir)
     full = _serve(repo, list(versions), False, settings, tests, inputs_files, levels, duration,
                   warmup, workdir, cheap=True)
     adaptive = _serve(repo, list(versions), True, settings, tests, inputs_files, levels, duration,
                       warmup, workdir, cheap=False)
+    peer: dict[str, Any] | None = None
+    if isinstance(triton_server, str):
+        peer = {"skipped": triton_server}
+    elif triton is not None and triton_server is not None:
+        peer = _serve_triton(triton, triton_server, versions, inputs_files, levels, duration,
+                             warmup, workdir)
     machine["load_average_after"] = os.getloadavg()
     others = max(_busy_seconds() - busy0 - (_own_seconds() - own0), 0.0)
     machine["others_cpu_share"] = others / (time.monotonic() - began) / (os.cpu_count() or 1)
-    return summarize(versions, compute, full, adaptive, levels, machine, duration, warmup, settings)
+    return summarize(versions, compute, full, adaptive, levels, machine, duration, warmup, settings,
+                     peer)
+
+
+def _rate_ratio(level: dict[str, Any], over: dict[str, Any]) -> float | None:
+    """examples/s of one level over another's; None when the other answered nothing."""
+    return level["examples_per_s"] / over["examples_per_s"] if over["examples_per_s"] > 0 else None
+
+
+def _beside_triton(seeds: dict[str, Any], triton: dict[str, Any] | None,
+                   levels: Sequence[int]) -> dict[str, Any]:
+    """Triton's levels into each seed's, the full and adaptive examples/s over Triton's per
+    seed and level, and their paired t-intervals over seeds: label -> level -> interval."""
+    if not triton or "models" not in triton:
+        return {}
+    for name, seed in seeds.items():
+        for c in levels:
+            seed["levels"][c]["triton"] = triton["models"][name][c]
+        seed["over_triton"] = {label: {c: _rate_ratio(seed["levels"][c][label],
+                                                      seed["levels"][c]["triton"])
+                                       for c in levels} for label in ("full", "adaptive")}
+    return {f"{label}_over_triton": {c: paired_interval([s["over_triton"][label][c]
+                                                         for s in seeds.values()])
+                                     for c in levels} for label in ("full", "adaptive")}
 
 
 def summarize(versions: dict[str, Path], compute: dict[int, float], full: dict[str, Any],
               adaptive: dict[str, Any], levels: Sequence[int], machine: dict[str, Any],
-              duration: float, warmup: float, settings: ServerSettings) -> dict[str, Any]:
+              duration: float, warmup: float, settings: ServerSettings,
+              triton: dict[str, Any] | None = None) -> dict[str, Any]:
     top = max(levels)
     cheap = full["cheap"]
     handling = {c: cheap[c]["server_cpu_ms_per_example"] for c in cheap}
@@ -378,13 +521,15 @@ def summarize(versions: dict[str, Path], compute: dict[int, float], full: dict[s
     intervals = {key: paired_interval(delta(key)) for key in
                  ("accuracy", "nll", "entropy_auroc", "mi_auroc", "mean_members_evaluated")}
     intervals["speedup"] = {c: paired_interval([s["speedup"][c] for s in seeds.values()]) for c in levels}
+    intervals.update(_beside_triton(seeds, triton, levels))
     return {"machine": machine, "settings": settings.__dict__, "duration_s": duration,
             "warmup_s": warmup, "levels": list(levels),
             "compute_ms_per_example": compute, "handling_ms_per_request": handling,
             "compute_over_handling": {c: compute[c] / handling[c] for c in compute if c in handling},
             "cheap_levels": cheap, "seeds": seeds, "intervals": intervals,
             "server_log": {"full": full["log"], "adaptive": adaptive["log"]},
-            "top": top}
+            "top": top, "triton": None if triton is None else
+            {k: v for k, v in triton.items() if k != "models"}}
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -425,6 +570,65 @@ def busy(machine: dict[str, Any]) -> bool:
     return machine["others_cpu_share"] > 0.1 or machine["load_average_before"][0] > 0.5 * cores
 
 
+def _sweep_rows(report: dict[str, Any]) -> list[str]:
+    """Triton's sweep: each setting's examples/s per level, the kept one in bold."""
+    sweep, levels = report["triton"]["sweep"], report["levels"]
+    chosen = report["triton"]["best"]["key"]
+    lines = [f"Triton's sweep on {sweep['model']} ({sweep['duration_s']:g} s per level after "
+             f"{sweep['warmup_s']:g} s unmeasured; examples/s; **bold**: the setting kept, by the "
+             "highest geometric mean over the levels, near-ties to the lowest tail latency):", "",
+             "| delay µs | instances x threads | "
+             + " | ".join(f"c={c} ex/s" for c in levels) + " | geometric mean ex/s |",
+             "|---:|---:|" + "---:|" * (len(levels) + 1)]
+    for setting in sweep["settings"]:
+        key = setting["key"]
+        mark = "**" if key == chosen else ""
+        cells = [_fmt(level["examples_per_s"]) for level in sweep["points"][key]]
+        cells.append(_fmt(sweep["geomean_examples_per_s"][key]))
+        lines.append(f"| {setting['delay_us']} | {setting['instances']} x {setting['threads']} | "
+                     + " | ".join(f"{mark}{cell}{mark}" for cell in cells) + " |")
+    return lines
+
+
+def triton_lines(report: dict[str, Any]) -> list[str]:
+    """The section's Triton part: its sweep and setting, its levels beside full and adaptive per
+    seed, and the ratios over seeds; one line saying why when Triton is not in the run."""
+    peer, levels = report.get("triton"), report["levels"]
+    if not peer:
+        return ["Not in this run: the tuned Triton (benchmarks/peers/triton.py), left out by "
+                "`--no-triton`.", ""]
+    if "skipped" in peer:
+        return [f"Not in this run: the tuned Triton. {peer['skipped']}.", ""]
+    best = peer["best"]
+    lines = ["**Beside the tuned Triton.** `tritonserver` from nvidia-pytriton, its python backend "
+             "running each version's fused ensemble.onnx (every member) in ONNX Runtime "
+             "(benchmarks/peers/triton_model.py) behind its dynamic batcher; the same one-example "
+             "load over the same shuffled test inputs, through KServe v2 gRPC (Triton has no "
+             "native API; the snapserve rows are its native API). Triton runs after both snapserve "
+             "servers, not interleaved with them, so a change in the machine's load between them "
+             "moves these ratios. Its server CPU counts the whole process tree (the python backend "
+             "computes in stub processes).", "", *_sweep_rows(report), "",
+             f"Triton's setting for every seed: {best['described']}; {best['why']}.", "",
+             "| model | c | Triton ex/s | full ex/s | adaptive ex/s | full / Triton | adaptive / Triton | Triton CPU ms/ex | full CPU ms/ex | adaptive CPU ms/ex | Triton p50 ms | Triton errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, seed in report["seeds"].items():
+        for c in levels:
+            row, over = seed["levels"][c], {k: v[c] for k, v in seed["over_triton"].items()}
+            t, f, a = row["triton"], row["full"], row["adaptive"]
+            lines.append(f"| {name} | {c} | {_fmt(t['examples_per_s'])} | {_fmt(f['examples_per_s'])} | "
+                         f"{_fmt(a['examples_per_s'])} | {_fmt(over['full'], 2)}× | "
+                         f"**{_fmt(over['adaptive'], 2)}×** | {_fmt(t['server_cpu_ms_per_example'], 3)} | "
+                         f"{_fmt(f['server_cpu_ms_per_example'], 3)} | "
+                         f"{_fmt(a['server_cpu_ms_per_example'], 3)} | "
+                         f"{_fmt(t['latency_ms'].get('p50'), 2)} | {sum(t['errors'].values())} |")
+    iv = report["intervals"]
+    lines += ["", "Over Triton's examples/s, per seed then mean over seeds and 95% t-interval:", ""]
+    for label in ("adaptive", "full"):
+        lines.append(f"- {label} / Triton: " + ", ".join(
+            f"c={c} {_interval(iv[f'{label}_over_triton'][c], 1, 2, signed=False)}×" for c in levels))
+    return lines + [""]
+
+
 def render(report: dict[str, Any], command: str) -> str:
     m, s, levels = report["machine"], report["settings"], report["levels"]
     load = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
@@ -432,7 +636,10 @@ def render(report: dict[str, Any], command: str) -> str:
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} (benchmarks/adaptive.py). "
              "Full: every member, the server's own graph choice; adaptive: the same versions with "
              "`--adaptive-members` (issue 27). One-example requests over the test inputs in a fixed "
-             "shuffled order, closed loop, native API; the client is a process of its own.", "",
+             "shuffled order, closed loop, native API; the client is a process of its own. "
+             "Order: the full server, then the adaptive one"
+             + (", then the tuned Triton (below)" if (report.get("triton") or {}).get("best") else "")
+             + ", one after another, not interleaved.", "",
              f"- Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}",
              f"- Load average (1/5/15 min) before: {load(m['load_average_before'])}; after: "
              f"{load(m['load_average_after'])}. Other processes used "
@@ -507,9 +714,7 @@ def render(report: dict[str, Any], command: str) -> str:
     for goal, met, numbers in goals(report):
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
         lines.append(f"- {goal}: {numbers} — **{verdict}**")
-    lines += ["", "Not in this run: the tuned Triton (benchmarks/peers/triton.py) running the full "
-              "ensemble on the same members, beside these two.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + triton_lines(report))
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -528,6 +733,22 @@ def _drive_main(argv: Sequence[str]) -> int:
                                  args.duration, args.warmup))
     args.out.write_text(json.dumps(results, default=str))
     return 0
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def _triton_arm(args: argparse.Namespace) -> TritonArm:
+    # Imported here: benchmarks/peers is optional, and a run without Triton never touches it.
+    from benchmarks.peers.triton import sweep_settings
+
+    def ints(text: str) -> list[int]:
+        return [int(part) for part in text.split(",") if part.strip()]
+
+    settings = sweep_settings(ints(args.triton_sweep_delays), ints(args.triton_sweep_instances),
+                              ints(args.triton_sweep_threads))
+    return TritonArm(tuple(settings), args.triton_sweep_duration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -555,8 +776,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.5, help="seconds per in-process timing")
     parser.add_argument("--json", type=Path, default=WORK / "results.json", help="raw numbers")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    parser.add_argument("--no-triton", action="store_true",
+                        help="leave out the tuned Triton (on by default; its venv runs/peers/venv "
+                             "is made with pip on first use)")
+    parser.add_argument("--triton-sweep-duration", type=float, default=TritonArm.sweep_duration_s,
+                        help="measured seconds per level of each Triton sweep point")
+    parser.add_argument("--triton-sweep-delays", default=_csv(TRITON_DELAYS_US),
+                        help="Triton's max_queue_delay_microseconds values to try")
+    parser.add_argument("--triton-sweep-instances", default=_csv(TRITON_INSTANCES),
+                        help="Triton model instances to try")
+    parser.add_argument("--triton-sweep-threads", default=_csv(TRITON_THREADS),
+                        help="ONNX Runtime intra-op threads per Triton instance to try")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        triton = None if args.no_triton else _triton_arm(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.repo is not None:
         versions = existing_models(args.repo)
     else:
@@ -567,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
         report = run(versions, levels, args.duration, args.warmup, settings, args.dataset,
-                     Path(workdir), args.budget)
+                     Path(workdir), args.budget, triton)
     command = "python -m benchmarks.adaptive " + " ".join(argv)
     section = render(report, command.strip())
     print(section)

@@ -149,9 +149,9 @@ def _install() -> Path:
     return tritonserver
 
 
-def _backends(tritonserver: Path) -> Path:
-    """runs/peers/backends/python: the python backend and the stub for this Python."""
-    backends = WORK / "backends"
+def _backends(tritonserver: Path, backends: Path = WORK / "backends") -> Path:
+    """`backends`/python: the python backend and the stub for this Python. Another folder than
+    the default keeps a second benchmark from replacing it under a running Triton."""
     python = backends / "python"
     if python.exists():
         shutil.rmtree(python)
@@ -188,9 +188,10 @@ def _triton_name(model: str, setting: TritonSetting) -> str:
     return f"{model}_{setting.key}"
 
 
-def _triton_repo(versions: dict[str, Path], settings: Sequence[TritonSetting]) -> Path:
-    """One Triton model per (model, setting): explicit model control loads a setting's own."""
-    repo = WORK / "triton-repo"
+def _triton_repo(versions: dict[str, Path], settings: Sequence[TritonSetting],
+                 repo: Path = WORK / "triton-repo") -> Path:
+    """One Triton model per (model, setting) in `repo`, replaced: explicit model control loads
+    a setting's own."""
     if repo.exists():
         shutil.rmtree(repo)
     for (name, version_dir), setting in itertools.product(versions.items(), settings):
