@@ -18,7 +18,7 @@ serving of the same members, beside the tuned Triton running the full ensemble, 
    member, the server's own choice of graph) and `--adaptive-members`. On each, for every seed:
    the whole test split through the native API (the server's own answers: probabilities,
    entropy, mutual information, members_evaluated), then closed loops of one-example requests
-   at each concurrency, driven by the project's load generator (client/bench.py) over the test
+   at each concurrency over KServe v2 gRPC (as Triton is driven), driven by the project's load generator (client/bench.py) over the test
    inputs in a fixed shuffled order: an adaptive server's cost depends on the inputs, so a
    load of one repeated input would say nothing. Server CPU per example from /proc.
 4. Then, after both (not interleaved), the tuned Triton (benchmarks/peers/triton.py; on unless
@@ -351,10 +351,11 @@ def _serve(repo: Path, models: Sequence[str], adaptive: bool, settings: ServerSe
             out["models"][model] = {"test": split_metrics(answers, y), "levels": {},
                                     "answers": {k: v.tolist() for k, v in answers.items()
                                                 if k != "probabilities"}}
-        plan = [{"model": CHEAP, "inputs": str(inputs_files[models[0]]), "concurrency": c}
-                for c in (sorted({1, max(levels)}) if cheap else ())]
-        plan += [{"model": model, "inputs": str(inputs_files[model]), "concurrency": c}
-                 for model in models for c in levels]
+        # KServe v2 gRPC, as Triton is driven: the ratios against it compare servers, not APIs.
+        plan = [{"model": CHEAP, "inputs": str(inputs_files[models[0]]), "concurrency": c,
+                 "api": "kserve"} for c in (sorted({1, max(levels)}) if cheap else ())]
+        plan += [{"model": model, "inputs": str(inputs_files[model]), "concurrency": c,
+                  "api": "kserve"} for model in models for c in levels]
         for step in _measured_levels(process.pid, port, plan, duration, warmup):
             level, c = step["result"], step["concurrency"]
             if step["model"] == CHEAP:
@@ -604,7 +605,7 @@ def triton_lines(report: dict[str, Any]) -> list[str]:
              "running each version's fused ensemble.onnx (every member) in ONNX Runtime "
              "(benchmarks/peers/triton_model.py) behind its dynamic batcher; the same one-example "
              "load over the same shuffled test inputs, through KServe v2 gRPC (Triton has no "
-             "native API; the snapserve rows are its native API). Triton runs after both snapserve "
+             "native API; the snapserve rows go through it too). Triton runs after both snapserve "
              "servers, not interleaved with them, so a change in the machine's load between them "
              "moves these ratios. Its server CPU counts the whole process tree (the python backend "
              "computes in stub processes).", "", *_sweep_rows(report), "",
@@ -636,7 +637,7 @@ def render(report: dict[str, Any], command: str) -> str:
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} (benchmarks/adaptive.py). "
              "Full: every member, the server's own graph choice; adaptive: the same versions with "
              "`--adaptive-members` (issue 27). One-example requests over the test inputs in a fixed "
-             "shuffled order, closed loop, native API; the client is a process of its own. "
+             "shuffled order, closed loop, KServe v2 gRPC; the client is a process of its own. "
              "Order: the full server, then the adaptive one"
              + (", then the tuned Triton (below)" if (report.get("triton") or {}).get("best") else "")
              + ", one after another, not interleaved.", "",
