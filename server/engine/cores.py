@@ -12,7 +12,13 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
   bottleneck, and more instances only add thread hops and smaller batches);
 - plus a *lead* instance with every core's threads, when it computes a lone example faster than
   one thread does: the batcher hands it a batch only when nothing else computes, so a lone
-  request uses all cores and a full queue runs on the single-thread instances, one per core;
+  request uses all cores and a full queue runs on the single-thread instances, one per core.
+  For an ensemble the lead can spread its members over the cores (a group of members per
+  thread, each group one-thread sessions), which splits a lone example's work far better than
+  ONNX Runtime's intra-op threads split one small batch; it is kept when its largest group's
+  CPU time, against one thread's for every member, clears the same margin, the model is heavy
+  enough that a thread hop is small beside it (SPREAD_MIN_S), and the intra-op lead did not
+  measure better;
 - a single single-thread instance computes a lone request *on the event loop* when its largest
   batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
   the loop woken, the GIL handed over twice) then costs more than the run. Batches of more
@@ -37,7 +43,7 @@ from pathlib import Path
 from snapserve.server.errors import ModelSettingsError
 
 __all__ = ["AUTO", "LEAD_MARGIN", "LOOP_COST_S", "MAX_THREADS_PER_CORE", "ON_LOOP_MAX_S", "PLAN_MARGIN",
-           "ThreadPlan", "check_thread_budget", "cgroup_cpu_limit", "clearly_better",
+           "SPREAD_MIN_S", "ThreadPlan", "check_thread_budget", "cgroup_cpu_limit", "clearly_better",
            "plan_threads", "usable_cores"]
 
 AUTO = 0  # instances / intra_op_threads: decide at load
@@ -52,6 +58,9 @@ PLAN_MARGIN = 0.25
 # A lead instance must win by more: it takes every core while it runs, and intra-op speed-ups on
 # a lone example of a small model sit near 1 + PLAN_MARGIN on two cores, where noise decides.
 LEAD_MARGIN = 0.5
+# The least CPU time a lone example must cost on one thread before its members are spread over
+# threads: waking a helper thread and joining it costs tens of microseconds, small beside this.
+SPREAD_MIN_S = 1e-3
 # The longest a batch may hold the event loop when computed on it: health checks and new calls
 # wait that long (a couple of queue delays), never more.
 ON_LOOP_MAX_S = 5e-3
@@ -163,6 +172,18 @@ class ThreadPlan:
     lead_threads: int = 0  # 0: no lead instance
     why: str = ""
     on_loop: bool = False  # a lone request computes on the event loop thread, not the instance's
+    # The lead spreads the members over its threads (one-thread sessions, a group of members
+    # per thread), not one session's intra-op threads.
+    lead_spread: bool = False
+
+    @property
+    def lead(self) -> str:
+        """The lead instance, in words (GetModel's `lead_instance`)."""
+        if not self.lead_threads:
+            return "none"
+        if self.lead_spread:
+            return f"the members spread over {self.lead_threads} threads"
+        return f"{self.lead_threads} intra-op threads"
 
     @property
     def thread_counts(self) -> tuple[int, ...]:
@@ -173,7 +194,8 @@ class ThreadPlan:
 
 def plan_threads(instances: int, intra_op_threads: int, cores: int,
                  seconds_per_example: float | None, lone_seconds: tuple[float, float] | None,
-                 batch_seconds: float | None = None) -> ThreadPlan:
+                 batch_seconds: float | None = None,
+                 spread_seconds: tuple[float, float] | None = None) -> ThreadPlan:
     """The plan for these settings (AUTO: decide) on `cores` cores.
 
     Explicit values are kept as given; a lead instance is added only when both are AUTO.
@@ -181,6 +203,8 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     batch, measured at load (None: not measured, e.g. on a GPU: one instance). `lone_seconds`:
     a lone example's seconds on (1 thread, `cores` threads), measured (None: not measured).
     `batch_seconds`: that instance's largest batch, measured (None: not measured).
+    `spread_seconds`: a lone example's CPU seconds on one thread and its largest group of
+    members' when spread over `cores` threads (None: the members cannot be spread).
     """
     if instances != AUTO and intra_op_threads != AUTO:
         return ThreadPlan(instances, intra_op_threads, why="as configured")
@@ -200,14 +224,29 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
                            f"of compute per example {'>' if heavy else '<='} "
                            f"{1 + PLAN_MARGIN:.2f} x {1e3 * LOOP_COST_S:.2f} ms of request "
                            "handling")
-    lead = 0  # only when both are auto: N instances asked for are N instances
+    lead, spread = 0, False  # only when both are auto: N instances asked for are N instances
     if instances == AUTO and intra_op_threads == AUTO and cores > 1 and lone_seconds is not None:
         one, every = lone_seconds
-        if clearly_better(one, every, LEAD_MARGIN):
+        if spread_seconds is not None:
+            alone, largest = spread_seconds
+            spread = (alone >= SPREAD_MIN_S and clearly_better(alone, largest, LEAD_MARGIN)
+                      and alone / largest >= one / every)
+        if spread or clearly_better(one, every, LEAD_MARGIN):
             lead = cores
-        reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
-                       f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms on 1; "
-                       f"kept when over {1 + LEAD_MARGIN:.2f} x faster)")
+        if spread_seconds is None:
+            reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
+                           f"example: {1e3 * every:.2f} ms on {cores} threads, {1e3 * one:.2f} ms "
+                           f"on 1; kept when over {1 + LEAD_MARGIN:.2f} x faster)")
+        else:
+            kind = (f"the members spread over {cores} threads" if spread
+                    else f"{cores} intra-op threads")
+            reasons.append(
+                f"{f'a lead instance of {kind}' if lead else 'no lead instance'} (a lone example: "
+                f"{1e3 * one:.2f} ms on 1 thread, {1e3 * every:.2f} ms on {cores} intra-op "
+                f"threads; {1e3 * alone:.2f} ms of CPU on 1 thread against {1e3 * largest:.2f} ms "
+                f"for the largest of {cores} groups of members, {alone / largest:.2f} x; kept "
+                f"when over {1 + LEAD_MARGIN:.2f} x faster, the members spread from "
+                f"{1e3 * SPREAD_MIN_S:.0f} ms and when ahead of intra-op)")
     on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
                and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
     if on_loop:
@@ -216,5 +255,5 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
                        "than a thread hop)")
     why = f"auto on {cores} core(s): " + "; ".join(reasons)
     if lead and parallel == 1:  # one batch at a time: the lead alone, never a second instance
-        return ThreadPlan(1, lead, why=why)
-    return ThreadPlan(parallel, threads, lead, why, on_loop)
+        return ThreadPlan(1, lead, why=why, lead_spread=spread)
+    return ThreadPlan(parallel, threads, lead, why, on_loop, lead_spread=spread)

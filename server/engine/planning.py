@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
-from snapserve.server.engine.runtime import (CUDA, EnsembleRuntime, GraphTiming, RuntimeConfig,
-                                             compute_clock, fastest_in_turn)
+from snapserve.server.engine.runtime import (CUDA, MEMBERS, EnsembleRuntime, GraphTiming,
+                                             RuntimeConfig, compute_clock, fastest_in_turn)
 from snapserve.server.errors import InferenceError
 
 __all__ = ["fastest_seconds", "plan_instances"]
@@ -39,11 +39,14 @@ def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s:
 def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
                     example: np.ndarray, max_batch_size: int,
                     build: Callable[[int], EnsembleRuntime],
+                    build_spread: Callable[[int], EnsembleRuntime | None] | None = None,
                     ) -> tuple[ThreadPlan, EnsembleRuntime, EnsembleRuntime | None]:
     """How many instances of how many threads (engine/cores.py), measured on `runtime` (open
     with `intra_op_threads`, 1 when auto); the first parallel instance (`runtime`, or the one
     with every core's threads when that alone serves) and the lead instance when the plan has
-    one. Nothing is measured when both settings are given, or on a GPU (one instance)."""
+    one. `build(threads)` opens another instance; `build_spread(threads)` one whose members run
+    spread over that many threads, or None where they cannot be. Nothing is measured when both
+    settings are given, or on a GPU (one instance)."""
     cores = config.cores or usable_cores()
     if (config.instances != AUTO and config.intra_op_threads != AUTO) or runtime.provider == CUDA:
         return plan_threads(config.instances or 1, config.intra_op_threads or 1, cores,
@@ -62,17 +65,32 @@ def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Grap
             per_example = batch_seconds / max_batch_size
         except InferenceError:  # a model that refuses large batches is its requests' business
             pass
-    lone, candidate = None, None
+    lone, candidate, spread, spread_seconds = None, None, None, None
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
         # A lead's gain is in wall time (threads in parallel), timed in turn so a burst of
         # other work cannot land on one thread count alone.
         one, every = fastest_in_turn((runtime.scores, candidate.scores), example, 0.2, 1)
         lone = (one, every)
+        spread = build_spread(cores) if build_spread is not None else None
+        if spread is not None:
+            # Spread members run in parallel: their gain is predicted from CPU times (each
+            # group's on one thread against every member's), which a busy machine does not
+            # move, not from a wall-time race that other processes' threads would decide.
+            cpu = compute_clock(1, runtime.provider)
+            alone = fastest_seconds(runtime.scores, example, 0.1, cpu)
+            groups = spread.graphs[MEMBERS].group_seconds(example, 0.1, cpu)
+            spread_seconds = (alone, max(groups))
     plan = plan_threads(config.instances, config.intra_op_threads, cores,
-                        per_example if config.instances == AUTO else None, lone, batch_seconds)
-    if candidate is not None and plan.lead_threads:
-        return plan, runtime, candidate
-    if candidate is not None and plan.threads == cores:  # every core's threads, one instance
-        return plan, candidate, None
+                        per_example if config.instances == AUTO else None, lone, batch_seconds,
+                        spread_seconds)
+    chosen, unused = (spread, candidate) if plan.lead_spread else (candidate, spread)
+    if unused is not None:
+        unused.close()
+    if chosen is not None and plan.lead_threads:
+        return plan, runtime, chosen
+    if chosen is not None and plan.threads == cores:  # every core's threads, one instance
+        return plan, chosen, None
+    if chosen is not None:
+        chosen.close()
     return plan, runtime, None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 import tempfile
 import threading
 import time
@@ -41,6 +42,7 @@ from snapserve.server.config import DEVICES, GRAPHS, PRECISIONS, RuntimeConfig
 from snapserve.server.engine.cores import PLAN_MARGIN, clearly_better
 from snapserve.server.errors import (ConfigError, FusedOutputsMismatch, GraphMismatch,
                                      InferenceError, InvalidGraph, ModelLoadError)
+from snapserve.server.observability.threads import name_os_thread
 
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
            "agreement_tolerance", "check_score_outputs", "choose_graph", "compute_clock",
@@ -232,7 +234,8 @@ def as_probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
 
 
 class MemberGraph:
-    """One session per member, then the numpy scores."""
+    """One session per member, then the numpy scores. `spread(n)` runs a batch's members on n
+    threads at once."""
 
     name = MEMBERS
     precision = "fp32"
@@ -261,6 +264,62 @@ class MemberGraph:
         self._device_id = config.device_id
         self.io_binding = self.provider == CUDA and config.io_binding
         self.run_options = ort.RunOptions()  # terminate() sets its flag: runs stop between nodes
+        # The members in groups, each run on a thread of its own (spread): one group, on the
+        # calling thread, unless spread.
+        self._groups: list[list[int]] = [list(range(len(self._sessions)))]
+        self._helpers: ThreadPoolExecutor | None = None
+
+    @property
+    def spread_threads(self) -> int:
+        """The threads a batch's members run on at once (1: one after another)."""
+        return len(self._groups)
+
+    def spread(self, threads: int) -> int:
+        """Run each batch's members on `threads` threads at once (at most one per member), in
+        contiguous groups: the first on the calling thread, each other on a helper thread of
+        this graph's own. ONNX Runtime drops the GIL while a session runs, so the groups compute
+        in parallel and a lone example costs about its largest group, not every member (the
+        members-spread lead, engine/cores.py). The threads it spreads over."""
+        threads = max(1, min(threads, len(self._sessions)))
+        self.close()
+        self._groups = [group.tolist() for group in
+                        np.array_split(np.arange(len(self._sessions)), threads)]
+        if threads > 1:
+            self._helpers = ThreadPoolExecutor(threads - 1, thread_name_prefix="members",
+                                               initializer=name_os_thread, initargs=("members",))
+        return threads
+
+    def group_seconds(self, x: np.ndarray, budget_s: float,
+                      clock: Callable[[], float] = time.perf_counter) -> list[float]:
+        """Each group's fastest run on the calling thread (`fastest_in_turn` by `clock`): what
+        it costs on a thread of its own."""
+        feed = {self.input_name: x}
+        return list(fastest_in_turn([functools.partial(self._run_group, group, feed)
+                                     for group in self._groups], x, budget_s, clock=clock))
+
+    def close(self) -> None:
+        """Stop the helper threads (a spread graph's)."""
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False)
+            self._helpers = None
+
+    def _run_group(self, group: Sequence[int], feed: dict[str, np.ndarray],
+                   *_: object) -> list[np.ndarray]:
+        return [self._sessions[i].run([self.output_name], feed, self.run_options)[0]
+                for i in group]
+
+    def _logits_cpu(self, x: np.ndarray) -> list[np.ndarray]:
+        feed = {self.input_name: x}
+        if self._helpers is None:
+            return self._run_group(self._groups[0], feed)
+        others = [self._helpers.submit(self._run_group, group, feed) for group in self._groups[1:]]
+        try:
+            logits = self._run_group(self._groups[0], feed)
+        finally:
+            wait(others)  # no run of this batch outlives it, whatever failed
+        for other in others:
+            logits += other.result()  # a helper's failure raises here
+        return logits
 
     def _logits_cuda(self, x: np.ndarray) -> list[np.ndarray]:
         # One host->device copy per batch, shared by every member (IO binding), instead of one
@@ -278,12 +337,7 @@ class MemberGraph:
     def run_members(self, x: np.ndarray) -> np.ndarray:
         """[B, ...] model input -> [B, M, C] float32: each member's probabilities."""
         try:
-            if self.io_binding:
-                logits = self._logits_cuda(x)
-            else:
-                feed = {self.input_name: x}
-                logits = [session.run([self.output_name], feed, self.run_options)[0]
-                          for session in self._sessions]
+            logits = self._logits_cuda(x) if self.io_binding else self._logits_cpu(x)
         except Exception as exc:  # ORT's exception types are not public API
             raise InferenceError(f"ONNX Runtime failed: {exc}") from exc
         shapes = {tuple(l.shape) for l in logits}
@@ -597,8 +651,32 @@ class EnsembleRuntime:
 
     def keep(self, name: str) -> None:
         """Serve with `name` from now on and release the other graph's sessions."""
+        for other, graph in self.graphs.items():
+            if other != name and isinstance(graph, MemberGraph):
+                graph.close()
         self.graphs = {name: self.graphs[name]}
         self.graph = name
+
+    def spread_members(self, threads: int) -> int:
+        """Serve with the members graph, each batch's members spread over `threads` threads
+        (MemberGraph.spread); the threads it spreads over (1: a single member)."""
+        graph = self.graphs.get(MEMBERS)
+        if not isinstance(graph, MemberGraph):
+            raise ValueError("spreading needs the members graph")
+        self.keep(MEMBERS)
+        return graph.spread(threads)
+
+    @property
+    def spread_threads(self) -> int:
+        """The threads a batch's members run on at once (1: one after another, or fused)."""
+        graph = self.graphs[self.graph]
+        return graph.spread_threads if isinstance(graph, MemberGraph) else 1
+
+    def close(self) -> None:
+        """Stop this runtime's own helper threads (a spread members graph's)."""
+        for graph in self.graphs.values():
+            if isinstance(graph, MemberGraph):
+                graph.close()
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """[B, ...] model input -> [B, M, C] float32: each member's softmax(logits)."""

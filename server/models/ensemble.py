@@ -140,7 +140,11 @@ class ServedEnsemble:
         # precision, cuda_graphs, io_binding, cudnn_conv_algo_search as they apply
         parameters.update(self.runtime.options_in_effect())
         if self.thread_plan is not None:
-            parameters["intra_op_threads"] = ",".join(map(str, self.thread_plan.thread_counts))
+            counts = list(self.thread_plan.thread_counts)
+            if self.thread_plan.lead_spread:  # its sessions run on one thread each
+                counts[0] = 1
+            parameters["intra_op_threads"] = ",".join(map(str, counts))
+            parameters["lead_instance"] = self.thread_plan.lead
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
             parameters["lone_request_compute"] = ("event_loop" if self.thread_plan.on_loop
                                                   else "instance_thread")
@@ -199,3 +203,5 @@ class ServedEnsemble:
         await self.batcher.close()  # answers what it holds first: the threads are idle after
         for thread in self._threads:
             thread.shutdown(wait=False)
+        for runtime in self.instances:
+            runtime.close()

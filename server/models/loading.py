@@ -18,8 +18,9 @@ from snapserve.server.engine.adaptive import AdaptiveMembers
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.cores import check_thread_budget, usable_cores
 from snapserve.server.engine.planning import plan_instances
-from snapserve.server.engine.runtime import (FUSED, MEMBERS, EnsembleRuntime, GraphBytes,
-                                             RuntimeConfig, choose_graph, compute_clock)
+from snapserve.server.engine.runtime import (CPU, FUSED, MEMBERS, EnsembleRuntime,
+                                             GraphBytes, RuntimeConfig, choose_graph,
+                                             compute_clock)
 from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, InferenceError,
                                      ModelLoadError)
 from snapserve.server.models.ensemble import ServedEnsemble
@@ -145,8 +146,20 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
         config = runtime_config.replace(intra_op_threads=threads)
         return _build_runtime(manifest, verified, config, (graph,), fused_file)
 
+    def build_spread(threads: int) -> EnsembleRuntime | None:
+        # The members of a lone example spread over the cores: one-thread CPU sessions of two
+        # members or more; not when adaptive, which runs them one after another by design.
+        if runtime.provider != CPU or runtime.adaptive is not None:
+            return None
+        spread = _build_runtime(manifest, verified, runtime_config.replace(intra_op_threads=1),
+                                (MEMBERS,), None)
+        if spread.spread_members(threads) < 2:
+            spread.close()
+            return None
+        return spread
+
     plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,
-                                          batcher_config.max_batch_size, build)
+                                          batcher_config.max_batch_size, build, build_spread)
     instances = [runtime] + [build(plan.threads) for _ in range(plan.parallel - 1)]
     served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead)
     served.allow_nonfinite = runtime_config.allow_nonfinite

@@ -1,0 +1,137 @@
+"""A lone example's members spread over threads (MemberGraph.spread, the members-spread lead):
+the same answers as one thread, failures that fail the batch, and the plan that picks it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snapserve.server.engine.batcher import BatcherConfig
+from snapserve.server.engine.cores import usable_cores
+from snapserve.server.engine.runtime import MEMBERS, EnsembleRuntime, RuntimeConfig
+from snapserve.server.errors import InferenceError
+from tests.support.models import SHAPE, conv_member, linear_members, save, slow_member
+
+ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def member_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("members")
+    return save([*linear_members(3, seed=5), *linear_members(2, seed=9)], folder)
+
+
+def _runtime(files: list[Path], served: list[int] | None = None) -> EnsembleRuntime:
+    return EnsembleRuntime(files, "input", "logits", ONE_THREAD, served=served)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("served", [None, [0, 0, 3, 1]])
+def test_spread_members_answer_as_one_thread_does(member_files: list[Path], threads: int,
+                                                  served: list[int] | None) -> None:
+    x = np.random.default_rng(1).normal(size=(6, *SHAPE)).astype(np.float32)
+    alone = _runtime(member_files, served).scores(x)
+    spread = _runtime(member_files, served)
+    assert spread.spread_members(threads) == min(threads, len(member_files))
+    try:
+        for _ in range(3):  # the helper threads are reused, batch after batch
+            got = spread.scores(x)
+            np.testing.assert_allclose(got.member_probabilities, alone.member_probabilities,
+                                       rtol=0, atol=1e-7)
+            np.testing.assert_allclose(got.probabilities, alone.probabilities, rtol=0, atol=1e-7)
+            np.testing.assert_allclose(got.mutual_information, alone.mutual_information,
+                                       rtol=0, atol=1e-6)
+    finally:
+        spread.close()
+
+
+def test_a_batch_that_fails_on_any_thread_fails_and_the_next_one_is_answered(
+        member_files: list[Path]) -> None:
+    spread = _runtime(member_files)
+    spread.spread_members(2)
+    try:
+        wrong = np.zeros((2, SHAPE[0] + 1), dtype=np.float32)  # every member refuses this shape
+        with pytest.raises(InferenceError):
+            spread.scores(wrong)
+        x = np.ones((2, *SHAPE), dtype=np.float32)
+        np.testing.assert_allclose(spread.scores(x).probabilities,
+                                   _runtime(member_files).scores(x).probabilities, atol=1e-7)
+    finally:
+        spread.close()
+
+
+def test_closing_stops_the_helper_threads(member_files: list[Path]) -> None:
+    before = set(threading.enumerate())
+    spread = _runtime(member_files)
+    spread.spread_members(3)
+    spread.scores(np.ones((1, *SHAPE), dtype=np.float32))
+    helpers = [t for t in threading.enumerate() if t not in before and "members" in t.name]
+    assert len(helpers) == 2
+    spread.close()
+    for thread in helpers:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    assert spread.spread_threads == 3  # the groups stay: what it was planned as
+
+
+def test_a_fused_runtime_cannot_be_spread(tmp_path: Path) -> None:
+    from snapserve.trainer.importer import import_members
+
+    version = import_members(save([conv_member(1), conv_member(2)], tmp_path / "onnx"),
+                             tmp_path / "repo", "fused")
+    runtime = EnsembleRuntime(sorted((version / "members").glob("*.onnx")), "input", "logits",
+                              ONE_THREAD, fused_path=version / "ensemble.onnx", graphs=("fused",))
+    assert runtime.spread_threads == 1
+    with pytest.raises(ValueError, match="members graph"):
+        runtime.spread_members(2)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="spreading needs two usable cores")
+def test_a_heavy_ensemble_serves_a_lone_request_with_its_members_spread(tmp_path: Path) -> None:
+    from snapserve.server.models.loading import load_version
+    from snapserve.trainer.importer import import_members
+
+    # Four members of chained matrix products: a lone example costs milliseconds of CPU, and
+    # split two by two its largest group costs half: the spread lead's gain is 2x, past the
+    # margin, on any machine with two cores to give.
+    members = save([slow_member(128, 20) for _ in range(4)], tmp_path / "onnx")
+    version = import_members(members, tmp_path / "repo", "heavy")
+    served = load_version(version, RuntimeConfig(device="cpu"), BatcherConfig(max_batch_size=4))
+    parameters = served.runtime_parameters
+    assert parameters["lead_instance"] == f"the members spread over {usable_cores()} threads", \
+        parameters["threads_choice"]
+    assert parameters["intra_op_threads"].split(",")[0] == "1"
+    x = np.random.default_rng(0).normal(size=(1, 128, 128)).astype(np.float32)
+    alone = EnsembleRuntime(members, "input", "logits", ONE_THREAD).scores(x)
+
+    async def lone_request() -> np.ndarray:
+        await served.start()
+        try:
+            return (await served.predict(x)).probabilities
+        finally:
+            await served.close()
+
+    np.testing.assert_allclose(asyncio.run(lone_request()), alone.probabilities, atol=1e-6)
+    assert served.instances[0].graph == MEMBERS and served.instances[0].spread_threads > 1
+
+
+@pytest.mark.parametrize("alone_ms, largest_ms, intra_gain, spread, lead", [
+    (4.0, 2.4, 1.2, True, True),     # 1.67x, ahead of intra-op: the members spread
+    (4.0, 2.4, 1.8, False, True),    # intra-op measured better: its lead
+    (4.0, 3.0, 1.2, False, False),   # 1.33x: under the margin, and intra-op too
+    (0.6, 0.3, 1.0, False, False),   # 2x, but too cheap for a thread hop to be small beside it
+])
+def test_the_plan_spreads_members_only_when_heavy_clearly_faster_and_ahead(
+        alone_ms: float, largest_ms: float, intra_gain: float, spread: bool, lead: bool) -> None:
+    from snapserve.server.engine.cores import plan_threads
+
+    plan = plan_threads(0, 0, cores=2, seconds_per_example=4e-3,
+                        lone_seconds=(alone_ms * 1e-3, alone_ms * 1e-3 / intra_gain),
+                        spread_seconds=(alone_ms * 1e-3, largest_ms * 1e-3))
+    assert (plan.lead_spread, bool(plan.lead_threads)) == (spread, lead), plan.why
+    assert plan.lead == ("the members spread over 2 threads" if spread
+                         else "2 intra-op threads" if lead else "none")
