@@ -1,6 +1,7 @@
 """Adaptive member evaluation measured (issue 27, item 3): the full ensemble against adaptive
 serving of the same members, beside the tuned Triton running the full ensemble, in one run.
 
+    python -m benchmarks.adaptive render [--json FILE]   # the section again from saved numbers
     python -m benchmarks.adaptive [--seeds 0,1,2] [--epochs 40] [--width 640] [--members 5]
         [--duration 10] [--warmup 2] [--concurrency 1,8,32] [--repo DIR] [--no-write]
         [--no-triton] [--triton-sweep-duration 3] [--triton-sweep-delays 0,100,500]
@@ -87,7 +88,7 @@ GOAL_COMPUTE_RATIO = 5.0
 # (no 2000 µs): its settings x levels points add to every run of this benchmark.
 TRITON_DELAYS_US, TRITON_INSTANCES, TRITON_THREADS = (0, 100, 500), (1, 2), (1, 2)
 # The server's load-time line: its graph, instances and its own compute-vs-handling estimate.
-_GRAPH = re.compile(r"(\S+) version \d+: serving the (\w+) graph on (.*?ms of request handling)")
+_GRAPH = re.compile(r"(\S+) version \d+: serving the (\w+) graph on (.*?)(?:; measured .*)?$")
 
 
 @dataclass(frozen=True)
@@ -566,9 +567,11 @@ def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
 
 
 def busy(machine: dict[str, Any]) -> bool:
-    """Whether others used enough of the machine that throughput is not a clean number."""
-    cores = machine.get("cores") or 1
-    return machine["others_cpu_share"] > 0.1 or machine["load_average_before"][0] > 0.5 * cores
+    """Whether others used enough of the machine that throughput is not a clean number: their
+    share of the CPU over the run, measured. The load average before it is no test: it still
+    counts, decaying over minutes, whatever ran just before (this benchmark's own training or a
+    previous run's servers)."""
+    return machine["others_cpu_share"] > 0.1
 
 
 def _sweep_rows(report: dict[str, Any]) -> list[str]:
@@ -634,7 +637,7 @@ def render(report: dict[str, Any], command: str) -> str:
     m, s, levels = report["machine"], report["settings"], report["levels"]
     load = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
     lines = [f"## {SECTION}", "",
-             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} (benchmarks/adaptive.py). "
+             f"Written by `{command}` on {report.get('written_at') or time.strftime('%Y-%m-%d %H:%M %Z')} (benchmarks/adaptive.py). "
              "Full: every member, the server's own graph choice; adaptive: the same versions with "
              "`--adaptive-members` (issue 27). One-example requests over the test inputs in a fixed "
              "shuffled order, closed loop, KServe v2 gRPC; the client is a process of its own. "
@@ -752,10 +755,35 @@ def _triton_arm(args: argparse.Namespace) -> TritonArm:
     return TritonArm(tuple(settings), args.triton_sweep_duration)
 
 
+def _render_main(argv: Sequence[str]) -> int:
+    """`render [--json FILE]`: the section again from a run's saved numbers (after a change to
+    how it is written), into RESULTS.md; the run's own command and time are kept."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptive render")
+    parser.add_argument("--json", type=Path, default=WORK / "results.json")
+    args = parser.parse_args(argv)
+    report = json.loads(args.json.read_text())
+    # JSON keys are strings: the levels and per-concurrency maps are keyed by ints in a run.
+    section = render(_int_keys(report), report.get("command", "python -m benchmarks.adaptive"))
+    RESULTS.write_text(replace_section(RESULTS.read_text(), SECTION, section))
+    print(section)
+    return 0
+
+
+def _int_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_int_keys(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["drive"]:
         return _drive_main(argv[1:])
+    if argv[:1] == ["render"]:
+        return _render_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=None,
                         help="take the calibrated models here (one per seed) instead of training")
@@ -806,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(versions, levels, args.duration, args.warmup, settings, args.dataset,
                      Path(workdir), args.budget, triton)
     command = "python -m benchmarks.adaptive " + " ".join(argv)
+    report["written_at"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    report["command"] = command.strip()
     section = render(report, command.strip())
     print(section)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -251,7 +251,8 @@ def _level(command: list[str], log: Path, model: str, concurrency: int, duration
     # counts the requests answered over the window's share of the wall time.
     scaled = max(int(answered * wall / duration), 1)
     level = {"concurrency": concurrency, "rps": result["throughput_rps"],
-             "latency_ms": result["latency_ms"], "threads": _per_kind(threads0, threads1, scaled)}
+             "latency_ms": result["latency_ms"], "threads": _per_kind(threads0, threads1, scaled),
+             "client_cpu_ms": result["client_cpu_ms_per_request"]}
     level["cpu_ms"] = sum(t["cpu_ms"] for t in level["threads"].values())
     if stats0 is not None and stats1 is not None:
         level.update(_statistics_delta(stats0, stats1))
@@ -306,9 +307,9 @@ def render(report: dict[str, Any]) -> str:
              f"{' '.join(report['server_flags']) or '(defaults)'}", ""]
     kinds = ["event loop", "inference", "gRPC", "other"]
     lines.append("| server, c | req/s | p50 / p99 ms | CPU ms/req: all | loop | inference | gRPC "
-                 "| other | loop / inference switches per req | batches/req | mean batch | queue ms "
-                 "| in server ms | outside ms |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+                 "| other | client CPU ms/req | loop / inference switches per req | batches/req "
+                 "| mean batch | queue ms | in server ms | outside ms |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     rows = [(m, r) for m, rs in report["models"].items() for r in rs]
     rows += [("echo", r) for r in report["echo"]]
     for model, r in rows:
@@ -321,7 +322,8 @@ def render(report: dict[str, Any]) -> str:
                  else "| | | |")
         lines.append(f"| {model} c={r['concurrency']} | {r['rps']:.0f} | "
                      f"{r['latency_ms']['p50']:.2f} / {r['latency_ms']['p99']:.2f} | "
-                     f"{r['cpu_ms']:.3f} | {cpu} | {switches} | {extra} |")
+                     f"{r['cpu_ms']:.3f} | {cpu} | {r.get('client_cpu_ms', float('nan')):.3f} | "
+                     f"{switches} | {extra} |")
     shares = [(m, r) for m, r in rows if r.get("loop_shares", {}).get("owners")]
     if shares:
         owners = sorted({o for _, r in shares for o in r["loop_shares"]["owners"]},

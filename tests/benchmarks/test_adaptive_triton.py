@@ -94,3 +94,20 @@ def test_triton_arm_is_validated_once() -> None:
         adaptive.TritonArm(())
     with pytest.raises(ValueError, match="sweep_duration_s"):
         adaptive.TritonArm((object(),), sweep_duration_s=0)  # type: ignore[arg-type]
+
+
+def test_a_saved_run_renders_as_it_did_when_it_ran(tmp_path: Path) -> None:
+    """`render` re-writes the section from a run's JSON (string keys) as the run wrote it."""
+    import json
+
+    report = _report(tmp_path, _triton())
+    report["written_at"] = "2026-12-06 07:23 UTC"
+    saved = json.loads(json.dumps(report, default=str))
+    assert adaptive.render(adaptive._int_keys(saved), "cmd") == adaptive.render(report, "cmd")
+    assert "2026-12-06 07:23 UTC" in adaptive.render(report, "cmd")
+
+
+def test_only_the_others_measured_share_marks_a_run_busy() -> None:
+    quiet = {"others_cpu_share": 0.0, "load_average_before": (1.9, 2.0, 2.0), "cores": 2}
+    assert not adaptive.busy(quiet)
+    assert adaptive.busy({**quiet, "others_cpu_share": 0.3})
