@@ -14,8 +14,10 @@ long, so that idle and half-sent connections cannot take the server's file descr
   headers: slow senders go first, a client between back-to-back requests last), as nginx reuses
   its idle keep-alive connections. One that waited less than `evict_grace_s` is never closed:
   its request is on its way (a health probe, a client's fresh connection), and closing it would
-  fail a request that was never slow. With none to close (every one answering a request or
-  within its grace), the new connection is closed at once.
+  fail a request that was never slow. Nor is one whose request has arrived but is not yet
+  read, or one accepted in the same burst whose `connection_made` has not run. With none to
+  close (every one answering a request or within its grace), the new connection is closed at
+  once.
 - Accept errors (EMFILE: no file descriptor left) are logged once per interval with a count,
   not once per attempt (`quiet_accept_errors`).
 - No `Server:` banner naming aiohttp's and Python's versions: the listener's own name.
@@ -28,10 +30,13 @@ when the hard limit is below it: past the limit, `accept` fails on every port at
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
+import fcntl
 import logging
 import resource
+import termios
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -91,6 +96,24 @@ class _Connection(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.arm()
+
+    def closable(self) -> bool:
+        """Whether closing this connection for room loses no request: it is made (a burst of
+        accepts calls the factory before any `connection_made`, and `force_close` before it
+        closes nothing yet discards every byte after, leaving the client to the header timeout),
+        is not answering one, and holds no request bytes the loop has yet to read (a probe's
+        whole request can arrive in the same burst that fills the reserve)."""
+        if self.busy or self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        unread = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
+        except OSError:
+            return True  # closed under us: nothing to lose
+        return unread[0] == 0
 
     def data_received(self, data: bytes) -> None:
         if not self.busy and self._header_timer is None:
@@ -189,7 +212,7 @@ class BoundedServer(web.Server):
         the one to close, and when it is within the grace every later one is too."""
         victim = None
         for connection in self.open:
-            if connection.busy:
+            if not connection.closable():
                 continue
             if self.now() - connection.waiting_since >= self.limits.evict_grace_s:
                 victim = connection
@@ -199,7 +222,7 @@ class BoundedServer(web.Server):
             # goes, young or not. Else a flood of fresh connections keeps every place young and
             # a probe is refused at once; this way it always gets in, and has as many arrivals
             # as there are reserve places to send its request, which a probe does at once.
-            victim = next((c for c in self.open if c.reserve and not c.busy), None)
+            victim = next((c for c in self.open if c.reserve and c.closable()), None)
         if victim is None:
             return False
         self.forget(victim)

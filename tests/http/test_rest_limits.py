@@ -171,6 +171,66 @@ async def test_eviction_spares_young_connections_and_closes_the_longest_waiting(
     client_w.close()
 
 
+async def accepted(proto: asyncio.BaseProtocol
+                   ) -> tuple[asyncio.Transport, asyncio.StreamReader, asyncio.StreamWriter]:
+    """`proto` (from the listener's factory) made on one end of a socket pair, as the loop's
+    accept would; the other end as a client's stream."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(lambda: proto, ours)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    return transport, reader, writer
+
+
+async def test_a_burst_of_accepts_never_closes_a_connection_not_yet_made(
+        patient: RunningServer) -> None:
+    """One accept burst calls the factory for each connection before any `connection_made`:
+    one not yet made has nothing to close and has not been able to send, so a newcomer at the
+    full count is refused instead. Closing it would leave it open with its request discarded
+    until the header timeout (the soak's 3 s health check)."""
+    from snapserve.server.listeners import _Connection, _Refused
+
+    server = patient.http.server
+    burst = [server() for _ in range(3)]  # two full places and the reserve, none made yet
+    assert all(isinstance(p, _Connection) for p in burst)
+    assert isinstance(server(), _Refused)
+    assert server.evicted == 0 and len(server.open) == 3
+    made = [await accepted(p) for p in burst]
+    _, probe, probe_w = made[2]  # the reserve place: a health probe's
+    probe_w.write(HEALTH)
+    assert (await answer(probe))[0] == 200
+    for transport, _, writer in made:
+        writer.close()
+        transport.close()
+
+
+async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
+        patient: RunningServer) -> None:
+    """Past the grace, idle by the server's count, yet its request is in the socket unread (the
+    loop has not reached it): closing it would reset a probe's request. A newcomer with nothing
+    else to close is refused; the waiting requests are answered."""
+    from snapserve.server.listeners import _Refused
+
+    server = patient.http.server
+    made = [await accepted(server()) for _ in range(3)]
+    await asyncio.sleep(server.limits.evict_grace_s + 0.2)
+    for transport, _, writer in made:
+        transport.pause_reading()
+        writer.write(HEALTH)
+        await writer.drain()
+    await asyncio.sleep(0.05)
+    assert isinstance(server(), _Refused)
+    assert server.evicted == 0
+    for transport, reader, _ in made:
+        transport.resume_reading()
+        assert (await answer(reader))[0] == 200
+    for transport, _, writer in made:
+        writer.close()
+        transport.close()
+
+
 async def test_a_connection_that_closes_a_reserve_one_takes_the_reserve_place(
         patient: RunningServer) -> None:
     port, server = patient.http_port, patient.http.server
