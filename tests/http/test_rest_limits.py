@@ -17,6 +17,7 @@ import pytest
 
 from snapserve.server import RunningServer
 from snapserve.server.config import HttpLimits, IntakeConfig
+from snapserve.server.listeners import _Connection, _Refused
 from tests.support.calls import digits_input
 from tests.support.servers import serving
 
@@ -184,14 +185,19 @@ async def accepted(proto: asyncio.BaseProtocol
     return transport, reader, writer
 
 
+def close_all(made: list[tuple[asyncio.Transport, asyncio.StreamReader, asyncio.StreamWriter]]
+              ) -> None:
+    for transport, _, writer in made:
+        writer.close()
+        transport.close()
+
+
 async def test_a_burst_of_accepts_never_closes_a_connection_not_yet_made(
         patient: RunningServer) -> None:
     """One accept burst calls the factory for each connection before any `connection_made`:
     one not yet made has nothing to close and has not been able to send, so a newcomer at the
     full count is refused instead. Closing it would leave it open with its request discarded
     until the header timeout (the soak's 3 s health check)."""
-    from snapserve.server.listeners import _Connection, _Refused
-
     server = patient.http.server
     burst = [server() for _ in range(3)]  # two full places and the reserve, none made yet
     assert all(isinstance(p, _Connection) for p in burst)
@@ -201,9 +207,7 @@ async def test_a_burst_of_accepts_never_closes_a_connection_not_yet_made(
     _, probe, probe_w = made[2]  # the reserve place: a health probe's
     probe_w.write(HEALTH)
     assert (await answer(probe))[0] == 200
-    for transport, _, writer in made:
-        writer.close()
-        transport.close()
+    close_all(made)
 
 
 async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
@@ -211,8 +215,6 @@ async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
     """Past the grace, idle by the server's count, yet its request is in the socket unread (the
     loop has not reached it): closing it would reset a probe's request. A newcomer with nothing
     else to close is refused; the waiting requests are answered."""
-    from snapserve.server.listeners import _Refused
-
     server = patient.http.server
     made = [await accepted(server()) for _ in range(3)]
     await asyncio.sleep(server.limits.evict_grace_s + 0.2)
@@ -226,9 +228,7 @@ async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
     for transport, reader, _ in made:
         transport.resume_reading()
         assert (await answer(reader))[0] == 200
-    for transport, _, writer in made:
-        writer.close()
-        transport.close()
+    close_all(made)
 
 
 async def test_a_connection_that_closes_a_reserve_one_takes_the_reserve_place(
