@@ -32,7 +32,7 @@ from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
 from snapserve.server.engine.runtime import execution_providers
 from snapserve.server.errors import ConfigError
-from snapserve.server.listeners import check_file_limit, quiet_accept_errors
+from snapserve.server.listeners import LOBBY_PER_RESERVED, check_file_limit, quiet_accept_errors
 from snapserve.server.observability.metrics import ServerMetrics
 from snapserve.server.models.lifecycle import LifecycleEvents, ModelManager
 from snapserve.server.models.registry import ModelRegistry, check_repository_root
@@ -165,7 +165,9 @@ def _connection_caps(config: ServerConfig) -> int:
     """Client connections every listener may hold at once, together."""
     caps = config.connections.max_connections
     if config.http_port is not None:
-        caps += config.http.max_connections + config.http.reserved_connections
+        # The reserve, and the lobby's newcomers held for a look and probes admitted over the cap.
+        caps += (config.http.max_connections
+                 + config.http.reserved_connections * (1 + 2 * LOBBY_PER_RESERVED))
     if config.metrics_port is not None:
         caps += config.metrics_endpoint.max_connections
     return caps

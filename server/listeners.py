@@ -14,10 +14,17 @@ long, so that idle and half-sent connections cannot take the server's file descr
   headers: slow senders go first, a client between back-to-back requests last), as nginx reuses
   its idle keep-alive connections. One that waited less than `evict_grace_s` is never closed:
   its request is on its way (a health probe, a client's fresh connection), and closing it would
-  fail a request that was never slow. Nor is one whose request has arrived but is not yet
-  read, or one accepted in the same burst whose `connection_made` has not run. With none to
-  close (every one answering a request or within its grace), the new connection is closed at
-  once.
+  fail a request that was never slow; in the reserve, one younger than `LOOK_S` is spared
+  likewise. Nor is one whose request has arrived but is not yet read. Places are decided as
+  connections are made, not as they are accepted (`_Admission`): in a burst of accepts, the
+  earlier ones are made by then.
+- The lobby: a newcomer with no place and none to close is judged by its request line. One
+  whose line is already in its socket is judged at once (peeked, left for the loop to read);
+  any other is held (at most `LOBBY_PER_RESERVED` per reserved place, each for at most
+  `LOOK_S`; a full lobby closes the entry held longest) until its line arrives. A health probe
+  that came in a flood of connections is admitted over the cap (by at most the lobby's size,
+  with `LOOK_S` for its headers, for one answer); any other request is answered 503 once its
+  headers are in (then a lingering close); a newcomer that sends no line in time is closed.
 - Accept errors (EMFILE: no file descriptor left) are logged once per interval with a count,
   not once per attempt (`quiet_accept_errors`).
 - No `Server:` banner naming aiohttp's and Python's versions: the listener's own name.
@@ -36,6 +43,7 @@ import errno
 import fcntl
 import logging
 import resource
+import socket
 import termios
 import time
 from dataclasses import dataclass
@@ -45,7 +53,8 @@ from typing import Any, Awaitable, Callable, Collection
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["EVICT_GRACE_S", "ListenerLimits", "BoundedServer", "check_file_limit", "quiet_accept_errors"]
+__all__ = ["EVICT_GRACE_S", "LOBBY_PER_RESERVED", "LOOK_S", "ListenerLimits", "BoundedServer",
+           "check_file_limit", "quiet_accept_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,12 @@ ACCEPT_LOG_INTERVAL_S = 10.0
 # A fresh connection's request is on its way within this on any link a probe uses; longer would
 # let a flood of fresh connections keep every place from being freed for as long.
 EVICT_GRACE_S = 1.0
+# A newcomer sends its request line within a round trip of its open: a reserve connection
+# younger than this is not closed for room, and a newcomer with no place is held this long for
+# a look at its request line (`_Lobby`).
+LOOK_S = 0.25
+# Newcomers held for a look at once, per reserved place; a full lobby closes its oldest.
+LOBBY_PER_RESERVED = 4
 
 
 @dataclass(frozen=True)
@@ -73,11 +88,79 @@ class ListenerLimits:
     evict_grace_s: float = 0.0
 
 
-class _Refused(asyncio.Protocol):
-    """A connection beyond the cap with none idle to make room: closed as soon as it is made."""
+class _Admission(asyncio.Protocol):
+    """An accepted connection until it is made: its place is decided then, not in the factory.
+    A burst of accepts calls the factory for every connection before the first `connection_made`,
+    so a place decided in the factory could only be taken from connections not yet made, which
+    have had no chance to send their request and cannot be closed (see `_Connection.closable`):
+    a probe in the burst would be refused for want of anything to close. At `connection_made`
+    the earlier ones of the burst are made, and the oldest of them can make room as usual."""
+
+    def __init__(self, server: BoundedServer) -> None:
+        self.server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        assert isinstance(transport, asyncio.Transport)
+        server = self.server
+        connection = server.admit()
+        if connection is not None:
+            transport.set_protocol(connection)
+            connection.connection_made(transport)
+        elif server.reserved_request(_peek(transport, server.judged_bytes)):
+            server.admit_probe(transport)  # its request is here: read as usual, not peeked
+        elif not server.hold(transport):
+            transport.close()
+
+
+class _Lobby(asyncio.Protocol):
+    """A newcomer with no place and none to close, held for at most `LOOK_S` (or until a full
+    lobby needs its place) while its request line arrives. In a flood of connections a health probe looks like any newcomer until it
+    sends; the one whose request line asks for a reserved path is admitted over the cap (by at
+    most the lobby's size), any other is answered 503 once its headers are in, and one that
+    sends neither within `LOOK_S` is closed."""
+
+    def __init__(self, server: BoundedServer, transport: asyncio.Transport) -> None:
+        self.server = server
+        self.transport = transport
+        self.head = bytearray()
+        self.answered = False
+        self.timer = server.loop.call_later(min(LOOK_S, server.limits.header_timeout_s),
+                                            self.refuse)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing() or self.answered:
+            return  # the rest of a request answered 503: read, not kept
+        if len(self.head) + len(data) > MAX_HEAD_BYTES:
+            self.refuse()
+            return
+        self.head += data
+        wanted = self.server.reserved_request(self.head)
+        if wanted:
+            self.server.admit_probe(self.transport, self)
+        elif wanted is not None and b"\r\n\r\n" in self.head:
+            self.answer()
+
+    def answer(self) -> None:
+        """The 503 once the request's headers are in (a client answered while it still sends
+        them may fail its write and never read the answer), then a lingering close: the rest of
+        the request is read and dropped until the client closes, for at most `LOOK_S`, since
+        closing with bytes unread would reset the connection under the answer."""
+        self.answered = True
+        self.server.refused += 1
+        self.transport.write(self.server.overflow_answer)
+        self.timer.cancel()
+        self.timer = self.server.loop.call_later(LOOK_S, self.refuse)
+
+    def eof_received(self) -> bool:
+        self.refuse()
+        return False
+
+    def refuse(self) -> None:
+        self.server.leave(self, refused=not self.answered)
+        self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.leave(self)
 
 
 class _Connection(RequestHandler):
@@ -90,6 +173,7 @@ class _Connection(RequestHandler):
         self.busy = False  # answering a request (its body included)
         self.reserve = False  # took one of the reserved places: health checks only
         self.counted = True  # still counted as open (an evicted one stops counting at once)
+        self.over = False  # admitted over the cap from the lobby: one answer, never closed for room
         self.waiting_since = server.now()  # open, or the end of its last answer
         self._header_timer: asyncio.TimerHandle | None = None
 
@@ -98,22 +182,12 @@ class _Connection(RequestHandler):
         self.arm()
 
     def closable(self) -> bool:
-        """Whether closing this connection for room loses no request: it is made (a burst of
-        accepts calls the factory before any `connection_made`, and `force_close` before it
-        closes nothing yet discards every byte after, leaving the client to the header timeout),
-        is not answering one, and holds no request bytes the loop has yet to read (a probe's
-        whole request can arrive in the same burst that fills the reserve)."""
-        if self.busy or self.transport is None:
+        """Whether closing this connection for room loses no request: it is not answering one,
+        and holds no request bytes the loop has yet to read (a probe's whole request can arrive
+        in the same burst that fills the reserve)."""
+        if self.busy or self.over or self.transport is None:
             return False
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return True
-        unread = array.array("i", [0])
-        try:
-            fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
-        except OSError:
-            return True  # closed under us: nothing to lose
-        return unread[0] == 0
+        return not _unread(self.transport)
 
     def data_received(self, data: bytes) -> None:
         if not self.busy and self._header_timer is None:
@@ -125,10 +199,12 @@ class _Connection(RequestHandler):
         self.bounded.forget(self)
         super().connection_lost(exc)
 
-    def arm(self) -> None:
+    def arm(self, timeout_s: float | None = None) -> None:
         self.disarm()
-        self._header_timer = self._loop.call_later(self.bounded.limits.header_timeout_s,
-                                                   self._headers_late)
+        limit = self.bounded.limits.header_timeout_s
+        if timeout_s is not None:
+            limit = min(timeout_s, limit)
+        self._header_timer = self._loop.call_later(limit, self._headers_late)
 
     def disarm(self) -> None:
         if self._header_timer is not None:
@@ -166,12 +242,13 @@ class _Connection(RequestHandler):
 class BoundedServer(web.Server):
     """aiohttp's protocol factory with the header timeout and the connection cap above.
 
-    Counted from the factory call to `connection_lost`: a burst of connections calls the
-    factory several times before the first `connection_made` runs.
+    Counted from `connection_made` (`admit`) to `connection_lost`; until it is made, an accepted
+    connection holds a descriptor but no place (at most the listen backlog of them: one accept
+    burst).
     """
 
     def __init__(self, handler: Handler, limits: ListenerLimits,
-                 overflow: Callable[[web.BaseRequest], web.StreamResponse], server_name: str,
+                 overflow: Callable[[], web.Response], server_name: str,
                  **kwargs: Any) -> None:
         kwargs.setdefault("max_line_size", MAX_HEAD_BYTES)
         kwargs.setdefault("max_field_size", MAX_HEAD_BYTES)
@@ -183,16 +260,32 @@ class BoundedServer(web.Server):
         self.server_name = server_name  # the Server header: no aiohttp or Python version
         self.limits = limits
         self.open: dict[_Connection, None] = {}  # in the order they began waiting
+        self.lobby: dict[_Lobby, None] = {}  # in the order they came
+        self.lobby_places = LOBBY_PER_RESERVED * limits.reserved if limits.reserved_paths else 0
+        self.over = 0  # open over the cap: probes admitted from the lobby, at most lobby_places
+        self.overflow_answer = _raw_answer(overflow(), server_name)
+        # A request line's method and target, up to a reserved path's end: enough to judge.
+        longest = max((len(path) for path in limits.reserved_paths), default=0)
+        self.judged_bytes = len("HEAD ") + longest + 1
         self.full = 0  # open connections in full places (not the reserve)
-        self.refused = 0  # closed at once: every place taken by a request being answered
+        self.refused = 0  # no place: closed unanswered, or answered 503 from the lobby
         self.evicted = 0  # idle ones closed to make room
         self.timed_out = 0  # closed for sending their headers too slowly
 
     def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
+        return _Admission(self)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def admit(self) -> _Connection | None:
+        """A place for a connection just made, closing the longest-waiting one for room at the
+        full count; None when none can be closed."""
         limits = self.limits
-        if len(self.open) >= limits.max_connections + limits.reserved and not self._evict():
-            self.refused += 1
-            return _Refused()
+        if (len(self.open) - self.over >= limits.max_connections + limits.reserved
+                and not self._evict()):
+            return None
         connection = _Connection(self, loop=self._loop, **self._kwargs)
         # Decided after the eviction: a new connection that closed a reserve one takes the
         # reserve place it freed, never a full one.
@@ -200,6 +293,70 @@ class BoundedServer(web.Server):
         self.full += not connection.reserve
         self.open[connection] = None
         return connection
+
+    def hold(self, transport: asyncio.Transport) -> bool:
+        """Hold a newcomer with no place in the lobby for a look at its request line. A full
+        lobby closes the entry held longest that has nothing unread (it had the most time to
+        send a line, and a probe sends at once); False (refused, to be closed at once) when
+        every entry's line is arriving."""
+        if len(self.lobby) >= self.lobby_places:
+            victim = next((lobby for lobby in self.lobby if not _unread(lobby.transport)), None)
+            if victim is None:
+                self.refused += 1
+                return False
+            victim.refuse()
+        lobby = _Lobby(self, transport)
+        self.lobby[lobby] = None
+        transport.set_protocol(lobby)
+        return True
+
+    def reserved_request(self, head: bytes | bytearray) -> bool | None:
+        """Whether the request line `head` begins asks for a reserved path (GET or HEAD, the
+        query aside); None while it is too short to tell."""
+        line, newline, _ = bytes(head[:self.judged_bytes + len(" HTTP/1.1\r\n")]).partition(b"\n")
+        method, space, rest = line.partition(b" ")
+        if space and method not in (b"GET", b"HEAD"):
+            return False
+        target, space, _ = rest.partition(b" ")
+        if not (space or newline):
+            return None if len(head) <= self.judged_bytes else False
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        return method in (b"GET", b"HEAD") and path in self.limits.reserved_paths
+
+    def admit_probe(self, transport: asyncio.Transport, lobby: _Lobby | None = None) -> None:
+        """Admit a newcomer with no place whose request line asks for a reserved path: over the
+        cap (refused past `lobby_places` of them), in the reserve. What the lobby read of it is
+        handed on as if just received."""
+        if self.over >= self.lobby_places:
+            self.refused += lobby is None
+            if lobby is not None:
+                lobby.refuse()
+            else:
+                transport.close()
+            return
+        if lobby is not None:
+            self.leave(lobby)
+        connection = _Connection(self, loop=self._loop, **self._kwargs)
+        connection.reserve = connection.over = True
+        self.over += 1
+        self.open[connection] = None
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        connection.arm(LOOK_S)  # a probe's whole request comes at once; over the cap, no slower
+        if lobby is not None:
+            connection.data_received(bytes(lobby.head))
+
+    def leave(self, lobby: _Lobby, refused: bool = False) -> None:
+        """`lobby` is decided (admitted or refused) or gone."""
+        if lobby in self.lobby:
+            del self.lobby[lobby]
+            lobby.timer.cancel()
+            self.refused += refused
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        for lobby in list(self.lobby):
+            lobby.refuse()
+        await super().shutdown(timeout)
 
     def now(self) -> float:
         return self._loop.time()
@@ -219,10 +376,12 @@ class BoundedServer(web.Server):
             break
         if victim is None:
             # Every idle one is within its grace: the reserve's oldest still sending its request
-            # goes, young or not. Else a flood of fresh connections keeps every place young and
-            # a probe is refused at once; this way it always gets in, and has as many arrivals
-            # as there are reserve places to send its request, which a probe does at once.
-            victim = next((c for c in self.open if c.reserve and c.closable()), None)
+            # goes once it has had `LOOK_S` to send it. Else a flood of fresh connections keeps
+            # every place young and a probe waits for the lobby's look; this way the reserve
+            # turns over for it too.
+            old = self.now() - LOOK_S
+            victim = next((c for c in self.open
+                           if c.reserve and c.waiting_since <= old and c.closable()), None)
         if victim is None:
             return False
         self.forget(victim)
@@ -241,6 +400,7 @@ class BoundedServer(web.Server):
         if connection.counted:
             connection.counted = False
             self.full -= not connection.reserve
+            self.over -= connection.over
             self.open.pop(connection, None)
 
     async def _tracked(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -251,7 +411,7 @@ class BoundedServer(web.Server):
         connection.disarm()
         try:
             if connection.reserve and request.path not in self.limits.reserved_paths:
-                response = self._overflow(request)
+                response = self._overflow()
                 response.force_close()
             else:
                 response = await self._inner(request)
@@ -260,7 +420,47 @@ class BoundedServer(web.Server):
             self.waited(connection)
         if not response.prepared:
             response.headers["Server"] = self.server_name
+            if connection.over:
+                response.force_close()  # over the cap for one answer, not kept alive
         return response
+
+
+def _unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes in `transport`'s socket that the loop has yet to read (0 once it is closed)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    unread = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread)
+    except OSError:
+        return 0  # closed under us: nothing to lose
+    return unread[0]
+
+
+def _peek(transport: asyncio.BaseTransport, size: int) -> bytes:
+    """Up to `size` bytes waiting in `transport`'s socket, left there for the loop to read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or size <= 0:
+        return b""
+    # asyncio's socket wrapper has no recv: a socket object over the same descriptor, detached
+    # before it could close it.
+    peer = socket.socket(fileno=sock.fileno())
+    try:
+        return peer.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing yet (EAGAIN), or closed under us
+        return b""
+    finally:
+        peer.detach()
+
+
+def _raw_answer(response: web.Response, server_name: str) -> bytes:
+    """`response` as bytes on the wire, for a connection that has no request handler."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    head = (f"HTTP/1.1 {response.status} {response.reason}\r\n"
+            f"Content-Type: {response.headers.get('Content-Type', 'text/plain')}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: {server_name}\r\n\r\n")
+    return head.encode("latin-1") + body
 
 
 def check_file_limit(connections: int) -> None:

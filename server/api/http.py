@@ -359,7 +359,7 @@ class HttpFrontEnd:
         await runner.cleanup()
 
 
-def _overflow(request: web.BaseRequest) -> web.Response:
+def _overflow() -> web.Response:
     return _error(503, "the server is at its connection limit (http_max_connections); this "
                        "connection may ask for /v2/health/* only: retry later")
 

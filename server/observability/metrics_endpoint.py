@@ -42,7 +42,7 @@ def _plain(status: int, text: str, **headers: str) -> web.Response:
     return response
 
 
-def _overflow(request: web.BaseRequest) -> web.Response:  # no reserve: never called
+def _overflow() -> web.Response:  # no reserve: never called
     return _plain(503, "too many metrics connections\n")
 
 

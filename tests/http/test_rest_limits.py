@@ -17,7 +17,7 @@ import pytest
 
 from snapserve.server import RunningServer
 from snapserve.server.config import HttpLimits, IntakeConfig
-from snapserve.server.listeners import _Connection, _Refused
+from snapserve.server.listeners import LOOK_S
 from tests.support.calls import digits_input
 from tests.support.servers import serving
 
@@ -149,11 +149,16 @@ async def test_eviction_spares_young_connections_and_closes_the_longest_waiting(
     slow, slow_w = await raw(port, b"GET /v2/health/ready HTTP/1.1\r\nHo")  # headers, slowly
     # Writers are kept: a StreamWriter collected closes its connection.
     idle, idle_w = await raw(port, b"")  # the reserve place
-    # Every place within its grace: the full places are spared; the reserve one still sending
-    # its request goes, young or not, so a probe is never shut out by fresh connections.
+    # Every place within its grace, the reserve one younger than the look: all are spared, and
+    # a newcomer that sends nothing is held for the look, then closed.
+    held, held_w = await raw(port, b"")
+    assert await closed(held, 2 * LOOK_S)
+    assert server.evicted == 0 and server.refused == 1 and len(server.open) == 3
+    # Past the look, the reserve one still sending its request goes, though within the grace:
+    # else a flood of fresh connections would keep the reserve from a probe.
     fresh, fresh_w = await raw(port, b"")
     assert await closed(idle, 1.0)
-    assert server.evicted == 1 and server.refused == 0 and len(server.open) == 3
+    assert server.evicted == 1 and server.refused == 1 and len(server.open) == 3
     await asyncio.sleep(grace + 0.2)
     client_w.write(HEALTH)  # back-to-back requests: it waits the least, though opened first
     assert (await answer(client))[0] == 200
@@ -166,19 +171,20 @@ async def test_eviction_spares_young_connections_and_closes_the_longest_waiting(
     # A health probe at the full count gets in, and is answered.
     probe, probe_w = await raw(port, HEALTH)
     assert (await answer(probe))[0] == 200
-    for w in (fresh_w, idle_w, probe_w, late_w):
+    for w in (held_w, fresh_w, idle_w, probe_w, late_w):
         w.close()
     slow_w.close()
     client_w.close()
 
 
-async def accepted(proto: asyncio.BaseProtocol
+async def accepted(proto: asyncio.BaseProtocol, sent: bytes = b""
                    ) -> tuple[asyncio.Transport, asyncio.StreamReader, asyncio.StreamWriter]:
     """`proto` (from the listener's factory) made on one end of a socket pair, as the loop's
-    accept would; the other end as a client's stream."""
+    accept would, after the client's end has `sent`; the other end as a client's stream."""
     import socket
 
     ours, theirs = socket.socketpair()
+    theirs.sendall(sent)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(lambda: proto, ours)
     reader, writer = await asyncio.open_connection(sock=theirs)
@@ -192,22 +198,74 @@ def close_all(made: list[tuple[asyncio.Transport, asyncio.StreamReader, asyncio.
         transport.close()
 
 
-async def test_a_burst_of_accepts_never_closes_a_connection_not_yet_made(
+async def test_a_burst_of_accepts_takes_places_as_made_and_a_probe_beyond_them_is_answered(
         patient: RunningServer) -> None:
     """One accept burst calls the factory for each connection before any `connection_made`:
-    one not yet made has nothing to close and has not been able to send, so a newcomer at the
-    full count is refused instead. Closing it would leave it open with its request discarded
-    until the header timeout (the soak's 3 s health check)."""
+    places are decided as each is made, when the earlier ones can be judged. Beyond the places,
+    with none to close (all young), a newcomer is held for a look at its request line: a health
+    probe is admitted over the cap and answered, anything else is answered 503 and closed."""
     server = patient.http.server
-    burst = [server() for _ in range(3)]  # two full places and the reserve, none made yet
-    assert all(isinstance(p, _Connection) for p in burst)
-    assert isinstance(server(), _Refused)
-    assert server.evicted == 0 and len(server.open) == 3
+    burst = [server() for _ in range(5)]  # two full places, the reserve, a probe, a client
+    assert not server.open  # accepted, not made: no place yet
     made = [await accepted(p) for p in burst]
-    _, probe, probe_w = made[2]  # the reserve place: a health probe's
+    assert len(server.open) == 3 and len(server.lobby) == 2 and server.evicted == 0
+    _, probe, probe_w = made[3]
     probe_w.write(HEALTH)
-    assert (await answer(probe))[0] == 200
+    status, headers, _ = await answer(probe)
+    assert status == 200 and headers["connection"] == "close"  # one answer over the cap
+    assert await closed(probe, 1.0)
+    _, client, client_w = made[4]
+    client_w.write(head(length=len(infer_body())) + infer_body())
+    status, headers, body = await answer(client)
+    assert status == 503 and b"http_max_connections" in body
+    assert headers["connection"] == "close" and "aiohttp" not in headers["server"].lower()
+    assert server.refused == 1 and len(server.lobby) == 1  # reading on until the client closes
+    client_w.close()
+    await asyncio.sleep(0.1)
+    assert not server.lobby and server.evicted == 0
+    assert server.over == 0 and len(server.open) == 3
     close_all(made)
+
+
+async def test_a_probe_whose_request_is_in_when_it_is_made_is_admitted_at_once(
+        patient: RunningServer) -> None:
+    """No place, none to close: a newcomer whose health request is already in its socket is
+    admitted over the cap as it is made, before any lobby, and answered."""
+    server = patient.http.server
+    made = [await accepted(server()) for _ in range(3)]  # every place young
+    probe = await accepted(server(), sent=HEALTH)
+    assert not server.lobby and server.over == 1 and server.evicted == 0
+    assert (await answer(probe[1]))[0] == 200
+    close_all([*made, probe])
+
+
+async def test_a_request_answered_503_from_the_lobby_is_read_on_not_reset(
+        patient: RunningServer) -> None:
+    """A client still sending its body when the lobby answers 503 gets the answer and a clean
+    close: closing with its bytes unread would reset the connection under it."""
+    port, server = patient.http_port, patient.http.server
+    places = [await raw(port, b"") for _ in range(3)]  # every place young: none to close
+    reader, writer = await raw(port, head(length=1000) + b"{")
+    status, _, body = await answer(reader)
+    assert status == 503 and b"http_max_connections" in body
+    for _ in range(3):  # the body goes on after the answer
+        writer.write(b"0" * 100)
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    assert await closed(reader, 1.0)  # end of stream, not a reset
+    writer.close()
+    for _, w in places:
+        w.close()
+
+
+@pytest.mark.parametrize("line, wanted", [
+    (b"GET /v2/health/ready HTTP/1.1\r\n", True), (b"HEAD /v2/health/live?x=1 HTTP/1.1", True),
+    (b"GET /v2/health/ready\r\n", False), (b"GET /v2/heal", None), (b"GE", None), (b"", None),
+    (b"POST ", False), (b"GET /v2/models/digits HTTP/1.1", False),
+    (b"GET /v2/health/readyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy", False), (b"\x16\x03\x01 x", False)])
+async def test_the_lobby_judges_a_request_line_by_its_method_and_path(
+        patient: RunningServer, line: bytes, wanted: bool | None) -> None:
+    assert patient.http.server.reserved_request(line) is wanted
 
 
 async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
@@ -223,12 +281,13 @@ async def test_a_connection_whose_request_has_arrived_is_not_closed_for_room(
         writer.write(HEALTH)
         await writer.drain()
     await asyncio.sleep(0.05)
-    assert isinstance(server(), _Refused)
-    assert server.evicted == 0
+    newcomer = await accepted(server())
+    assert await closed(newcomer[1], 1.0)
+    assert server.refused == 1 and server.evicted == 0
     for transport, reader, _ in made:
         transport.resume_reading()
         assert (await answer(reader))[0] == 200
-    close_all(made)
+    close_all([*made, newcomer])
 
 
 async def test_a_connection_that_closes_a_reserve_one_takes_the_reserve_place(
