@@ -237,8 +237,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     try:
         await server.start()
         if config.http_port is not None:
-            running.http = HttpFrontEnd(kserve.core, drain, auth, config.max_message_bytes,
-                                        config.http)
+            http = running.http = HttpFrontEnd(kserve.core, drain, auth,
+                                               config.max_message_bytes, config.http)
+            metrics.watch_listener(lambda: http.server)
             running.http_port = await running.http.start(config.host, config.http_port,
                                                          ssl_context, config.reuse_port)
         if config.metrics_port is not None:

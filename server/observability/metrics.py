@@ -18,6 +18,8 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_served_vote_disagreement_ratio | histogram | model, version: per answered example, the fraction of members outvoted |
 | snapserve_members_evaluated | histogram | model, version: per answered example, the members its answer came from (fewer than all only when served adaptively) |
 | snapserve_process_threads | gauge | (none): OS threads of the server (ONNX Runtime's included) |
+| snapserve_http_connections | gauge | place (full, reserve, over_cap, lobby): REST connections open now (server/listeners.py) |
+| snapserve_http_connections_closed_total | counter | reason (evicted, refused, header_timeout): REST connections closed for the listener's bounds |
 | process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
 | python_info | gauge | version, implementation: the interpreter |
 
@@ -35,17 +37,19 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                PlatformCollector, ProcessCollector)
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   Metric)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from snapserve.proto.scores import EnsembleScores
+from snapserve.server.listeners import BoundedServer
 from snapserve.server.observability.metrics_endpoint import MetricsEndpoint, MetricsEndpointConfig
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.registry import ModelRegistry
@@ -145,6 +149,11 @@ class ServerMetrics:
                 histogram.remove(model, str(version))
             except KeyError:  # never observed
                 pass
+
+    def watch_listener(self, listener: Callable[[], BoundedServer | None]) -> None:
+        """Report the REST listener's connections (`listener()`: its BoundedServer, None until
+        it listens)."""
+        self.registry.register(_ListenerCollector(listener))
 
     async def serve(self, config: MetricsEndpointConfig, port: int) -> int:
         """Serve /metrics on config.host:port from the event loop (server/observability/metrics_endpoint.py:
@@ -258,6 +267,36 @@ def _thread_count() -> float:
         return float(len(os.listdir("/proc/self/task")))
     except OSError:
         return float(threading.active_count())
+
+
+class _ListenerCollector(Collector):
+    """The REST listener's connections (server/listeners.py), read at scrape time: the scrape
+    runs on the event loop that owns them."""
+
+    def __init__(self, listener: Callable[[], BoundedServer | None]) -> None:
+        self._listener = listener
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._listener()
+        if server is None:  # not started yet
+            return
+        places = GaugeMetricFamily(
+            "snapserve_http_connections", "REST connections open now, by the place they hold "
+            "(over_cap: health probes admitted beyond the reserve; lobby: newcomers with no "
+            "place, awaiting their request line)", labels=["place"])
+        places.add_metric(["full"], server.full)
+        places.add_metric(["reserve"], len(server.open) - server.full - server.over)
+        places.add_metric(["over_cap"], server.over)
+        places.add_metric(["lobby"], len(server.lobby))
+        yield places
+        closed = CounterMetricFamily(
+            "snapserve_http_connections_closed", "REST connections closed for the listener's "
+            "bounds (evicted: idle, for room; refused: no place; header_timeout: headers too "
+            "slow)", labels=["reason"])
+        closed.add_metric(["evicted"], server.evicted)
+        closed.add_metric(["refused"], server.refused)
+        closed.add_metric(["header_timeout"], server.timed_out)
+        yield closed
 
 
 class _LoadedModelsCollector(Collector):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from snapserve.server import RunningServer
 from snapserve.server.config import HttpLimits, IntakeConfig
@@ -237,6 +239,34 @@ async def test_a_probe_whose_request_is_in_when_it_is_made_is_admitted_at_once(
     assert not server.lobby and server.over == 1 and server.evicted == 0
     assert (await answer(probe[1]))[0] == 200
     close_all([*made, probe])
+
+
+def connection_metrics(running: RunningServer) -> dict[str, float]:
+    """The REST listener's series as the metrics endpoint would serve them."""
+    text = generate_latest(running.metrics.registry).decode()
+    return {f"{s.name}:{next(iter(s.labels.values()))}": s.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("snapserve_http_connections") for s in family.samples}
+
+
+async def test_the_listener_reports_its_places_and_closes_as_metrics(
+        patient: RunningServer) -> None:
+    port, server = patient.http_port, patient.http.server
+    places = [await raw(port, b"") for _ in range(3)]  # two full places, the reserve
+    held = await raw(port, b"")
+    await asyncio.sleep(0.1)
+    assert connection_metrics(patient) == {
+        "snapserve_http_connections:full": 2, "snapserve_http_connections:reserve": 1,
+        "snapserve_http_connections:over_cap": 0, "snapserve_http_connections:lobby": 1,
+        "snapserve_http_connections_closed_total:evicted": 0,
+        "snapserve_http_connections_closed_total:refused": 0,
+        "snapserve_http_connections_closed_total:header_timeout": 0}
+    assert await closed(held[0], 2 * LOOK_S)  # sent no request line in the look
+    metrics = connection_metrics(patient)
+    assert metrics["snapserve_http_connections:lobby"] == 0
+    assert metrics["snapserve_http_connections_closed_total:refused"] == 1 == server.refused
+    for _, w in (*places, held):
+        w.close()
 
 
 async def test_a_request_answered_503_from_the_lobby_is_read_on_not_reset(

@@ -19,7 +19,7 @@ from tests.support.servers import serving
 
 @pytest.fixture
 async def running(model_repo: Path) -> AsyncIterator[RunningServer]:
-    async with serving(model_repo, metrics_port=0) as server:
+    async with serving(model_repo, metrics_port=0, http_port=0) as server:
         yield server
 
 

@@ -44,6 +44,7 @@ async def test_promtool_finds_nothing_to_lint(running: RunningServer,
                                      capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
     assert "# HELP snapserve_served_mutual_information_nats " in text
+    assert "# HELP snapserve_http_connections_closed_total " in text
 
 
 def sample(text: str, name: str, **labels: str) -> float:
