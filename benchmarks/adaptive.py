@@ -546,24 +546,30 @@ def _interval(i: dict[str, Any], scale: float = 1.0, digits: int = 3, signed: bo
             f"{scale * i['high']:{sign}.{digits}f}]")
 
 
+def _at_least(value: float | None, bound: float) -> bool | None:
+    """`value >= bound`, up to floating-point rounding: an accuracy difference is a count over
+    the test split, and a mean of them that is exactly the bound (-1 answer in 1,000 over three
+    seeds: -0.1 points) comes out of float arithmetic a hair below it."""
+    return None if value is None else value >= bound - 1e-9 * max(1.0, abs(bound))
+
+
 def goals(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
-    """(goal, met, the numbers) for each of the issue's targets on this run."""
+    """(goal, met, the numbers) for each of the issue's targets on this run, judged on the mean
+    over seeds (each line gives the interval too)."""
     iv, top = report["intervals"], report["top"]
     speed = iv["speedup"].get(GOAL_CONCURRENCY) or iv["speedup"][top]
     acc, ent = iv["accuracy"], iv["entropy_auroc"]
     ratio = report["compute_over_handling"].get(1)
-    out = [(f"compute ≥ {GOAL_COMPUTE_RATIO:g}× request handling (batch 1)",
-            None if ratio is None else ratio >= GOAL_COMPUTE_RATIO, f"{_fmt(ratio, 1)}×")]
-    out.append((f"adaptive ≥ {GOAL_SPEEDUP:g}× full examples/s at c={GOAL_CONCURRENCY}",
-                None if speed["mean"] is None else speed["mean"] >= GOAL_SPEEDUP,
-                f"{_interval(speed, 1, 2, signed=False)}× (mean over seeds [95% t-interval])"))
-    out.append((f"test accuracy no more than {GOAL_ACCURACY_POINTS:g} points below full",
-                None if acc["mean"] is None else 100 * acc["mean"] >= -GOAL_ACCURACY_POINTS,
-                f"Δ {_interval(acc, 100, 2)} points"))
-    out.append((f"entropy error-AUROC no more than {GOAL_AUROC:g} below full",
-                None if ent["mean"] is None else ent["mean"] >= -GOAL_AUROC,
-                f"Δ {_interval(ent)}"))
-    return out
+    points = None if acc["mean"] is None else 100 * acc["mean"]
+    return [(f"compute ≥ {GOAL_COMPUTE_RATIO:g}× request handling (batch 1)",
+             _at_least(ratio, GOAL_COMPUTE_RATIO), f"{_fmt(ratio, 1)}×"),
+            (f"adaptive ≥ {GOAL_SPEEDUP:g}× full examples/s at c={GOAL_CONCURRENCY}",
+             _at_least(speed["mean"], GOAL_SPEEDUP),
+             f"{_interval(speed, 1, 2, signed=False)}× (mean over seeds [95% t-interval])"),
+            (f"test accuracy no more than {GOAL_ACCURACY_POINTS:g} points below full",
+             _at_least(points, -GOAL_ACCURACY_POINTS), f"Δ {_interval(acc, 100, 2)} points"),
+            (f"entropy error-AUROC no more than {GOAL_AUROC:g} below full",
+             _at_least(ent["mean"], -GOAL_AUROC), f"Δ {_interval(ent)}")]
 
 
 def busy(machine: dict[str, Any]) -> bool:
