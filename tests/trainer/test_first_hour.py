@@ -17,9 +17,12 @@ from snapserve.trainer.progress import Progress
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--dataset", "digits", "--arch", "mlp", "--method", "snapshot", "--epochs", "4",
         "--members", "2", "--seed", "5", "--no-plots", "--name", "digits"]
-# Ctrl-C (SIGINT, as a terminal sends it) right before update {at}.
+# Ctrl-C (SIGINT, as a terminal sends it) right before update {at}. Python's own SIGINT handler
+# is set first: a process started in the background by a shell without job control inherits
+# SIGINT ignored, and Python then installs none.
 INTERRUPTER = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import snapserve.trainer.loop as loop
 real_step, done = loop.train_step, [0]
 def step(*args, **kwargs):
