@@ -70,7 +70,9 @@ def test_closing_stops_the_helper_threads(member_files: list[Path]) -> None:
     spread.spread_members(3)
     spread.scores(np.ones((1, *SHAPE), dtype=np.float32))
     helpers = [t for t in threading.enumerate() if t not in before and "members" in t.name]
-    assert len(helpers) == 2
+    # Two groups go to the pool; it starts a thread for the second unless the first's is
+    # already idle again (a loaded machine can pause the caller between the two submits).
+    assert 1 <= len(helpers) <= 2
     spread.close()
     for thread in helpers:
         thread.join(timeout=5)
