@@ -19,9 +19,10 @@ serving of the same members, beside the tuned Triton running the full ensemble, 
    member, the server's own choice of graph) and `--adaptive-members`. On each, for every seed:
    the whole test split through the native API (the server's own answers: probabilities,
    entropy, mutual information, members_evaluated), then closed loops of one-example requests
-   at each concurrency over KServe v2 gRPC (as Triton is driven), driven by the project's load generator (client/bench.py) over the test
-   inputs in a fixed shuffled order: an adaptive server's cost depends on the inputs, so a
-   load of one repeated input would say nothing. Server CPU per example from /proc.
+   at each concurrency over KServe v2 gRPC (as Triton is driven), driven by the project's load
+   generator (client/bench.py, its `--input-data`) over the test inputs in a fixed shuffled
+   order: an adaptive server's cost depends on the inputs, so a load of one repeated input
+   would say nothing. Server CPU per example from /proc.
 4. Then, after both (not interleaved), the tuned Triton (benchmarks/peers/triton.py; on unless
    `--no-triton`, skipped with a note when its venv cannot be made): `tritonserver` whose python
    backend runs each version's fused ensemble.onnx. Its settings (dynamic-batcher delay,
@@ -219,22 +220,6 @@ def in_process_ms(version_dir: Path, batch: int, budget_s: float) -> float:
 
 # --- load: the project's load generator over many inputs ----------------------------------------
 
-class _Cycling:
-    """A bench target (client/bench.py) whose calls send the prepared requests in turn, shared
-    by every caller, instead of one request again and again."""
-
-    def __init__(self, target: Any, payloads: Sequence[bytes]) -> None:
-        self._target, self._payloads, self._next = target, payloads, 0
-
-    async def call(self, payload: bytes) -> bytes:
-        chosen = self._payloads[self._next % len(self._payloads)]
-        self._next += 1
-        return await self._target.call(chosen)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
 def _server_cpu(step: dict[str, Any]) -> Callable[[int], float]:
     """The reader of a server's CPU seconds for a plan step: the process alone, or with
     `process_tree` its whole tree (Triton's python backend computes in stub processes)."""
@@ -252,22 +237,24 @@ async def _drive(target: str, plan: Sequence[dict[str, Any]], server_pid: int, d
     """Each planned level in turn (model, inputs .npy, concurrency, optional api and
     process_tree), with the server's CPU over it from /proc: one client process for them all,
     started once."""
-    from snapserve.client.bench import BenchConfig, _level, _open_target
+    from snapserve.client.bench import (BenchConfig, Requests, _input_batches, _level,
+                                        _open_target)
     from snapserve.client.credentials import Security
 
     results = []
     for step in plan:
+        # The load generator's --input-data: one example per request, the test inputs in turn.
         config = BenchConfig(target=target, model=step["model"], concurrency=(step["concurrency"],),
-                             duration_s=duration, warmup_s=warmup, api=step.get("api", "native"))
+                             duration_s=duration, warmup_s=warmup, api=step.get("api", "native"),
+                             input_data=step["inputs"])
         cpu_seconds = _server_cpu(step)
         async with _open_target(config, Security(), None) as bench_target:
-            name, dtype, _shape = await bench_target.input_spec()
-            payloads = [bench_target.request(name, row[None].astype(dtype))
-                        for row in np.load(step["inputs"])]
-            bench_target.check(await bench_target.call(payloads[0]), 1)
+            name, dtype, shape = await bench_target.input_spec()
+            requests = Requests([bench_target.request(name, batch)
+                                 for batch in _input_batches(config, name, dtype, shape)])
+            bench_target.check(await bench_target.call(requests.payloads[0]), 1)
             cpu0, began = cpu_seconds(server_pid), time.perf_counter()
-            result = asdict(await _level(_Cycling(bench_target, payloads), payloads[0], config,
-                                         step["concurrency"]))
+            result = asdict(await _level(bench_target, requests, config, step["concurrency"]))
             cpu, wall = cpu_seconds(server_pid) - cpu0, time.perf_counter() - began
         answered = result["requests"] + sum(result["errors"].values())
         # Over warm-up and window together: the rate is about the same in both.

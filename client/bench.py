@@ -11,12 +11,16 @@
 - Open loop (`--request-rate R`): requests start on a fixed schedule, R per second, whether
   or not earlier ones were answered; latency is timed from the scheduled start, so a client or
   server that falls behind shows it (no coordinated omission).
+- `--input-data x.npy` (or a CSV, one example per row): requests take `--batch-size` examples
+  of it in turn, shared by every caller, cycling; without it, one random request is sent again
+  and again. A model served adaptively (members evaluated until confident) costs what its
+  inputs make it cost, so measure it on real examples.
 - Each level runs `--warmup` seconds first, not counted; then `--duration` seconds. Requests
   that finish inside that window count: throughput (requests/s, examples/s), latency
   percentiles (OK requests only), errors by status code.
 
 Cheap by design, so the client is not what is measured: one asyncio loop, one channel, the
-request serialized once and sent as bytes, answers kept as bytes (the first one is decoded and
+requests serialized once, before the first level, and sent as bytes, answers kept as bytes (the first one is decoded and
 checked). `--api http` drives the KServe v2 REST API the same way (one aiohttp session, a
 keep-alive connection per caller), with JSON tensors or Triton's binary tensor extension
 (`--http-data`); its refusals count by HTTP status (`HTTP_429`). `client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,13 +46,16 @@ import numpy as np
 
 from snapserve.client.credentials import Security, read_token_file
 from snapserve.client.errors import ClientError
+from snapserve.client.inputs import fit_input, read_input
 from snapserve.client.sync_client import MAX_MESSAGE_BYTES, channel_options
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.spec import InputSpec
 from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_KSERVE, from_tensor,
                                      to_tensor)
 
-__all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "add_bench_parser", "format_table",
-           "results_json", "run_bench", "run_bench_command", "write_results"]
+__all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "Requests", "add_bench_parser",
+           "format_table", "request_batches", "results_json", "run_bench", "run_bench_command",
+           "write_results"]
 
 APIS = ("native", "kserve", "http", "stream")  # stream: native PredictStream, a stream per caller
 HTTP_DATA = ("json", "binary")  # --api http: tensors as JSON `data`, or Triton's binary extension
@@ -59,6 +67,9 @@ KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 KSERVE_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 KSERVE_STATISTICS = "/inference.GRPCInferenceService/ModelStatistics"
 PERCENTILES = (50, 90, 99)
+# An --input-data file is read whole and its requests made before the first level: bounded
+# before it is read.
+MAX_INPUT_BYTES = 512 * 1024 * 1024
 
 
 class BenchError(ValueError):
@@ -82,6 +93,7 @@ class BenchConfig:
     # gRPC connections the calls are spread over, round robin: more than one reaches every
     # worker of a `--workers N` server (the kernel hands each connection to one worker).
     connections: int = 1
+    input_data: str | None = None  # .npy or CSV of examples, sent in turn; None: one random request
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -120,6 +132,7 @@ class LevelResult:
     client_cpu_ms_per_request: float
     client_cpu_share: float  # client CPU seconds / wall seconds (1.0 = one core busy)
     send_lag_ms_p99: float | None = None  # open loop: how late requests left the client
+    distinct_requests: int = 1  # the requests taken in turn (--input-data: examples / batch size)
     server_batches: dict[int, int] | None = None  # batch size -> batches, from ModelStatistics
     server_compute_ms: dict[int, float] | None = None  # batch size -> mean compute ms
 
@@ -380,24 +393,68 @@ def _status(exc: BaseException) -> str:
 Target = Union[_Target, _StreamTarget, _HttpTarget]
 
 
-async def _timed(target: Target, payload: bytes, window: _Window, began: float) -> None:
+class Requests:
+    """The prepared requests, taken in turn by every caller."""
+
+    def __init__(self, payloads: Sequence[bytes]) -> None:
+        if not payloads:
+            raise BenchError("no requests to send")
+        self.payloads = list(payloads)
+        self._next = 0
+
+    def take(self) -> bytes:
+        payload = self.payloads[self._next % len(self.payloads)]
+        self._next += 1
+        return payload
+
+
+def request_batches(x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`x` ([N, ...] examples) as requests of `batch_size` rows, in order, the last one
+    completed from the start: every example is sent, and every request has the same size."""
+    count = max(math.ceil(len(x) / batch_size), 1)
+    return [np.take(x, np.arange(i * batch_size, (i + 1) * batch_size), axis=0, mode="wrap")
+            for i in range(count)]
+
+
+def _input_batches(config: BenchConfig, name: str, dtype: np.dtype,
+                   shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The examples the requests carry: `config.input_data` fitted to the model's input, or
+    one batch of random normal values."""
+    if config.input_data is None:
+        x = np.random.default_rng(config.seed).normal(0, 1, (config.batch_size, *shape[1:]))
+        return [x.astype(dtype)]
     try:
-        await target.call(payload)
+        size = os.path.getsize(config.input_data)
+    except OSError as exc:
+        raise BenchError(f"cannot read --input-data {config.input_data}: {exc}") from exc
+    if size > MAX_INPUT_BYTES:
+        raise BenchError(f"--input-data {config.input_data} is {size:,} bytes; at most "
+                         f"{MAX_INPUT_BYTES:,} are read (every request is made before the first "
+                         "level): give a sample of it")
+    x = fit_input(read_input(config.input_data), InputSpec(name, np.dtype(dtype), shape, None),
+                  config.input_data)
+    return request_batches(x, config.batch_size)
+
+
+async def _timed(target: Target, requests: Requests, window: _Window, began: float) -> None:
+    try:
+        await target.call(requests.take())
         code = "OK"
     except Exception as exc:  # every failure is a data point, counted by its status
         code = _status(exc)
     window.record(began, time.perf_counter(), code)
 
 
-async def _closed_loop(target: Target, payload: bytes, concurrency: int, window: _Window) -> None:
+async def _closed_loop(target: Target, requests: Requests, concurrency: int,
+                       window: _Window) -> None:
     async def caller() -> None:
         while (now := time.perf_counter()) < window.end:
-            await _timed(target, payload, window, now)
+            await _timed(target, requests, window, now)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
 
 
-async def _open_loop(target: Target, payload: bytes, rate: float, window: _Window,
+async def _open_loop(target: Target, requests: Requests, rate: float, window: _Window,
                      started: float) -> None:
     tasks: set[asyncio.Task[None]] = set()
     for i in range(math.ceil((window.end - started) * rate)):
@@ -406,7 +463,7 @@ async def _open_loop(target: Target, payload: bytes, rate: float, window: _Windo
         await asyncio.sleep(max(scheduled - time.perf_counter(), 0))
         if window.start <= scheduled < window.end:
             window.lags.append(time.perf_counter() - scheduled)
-        task = asyncio.ensure_future(_timed(target, payload, window, scheduled))
+        task = asyncio.ensure_future(_timed(target, requests, window, scheduled))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
@@ -435,12 +492,12 @@ def _delta(after: dict[int, tuple[int, int]] | None, before: dict[int, tuple[int
     return batches, compute
 
 
-async def _level(target: Target, payload: bytes, config: BenchConfig,
+async def _level(target: Target, requests: Requests, config: BenchConfig,
                  concurrency: int | None) -> LevelResult:
     started = time.perf_counter()
     window = _Window(started + config.warmup_s, started + config.warmup_s + config.duration_s)
-    run = (_open_loop(target, payload, config.request_rate, window, started)
-           if concurrency is None else _closed_loop(target, payload, concurrency, window))
+    run = (_open_loop(target, requests, config.request_rate, window, started)
+           if concurrency is None else _closed_loop(target, requests, concurrency, window))
     runner = asyncio.ensure_future(run)
     await asyncio.sleep(max(window.start - time.perf_counter(), 0))
     cpu0, before = time.process_time(), await target.batch_statistics()
@@ -462,7 +519,7 @@ async def _level(target: Target, payload: bytes, config: BenchConfig,
         client_cpu_ms_per_request=1e3 * cpu / max(ok + sum(window.errors.values()), 1),
         client_cpu_share=cpu / config.duration_s,
         send_lag_ms_p99=float(np.percentile(window.lags, 99) * 1e3) if window.lags else None,
-        server_batches=batches, server_compute_ms=compute)
+        distinct_requests=len(requests.payloads), server_batches=batches, server_compute_ms=compute)
 
 
 @contextlib.asynccontextmanager
@@ -492,10 +549,10 @@ async def run_bench(config: BenchConfig, security: Security = Security(),
     `ssl_context`: TLS for `--api http` (gRPC's comes from `security`)."""
     async with _open_target(config, security, ssl_context) as target:
         name, dtype, shape = await target.input_spec()
-        x = np.random.default_rng(config.seed).normal(0, 1, (config.batch_size, *shape[1:]))
-        payload = target.request(name, x.astype(dtype))
+        requests = Requests([target.request(name, batch)
+                             for batch in _input_batches(config, name, dtype, shape)])
         try:
-            target.check(await target.call(payload), config.batch_size)
+            target.check(await target.call(requests.payloads[0]), config.batch_size)
         except grpc.aio.AioRpcError as exc:
             raise ClientError.from_rpc_error(exc) from exc
         except HttpRefused as exc:
@@ -505,7 +562,7 @@ async def run_bench(config: BenchConfig, security: Security = Security(),
         levels: list[int | None] = [None] if config.request_rate else list(config.concurrency)
         results = []
         for level in levels:
-            result = await _level(target, payload, config, level)
+            result = await _level(target, requests, config, level)
             results.append(result)
             if progress is not None:
                 progress(result)
@@ -564,6 +621,10 @@ def add_bench_parser(commands: Any, common: Callable[[argparse.ArgumentParser], 
     bench.add_argument("--warmup", type=float, default=2.0,
                        help="unmeasured seconds before each level (default %(default)s)")
     bench.add_argument("--batch-size", type=int, default=1, help="examples per request (default 1)")
+    bench.add_argument("--input-data", default=None, metavar="PATH",
+                       help=".npy array [N, ...] or CSV (one example per row) of examples: the "
+                            "requests take --batch-size of them in turn, cycling (default: one "
+                            "random request, sent again and again)")
     bench.add_argument("--api", choices=APIS, default="native",
                        help="native: snapserve.v1 Predict; kserve: GRPCInferenceService/ModelInfer; "
                             "http: KServe v2 REST infer (--target is then the REST port); "
@@ -596,7 +657,7 @@ def run_bench_command(client: Any, args: argparse.Namespace, out: TextIO) -> Non
         target=args.target, model=args.model, version=args.version, concurrency=args.concurrency,
         request_rate=args.request_rate, duration_s=args.duration, warmup_s=args.warmup,
         batch_size=args.batch_size, api=args.api, http_data=args.http_data,
-        connections=args.connections,
+        connections=args.connections, input_data=args.input_data,
         timeout_s=args.timeout if args.timeout is not None else BenchConfig.timeout_s)
     security = Security.build(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, token=None if args.token_file is None

@@ -7,10 +7,12 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from snapserve.client import ClientError
-from snapserve.client.bench import BenchConfig, BenchError, format_table, run_bench
+from snapserve.client import ClientError, bench
+from snapserve.client.bench import (BenchConfig, BenchError, Requests, _input_batches,
+                                    format_table, run_bench)
 from snapserve.client.cli import main as client_main
 from snapserve.server import BatcherConfig, ServerConfig
 from tests.support.servers import ThreadedServer, pinned_runtime
@@ -113,3 +115,45 @@ def test_cli_refuses_a_bad_level(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
     assert client_main(["bench", "--model", "m", "--concurrency", "0"]) == 2
     assert "concurrency levels must be >= 1" in capsys.readouterr().err
+
+
+def test_input_data_requests_carry_the_examples_in_turn(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x = np.arange(5 * 16, dtype=np.float64).reshape(5, 16) / 80  # flat rows, as a CSV holds them
+    path = tmp_path / "x.csv"
+    np.savetxt(path, x, delimiter=",")
+    config = _config(served, batch_size=2, input_data=str(path))
+    batches = _input_batches(config, "input", np.dtype(np.float32), (-1, 1, 4, 4))
+    assert [(b.shape, b.dtype) for b in batches] == [((2, 1, 4, 4), np.float32)] * 3
+    # Every example, in order; the last request completed from the start.
+    np.testing.assert_allclose(np.concatenate(batches).reshape(6, 16), x[[0, 1, 2, 3, 4, 0]],
+                               rtol=1e-6)
+    (result,) = asyncio.run(run_bench(config))
+    assert result.errors == {} and result.requests > 0 and result.distinct_requests == 3
+
+
+def test_requests_are_taken_in_turn() -> None:
+    requests = Requests([b"a", b"b", b"c"])
+    assert [requests.take() for _ in range(7)] == [b"a", b"b", b"c", b"a", b"b", b"c", b"a"]
+
+
+def test_input_data_that_does_not_fit_is_refused_before_any_load(  # type: ignore[no-untyped-def]
+        served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((3, 5, 5), np.float32))
+    assert client_main(["bench", "--target", served.target, "--model", "mixed", "--input-data",
+                        str(path), "--duration", "0.2"]) == 2
+    assert "has shape [3, 5, 5]; the model takes [-1, 1, 4, 4]" in capsys.readouterr().err
+
+
+def test_input_data_is_bounded_before_it_is_read(served, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((64, 1, 4, 4), np.float32))
+
+    def never(path: str) -> np.ndarray:
+        raise AssertionError("read past the bound")
+
+    monkeypatch.setattr(bench, "MAX_INPUT_BYTES", 1024)
+    monkeypatch.setattr(bench, "read_input", never)
+    with pytest.raises(BenchError, match="at most 1,024 are read"):
+        asyncio.run(run_bench(_config(served, input_data=str(path))))
