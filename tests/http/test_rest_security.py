@@ -3,6 +3,7 @@ tokens, the same open health checks, the same messages."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.server import RepositoryConfig
+from snapserve.server.config import HttpLimits
 from snapserve.server.api.security import SecurityConfig
 from tests.support.calls import digits_input
 from tests.support.pki import Pki, tls_channel
@@ -128,3 +130,31 @@ async def test_mutual_tls_refuses_missing_and_foreign_client_certificates(model_
         # gRPC on the same server: the same three answers.
         assert [await grpc_answers(running.port, pki, c) for c in (mine, None, foreign)] == \
             [True, False, False]
+
+
+async def test_over_tls_a_probe_beyond_the_cap_is_judged_on_its_decrypted_request(
+        model_repo: Path, pki: Pki) -> None:
+    """The lobby (server/listeners.py) reads what TLS hands the application: with every place
+    held by young connections, a health probe over https is admitted and answered, an infer
+    gets the 503 that says why."""
+    security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    limits = HttpLimits(header_timeout_s=8.0, body_timeout_s=8.0, keepalive_timeout_s=8.0,
+                        max_connections=2, reserved_connections=1)
+    async with serving(model_repo, http_port=0, security=security, http=limits) as running:
+        context = client_context(pki)
+        held = [await asyncio.open_connection("127.0.0.1", running.http_port, ssl=context,
+                                              server_hostname="localhost") for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert running.http is not None and running.http.server is not None
+        assert len(running.http.server.open) == 3
+        url = f"https://127.0.0.1:{running.http_port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/v2/health/ready", ssl=context) as response:
+                assert response.status == 200
+            async with session.post(f"{url}/v2/models/digits/infer", json=INFER,
+                                    ssl=context) as response:
+                assert response.status == 503
+                assert "http_max_connections" in (await response.json())["error"]
+        assert running.http.server.evicted == 0
+        for _, writer in held:
+            writer.close()
