@@ -20,11 +20,12 @@
   percentiles (OK requests only), errors by status code.
 
 Cheap by design, so the client is not what is measured: one asyncio loop, one channel, the
-requests serialized once, before the first level, and sent as bytes, answers kept as bytes (the first one is decoded and
-checked). `--api http` drives the KServe v2 REST API the same way (one aiohttp session, a
-keep-alive connection per caller), with JSON tensors or Triton's binary tensor extension
-(`--http-data`); its refusals count by HTTP status (`HTTP_429`). `client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per
-answered request) says how much of the machine the client itself used.
+requests serialized once, before the first level, and sent as bytes, answers kept as bytes (the
+first one is decoded and checked). `--api http` drives the KServe v2 REST API the same way (one
+aiohttp session, a keep-alive connection per caller), with JSON tensors or Triton's binary
+tensor extension (`--http-data`); its refusals count by HTTP status (`HTTP_429`).
+`client_cpu_ms_per_request` (this process's CPU time, gRPC's threads included, per answered
+request) says how much of the machine the client itself used.
 """
 
 from __future__ import annotations

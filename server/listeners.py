@@ -114,10 +114,10 @@ class _Admission(asyncio.Protocol):
 
 class _Lobby(asyncio.Protocol):
     """A newcomer with no place and none to close, held for at most `LOOK_S` (or until a full
-    lobby needs its place) while its request line arrives. In a flood of connections a health probe looks like any newcomer until it
-    sends; the one whose request line asks for a reserved path is admitted over the cap (by at
-    most the lobby's size), any other is answered 503 once its headers are in, and one that
-    sends neither within `LOOK_S` is closed."""
+    lobby needs its place) while its request line arrives. In a flood of connections a health
+    probe looks like any newcomer until it sends; the one whose request line asks for a
+    reserved path is admitted over the cap (by at most the lobby's size), any other is answered
+    503 once its headers are in, and one that sends neither within `LOOK_S` is closed."""
 
     def __init__(self, server: BoundedServer, transport: asyncio.Transport) -> None:
         self.server = server

@@ -100,7 +100,8 @@ def test_goals_are_judged_on_the_mean_up_to_rounding() -> None:
     def report(accuracy: list[float]) -> dict:
         speed = adaptive.paired_interval([2.6, 2.7, 2.8])
         return {"top": 32, "compute_over_handling": {1: 6.6},
-                "intervals": {"speedup": {32: speed}, "accuracy": adaptive.paired_interval(accuracy),
+                "intervals": {"speedup": {32: speed},
+                              "accuracy": adaptive.paired_interval(accuracy),
                               "entropy_auroc": adaptive.paired_interval([0.0, -0.01, -0.02])}}
 
     at_edge = [0.971 - 0.971, 0.974 - 0.976, 0.978 - 0.979]
