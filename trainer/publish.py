@@ -84,7 +84,8 @@ def evaluate(config: TrainConfig, dataset: Dataset, ensemble: TrainedEnsemble) -
     exported = list(evaluation["selection"].distinct)  # the manifest's members, in its order
     evaluation["adaptive"] = adaptive_evaluation(probs["val"][:, exported], dataset.val.y,
                                                  probs["test"][:, exported], dataset.test.y,
-                                                 config.adaptive_tolerance)
+                                                 config.adaptive_tolerance, evaluation["temperature"],
+                                                 fit_temperatures=config.calibrate)
     return evaluation
 
 

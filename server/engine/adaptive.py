@@ -6,7 +6,9 @@ next member runs on the rest only, and so on; a row that never stops gets every 
 easy batch costs about one member, and the rows where members disagree still get all of them.
 
 A row's scores are those of the members it evaluated (in the manifest's member order, so a row
-that evaluates every member gets exactly the full ensemble's answer). The per-member scores of
+that evaluates every member gets exactly the full ensemble's answer), its probabilities under
+the temperature the trainer fitted for answers of that many members (the version's where it
+fitted none). The per-member scores of
 members a row did not evaluate hold NaN (member_kl, member_probabilities) and -1
 (member_top_class); `members_evaluated` says how many it did. Runs on the members' own sessions:
 the fused graph runs every member, so adaptive serving uses the members graph.
@@ -41,11 +43,23 @@ class AdaptiveMembers:
 
     order: tuple[int, ...]  # member indices, evaluated in this order
     thresholds: tuple[float, ...]  # tau_1 .. tau_{M-1}; inf: no row stops there
+    # T_1 .. T_{M-1}, the temperature of an answer from k members; None: the version's (as for
+    # an answer from all M: the full ensemble's)
+    temperatures: tuple[float | None, ...] | None = None
+
+    def temperature(self, members: int, version_temperature: float) -> float:
+        """The temperature of an answer from `members` members."""
+        if self.temperatures is None or members > len(self.temperatures):
+            return version_temperature
+        fitted = self.temperatures[members - 1]
+        return version_temperature if fitted is None else fitted
 
     def describe(self) -> str:
         taus = ",".join("never" if math.isinf(t) else f"{t:.4g}" for t in self.thresholds)
+        temps = ("" if self.temperatures is None else ", temperatures " + ",".join(
+            "version's" if t is None else f"{t:.4g}" for t in self.temperatures))
         return (f"on: members graph, order {','.join(map(str, self.order))}, "
-                f"thresholds {taus or 'none'}")
+                f"thresholds {taus or 'none'}{temps}")
 
 
 def _stopping(runner: MemberRunner, x: np.ndarray, plan: AdaptiveMembers) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +97,7 @@ def adaptive_scores(runner: MemberRunner, x: np.ndarray, plan: AdaptiveMembers) 
     for k in np.unique(taken).tolist():
         group = np.flatnonzero(taken == k)
         cols = np.sort(np.asarray(plan.order[:k]))  # manifest order: k = M is the full answer
-        part = complete_scores(probs[group][:, cols], {}, runner.temperature)
+        part = complete_scores(probs[group][:, cols], {}, plan.temperature(k, runner.temperature))
         for spec in SCORES:
             index = np.ix_(group, cols) if "members" in spec.dims else group
             out[spec.name][index] = getattr(part, spec.name)

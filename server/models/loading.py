@@ -75,7 +75,8 @@ def adaptive_plan(manifest: Manifest, config: RuntimeConfig) -> AdaptiveMembers 
                        "(%s): every listed member runs", manifest.name, manifest.version,
                        list(manifest.selection))
         return None
-    return AdaptiveMembers(manifest.adaptive.order, manifest.adaptive.thresholds)
+    return AdaptiveMembers(manifest.adaptive.order, manifest.adaptive.thresholds,
+                           manifest.adaptive.temperatures)
 
 
 def _log_adaptive(manifest: Manifest, runtime: EnsembleRuntime, config: RuntimeConfig) -> None:

@@ -62,6 +62,9 @@ class AdaptiveSpec:
 
     order: tuple[int, ...]  # member indices
     thresholds: tuple[float, ...]  # tau_1 .. tau_{M-1}; inf where the manifest says null
+    # T_1 .. T_{M-1} for the answers of k members; None (absent, or null for one k): the
+    # version's, as for every answer of all M members
+    temperatures: tuple[float | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,17 @@ def _adaptive(value: Any, members: int) -> AdaptiveSpec | None:
             for t in thresholds):
         raise ManifestError(f"manifest field 'adaptive.thresholds' must hold {members - 1} numbers "
                             "(or null: never stop there), one per member count 1..M-1")
-    return AdaptiveSpec(tuple(order), tuple(math.inf if t is None else float(t) for t in thresholds))
+    temperatures = value.get("temperatures")
+    if temperatures is not None and (not isinstance(temperatures, list)
+                                     or len(temperatures) != members - 1 or not all(
+            t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)
+                          and 0 < t < math.inf) for t in temperatures)):
+        raise ManifestError(f"manifest field 'adaptive.temperatures' must hold {members - 1} "
+                            "numbers > 0 (or null: the version's temperature), one per member "
+                            f"count 1..M-1; got {temperatures!r}"[:300])
+    return AdaptiveSpec(tuple(order), tuple(math.inf if t is None else float(t) for t in thresholds),
+                        None if temperatures is None else
+                        tuple(None if t is None else float(t) for t in temperatures))
 
 
 def parse_manifest(text: str, version_dir: Path) -> Manifest:

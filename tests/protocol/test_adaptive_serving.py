@@ -57,7 +57,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
     for name, taus in (("adaptive", thresholds), ("unreachable", [1.5, None])):
         write_model_version(root, name, members, DIGITS_SHAPE, DIGITS_CLASSES, manifest_overrides={
             "adaptive": {"order": list(ORDER), "thresholds": taus, "tolerance": 0.1}})
+    write_model_version(root, "tempered", members, DIGITS_SHAPE, DIGITS_CLASSES,
+                        manifest_overrides={"temperature": VERSION_T, "adaptive": {
+                            "order": list(ORDER), "thresholds": thresholds, "tolerance": 0.1,
+                            "temperatures": list(COUNT_T)}})
     return root, thresholds
+
+
+VERSION_T, COUNT_T = 1.5, (2.0, None)  # answers of 1 member: 2.0; of 2 and of 3: the version's
 
 
 @pytest.fixture
@@ -124,3 +131,41 @@ async def test_runtime_parameters_say_adaptive(running: RunningServer) -> None:
     served = {s.name: s for s in running.registry.loaded()}
     assert served["adaptive"].runtime_parameters["adaptive_members"].startswith("on: members graph")
     assert served["full"].runtime_parameters["adaptive_members"].startswith("off")
+
+
+def _tempered(p: np.ndarray, t: float) -> np.ndarray:
+    z = np.log(np.clip(p, 1e-12, None)) / t
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+async def test_each_member_count_answers_under_its_own_temperature(
+        running: RunningServer, repo: tuple[Path, list[float]]) -> None:
+    """The trainer's temperature per member count (manifest adaptive.temperatures): a row that
+    stopped at k has softmax(log p̄_k / T_k), the version's T where the manifest has null and for
+    all M members; the other scores are the untempered ones, as for every version."""
+    x = digits_input(ROWS, seed=3)
+    tempered, plain = await _native(running, "tempered", x), await _native(running, "adaptive", x)
+    np.testing.assert_array_equal(tempered["members_evaluated"], plain["members_evaluated"])
+    means = running_means(reference_member_probs(repo[0] / "full" / "1", x)[:, list(ORDER)])
+    for row, k in enumerate(tempered["members_evaluated"].tolist()):
+        t = COUNT_T[k - 1] if k <= len(COUNT_T) and COUNT_T[k - 1] is not None else VERSION_T
+        np.testing.assert_allclose(tempered["probabilities"][row], _tempered(means[row, k - 1], t),
+                                   rtol=1e-4, atol=1e-6, err_msg=f"row {row}, {k} members")
+    for name in ("predictive_entropy", "mutual_information", "members_evaluated"):
+        np.testing.assert_allclose(tempered[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperatures", [[2.0], [2.0, 0.0], [2.0, -1.0], [2.0, "1"],
+                                          [float("inf"), None], [True, None], "2.0"])
+def test_bad_member_count_temperatures_are_refused_at_load(tmp_path: Path,
+                                                           temperatures: object) -> None:
+    from snapserve.server.errors import ManifestError
+    from snapserve.server.models.manifest import read_manifest
+
+    version = write_model_version(tmp_path, "bad", random_members(3, 16, 5, seed=7), DIGITS_SHAPE,
+                                  DIGITS_CLASSES, manifest_overrides={"adaptive": {
+                                      "order": list(ORDER), "thresholds": [0.9, None],
+                                      "tolerance": 0.1, "temperatures": temperatures}})
+    with pytest.raises(ManifestError, match=r"adaptive.temperatures' must hold 2 numbers > 0"):
+        read_manifest(version)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from snapserve.proto.adaptive import AdaptiveCalibration, calibrate, member_order, members_evaluated
-from snapserve.trainer.adaptive import adaptive_evaluation
+from snapserve.trainer.adaptive import (adaptive_evaluation, adaptive_split_report,
+                                       member_count_temperatures)
 from tests.support.training import train_cli
 
 
@@ -99,3 +100,25 @@ def test_trainer_train_writes_the_calibration(tmp_path: Path) -> None:
     assert adaptive["tolerance"] == 0.5
     val = adaptive["validation"]
     assert val["accuracy_adaptive"] >= val["accuracy_full"] - 0.005 - 1e-12
+
+
+def test_each_member_count_gets_the_temperature_its_rows_call_for() -> None:
+    """80 rows stop after one member at 0.99 on a class, right on 72 of them: the temperature
+    that makes 0.99 read 0.9 is log(99) / log(9) = 2.09. No row stops at two members (tau_2
+    unreachable): too few rows to fit, the version's serves; all M: the version's always."""
+    y = np.array([0] * 72 + [1] * 8 + [0] * 20)
+    confident = _onehot([0] * 80, 0.99, 2)  # wrong on the 8 rows labelled 1
+    first = np.concatenate([confident, _onehot([0] * 20, 0.6, 2)])
+    probs = np.stack([first, _onehot(list(y), 0.8, 2), _onehot(list(y), 0.8, 2)], axis=1)
+    calibration = AdaptiveCalibration((0, 1, 2), (0.9, math.inf), 0.0, {})
+    temperatures = member_count_temperatures(probs, y, calibration)
+    assert len(temperatures) == 2 and temperatures[1] is None
+    assert temperatures[0] == pytest.approx(math.log(99) / math.log(9), rel=1e-3)
+    report = adaptive_split_report(probs, y, calibration.order, calibration.thresholds, 1.0,
+                                   temperatures)
+    assert report["nll_adaptive_served"] < report["nll_adaptive_one_temperature"]
+    assert report["nll_full_served"] == pytest.approx(report["nll_full"])  # T = 1
+    evaluation = adaptive_evaluation(probs, y, probs, y, 0.1)
+    assert len(evaluation["manifest"]["temperatures"]) == 2
+    assert "temperatures" not in adaptive_evaluation(probs, y, probs, y, 0.1,
+                                                     fit_temperatures=False)["manifest"]
