@@ -43,7 +43,7 @@ def member_count_temperatures(member_probs: np.ndarray, labels: np.ndarray,
     """T_k for k = 1..M-1: fitted on the validation rows the calibration answers with k members
     (their running mean), as the version's temperature is on the full ensemble's answers; None
     where fewer than MIN_TEMPERATURE_ROWS rows stop at k (the version's temperature serves).
-    One member's answer is sharper than five members' mean, and the rows that stop early are
+    One member's answer is sharper than the mean of several, and the rows that stop early are
     the confident ones: a temperature of their own keeps their NLL near the full ensemble's.
     An answer from all M members is the full ensemble's, under the version's temperature."""
     ordered = np.asarray(member_probs, dtype=np.float64)[:, list(calibration.order)]
