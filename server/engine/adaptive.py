@@ -9,8 +9,9 @@ A row's scores are those of the members it evaluated (in the manifest's member o
 that evaluates every member gets exactly the full ensemble's answer), its probabilities under
 the temperature the trainer fitted for answers of that many members (the version's where it
 fitted none). The per-member scores of members a row did not evaluate hold NaN (member_kl,
-member_probabilities) and -1 (member_top_class); `members_evaluated` says how many it did. Runs on the members' own sessions:
-the fused graph runs every member, so adaptive serving uses the members graph.
+member_probabilities) and -1 (member_top_class); `members_evaluated` says how many it did.
+Runs on the members' own sessions: the fused graph runs every member, so adaptive serving uses
+the members graph.
 """
 
 from __future__ import annotations
