@@ -237,8 +237,7 @@ async def _drive(target: str, plan: Sequence[dict[str, Any]], server_pid: int, d
     """Each planned level in turn (model, inputs .npy, concurrency, optional api and
     process_tree), with the server's CPU over it from /proc: one client process for them all,
     started once."""
-    from snapserve.client.bench import (BenchConfig, Requests, _input_batches, _level,
-                                        _open_target)
+    from snapserve.client.bench import BenchConfig, _level, _open_target, prepared_requests
     from snapserve.client.credentials import Security
 
     results = []
@@ -249,9 +248,7 @@ async def _drive(target: str, plan: Sequence[dict[str, Any]], server_pid: int, d
                              input_data=step["inputs"])
         cpu_seconds = _server_cpu(step)
         async with _open_target(config, Security(), None) as bench_target:
-            name, dtype, shape = await bench_target.input_spec()
-            requests = Requests([bench_target.request(name, batch)
-                                 for batch in _input_batches(config, name, dtype, shape)])
+            requests = await prepared_requests(bench_target, config)
             bench_target.check(await bench_target.call(requests.payloads[0]), 1)
             cpu0, began = cpu_seconds(server_pid), time.perf_counter()
             result = asdict(await _level(bench_target, requests, config, step["concurrency"]))

@@ -55,8 +55,8 @@ from snapserve.proto.tensors import (DTYPE_TO_NUMPY, KSERVE_TO_NUMPY, NUMPY_TO_K
                                      to_tensor)
 
 __all__ = ["APIS", "BenchConfig", "BenchError", "LevelResult", "Requests", "add_bench_parser",
-           "format_table", "request_batches", "results_json", "run_bench", "run_bench_command",
-           "write_results"]
+           "format_table", "prepared_requests", "request_batches", "results_json", "run_bench",
+           "run_bench_command", "write_results"]
 
 APIS = ("native", "kserve", "http", "stream")  # stream: native PredictStream, a stream per caller
 HTTP_DATA = ("json", "binary")  # --api http: tensors as JSON `data`, or Triton's binary extension
@@ -437,6 +437,14 @@ def _input_batches(config: BenchConfig, name: str, dtype: np.dtype,
     return request_batches(x, config.batch_size)
 
 
+async def prepared_requests(target: Target, config: BenchConfig) -> Requests:
+    """The requests of `config` for `target`'s model (its input spec asked of the server), made
+    once, before any level."""
+    name, dtype, shape = await target.input_spec()
+    return Requests([target.request(name, batch)
+                     for batch in _input_batches(config, name, dtype, shape)])
+
+
 async def _timed(target: Target, requests: Requests, window: _Window, began: float) -> None:
     try:
         await target.call(requests.take())
@@ -549,9 +557,7 @@ async def run_bench(config: BenchConfig, security: Security = Security(),
     """Every level of `config` against a running server; `progress` sees each level as it ends.
     `ssl_context`: TLS for `--api http` (gRPC's comes from `security`)."""
     async with _open_target(config, security, ssl_context) as target:
-        name, dtype, shape = await target.input_spec()
-        requests = Requests([target.request(name, batch)
-                             for batch in _input_batches(config, name, dtype, shape)])
+        requests = await prepared_requests(target, config)
         try:
             target.check(await target.call(requests.payloads[0]), config.batch_size)
         except grpc.aio.AioRpcError as exc:

@@ -14,17 +14,13 @@ import numpy as np
 from snapserve.proto.adaptive import (AdaptiveCalibration, calibrate, members_evaluated,
                                      running_means)
 from snapserve.trainer.errors import ConfigError
-from snapserve.trainer.metrics import auroc, fit_temperature, temperature_scaled
+from snapserve.trainer.metrics import auroc, fit_temperature, nll, temperature_scaled
 
 __all__ = ["MIN_TEMPERATURE_ROWS", "adaptive_evaluation", "adaptive_markdown",
            "adaptive_split_report", "member_count_temperatures"]
 
 # A temperature fitted on fewer validation rows follows their noise: the version's own is kept.
 MIN_TEMPERATURE_ROWS = 30
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 def _scaled_by_count(means: np.ndarray, taken: np.ndarray, temperatures: Sequence[float]
@@ -73,14 +69,14 @@ def adaptive_split_report(member_probs: np.ndarray, labels: np.ndarray, order: t
         correct = np.argmax(mean, axis=-1) == labels
         entropy = -np.sum(mean * np.log(np.clip(mean, 1e-12, None)), axis=-1)
         report[f"accuracy_{kind}"] = float(correct.mean())
-        report[f"nll_{kind}"] = _nll(mean, labels)
+        report[f"nll_{kind}"] = nll(mean, labels)
         report[f"entropy_error_auroc_{kind}"] = auroc(entropy, ~correct)
     members = means.shape[1]
     fitted = list(temperatures or [])
     per_count = [temperature if t is None else t for t in fitted + [None] * (members - len(fitted))]
-    report["nll_full_served"] = _nll(temperature_scaled(means[:, -1], temperature), labels)
-    report["nll_adaptive_served"] = _nll(_scaled_by_count(means, taken, per_count), labels)
-    report["nll_adaptive_one_temperature"] = _nll(
+    report["nll_full_served"] = nll(temperature_scaled(means[:, -1], temperature), labels)
+    report["nll_adaptive_served"] = nll(_scaled_by_count(means, taken, per_count), labels)
+    report["nll_adaptive_one_temperature"] = nll(
         _scaled_by_count(means, taken, [temperature] * members), labels)
     return report
 
