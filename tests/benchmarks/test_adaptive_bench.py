@@ -57,6 +57,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "repo"
 
 
+@pytest.mark.scripts
 def test_the_script_measures_full_against_adaptive(repo: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "results.json"

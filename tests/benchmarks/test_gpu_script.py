@@ -41,7 +41,7 @@ def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.slow
+@pytest.mark.scripts
 def test_quick_dry_run_on_the_cpu_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = run_script("--device", "cpu", "--quick", "--out", str(out), "--work", str(tmp_path / "work"),

@@ -90,6 +90,7 @@ def test_significance_follows_the_t_interval_where_the_bootstrap_would_call_it()
     assert "**" not in close.split("|")[5]
 
 
+@pytest.mark.scripts
 def test_quick_compare_pairs_every_method_with_the_baselines(tmp_path: Path) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
