@@ -25,6 +25,11 @@ long, so that idle and half-sent connections cannot take the server's file descr
   that came in a flood of connections is admitted over the cap (by at most the lobby's size,
   with `LOOK_S` for its headers, for one answer); any other request is answered 503 once its
   headers are in (then a lingering close); a newcomer that sends no line in time is closed.
+- A lingering close, as nginx's: a request answered before its whole body was read (refused
+  on its headers: 401, 413, 429, a reserve place's 503) has the rest of its body read and
+  dropped after the answer, until it ends, no byte comes for `LINGER_GAP_S`, or `LINGER_S` in
+  all. A client that writes its whole body before it reads (http.client, requests) would
+  otherwise have its write reset by the close and never see the answer.
 - Accept errors (EMFILE: no file descriptor left) are logged once per interval with a count,
   not once per attempt (`quiet_accept_errors`).
 - No `Server:` banner naming aiohttp's and Python's versions: the listener's own name.
@@ -53,8 +58,8 @@ from typing import Any, Awaitable, Callable, Collection
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["EVICT_GRACE_S", "LOBBY_PER_RESERVED", "LOOK_S", "ListenerLimits", "BoundedServer",
-           "check_file_limit", "quiet_accept_errors"]
+__all__ = ["EVICT_GRACE_S", "LINGER_GAP_S", "LINGER_S", "LOBBY_PER_RESERVED", "LOOK_S",
+           "ListenerLimits", "BoundedServer", "check_file_limit", "quiet_accept_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,11 @@ EVICT_GRACE_S = 1.0
 LOOK_S = 0.25
 # Newcomers held for a look at once, per reserved place; a full lobby closes its oldest.
 LOBBY_PER_RESERVED = 4
+# A refused request's body still arriving after the answer is read and dropped while it keeps
+# coming (a gap this long ends it: a client waiting for the answer before it sends), for at most
+# LINGER_S in all (nginx's lingering_timeout and lingering_time: 5 s and 30 s).
+LINGER_GAP_S = 0.5
+LINGER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,16 @@ class _Connection(RequestHandler):
             self.bounded.timed_out += 1
             self.force_close()
 
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Write the answer, then, when the request's body was not read to its end, linger:
+        aiohttp's own lingering is off (`lingering_time=0`), since it waits out its whole time
+        for a client that sends nothing more, holding the place."""
+        answered = await super().finish_response(request, resp, start_time)
+        if not answered[1] and not request.content.is_eof():
+            await _linger(request.content, self._loop)
+        return answered
+
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -252,7 +272,8 @@ class BoundedServer(web.Server):
                  **kwargs: Any) -> None:
         kwargs.setdefault("max_line_size", MAX_HEAD_BYTES)
         kwargs.setdefault("max_field_size", MAX_HEAD_BYTES)
-        # A body nobody reads is not waited for: the connection closes after the answer.
+        # aiohttp's lingering close waits its whole time for a client that has stopped sending:
+        # off, for `_Connection.finish_response`'s, which stops at a gap.
         super().__init__(self._tracked, keepalive_timeout=limits.keepalive_timeout_s,
                          lingering_time=0, **kwargs)
         self._inner = handler
@@ -423,6 +444,19 @@ class BoundedServer(web.Server):
             if connection.over:
                 response.force_close()  # over the cap for one answer, not kept alive
         return response
+
+
+async def _linger(body: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Read and drop the rest of an answered request's `body` (aiohttp's StreamReader) until
+    it ends, no byte comes for `LINGER_GAP_S`, or `LINGER_S` have passed."""
+    deadline = loop.time() + LINGER_S
+    try:
+        while (left := deadline - loop.time()) > 0:
+            async with asyncio.timeout(min(LINGER_GAP_S, left)):
+                if not await body.readany():
+                    return  # its end
+    except Exception:  # noqa: BLE001 - quiet for a gap, gone, or the body's own error: done
+        return
 
 
 def _unread(transport: asyncio.BaseTransport) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import http.client
 import json
 import logging
 import zlib
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from snapserve.server import RunningServer
 from snapserve.server.config import HttpLimits, IntakeConfig
-from snapserve.server.listeners import LOOK_S
+from snapserve.server.listeners import LINGER_GAP_S, LOOK_S
 from tests.support.calls import digits_input
 from tests.support.servers import serving
 
@@ -374,6 +375,55 @@ async def test_auth_refuses_on_the_headers_before_a_body_byte(model_repo: Path,
         status, headers, _ = await answer(reader)
         assert status == 401 and headers["www-authenticate"] == "Bearer"
         assert await closed(reader, 2.0)  # the body is not drained: the connection ends
+
+
+def post_whole(port: int, body: bytes, **headers: str) -> tuple[int, bytes]:
+    """POST `body` as a client that writes it whole before it reads the answer (http.client,
+    and requests over it): a blocking call, for `asyncio.to_thread`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=READ_S)
+    try:
+        connection.request("POST", INFER, body=body, headers={
+            "Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+async def test_a_body_refused_on_its_headers_is_read_on_so_its_sender_gets_the_answer(
+        model_repo: Path, tmp_path: Path) -> None:
+    """Refused before its body was read (a missing token, a body over the server's limit), the
+    rest is read and dropped after the answer: closing with it unread would reset the client's
+    write, and a client that writes its whole body first would see a broken pipe, not why."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("sesame-sesame-sesame\n")
+    async with serving(model_repo, http_port=0, security={"auth_token_file": tokens},
+                       max_message_bytes=2**20) as running:
+        port = running.http_port
+        for _ in range(3):
+            status, body = await asyncio.to_thread(post_whole, port, b"0" * 8_000_000)
+            assert status == 401 and b"token" in body, body
+            status, body = await asyncio.to_thread(post_whole, port, b"0" * 8_000_000,
+                                                   Authorization="Bearer sesame-sesame-sesame")
+            assert status == 413 and b"larger than this server's limit" in body, body
+        # A client that waits for the answer before it sends is not waited for long.
+        started = asyncio.get_running_loop().time()
+        reader, _ = await raw(port, head(length=50_000_000))
+        assert (await answer(reader))[0] == 401
+        assert await closed(reader, 2.0)
+        assert asyncio.get_running_loop().time() - started < LINGER_GAP_S + 1.0
+        await healthy(port)
+
+
+async def test_a_body_refused_on_a_reserve_place_is_read_on(limited: RunningServer) -> None:
+    port = limited.http_port
+    busy = [await raw(port, head(length=1000) + b"{") for _ in range(4)]  # every full place
+    await asyncio.sleep(0.1)
+    status, body = await asyncio.to_thread(post_whole, port, b"0" * 4_000_000)
+    assert status == 503 and b"http_max_connections" in body, body
+    for _, w in busy:
+        w.close()
+    await healthy(port)
 
 
 async def test_compressed_bodies_are_bounded_while_they_inflate(model_repo: Path) -> None:
