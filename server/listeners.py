@@ -491,9 +491,12 @@ def _peek(transport: asyncio.BaseTransport, size: int) -> bytes:
 def _raw_answer(response: web.Response, server_name: str) -> bytes:
     """`response` as bytes on the wire, for a connection that has no request handler."""
     body = response.body if isinstance(response.body, bytes) else b""
+    extra = "".join(f"{name}: {response.headers[name]}\r\n" for name in ("Retry-After",)
+                    if name in response.headers)
     head = (f"HTTP/1.1 {response.status} {response.reason}\r\n"
             f"Content-Type: {response.headers.get('Content-Type', 'text/plain')}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: {server_name}\r\n\r\n")
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n"
+            f"Server: {server_name}\r\n\r\n")
     return head.encode("latin-1") + body
 
 

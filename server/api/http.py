@@ -75,10 +75,20 @@ def _json(obj: object) -> web.Response:
     return web.Response(body=orjson.dumps(obj), content_type=JSON_TYPE)
 
 
+# Queue full or server-wide bound (429), shutting down, not ready, at the connection limit (503).
+RETRY_LATER = frozenset({HTTP_STATUS[grpc.StatusCode.RESOURCE_EXHAUSTED],
+                         HTTP_STATUS[grpc.StatusCode.UNAVAILABLE]})
+RETRY_AFTER_S = "1"
+
+
 def _error(status: int, message: str) -> web.Response:
     response = web.Response(body=error_body(message), status=status, content_type=JSON_TYPE)
     if status == HTTP_STATUS[grpc.StatusCode.UNAUTHENTICATED]:
         response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which scheme to use
+    elif status in RETRY_LATER:
+        # RFC 9110: when to come back. Overload and a drain pass within about a second; a client
+        # that honours it (urllib3's Retry, many gateways) backs off instead of retrying at once.
+        response.headers["Retry-After"] = RETRY_AFTER_S
     return response
 
 

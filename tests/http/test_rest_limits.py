@@ -121,8 +121,9 @@ async def test_at_the_cap_health_gets_in_and_idle_connections_make_room(limited:
     reader, _ = await raw(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await answer(reader))[0] == 200
     reader, _ = await raw(port, head(length=len(infer_body())) + infer_body())
-    status, _, body = await answer(reader)
+    status, headers, body = await answer(reader)
     assert status == 503 and b"http_max_connections" in body
+    assert headers["retry-after"] == "1"  # RFC 9110: when to come back
     for r, w in busy:
         w.close()
     await asyncio.sleep(0.1)
@@ -277,8 +278,8 @@ async def test_a_request_answered_503_from_the_lobby_is_read_on_not_reset(
     port, server = patient.http_port, patient.http.server
     places = [await raw(port, b"") for _ in range(3)]  # every place young: none to close
     reader, writer = await raw(port, head(length=1000) + b"{")
-    status, _, body = await answer(reader)
-    assert status == 503 and b"http_max_connections" in body
+    status, headers, body = await answer(reader)
+    assert status == 503 and b"http_max_connections" in body and headers["retry-after"] == "1"
     for _ in range(3):  # the body goes on after the answer
         writer.write(b"0" * 100)
         await writer.drain()
@@ -374,6 +375,7 @@ async def test_auth_refuses_on_the_headers_before_a_body_byte(model_repo: Path,
         reader, _ = await raw(running.http_port, head(length=50_000_000))  # no body byte sent
         status, headers, _ = await answer(reader)
         assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert "retry-after" not in headers  # a token, not time, is what it lacks
         assert await closed(reader, 2.0)  # the body is not drained: the connection ends
 
 
@@ -472,8 +474,8 @@ async def test_bodies_are_held_to_the_model_and_the_pending_bound(model_repo: Pa
         first = await raw(port, head(length=40_000) + b"{")
         await asyncio.sleep(0.1)
         second, writer = await raw(port, head(length=40_000) + b"{")
-        status, _, body = await answer(second)
-        assert status == 429 and b"max_pending_bytes" in body
+        status, headers, body = await answer(second)
+        assert status == 429 and b"max_pending_bytes" in body and headers["retry-after"] == "1"
         assert running.intake.bytes == 40_000
         first[1].close()
         await healthy(port)
