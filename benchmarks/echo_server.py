@@ -21,7 +21,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.scores import SCORES
 from snapserve.proto.tensors import NUMPY_TO_DTYPE, NUMPY_TO_KSERVE, to_tensor
 
-__all__ = ["canned_kserve_response", "canned_response", "serve"]
+__all__ = ["canned_kserve_metadata", "canned_kserve_response", "canned_response", "serve"]
 
 logger = logging.getLogger("benchmarks.echo_server")
 
@@ -57,7 +57,7 @@ def _metadata(shape: list[int]) -> bytes:
         name="input", dtype=NUMPY_TO_DTYPE[np.dtype(np.float32)], shape=shape)).SerializeToString()
 
 
-def _kserve_metadata(shape: list[int]) -> bytes:
+def canned_kserve_metadata(shape: list[int]) -> bytes:
     return kpb.ModelMetadataResponse(name="echo", versions=["1"], platform="echo", inputs=[
         kpb.ModelMetadataResponse.TensorMetadata(name="input", datatype="FP32", shape=shape)]
     ).SerializeToString()
@@ -65,7 +65,7 @@ def _kserve_metadata(shape: list[int]) -> bytes:
 
 async def serve(port: int, classes: int, members: int, shape: list[int], delay_s: float = 0.0) -> None:
     answer, metadata = canned_response(classes, members), _metadata(shape)
-    kserve_answer, kserve_metadata = canned_kserve_response(classes, members), _kserve_metadata(shape)
+    kserve_answer, kserve_metadata = canned_kserve_response(classes, members), canned_kserve_metadata(shape)
 
     async def predict(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if delay_s:  # stands in for compute, off the event loop as the real server's is
