@@ -18,7 +18,8 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
   ONNX Runtime's intra-op threads split one small batch; it is kept when its largest group's
   CPU time, against one thread's for every member, clears the same margin, the model is heavy
   enough that a thread hop is small beside it (SPREAD_MIN_S), and that predicted gain passes
-  the intra-op lead's measured one by PLAN_MARGIN (the prediction runs high);
+  the intra-op lead's measured one by PLAN_MARGIN (the prediction runs high); where it clears
+  the margin and not intra-op's gain, the lead is intra-op's;
 - a single single-thread instance computes a lone request *on the event loop* when its largest
   batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
   the loop woken, the GIL handed over twice) then costs more than the run. Batches of more
@@ -227,14 +228,16 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     lead, spread = 0, False  # only when both are auto: N instances asked for are N instances
     if instances == AUTO and intra_op_threads == AUTO and cores > 1 and lone_seconds is not None:
         one, every = lone_seconds
+        splits = False  # the members' CPU times say a lone example splits over the cores
         if spread_seconds is not None:
             alone, largest = spread_seconds
+            splits = alone >= SPREAD_MIN_S and clearly_better(alone, largest, LEAD_MARGIN)
             # The prediction runs high (each group timed alone; run at once they share the
             # caches and memory, and the helpers' hops add up): it must beat intra-op's measured
-            # gain, the simpler lead (one session), by the plan's margin too.
-            spread = (alone >= SPREAD_MIN_S and clearly_better(alone, largest, LEAD_MARGIN)
-                      and clearly_better(every / one, largest / alone))
-        if spread or clearly_better(one, every, LEAD_MARGIN):
+            # gain, the simpler lead (one session), by the plan's margin too. Where it does not,
+            # the parallelism it shows is intra-op's to take.
+            spread = splits and clearly_better(every / one, largest / alone)
+        if splits or clearly_better(one, every, LEAD_MARGIN):
             lead = cores
         if spread_seconds is None:
             reasons.append(f"{'a' if lead else 'no'} lead instance of {cores} threads (a lone "
@@ -248,9 +251,9 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
                 f"{1e3 * one:.2f} ms on 1 thread, {1e3 * every:.2f} ms on {cores} intra-op "
                 f"threads; {1e3 * alone:.2f} ms of CPU on 1 thread against {1e3 * largest:.2f} ms "
                 f"for the largest of {cores} groups of members, {alone / largest:.2f} x; kept "
-                f"when over {1 + LEAD_MARGIN:.2f} x faster, the members spread from "
+                f"when either is over {1 + LEAD_MARGIN:.2f} x faster, the members spread from "
                 f"{1e3 * SPREAD_MIN_S:.0f} ms and when over {1 + PLAN_MARGIN:.2f} x intra-op's "
-                "gain)")
+                "gain, else intra-op)")
     on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
                and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
     if on_loop:

@@ -125,7 +125,8 @@ def test_a_heavy_ensemble_serves_a_lone_request_with_its_members_spread(tmp_path
     (4.0, 2.4, 1.2, True, True),     # 1.67x, over 1.25 x intra-op's gain: the members spread
     (4.0, 2.4, 1.8, False, True),    # intra-op measured better: its lead
     (4.0, 2.2, 1.6, False, True),    # 1.82x predicted, not 1.25 x intra-op's 1.6x: intra-op
-    (4.0, 2.6, 1.3, False, False),   # 1.54x, not 1.25 x intra-op's 1.3x, which is no lead
+    (4.0, 2.4, 1.5, False, True),    # 1.67x, not 1.25 x intra-op's 1.5x: a lead, intra-op's
+    (4.0, 2.9, 1.3, False, False),   # 1.38x and 1.3x: neither over the lead's margin
     (4.0, 3.0, 1.2, False, False),   # 1.33x: under the margin, and intra-op too
     (0.6, 0.3, 1.0, False, False),   # 2x, but too cheap for a thread hop to be small beside it
 ])
