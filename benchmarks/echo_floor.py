@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.echo_server import canned_kserve_metadata, canned_kserve_response
-from benchmarks.serve import _measured_level, _process
+from benchmarks.serve import _measured_level, _process, _span
 
 __all__ = ["build_cxx_echo", "main", "run"]
 
@@ -93,12 +93,6 @@ def run(levels: Sequence[int], duration: float, warmup: float, repeats: int,
         report["levels"][c] = runs
     report["load_average_after"] = os.getloadavg()
     return report
-
-
-def _span(values: Sequence[float], form: str) -> str:
-    """Each repeat's value, lowest to highest ("4,100-4,300"), or the one value."""
-    shown = [format(v, form) for v in sorted(values)]
-    return shown[0] if shown[0] == shown[-1] else f"{shown[0]}-{shown[-1]}"
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -271,6 +271,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def _span(values: Sequence[float], form: str = ".2f") -> str:
+    """Runs of one measurement, lowest to highest ("4,100-4,300"), or the one value."""
+    low, high = format(min(values), form), format(max(values), form)
+    return low if low == high else f"{low}-{high}"
+
+
 API_LABELS = {"kserve": "KServe v2 gRPC (ModelInfer)", "http_json": "KServe v2 REST, JSON tensors",
               "http_binary": "KServe v2 REST, binary tensors"}
 

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
 from benchmarks.serve import (_CLK_TCK, RESULTS, _bench, _echo, _fmt, _free_port, _process,
-                              replace_section, stop_process)
+                              _span, replace_section, stop_process)
 
 __all__ = ["TritonSetting", "best_setting", "main", "sweep_settings"]
 
@@ -405,12 +405,6 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def _span(values: Sequence[float], digits: int = 2) -> str:
-    low, high = min(values), max(values)
-    return f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" \
-        else f"{low:.{digits}f}-{high:.{digits}f}"
-
-
 def _sweep_lines(report: dict[str, Any], levels: Sequence[int], head: str) -> list[str]:
     sweep = report["sweep"]
     keys = {s["key"]: s for s in sweep["settings"]}
@@ -471,8 +465,8 @@ def _verdicts(report: dict[str, Any], levels: Sequence[int]) -> list[str]:
         snap = [r["models"][DIGITS]["snapserve"][-1]["server_cpu_ms_per_request"] for r in runs]
         peer = [r["models"][DIGITS]["triton"][-1]["server_cpu_ms_per_request"] for r in runs]
         echo = report["echo_c32"]["server_cpu_ms_per_request"]
-        lines.append(f"- digits server CPU per request at c={levels[-1]}: snapserve {_span(snap, 3)} "
-                     f"ms, tuned Triton {_span(peer, 3)} ms (target <= Triton's: "
+        lines.append(f"- digits server CPU per request at c={levels[-1]}: snapserve {_span(snap, ".3f")} "
+                     f"ms, tuned Triton {_span(peer, ".3f")} ms (target <= Triton's: "
                      f"{_verdict(all(s <= t for s, t in zip(snap, peer)))}); the echo server "
                      f"{echo:.3f} ms (issue 12's target <= 1.5x the echo: "
                      f"{_verdict(max(snap) <= 1.5 * echo)})")

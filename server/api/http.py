@@ -149,7 +149,7 @@ class HttpFrontEnd:
         except Exception as exc:
             response = _error(*describe_http_error(exc))
         if not request.content.is_eof():
-            response.force_close()  # the rest of a body refused is not read: the answer ends it
+            response.force_close()  # a refused body is read on and dropped: the answer ends it
         if self._drain.draining:
             response.force_close()  # no keep-alive: the client's next call goes elsewhere
         response.headers["Server"] = SERVER_NAME  # not aiohttp's and Python's versions

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from benchmarks.echo_floor import _answers, _span, build_cxx_echo, format_report
+from benchmarks.echo_floor import _answers, build_cxx_echo, format_report
+from benchmarks.serve import _span
 from benchmarks.echo_server import canned_kserve_response
 from benchmarks.serve import _process
 from snapserve.proto.inference import grpc_service_pb2 as kpb
