@@ -24,9 +24,10 @@ from snapserve.server.api.health import HealthServicer
 from snapserve.server.api.http import HttpFrontEnd
 from snapserve.server.api.intake import Intake, add_servicer
 from snapserve.server.api.kserve import KServeServicer
+from snapserve.server.api.cpp import CppFrontEnd
 from snapserve.server.api.reflection import enable_reflection
 from snapserve.server.api.security import (TokenAuthInterceptor, read_tokens, server_credentials,
-                                           server_ssl_context)
+                                           server_ssl_context, tls_pem)
 from snapserve.server.api.service import EnsembleServicer
 from snapserve.server.api.shutdown import Drain
 from snapserve.server.config import ServerConfig, format_address
@@ -47,6 +48,7 @@ SERVICES = [pb.DESCRIPTOR.services_by_name["EnsembleService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"]]
 # Health service names that follow the server's overall status "" (see api/health.py).
 HEALTH_SERVICE_NAMES = ("", "snapserve.v1.EnsembleService", "inference.GRPCInferenceService")
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RunningServer:
     intake: Intake = field(default_factory=Intake)  # admission bound and decode threads
     http: HttpFrontEnd | None = None  # the KServe v2 REST front end, when http_port is set
     http_port: int | None = None
+    cpp: CppFrontEnd | None = None  # the C++ gRPC front end, when cpp_grpc_port is set
+    cpp_port: int | None = None
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -112,6 +116,8 @@ class RunningServer:
         stopping = [self.server.stop(remaining)]
         if self.http is not None:
             stopping.append(self.http.stop(remaining))
+        if self.cpp is not None:
+            stopping.append(self.cpp.stop(remaining))
         await asyncio.gather(*stopping)
         await asyncio.gather(batchers, return_exceptions=True)  # cancelled ones included
         logger.info("refused %d calls while draining", self.drain.refused)
@@ -186,7 +192,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     logger.info("device %s: execution providers %s", config.runtime.device,
                 [p if isinstance(p, str) else p[0] for p in providers])
     # Certificates and tokens are read once, now: a bad file stops the start, not a later call.
-    credentials = server_credentials(config.security)
+    pem = tls_pem(config.security)
+    credentials = server_credentials(pem)
     # Drain first: while stopping, every call is refused before anything else looks at it.
     drain = Drain()
     interceptors: list[grpc.aio.ServerInterceptor] = [drain]
@@ -207,20 +214,24 @@ async def start_server(config: ServerConfig) -> RunningServer:
                            config.batcher, registry, lifecycle_events(health, metrics))
     check_file_limit(_connection_caps(config))
     quiet_accept_errors(asyncio.get_running_loop())  # for the loop's life: it passes on the rest
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    grpc_options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ("grpc.so_reuseport", int(config.reuse_port)),
         *config.connections.grpc_options(),
-    ])
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options)
     # Raw-bytes handlers: our code parses each request (api/intake.py), within one bound.
     intake = Intake(config.intake)
-    add_servicer(EnsembleServicer(registry, config.stream_window, metrics, intake),
-                 SERVICES[0], server, intake)
+    handlers = add_servicer(EnsembleServicer(registry, config.stream_window, metrics, intake),
+                            SERVICES[0], server, intake)
     kserve = KServeServicer(manager, health, metrics, config.stream_window, intake)
-    add_servicer(kserve, SERVICES[1], server, intake)
+    handlers |= add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(
+        health.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
     enable_reflection(server, SERVICES)
     try:
         port = (server.add_insecure_port(config.address) if credentials is None
@@ -236,6 +247,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
                             intake=intake)
     try:
         await server.start()
+        if config.cpp_grpc_port is not None:
+            running.cpp = CppFrontEnd(handlers, drain, auth, running.address)
+            running.cpp_port = running.cpp.start(
+                format_address(config.host, config.cpp_grpc_port), grpc_options,
+                config.intake.max_pending_calls, *(pem or ()))
+            logger.info("C++ front end serving unary gRPC on %s",
+                        format_address(config.host, running.cpp_port))
         if config.http_port is not None:
             http = running.http = HttpFrontEnd(kserve.core, drain, auth,
                                                config.max_message_bytes, config.http)

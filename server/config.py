@@ -552,6 +552,13 @@ class ServerConfig(ConfigModel):
                                                         "Triton's binary tensors) on this port of "
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
+    # Off by default: it needs a C++ compiler and libgrpc++ on the machine (built on first use)
+    # and serves unary methods only (server/api/cpp.py).
+    cpp_grpc_port: Port | None = setting(None, "also serve the unary gRPC methods (inference, "
+                                                  "metadata, health checks) on this port of "
+                                                  "host through the C++ front end, with "
+                                                  "the same TLS and tokens; off: not served; 0 "
+                                                  "picks a free port", flat=OffOrPort)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     batcher: BatcherConfig = Field(default_factory=BatcherConfig)
     # More lets a stream fill batches by itself; bounds the memory one stream may hold.
@@ -605,6 +612,10 @@ class ServerConfig(ConfigModel):
         if self.http_port and self.http_port in (self.port, self.metrics_port):
             which = "gRPC" if self.http_port == self.port else "metrics"
             raise ValueError(f"http_port {self.http_port} is the {which} port; pick another")
+        if self.cpp_grpc_port and self.cpp_grpc_port in (self.port, self.metrics_port,
+                                                               self.http_port):
+            raise ValueError(f"cpp_grpc_port {self.cpp_grpc_port} is taken by another of "
+                             "the server's ports; pick another")
         return self
 
     @property

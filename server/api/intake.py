@@ -193,13 +193,15 @@ def _method_handler(servicer: object, method: MethodDescriptor,
 
 
 def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server,
-                 intake: Intake) -> None:
+                 intake: Intake) -> dict[str, grpc.RpcMethodHandler]:
     """Register every method of `service` on `server` as a raw-bytes handler calling `servicer`
-    (what the generated add_*_to_server does, with our parsing in place of gRPC's)."""
+    (what the generated add_*_to_server does, with our parsing in place of gRPC's); the
+    handlers, by full method path (/service/method), for the native front end."""
     handlers = {m.name: _method_handler(servicer, m, intake) for m in service.methods}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+    return {f"/{service.full_name}/{name}": handler for name, handler in handlers.items()}
 
 
 def grow(ticket: Ticket, nbytes: int) -> None:

@@ -30,7 +30,7 @@ from snapserve.server.errors import ConfigError, Unauthenticated
 from snapserve.server.observability.request_context import loggable
 
 __all__ = ["OPEN_METHOD_PREFIXES", "SecurityConfig", "TokenAuthInterceptor", "read_tokens",
-           "refusing_handler", "server_credentials", "server_ssl_context"]
+           "refusing_handler", "server_credentials", "server_ssl_context", "tls_pem"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def _read(path: Path, field: str) -> bytes:
         raise ConfigError(f"{field} {str(path)!r} cannot be read: {exc.strerror}") from exc
 
 
-def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials for the listening port; None when TLS is off. Files are read once, here."""
+def tls_pem(config: SecurityConfig) -> tuple[bytes, bytes, bytes | None] | None:
+    """The listening ports' TLS as PEM bytes: (certificate chain, key, client CA or None); None
+    when TLS is off. Files are read and checked once, here."""
     if config.tls_cert is None or config.tls_key is None:
         return None
     cert, key = _read(config.tls_cert, "tls_cert"), _read(config.tls_key, "tls_key")
@@ -72,6 +73,15 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
         client_ca = _read(config.tls_client_ca, "tls_client_ca")
         if b"CERTIFICATE-----" not in client_ca:
             raise ConfigError(f"tls_client_ca {str(config.tls_client_ca)!r} holds no PEM certificate")
+    return cert, key, client_ca
+
+
+def server_credentials(pem: tuple[bytes, bytes, bytes | None] | None
+                       ) -> grpc.ServerCredentials | None:
+    """gRPC's TLS credentials for `tls_pem`'s answer; None when TLS is off."""
+    if pem is None:
+        return None
+    cert, key, client_ca = pem
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 

@@ -1,0 +1,175 @@
+"""The C++ gRPC front end (`cpp_grpc_port`): the server's unary gRPC methods served through
+gRPC's C++ library (server/cpp/frontend.cc) instead of grpc.aio, on a port of their own.
+
+The C++ side owns the port and reads each call's bytes on gRPC's threads; the event loop is
+woken once per group of calls (an eventfd it watches), takes them all and runs each through
+the same method handlers the grpc.aio server registers (api/intake.py `method_handlers`), with
+the same drain, tokens, intake bound, request ids, status table and metrics. What grpc.aio
+did on the loop for every call (accepting calls one at a time, its poller thread's hand-over,
+a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
+
+Served here: every unary method of snapserve.v1.EnsembleService and inference.
+GRPCInferenceService, and grpc.health.v1.Health/Check. Not served (UNIMPLEMENTED, naming the
+grpc.aio port): the streaming methods (PredictStream, ModelStreamInfer, Health/Watch) and
+reflection. A call the client cancels is still computed; its answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Mapping, Sequence
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from snapserve.server.api.security import (OPEN_METHOD_PREFIXES, UNAUTHENTICATED_MESSAGE,
+                                           TokenAuthInterceptor)
+from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN, OPEN_WHILE_DRAINING, Drain
+from snapserve.server.cpp.binding import CppServer, metadata_pairs
+
+__all__ = ["CppContext", "CppFrontEnd"]
+
+logger = logging.getLogger(__name__)
+
+
+class CppContext:
+    """What the method handlers ask of a call's context (grpc.aio.ServicerContext's subset
+    they use), for a call of the C++ front end."""
+
+    __slots__ = ("_metadata", "_deadline", "_trailer", "code", "details")
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
+        self._metadata = metadata
+        self._deadline = None if timeout < 0 else time.monotonic() + timeout
+        self._trailer: Sequence[tuple[str, str]] = ()
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._trailer = metadata
+
+    def trailer(self) -> bytes:
+        return b"".join(f"{k}\0{v}\0".encode("ascii", "replace") for k, v in self._trailer
+                        if isinstance(v, str))
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.code, self.details = code, details
+        raise grpc.aio.AbortError()
+
+
+class CppFrontEnd:
+    """The C++ front end's calls, dispatched on the event loop."""
+
+    def __init__(self, handlers: Mapping[str, grpc.RpcMethodHandler], drain: Drain,
+                 auth: TokenAuthInterceptor | None, aio_address: str) -> None:
+        self._handlers = dict(handlers)
+        self._drain = drain
+        self._auth = auth
+        self._aio_address = aio_address
+        self._server: CppServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self.port: int | None = None
+
+    def start(self, address: str, channel_args: Sequence[tuple[str, int]], max_queued: int,
+              cert_pem: bytes | None = None, key_pem: bytes | None = None,
+              client_ca_pem: bytes | None = None) -> int:
+        """Bind and serve; the bound port."""
+        self._server = CppServer(address, channel_args, max_queued, cert_pem, key_pem,
+                                 client_ca_pem)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._server.wake_fd, self._take)
+        self.port = self._server.port
+        return self.port
+
+    def _take(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        for call_id, method, data, metadata, timeout in server.take():
+            task = asyncio.ensure_future(self._serve(call_id, method, data, metadata, timeout))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _serve(self, call_id: int, method: str, data: bytes, raw_metadata: bytes,
+                     timeout: float) -> None:
+        server = self._server
+        assert server is not None
+        context = CppContext(metadata_pairs(raw_metadata), timeout)
+        # Every call is answered exactly once, whatever happens (the C++ side holds it until).
+        try:
+            handler = self._admit(method, context)
+            request = (data if handler.request_deserializer is None
+                       else handler.request_deserializer(data))
+            answer = handler.response_serializer(await handler.unary_unary(request, context))
+            server.answer(call_id, answer, context.trailer())
+        except grpc.aio.AbortError:
+            server.fail(call_id, context.code.value[0], context.details, context.trailer())
+        except DecodeError as exc:  # a method gRPC would parse for us (the health check)
+            server.fail(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        f"the request is not a valid protobuf message for {method[:200]!r} ({exc})")
+        except asyncio.CancelledError:
+            server.fail(call_id, grpc.StatusCode.UNAVAILABLE.value[0], SHUTTING_DOWN)
+            raise
+        except Exception:
+            logger.exception("C++ front end: %s failed", method)
+            server.fail(call_id, grpc.StatusCode.INTERNAL.value[0],
+                        "internal error (logged by the server)")
+
+    def _admit(self, method: str, context: CppContext) -> grpc.RpcMethodHandler:
+        """The call's handler; or the status it gets instead, raised as context.abort raises it,
+        asked in the order of the grpc.aio server's interceptors (drain, then tokens)."""
+        handler = self._handlers.get(method)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            what = "a stream" if handler is not None else "not a method of this server"
+            context.code = grpc.StatusCode.UNIMPLEMENTED
+            context.details = (f"{method[:200]!r} is {what}: the C++ front end serves unary "
+                               "inference, metadata and health checks; streams and reflection "
+                               f"are served on the gRPC port {self._aio_address}")
+            raise grpc.aio.AbortError()
+        if not method.startswith(OPEN_WHILE_DRAINING) and not self._drain.admit():
+            context.code, context.details = grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN
+            raise grpc.aio.AbortError()
+        if (self._auth is not None and not method.startswith(OPEN_METHOD_PREFIXES)
+                and not self._auth.authorized(context.invocation_metadata())):
+            self._auth.refused += 1
+            context.code = grpc.StatusCode.UNAUTHENTICATED
+            context.details = UNAUTHENTICATED_MESSAGE
+            raise grpc.aio.AbortError()
+        return handler
+
+    @property
+    def refused(self) -> tuple[int, int]:
+        """Calls the C++ side refused: (its queue full, closed)."""
+        return (0, 0) if self._server is None else self._server.refused()
+
+    async def stop(self, grace: float | None) -> None:
+        """New calls get UNAVAILABLE; the calls in flight get `grace` seconds (None: no bound),
+        then are cancelled (UNAVAILABLE); the port closes."""
+        server = self._server
+        if server is None:
+            return
+        server.close()
+        refused = server.refused()
+        self._take()  # what was queued before the close runs too
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=grace)
+        for task in list(self._calls):
+            task.cancel()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+        assert self._loop is not None
+        self._loop.remove_reader(server.wake_fd)
+        self._server = None
+        await asyncio.to_thread(server.stop, 0.5)
+        logger.info("C++ front end stopped (refused so far: %d with its queue full, %d "
+                    "while closing)", *refused)
+

@@ -1,0 +1,207 @@
+"""The C++ front end's library (frontend.cc): built on first use, loaded with ctypes.
+
+`library()` compiles frontend.cc against the system's gRPC C++ library (pkg-config `grpc++`;
+Debian/Ubuntu: `apt-get install g++ libgrpc++-dev pkg-config`) into a cache folder keyed by the
+source's hash, once per machine, and loads it. `CppServer` wraps one running server; every
+method but `stop` runs on the event loop's thread and returns at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from snapserve.server.errors import ConfigError
+
+__all__ = ["CPP_DIR_ENV", "CallView", "CppServer", "library"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("frontend.cc")
+# Where the compiled library is kept (default: ~/.cache/snapserve/cpp).
+CPP_DIR_ENV = "SNAPSERVE_CPP_DIR"
+BUILD_TIMEOUT_S = 300
+INSTALL_HINT = ("the C++ front end needs a C++ compiler and gRPC's C++ library "
+                "(Debian/Ubuntu: apt-get install g++ libgrpc++-dev pkg-config)")
+
+
+class CallView(ctypes.Structure):
+    """One queued call as frontend.cc's CallView lays it out."""
+
+    _fields_ = [("id", ctypes.c_uint64),
+                ("method", ctypes.c_void_p), ("method_len", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("data_len", ctypes.c_int64),
+                ("metadata", ctypes.c_void_p), ("metadata_len", ctypes.c_int64),
+                ("timeout", ctypes.c_double)]
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get(CPP_DIR_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "snapserve" / "cpp"
+
+
+def _compile(target: Path) -> None:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    pkg_config = shutil.which("pkg-config")
+    if compiler is None or pkg_config is None:
+        raise ConfigError(f"{INSTALL_HINT}: no {'g++' if compiler is None else 'pkg-config'} "
+                          "on PATH")
+    flags = subprocess.run([pkg_config, "--cflags", "--libs", "grpc++"], capture_output=True,
+                           text=True, timeout=30)
+    if flags.returncode != 0:
+        raise ConfigError(f"{INSTALL_HINT}: pkg-config finds no grpc++ "
+                          f"({flags.stderr.strip()[:200]})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: a concurrent start never loads half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o",
+                   str(built), *flags.stdout.split()]
+        logger.info("building the C++ front end (once per machine): %s", " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise ConfigError(f"building the C++ front end failed ({INSTALL_HINT}):\n"
+                              f"{result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library, compiled first if this source was never built here."""
+    global _library
+    with _lock:
+        if _library is None:
+            digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+            target = _cache_dir() / f"libsnapfront-{digest}.so"
+            if not target.exists():
+                _compile(target)
+            # PyDLL: the calls keep the GIL. Each returns in microseconds, and a call that
+            # let the GIL go would hand it to the inference thread and wait to get it back.
+            # Only snapfront_stop blocks; it goes through a CDLL handle, which lets it go.
+            _library = _declare(ctypes.PyDLL(str(target)))
+            _library.blocking_stop = ctypes.CDLL(str(target)).snapfront_stop
+            _library.blocking_stop.restype = None
+            _library.blocking_stop.argtypes = [ctypes.c_void_p, ctypes.c_double]
+        return _library
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    c = ctypes
+    lib.snapfront_start.restype = c.c_void_p
+    lib.snapfront_start.argtypes = [c.c_char_p, c.c_char_p, c.c_int64, c.c_int64, c.c_char_p,
+                                    c.c_char_p, c.c_char_p, c.POINTER(c.c_int), c.c_char_p,
+                                    c.c_int64]
+    lib.snapfront_wake_fd.restype = c.c_int
+    lib.snapfront_wake_fd.argtypes = [c.c_void_p]
+    lib.snapfront_take.restype = c.c_int
+    lib.snapfront_take.argtypes = [c.c_void_p, c.POINTER(CallView), c.c_int]
+    lib.snapfront_answer.restype = c.c_int
+    lib.snapfront_answer.argtypes = [c.c_void_p, c.c_uint64, c.c_int, c.c_char_p, c.c_int64,
+                                     c.c_char_p, c.c_char_p, c.c_int64]
+    lib.snapfront_close.restype = None
+    lib.snapfront_close.argtypes = [c.c_void_p]
+    lib.snapfront_pending.restype = c.c_int64
+    lib.snapfront_pending.argtypes = [c.c_void_p]
+    lib.snapfront_refused.restype = c.c_uint64
+    lib.snapfront_refused.argtypes = [c.c_void_p, c.c_int]
+    return lib
+
+
+def _pairs(items: Iterable[tuple[str, str]]) -> bytes:
+    """key \\0 value \\0 ..., the C side's form of metadata and channel arguments."""
+    return b"".join(f"{k}\0{v}\0".encode("ascii") for k, v in items)
+
+
+class CppServer:
+    """One running C++ front end."""
+
+    def __init__(self, address: str, channel_args: Sequence[tuple[str, int]], max_queued: int,
+                 cert_pem: bytes | None = None, key_pem: bytes | None = None,
+                 client_ca_pem: bytes | None = None, take_at_once: int = 256) -> None:
+        self._lib = lib = library()
+        args = _pairs((name, str(int(value))) for name, value in channel_args)
+        port = ctypes.c_int(0)
+        error = ctypes.create_string_buffer(512)
+        handle = lib.snapfront_start(address.encode(), args, len(args), max_queued, cert_pem,
+                                     key_pem, client_ca_pem, ctypes.byref(port), error,
+                                     len(error))
+        if not handle:
+            raise ConfigError(error.value.decode(errors="replace"))
+        self._handle: int | None = handle
+        self.port = port.value
+        self._views = (CallView * take_at_once)()
+        self._take_at_once = take_at_once
+
+    @property
+    def wake_fd(self) -> int:
+        return self._lib.snapfront_wake_fd(self._handle)
+
+    def take(self) -> list[tuple[int, str, bytes, bytes, float]]:
+        """The calls queued so far: (id, method, request bytes, metadata pairs, timeout s, <0
+        for none), each to be answered once."""
+        if self._handle is None:
+            return []
+        views = self._views
+        count = self._lib.snapfront_take(self._handle, views, self._take_at_once)
+        at = ctypes.string_at
+        return [(v.id, at(v.method, v.method_len).decode("ascii", "replace"),
+                 at(v.data, v.data_len), at(v.metadata, v.metadata_len), v.timeout)
+                for v in views[:count]]
+
+    def answer(self, call_id: int, data: bytes, trailer: bytes = b"") -> None:
+        if self._handle is not None:
+            self._lib.snapfront_answer(self._handle, call_id, 0, data, len(data), None, trailer,
+                                       len(trailer))
+
+    def fail(self, call_id: int, code: int, message: str, trailer: bytes = b"") -> None:
+        if self._handle is not None:
+            self._lib.snapfront_answer(self._handle, call_id, code, None, 0,
+                                       message.encode("utf-8", "replace"), trailer, len(trailer))
+
+    def close(self) -> None:
+        """New calls get UNAVAILABLE from now on; queued ones are still taken."""
+        if self._handle is not None:
+            self._lib.snapfront_close(self._handle)
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._handle is None else self._lib.snapfront_pending(self._handle)
+
+    def refused(self) -> tuple[int, int]:
+        """Calls refused so far: (queue full, closed)."""
+        if self._handle is None:
+            return 0, 0
+        return (self._lib.snapfront_refused(self._handle, 0),
+                self._lib.snapfront_refused(self._handle, 1))
+
+    def stop(self, grace: float) -> None:
+        """Unanswered calls get UNAVAILABLE; gRPC stops. Blocks: run it off the event loop
+        (after the loop stops taking calls: `detach` first)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._lib.blocking_stop(handle, grace)
+
+    def detach(self) -> int | None:
+        """The handle, and this object no longer uses it (every later call is a no-op)."""
+        handle, self._handle = self._handle, None
+        return handle
+
+
+def metadata_pairs(raw: bytes) -> tuple[tuple[str, str], ...]:
+    """The C side's `key \\0 value \\0 ...` as grpc.aio's invocation metadata."""
+    if not raw:
+        return ()
+    parts = raw.decode("latin-1").split("\0")
+    return tuple(zip(parts[0:-1:2], parts[1:-1:2]))

@@ -1,0 +1,390 @@
+// The C++ gRPC front end: gRPC's C++ callback server owns a port, reads each unary call's
+// request bytes on gRPC's own threads and queues the call; the Python event loop takes the
+// queued calls in groups (an eventfd wakes it) and answers each with bytes or a status.
+// Nothing here parses a message or knows a method: what a call means is Python's business
+// (server/api/cpp.py), so both front ends run the same handlers.
+//
+// Why: grpc.aio does its per-call work (accepting one call at a time, its poller, a task and
+// a context per call) on the event loop's thread under the GIL. Here that work runs on gRPC's
+// C++ threads without the GIL, and the loop is woken once per group of calls.
+//
+// The C interface below is what server/cpp/binding.py loads with ctypes.
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+namespace {
+
+class Call;
+
+// What Python reads of one queued call (binding.py's CallView mirrors it). The pointers stay
+// valid until the call is answered.
+struct CallView {
+  uint64_t id;
+  const char* method;
+  int64_t method_len;
+  const char* data;
+  int64_t data_len;
+  const char* metadata;  // key \0 value \0 ..., ASCII metadata only (gRPC's keys are lower case)
+  int64_t metadata_len;
+  double timeout;  // seconds left before the call's deadline; negative: none
+};
+
+struct Frontend {
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<grpc::CallbackGenericService> service;
+  int wake_fd = -1;
+  size_t max_queued = 0;  // calls read and not yet taken by Python: beyond it, RESOURCE_EXHAUSTED
+  std::mutex mutex;       // guards everything below
+  std::deque<Call*> queue;
+  std::unordered_map<uint64_t, Call*> taken;  // taken by Python, not yet answered
+  uint64_t next_id = 1;
+  bool closed = false;  // draining: new calls get UNAVAILABLE
+  uint64_t refused_full = 0;
+  uint64_t refused_closed = 0;
+  // Answers go out on a thread of ours: writing one (gRPC frames and sends it inline) would
+  // otherwise cost the event loop's thread as much as everything else it does for the call.
+  std::mutex answers_mutex;  // guards the two below
+  std::condition_variable answers_ready;
+  std::deque<Call*> answers;
+  bool answering = true;
+  std::thread answerer;
+};
+
+constexpr char kFullMessage[] =
+    "the server has too many calls waiting to be taken in (C++ front end queue full); "
+    "retry later";
+constexpr char kClosedMessage[] = "the server is shutting down; retry on another instance";
+
+class Call : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Frontend* frontend, grpc::GenericCallbackServerContext* context)
+      : frontend_(frontend), context_(context) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed without a message, or went away
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "no request message: a unary call carries exactly one"));
+      return;
+    }
+    // One contiguous copy of the message for Python (the buffer may be several slices).
+    std::vector<grpc::Slice> slices;
+    if (!request_.Dump(&slices).ok()) {
+      Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot read the request's bytes"));
+      return;
+    }
+    size_t size = 0;
+    for (const auto& slice : slices) size += slice.size();
+    data_.reserve(size);
+    for (const auto& slice : slices) data_.append(reinterpret_cast<const char*>(slice.begin()),
+                                                  slice.size());
+    request_.Clear();
+    method_ = context_->method();
+    for (const auto& [key, value] : context_->client_metadata()) {
+      if (key.size() >= 4 && std::memcmp(key.data() + key.size() - 4, "-bin", 4) == 0) {
+        continue;  // binary values may hold \0; no handler reads one
+      }
+      metadata_.append(key.data(), key.size()).push_back('\0');
+      metadata_.append(value.data(), value.size()).push_back('\0');
+    }
+    auto deadline = context_->deadline();
+    if (deadline == std::chrono::system_clock::time_point::max()) {
+      timeout_ = -1.0;
+    } else {
+      timeout_ = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+      if (timeout_ < 0.0) timeout_ = 0.0;
+    }
+    const char* refusal = nullptr;
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(frontend_->mutex);
+      if (frontend_->closed) {
+        refusal = kClosedMessage;
+        ++frontend_->refused_closed;
+      } else if (frontend_->queue.size() >= frontend_->max_queued) {
+        refusal = kFullMessage;
+        ++frontend_->refused_full;
+      } else {
+        id_ = frontend_->next_id++;
+        wake = frontend_->queue.empty();
+        frontend_->queue.push_back(this);
+      }
+    }
+    if (refusal != nullptr) {
+      Finish(grpc::Status(refusal == kClosedMessage ? grpc::StatusCode::UNAVAILABLE
+                                                    : grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          refusal));
+      return;
+    }
+    if (wake) {  // Python drains the whole queue once woken: one write per group of calls
+      uint64_t one = 1;
+      ssize_t written = write(frontend_->wake_fd, &one, sizeof one);
+      (void)written;  // EAGAIN: the counter is already non-zero, Python is woken anyway
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+  void View(CallView* view) const {
+    view->id = id_;
+    view->method = method_.data();
+    view->method_len = static_cast<int64_t>(method_.size());
+    view->data = data_.data();
+    view->data_len = static_cast<int64_t>(data_.size());
+    view->metadata = metadata_.data();
+    view->metadata_len = static_cast<int64_t>(metadata_.size());
+    view->timeout = timeout_;
+  }
+
+  // Keeps the answer: `data` with OK (code 0), or the status `code` with `message`; `trailer`
+  // (key \0 value \0 ...) as trailing metadata. Called once, with the GIL held: copies only.
+  void Keep(int code, const char* data, int64_t data_len, const char* message,
+            const char* trailer, int64_t trailer_len) {
+    code_ = code;
+    data_.assign(data != nullptr ? data : "", static_cast<size_t>(data != nullptr ? data_len : 0));
+    message_ = message != nullptr ? message : "";
+    trailer_.assign(trailer != nullptr ? trailer : "",
+                    static_cast<size_t>(trailer != nullptr ? trailer_len : 0));
+  }
+
+  // Sends the kept answer (on the answering thread).
+  void Send() {
+    for (size_t at = 0; at < trailer_.size();) {
+      std::string key(trailer_.c_str() + at);
+      at += key.size() + 1;
+      std::string value(trailer_.c_str() + at);
+      at += value.size() + 1;
+      context_->AddTrailingMetadata(key, value);
+    }
+    if (code_ != 0) {
+      Finish(grpc::Status(static_cast<grpc::StatusCode>(code_), message_));
+      return;
+    }
+    grpc::Slice slice(data_);
+    response_ = grpc::ByteBuffer(&slice, 1);
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+
+ private:
+  Frontend* frontend_;
+  grpc::GenericCallbackServerContext* context_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+  std::string method_;
+  std::string data_;
+  std::string metadata_;
+  double timeout_ = -1.0;
+  uint64_t id_ = 0;
+  int code_ = 0;
+  std::string message_;
+  std::string trailer_;
+};
+
+void Answering(Frontend* frontend) {
+  std::deque<Call*> batch;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(frontend->answers_mutex);
+      frontend->answers_ready.wait(
+          lock, [frontend] { return !frontend->answers.empty() || !frontend->answering; });
+      if (frontend->answers.empty()) return;  // stopped, and nothing left to send
+      batch.swap(frontend->answers);
+    }
+    for (Call* call : batch) call->Send();
+    batch.clear();
+  }
+}
+
+void Post(Frontend* frontend, Call* call) {
+  bool idle;
+  {
+    std::lock_guard<std::mutex> lock(frontend->answers_mutex);
+    idle = frontend->answers.empty();  // otherwise the thread is awake and takes this one too
+    frontend->answers.push_back(call);
+  }
+  if (idle) frontend->answers_ready.notify_one();
+}
+
+class Service : public grpc::CallbackGenericService {
+ public:
+  explicit Service(Frontend* frontend) : frontend_(frontend) {}
+
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext* context) override {
+    return new Call(frontend_, context);
+  }
+
+ private:
+  Frontend* frontend_;
+};
+
+void SetError(char* error, int64_t error_len, const std::string& text) {
+  if (error == nullptr || error_len <= 0) return;
+  std::strncpy(error, text.c_str(), static_cast<size_t>(error_len - 1));
+  error[error_len - 1] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// Starts serving on `address` ("host:port"; port 0: any free one), whose bound port goes to
+// *port. `int_args` are channel arguments (name \0 value as decimal \0 ...), as grpc.aio's
+// options. TLS when `cert_pem` is given; client certificates required when `client_ca_pem` is.
+// NULL with `error` filled on failure.
+void* snapfront_start(const char* address, const char* int_args, int64_t int_args_len,
+                      int64_t max_queued, const char* cert_pem, const char* key_pem,
+                      const char* client_ca_pem, int* port, char* error, int64_t error_len) {
+  auto frontend = std::make_unique<Frontend>();
+  frontend->max_queued = static_cast<size_t>(max_queued > 0 ? max_queued : 1);
+  frontend->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (frontend->wake_fd < 0) {
+    SetError(error, error_len, "eventfd failed");
+    return nullptr;
+  }
+  frontend->service = std::make_unique<Service>(frontend.get());
+  grpc::ServerBuilder builder;
+  for (int64_t at = 0; at < int_args_len;) {
+    std::string name(int_args + at);
+    at += static_cast<int64_t>(name.size()) + 1;
+    std::string value(int_args + at);
+    at += static_cast<int64_t>(value.size()) + 1;
+    builder.AddChannelArgument(name, std::stoi(value));
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  if (cert_pem != nullptr && cert_pem[0] != '\0') {
+    grpc::SslServerCredentialsOptions options(
+        client_ca_pem != nullptr && client_ca_pem[0] != '\0'
+            ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+            : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    if (client_ca_pem != nullptr) options.pem_root_certs = client_ca_pem;
+    options.pem_key_cert_pairs.push_back({key_pem != nullptr ? key_pem : "", cert_pem});
+    credentials = grpc::SslServerCredentials(options);
+  } else {
+    credentials = grpc::InsecureServerCredentials();
+  }
+  builder.AddListeningPort(address, credentials, port);
+  builder.RegisterCallbackGenericService(frontend->service.get());
+  frontend->server = builder.BuildAndStart();
+  if (!frontend->server || *port == 0) {
+    SetError(error, error_len, std::string("cannot bind ") + address +
+                                   " (port in use, or host not local)");
+    close(frontend->wake_fd);
+    return nullptr;
+  }
+  frontend->answerer = std::thread(Answering, frontend.get());
+  return frontend.release();
+}
+
+// The file descriptor that becomes readable when calls are queued.
+int snapfront_wake_fd(void* handle) { return static_cast<Frontend*>(handle)->wake_fd; }
+
+// Takes up to `max_calls` queued calls into `views` (without waiting); how many.
+int snapfront_take(void* handle, CallView* views, int max_calls) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  uint64_t counter;
+  ssize_t got = read(frontend->wake_fd, &counter, sizeof counter);  // re-armed by the next call
+  (void)got;
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  int taken = 0;
+  while (taken < max_calls && !frontend->queue.empty()) {
+    Call* call = frontend->queue.front();
+    frontend->queue.pop_front();
+    call->View(&views[taken]);
+    frontend->taken.emplace(views[taken].id, call);
+    ++taken;
+  }
+  if (!frontend->queue.empty()) {  // more than max_calls: wake Python again for the rest
+    uint64_t one = 1;
+    ssize_t written = write(frontend->wake_fd, &one, sizeof one);
+    (void)written;
+  }
+  return taken;
+}
+
+// Answers a taken call (see Call::Answer); 0, or -1 if no such call is waiting for an answer.
+int snapfront_answer(void* handle, uint64_t id, int code, const char* data, int64_t data_len,
+                     const char* message, const char* trailer, int64_t trailer_len) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  Call* call;
+  {
+    std::lock_guard<std::mutex> lock(frontend->mutex);
+    auto found = frontend->taken.find(id);
+    if (found == frontend->taken.end()) return -1;
+    call = found->second;
+    frontend->taken.erase(found);
+  }
+  call->Keep(code, data, data_len, message, trailer, trailer_len);
+  Post(frontend, call);
+  return 0;
+}
+
+// From now on new calls get UNAVAILABLE; calls already queued are still taken and answered.
+void snapfront_close(void* handle) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  frontend->closed = true;
+}
+
+// Calls queued or taken and not yet answered.
+int64_t snapfront_pending(void* handle) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  return static_cast<int64_t>(frontend->queue.size() + frontend->taken.size());
+}
+
+// Calls refused because the queue was full (which 0) or the front end closed (which 1).
+uint64_t snapfront_refused(void* handle, int which) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  return which == 0 ? frontend->refused_full : frontend->refused_closed;
+}
+
+// Stops: calls still unanswered get UNAVAILABLE, gRPC shuts down (waiting at most `grace_s`
+// for answers in flight), and the handle is freed. Called off the event loop: it blocks.
+void snapfront_stop(void* handle, double grace_s) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  std::deque<Call*> unanswered;
+  {
+    std::lock_guard<std::mutex> lock(frontend->mutex);
+    frontend->closed = true;
+    unanswered.swap(frontend->queue);
+    for (auto& [id, call] : frontend->taken) unanswered.push_back(call);
+    frontend->taken.clear();
+  }
+  for (Call* call : unanswered) {
+    call->Keep(static_cast<int>(grpc::StatusCode::UNAVAILABLE), nullptr, 0, kClosedMessage,
+               nullptr, 0);
+    Post(frontend, call);
+  }
+  {
+    std::lock_guard<std::mutex> lock(frontend->answers_mutex);
+    frontend->answering = false;  // the thread sends what is queued, then ends
+  }
+  frontend->answers_ready.notify_one();
+  frontend->answerer.join();
+  frontend->server->Shutdown(std::chrono::system_clock::now() +
+                             std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
+  frontend->server->Wait();
+  frontend->server.reset();
+  close(frontend->wake_fd);
+  delete frontend;
+}
+
+}  // extern "C"

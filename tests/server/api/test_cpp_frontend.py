@@ -1,0 +1,317 @@
+"""The C++ gRPC front end (`cpp_grpc_port`, server/api/cpp.py): the same answers and the same
+refusals as the grpc.aio port, through gRPC's C++ library, on real channels.
+
+It needs g++ and libgrpc++ (pkg-config grpc++): without them these tests are skipped, but not
+when CI=true (.ci/run installs them, so there they run or fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from snapserve.proto.inference import grpc_service_pb2 as kpb
+from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
+from snapserve.proto.tensors import from_tensor
+from snapserve.server import RunningServer, ServerConfig
+from snapserve.server.api.security import SecurityConfig
+from snapserve.server.config import IntakeConfig
+from snapserve.server.cpp import binding
+from snapserve.server.errors import ConfigError
+from tests.support.calls import digits_input, predict_request
+from tests.support.models import write_repository, write_slow_model
+from tests.support.pki import Pki, tls_channel
+from tests.support.servers import ThreadedServer, local_config, serving
+
+
+def _toolchain() -> bool:
+    if shutil.which("g++") is None or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(
+    not _toolchain() and os.environ.get("CI") != "true", reason="needs g++ and libgrpc++ (apt-get install g++ libgrpc++-dev "
+                             "pkg-config); .ci/run installs them")
+# The async tests share the module's event loop, where `running` lives.
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
+
+TOKEN = "cpp-front-end-token-0001"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_library(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The library built once for the module, in a folder of its own (not ~/.cache)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(binding.CPP_DIR_ENV, str(tmp_path_factory.mktemp("cpp")))
+        patch.setattr(binding, "_library", None)
+        binding.library()
+        yield
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningServer]:
+    async with serving(write_repository(tmp_path_factory.mktemp("models")),
+                       cpp_grpc_port=0) as server:
+        yield server
+
+
+def _channel(port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+def _infer_request(x: np.ndarray, request_id: str = "") -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="digits", id=request_id)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+async def _both(running: RunningServer, call: object) -> list[object]:
+    """`call(channel)` on the grpc.aio port and on the C++ port."""
+    answers = []
+    for port in (running.port, running.cpp_port):
+        async with _channel(port) as channel:
+            answers.append(await call(channel))  # type: ignore[operator]
+    return answers
+
+
+@in_module_loop
+async def test_kserve_infer_answers_as_the_grpc_aio_port(running: RunningServer) -> None:
+    x = digits_input(3, seed=4)
+
+    async def infer(channel: grpc.aio.Channel) -> kpb.ModelInferResponse:
+        return await kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            _infer_request(x, "req-7"), timeout=10)
+
+    aio, cpp = await _both(running, infer)
+    assert cpp.id == "req-7" and cpp.model_name == "digits"
+    assert [o.name for o in cpp.outputs] == [o.name for o in aio.outputs]
+    assert list(cpp.raw_output_contents) == list(aio.raw_output_contents)
+
+
+@in_module_loop
+async def test_predict_answers_as_the_grpc_aio_port_with_the_request_id_trailer(
+        running: RunningServer) -> None:
+    x = digits_input(2, seed=1)
+    async with _channel(running.cpp_port) as channel:
+        call = pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(x), timeout=10)
+        cpp = await call
+        trailer = dict(await call.trailing_metadata())
+    async with _channel(running.port) as channel:
+        aio = await pb_grpc.EnsembleServiceStub(channel).Predict(predict_request(x), timeout=10)
+    assert trailer["x-request-id"] == cpp.request_id != ""
+    np.testing.assert_array_equal(from_tensor(cpp.probabilities), from_tensor(aio.probabilities))
+    np.testing.assert_array_equal(from_tensor(cpp.mutual_information),
+                                  from_tensor(aio.mutual_information))
+
+
+@in_module_loop
+async def test_metadata_and_health_check(running: RunningServer) -> None:
+    async def metadata(channel: grpc.aio.Channel) -> kpb.ModelMetadataResponse:
+        return await kpb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            kpb.ModelMetadataRequest(name="digits"), timeout=10)
+
+    aio, cpp = await _both(running, metadata)
+    assert cpp == aio
+    async with _channel(running.cpp_port) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@in_module_loop
+async def test_errors_carry_the_same_status_and_message(running: RunningServer) -> None:
+    async def unknown(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.EnsembleServiceStub(channel).Predict(
+                predict_request(digits_input(1), model="nope"), timeout=10)
+        return info.value.code(), info.value.details()
+
+    aio, cpp = await _both(running, unknown)
+    assert cpp == aio and cpp[0] == grpc.StatusCode.NOT_FOUND
+
+    async def garbage(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
+                b"\xff\xff\xff not a protobuf", timeout=10)
+        return info.value.code(), info.value.details()
+
+    aio, cpp = await _both(running, garbage)
+    assert cpp == aio and cpp[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inference.ModelInferRequest" in cpp[1]
+    async with _channel(running.cpp_port) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@in_module_loop
+async def test_streams_and_unknown_methods_are_refused_naming_the_grpc_aio_port(
+        running: RunningServer) -> None:
+    async with _channel(running.cpp_port) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")(
+                b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "a stream" in info.value.details() and running.address in info.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/no.Such/Method")(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "not a method of this server" in info.value.details()
+        # The server goes on answering.
+        answer = await pb_grpc.EnsembleServiceStub(channel).Predict(
+            predict_request(digits_input(1)), timeout=10)
+        assert answer.model == "digits"
+
+
+@in_module_loop
+async def test_a_message_over_the_limit_is_refused_before_python_sees_it(
+        tmp_path: Path) -> None:
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                       max_message_bytes=64 * 1024) as running:
+        assert running.cpp is not None
+        async with _channel(running.cpp_port) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary("/snapserve.v1.EnsembleService/Predict")(
+                    b"\0" * (128 * 1024), timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in info.value.details()
+
+
+@in_module_loop
+async def test_tokens_and_tls_guard_the_cpp_port_as_they_guard_grpc_aio(
+        tmp_path: Path, pki: Pki) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    tokens.chmod(0o600)
+    security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                              auth_token_file=tokens)
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                       security=security) as running:
+        async with tls_channel(running.cpp_port, pki) as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Predict(predict_request(digits_input(1)), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = await stub.Predict(predict_request(digits_input(1)), timeout=10,
+                                        metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert answer.model == "digits"
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10)  # open, as on grpc.aio
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        async with tls_channel(running.cpp_port, pki, ca=pki.other_ca) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with _channel(running.cpp_port) as channel:  # plain text on a TLS port
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5)
+
+
+@in_module_loop
+async def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path: Path, pki: Pki) -> None:
+    security = SecurityConfig(tls_cert=pki.server_cert, tls_key=pki.server_key,
+                              tls_client_ca=pki.ca)
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                       security=security) as running:
+        async with tls_channel(running.cpp_port, pki,
+                               client=(pki.client_cert, pki.client_key)) as channel:
+            answer = await pb_grpc.EnsembleServiceStub(channel).Predict(
+                predict_request(digits_input(1)), timeout=10)
+            assert answer.model == "digits"
+        async with tls_channel(running.cpp_port, pki) as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await pb_grpc.EnsembleServiceStub(channel).Predict(
+                    predict_request(digits_input(1)), timeout=5)
+
+
+@in_module_loop
+async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(
+        tmp_path: Path) -> None:
+    repo = write_repository(tmp_path / "models")
+    write_slow_model(repo, steps=400)
+    async with serving(repo, cpp_grpc_port=0) as running:
+        async with _channel(running.cpp_port) as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            x = np.zeros((1, 128, 128), np.float32)
+            slow = asyncio.ensure_future(
+                stub.Predict(predict_request(x, model="slow"), timeout=30))
+            await _until(lambda: running.registry.get("slow", 0).batcher.in_flight)
+            stopping = asyncio.ensure_future(running.stop(grace=20))
+            await _until(lambda: running.drain.draining)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Predict(predict_request(digits_input(1)), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in info.value.details()
+            assert (await slow).model == "slow"  # in flight before the stop: answered
+            await stopping
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_are_answered(tmp_path: Path) -> None:
+    """Calls read while the event loop cannot take them queue in C++ up to max_pending_calls;
+    beyond it they get RESOURCE_EXHAUSTED without waiting, and the queued ones are answered."""
+    config = local_config(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                          intake=IntakeConfig(max_pending_calls=2))
+    server = ThreadedServer(config)
+    try:
+        server.loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop takes nothing for 1 s
+        with grpc.insecure_channel(f"127.0.0.1:{server.running.cpp_port}") as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            futures = [stub.Predict.future(predict_request(digits_input(1)), timeout=20)
+                       for _ in range(6)]
+            outcomes = []
+            for future in futures:
+                try:
+                    future.result()
+                    outcomes.append("ok")
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                    assert "queue full" in exc.details()
+                    outcomes.append("refused")
+        assert outcomes.count("ok") == 2 and outcomes.count("refused") == 4, outcomes
+        assert server.running.cpp is not None and server.running.cpp.refused == (4, 0)
+    finally:
+        server.stop()
+
+
+def test_cpp_port_must_differ_from_the_others(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cpp_grpc_port 50051 is taken"):
+        ServerConfig(model_repository=tmp_path, port=50051, cpp_grpc_port=50051)
+
+
+def test_a_missing_toolchain_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, no pkg-config
+    with pytest.raises(ConfigError, match="apt-get install g\\+\\+ libgrpc\\+\\+-dev"):
+        binding._compile(tmp_path / "lib.so")
+
+
+def test_metadata_pairs_reads_the_c_side_form() -> None:
+    assert binding.metadata_pairs(b"") == ()
+    assert binding.metadata_pairs(b"a\0b\0authorization\0Bearer x\0") == (
+        ("a", "b"), ("authorization", "Bearer x"))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+async def _until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
