@@ -2,7 +2,8 @@
 
     python -m benchmarks.peers.triton [--models digits resnet20] [--concurrency 1,8,32] \
         [--duration 10] [--warmup 2] [--runs 2] [--sweep-duration 4] \
-        [--sweep-delays 0,100,500,2000] [--sweep-instances 1,2] [--sweep-threads 1,2] [--no-write]
+        [--sweep-delays 0,100,500,2000] [--sweep-instances 1,2] [--sweep-threads 1,2] [--cpp] \
+        [--no-write]
 
 Optional, never run in CI, imported by no test. It:
 
@@ -20,7 +21,8 @@ Optional, never run in CI, imported by no test. It:
    setting is kept (`best_setting`: the highest geometric mean of req/s over the concurrency
    levels, the tail latency breaking near-ties);
 5. `--runs` times, back to back: loads Triton's best setting of each model, starts
-   `ensemble-server` (no tuning flags: its defaults) on 127.0.0.1, and drives both with the same
+   `ensemble-server` (no tuning flags: its defaults; with `--cpp`, a C++ front end port as
+   well, driven as a third server) on 127.0.0.1, and drives them with the same
    closed-loop load, `ensemble-client bench --api kserve` (KServe v2 gRPC, one image per
    request), at each concurrency for `--duration` seconds, snapserve and Triton alternately so
    both see the same machine; server CPU per request counts each server's whole process tree
@@ -57,6 +59,9 @@ from benchmarks.serve import (_CLK_TCK, RESULTS, _bench, _echo, _fmt, _free_port
                               _span, replace_section, stop_process)
 
 __all__ = ["TritonSetting", "best_setting", "main", "sweep_settings"]
+
+# The results' name for snapserve driven through its C++ front end (`--cpp`).
+SNAPSERVE_CPP = "snapserve (C++ front end)"
 
 logger = logging.getLogger("benchmarks.peers.triton")
 
@@ -100,6 +105,11 @@ class TritonSetting:
 def sweep_settings(delays_us: Iterable[int], instances: Iterable[int],
                    threads: Iterable[int]) -> list[TritonSetting]:
     return [TritonSetting(d, i, t) for d, i, t in itertools.product(delays_us, instances, threads)]
+
+
+def _snapserves(rows: dict[str, Any]) -> list[str]:
+    """The snapserve rows of a model's results: its default front end, then the C++ one."""
+    return [server for server in rows if server != "triton"]
 
 
 def _tail_ms(level: dict[str, Any]) -> float:
@@ -330,8 +340,9 @@ def _sweep(triton: Triton, models: Sequence[str], settings: Sequence[TritonSetti
 
 def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSetting],
              snapserve_cmd: list[str], levels: Sequence[int], duration: float, warmup: float,
-             workdir: Path, run_index: int) -> dict[str, Any]:
-    """One run: Triton's best settings loaded, a fresh snapserve, both driven alternately."""
+             workdir: Path, run_index: int, cpp_port: int | None) -> dict[str, Any]:
+    """One run: Triton's best settings loaded, a fresh snapserve, driven alternately; with
+    `cpp_port`, the same snapserve through its C++ front end too (SNAPSERVE_CPP)."""
     names = {m: _triton_name(m, best[m]) for m in models}
     log = WORK / f"snapserve-{run_index + 1}.log"  # kept: a server that fails says why there
     result: dict[str, Any] = {"load_average_before": os.getloadavg(), "models": {}}
@@ -341,21 +352,26 @@ def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSettin
                                         if "serving the" in line]
         for model in models:
             rows: dict[str, list[dict[str, Any]]] = {"snapserve": [], "triton": []}
-            for c in levels:  # alternately, so both see the same machine
+            if cpp_port is not None:
+                rows[SNAPSERVE_CPP] = []
+            for c in levels:  # alternately, so all see the same machine
                 rows["snapserve"].append(_level(snapserve.pid, snapserve_port, model, c,
                                                 duration, warmup))
+                if cpp_port is not None:
+                    rows[SNAPSERVE_CPP].append(_level(snapserve.pid, cpp_port, model, c,
+                                                      duration, warmup))
                 rows["triton"].append(_level(triton.process.pid, triton.grpc_port, names[model],
                                              c, duration, warmup))
-                logger.info("run %d %s c=%d: snapserve %.1f req/s, triton %.1f req/s",
-                            run_index + 1, model, c, rows["snapserve"][-1]["throughput_rps"],
-                            rows["triton"][-1]["throughput_rps"])
+                logger.info("run %d %s c=%d: %s", run_index + 1, model, c, ", ".join(
+                    f"{server} {row[-1]['throughput_rps']:.1f} req/s"
+                    for server, row in rows.items()))
             result["models"][model] = rows
     return result
 
 
 def run(models: Sequence[str], levels: Sequence[int], duration: float, warmup: float,
         settings: Sequence[TritonSetting], sweep_duration: float, runs: int,
-        workdir: Path) -> dict[str, Any]:
+        workdir: Path, cpp: bool = False) -> dict[str, Any]:
     tritonserver = _install()
     backends = _backends(tritonserver)
     repository = ROOT / "runs" / "benchmarks" / "repo"
@@ -373,6 +389,9 @@ def run(models: Sequence[str], levels: Sequence[int], duration: float, warmup: f
                                                              for s in settings]}}
     snapserve_cmd = [sys.executable, "-m", "snapserve.server", "--model-repository", str(only),
                      "--port", "0", "--http-port", "0", "--device", "cpu"]  # its defaults
+    cpp_port = _free_port() if cpp else None
+    if cpp_port is not None:  # the same server, its unary calls also through the C++ front end
+        snapserve_cmd += ["--cpp-grpc-port", str(cpp_port)]
     by_key = {s.key: s for s in settings}
     with _triton(tritonserver, backends, _triton_repo(versions, settings),
                  WORK / "triton.log") as triton:
@@ -386,7 +405,7 @@ def run(models: Sequence[str], levels: Sequence[int], duration: float, warmup: f
             report["sweep"]["best"][model] = {"key": key, **asdict(by_key[key]), "why": why}
             logger.info("%s: Triton's best setting is %s (%s)", model, by_key[key].describe(), why)
         report["runs"] = [_compare(triton, models, best, snapserve_cmd, levels, duration, warmup,
-                                   workdir, index) for index in range(runs)]
+                                   workdir, index, cpp_port) for index in range(runs)]
     report["ceiling"] = {}
     for model in models:
         ceiling = measure_ceiling(versions[model], [1], budget_s=0.5)
@@ -445,14 +464,16 @@ def _verdicts(report: dict[str, Any], levels: Sequence[int]) -> list[str]:
     runs = report["runs"]
     lines = []
     for model in runs[0]["models"]:
-        for index, c in enumerate(levels):
-            pairs = [_ratios(r["models"][model]["snapserve"][index],
-                             r["models"][model]["triton"][index]) for r in runs]
-            rates, tails = [p[0] for p in pairs], [p[1] for p in pairs]
-            pct = "p50" if c == 1 else "p99"
-            line = (f"- {model} c={c}: req/s {_span(rates)}x tuned Triton's (target >= 1.1: "
-                    f"{_verdict(min(rates) >= 1.1)}), {pct} {_span(tails)}x")
-            lines.append(line + (f" (target <= 0.9: {_verdict(max(tails) <= 0.9)})" if c > 1 else ""))
+        for server in _snapserves(runs[0]["models"][model]):
+            for index, c in enumerate(levels):
+                pairs = [_ratios(r["models"][model][server][index],
+                                 r["models"][model]["triton"][index]) for r in runs]
+                rates, tails = [p[0] for p in pairs], [p[1] for p in pairs]
+                pct = "p50" if c == 1 else "p99"
+                line = (f"- {model} c={c}, {server}: req/s {_span(rates)}x tuned Triton's "
+                        f"(target >= 1.1: {_verdict(min(rates) >= 1.1)}), {pct} {_span(tails)}x")
+                lines.append(line + (f" (target <= 0.9: {_verdict(max(tails) <= 0.9)})"
+                                     if c > 1 else ""))
         ceiling = report["ceiling"][model]
         if levels[0] == 1:
             p50s = [r["models"][model]["snapserve"][0]["latency_ms"].get("p50", float("nan"))
@@ -462,14 +483,15 @@ def _verdicts(report: dict[str, Any], levels: Sequence[int]) -> list[str]:
                          f"call {best:.2f} ms ({ceiling['setup']}): {_span([p / best for p in p50s])}x "
                          f"(issue 12's target <= 1.15: {_verdict(max(p50s) <= 1.15 * best)})")
     if DIGITS in runs[0]["models"]:
-        snap = [r["models"][DIGITS]["snapserve"][-1]["server_cpu_ms_per_request"] for r in runs]
         peer = [r["models"][DIGITS]["triton"][-1]["server_cpu_ms_per_request"] for r in runs]
         echo = report["echo_c32"]["server_cpu_ms_per_request"]
-        lines.append(f"- digits server CPU per request at c={levels[-1]}: snapserve {_span(snap, ".3f")} "
-                     f"ms, tuned Triton {_span(peer, ".3f")} ms (target <= Triton's: "
-                     f"{_verdict(all(s <= t for s, t in zip(snap, peer)))}); the echo server "
-                     f"{echo:.3f} ms (issue 12's target <= 1.5x the echo: "
-                     f"{_verdict(max(snap) <= 1.5 * echo)})")
+        for server in _snapserves(runs[0]["models"][DIGITS]):
+            snap = [r["models"][DIGITS][server][-1]["server_cpu_ms_per_request"] for r in runs]
+            lines.append(f"- digits server CPU per request at c={levels[-1]}: {server} "
+                         f"{_span(snap, '.3f')} ms, tuned Triton {_span(peer, '.3f')} ms (target "
+                         f"<= Triton's: {_verdict(all(s <= t for s, t in zip(snap, peer)))}); "
+                         f"the echo server {echo:.3f} ms (issue 12's target <= 1.5x the echo: "
+                         f"{_verdict(max(snap) <= 1.5 * echo)})")
     return lines
 
 
@@ -483,7 +505,11 @@ def render(report: dict[str, Any], levels: Sequence[int]) -> str:
              "from nvidia-pytriton, the python backend running the fused ensemble.onnx in ONNX "
              f"Runtime, its dynamic batcher (max batch {MAX_BATCH}), at the best setting of a "
              "sweep of its queue delay, instances and intra-op threads per model (below). "
-             "snapserve: `ensemble-server --device cpu`, no tuning flags. Then "
+             "snapserve: `ensemble-server --device cpu`, no tuning flags"
+             + (" but `--cpp-grpc-port`, its unary calls driven through grpc.aio's port "
+                "(`snapserve`) and through the C++ front end's (`snapserve (C++ front end)`)"
+                if any(SNAPSERVE_CPP in rows for rows in runs[0]["models"].values()) else "")
+             + ". Then "
              f"{len(runs)} run(s) back to back, each with a fresh snapserve, snapserve and Triton "
              f"alternately at each level, {report['duration_s']:g} s per level.", "",
              f"- Load average (1 min) before: {report['load_average_before'][0]:.2f}, after: "
@@ -497,13 +523,14 @@ def render(report: dict[str, Any], levels: Sequence[int]) -> str:
                   f"| model, server | {head} | server CPU ms/req at c={levels[-1]} |",
                   "|---|" + "---:|" * (len(levels) + 1)]
         for model, rows in result["models"].items():
-            for server in ("triton", "snapserve"):
+            for server in rows:
                 cells = " | ".join(_cell(l) for l in rows[server])
                 lines.append(f"| {model}: {server} | {cells} | "
                              f"{_fmt(rows[server][-1]['server_cpu_ms_per_request'], 3)} |")
-            ratios = [_ratios(s, t) for s, t in zip(rows["snapserve"], rows["triton"])]
-            lines.append(f"| {model}: snapserve / Triton | "
-                         + " | ".join(f"{r:.2f}x ({t:.2f}x)" for r, t in ratios) + " | |")
+            for server in _snapserves(rows):
+                ratios = [_ratios(s, t) for s, t in zip(rows[server], rows["triton"])]
+                lines.append(f"| {model}: {server} / Triton | "
+                             + " | ".join(f"{r:.2f}x ({t:.2f}x)" for r, t in ratios) + " | |")
         lines.append("")
     lines += ["(req/s, with p50 at c=1 and p99 above, in ms; the ratio row: snapserve's req/s "
               "over Triton's, and its latency over Triton's.)", "",
@@ -530,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep-instances", default=",".join(map(str, SWEEP_INSTANCES)))
     parser.add_argument("--sweep-threads", default=",".join(map(str, SWEEP_THREADS)),
                         help="ONNX Runtime intra-op threads per Triton instance")
+    parser.add_argument("--cpp", action="store_true",
+                        help="also drive snapserve's C++ gRPC front end (--cpp-grpc-port; needs "
+                             "g++ and libgrpc++), alternately with the rest")
     parser.add_argument("--no-write", action="store_true",
                         help="print, do not write RESULTS.md or results-peers.json")
     args = parser.parse_args(argv)
@@ -542,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         report = run(args.models, levels, args.duration, args.warmup, settings,
-                     args.sweep_duration, args.runs, Path(workdir))
+                     args.sweep_duration, args.runs, Path(workdir), args.cpp)
     section = render(report, levels)
     print(section)
     if not args.no_write:
