@@ -11,7 +11,8 @@ a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
 Served here: every unary method of snapserve.v1.EnsembleService and inference.
 GRPCInferenceService, and grpc.health.v1.Health/Check. Not served (UNIMPLEMENTED, naming the
 grpc.aio port): the streaming methods (PredictStream, ModelStreamInfer, Health/Watch) and
-reflection. A call the client cancels is still computed; its answer is dropped.
+reflection. A call its client cancels (or whose deadline passes) has its task cancelled, as
+grpc.aio does: the batcher drops it before compute.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class CppFrontEnd:
         self._aio_address = aio_address
         self._server: CppServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: dict[int, asyncio.Task[None]] = {}  # by call id, until answered
+        self._stopping = False
         self.port: int | None = None
 
     def start(self, address: str, channel_args: Sequence[tuple[str, int]], max_queued: int,
@@ -94,10 +96,15 @@ class CppFrontEnd:
         server = self._server
         if server is None:
             return
+        loop, calls = self._loop, self._calls
+        assert loop is not None
         for call_id, method, data, metadata, timeout in server.take():
-            task = asyncio.ensure_future(self._serve(call_id, method, data, metadata, timeout))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            calls[call_id] = loop.create_task(
+                self._serve(call_id, method, data, metadata, timeout))
+        for call_id in server.cancelled():  # as grpc.aio cancels a call's task
+            task = calls.get(call_id)
+            if task is not None:
+                task.cancel()
 
     async def _serve(self, call_id: int, method: str, data: bytes, raw_metadata: bytes,
                      timeout: float) -> None:
@@ -117,12 +124,18 @@ class CppFrontEnd:
             server.fail(call_id, grpc.StatusCode.INVALID_ARGUMENT.value[0],
                         f"the request is not a valid protobuf message for {method[:200]!r} ({exc})")
         except asyncio.CancelledError:
-            server.fail(call_id, grpc.StatusCode.UNAVAILABLE.value[0], SHUTTING_DOWN)
+            if self._stopping:
+                server.fail(call_id, grpc.StatusCode.UNAVAILABLE.value[0], SHUTTING_DOWN)
+            else:  # its client cancelled it: the answer goes nowhere, but ends the call
+                server.fail(call_id, grpc.StatusCode.CANCELLED.value[0],
+                            "the client cancelled the call")
             raise
         except Exception:
             logger.exception("C++ front end: %s failed", method)
             server.fail(call_id, grpc.StatusCode.INTERNAL.value[0],
                         "internal error (logged by the server)")
+        finally:
+            self._calls.pop(call_id, None)
 
     def _admit(self, method: str, context: CppContext) -> grpc.RpcMethodHandler:
         """The call's handler; or the status it gets instead, raised as context.abort raises it,
@@ -161,11 +174,13 @@ class CppFrontEnd:
         refused = server.refused()
         self._take()  # what was queued before the close runs too
         if self._calls:
-            await asyncio.wait(set(self._calls), timeout=grace)
-        for task in list(self._calls):
+            await asyncio.wait(set(self._calls.values()), timeout=grace)
+        self._stopping = True
+        left = list(self._calls.values())
+        for task in left:
             task.cancel()
-        if self._calls:
-            await asyncio.gather(*self._calls, return_exceptions=True)
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
         assert self._loop is not None
         self._loop.remove_reader(server.wake_fd)
         self._server = None

@@ -107,6 +107,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.snapfront_wake_fd.argtypes = [c.c_void_p]
     lib.snapfront_take.restype = c.c_int
     lib.snapfront_take.argtypes = [c.c_void_p, c.POINTER(CallView), c.c_int]
+    lib.snapfront_cancelled.restype = c.c_int
+    lib.snapfront_cancelled.argtypes = [c.c_void_p, c.POINTER(c.c_uint64), c.c_int]
     lib.snapfront_answer.restype = c.c_int
     lib.snapfront_answer.argtypes = [c.c_void_p, c.c_uint64, c.c_int, c.c_char_p, c.c_int64,
                                      c.c_char_p, c.c_char_p, c.c_int64]
@@ -142,6 +144,7 @@ class CppServer:
         self._handle: int | None = handle
         self.port = port.value
         self._views = (CallView * take_at_once)()
+        self._cancelled = (ctypes.c_uint64 * take_at_once)()
         self._take_at_once = take_at_once
 
     @property
@@ -159,6 +162,14 @@ class CppServer:
         return [(v.id, at(v.method, v.method_len).decode("ascii", "replace"),
                  at(v.data, v.data_len), at(v.metadata, v.metadata_len), v.timeout)
                 for v in views[:count]]
+
+    def cancelled(self) -> list[int]:
+        """Ids of taken calls whose clients cancelled them since the last look (each is still
+        to be answered; the answer goes nowhere)."""
+        if self._handle is None:
+            return []
+        count = self._lib.snapfront_cancelled(self._handle, self._cancelled, len(self._cancelled))
+        return list(self._cancelled[:count])
 
     def answer(self, call_id: int, data: bytes, trailer: bytes = b"") -> None:
         if self._handle is not None:

@@ -16,6 +16,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -27,6 +28,7 @@
 #include <thread>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -53,6 +55,7 @@ struct Frontend {
   std::mutex mutex;       // guards everything below
   std::deque<Call*> queue;
   std::unordered_map<uint64_t, Call*> taken;  // taken by Python, not yet answered
+  std::deque<uint64_t> cancelled;  // taken calls their clients cancelled, for Python to stop
   uint64_t next_id = 1;
   bool closed = false;  // draining: new calls get UNAVAILABLE
   uint64_t refused_full = 0;
@@ -142,6 +145,27 @@ class Call : public grpc::ServerGenericBidiReactor {
 
   void OnDone() override { delete this; }
 
+  // The client went away (or its deadline passed). A call still queued is finished as it is
+  // taken; one Python holds is reported to it (snapfront_cancelled), which stops its work.
+  void OnCancel() override {
+    cancelled_ = true;
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(frontend_->mutex);
+      if (id_ != 0 && frontend_->taken.count(id_) != 0) {
+        wake = frontend_->cancelled.empty();
+        frontend_->cancelled.push_back(id_);
+      }
+    }
+    if (wake) {
+      uint64_t one = 1;
+      ssize_t written = write(frontend_->wake_fd, &one, sizeof one);
+      (void)written;
+    }
+  }
+
+  bool Cancelled() const { return cancelled_; }
+
   void View(CallView* view) const {
     view->id = id_;
     view->method = method_.data();
@@ -193,6 +217,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   double timeout_ = -1.0;
   uint64_t id_ = 0;
   int code_ = 0;
+  std::atomic<bool> cancelled_{false};
   std::string message_;
   std::string trailer_;
 };
@@ -303,21 +328,46 @@ int snapfront_take(void* handle, CallView* views, int max_calls) {
   uint64_t counter;
   ssize_t got = read(frontend->wake_fd, &counter, sizeof counter);  // re-armed by the next call
   (void)got;
-  std::lock_guard<std::mutex> lock(frontend->mutex);
+  std::vector<Call*> gone;  // cancelled while queued: finished here, never seen by Python
   int taken = 0;
-  while (taken < max_calls && !frontend->queue.empty()) {
-    Call* call = frontend->queue.front();
-    frontend->queue.pop_front();
-    call->View(&views[taken]);
-    frontend->taken.emplace(views[taken].id, call);
-    ++taken;
+  {
+    std::lock_guard<std::mutex> lock(frontend->mutex);
+    while (taken < max_calls && !frontend->queue.empty()) {
+      Call* call = frontend->queue.front();
+      frontend->queue.pop_front();
+      if (call->Cancelled()) {
+        gone.push_back(call);
+        continue;
+      }
+      call->View(&views[taken]);
+      frontend->taken.emplace(views[taken].id, call);
+      ++taken;
+    }
+    if (!frontend->queue.empty() || !frontend->cancelled.empty()) {  // wake Python again
+      uint64_t one = 1;
+      ssize_t written = write(frontend->wake_fd, &one, sizeof one);
+      (void)written;
+    }
   }
-  if (!frontend->queue.empty()) {  // more than max_calls: wake Python again for the rest
-    uint64_t one = 1;
-    ssize_t written = write(frontend->wake_fd, &one, sizeof one);
-    (void)written;
+  for (Call* call : gone) {
+    call->Keep(static_cast<int>(grpc::StatusCode::CANCELLED), nullptr, 0,
+               "the client cancelled the call", nullptr, 0);
+    Post(frontend, call);
   }
   return taken;
+}
+
+// Takes up to `max_ids` ids of taken calls their clients cancelled into `ids`; how many.
+// Each is still answered (its answer goes nowhere).
+int snapfront_cancelled(void* handle, uint64_t* ids, int max_ids) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  int count = 0;
+  while (count < max_ids && !frontend->cancelled.empty()) {
+    ids[count++] = frontend->cancelled.front();
+    frontend->cancelled.pop_front();
+  }
+  return count;
 }
 
 // Answers a taken call (see Call::Answer); 0, or -1 if no such call is waiting for an answer.

@@ -315,3 +315,24 @@ async def _until(condition: Callable[[], object], timeout: float = 10.0) -> None
         assert time.monotonic() < deadline, "timed out waiting"
         await asyncio.sleep(0.005)
 
+
+
+@in_module_loop
+async def test_a_call_its_client_cancels_is_dropped_before_compute(tmp_path: Path) -> None:
+    repo = write_repository(tmp_path / "models")
+    write_slow_model(repo, steps=400)
+    async with serving(repo, cpp_grpc_port=0) as running:
+        assert running.cpp is not None
+        batcher = running.registry.get("slow", 0).batcher
+        x = np.zeros((1, 128, 128), np.float32)
+        async with _channel(running.cpp_port) as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            busy = stub.Predict(predict_request(x, model="slow"), timeout=30)
+            await _until(lambda: batcher.in_flight)
+            queued = stub.Predict(predict_request(x, model="slow"), timeout=30)
+            await _until(lambda: len(running.cpp._calls) == 2)
+            queued.cancel()
+            await _until(lambda: batcher.stats.dropped_cancelled == 1)
+            assert (await busy).model == "slow"
+        await _until(lambda: not running.cpp._calls)
+        assert batcher.stats.items == 1  # the cancelled one never computed
