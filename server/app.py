@@ -25,6 +25,7 @@ from snapserve.server.api.http import HttpFrontEnd
 from snapserve.server.api.intake import Intake, add_servicer
 from snapserve.server.api.kserve import KServeServicer
 from snapserve.server.api.cpp import CppFrontEnd
+from snapserve.server.cpp.binding import library as cpp_library
 from snapserve.server.api.reflection import enable_reflection
 from snapserve.server.api.security import (TokenAuthInterceptor, read_tokens, server_credentials,
                                            server_ssl_context, tls_pem)
@@ -248,6 +249,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     try:
         await server.start()
         if config.cpp_grpc_port is not None:
+            # Built on the first start (seconds of g++), meanwhile health checks are answered.
+            await asyncio.to_thread(cpp_library)
             running.cpp = CppFrontEnd(handlers, drain, auth, running.address)
             running.cpp_port = running.cpp.start(
                 format_address(config.host, config.cpp_grpc_port), grpc_options,

@@ -86,7 +86,11 @@ def library() -> ctypes.CDLL:
             digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
             target = _cache_dir() / f"libsnapfront-{digest}.so"
             if not target.exists():
-                _compile(target)
+                try:
+                    _compile(target)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise ConfigError(f"cannot build the C++ front end in {target.parent} "
+                                      f"({exc}); point {CPP_DIR_ENV} at a writable folder") from exc
             # PyDLL: the calls keep the GIL. Each returns in microseconds, and a call that
             # let the GIL go would hand it to the inference thread and wait to get it back.
             # Only snapfront_stop blocks; it goes through a CDLL handle, which lets it go.

@@ -301,6 +301,16 @@ def test_a_missing_toolchain_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
         binding._compile(tmp_path / "lib.so")
 
 
+def test_an_unwritable_build_folder_is_named(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(binding.CPP_DIR_ENV, str(blocker / "cpp"))
+    monkeypatch.setattr(binding, "_library", None)
+    with pytest.raises(ConfigError, match=f"point {binding.CPP_DIR_ENV} at a writable folder"):
+        binding.library()
+
+
 def test_metadata_pairs_reads_the_c_side_form() -> None:
     assert binding.metadata_pairs(b"") == ()
     assert binding.metadata_pairs(b"a\0b\0authorization\0Bearer x\0") == (
