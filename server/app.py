@@ -255,6 +255,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
             running.cpp_port = running.cpp.start(
                 format_address(config.host, config.cpp_grpc_port), grpc_options,
                 config.intake.max_pending_calls, *(pem or ()))
+            cpp = running.cpp
+            metrics.watch_cpp(lambda: cpp.refused)
             logger.info("C++ front end serving unary gRPC on %s",
                         format_address(config.host, running.cpp_port))
         if config.http_port is not None:

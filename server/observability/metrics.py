@@ -20,6 +20,7 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_process_threads | gauge | (none): OS threads of the server (ONNX Runtime's included) |
 | snapserve_http_connections | gauge | place (full, reserve, over_cap, lobby): REST connections open now (server/listeners.py) |
 | snapserve_http_connections_closed_total | counter | reason (evicted, refused, header_timeout): REST connections closed for the listener's bounds |
+| snapserve_cpp_calls_refused_total | counter | reason (queue_full, closed): calls the C++ front end refused before Python saw them (server/api/cpp.py; only with --cpp-grpc-port) |
 | process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
 | python_info | gauge | version, implementation: the interpreter |
 
@@ -154,6 +155,11 @@ class ServerMetrics:
         """Report the REST listener's connections (`listener()`: its BoundedServer, None until
         it listens)."""
         self.registry.register(_ListenerCollector(listener))
+
+    def watch_cpp(self, refused: Callable[[], tuple[int, int]]) -> None:
+        """Report the C++ front end's refusals (`refused()`: queue full, closed), which no
+        request observation sees: they never reach Python."""
+        self.registry.register(_CppCollector(refused))
 
     async def serve(self, config: MetricsEndpointConfig, port: int) -> int:
         """Serve /metrics on config.host:port from the event loop (server/observability/metrics_endpoint.py:
@@ -297,6 +303,23 @@ class _ListenerCollector(Collector):
         closed.add_metric(["refused"], server.refused)
         closed.add_metric(["header_timeout"], server.timed_out)
         yield closed
+
+
+class _CppCollector(Collector):
+    """The C++ front end's refusal counts, read from its library at scrape time."""
+
+    def __init__(self, refused: Callable[[], tuple[int, int]]) -> None:
+        self._refused = refused
+
+    def collect(self) -> Iterator[Metric]:
+        full, closed = self._refused()
+        family = CounterMetricFamily(
+            "snapserve_cpp_calls_refused", "Calls the C++ gRPC front end refused before Python "
+            "saw them (queue_full: RESOURCE_EXHAUSTED, its queue at max_pending_calls; closed: "
+            "UNAVAILABLE, the server stopping)", labels=["reason"])
+        family.add_metric(["queue_full"], full)
+        family.add_metric(["closed"], closed)
+        yield family
 
 
 class _LoadedModelsCollector(Collector):

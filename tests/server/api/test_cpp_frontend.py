@@ -286,6 +286,8 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_answered(tmp_path: Path) 
                     outcomes.append("refused")
         assert outcomes.count("ok") == 2 and outcomes.count("refused") == 4, outcomes
         assert server.running.cpp is not None and server.running.cpp.refused == (4, 0)
+        assert server.running.metrics.registry.get_sample_value(
+            "snapserve_cpp_calls_refused_total", {"reason": "queue_full"}) == 4
     finally:
         server.stop()
 
