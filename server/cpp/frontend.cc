@@ -61,7 +61,7 @@ struct Frontend {
   uint64_t refused_full = 0;
   uint64_t refused_closed = 0;
   // Answers go out on a thread of ours: writing one (gRPC frames and sends it inline) would
-  // otherwise cost the event loop's thread as much as everything else it does for the call.
+  // otherwise take a large share of the event loop's thread (docs/performance.md).
   std::mutex answers_mutex;  // guards the two below
   std::condition_variable answers_ready;
   std::deque<Call*> answers;
