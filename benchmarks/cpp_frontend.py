@@ -17,7 +17,6 @@ server builds the front end at its first start). Never in CI: a benchmark needs 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,8 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
-from benchmarks.serve import (_CLK_TCK, RESULTS, _free_port, _measured_level, _process, _span,
-                              replace_section)
+from benchmarks.serve import _CLK_TCK, _free_port, _measured_level, _process, _span, record
 
 __all__ = ["main", "render", "run", "thread_cpu_seconds"]
 
@@ -162,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        *(sys.argv[1:] if argv is None else argv)]))
     print(section)
     if not args.no_write:
-        RESULTS.write_text(replace_section(RESULTS.read_text(), SECTION, section))
-        (ROOT / "benchmarks" / "results-cpp-frontend.json").write_text(
-            json.dumps(report, indent=2, default=str) + "\n")
+        record(SECTION, section, ROOT / "benchmarks" / "results-cpp-frontend.json", report)
     return 0
 
 

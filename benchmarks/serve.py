@@ -394,6 +394,14 @@ def replace_section(text: str, heading: str, body: str) -> str:
     return f"{before}\n\n{body.rstrip()}\n" + (f"\n{kept_after.rstrip()}\n" if kept_after.strip() else "")
 
 
+def record(heading: str, section: str, raw: Path, report: dict[str, Any]) -> None:
+    """Rewrite the `## heading` section of RESULTS.md with `section` and the run's JSON."""
+    RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "",
+                                       heading, section))
+    raw.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    logger.info("wrote %s and %s", RESULTS, raw)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=[DIGITS, RESNET20], choices=[DIGITS, RESNET20])
@@ -420,10 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = render(report)
     print(section)
     if not args.no_write:
-        RESULTS.write_text(replace_section(RESULTS.read_text() if RESULTS.exists() else "",
-                                           SECTION, section))
-        RAW.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        logger.info("wrote %s and %s", RESULTS, RAW)
+        record(SECTION, section, RAW, report)
     return 0
 
 

@@ -55,8 +55,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
-from benchmarks.serve import (_CLK_TCK, RESULTS, _bench, _echo, _fmt, _free_port, _process,
-                              _span, replace_section, stop_process)
+from benchmarks.serve import (_CLK_TCK, _bench, _echo, _fmt, _free_port, _process, _span, record,
+                              stop_process)
 
 __all__ = ["TritonSetting", "best_setting", "main", "sweep_settings"]
 
@@ -576,9 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = render(report, levels)
     print(section)
     if not args.no_write:
-        RESULTS.write_text(replace_section(RESULTS.read_text(), SECTION, section))
-        (ROOT / "benchmarks" / "results-peers.json").write_text(
-            json.dumps(report, indent=2, default=str) + "\n")
+        record(SECTION, section, ROOT / "benchmarks" / "results-peers.json", report)
     return 0
 
 
