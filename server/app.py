@@ -230,9 +230,6 @@ async def start_server(config: ServerConfig) -> RunningServer:
     kserve = KServeServicer(manager, health, metrics, config.stream_window, intake)
     handlers |= add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(
-        health.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
     enable_reflection(server, SERVICES)
     try:
         port = (server.add_insecure_port(config.address) if credentials is None
@@ -251,6 +248,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         if config.cpp_grpc_port is not None:
             # Built on the first start (seconds of g++), meanwhile health checks are answered.
             await asyncio.to_thread(cpp_library)
+            handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(
+                health.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
             running.cpp = CppFrontEnd(handlers, drain, auth, running.address)
             running.cpp_port = running.cpp.start(
                 format_address(config.host, config.cpp_grpc_port), grpc_options,

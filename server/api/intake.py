@@ -196,7 +196,7 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
                  intake: Intake) -> dict[str, grpc.RpcMethodHandler]:
     """Register every method of `service` on `server` as a raw-bytes handler calling `servicer`
     (what the generated add_*_to_server does, with our parsing in place of gRPC's); the
-    handlers, by full method path (/service/method), for the native front end."""
+    handlers, by full method path (/service/method), for the C++ front end."""
     handlers = {m.name: _method_handler(servicer, m, intake) for m in service.methods}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -118,8 +118,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                      c.c_char_p, c.c_char_p, c.c_int64]
     lib.snapfront_close.restype = None
     lib.snapfront_close.argtypes = [c.c_void_p]
-    lib.snapfront_pending.restype = c.c_int64
-    lib.snapfront_pending.argtypes = [c.c_void_p]
     lib.snapfront_refused.restype = c.c_uint64
     lib.snapfront_refused.argtypes = [c.c_void_p, c.c_int]
     return lib
@@ -190,10 +188,6 @@ class CppServer:
         if self._handle is not None:
             self._lib.snapfront_close(self._handle)
 
-    @property
-    def pending(self) -> int:
-        return 0 if self._handle is None else self._lib.snapfront_pending(self._handle)
-
     def refused(self) -> tuple[int, int]:
         """Calls refused so far: (queue full, closed)."""
         if self._handle is None:
@@ -202,17 +196,11 @@ class CppServer:
                 self._lib.snapfront_refused(self._handle, 1))
 
     def stop(self, grace: float) -> None:
-        """Unanswered calls get UNAVAILABLE; gRPC stops. Blocks: run it off the event loop
-        (after the loop stops taking calls: `detach` first)."""
+        """Unanswered calls get UNAVAILABLE; gRPC stops; every later call is a no-op. Blocks:
+        run it off the event loop, once the loop no longer takes calls."""
         handle, self._handle = self._handle, None
         if handle is not None:
             self._lib.blocking_stop(handle, grace)
-
-    def detach(self) -> int | None:
-        """The handle, and this object no longer uses it (every later call is a no-op)."""
-        handle, self._handle = self._handle, None
-        return handle
-
 
 def metadata_pairs(raw: bytes) -> tuple[tuple[str, str], ...]:
     """The C side's `key \\0 value \\0 ...` as grpc.aio's invocation metadata."""

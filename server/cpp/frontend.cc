@@ -400,13 +400,6 @@ void snapfront_close(void* handle) {
   frontend->closed = true;
 }
 
-// Calls queued or taken and not yet answered.
-int64_t snapfront_pending(void* handle) {
-  auto* frontend = static_cast<Frontend*>(handle);
-  std::lock_guard<std::mutex> lock(frontend->mutex);
-  return static_cast<int64_t>(frontend->queue.size() + frontend->taken.size());
-}
-
 // Calls refused because the queue was full (which 0) or the front end closed (which 1).
 uint64_t snapfront_refused(void* handle, int which) {
   auto* frontend = static_cast<Frontend*>(handle);
