@@ -20,10 +20,14 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
   enough that a thread hop is small beside it (SPREAD_MIN_S), and that predicted gain passes
   the intra-op lead's measured one by PLAN_MARGIN (the prediction runs high); where it clears
   the margin and not intra-op's gain, the lead is intra-op's;
-- a single single-thread instance computes a lone request *on the event loop* when its largest
-  batch takes at most ON_LOOP_MAX_S: the hop to an inference thread and back (a thread woken,
-  the loop woken, the GIL handed over twice) then costs more than the run. Batches of more
-  requests still go to the thread, so the loop takes in the next requests meanwhile.
+- a single single-thread instance computes a lone request *on the event loop* when it is
+  cheap: the hop to an inference thread and back (a thread woken, the loop woken, the GIL
+  handed over twice) then costs more than the run. A lone request of up to `loop_examples`
+  examples qualifies: as many as the compute per example, with PLAN_MARGIN, fits in
+  ON_LOOP_MAX_S (the most a request may hold the loop). Batches of more requests still go to
+  the thread, so the loop takes in the next requests meanwhile. The bound is per request, not
+  a yes or no on the model's largest batch, so that a model whose largest batch takes about
+  ON_LOOP_MAX_S does not flip between starts for its one-example requests.
 
 The same model on the same machine must get the same plan at every start, though timings at
 load move with whatever else the machine runs. So each choice keeps the simpler plan unless the
@@ -172,10 +176,17 @@ class ThreadPlan:
     threads: int
     lead_threads: int = 0  # 0: no lead instance
     why: str = ""
-    on_loop: bool = False  # a lone request computes on the event loop thread, not the instance's
+    # A lone request of up to this many examples computes on the event loop thread, not the
+    # instance's; 0: never.
+    loop_examples: int = 0
     # The lead spreads the members over its threads (one-thread sessions, a group of members
     # per thread), not one session's intra-op threads.
     lead_spread: bool = False
+
+    @property
+    def on_loop(self) -> bool:
+        """Whether a lone request may compute on the event loop (one of `loop_examples` or fewer)."""
+        return self.loop_examples > 0
 
     @property
     def lead(self) -> str:
@@ -254,13 +265,18 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
                 f"when either is over {1 + LEAD_MARGIN:.2f} x faster, the members spread from "
                 f"{1e3 * SPREAD_MIN_S:.0f} ms and when over {1 + PLAN_MARGIN:.2f} x intra-op's "
                 "gain, else intra-op)")
-    on_loop = (instances == AUTO and parallel == 1 and threads == 1 and not lead
-               and batch_seconds is not None and batch_seconds <= ON_LOOP_MAX_S)
-    if on_loop:
-        reasons.append(f"a lone request computed on the event loop (the largest batch: "
-                       f"{1e3 * batch_seconds:.2f} ms <= {1e3 * ON_LOOP_MAX_S:.0f} ms: cheaper "
-                       "than a thread hop)")
+    loop_examples = 0
+    if (instances == AUTO and parallel == 1 and threads == 1 and not lead
+            and batch_seconds is not None and seconds_per_example):
+        largest = round(batch_seconds / seconds_per_example)
+        loop_examples = min(int(ON_LOOP_MAX_S / ((1 + PLAN_MARGIN) * seconds_per_example)),
+                            largest)
+        if loop_examples:
+            reasons.append(
+                f"a lone request of up to {loop_examples} example(s) computed on the event loop "
+                f"({1e3 * seconds_per_example:.2f} ms per example x {1 + PLAN_MARGIN:.2f} fits "
+                f"{loop_examples} in {1e3 * ON_LOOP_MAX_S:.0f} ms: cheaper than a thread hop)")
     why = f"auto on {cores} core(s): " + "; ".join(reasons)
     if lead and parallel == 1:  # one batch at a time: the lead alone, never a second instance
         return ThreadPlan(1, lead, why=why, lead_spread=spread)
-    return ThreadPlan(parallel, threads, lead, why, on_loop, lead_spread=spread)
+    return ThreadPlan(parallel, threads, lead, why, loop_examples, lead_spread=spread)

@@ -60,7 +60,8 @@ class ServedEnsemble:
 
     def __init__(self, manifest: Manifest, path: Path, runtime: EnsembleRuntime,
                  batcher_config: BatcherConfig, instances: Sequence[EnsembleRuntime] = (),
-                 lead: EnsembleRuntime | None = None) -> None:
+                 lead: EnsembleRuntime | None = None, thread_plan: ThreadPlan | None = None
+                 ) -> None:
         self.manifest = manifest
         self.path = path
         self.runtime = runtime
@@ -78,7 +79,9 @@ class ServedEnsemble:
         self._busy = 0  # batches computing now
         self._loop: asyncio.AbstractEventLoop | None = None  # the batches' loop, once known
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
-        self.thread_plan: ThreadPlan | None = None  # how instances and threads were chosen
+        self.thread_plan = thread_plan  # how instances and threads were chosen, when planned
+        # A lone request of up to this many examples computes on the event loop (0: never).
+        self._loop_examples = thread_plan.loop_examples if thread_plan is not None else 0
         batcher_config = batcher_config.replace(max_concurrent_batches=len(parallel))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
         # The effective per-model settings (models.settings), set by the lifecycle: reported
@@ -146,8 +149,10 @@ class ServedEnsemble:
             parameters["intra_op_threads"] = ",".join(map(str, counts))
             parameters["lead_instance"] = self.thread_plan.lead
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
-            parameters["lone_request_compute"] = ("event_loop" if self.thread_plan.on_loop
+            parameters["lone_request_compute"] = ("event_loop" if self._loop_examples
                                                   else "instance_thread")
+            if self._loop_examples:  # the largest lone request computed there
+                parameters["loop_max_examples"] = str(self._loop_examples)
             parameters["threads_choice"] = self.thread_plan.why
         return {**self.settings, **parameters}
 
@@ -163,7 +168,7 @@ class ServedEnsemble:
             # A lone request of a cheap model: on the event loop, no thread hop (engine/cores.py).
             # Batches of more go to the instance's thread, so the loop takes in the next
             # requests while they compute (on the loop, they form convoys).
-            if len(inputs) == 1 and self.thread_plan is not None and self.thread_plan.on_loop:
+            if len(inputs) == 1 and len(inputs[0]) <= self._loop_examples:
                 scores, answered = answer_batch(pair[0], inputs, self.allow_nonfinite,
                                                 self.batcher.name)
             else:

@@ -162,10 +162,9 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,
                                           batcher_config.max_batch_size, build, build_spread)
     instances = [runtime] + [build(plan.threads) for _ in range(plan.parallel - 1)]
-    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead)
+    served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead, plan)
     served.allow_nonfinite = runtime_config.allow_nonfinite
     served.graph_timing = timing
-    served.thread_plan = plan
     # Every instance, on its own thread, before the version is ready: the sizes live traffic
     # meets first, so their first-run costs (CUDA graph capture included) are paid at load.
     sizes = runtime.warm_up_batch_sizes(batcher_config.max_batch_size)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from snapserve.server.engine.cores import (LOOP_COST_S, ON_LOOP_MAX_S, cgroup_cpu_limit, plan_threads,
-                                           usable_cores)
+from snapserve.server.engine.cores import (LOOP_COST_S, ON_LOOP_MAX_S, PLAN_MARGIN, cgroup_cpu_limit,
+                                           plan_threads, usable_cores)
 
 
 def _write(path: Path, text: str) -> None:
@@ -127,29 +127,46 @@ def test_plan_explicit_instances_get_no_lead() -> None:
 def test_plan_computes_a_cheap_single_instance_on_the_event_loop() -> None:
     cheap = LOOP_COST_S / 10
     plan = plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=(2e-4, 3e-4),
-                        batch_seconds=ON_LOOP_MAX_S / 2)
+                        batch_seconds=32 * cheap)
     assert plan.on_loop and plan.thread_counts == (1,) and "event loop" in plan.why
-    # a largest batch that would hold the loop too long, an explicit instance count, a lead,
-    # or nothing measured: its own thread
-    assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=None,
-                            batch_seconds=ON_LOOP_MAX_S * 2).on_loop
+    assert plan.loop_examples == 32  # every lone request fits: the largest batch is 1.6 ms
+    # an explicit instance count, a lead, or nothing measured: its own thread
     assert not plan_threads(1, 0, cores=2, seconds_per_example=None, lone_seconds=None,
-                            batch_seconds=ON_LOOP_MAX_S / 2).on_loop
+                            batch_seconds=32 * cheap).on_loop
     assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=(4e-4, 1e-4),
-                            batch_seconds=ON_LOOP_MAX_S / 2).on_loop
+                            batch_seconds=32 * cheap).on_loop
     assert not plan_threads(0, 0, cores=2, seconds_per_example=cheap, lone_seconds=None).on_loop
     heavy = plan_threads(0, 0, cores=2, seconds_per_example=4e-3, lone_seconds=None,
                          batch_seconds=4e-3)
     assert not heavy.on_loop and heavy.parallel == 2
 
 
+@pytest.mark.parametrize("largest_batch_s", [3.89e-3, 5.68e-3, 6.00e-3])
+def test_a_lone_request_stays_on_the_loop_whatever_the_largest_batch_measured(
+        largest_batch_s: float) -> None:
+    # The digits model's largest batch (32) as three starts on one machine measured it, on
+    # either side of ON_LOOP_MAX_S: its one-example requests compute on the loop at every start;
+    # only how large a lone request may be and still hold the loop moves with the noise.
+    per_example = largest_batch_s / 32
+    plan = plan_threads(0, 0, cores=2, seconds_per_example=per_example,
+                        lone_seconds=(3.7e-4, 3.9e-4), batch_seconds=largest_batch_s)
+    assert plan.on_loop and plan.thread_counts == (1,)
+    assert 1 < plan.loop_examples <= 32
+    assert plan.loop_examples * per_example * (1 + PLAN_MARGIN) <= ON_LOOP_MAX_S
+    assert (plan.loop_examples + 1) * per_example * (1 + PLAN_MARGIN) > ON_LOOP_MAX_S \
+        or plan.loop_examples == 32
+
+
 async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
     import asyncio
+    import threading
 
     import numpy as np
 
     from snapserve.server.engine.batcher import BatcherConfig
+    from snapserve.server.engine.cores import ThreadPlan
     from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.models.ensemble import ServedEnsemble
     from snapserve.server.models.loading import load_version
 
     served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
@@ -160,9 +177,33 @@ async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so
     try:
         x = np.random.default_rng(0).normal(size=(1, *served.manifest.input.shape[1:]))
         reference = served.runtime.scores(x.astype(np.float32))
+        # Which thread computes each batch: the real runtime's scores, its caller noted.
+        computed_on: list[str] = []
+        runtime, scores = served.runtime, served.runtime.scores
+
+        def noted(batch: np.ndarray) -> object:
+            computed_on.append(threading.current_thread().name)
+            return scores(batch)
+
+        runtime.scores = noted  # type: ignore[method-assign]
         alone = await served.predict(x.astype(np.float32))  # on the loop
+        assert computed_on == [threading.current_thread().name]
         together = await asyncio.gather(*(served.predict(x.astype(np.float32)) for _ in range(5)))
         for answer in [alone, *together]:
             np.testing.assert_allclose(answer.probabilities, reference.probabilities, rtol=1e-6)
+        assert served.runtime_parameters["loop_max_examples"] == str(
+            served.thread_plan.loop_examples)
     finally:
         await served.close()
+    # A lone request larger than the plan's bound goes to the instance's thread.
+    bounded = ServedEnsemble(served.manifest, served.path, runtime, BatcherConfig(max_batch_size=8),
+                             thread_plan=ThreadPlan(1, 1, loop_examples=2))
+    await bounded.start()
+    try:
+        for examples, thread in ((2, threading.current_thread().name), (3, "inference")):
+            computed_on.clear()
+            answer = await bounded.predict(np.repeat(x, examples, axis=0).astype(np.float32))
+            assert answer.probabilities.shape[0] == examples
+            assert computed_on and computed_on[0].startswith(thread), (examples, computed_on)
+    finally:
+        await bounded.close()
