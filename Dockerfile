@@ -8,8 +8,9 @@
 #   docker build --target server-gpu -t snapserve:gpu .
 #   docker build --target trainer -t snapserve:trainer .
 #
-# BASE_IMAGE: a Debian-based image with python3 (3.11+) and its venv module, like the default.
-ARG BASE_IMAGE=python:3.11-slim
+# BASE_IMAGE: a Debian 12 (bookworm) image with python3 (3.11+) and its venv module, like the
+# default: the C++ front end's packages below are bookworm's, pinned.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------------------- settings for all
 FROM ${BASE_IMAGE} AS base
@@ -32,6 +33,21 @@ RUN python -m venv /opt/build \
     && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && cp constraints.txt /wheels/
 
+# ---------------------------------------------------------------------------- cpp: C++ front end
+# `--cpp-grpc-port` (docs/reliability.md) serves unary gRPC through a library built against the
+# system's gRPC C++ library. It is compiled here, so the server images carry gRPC's shared
+# libraries and the built file, and no compiler.
+FROM base AS cpp
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 libgrpc++-dev=1.51.1-3+b1 \
+       pkg-config=1.8.1-1 \
+    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv /opt/cpp \
+    && whl=$(find /wheels -name 'snapserve_ensembles-*.whl') \
+    && /opt/cpp/bin/pip install --no-cache-dir --no-deps "${whl}" \
+    && SNAPSERVE_CPP_DIR=/opt/snapserve/cpp /opt/cpp/bin/python -m snapserve.server.cpp.binding
+
 # ---------------------------------------------------------------------------- common runtime
 FROM base AS runtime
 # The model repository (<model>/<version>/, docs/model-repository.md): mount it here.
@@ -53,8 +69,18 @@ RUN groupadd --system --gid 10001 snapserve \
     && mkdir /models \
     && chown snapserve:snapserve /models
 
+# ---------------------------------------------------------------------------- serving runtime
+# What both server images add: gRPC's C++ runtime libraries and the C++ front end built above
+# (found by its source's hash in SNAPSERVE_CPP_DIR, so the server never compiles it).
+FROM runtime AS serving
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgrpc++1.51=1.51.1-3+b1 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=cpp /opt/snapserve/cpp /opt/snapserve/cpp
+ENV SNAPSERVE_CPP_DIR=/opt/snapserve/cpp
+
 # ---------------------------------------------------------------------------- server-gpu
-FROM runtime AS server-gpu
+FROM serving AS server-gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # onnxruntime-gpu's [cuda,cudnn] extras bring the CUDA runtime, cuBLAS, cuFFT, cuRAND and cuDNN as
 # pip wheels; ld.so learns their folders, so no CUDA base image is needed. The host provides the
@@ -94,7 +120,7 @@ ENTRYPOINT ["trainer"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------- server (default)
-FROM runtime AS server
+FROM serving AS server
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
     && whl=$(find /wheels -name 'snapserve_ensembles-*.whl') \

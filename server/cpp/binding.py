@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from snapserve.server.errors import ConfigError
 
-__all__ = ["CPP_DIR_ENV", "CallView", "CppServer", "library"]
+__all__ = ["CPP_DIR_ENV", "CallView", "CppServer", "build", "library"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +78,27 @@ def _compile(target: Path) -> None:
         os.replace(built, target)
 
 
+def build() -> Path:
+    """The library's file for this source, compiled first if it is not there yet. An image
+    builds it ahead (`python -m snapserve.server.cpp.binding`), so its server needs only gRPC's
+    shared libraries, no compiler."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"libsnapfront-{digest}.so"
+    if not target.exists():
+        try:
+            _compile(target)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"cannot build the C++ front end in {target.parent} "
+                              f"({exc}); point {CPP_DIR_ENV} at a writable folder") from exc
+    return target
+
+
 def library() -> ctypes.CDLL:
     """The loaded library, compiled first if this source was never built here."""
     global _library
     with _lock:
         if _library is None:
-            digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-            target = _cache_dir() / f"libsnapfront-{digest}.so"
-            if not target.exists():
-                try:
-                    _compile(target)
-                except (OSError, subprocess.TimeoutExpired) as exc:
-                    raise ConfigError(f"cannot build the C++ front end in {target.parent} "
-                                      f"({exc}); point {CPP_DIR_ENV} at a writable folder") from exc
+            target = build()
             # PyDLL: the calls keep the GIL. Each returns in microseconds, and a call that
             # let the GIL go would hand it to the inference thread and wait to get it back.
             # Only snapfront_stop blocks; it goes through a CDLL handle, which lets it go.
@@ -202,9 +210,15 @@ class CppServer:
         if handle is not None:
             self._lib.blocking_stop(handle, grace)
 
+
 def metadata_pairs(raw: bytes) -> tuple[tuple[str, str], ...]:
     """The C side's `key \\0 value \\0 ...` as grpc.aio's invocation metadata."""
     if not raw:
         return ()
     parts = raw.decode("latin-1").split("\0")
     return tuple(zip(parts[0:-1:2], parts[1:-1:2]))
+
+
+if __name__ == "__main__":  # builds the library into SNAPSERVE_CPP_DIR ahead of any server
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(build())

@@ -48,7 +48,7 @@ def stages() -> dict[str, list[str]]:
 
 def test_base_image_is_a_build_argument() -> None:
     preamble = stages()[""]
-    assert preamble[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    assert preamble[0] == "ARG BASE_IMAGE=python:3.11-slim-bookworm"
     assert stages()["base"][0].startswith("FROM ${BASE_IMAGE} AS base")
 
 
@@ -76,6 +76,17 @@ def test_server_image_has_no_pytorch_and_one_onnxruntime() -> None:
     assert not re.search(r"\[[a-z,]*train", server), "the train extra brings PyTorch"
     assert '"${whl}[gpu]"' in gpu and "[cpu" not in gpu and "torch" not in gpu
     assert "-c /wheels/constraints.txt" in server and "-c /wheels/constraints.txt" in gpu
+
+
+def test_server_images_carry_the_cpp_front_end_built_and_no_compiler() -> None:
+    all_stages = stages()
+    serving = " ".join(all_stages["serving"])
+    assert "COPY --from=cpp /opt/snapserve/cpp /opt/snapserve/cpp" in serving
+    assert "ENV SNAPSERVE_CPP_DIR=/opt/snapserve/cpp" in serving
+    assert "libgrpc++1.51" in serving and "g++" not in serving.replace("libgrpc++", "")
+    for name in ("server", "server-gpu"):
+        assert all_stages[name][0].startswith("FROM serving AS"), name
+    assert "-m snapserve.server.cpp.binding" in " ".join(all_stages["cpp"])
 
 
 def test_dockerignore_sends_only_the_sources() -> None:
