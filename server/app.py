@@ -50,6 +50,7 @@ SERVICES = [pb.DESCRIPTOR.services_by_name["EnsembleService"],
 # Health service names that follow the server's overall status "" (see api/health.py).
 HEALTH_SERVICE_NAMES = ("", "snapserve.v1.EnsembleService", "inference.GRPCInferenceService")
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 @dataclass
@@ -250,6 +251,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
             await asyncio.to_thread(cpp_library)
             handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(
                 health.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+            # Watched by clients that balance over addresses (ours, grpc-go's): without it
+            # they log an error and stop seeing a drain coming.
+            handlers[HEALTH_WATCH] = grpc.unary_stream_rpc_method_handler(
+                health.Watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
                 response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
             running.cpp = CppFrontEnd(handlers, drain, auth, running.address)
             running.cpp_port = running.cpp.start(

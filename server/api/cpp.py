@@ -9,9 +9,10 @@ did on the loop for every call (accepting calls one at a time, its poller thread
 a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
 
 Served here: every unary method of snapserve.v1.EnsembleService and inference.
-GRPCInferenceService, and grpc.health.v1.Health/Check. Not served (UNIMPLEMENTED, naming the
-grpc.aio port): the streaming methods (PredictStream, ModelStreamInfer, Health/Watch) and
-reflection. A call its client cancels (or whose deadline passes) has its task cancelled, as
+GRPCInferenceService, and grpc.health.v1.Health/Check and Health/Watch (one request, a stream
+of answers: the loop writes each message as the handler yields it, the C++ side sends them in
+order). Not served (UNIMPLEMENTED, naming the grpc.aio port): the methods that stream requests
+(PredictStream, ModelStreamInfer) and reflection. A call its client cancels (or whose deadline passes) has its task cancelled, as
 grpc.aio does: the batcher drops it before compute.
 """
 
@@ -116,6 +117,9 @@ class CppFrontEnd:
             handler = self._admit(method, context)
             request = (data if handler.request_deserializer is None
                        else handler.request_deserializer(data))
+            if handler.response_streaming:
+                await self._stream(call_id, handler, request, context)
+                return
             answer = handler.response_serializer(await handler.unary_unary(request, context))
             server.answer(call_id, answer, context.trailer())
         except grpc.aio.AbortError:
@@ -137,16 +141,32 @@ class CppFrontEnd:
         finally:
             self._calls.pop(call_id, None)
 
+    async def _stream(self, call_id: int, handler: grpc.RpcMethodHandler, request: object,
+                      context: CppContext) -> None:
+        """A streamed answer: each message written as the handler yields it, then OK."""
+        server = self._server
+        assert server is not None
+        answers = handler.unary_stream(request, context)
+        try:
+            async for answer in answers:
+                if not server.write(call_id, handler.response_serializer(answer)):
+                    server.fail(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                "the client does not read this stream's messages; ended")
+                    return
+        finally:
+            await answers.aclose()  # its cleanup (a Watch's count) runs now, cancelled or not
+        server.end(call_id, context.trailer())
+
     def _admit(self, method: str, context: CppContext) -> grpc.RpcMethodHandler:
         """The call's handler; or the status it gets instead, raised as context.abort raises it,
         asked in the order of the grpc.aio server's interceptors (drain, then tokens)."""
         handler = self._handlers.get(method)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        if handler is None or handler.request_streaming:
             what = "a stream" if handler is not None else "not a method of this server"
             context.code = grpc.StatusCode.UNIMPLEMENTED
             context.details = (f"{method[:200]!r} is {what}: the C++ front end serves unary "
-                               "inference, metadata and health checks; streams and reflection "
-                               f"are served on the gRPC port {self._aio_address}")
+                               "inference, metadata and health checks and watches; streams "
+                               f"and reflection are served on the gRPC port {self._aio_address}")
             raise grpc.aio.AbortError()
         if not method.startswith(OPEN_WHILE_DRAINING) and not self._drain.admit():
             context.code, context.details = grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN

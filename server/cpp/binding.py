@@ -124,6 +124,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.snapfront_answer.restype = c.c_int
     lib.snapfront_answer.argtypes = [c.c_void_p, c.c_uint64, c.c_int, c.c_char_p, c.c_int64,
                                      c.c_char_p, c.c_char_p, c.c_int64]
+    lib.snapfront_write.restype = c.c_int
+    lib.snapfront_write.argtypes = [c.c_void_p, c.c_uint64, c.c_char_p, c.c_int64]
     lib.snapfront_close.restype = None
     lib.snapfront_close.argtypes = [c.c_void_p]
     lib.snapfront_refused.restype = c.c_uint64
@@ -184,6 +186,19 @@ class CppServer:
     def answer(self, call_id: int, data: bytes, trailer: bytes = b"") -> None:
         if self._handle is not None:
             self._lib.snapfront_answer(self._handle, call_id, 0, data, len(data), None, trailer,
+                                       len(trailer))
+
+    def write(self, call_id: int, data: bytes) -> bool:
+        """One message of a streamed answer; False when its client has left too many unread
+        (the caller ends the call)."""
+        if self._handle is None:
+            return False
+        return self._lib.snapfront_write(self._handle, call_id, data, len(data)) != -2
+
+    def end(self, call_id: int, trailer: bytes = b"") -> None:
+        """Ends a streamed answer with OK, after the messages written."""
+        if self._handle is not None:
+            self._lib.snapfront_answer(self._handle, call_id, 0, None, 0, None, trailer,
                                        len(trailer))
 
     def fail(self, call_id: int, code: int, message: str, trailer: bytes = b"") -> None:

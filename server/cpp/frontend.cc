@@ -1,6 +1,7 @@
-// The C++ gRPC front end: gRPC's C++ callback server owns a port, reads each unary call's
-// request bytes on gRPC's own threads and queues the call; the Python event loop takes the
-// queued calls in groups (an eventfd wakes it) and answers each with bytes or a status.
+// The C++ gRPC front end: gRPC's C++ callback server owns a port, reads each call's one
+// request message on gRPC's own threads and queues the call; the Python event loop takes the
+// queued calls in groups (an eventfd wakes it) and answers each with bytes or a status, or,
+// for a method that answers with a stream (Health/Watch), writes messages and then ends it.
 // Nothing here parses a message or knows a method: what a call means is Python's business
 // (server/api/cpp.py), so both front ends run the same handlers.
 //
@@ -73,6 +74,9 @@ constexpr char kFullMessage[] =
     "the server has too many calls waiting to be taken in (C++ front end queue full); "
     "retry later";
 constexpr char kClosedMessage[] = "the server is shutting down; retry on another instance";
+// Messages a stream may hold that its client has not read yet; past it, the write is refused
+// (Python ends the call): a client that stops reading holds no more of the server's memory.
+constexpr size_t kMaxPendingWrites = 64;
 
 class Call : public grpc::ServerGenericBidiReactor {
  public:
@@ -177,19 +181,69 @@ class Call : public grpc::ServerGenericBidiReactor {
     view->timeout = timeout_;
   }
 
-  // Keeps the answer: `data` with OK (code 0), or the status `code` with `message`; `trailer`
-  // (key \0 value \0 ...) as trailing metadata. Called once, with the GIL held: copies only.
+  // Keeps the answer: `data` with OK (code 0; no data: a stream's end, OK), or the status
+  // `code` with `message`; `trailer` (key \0 value \0 ...) as trailing metadata. Called once,
+  // with the GIL held: copies only.
   void Keep(int code, const char* data, int64_t data_len, const char* message,
             const char* trailer, int64_t trailer_len) {
     code_ = code;
+    end_only_ = code == 0 && data == nullptr;
     data_.assign(data != nullptr ? data : "", static_cast<size_t>(data != nullptr ? data_len : 0));
     message_ = message != nullptr ? message : "";
     trailer_.assign(trailer != nullptr ? trailer : "",
                     static_cast<size_t>(trailer != nullptr ? trailer_len : 0));
   }
 
-  // Sends the kept answer (on the answering thread).
+  // Writes one message of a streamed answer: at once, or after the ones before it. 0, or -1
+  // when kMaxPendingWrites are already waiting for the client.
+  int Write(const char* data, int64_t data_len) {
+    std::lock_guard<std::mutex> lock(write_mutex_);
+    if (!writing_) {
+      writing_ = true;
+      StartMessage(std::string(data, static_cast<size_t>(data_len)));
+      return 0;
+    }
+    if (pending_writes_.size() >= kMaxPendingWrites) return -1;
+    pending_writes_.emplace_back(data, static_cast<size_t>(data_len));
+    return 0;
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(write_mutex_);
+    if (ok && !pending_writes_.empty()) {
+      std::string next = std::move(pending_writes_.front());
+      pending_writes_.pop_front();
+      StartMessage(std::move(next));
+      return;
+    }
+    pending_writes_.clear();  // !ok: the client is gone; OnCancel tells Python
+    writing_ = false;
+    bool send = send_after_writes_;
+    lock.unlock();
+    if (send) SendNow();
+  }
+
+  // Sends the kept answer (on the answering thread, or the loop's for a lone one); after the
+  // messages a stream still has to write.
   void Send() {
+    {
+      std::lock_guard<std::mutex> lock(write_mutex_);
+      if (writing_) {
+        send_after_writes_ = true;
+        return;
+      }
+    }
+    SendNow();
+  }
+
+ private:
+  void StartMessage(std::string message) {  // with write_mutex_ held
+    grpc::Slice slice(message);
+    stream_message_ = grpc::ByteBuffer(&slice, 1);
+    StartWrite(&stream_message_);
+  }
+
+  void SendNow() {
     for (size_t at = 0; at < trailer_.size();) {
       std::string key(trailer_.c_str() + at);
       at += key.size() + 1;
@@ -197,7 +251,7 @@ class Call : public grpc::ServerGenericBidiReactor {
       at += value.size() + 1;
       context_->AddTrailingMetadata(key, value);
     }
-    if (code_ != 0) {
+    if (code_ != 0 || end_only_) {  // a status, or the end of a stream
       Finish(grpc::Status(static_cast<grpc::StatusCode>(code_), message_));
       return;
     }
@@ -206,7 +260,6 @@ class Call : public grpc::ServerGenericBidiReactor {
     StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
   }
 
- private:
   Frontend* frontend_;
   grpc::GenericCallbackServerContext* context_;
   grpc::ByteBuffer request_;
@@ -220,6 +273,12 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::atomic<bool> cancelled_{false};
   std::string message_;
   std::string trailer_;
+  bool end_only_ = false;  // OK without a message: a stream's end
+  std::mutex write_mutex_;  // guards the four below (Python writes, gRPC reports writes done)
+  bool writing_ = false;
+  bool send_after_writes_ = false;
+  std::deque<std::string> pending_writes_;
+  grpc::ByteBuffer stream_message_;
 };
 
 void Answering(Frontend* frontend) {
@@ -370,7 +429,7 @@ int snapfront_cancelled(void* handle, uint64_t* ids, int max_ids) {
   return count;
 }
 
-// Answers a taken call (see Call::Answer); 0, or -1 if no such call is waiting for an answer.
+// Answers a taken call (see Call::Keep); 0, or -1 if no such call is waiting for an answer.
 int snapfront_answer(void* handle, uint64_t id, int code, const char* data, int64_t data_len,
                      const char* message, const char* trailer, int64_t trailer_len) {
   auto* frontend = static_cast<Frontend*>(handle);
@@ -391,6 +450,22 @@ int snapfront_answer(void* handle, uint64_t id, int code, const char* data, int6
     Post(frontend, call);
   }
   return 0;
+}
+
+// Writes one message of a taken call's streamed answer (ended later by snapfront_answer with
+// no data, or a status); 0, -1 if no such call is waiting, -2 if its client has
+// kMaxPendingWrites messages unread.
+int snapfront_write(void* handle, uint64_t id, const char* data, int64_t data_len) {
+  auto* frontend = static_cast<Frontend*>(handle);
+  Call* call;
+  {
+    std::lock_guard<std::mutex> lock(frontend->mutex);
+    auto found = frontend->taken.find(id);
+    if (found == frontend->taken.end()) return -1;
+    call = found->second;
+  }
+  // The call stays taken (so alive) until Python answers it, which it does on this thread.
+  return call->Write(data, data_len) == 0 ? 0 : -2;
 }
 
 // From now on new calls get UNAVAILABLE; calls already queued are still taken and answered.

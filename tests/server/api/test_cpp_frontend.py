@@ -348,3 +348,36 @@ async def test_a_call_its_client_cancels_is_dropped_before_compute(tmp_path: Pat
             assert (await busy).model == "slow"
         await _until(lambda: not running.cpp._calls)
         assert batcher.stats.items == 1  # the cancelled one never computed
+
+
+@in_module_loop
+async def test_health_watch_streams_the_status_and_frees_its_place_when_cancelled(
+        running: RunningServer) -> None:
+    watchers = running.health.watchers
+    async with _channel(running.cpp_port) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="digits"), timeout=30)
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        assert running.health.watchers == watchers + 1
+        watch.cancel()
+    await _until(lambda: running.health.watchers == watchers)
+    await _until(lambda: not running.cpp._calls)  # type: ignore[union-attr]
+
+
+@in_module_loop
+async def test_health_watch_hears_the_drain_and_ends_with_ok(tmp_path: Path) -> None:
+    """A client balancing over addresses watches each one: on the C++ port it hears the drain
+    (NOT_SERVING) as on the grpc.aio port, and the stream ends with OK, not with the port."""
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0) as running:
+        async with _channel(running.cpp_port) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30)
+            statuses = [(await asyncio.wait_for(watch.read(), 10)).status]
+            stopping = asyncio.ensure_future(running.stop(grace=5))
+            while (answer := await asyncio.wait_for(watch.read(), 10)) is not grpc.aio.EOF:
+                statuses.append(answer.status)
+            assert await watch.code() == grpc.StatusCode.OK
+            await stopping
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING,
+                        health_pb2.HealthCheckResponse.NOT_SERVING]
