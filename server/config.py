@@ -552,11 +552,11 @@ class ServerConfig(ConfigModel):
                                                         "Triton's binary tensors) on this port of "
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
-    # Off by default: it needs a C++ compiler and libgrpc++ on the machine (built on first use)
-    # and serves unary methods only (server/api/cpp.py).
+    # Off by default: outside the images it needs a C++ compiler and libgrpc++ on the machine
+    # (built on first use), and it serves no method that streams requests (server/api/cpp.py).
     cpp_grpc_port: Port | None = setting(None, "also serve the unary gRPC methods (inference, "
-                                                  "metadata, health checks) on this port of "
-                                                  "host through the C++ front end, with "
+                                                  "metadata, health checks and watches) on this "
+                                                  "port of host through the C++ front end, with "
                                                   "the same TLS and tokens; off: not served; 0 "
                                                   "picks a free port", flat=OffOrPort)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

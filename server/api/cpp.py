@@ -3,7 +3,7 @@ gRPC's C++ library (server/cpp/frontend.cc) instead of grpc.aio, on a port of th
 
 The C++ side owns the port and reads each call's bytes on gRPC's threads; the event loop is
 woken once per group of calls (an eventfd it watches), takes them all and runs each through
-the same method handlers the grpc.aio server registers (api/intake.py `method_handlers`), with
+the same method handlers the grpc.aio server registers (api/intake.py `add_servicer`), with
 the same drain, tokens, intake bound, request ids, status table and metrics. What grpc.aio
 did on the loop for every call (accepting calls one at a time, its poller thread's hand-over,
 a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
@@ -12,8 +12,8 @@ Served here: every unary method of snapserve.v1.EnsembleService and inference.
 GRPCInferenceService, and grpc.health.v1.Health/Check and Health/Watch (one request, a stream
 of answers: the loop writes each message as the handler yields it, the C++ side sends them in
 order). Not served (UNIMPLEMENTED, naming the grpc.aio port): the methods that stream requests
-(PredictStream, ModelStreamInfer) and reflection. A call its client cancels (or whose deadline passes) has its task cancelled, as
-grpc.aio does: the batcher drops it before compute.
+(PredictStream, ModelStreamInfer) and reflection. A call its client cancels (or whose deadline
+passes) has its task cancelled, as grpc.aio does: the batcher drops it before compute.
 """
 
 from __future__ import annotations

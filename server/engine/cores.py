@@ -185,7 +185,7 @@ class ThreadPlan:
 
     @property
     def on_loop(self) -> bool:
-        """Whether a lone request may compute on the event loop (one of `loop_examples` or fewer)."""
+        """Whether a lone request may compute on the event loop (of `loop_examples` or fewer)."""
         return self.loop_examples > 0
 
     @property

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from snapserve.server.engine.cores import (LOOP_COST_S, ON_LOOP_MAX_S, PLAN_MARGIN, cgroup_cpu_limit,
-                                           plan_threads, usable_cores)
+from snapserve.server.engine.cores import (LOOP_COST_S, ON_LOOP_MAX_S, PLAN_MARGIN,
+                                           cgroup_cpu_limit, plan_threads, usable_cores)
 
 
 def _write(path: Path, text: str) -> None:
