@@ -71,10 +71,27 @@ def any_failed(context: DistContext, failed: bool, device: torch.device) -> bool
     return bool(flag.item())
 
 
-def close_distributed(context: DistContext) -> None:
-    """Every process waits for the others before tearing the group down: process 0 still
-    publishes after training, and a peer that destroyed the group and exited meanwhile could
-    abort in gloo's teardown ("terminate called without an active exception")."""
+def close_distributed(context: DistContext, wait: bool = True) -> None:
+    """Leaves the group; with `wait`, once every process has come this far (process 0 still
+    publishes after training).
+
+    The wait goes through the rendezvous store, not a gloo barrier. A gloo worker thread drops
+    its last hold on a collective's tensors just after the caller's wait returns; a process that
+    has nothing left to do after the barrier could begin interpreter finalization first, and
+    that late drop then takes the GIL of a dying interpreter and aborts the process
+    ("terminate called without an active exception", SIGABRT in ~AsyncBarrierWork). Through
+    the store, the last gloo collective comes before process 0's export, which takes seconds,
+    so every worker thread has let go of it by the time a process exits."""
     if context.enabled and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            _store_barrier(context, "snapserve/closing")
         dist.destroy_process_group()
+
+
+def _store_barrier(context: DistContext, key: str) -> None:
+    """All processes meet at `key`: each counts itself in, and the last to arrive opens it."""
+    # torchrun makes a fresh store for every restart of the group, so the keys start unset.
+    store = dist.distributed_c10d._get_default_store()
+    if store.add(f"{key}/arrived", 1) == context.world_size:
+        store.set(f"{key}/open", b"1")
+    store.wait([f"{key}/open"], _TIMEOUT)

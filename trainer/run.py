@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 def run_training(config: TrainConfig) -> TrainResult | None:
     """Trains and publishes one run; None on DDP processes other than 0."""
     context = init_distributed(config.device)
+    finished = False
     try:
         torch.set_num_threads(config.threads)
         device = resolve_device(config.device, context)
@@ -37,13 +38,17 @@ def run_training(config: TrainConfig) -> TrainResult | None:
             _check_writable(Path(config.out), "output folder (--out)", RepositoryError)
             _check_writable(config.run_dir(), "checkpoint folder", CheckpointError)
         try:
-            return _train_and_publish(config, context, device)
+            result = _train_and_publish(config, context, device)
         except BaseException:  # an error or Ctrl-C: no empty checkpoint folder left behind
             if context.is_main:
                 remove_if_empty(config.run_dir())
             raise
+        finished = True
+        return result
     finally:
-        close_distributed(context)
+        # A process that fails leaves at once: torchrun then stops the others, where waiting
+        # for them would hold this one until they reach the end or time out.
+        close_distributed(context, wait=finished)
 
 
 def _train_and_publish(config: TrainConfig, context: DistContext, device: torch.device,

@@ -86,3 +86,30 @@ def test_two_processes_train_the_members_of_one_within_float_rounding(tmp_path: 
     for a, b in zip(logits["ddp"], logits["one"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)  # measured: 3e-6 after 68 steps
         assert (a.argmax(1) == b.argmax(1)).all()
+
+
+# Process 1 fails on its own at update 20: it leaves the group at once, without waiting for
+# process 0, and torchrun stops the run.
+FAILS_ON_ONE = """
+import os, sys
+import snapserve.trainer.loop as loop
+real_step, done = loop.train_step, [0]
+def step(*args, **kwargs):
+    done[0] += 1
+    if done[0] == 20 and os.environ["RANK"] == "1":
+        raise RuntimeError("process 1 fails here on purpose")
+    return real_step(*args, **kwargs)
+loop.train_step = step
+from snapserve.trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_process_ends_the_run_without_a_version(tmp_path: Path) -> None:
+    script = tmp_path / "fails.py"
+    script.write_text(FAILS_ON_ONE)
+    failed = torchrun(str(script), "train", "--out", str(tmp_path / "ddp"), *MLP_ARGS)
+    assert failed.returncode != 0
+    assert "process 1 fails here on purpose" in failed.stderr
+    assert not (tmp_path / "ddp" / "digits").exists()
