@@ -65,8 +65,11 @@ def _version(tmp_path: Path, kind: str) -> Path:
     if kind == "compute-bound":
         # Two members of chained matrix products: the fused graph and the members take about
         # the same time (a near-tie that noise decided), and more threads barely help a lone
-        # example (another near-tie); the compute is plainly above the handling.
-        members = [slow_member(128, 20), slow_member(128, 20)]
+        # example (another near-tie); the compute is plainly above the handling. A lone
+        # example takes about 2 ms of CPU, twice the line from which the members spread over
+        # threads (cores.SPREAD_MIN_S): 20 products took 0.97-1.04 ms on this machine, and
+        # the plan flipped with that line.
+        members = [slow_member(128, 40), slow_member(128, 40)]
     else:  # tiny: the fused graph plainly faster, a lone request on the event loop
         members = [conv_member(1, opset=17), conv_member(2, opset=18), *linear_members(1, seed=3)]
     return import_members(save(members, tmp_path / "onnx"), tmp_path / "repo", kind)
