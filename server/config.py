@@ -246,12 +246,12 @@ class BatcherConfig(ConfigModel):
     # Beyond it callers get QueueFull at once instead of a slow answer.
     max_queue_size: int = count(256, "requests waiting per model before RESOURCE_EXHAUSTED",
                                 high=1 << 20, per_model=True)
-    # When nothing computes, send once the expected company is queued (the batcher's docstring);
-    # off: always wait up to max_queue_delay_s for a full batch, as a plain batcher does.
-    adaptive_wait: bool = setting(True, "when none is computing, send a batch once it holds the "
-                                        "company to expect (as many requests as there were callers "
-                                        "lately); off: always wait up to the queue delay for a "
-                                        "full batch", strict=True)
+    # Send once the expected company is queued (the batcher's docstring); off: always wait up to
+    # max_queue_delay_s for a full batch, as a plain batcher does.
+    adaptive_wait: bool = setting(True, "send a batch once it holds the company to expect (as "
+                                        "many requests as there were callers lately, shared "
+                                        "among the instances); off: always wait up to the queue "
+                                        "delay for a full batch", strict=True)
     # One per runtime instance (set at load, not a setting). More uses more cores on small models.
     max_concurrent_batches: int = Field(1, strict=True, ge=1, le=4096)
 

@@ -11,12 +11,12 @@ no ONNX and no gRPC: the caller decides what an item is and how many examples it
 - One exception from `fn` fails every caller in that batch.
 - Up to `max_concurrent_batches` batches compute at once (one per runtime instance); while
   they run the next one fills, so batches grow with load.
-- Adaptive wait (`adaptive_wait`): when no batch is computing, waiting only pays if company is
-  coming, so what is queued is sent as soon as it holds the company to expect: as many
-  requests as there were callers at once lately (a decaying peak, shared among the concurrent
-  batches), or at the delay, whichever comes first. A lone caller's requests wait for nothing;
-  N callers in a closed loop ride in batches of N; while other batches compute, the delay
-  applies as in a plain batcher, so batches fill while the previous ones compute.
+- Adaptive wait (`adaptive_wait`): waiting only pays if company is coming, so what is queued
+  for a free slot is sent as soon as it holds the company to expect: as many requests as there
+  were callers at once lately (a decaying peak, shared among the concurrent batches), or at the
+  delay, whichever comes first. A lone caller's requests wait for nothing; N callers in a
+  closed loop ride in batches of N (of N/k with k instances, one batch per free instance,
+  sent as soon as its share has come back rather than at the delay).
 """
 
 from __future__ import annotations
@@ -223,24 +223,21 @@ class Batcher(Generic[T, R]):
         self._computing.discard(task)
         self._in_flight -= 1
         self._slot_free.set()
-        self._wakeup.set()  # adaptive wait: nothing computing any more may mean "send now"
 
     def _company(self) -> float:
-        """The requests an idle batcher waits for (adaptive wait): as many as there were callers
-        (queued or computing) at once since the last batch, a peak that decays by _DECAY a
-        batch when fewer come, shared among the batches that may compute at once. One caller:
-        1, sent at once. Eight callers in a closed loop: a batch of eight as soon as the eighth
-        arrives, instead of one batch per arrival: fewer, fuller batches, so a higher rate and
-        less CPU per request (docs/performance.md, "The batcher")."""
+        """The requests a batch for a free slot waits for (adaptive wait): as many as there
+        were callers (queued or computing) at once since the last batch, a peak that decays by
+        _DECAY a batch when fewer come, shared among the batches that may compute at once. One
+        caller: 1, sent at once. Eight callers in a closed loop: a batch of eight as soon as the
+        eighth arrives, instead of one batch per arrival: fewer, fuller batches, so a higher
+        rate and less CPU per request; with two instances, a batch of four for each, each sent
+        as its four come back while the other computes, not at the delay, which would leave the
+        free instance idle meanwhile (docs/performance.md, "The batcher")."""
         config = self.config
         # At most half the queue: callers beyond a full one are refused, not coming, and a
         # queue that fills while the batcher waits would refuse the next arrivals.
         return min(self._expected_callers / config.max_concurrent_batches,
                    max(config.max_queue_size // 2, 1))
-
-    def _idle(self) -> bool:
-        """Adaptive wait: nothing computes, so only the expected company is worth waiting for."""
-        return self.config.adaptive_wait and self._in_flight == 0
 
     async def _next_batch(self) -> list[_Entry[T, R]] | None:
         """Wait for a first item, then for a full batch or its oldest item's delay; None: closed."""
@@ -255,7 +252,7 @@ class Batcher(Generic[T, R]):
         # previous batch was computing have waited already.
         flush_at = self._pending[0].enqueued + self.config.max_queue_delay_s
         while (self._pending_examples < self.config.max_batch_size and not self._closed
-               and (not self._idle() or len(self._pending) < self._company())):
+               and (not self.config.adaptive_wait or len(self._pending) < self._company())):
             if flush_at <= loop.time():
                 break
             self._wakeup.clear()

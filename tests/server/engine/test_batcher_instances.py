@@ -84,19 +84,36 @@ async def test_concurrent_batches_up_to_the_instance_count() -> None:
     assert sorted(i for b in fn.batches for i in b) == list(range(6))
 
 
-async def test_with_a_batch_computing_a_free_instance_waits_for_company() -> None:
+async def test_a_free_instance_takes_a_lone_callers_request_while_another_computes() -> None:
     fn = Held()
     config = BatcherConfig(max_batch_size=8, max_queue_delay_s=60.0, max_concurrent_batches=2)
     async with Batcher(fn, config) as batcher:
         first = asyncio.ensure_future(batcher.submit(0))
         await _until(lambda: len(fn.batches) == 1)
         second = asyncio.ensure_future(batcher.submit(1))
-        await asyncio.sleep(0.05)
-        assert len(fn.batches) == 1  # waiting: more may come while the other batch computes
-        fn.gates[0].set()  # nothing computes any more: no reason left to wait
+        # No company is expected (one caller at a time so far): the free instance takes it at
+        # once, while the first batch still computes, not after the 60 s delay.
         await _until(lambda: len(fn.batches) == 2)
+        assert fn.running == 2
         fn.release_all()
         assert await asyncio.gather(first, second) == [0, 10]
+
+
+async def test_a_free_instance_waits_for_its_share_of_the_company_not_for_the_delay() -> None:
+    fn = Held()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=60.0, max_concurrent_batches=2)
+    async with Batcher(fn, config) as batcher:
+        crowd = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await _until(lambda: len(fn.batches) == 1)
+        assert fn.batches == [[0, 1, 2, 3]]  # four callers seen: two per instance from now on
+        later = [asyncio.ensure_future(batcher.submit(4))]
+        await asyncio.sleep(0.05)
+        assert len(fn.batches) == 1  # one of its two: more is coming
+        later.append(asyncio.ensure_future(batcher.submit(5)))
+        await _until(lambda: len(fn.batches) == 2)  # its share: sent, the first batch still held
+        assert fn.batches[1] == [4, 5] and fn.running == 2
+        fn.release_all()
+        assert await asyncio.gather(*crowd, *later) == [10 * i for i in range(6)]
 
 
 async def test_close_lets_computing_batches_answer() -> None:
