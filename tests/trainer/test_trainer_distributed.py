@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,19 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     runner = Path(sys.executable).with_name("torchrun")
     command = [str(runner)] if runner.exists() else [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --standalone: a free rendezvous port, so parallel test runs do not collide on 29500
-    return subprocess.run([*command, "--standalone", "--nproc_per_node", "2", *args], capture_output=True,
-                          text=True, timeout=240, env=env, cwd=Path(__file__).resolve().parents[2], check=False)
+    # --standalone: a free rendezvous port, so parallel test runs do not collide on 29500.
+    # A session of its own: a run that hangs past the timeout is killed with its workers, which
+    # would otherwise outlive torchrun and hold the test machine's cores.
+    with subprocess.Popen([*command, "--standalone", "--nproc_per_node", "2", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                          cwd=Path(__file__).resolve().parents[2]) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"torchrun still running after 240 s; its last output:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
