@@ -46,9 +46,12 @@ __all__ = [
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Softmax along `axis`, shifted by the max so large logits do not overflow; keeps the dtype."""
-    shifted = logits - np.max(logits, axis=axis, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / np.sum(exp, axis=axis, keepdims=True)
+    # A non-finite logit makes its row NaN (inf - inf), which the server refuses per request
+    # (server/models/bisection.py): expected, so no RuntimeWarning for it.
+    with np.errstate(invalid="ignore"):
+        shifted = logits - np.max(logits, axis=axis, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / np.sum(exp, axis=axis, keepdims=True)
 
 
 def xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
