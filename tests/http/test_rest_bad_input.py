@@ -20,6 +20,7 @@ from snapserve.server import BatcherConfig, RunningServer
 from tests.support.calls import digits_input
 from tests.support.models import reference_member_probs
 from tests.support.servers import serving
+from tests.support.waiting import eventually
 
 INFER = "/v2/models/digits/infer"
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -229,7 +230,8 @@ async def test_a_full_queue_gets_429_and_a_passed_timeout_504(model_repo: Path) 
     async with serving(model_repo, http_port=0, batcher=slow) as running, \
             aiohttp.ClientSession(f"http://127.0.0.1:{running.http_port}") as session:
         first = asyncio.ensure_future(post(session, body(tensor(X))))
-        await asyncio.sleep(0.1)  # queued, waiting for company
+        batcher = running.registry.get("digits").batcher
+        await eventually(lambda: batcher.queued == 1, "the first request queued, waiting for company")
         status, answer = await post(session, body(tensor(X)))
         assert status == 429 and "queue is full" in answer["error"], answer
         assert (await first)[0] == 200
@@ -238,5 +240,5 @@ async def test_a_full_queue_gets_429_and_a_passed_timeout_504(model_repo: Path) 
         assert status == 504, answer
         assert answer["error"] == "the request's timeout of 100 ms passed before it was answered"
         assert asyncio.get_running_loop().time() - started < 0.4  # told at the deadline
-        await asyncio.sleep(0.5)  # the abandoned request leaves the queue
+        await eventually(lambda: batcher.queued == 0, "the abandoned request out of the queue")
         assert (await post(session, body(tensor(X))))[0] == 200

@@ -23,6 +23,7 @@ from snapserve.server.config import HttpLimits, IntakeConfig
 from snapserve.server.listeners import LINGER_GAP_S, LOOK_S
 from tests.support.calls import digits_input
 from tests.support.servers import serving
+from tests.support.waiting import eventually
 
 INFER = "/v2/models/digits/infer"
 READ_S = 5.0
@@ -116,7 +117,7 @@ async def test_at_the_cap_health_gets_in_and_idle_connections_make_room(limited:
     port, server = limited.http_port, limited.http.server
     # Requests being answered hold their places: bodies still arriving (no timeout yet).
     busy = [await raw(port, head(length=1000) + b"{") for _ in range(4)]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(server.open) == 4, "the four bodies arriving, each in a place")
     # The reserve answers health, and only health.
     reader, _ = await raw(port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await answer(reader))[0] == 200
@@ -126,8 +127,7 @@ async def test_at_the_cap_health_gets_in_and_idle_connections_make_room(limited:
     assert headers["retry-after"] == "1"  # RFC 9110: when to come back
     for r, w in busy:
         w.close()
-    await asyncio.sleep(0.1)
-    assert len(server.open) <= 2
+    await eventually(lambda: len(server.open) <= 2, "the closed connections' places freed")
     await healthy(port)
 
 
@@ -225,8 +225,8 @@ async def test_a_burst_of_accepts_takes_places_as_made_and_a_probe_beyond_them_i
     assert headers["connection"] == "close" and "aiohttp" not in headers["server"].lower()
     assert server.refused == 1 and len(server.lobby) == 1  # reading on until the client closes
     client_w.close()
-    await asyncio.sleep(0.1)
-    assert not server.lobby and server.evicted == 0
+    await eventually(lambda: not server.lobby, "the refused client out of the lobby")
+    assert server.evicted == 0
     assert server.over == 0 and len(server.open) == 3
     close_all(made)
 
@@ -420,7 +420,7 @@ async def test_a_body_refused_on_its_headers_is_read_on_so_its_sender_gets_the_a
 async def test_a_body_refused_on_a_reserve_place_is_read_on(limited: RunningServer) -> None:
     port = limited.http_port
     busy = [await raw(port, head(length=1000) + b"{") for _ in range(4)]  # every full place
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(limited.http.server.open) == 4, "the four bodies arriving")
     status, body = await asyncio.to_thread(post_whole, port, b"0" * 4_000_000)
     assert status == 503 and b"http_max_connections" in body, body
     for _, w in busy:
@@ -472,7 +472,7 @@ async def test_bodies_are_held_to_the_model_and_the_pending_bound(model_repo: Pa
         assert status == 413 and b"max_batch_size" in body
         # Two bodies on their way: the second declared length passes max_pending_bytes.
         first = await raw(port, head(length=40_000) + b"{")
-        await asyncio.sleep(0.1)
+        await eventually(lambda: running.intake.bytes == 40_000, "the first body's bytes held")
         second, writer = await raw(port, head(length=40_000) + b"{")
         status, headers, body = await answer(second)
         assert status == 429 and b"max_pending_bytes" in body and headers["retry-after"] == "1"

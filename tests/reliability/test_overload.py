@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -22,22 +21,13 @@ from snapserve.server.errors import ConfigError
 from tests.support.calls import digits_input, predict_request
 from tests.support.models import reference_member_probs
 from tests.support.servers import serving
+from tests.support.waiting import eventually
 
 
 def held(max_queue_size: int = 256, delay_s: float = 1.0, max_batch_size: int = 8) -> BatcherConfig:
     """Requests wait in the queue for `delay_s` unless a full batch forms."""
     return BatcherConfig(max_batch_size=max_batch_size, max_queue_delay_s=delay_s,
                          max_queue_size=max_queue_size, adaptive_wait=False)
-
-
-async def eventually(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
-    """Wait for a condition the server reaches on its own (a guard, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit_s
-    while not condition():
-        if loop.time() > give_up:
-            pytest.fail(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 def stats(running: RunningServer):  # type: ignore[no-untyped-def]
@@ -92,7 +82,8 @@ async def test_a_cancelled_call_frees_its_place_in_the_queue(model_repo: Path) -
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.EnsembleServiceStub(channel)
             first = [stub.Predict(predict_request(digits_input(1, seed=i))) for i in range(2)]
-            await eventually(lambda: running.registry.get("digits").batcher.queued == 2, "queue full")
+            await eventually(lambda: running.registry.get("digits").batcher.queued == 2,
+                             "queue full")
             for call in first:
                 call.cancel()
             await eventually(lambda: stats(running).dropped_cancelled == 2, "counted as cancelled")

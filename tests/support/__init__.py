@@ -7,6 +7,7 @@
 - `calls`: inputs and requests for the `digits` model, channels and stubs for both APIs.
 - `pki`: throw-away certificates for TLS and mutual TLS.
 - `training`: the trainer CLI in this process, and a run killed mid-training.
+- `waiting`: `eventually`, a poll for a state the server reaches on its own (never a fixed sleep).
 
 Fixtures live in tests/conftest.py (shared) and in a package's own conftest.py (local).
 """

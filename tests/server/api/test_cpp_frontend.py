@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -35,6 +35,7 @@ from tests.support.calls import digits_input, predict_request
 from tests.support.models import write_repository, write_slow_model
 from tests.support.pki import Pki, tls_channel
 from tests.support.servers import ThreadedServer, local_config, serving
+from tests.support.waiting import eventually
 
 
 def _toolchain() -> bool:
@@ -253,9 +254,10 @@ async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(
             x = np.zeros((1, 256, 256), np.float32)
             slow = asyncio.ensure_future(
                 stub.Predict(predict_request(x, model="slow"), timeout=30))
-            await _until(lambda: running.registry.get("slow", 0).batcher.in_flight)
+            await eventually(lambda: running.registry.get("slow", 0).batcher.in_flight,
+                             "the slow call computing")
             stopping = asyncio.ensure_future(running.stop(grace=20))
-            await _until(lambda: running.drain.draining)
+            await eventually(lambda: running.drain.draining, "the drain begun")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Predict(predict_request(digits_input(1)), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -320,20 +322,10 @@ def test_metadata_pairs_reads_the_c_side_form() -> None:
         ("a", "b"), ("authorization", "Bearer x"))
 
 
-# -- helpers --------------------------------------------------------------------------------------
-
-async def _until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.005)
-
-
-
 @in_module_loop
 async def test_a_call_its_client_cancels_is_dropped_before_compute(tmp_path: Path) -> None:
     # The call waits for company far longer than the test waits: it is in the batcher's queue,
-    # not computing, until its cancel reaches the batcher (a race with a compute window).
+    # not computing, when its cancel arrives, however loaded the machine.
     held = BatcherConfig(max_batch_size=8, max_queue_delay_s=30.0, adaptive_wait=False)
     async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
                        batcher=held) as running:
@@ -344,11 +336,11 @@ async def test_a_call_its_client_cancels_is_dropped_before_compute(tmp_path: Pat
             queued = stub.Predict(predict_request(digits_input(1)), timeout=60)
             # In the batcher's queue, not only taken in: a call cancelled before its handler
             # queues it never reaches the batcher, and nothing counts it as dropped there.
-            await _until(lambda: batcher.queued == 1)
+            await eventually(lambda: batcher.queued == 1, "the call in the batcher's queue")
             queued.cancel()
-            await _until(lambda: batcher.stats.dropped_cancelled == 1)
+            await eventually(lambda: batcher.stats.dropped_cancelled == 1, "counted as cancelled")
             assert batcher.queued == 0  # its place is free at once
-        await _until(lambda: not running.cpp._calls)
+        await eventually(lambda: not running.cpp._calls, "every call answered")
         assert (batcher.stats.items, batcher.stats.batches) == (0, 0)  # never computed
 
 
@@ -363,8 +355,9 @@ async def test_health_watch_streams_the_status_and_frees_its_place_when_cancelle
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         assert running.health.watchers == watchers + 1
         watch.cancel()
-    await _until(lambda: running.health.watchers == watchers)
-    await _until(lambda: not running.cpp._calls)  # type: ignore[union-attr]
+    await eventually(lambda: running.health.watchers == watchers, "the watch's place freed")
+    await eventually(lambda: not running.cpp._calls,  # type: ignore[union-attr]
+                     "every call answered")
 
 
 @in_module_loop

@@ -19,6 +19,7 @@ from tests.support.calls import digits_input
 from tests.support.models import (DIGITS_CLASSES, DIGITS_SHAPE, IR_VERSION, OPSET, random_members,
                                   reference_member_probs, write_model_version)
 from tests.support.servers import pinned_runtime
+from tests.support.waiting import eventually
 
 Stub = pb_grpc.EnsembleServiceStub
 
@@ -210,14 +211,15 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model_
 
 async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
     config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
-                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3, max_queue_size=1,
+                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=1.0, max_queue_size=1,
                                                   adaptive_wait=False))
     running = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = Stub(channel)
             waiting = asyncio.ensure_future(stub.Predict(request(digits_input(1))))
-            await asyncio.sleep(0.1)  # it sits in the queue, waiting for company
+            batcher = running.registry.get("digits").batcher
+            await eventually(lambda: batcher.queued == 1, "the first call queued, waiting for company")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Predict(request(digits_input(1)))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -229,30 +231,36 @@ async def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
 
 async def test_cancelled_call_is_dropped_before_compute(model_repo: Path) -> None:
     config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
-                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.3,
+                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=30.0,
                                                 adaptive_wait=False))
     running = await start_server(config)
     try:
+        batcher = running.registry.get("digits").batcher
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             call = Stub(channel).Predict(request(digits_input(1)))
-            await asyncio.sleep(0.1)
+            await eventually(lambda: batcher.queued == 1, "the call queued, waiting for company")
             call.cancel()
-            await asyncio.sleep(0.4)
-        stats = running.registry.get("digits").batcher.stats
-        assert stats.dropped_cancelled == 1 and stats.batches == 0
+            await eventually(lambda: batcher.stats.dropped_cancelled == 1, "counted as cancelled")
+        assert batcher.queued == 0 and batcher.stats.batches == 0
     finally:
         await running.stop(None)
 
 
 async def test_stop_with_grace_finishes_in_flight_requests(model_repo: Path) -> None:
+    # The call waits in the queue for company (0.5 s) when the stop begins: the grace answers it.
     config = ServerConfig(model_repository=model_repo, port=0, http_port=None, runtime=pinned_runtime(),
-                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.2))
+                          batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.5,
+                                                adaptive_wait=False))
     running = await start_server(config)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        call = asyncio.ensure_future(Stub(channel).Predict(request(digits_input(2))))
-        await asyncio.sleep(0.05)
-        await running.stop(grace=2.0)
-        assert from_tensor((await call).probabilities).shape == (2, 5)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = asyncio.ensure_future(Stub(channel).Predict(request(digits_input(2))))
+            batcher = running.registry.get("digits").batcher
+            await eventually(lambda: batcher.queued == 1, "the call queued, waiting for company")
+            await running.stop(grace=2.0)
+            assert from_tensor((await call).probabilities).shape == (2, 5)
+    finally:
+        await running.stop(None)  # a no-op after the stop above; frees the port if it failed
 
 
 def test_status_table_maps_named_exceptions_and_subclasses() -> None:

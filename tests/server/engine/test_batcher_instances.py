@@ -9,6 +9,7 @@ import pytest
 
 from snapserve.server.engine.batcher import Batcher, BatcherConfig
 from snapserve.server.errors import ConfigError
+from tests.support.waiting import eventually
 
 
 class Held:
@@ -35,13 +36,6 @@ class Held:
             gate.set()
 
 
-async def _until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.001)
-    await asyncio.wait_for(poll(), timeout)
-
-
 async def test_a_lone_item_on_an_idle_batcher_does_not_wait_for_company() -> None:
     async def double(items: list[int]) -> list[int]:
         return [2 * i for i in items]
@@ -55,12 +49,13 @@ async def test_items_arriving_during_a_batch_form_the_next_one() -> None:
     fn = Held()
     async with Batcher(fn, BatcherConfig(max_batch_size=16, max_queue_delay_s=60.0)) as batcher:
         first = asyncio.ensure_future(batcher.submit(0))
-        await _until(lambda: len(fn.batches) == 1)
+        await eventually(lambda: len(fn.batches) == 1, "batch 1 sent")
         rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
         await asyncio.sleep(0.01)
         assert len(fn.batches) == 1  # one instance, busy: the others queue
         fn.gates[0].set()
-        await _until(lambda: len(fn.batches) == 2)  # sent when the first ends, not after 60 s
+        # sent when the first ends, not after 60 s
+        await eventually(lambda: len(fn.batches) == 2, "batch 2 sent")
         fn.release_all()
         assert await asyncio.gather(first, *rest) == [0, 10, 20, 30, 40, 50]
     assert fn.batches == [[0], [1, 2, 3, 4, 5]]
@@ -71,11 +66,12 @@ async def test_concurrent_batches_up_to_the_instance_count() -> None:
     config = BatcherConfig(max_batch_size=2, max_queue_delay_s=0.0, max_concurrent_batches=2)
     async with Batcher(fn, config) as batcher:
         tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]
-        await _until(lambda: len(fn.batches) == 2)
+        await eventually(lambda: len(fn.batches) == 2, "batch 2 sent")
         await asyncio.sleep(0.01)
         assert batcher.in_flight == 2 and len(fn.batches) == 2 and batcher.queued == 2
         fn.gates[0].set()
-        await _until(lambda: len(fn.batches) == 3)  # a freed slot takes the next batch
+        # a freed slot takes the next batch
+        await eventually(lambda: len(fn.batches) == 3, "batch 3 sent")
         while not all(t.done() for t in tasks):  # release each batch as it comes
             fn.release_all()
             await asyncio.sleep(0.001)
@@ -89,11 +85,11 @@ async def test_a_free_instance_takes_a_lone_callers_request_while_another_comput
     config = BatcherConfig(max_batch_size=8, max_queue_delay_s=60.0, max_concurrent_batches=2)
     async with Batcher(fn, config) as batcher:
         first = asyncio.ensure_future(batcher.submit(0))
-        await _until(lambda: len(fn.batches) == 1)
+        await eventually(lambda: len(fn.batches) == 1, "batch 1 sent")
         second = asyncio.ensure_future(batcher.submit(1))
         # No company is expected (one caller at a time so far): the free instance takes it at
         # once, while the first batch still computes, not after the 60 s delay.
-        await _until(lambda: len(fn.batches) == 2)
+        await eventually(lambda: len(fn.batches) == 2, "batch 2 sent")
         assert fn.running == 2
         fn.release_all()
         assert await asyncio.gather(first, second) == [0, 10]
@@ -104,13 +100,14 @@ async def test_a_free_instance_waits_for_its_share_of_the_company_not_for_the_de
     config = BatcherConfig(max_batch_size=8, max_queue_delay_s=60.0, max_concurrent_batches=2)
     async with Batcher(fn, config) as batcher:
         crowd = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
-        await _until(lambda: len(fn.batches) == 1)
+        await eventually(lambda: len(fn.batches) == 1, "batch 1 sent")
         assert fn.batches == [[0, 1, 2, 3]]  # four callers seen: two per instance from now on
         later = [asyncio.ensure_future(batcher.submit(4))]
         await asyncio.sleep(0.05)
         assert len(fn.batches) == 1  # one of its two: more is coming
         later.append(asyncio.ensure_future(batcher.submit(5)))
-        await _until(lambda: len(fn.batches) == 2)  # its share: sent, the first batch still held
+        # its share: sent, the first batch still held
+        await eventually(lambda: len(fn.batches) == 2, "batch 2 sent")
         assert fn.batches[1] == [4, 5] and fn.running == 2
         fn.release_all()
         assert await asyncio.gather(*crowd, *later) == [10 * i for i in range(6)]
@@ -121,7 +118,7 @@ async def test_close_lets_computing_batches_answer() -> None:
     batcher = Batcher(fn, BatcherConfig(max_batch_size=1, max_concurrent_batches=2))
     await batcher.start()
     tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
-    await _until(lambda: len(fn.batches) == 2)
+    await eventually(lambda: len(fn.batches) == 2, "batch 2 sent")
     closing = asyncio.ensure_future(batcher.close())
     await asyncio.sleep(0.01)
     assert not closing.done()
