@@ -216,7 +216,8 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     a lone example's seconds on (1 thread, `cores` threads), measured (None: not measured).
     `batch_seconds`: that instance's largest batch, measured (None: not measured).
     `spread_seconds`: a lone example's CPU seconds on one thread and its largest group of
-    members' when spread over `cores` threads (None: the members cannot be spread).
+    members' when spread over `cores` threads, the latter as the former over the measured gain
+    (planning.spread_gain; None: the members cannot be spread).
     """
     if instances != AUTO and intra_op_threads != AUTO:
         return ThreadPlan(instances, intra_op_threads, why="as configured")

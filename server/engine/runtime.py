@@ -47,7 +47,7 @@ from snapserve.server.observability.threads import name_os_thread
 __all__ = ["DEVICES", "GRAPHS", "PRECISIONS", "EnsembleRuntime", "GraphBytes", "GraphTiming", "RuntimeConfig",
            "agreement_tolerance", "check_score_outputs", "choose_graph", "compute_clock",
            "cuda_provider_options", "execution_providers", "fastest_in_turn", "session_options",
-           "warm_up_batch_sizes"]
+           "times_in_turn", "warm_up_batch_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -723,24 +723,33 @@ def compute_clock(intra_op_threads: int, provider: str) -> Callable[[], float]:
     return time.thread_time if intra_op_threads == 1 and provider == CPU else time.perf_counter
 
 
+def times_in_turn(fns: Sequence[Callable[[np.ndarray], object]], x: np.ndarray,
+                  budget_s: float, min_rounds: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
+    """Every run's time by `clock`, [round, function]: the functions run on `x` in turn, round
+    after round, for `budget_s` of wall time (at least `min_rounds` rounds), after a warm-up."""
+    for fn in fns:
+        fn(x)  # the first run of a shape allocates and plans: not counted
+    rounds: list[list[float]] = []
+    deadline = time.perf_counter() + budget_s
+    while len(rounds) < min_rounds or time.perf_counter() < deadline:
+        row = []
+        for fn in fns:
+            began = clock()
+            fn(x)
+            row.append(clock() - began)
+        rounds.append(row)
+    return np.array(rounds)
+
+
 def fastest_in_turn(fns: Sequence[Callable[[np.ndarray], object]], x: np.ndarray,
                     budget_s: float, min_rounds: int = 3,
                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
-    """The fastest run of each function on `x` by `clock`, their runs taken in turn for
-    `budget_s` of wall time (at least `min_rounds` rounds). Other processes' work only ever
-    adds time, so the fastest run is the least disturbed; taken in turn, a burst of it slows
-    every function alike instead of landing on one and deciding a comparison between them."""
-    for fn in fns:
-        fn(x)  # the first run of a shape allocates and plans: not counted
-    best = [float("inf")] * len(fns)
-    rounds, deadline = 0, time.perf_counter() + budget_s
-    while rounds < min_rounds or time.perf_counter() < deadline:
-        for index, fn in enumerate(fns):
-            began = clock()
-            fn(x)
-            best[index] = min(best[index], clock() - began)
-        rounds += 1
-    return tuple(best)
+    """The fastest run of each function on `x` by `clock`, their runs taken in turn
+    (`times_in_turn`). Other processes' work only ever adds time, so the fastest run is the
+    least disturbed; taken in turn, a burst of it slows every function alike instead of
+    landing on one and deciding a comparison between them."""
+    return tuple(float(t) for t in times_in_turn(fns, x, budget_s, min_rounds, clock).min(axis=0))
 
 
 def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: int,

@@ -140,3 +140,39 @@ def test_the_plan_spreads_members_only_when_heavy_clearly_faster_and_ahead(
     assert (plan.lead_spread, bool(plan.lead_threads)) == (spread, lead), plan.why
     assert plan.lead == ("the members spread over 2 threads" if spread
                          else "2 intra-op threads" if lead else "none")
+
+
+def test_the_spread_gain_survives_either_kind_of_interference() -> None:
+    from snapserve.server.engine.planning import spread_gain
+
+    # A load on a machine 1.5x slow (a busy hyperthread sibling) but for one quiet moment that
+    # only a run of the whole example caught: a 2x gain. The fastest run of each side pairs
+    # that quiet run with slow group runs, 2.0 / 1.5: 1.33x, under the lead's margin; each
+    # round's own ratio says 2x.
+    rounds = np.array([[3.0, 1.5, 1.5]] * 20 + [[2.0, 1.5, 1.5]])
+    fastest = rounds.min(axis=0)
+    assert fastest[0] / fastest[1:].max() == pytest.approx(1.33, abs=0.01)
+    assert spread_gain(rounds) == pytest.approx(2.0)
+    # Most rounds' group runs slowed (the example's not): the median round says 1.33x, the
+    # fastest runs of each 2x.
+    rounds = np.array([[2.0, 1.0, 1.5]] * 12 + [[2.0, 1.0, 1.0]] * 9)
+    assert np.median(rounds[:, 0] / rounds[:, 1:].max(axis=1)) == pytest.approx(1.33, abs=0.01)
+    assert spread_gain(rounds) == pytest.approx(2.0)
+    # The largest group is what a spread example waits for: unequal groups, their gain.
+    assert spread_gain(np.array([[3.0, 2.0, 1.0]] * 5)) == pytest.approx(1.5)
+    # A gain that is not there is not found: every round of an unsplittable example.
+    assert spread_gain(np.array([[2.0, 2.0, 0.1]] * 5)) == pytest.approx(1.0)
+
+
+def test_runs_in_turn_are_timed_round_by_round_with_the_clock_given() -> None:
+    from snapserve.server.engine.runtime import fastest_in_turn, times_in_turn
+
+    ticks = iter(range(10_000))
+    calls: list[str] = []
+    fns = [lambda x, name=name: calls.append(name) for name in "abc"]
+    times = times_in_turn(fns, np.zeros(1), budget_s=0.0, min_rounds=4,
+                          clock=lambda: float(next(ticks)))
+    assert times.shape == (4, 3) and (times == 1.0).all()  # one tick between each run's reads
+    assert calls == list("abc") + list("abc") * 4  # a warm-up run each, then rounds in turn
+    assert fastest_in_turn(fns, np.zeros(1), 0.0, 2, clock=lambda: float(next(ticks))) == (
+        1.0, 1.0, 1.0)
