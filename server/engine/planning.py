@@ -44,11 +44,10 @@ def spread_gain(times: np.ndarray) -> float:
 
     CPU time still moves with what shares the core (a hyperthread sibling's work, a VM's
     neighbours). The fastest run of each side can pair a rare quiet run of the example with
-    slow runs of its groups (a load 1.5x slow measured a 2x gain at 1.49x, under the lead's
-    margin, and flipped the plan); the median over the rounds of each round's own ratio (runs
-    milliseconds apart, slowed alike) cannot, but a slowdown of most rounds' group runs pulls it
-    down instead (1.73x once, where the fastest runs said 2.03x). benchmarks/plan_stability.py
-    measures both."""
+    slow runs of its groups, enough to put a plain gain under the lead's margin and flip the
+    plan; the median over the rounds of each round's own ratio (runs milliseconds apart, slowed
+    alike) cannot, but a slowdown of most rounds' group runs pulls it down instead. Measured in
+    docs/performance.md ("A stable plan") by benchmarks/plan_stability.py."""
     fastest = times.min(axis=0)
     paired = float(np.median(times[:, 0] / times[:, 1:].max(axis=1)))
     return max(paired, float(fastest[0] / fastest[1:].max()))
