@@ -3,7 +3,8 @@
 Services: the native API (snapserve.v1.EnsembleService), KServe v2 (inference.GRPCInferenceService),
 grpc.health.v1.Health and server reflection over gRPC; KServe v2 over REST on its own port
 (api/http.py, same core, same event loop); Prometheus metrics over HTTP when a port is given.
-The ports are bound and the health checks answer (NOT_SERVING) before the models load.
+The ports are bound and the health checks answer (NOT_SERVING, for the server and for every
+model of the repository) before the models load.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     running = RunningServer(config, port, registry, server, manager, health, metrics, drain=drain,
                             intake=intake)
     try:
+        await manager.announce()  # the first health check already knows every model's name
         await server.start()
         if config.cpp_grpc_port is not None:
             # Built on the first start (seconds of g++), meanwhile health checks are answered.

@@ -8,7 +8,9 @@ Service names:
 - `snapserve.v1.EnsembleService`, `inference.GRPCInferenceService`: the same as `""`, for
   clients that check a service by its gRPC name.
 - `<model name>`: SERVING while at least one version of the model takes requests; NOT_SERVING
-  while its first version loads, after it was unloaded, or when none of its versions loads.
+  from the first answer at start-up (every model of the repository is known before the ports
+  answer, loaded or still queued behind another's load) until its first version serves, after
+  it was unloaded, or when none of its versions loads.
   A model that left the repository is forgotten (Check: NOT_FOUND, Watch: SERVICE_UNKNOWN).
 
 Not grpc_health's own aio HealthServicer: its Watch deletes a service's shared condition when

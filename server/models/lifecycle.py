@@ -119,6 +119,20 @@ class ModelManager:
         found = await loop.run_in_executor(None, scan_repository, self.root, warn)
         return {name: {int(p.name): p for p in dirs} for name, dirs in found.items()}
 
+    async def announce(self) -> None:
+        """Every model of the repository known to health (NOT_SERVING) before the ports answer:
+        a model whose load has not begun is not an unknown service."""
+        async with self._lock:
+            self._announce(await self._scan())
+
+    def _announce(self, on_disk: Mapping[str, object]) -> None:
+        # Each new model NOT_SERVING before the first of them loads: loads run one at a time,
+        # and a model queued behind another's minutes of loading is not an unknown service.
+        for name in on_disk.keys() - self._known:
+            self._known.add(name)  # forgotten by the removal below if it leaves before loading
+            if name not in self.registry:
+                self._events.serving(name, False)
+
     async def load_all(self) -> None:
         """The start-up load: every model of the repository, as the policy says."""
         await self.poll_once(warn=True)
@@ -127,6 +141,7 @@ class ModelManager:
         """Bring the registry in line with the repository now (what each poll does)."""
         async with self._lock:
             on_disk = await self._scan(warn)
+            self._announce(on_disk)
             for name, versions in on_disk.items():
                 if warn and not wanted_versions(self._repository_config(name), name, versions):
                     logger.warning("model %s: none of its versions %s is pinned; not serving it "
@@ -196,7 +211,7 @@ class ModelManager:
                                  self.root, self.config.poll_interval_s)
 
     async def _sync_model(self, name: str, on_disk: Mapping[int, Path]) -> None:
-        if name not in self._known:  # said once per model: a Triton/MLServer file it ignores
+        if name not in self._notices:  # said once per model: a Triton/MLServer file it ignores
             self._notices[name] = foreign_settings_notice(self.root / name)
             if self._notices[name]:
                 logger.warning("model %s: %s", name, self._notices[name])
@@ -285,6 +300,7 @@ class ModelManager:
         for version in self.registry.versions(name) if name in self.registry else []:
             await self._unload(name, version)
         self._known.discard(name)
+        self._notices.pop(name, None)
         self._unloaded.discard(name)
         self._failed = {k: v for k, v in self._failed.items() if k[0] != name}
         self._settings.pop(name, None)

@@ -54,7 +54,8 @@ def free_port() -> int:
 
 
 async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The port answers health checks before the models are loaded, with NOT_SERVING."""
+    """The port answers health checks before the models are loaded, with NOT_SERVING, for the
+    server and for every model of the repository."""
     release = threading.Event()
     real_load = snapserve.server.models.lifecycle.load_version
 
@@ -78,11 +79,18 @@ async def test_not_serving_while_loading(model_repo: Path, monkeypatch: pytest.M
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.02)
         assert overall == NOT_SERVING
+        # Every model of the repository is known from the first answer: the one loading and the
+        # one queued behind it (loads run one at a time) alike, never an unknown service.
         assert await health_check(port, "digits") == NOT_SERVING
+        assert await health_check(port, "tiny") == NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health_check(port, "nope")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
         release.set()
         running = await starting
         assert await health_check(port, "") == SERVING
         assert await health_check(port, "digits") == SERVING
+        assert await health_check(port, "tiny") == SERVING
         await running.stop(None)
     finally:
         release.set()
