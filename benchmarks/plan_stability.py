@@ -9,10 +9,11 @@ groups and its true spread gain is 2x, past the lead's 1.5x margin. For each bac
 N processes spinning in Python; N processes of one-thread matrix products, which share the
 cores' caches and hyperthread siblings), the version is loaded `--loads` times; each load's
 timed rounds of (the example on one thread, each group of members), by CPU time, are kept, and
-two estimates of the gain are taken from them, the fastest run of each side (what the plan used
-alone before) and the median of each round's own ratio, and the plan's (`planning.spread_gain`:
-the larger of the two), with the lead each load chose. Writes the "Plan stability: the spread's gain" section of
-benchmarks/RESULTS.md and the raw numbers to runs/benchmarks/plan_stability.json.
+two estimates of the gain are taken from them (`planning.spread_estimates`: the fastest run of
+each side, what the plan used alone before, and the median of each round's own ratio) and the
+plan's (`planning.spread_gain`: the larger of the two), with the lead each load chose. Writes
+the "Plan stability: the spread's gain" section of benchmarks/RESULTS.md and the raw numbers to
+runs/benchmarks/plan_stability.json.
 
 Nothing else should run: the backgrounds are the load; the load average is recorded beside it.
 """
@@ -81,12 +82,10 @@ def measure(version: Path, loads: int) -> list[dict[str, Any]]:
             kept.clear()
             served = load_version(version, RuntimeConfig(device="cpu"),
                                   BatcherConfig(max_batch_size=8))
-            times = kept[-1]
-            fastest = times.min(axis=0)
-            out.append({"fastest_of_each": float(fastest[0] / fastest[1:].max()),
-                        "median_round": float(np.median(times[:, 0] / times[:, 1:].max(axis=1))),
-                        "plan": planning.spread_gain(times),
-                        "rounds": len(times), "lead": served.thread_plan.lead,
+            fastest, paired = planning.spread_estimates(kept[-1])
+            out.append({"fastest_of_each": fastest, "median_round": paired,
+                        "plan": planning.spread_gain(kept[-1]),
+                        "rounds": len(kept[-1]), "lead": served.thread_plan.lead,
                         "why": served.thread_plan.why})
             asyncio.run(served.close())
         return out

@@ -18,7 +18,7 @@ from snapserve.server.engine.runtime import (CUDA, MEMBERS, EnsembleRuntime, Gra
                                              times_in_turn)
 from snapserve.server.errors import InferenceError
 
-__all__ = ["fastest_seconds", "plan_instances", "spread_gain"]
+__all__ = ["fastest_seconds", "plan_instances", "spread_estimates", "spread_gain"]
 
 _MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
 
@@ -37,20 +37,27 @@ def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s:
     return best
 
 
+def spread_estimates(times: np.ndarray) -> tuple[float, float]:
+    """Two estimates of a lone example's gain from spreading its members, from `times_in_turn`
+    of (the example on one thread, each group of members): the fastest run of each side, and
+    the median over the rounds of each round's own ratio (the example against its largest
+    group)."""
+    fastest = times.min(axis=0)
+    paired = np.median(times[:, 0] / times[:, 1:].max(axis=1))
+    return float(fastest[0] / fastest[1:].max()), float(paired)
+
+
 def spread_gain(times: np.ndarray) -> float:
-    """A lone example's gain from spreading its members, from `times_in_turn` of (the example
-    on one thread, each group of members): the larger of two estimates, each of which a
-    different kind of interference pulls down, rarely both in one load.
+    """The gain the plan takes: the larger of `spread_estimates`, each of which a different
+    kind of interference pulls down, rarely both in one load.
 
     CPU time still moves with what shares the core (a hyperthread sibling's work, a VM's
     neighbours). The fastest run of each side can pair a rare quiet run of the example with
     slow runs of its groups, enough to put a plain gain under the lead's margin and flip the
-    plan; the median over the rounds of each round's own ratio (runs milliseconds apart, slowed
-    alike) cannot, but a slowdown of most rounds' group runs pulls it down instead. Measured in
-    docs/performance.md ("A stable plan") by benchmarks/plan_stability.py."""
-    fastest = times.min(axis=0)
-    paired = float(np.median(times[:, 0] / times[:, 1:].max(axis=1)))
-    return max(paired, float(fastest[0] / fastest[1:].max()))
+    plan; each round's own ratio (runs milliseconds apart, slowed alike) cannot, but a slowdown
+    of most rounds' group runs pulls their median down instead. Measured in docs/performance.md
+    ("A stable plan") by benchmarks/plan_stability.py."""
+    return max(spread_estimates(times))
 
 
 def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
