@@ -5,15 +5,17 @@
 
 The model is the plan-stability test's compute-bound one (tests/server/engine/test_planning.py):
 two members of 40 chained [128, 128] matrix products, so a lone example splits into two equal
-groups and its true spread gain is 2x, past the lead's 1.5x margin. For each background (none;
-N processes spinning in Python; N processes of one-thread matrix products, which share the
-cores' caches and hyperthread siblings), the version is loaded `--loads` times; each load's
-timed rounds of (the example on one thread, each group of members), by CPU time, are kept, and
-two estimates of the gain are taken from them (`planning.spread_estimates`: the fastest run of
-each side, what the plan used alone before, and the median of each round's own ratio) and the
-plan's (`planning.spread_gain`: the larger of the two), with the lead each load chose. Writes
-the "Plan stability: the spread's gain" section of benchmarks/RESULTS.md and the raw numbers to
-runs/benchmarks/plan_stability.json.
+groups and its true spread gain is 2x, past the lead's 1.5x margin, while intra-op threads
+barely speed it up. For each background (none; N processes spinning in Python; N processes of
+one-thread matrix products, which share the cores' caches and hyperthread siblings), the
+version is loaded `--loads` times; each load's timed rounds are kept: (the example on one
+thread, each group of members) by CPU time, and (the example on one thread, on every core's
+intra-op threads) by wall time. Two estimates of each gain are taken from them
+(`planning.gain_estimates`: the fastest run of each side, and the median of each round's own
+ratio) and the plan's: the larger for the spread (`planning.spread_gain`), the smaller for
+intra-op (`planning.intra_op_gain`), which the spread must pass by 1.25x; with the lead each
+load chose. Writes the "Plan stability: the spread's gain" section of benchmarks/RESULTS.md
+and the raw numbers to runs/benchmarks/plan_stability.json.
 
 Nothing else should run: the backgrounds are the load; the load average is recorded beside it.
 """
@@ -40,6 +42,7 @@ from benchmarks.serve import RESULTS, replace_section
 HEADING = "Plan stability: the spread's gain"
 RAW = Path("runs/benchmarks/plan_stability.json")
 MARGIN = 1.5  # engine/cores.py: 1 + LEAD_MARGIN
+OVER_INTRA = 1.25  # engine/cores.py: 1 + PLAN_MARGIN, what the spread must pass intra-op by
 _MATMUL = ("import os\nos.environ['OMP_NUM_THREADS'] = '1'\nimport numpy as np\n"
            "a = np.random.rand(512, 512).astype(np.float32)\nwhile True:\n    a @ a\n")
 
@@ -82,42 +85,79 @@ def measure(version: Path, loads: int) -> list[dict[str, Any]]:
             kept.clear()
             served = load_version(version, RuntimeConfig(device="cpu"),
                                   BatcherConfig(max_batch_size=8))
-            fastest, paired = planning.spread_estimates(kept[-1])
+            intra, spread = kept[-2], kept[-1]  # the plan times intra-op's lead first
+            fastest, paired = planning.gain_estimates(spread)
+            intra_fastest, intra_paired = planning.gain_estimates(intra)
             out.append({"fastest_of_each": fastest, "median_round": paired,
-                        "plan": planning.spread_gain(kept[-1]),
-                        "rounds": len(kept[-1]), "lead": served.thread_plan.lead,
-                        "why": served.thread_plan.why})
+                        "plan": planning.spread_gain(spread), "rounds": len(spread),
+                        "intra_fastest_of_each": intra_fastest, "intra_median_round": intra_paired,
+                        "intra_plan": planning.intra_op_gain(intra), "intra_rounds": len(intra),
+                        "lead": served.thread_plan.lead, "why": served.thread_plan.why})
             asyncio.run(served.close())
         return out
     finally:
         planning.times_in_turn = timed
 
 
+def _stats(loads: list[dict[str, Any]], key: str, under: float | None = None,
+           over: float | None = None) -> str:
+    """min / p5 / median / max of a key over the loads, then how many sit at or under `under`
+    (or over `over`)."""
+    values = np.array([load[key] for load in loads])
+    text = (f"{values.min():.2f} / {np.percentile(values, 5):.2f} / {np.median(values):.2f} / "
+            f"{values.max():.2f}")
+    if under is not None:
+        text += f" | {(values <= under).sum()}"
+    if over is not None:
+        text += f" | {(values > over).sum()}"
+    return text
+
+
 def _row(kind: str, loads: list[dict[str, Any]]) -> str:
-    def stats(key: str) -> str:
-        values = np.array([load[key] for load in loads])
-        return (f"{values.min():.2f} / {np.percentile(values, 5):.2f} / {np.median(values):.2f} / "
-                f"{values.max():.2f} | {(values <= MARGIN).sum()}")
     plans = sorted({load["lead"] for load in loads})
-    return (f"| {kind} | {len(loads)} | {stats('fastest_of_each')} | {stats('median_round')} | "
-            f"{stats('plan')} | {'; '.join(plans)} |")
+    return (f"| {kind} | {len(loads)} | {_stats(loads, 'fastest_of_each', MARGIN)} | "
+            f"{_stats(loads, 'median_round', MARGIN)} | {_stats(loads, 'plan', MARGIN)} | "
+            f"{'; '.join(plans)} |")
+
+
+def _lead_row(kind: str, loads: list[dict[str, Any]]) -> str:
+    ratios = [{"over": load["plan"] / load["intra_plan"]} for load in loads]
+    leads = {lead: sum(load["lead"] == lead for load in loads) for lead in
+             sorted({load["lead"] for load in loads})}
+    return (f"| {kind} | {len(loads)} | {_stats(loads, 'intra_fastest_of_each', over=MARGIN)} | "
+            f"{_stats(loads, 'intra_median_round', over=MARGIN)} | "
+            f"{_stats(loads, 'intra_plan', over=MARGIN)} | {_stats(ratios, 'over', OVER_INTRA)} | "
+            f"{'; '.join(f'{lead}: {count}' for lead, count in leads.items())} |")
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"## {HEADING}", "",
              "`python -m benchmarks.plan_stability` (issue 23, item 4): the plan-stability test's "
-             "compute-bound model (two equal members, a true spread gain of 2x) loaded "
-             f"{report['loads']} times beside each background; the gain as the fastest run of "
-             "each side gives it, as the median round's own ratio gives it, and as the plan takes "
-             "it (`planning.spread_gain`: the larger of the two); 'at or under "
-             f"{MARGIN}' counts the loads where the lead's margin would lose the spread. "
+             "compute-bound model (two equal members, a true spread gain of 2x, intra-op threads "
+             f"barely faster) loaded {report['loads']} times beside each background. "
              f"Load average before: {report['load_average_before'][0]:.2f}. "
              f"{report['machine']}.", "",
+             "The spread's gain as the fastest run of each side gives it, as the median round's "
+             "own ratio gives it, and as the plan takes it (`planning.spread_gain`: the larger of "
+             f"the two); 'at or under {MARGIN}' counts the loads where the lead's margin would "
+             "lose the spread.", "",
              "| background | loads | fastest of each: min / p5 / median / max | at or under "
              f"{MARGIN} | median round: min / p5 / median / max | at or under {MARGIN} | "
              f"the plan's (the larger) | at or under {MARGIN} | lead chosen |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(kind, loads) for kind, loads in report["backgrounds"].items()]
+    lines += ["", "Intra-op's gain (wall time, every core's threads against one) by the same two "
+              "estimates and as the plan takes it (`planning.intra_op_gain`: the smaller of the "
+              f"two); 'over {MARGIN}' counts the loads where it alone would earn an intra-op "
+              "lead; the spread's gain over intra-op's, both as the plan takes them, which must "
+              f"pass {OVER_INTRA} for the spread to lead ('at or under {OVER_INTRA}': the loads "
+              "it would not); and the leads chosen.", "",
+              "| background | loads | intra-op, fastest of each: min / p5 / median / max | "
+              f"over {MARGIN} | median round | over {MARGIN} | the plan's (the smaller) | "
+              f"over {MARGIN} | the spread's over intra-op's | at or under {OVER_INTRA} | "
+              "leads chosen |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_lead_row(kind, loads) for kind, loads in report["backgrounds"].items()]
     lines.append("")
     return "\n".join(lines)
 
@@ -142,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with background(kind):
                 report["backgrounds"][kind] = measure(version, args.loads)
             print(_row(kind, report["backgrounds"][kind]), flush=True)
+            print(_lead_row(kind, report["backgrounds"][kind]), flush=True)
     section = render(report)
     print(section)
     if not args.no_write:

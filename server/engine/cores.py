@@ -213,7 +213,8 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
     Explicit values are kept as given; a lead instance is added only when both are AUTO.
     `seconds_per_example`: one single-thread instance's compute per example at the largest
     batch, measured at load (None: not measured, e.g. on a GPU: one instance). `lone_seconds`:
-    a lone example's seconds on (1 thread, `cores` threads), measured (None: not measured).
+    a lone example's seconds on 1 thread and on `cores` threads, the latter as the former over
+    the measured gain (planning.intra_op_gain; None: not measured).
     `batch_seconds`: that instance's largest batch, measured (None: not measured).
     `spread_seconds`: a lone example's CPU seconds on one thread and its largest group of
     members' when spread over `cores` threads, the latter as the former over the measured gain

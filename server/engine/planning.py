@@ -14,11 +14,10 @@ import numpy as np
 
 from snapserve.server.engine.cores import AUTO, ThreadPlan, plan_threads, usable_cores
 from snapserve.server.engine.runtime import (CUDA, MEMBERS, EnsembleRuntime, GraphTiming,
-                                             RuntimeConfig, compute_clock, fastest_in_turn,
-                                             times_in_turn)
+                                             RuntimeConfig, compute_clock, times_in_turn)
 from snapserve.server.errors import InferenceError
 
-__all__ = ["fastest_seconds", "plan_instances", "spread_estimates", "spread_gain"]
+__all__ = ["fastest_seconds", "gain_estimates", "intra_op_gain", "plan_instances", "spread_gain"]
 
 _MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
 
@@ -37,19 +36,19 @@ def fastest_seconds(fn: Callable[[np.ndarray], object], x: np.ndarray, budget_s:
     return best
 
 
-def spread_estimates(times: np.ndarray) -> tuple[float, float]:
-    """Two estimates of a lone example's gain from spreading its members, from `times_in_turn`
-    of (the example on one thread, each group of members): the fastest run of each side, and
-    the median over the rounds of each round's own ratio (the example against its largest
-    group)."""
+def gain_estimates(times: np.ndarray) -> tuple[float, float]:
+    """Two estimates of how much faster than the first function the slowest of the others
+    runs, from `times_in_turn` of (the example on one thread, what would replace it: each group
+    of spread members, or every core's threads): the fastest run of each side, and the median
+    over the rounds of each round's own ratio."""
     fastest = times.min(axis=0)
     paired = np.median(times[:, 0] / times[:, 1:].max(axis=1))
     return float(fastest[0] / fastest[1:].max()), float(paired)
 
 
 def spread_gain(times: np.ndarray) -> float:
-    """The gain the plan takes: the larger of `spread_estimates`, each of which a different
-    kind of interference pulls down, rarely both in one load.
+    """The gain a spread lead is credited with: the larger of `gain_estimates` of its CPU
+    times, each of which a different kind of interference pulls down, rarely both in one load.
 
     CPU time still moves with what shares the core (a hyperthread sibling's work, a VM's
     neighbours). The fastest run of each side can pair a rare quiet run of the example with
@@ -57,7 +56,21 @@ def spread_gain(times: np.ndarray) -> float:
     plan; each round's own ratio (runs milliseconds apart, slowed alike) cannot, but a slowdown
     of most rounds' group runs pulls their median down instead. Measured in docs/performance.md
     ("A stable plan") by benchmarks/plan_stability.py."""
-    return max(spread_estimates(times))
+    return max(gain_estimates(times))
+
+
+def intra_op_gain(times: np.ndarray) -> float:
+    """The gain an intra-op lead is credited with: the smaller of `gain_estimates` of its wall
+    times, the one-thread run's against every core's.
+
+    Wall time is what other processes' threads lengthen, and they can inflate the gain: beside
+    busy processes a one-thread run may catch no quiet slice in a whole load while an every-core
+    run catches one (the fastest of each then pairs a preempted run with an unpreempted one),
+    or most rounds' one-thread runs are preempted and their every-core partners not (the median
+    round). A lead takes every core, and intra-op's gain is the rival a spread lead must beat,
+    so it is credited only with what both estimates show. Measured in docs/performance.md ("A
+    stable plan") by benchmarks/plan_stability.py."""
+    return min(gain_estimates(times))
 
 
 def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
@@ -93,9 +106,11 @@ def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Grap
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
         # A lead's gain is in wall time (threads in parallel), timed in turn so a burst of
-        # other work cannot land on one thread count alone.
-        one, every = fastest_in_turn((runtime.scores, candidate.scores), example, 0.2, 1)
-        lone = (one, every)
+        # other work cannot land on one thread count alone, and credited with what both of
+        # its estimates show (intra_op_gain).
+        rounds = times_in_turn((runtime.scores, candidate.scores), example, 0.2, 1)
+        one = float(rounds[:, 0].min())
+        lone = (one, one / intra_op_gain(rounds))
         spread = build_spread(cores) if build_spread is not None else None
         if spread is not None:
             # Spread members run in parallel: their gain is predicted from CPU times (each

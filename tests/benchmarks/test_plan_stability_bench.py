@@ -16,14 +16,21 @@ def test_the_script_measures_both_estimates_and_the_plan(capsys: pytest.CaptureF
     assert plan_stability.main(["--loads", "2", "--backgrounds", "quiet,spin1", "--no-write"]) == 0
     out = capsys.readouterr().out
     assert f"## {plan_stability.HEADING}" in out
-    rows = [line for line in out.splitlines() if line.startswith(("| quiet |", "| spin1 |"))]
-    assert len(rows) == 4  # each printed as measured, then in the section
-    for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| quiet |", "| spin1 |"))]
+    spread_rows = [cells for cells in rows if len(cells) == 9]
+    lead_rows = [cells for cells in rows if len(cells) == 11]
+    assert len(spread_rows) == len(lead_rows) == 4  # each printed as measured, then in the section
+    for cells in spread_rows:
         assert cells[1] == "2"
         fastest, median, plan = ([float(v) for v in cells[i].split(" / ")] for i in (2, 4, 6))
         # Two equal members: a 2x gain by either estimate, however the machine is loaded.
-        assert all(1.2 < v < 2.6 for v in fastest + median + plan), row
-        assert all(p >= max(f, m) - 0.005 for p, f, m in zip(plan, fastest, median)), row
+        assert all(1.2 < v < 2.6 for v in fastest + median + plan), cells
+        assert all(p >= max(f, m) - 0.005 for p, f, m in zip(plan, fastest, median)), cells
         assert cells[8] == "the members spread over 2 threads"
-
+    for cells in lead_rows:
+        assert cells[1] == "2"
+        fastest, median, plan = ([float(v) for v in cells[i].split(" / ")] for i in (2, 4, 6))
+        assert all(p <= min(f, m) + 0.005 for p, f, m in zip(plan, fastest, median)), cells
+        assert all(0 <= int(cells[i]) <= 2 for i in (3, 5, 7, 9)), cells
+        assert cells[10] == "the members spread over 2 threads: 2"

@@ -164,6 +164,24 @@ def test_the_spread_gain_survives_either_kind_of_interference() -> None:
     assert spread_gain(np.array([[2.0, 2.0, 0.1]] * 5)) == pytest.approx(1.0)
 
 
+def test_the_intra_op_gain_is_what_both_estimates_show() -> None:
+    from snapserve.server.engine.planning import gain_estimates, intra_op_gain
+
+    # Beside busy processes (wall time): every one-thread run preempted (~8 ms), one every-core
+    # run not (4.2 ms) though intra-op threads barely help: the fastest of each says 1.9x, past
+    # the lead's margin; each round's own ratio 1x.
+    rounds = np.array([[8.0, 8.0]] * 11 + [[8.0, 4.2]])
+    assert gain_estimates(rounds)[0] == pytest.approx(1.9, abs=0.01)
+    assert intra_op_gain(rounds) == pytest.approx(1.0)
+    # Most rounds' one-thread run preempted and its partner not: the median round says 2x, the
+    # fastest of each 1.1x.
+    rounds = np.array([[8.0, 4.0]] * 7 + [[4.4, 4.0]] * 5)
+    assert gain_estimates(rounds)[1] == pytest.approx(2.0)
+    assert intra_op_gain(rounds) == pytest.approx(1.1)
+    # A real gain is seen by both: credited.
+    assert intra_op_gain(np.array([[4.0, 2.0]] * 5 + [[8.0, 4.0]])) == pytest.approx(2.0)
+
+
 def test_runs_in_turn_are_timed_round_by_round_with_the_clock_given() -> None:
     from snapserve.server.engine.runtime import fastest_in_turn, times_in_turn
 
