@@ -86,12 +86,18 @@ def measure(version: Path, loads: int) -> list[dict[str, Any]]:
             served = load_version(version, RuntimeConfig(device="cpu"),
                                   BatcherConfig(max_batch_size=8))
             intra, spread = kept[-2], kept[-1]  # the plan times intra-op's lead first
+            # What the chosen lead then gains in wall time on a lone example, the way it serves
+            # one: what the spread's prediction (CPU times of each group alone) stands for.
+            example = np.zeros((1, *served.manifest.input.shape[1:]),
+                               dtype=served.manifest.input.dtype)
+            realized = timed((served.runtime.scores, served.instances[0].scores), example, 0.2, 1)
             fastest, paired = planning.gain_estimates(spread)
             intra_fastest, intra_paired = planning.gain_estimates(intra)
             out.append({"fastest_of_each": fastest, "median_round": paired,
                         "plan": planning.spread_gain(spread), "rounds": len(spread),
                         "intra_fastest_of_each": intra_fastest, "intra_median_round": intra_paired,
                         "intra_plan": planning.intra_op_gain(intra), "intra_rounds": len(intra),
+                        "lead_wall_gain": max(planning.gain_estimates(realized)),
                         "lead": served.thread_plan.lead, "why": served.thread_plan.why})
             asyncio.run(served.close())
         return out
@@ -127,7 +133,8 @@ def _lead_row(kind: str, loads: list[dict[str, Any]]) -> str:
     return (f"| {kind} | {len(loads)} | {_stats(loads, 'intra_fastest_of_each', over=MARGIN)} | "
             f"{_stats(loads, 'intra_median_round', over=MARGIN)} | "
             f"{_stats(loads, 'intra_plan', over=MARGIN)} | {_stats(ratios, 'over', OVER_INTRA)} | "
-            f"{'; '.join(f'{lead}: {count}' for lead, count in leads.items())} |")
+            f"{'; '.join(f'{lead}: {count}' for lead, count in leads.items())} | "
+            f"{_stats(loads, 'lead_wall_gain')} |")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -151,12 +158,14 @@ def render(report: dict[str, Any]) -> str:
               f"two); 'over {MARGIN}' counts the loads where it alone would earn an intra-op "
               "lead; the spread's gain over intra-op's, both as the plan takes them, which must "
               f"pass {OVER_INTRA} for the spread to lead ('at or under {OVER_INTRA}': the loads "
-              "it would not); and the leads chosen.", "",
+              "it would not); the leads chosen; and what the chosen lead gains in wall time on a "
+              "lone example once loaded (the larger of the two estimates, one thread against "
+              "the lead, in turn).", "",
               "| background | loads | intra-op, fastest of each: min / p5 / median / max | "
               f"over {MARGIN} | median round | over {MARGIN} | the plan's (the smaller) | "
               f"over {MARGIN} | the spread's over intra-op's | at or under {OVER_INTRA} | "
-              "leads chosen |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "leads chosen | the lead's wall-time gain |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_lead_row(kind, loads) for kind, loads in report["backgrounds"].items()]
     lines.append("")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def test_the_script_measures_both_estimates_and_the_plan(capsys: pytest.CaptureF
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
             if line.startswith(("| quiet |", "| spin1 |"))]
     spread_rows = [cells for cells in rows if len(cells) == 9]
-    lead_rows = [cells for cells in rows if len(cells) == 11]
+    lead_rows = [cells for cells in rows if len(cells) == 12]
     assert len(spread_rows) == len(lead_rows) == 4  # each printed as measured, then in the section
     for cells in spread_rows:
         assert cells[1] == "2"
@@ -34,3 +34,4 @@ def test_the_script_measures_both_estimates_and_the_plan(capsys: pytest.CaptureF
         assert all(p <= min(f, m) + 0.005 for p, f, m in zip(plan, fastest, median)), cells
         assert all(0 <= int(cells[i]) <= 2 for i in (3, 5, 7, 9)), cells
         assert cells[10] == "the members spread over 2 threads: 2"
+        assert all(0.2 < float(v) < 3.0 for v in cells[11].split(" / ")), cells
