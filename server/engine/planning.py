@@ -60,17 +60,16 @@ def spread_gain(times: np.ndarray) -> float:
 
 
 def intra_op_gain(times: np.ndarray) -> float:
-    """The gain an intra-op lead is credited with: the smaller of `gain_estimates` of its wall
-    times, the one-thread run's against every core's.
+    """The gain an intra-op lead is credited with: the fastest run of each side of
+    `gain_estimates` of its wall times, the one-thread run's against every core's.
 
-    Wall time is what other processes' threads lengthen, and they can inflate the gain: beside
-    busy processes a one-thread run may catch no quiet slice in a whole load while an every-core
-    run catches one (the fastest of each then pairs a preempted run with an unpreempted one),
-    or most rounds' one-thread runs are preempted and their every-core partners not (the median
-    round). A lead takes every core, and intra-op's gain is the rival a spread lead must beat,
-    so it is credited only with what both estimates show. Measured in docs/performance.md ("A
-    stable plan") by benchmarks/plan_stability.py."""
-    return min(gain_estimates(times))
+    Not the smaller of the two estimates, though busy processes can inflate this one (a load
+    whose one-thread runs all miss a quiet slice while an every-core run catches one): where
+    intra-op's threads really help, the median round understates them in quiet loads (an
+    every-core run's wake-ups vary from round to round), and the spread, whose prediction runs
+    high, then takes the lead from the faster intra-op. Measured both ways in
+    docs/performance.md ("A stable plan")."""
+    return gain_estimates(times)[0]
 
 
 def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: GraphTiming | None,
@@ -106,8 +105,7 @@ def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Grap
     if config.instances == AUTO and config.intra_op_threads == AUTO and cores > 1:
         candidate = build(cores)
         # A lead's gain is in wall time (threads in parallel), timed in turn so a burst of
-        # other work cannot land on one thread count alone, and credited with what both of
-        # its estimates show (intra_op_gain).
+        # other work cannot land on one thread count alone.
         rounds = times_in_turn((runtime.scores, candidate.scores), example, 0.2, 1)
         one = float(rounds[:, 0].min())
         lone = (one, one / intra_op_gain(rounds))
