@@ -14,8 +14,9 @@ intra-op threads) by wall time. Two estimates of each gain are taken from them
 (`planning.gain_estimates`: the fastest run of each side, and the median of each round's own
 ratio) and the plan's: the larger for the spread (`planning.spread_gain`), the fastest of each
 for intra-op (`planning.intra_op_gain`), which the spread must pass by 1.25x; with the lead each
-load chose and the chosen lead's wall-time gain once loaded. Writes the "Plan stability: the spread's gain" section of benchmarks/RESULTS.md
-and the raw numbers to runs/benchmarks/plan_stability.json.
+load chose and the chosen lead's wall-time gain once loaded. Writes the "Plan stability: the
+spread's gain" section of benchmarks/RESULTS.md and the raw numbers to
+runs/benchmarks/plan_stability.json.
 
 Nothing else should run: the backgrounds are the load; the load average is recorded beside it.
 """
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -93,11 +95,12 @@ def measure(version: Path, loads: int) -> list[dict[str, Any]]:
             realized = timed((served.runtime.scores, served.instances[0].scores), example, 0.2, 1)
             fastest, paired = planning.gain_estimates(spread)
             intra_fastest, intra_paired = planning.gain_estimates(intra)
+            gain, intra_gain = planning.spread_gain(spread), planning.intra_op_gain(intra)
             out.append({"fastest_of_each": fastest, "median_round": paired,
-                        "plan": planning.spread_gain(spread), "rounds": len(spread),
+                        "plan": gain, "rounds": len(spread),
                         "intra_fastest_of_each": intra_fastest, "intra_median_round": intra_paired,
-                        "intra_plan": planning.intra_op_gain(intra),
-                        "intra_smaller": min(intra_fastest, intra_paired), "intra_rounds": len(intra),
+                        "intra_plan": intra_gain, "intra_smaller": min(intra_fastest, intra_paired),
+                        "intra_rounds": len(intra), "spread_over_intra": gain / intra_gain,
                         "lead_wall_gain": max(planning.gain_estimates(realized)),
                         "lead": served.thread_plan.lead, "why": served.thread_plan.why})
             asyncio.run(served.close())
@@ -128,13 +131,12 @@ def _row(kind: str, loads: list[dict[str, Any]]) -> str:
 
 
 def _lead_row(kind: str, loads: list[dict[str, Any]]) -> str:
-    ratios = [{"over": load["plan"] / load["intra_plan"]} for load in loads]
-    leads = {lead: sum(load["lead"] == lead for load in loads) for lead in
-             sorted({load["lead"] for load in loads})}
+    leads = sorted(Counter(load["lead"] for load in loads).items())
     return (f"| {kind} | {len(loads)} | {_stats(loads, 'intra_fastest_of_each', over=MARGIN)} | "
             f"{_stats(loads, 'intra_median_round', over=MARGIN)} | "
-            f"{_stats(loads, 'intra_smaller', over=MARGIN)} | {_stats(ratios, 'over', OVER_INTRA)} | "
-            f"{'; '.join(f'{lead}: {count}' for lead, count in leads.items())} | "
+            f"{_stats(loads, 'intra_smaller', over=MARGIN)} | "
+            f"{_stats(loads, 'spread_over_intra', OVER_INTRA)} | "
+            f"{'; '.join(f'{lead}: {count}' for lead, count in leads)} | "
             f"{_stats(loads, 'lead_wall_gain')} |")
 
 
@@ -157,11 +159,11 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "Intra-op's gain (wall time, every core's threads against one) by the same two "
               "estimates (the plan takes the fastest of each, `planning.intra_op_gain`) and the "
               f"smaller of them; 'over {MARGIN}' counts the loads where it alone would earn an "
-              "intra-op lead; the spread's gain over intra-op's, both as the plan takes them, which must "
-              f"pass {OVER_INTRA} for the spread to lead ('at or under {OVER_INTRA}': the loads "
-              "it would not); the leads chosen; and what the chosen lead gains in wall time on a "
-              "lone example once loaded (the larger of the two estimates, one thread against "
-              "the lead, in turn).", "",
+              "intra-op lead; the spread's gain over intra-op's, both as the plan takes them, "
+              f"which must pass {OVER_INTRA} for the spread to lead ('at or under {OVER_INTRA}': "
+              "the loads it would not); the leads chosen; and what the chosen lead gains in wall "
+              "time on a lone example once loaded (the larger of the two estimates, one thread "
+              "against the lead, in turn).", "",
               "| background | loads | intra-op, fastest of each: min / p5 / median / max | "
               f"over {MARGIN} | median round | over {MARGIN} | the smaller of the two | "
               f"over {MARGIN} | the spread's over intra-op's | at or under {OVER_INTRA} | "

@@ -75,7 +75,7 @@ def _version(tmp_path: Path, kind: str) -> Path:
     return import_members(save(members, tmp_path / "onnx"), tmp_path / "repo", kind)
 
 
-def _plans(version: Path) -> list[tuple[str, tuple[int, ...], bool, str, str]]:
+def _plans(version: Path) -> list[tuple[str, tuple[int, ...], bool, str]]:
     from snapserve.server.engine.batcher import BatcherConfig
     from snapserve.server.engine.runtime import RuntimeConfig
     from snapserve.server.models.loading import load_version
@@ -86,7 +86,7 @@ def _plans(version: Path) -> list[tuple[str, tuple[int, ...], bool, str, str]]:
         plan = served.thread_plan
         assert plan is not None
         why = served.graph_timing.why if served.graph_timing is not None else ""
-        plans.append((served.runtime.graph, plan.thread_counts, plan.on_loop, plan.lead,
+        plans.append((served.runtime.graph, plan.thread_counts, plan.on_loop,
                       f"{why} | {plan.why}"))
     return plans
 
@@ -105,4 +105,4 @@ def test_the_same_model_gets_the_same_plan_at_every_load(tmp_path: Path, kind: s
     # threads, which is what is compared.
     chosen = {plan[:3] for plan in quiet + busy}
     # The reasons carry the numbers measured at each load: shown when the plans differ.
-    assert len(chosen) == 1, "\n".join(plan[4] for plan in quiet + busy)
+    assert len(chosen) == 1, "\n".join(plan[3] for plan in quiet + busy)
