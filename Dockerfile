@@ -61,13 +61,16 @@ ENV VIRTUAL_ENV=/opt/venv \
     SNAPSERVE_PORT=50051 \
     SNAPSERVE_HTTP_PORT=8000 \
     SNAPSERVE_METRICS_PORT=8002 \
-    SNAPSERVE_METRICS_HOST=0.0.0.0
-# A fixed non-root uid/gid (10001), so Kubernetes' runAsUser/fsGroup can name it.
+    SNAPSERVE_METRICS_HOST=0.0.0.0 \
+    SNAPSERVE_PLAN_CACHE=/var/cache/snapserve/plans
+# A fixed non-root uid/gid (10001), so Kubernetes' runAsUser/fsGroup can name it. The plan cache
+# lives in the container unless a volume is mounted on /var/cache/snapserve (the user has no
+# home); where it cannot be written, the server measures at every start and says so.
 RUN groupadd --system --gid 10001 snapserve \
     && useradd --system --no-log-init --uid 10001 --gid snapserve \
        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin snapserve \
-    && mkdir /models \
-    && chown snapserve:snapserve /models
+    && mkdir /models /var/cache/snapserve \
+    && chown snapserve:snapserve /models /var/cache/snapserve
 
 # ---------------------------------------------------------------------------- serving runtime
 # What both server images add: gRPC's C++ runtime libraries and the C++ front end built above

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from snapserve.server.errors import ConfigError
 __all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_METRICS_PORT", "DEVICES", "GRAPHS", "MAX_MODEL_NAME", "MODEL_NAME", "PRECISIONS",
            "VERSION_POLICIES", "BatcherConfig", "ConfigModel", "ConnectionConfig", "FlatKey",
            "HttpLimits", "IntakeConfig", "MetricsEndpointConfig", "RepositoryConfig", "RuntimeConfig",
-           "SecurityConfig", "ServerConfig", "error_text", "flat_keys", "format_address",
-           "OffOrPort", "did_you_mean", "parse_pins", "takes_auto"]
+           "SecurityConfig", "ServerConfig", "default_plan_cache", "error_text", "flat_keys",
+           "format_address", "OffOrPort", "did_you_mean", "parse_pins", "takes_auto"]
 
 DEVICES = ("auto", "cpu", "cuda")
 GRAPHS = ("auto", "fused", "members")
@@ -260,6 +261,28 @@ Threads = Annotated[int, BeforeValidator(_auto)]
 BatchSizes = Annotated[tuple[int, ...], BeforeValidator(_sizes)]
 
 
+def default_plan_cache() -> Path:
+    """Where `plan_cache: auto` keeps plans: $XDG_CACHE_HOME/snapserve/plans, else
+    ~/.cache/snapserve/plans (the XDG base directory convention, as pip and torch follow it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "snapserve", "plans")
+
+
+def _off(value: Any) -> Any:
+    """'off' (or 'none') -> None: a port not served, a cache not kept; anything else as given."""
+    return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
+
+
+def _plan_cache(value: Any) -> Any:
+    """'auto' -> default_plan_cache(); 'off' (or 'none') -> None; a path as given."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return default_plan_cache()
+    return _off(value)
+
+
+PlanCache = Annotated[Path | None, BeforeValidator(_plan_cache)]
+
+
 class RuntimeConfig(ConfigModel):
     """ONNX Runtime sessions of one model version (server/engine/runtime.py)."""
 
@@ -298,6 +321,17 @@ class RuntimeConfig(ConfigModel):
     # (models.inputs.conform_input).
     allow_nonfinite: bool = setting(False, "pass NaN/Inf inputs to the model instead of refusing "
                                            "them", strict=True)
+    # Read and written by models/plans.py. Off in Python (a RuntimeConfig made in code measures
+    # at every load, as tests of the measurement need); `auto` for the command line, its
+    # variable and the settings file, where a server's repeated starts want one plan.
+    plan_cache: PlanCache = setting(
+        None, "folder of measured plans (graph, instances, threads), one file per model version, "
+              "machine and settings, reused at later starts so the same model gets the same plan; "
+              "auto: $XDG_CACHE_HOME/snapserve/plans (~/.cache/...); off: measure at every load",
+        off="off", flat=str, flat_default="auto")
+    remeasure_plans: bool = setting(False, "measure each version's plan at load even where the "
+                                           "plan cache holds one, and store the new one there",
+                                    strict=True)
     device_id: int = Field(0, strict=True, ge=0, le=1024)  # which GPU, with cuda
     # Cores the auto settings plan for; 0: every core the process may use. A worker of
     # --workers N gets its share.
@@ -527,11 +561,6 @@ class HttpLimits(ConfigModel):
 
 
 Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
-
-
-def _off(value: Any) -> Any:
-    """'off' (or 'none') -> None: a port not served; anything else as given."""
-    return None if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
 
 
 # A port setting spelt `off` where it is not served (flags, variables, files).

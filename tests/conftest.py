@@ -23,6 +23,9 @@ from tests.support.servers import ThreadedServer, cpu_server, local_config, pinn
 # `ensemble-server` serves metrics on 8002 unless told otherwise; server processes the tests start
 # (and load_config without an environ) would collide there: off unless a test asks for a port.
 os.environ.setdefault("SNAPSERVE_METRICS_PORT", "off")
+# Its plan cache (auto: the user's cache folder) would carry plans from one test, or one run of
+# the suite, into the next: every load measures unless a test gives it a folder.
+os.environ.setdefault("SNAPSERVE_PLAN_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from snapserve.server.engine.runtime import (CUDA, MEMBERS, EnsembleRuntime, Gra
                                              RuntimeConfig, compute_clock, times_in_turn)
 from snapserve.server.errors import InferenceError
 
-__all__ = ["fastest_seconds", "gain_estimates", "intra_op_gain", "plan_instances", "spread_gain"]
+__all__ = ["fastest_seconds", "gain_estimates", "intra_op_gain", "open_planned", "plan_instances",
+           "spread_gain"]
 
 _MEASURE_BUDGET_S = 0.3  # seconds of runs per measurement at load
 
@@ -132,3 +133,30 @@ def plan_instances(runtime: EnsembleRuntime, config: RuntimeConfig, timing: Grap
     if chosen is not None:
         chosen.close()
     return plan, runtime, None
+
+
+def open_planned(plan: ThreadPlan, runtime: EnsembleRuntime, threads: int,
+                 build: Callable[[int], EnsembleRuntime],
+                 build_spread: Callable[[int], EnsembleRuntime | None] | None = None,
+                 ) -> tuple[EnsembleRuntime, EnsembleRuntime | None] | None:
+    """The first parallel instance and the lead instance of a plan known before the load (a
+    plan cache's), as `plan_instances` returns them, without measuring: `runtime` is open with
+    `threads` intra-op threads, `build` and `build_spread` as there. None when the plan needs
+    spread members that this runtime cannot spread (`runtime` is then still open)."""
+
+    def opened(count: int, spread: bool) -> EnsembleRuntime | None:
+        if not spread:
+            return build(count)
+        return build_spread(count) if build_spread is not None else None
+
+    if plan.lead_threads:
+        lead = opened(plan.lead_threads, plan.lead_spread)
+        return None if lead is None else (runtime, lead)
+    if plan.threads == threads:
+        return runtime, None
+    # One instance of every core's threads, the lead alone (plan_threads): it replaces `runtime`.
+    first = opened(plan.threads, plan.lead_spread)
+    if first is None:
+        return None
+    runtime.close()
+    return first, None

@@ -754,14 +754,17 @@ def fastest_in_turn(fns: Sequence[Callable[[np.ndarray], object]], x: np.ndarray
 
 def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: int,
                  budget_s: float = 0.2, tolerance: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> tuple[str, GraphTiming | None]:
+                 clock: Callable[[], float] = time.perf_counter,
+                 known: str | None = None) -> tuple[str, GraphTiming | None]:
     """Which graph to serve with: time both on a few batch sizes (`fastest_in_turn` by `clock`,
     `compute_clock` at load); the fused graph (one run computes every member and score) unless
     the members are faster per example by more than PLAN_MARGIN (engine/cores.py: a near-tie
     must not flip between starts). Refuses a fused graph whose probabilities differ from
     the members' by more than `tolerance` (default: `agreement_tolerance` for the provider
     and the fused graph's precision: a stale or broken file, not kernel rounding) with an
-    error log. The timing's `why` says which and why. `example`: one example, [1, ...]."""
+    error log. The timing's `why` says which and why. `example`: one example, [1, ...].
+    `known`: the graph chosen before (a plan cache's): the agreement is checked as always,
+    nothing is timed, and the timing is None unless the members serve for disagreeing."""
     if FUSED not in runtime.graphs or MEMBERS not in runtime.graphs:
         return runtime.graph, None
     fused_graph = runtime.graphs[FUSED]
@@ -784,10 +787,14 @@ def choose_graph(runtime: EnsembleRuntime, example: np.ndarray, max_batch_size: 
                          "(tolerance %.3g): serving the members", diff, tolerance)
             return MEMBERS, GraphTiming(sizes, {}, why)
         largest_diff = max(largest_diff, diff)
+        if known is not None:
+            continue
         fused_s, members_s = fastest_in_turn(
             (fused_graph.scores, runtime.graphs[MEMBERS].scores), x, budget_s, clock=clock)
         seconds[FUSED].append(fused_s)
         seconds[MEMBERS].append(members_s)
+    if known is not None:
+        return known, None
     timing = GraphTiming(sizes, {k: tuple(v) for k, v in seconds.items()})
     fused_total, members_total = timing.total(FUSED), timing.total(MEMBERS)
     chosen, other = ((MEMBERS, FUSED) if clearly_better(fused_total, members_total)

@@ -80,6 +80,8 @@ class ServedEnsemble:
         self._loop: asyncio.AbstractEventLoop | None = None  # the batches' loop, once known
         self.graph_timing: GraphTiming | None = None  # fused vs members at load, when measured
         self.thread_plan = thread_plan  # how instances and threads were chosen, when planned
+        # Whether the graph and plan were measured at this load or read from the plan cache.
+        self.plan_source = "measured at load"
         # A lone request of up to this many examples computes on the event loop (0: never).
         self._loop_examples = thread_plan.loop_examples if thread_plan is not None else 0
         batcher_config = batcher_config.replace(max_concurrent_batches=len(parallel))
@@ -154,6 +156,8 @@ class ServedEnsemble:
             if self._loop_examples:  # the largest lone request computed there
                 parameters["loop_max_examples"] = str(self._loop_examples)
             parameters["threads_choice"] = self.thread_plan.why
+        if self.graph_timing is not None or self.thread_plan is not None:
+            parameters["plan_source"] = self.plan_source
         return {**self.settings, **parameters}
 
     async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:

@@ -2,8 +2,9 @@
 
 `load_version` is what the lifecycle (models/lifecycle.py) calls for each version folder: the
 manifest and the verified graph bytes (models/manifest.py), the graph to serve (fused or
-members, runtime.choose_graph), the instances and threads (engine/planning.py), a warm-up run
-through each, and the ServedEnsemble (models/ensemble.py) over them.
+members, runtime.choose_graph), the instances and threads (engine/planning.py), or both from the
+plan cache (models/plans.py), a warm-up run through each, and the ServedEnsemble
+(models/ensemble.py) over them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 
 from snapserve.server.engine.adaptive import AdaptiveMembers
 from snapserve.server.engine.batcher import BatcherConfig
-from snapserve.server.engine.cores import check_thread_budget, usable_cores
-from snapserve.server.engine.planning import plan_instances
+from snapserve.server.engine.cores import AUTO, check_thread_budget, usable_cores
+from snapserve.server.engine.planning import open_planned, plan_instances
 from snapserve.server.engine.runtime import (CPU, FUSED, MEMBERS, EnsembleRuntime,
                                              GraphBytes, RuntimeConfig, choose_graph,
                                              compute_clock)
@@ -25,6 +26,7 @@ from snapserve.server.errors import (FusedOutputsMismatch, GraphMismatch, Infere
                                      ModelLoadError)
 from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.manifest import Manifest, read_manifest, read_verified
+from snapserve.server.models.plans import PlanCache
 
 __all__ = ["adaptive_plan", "load_version", "warm_up"]
 
@@ -105,6 +107,16 @@ def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config:
         else "fp32")
 
 
+def _plan_cache(manifest: Manifest, runtime: EnsembleRuntime, config: RuntimeConfig,
+                max_batch_size: int) -> PlanCache | None:
+    """The version's plan file, where the cache is on and the load measures something: the
+    graphs (both open) or the instances and threads (either auto)."""
+    if len(runtime.graphs) < 2 and AUTO not in (config.instances, config.intra_op_threads):
+        return None
+    return PlanCache.for_version(manifest, config, max_batch_size,
+                                 config.cores or usable_cores(), runtime.provider)
+
+
 def load_version(path: Path, runtime_config: RuntimeConfig,
                  batcher_config: BatcherConfig) -> ServedEnsemble:
     """Read, verify and load <repository>/<model>/<version>; raises ModelLoadError if unusable.
@@ -113,7 +125,9 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     (runtime.choose_graph) and keeps the faster; the other instances open only that one. A fused
     graph whose outputs are not `SCORE_NAMES` refuses the version (FusedOutputsMismatch): it was
     built for other scores than this server computes. Any other fused-graph fault is logged and
-    the members serve.
+    the members serve. With `plan_cache` set, a plan measured at an earlier load of this version
+    with these settings on this machine is served instead of measuring (models/plans.py); the
+    graphs' agreement is checked all the same.
     """
     # Before any session opens: the first would already start the threads asked for.
     check_thread_budget(runtime_config.instances, runtime_config.intra_op_threads,
@@ -137,9 +151,19 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
-    # The tolerance follows the provider and the fused graph's precision (agreement_tolerance).
+    cache = _plan_cache(manifest, runtime, runtime_config, batcher_config.max_batch_size)
+    cached = cache.read() if cache is not None and not runtime_config.remeasure_plans else None
+    if cached is not None and cached.graph not in runtime.graphs:
+        cached = None  # its graph did not open this time (logged): measured as it stands
+    # The tolerance follows the provider and the fused graph's precision (agreement_tolerance);
+    # a cached graph is checked as a measured one is, only not timed.
     graph, timing = choose_graph(runtime, example, batcher_config.max_batch_size,
-                                 clock=compute_clock(first_config.intra_op_threads, runtime.provider))
+                                 clock=compute_clock(first_config.intra_op_threads, runtime.provider),
+                                 known=None if cached is None else cached.graph)
+    if cached is not None and graph != cached.graph:
+        cached = None  # the graphs disagree (logged): the members serve, and the plan is theirs
+    elif cached is not None:
+        timing = cached.timing
     runtime.keep(graph)
     _log_adaptive(manifest, runtime, runtime_config)
 
@@ -159,18 +183,33 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
             return None
         return spread
 
-    plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,
-                                          batcher_config.max_batch_size, build, build_spread)
+    opened = None
+    if cached is not None:
+        opened = open_planned(cached.plan, runtime, first_config.intra_op_threads, build,
+                              build_spread)
+        if opened is None:
+            logger.warning("%s version %d: the cached plan spreads the members, which cannot "
+                           "be spread here: measuring it again", manifest.name, manifest.version)
+    if cached is not None and opened is not None:
+        plan, (runtime, lead) = cached.plan, opened
+        source = cached.describe()
+    else:
+        plan, runtime, lead = plan_instances(runtime, runtime_config, timing, example,
+                                              batcher_config.max_batch_size, build, build_spread)
+        source = "measured at load"
+        if cache is not None and cache.write(graph, timing, plan):
+            source += f", kept in the plan cache ({cache.path})"
     instances = [runtime] + [build(plan.threads) for _ in range(plan.parallel - 1)]
     served = ServedEnsemble(manifest, path, runtime, batcher_config, instances, lead, plan)
     served.allow_nonfinite = runtime_config.allow_nonfinite
     served.graph_timing = timing
+    served.plan_source = source
     # Every instance, on its own thread, before the version is ready: the sizes live traffic
     # meets first, so their first-run costs (CUDA graph capture included) are paid at load.
     sizes = runtime.warm_up_batch_sizes(batcher_config.max_batch_size)
     served.on_instance_threads(lambda instance: warm_up(manifest, instance, sizes))
-    logger.info("%s version %d: serving the %s graph on %d instance(s) of %s thread(s) (%s)%s",
-                manifest.name, manifest.version, graph, len(served.instances),
+    logger.info("%s version %d: serving the %s graph on %d instance(s) of %s thread(s) (%s)%s; "
+                "plan %s", manifest.name, manifest.version, graph, len(served.instances),
                 ",".join(map(str, plan.thread_counts)), plan.why,
-                f"; measured {timing.describe()}" if timing is not None else "")
+                f"; measured {timing.describe()}" if timing is not None else "", source)
     return served

@@ -42,6 +42,23 @@ def test_variables_set_the_config(tmp_path: Path) -> None:
     assert settings.log_level == "DEBUG"
 
 
+def test_the_plan_cache_is_auto_on_the_command_line_and_off_in_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapserve.server.config import RuntimeConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    environ = {"SNAPSERVE_MODEL_REPOSITORY": str(tmp_path)}
+    assert load_config([], environ)[1].runtime.plan_cache == tmp_path / "xdg/snapserve/plans"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config([], environ)[1].runtime.plan_cache == tmp_path / "home/.cache/snapserve/plans"
+    assert load_config(["--plan-cache", "off"], environ)[1].runtime.plan_cache is None
+    _, config = load_config(["--remeasure-plans"], {**environ, "SNAPSERVE_PLAN_CACHE": "/srv/p"})
+    assert (config.runtime.plan_cache, config.runtime.remeasure_plans) == (Path("/srv/p"), True)
+    # A RuntimeConfig made in code measures at every load, as tests of the measurement need.
+    assert RuntimeConfig().plan_cache is None
+
+
 @pytest.mark.parametrize("suffix, text", [
     (".yaml", "model_repository: {repo}\nmax_batch_size: 16\nport: 7000\nversion_policy: specific\n"
               "pin: digits=2 tiny=1\nadaptive_wait: false\n"),
