@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import grpc
 import numpy as np
 import pytest
 
+from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
+from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server.engine import runtime as runtime_module
 from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.cores import ThreadPlan, usable_cores
@@ -23,6 +27,7 @@ from snapserve.server.models.loading import load_version
 from snapserve.server.models.manifest import read_manifest
 from snapserve.server.models.plans import MAX_PLAN_FILE, PlanCache
 from tests.support.models import SHAPE, conv_member, linear_members, save, slow_member
+from tests.support.servers import serving
 
 BATCH = BatcherConfig(max_batch_size=8)
 
@@ -124,8 +129,6 @@ def test_another_key_or_remeasure_plans_measures_again(
 
 def test_a_changed_version_gets_its_own_plan(fused_version: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
     version = tmp_path / "tiny" / "1"
     shutil.copytree(fused_version, version)
     cache = tmp_path / "plans"
@@ -259,3 +262,22 @@ def test_a_cached_spread_that_cannot_spread_here_is_measured_again(
     assert not served.thread_plan.lead_spread
     assert any("cannot be spread here" in r.getMessage() for r in caplog.records)
     assert served.plan_source.startswith("measured at load, kept in")
+
+
+async def test_a_restarted_server_says_its_plan_came_from_the_cache(fused_version: Path,
+                                                                    tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(fused_version, repo / "tiny" / "1")
+    runtime = RuntimeConfig(device="cpu", plan_cache=tmp_path / "plans")
+    sources = []
+    for _ in range(2):  # a start that measures, then one that reads back
+        async with serving(repo, runtime=runtime) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                model = await pb_grpc.EnsembleServiceStub(channel).GetModel(
+                    pb.GetModelRequest(model="tiny"))
+        sources.append(dict(model.runtime))
+    [file] = _plan_files(tmp_path / "plans")
+    assert sources[0]["plan_source"] == f"measured at load, kept in the plan cache ({file})"
+    assert sources[1]["plan_source"].startswith(f"the plan cache ({file}, measured ")
+    for key in ("graph", "intra_op_threads", "lead_instance", "threads_choice", "graph_choice"):
+        assert sources[1][key] == sources[0][key], key
