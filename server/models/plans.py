@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,9 +145,13 @@ class PlanCache:
         """The plan stored under this key; None (logged unless simply absent) when there is
         none to use."""
         try:
-            with open(self.path, "rb") as file:
+            # Not blocking: a FIFO in its place would hold the load until something wrote to it.
+            with open(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+                status = os.fstat(file.fileno())
+                if not stat.S_ISREG(status.st_mode):
+                    raise ValueError("not a regular file")
                 # Bounded before it is read: a stray large file is not loaded into memory.
-                if os.fstat(file.fileno()).st_size > MAX_PLAN_FILE:
+                if status.st_size > MAX_PLAN_FILE:
                     raise ValueError(f"larger than {MAX_PLAN_FILE} bytes")
                 stored = _PlanFile.model_validate_json(file.read(MAX_PLAN_FILE + 1))
             if stored.format != _FORMAT or stored.key != self.key:
@@ -158,7 +163,9 @@ class PlanCache:
             if (plan.lead_threads not in (0, cores)
                     or sum(plan.thread_counts) > MAX_THREADS_PER_CORE * cores
                     or plan.loop_examples > self.key["max_batch_size"]):
-                raise ValueError(f"its plan ({plan}) does not fit {cores} cores")
+                raise ValueError(f"its plan (threads {plan.thread_counts}, a lone request of "
+                                 f"up to {plan.loop_examples} on the loop) does not fit {cores} "
+                                 f"cores and batches of {self.key['max_batch_size']}")
         except (FileNotFoundError, NotADirectoryError):  # none yet (the folder says why on write)
             return None
         except (OSError, ValueError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -165,6 +166,8 @@ def _valid_but(change: Callable[[dict], None]) -> Callable[[Path], None]:
     (_valid_but(lambda s: s["plan"].update(parallel=1000)), "does not fit"),
     (_valid_but(lambda s: s.update(graph="auto")), "is not fused or members"),
     (_valid_but(lambda s: s.update(extra=1)), "Extra inputs"),
+    (_valid_but(lambda s: s["plan"].update(loop_examples=9)), "batches of 8"),
+    (lambda path: (path.unlink(), os.mkfifo(path)), "not a regular file"),
 ])
 def test_a_plan_file_that_makes_no_sense_is_measured_over(
         fused_version: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
