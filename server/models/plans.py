@@ -26,6 +26,7 @@ import os
 import platform
 import stat
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,17 @@ from snapserve.server.engine.cores import MAX_THREADS_PER_CORE, ThreadPlan
 from snapserve.server.engine.runtime import CPU, FUSED, MEMBERS, GraphTiming
 from snapserve.server.models.manifest import Manifest
 
-__all__ = ["MAX_PLAN_FILE", "CachedPlan", "PlanCache", "cpu_model"]
+__all__ = ["MAX_PLAN_FILE", "MAX_PLAN_FILES", "CachedPlan", "PlanCache", "cpu_model"]
 
 logger = logging.getLogger(__name__)
 
 # A plan file is a few KiB (two reasons' text, a dozen timings); a larger one is not ours.
 MAX_PLAN_FILE = 64 * 1024
+# The most plan files a folder keeps: each new key (a version, a settings change) adds one, so
+# the least recently used go past this many (a few hundred KiB in all).
+MAX_PLAN_FILES = 256
+# A file being written aside that is older than this was left by a process that died mid-write.
+_STALE_ASIDE_S = 600.0
 # Raised when what a plan file holds, or how it is keyed, changes meaning.
 _FORMAT = 1
 
@@ -172,6 +178,8 @@ class PlanCache:
             logger.warning("plan cache: ignoring %s (%s): measuring the plan again",
                            self.path, _problem(exc))
             return None
+        with contextlib.suppress(OSError):  # used now: the last to go (a read-only folder: kept)
+            os.utime(self.path)
         timing = stored.graph_timing
         return CachedPlan(stored.graph, None if timing is None else GraphTiming(
             timing.batch_sizes, dict(timing.seconds), timing.why), plan, stored.measured_at,
@@ -202,4 +210,23 @@ class PlanCache:
             logger.warning("plan cache: cannot write %s (%s): the plan is measured again at the "
                            "next start", self.path, exc)
             return False
+        self._prune()
         return True
+
+    def _prune(self) -> None:
+        """The least recently used plan files past MAX_PLAN_FILES removed, and files left aside
+        by writers that died; what cannot be removed stays (another server may be using it)."""
+        now = time.time()
+        files, stale = [], []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.path.parent):
+                with contextlib.suppress(OSError):
+                    if entry.name.endswith(".json") and entry.is_file():
+                        files.append((entry.stat().st_mtime, entry.path))
+                    elif (entry.name.startswith(".plan-") and entry.name.endswith(".tmp")
+                          and now - entry.stat().st_mtime > _STALE_ASIDE_S):
+                        stale.append(entry.path)
+        files.sort(reverse=True)
+        for path in stale + [path for _, path in files[MAX_PLAN_FILES:]]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -284,3 +284,31 @@ async def test_a_restarted_server_says_its_plan_came_from_the_cache(fused_versio
     assert sources[1]["plan_source"].startswith(f"the plan cache ({file}, measured ")
     for key in ("graph", "intra_op_threads", "lead_instance", "threads_choice", "graph_choice"):
         assert sources[1][key] == sources[0][key], key
+
+
+def test_the_folder_keeps_the_most_recently_used_plans(fused_version: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapserve.server.models import plans
+
+    monkeypatch.setattr(plans, "MAX_PLAN_FILES", 3)
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    old = [folder / f"other-{i}-0.json" for i in range(4)]
+    for age, path in enumerate(old):  # other versions' plans, older and older
+        path.write_text("{}")
+        os.utime(path, (1e9 - age, 1e9 - age))
+    left_aside = folder / ".plan-dead.tmp"
+    left_aside.write_text("{")
+    os.utime(left_aside, (1e9, 1e9))
+    writing = folder / ".plan-live.tmp"  # another server's write in progress
+    writing.write_text("{")
+    cache = _key_path(fused_version, _timed_graph(folder))
+    assert cache.write(FUSED, None, ThreadPlan(1, 1, why="as configured"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [cache.path.name, old[0].name, old[1].name, writing.name])
+    os.utime(cache.path, (5e8, 5e8))  # written long ago, the oldest of the folder...
+    assert cache.read() is not None  # ...and read now: the most recently used but one
+    second = _key_path(fused_version, _timed_graph(folder, cores=1))
+    assert second.write(FUSED, None, ThreadPlan(1, 1, why="as configured"))
+    assert {p.name for p in folder.glob("*.json")} == {second.path.name, cache.path.name,
+                                                       old[0].name}
