@@ -182,11 +182,24 @@ def test_image_serves_predictions_and_stops_cleanly(container: tuple[Container, 
     assert f":{port}" in logs
     assert f"C++ front end serving unary gRPC on 127.0.0.1:{box.cpp_port}" in logs
     assert "building the C++ front end" not in logs
+    # The image's plan cache is the server user's to write: the start measured and kept them.
+    assert "plan measured at load, kept in the plan cache (/var/cache/snapserve/plans/digits-1-" \
+        in logs, logs
+    assert "plan cache: cannot write" not in logs
 
     # `podman stop` sends the image's STOPSIGNAL (SIGTERM): the server drains and exits 0.
     podman("stop", "--time", "30", box.name, timeout=60)
     assert box.state() == {"status": "exited", "exit_code": "0"}, box.logs()
     assert "stopped serving" in box.logs()
+
+    # Started again, the container (its own layer kept) serves the plans it measured.
+    podman("start", box.name, timeout=60)
+    box.wait_healthy()
+    with EnsembleClient(f"127.0.0.1:{port}", timeout=30) as client:
+        again = client.predict("digits", x, normalize=True)
+    np.testing.assert_allclose(again.probabilities, expected.mean(axis=1), atol=1e-5)
+    assert "plan the plan cache (/var/cache/snapserve/plans/digits-1-" in box.logs()
+    podman("stop", "--time", "30", box.name, timeout=60)
 
 
 def test_image_runs_as_non_root_without_pytorch(image: str) -> None:
