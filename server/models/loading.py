@@ -108,13 +108,12 @@ def _build_runtime(manifest: Manifest, verified: dict[Path, GraphBytes], config:
 
 
 def _plan_cache(manifest: Manifest, runtime: EnsembleRuntime, config: RuntimeConfig,
-                max_batch_size: int) -> PlanCache | None:
+                max_batch_size: int, cores: int) -> PlanCache | None:
     """The version's plan file, where the cache is on and the load measures something: the
     graphs (both open) or the instances and threads (either auto)."""
     if len(runtime.graphs) < 2 and AUTO not in (config.instances, config.intra_op_threads):
         return None
-    return PlanCache.for_version(manifest, config, max_batch_size,
-                                 config.cores or usable_cores(), runtime.provider)
+    return PlanCache.for_version(manifest, config, max_batch_size, cores, runtime.provider)
 
 
 def load_version(path: Path, runtime_config: RuntimeConfig,
@@ -130,8 +129,8 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     graphs' agreement is checked all the same.
     """
     # Before any session opens: the first would already start the threads asked for.
-    check_thread_budget(runtime_config.instances, runtime_config.intra_op_threads,
-                        runtime_config.cores or usable_cores())
+    cores = runtime_config.cores or usable_cores()
+    check_thread_budget(runtime_config.instances, runtime_config.intra_op_threads, cores)
     manifest = read_manifest(path)
     verified = read_verified(manifest, path)  # read once: what was hashed is what loads
     fused_file, graphs = _graphs_to_load(manifest, runtime_config)
@@ -151,7 +150,7 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
     runtime.check_input(manifest.input.dtype, manifest.input.shape)
     warm_up(manifest, runtime)
     example = np.zeros((1, *manifest.input.shape[1:]), dtype=manifest.input.dtype)
-    cache = _plan_cache(manifest, runtime, runtime_config, batcher_config.max_batch_size)
+    cache = _plan_cache(manifest, runtime, runtime_config, batcher_config.max_batch_size, cores)
     cached = cache.read() if cache is not None and not runtime_config.remeasure_plans else None
     if cached is not None and cached.graph not in runtime.graphs:
         cached = None  # its graph did not open this time (logged): measured as it stands
@@ -183,13 +182,11 @@ def load_version(path: Path, runtime_config: RuntimeConfig,
             return None
         return spread
 
-    opened = None
-    if cached is not None:
-        opened = open_planned(cached.plan, runtime, first_config.intra_op_threads, build,
-                              build_spread)
-        if opened is None:
-            logger.warning("%s version %d: the cached plan spreads the members, which cannot "
-                           "be spread here: measuring it again", manifest.name, manifest.version)
+    opened = None if cached is None else open_planned(
+        cached.plan, runtime, first_config.intra_op_threads, build, build_spread)
+    if cached is not None and opened is None:
+        logger.warning("%s version %d: the cached plan spreads the members, which cannot be "
+                       "spread here: measuring it again", manifest.name, manifest.version)
     if cached is not None and opened is not None:
         plan, (runtime, lead) = cached.plan, opened
         source = cached.describe()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ _STALE_ASIDE_S = 600.0
 _FORMAT = 1
 
 
+@functools.cache  # the CPU does not change under a running process
 def cpu_model() -> str:
     """The CPU's model name as the kernel reports it (x86 and most ARM servers), else the
     platform's word for it: a plan measured on one CPU says little of another's."""
@@ -98,8 +100,7 @@ class _PlanFile(BaseModel):
     """A plan file as written: the key it was measured under and what was measured."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    format: int
-    key: dict[str, Any]
+    key: dict[str, Any]  # its "format" says what the file's fields mean
     measured_at: str
     graph: str
     graph_timing: _Timing | None
@@ -160,7 +161,7 @@ class PlanCache:
                 if status.st_size > MAX_PLAN_FILE:
                     raise ValueError(f"larger than {MAX_PLAN_FILE} bytes")
                 stored = _PlanFile.model_validate_json(file.read(MAX_PLAN_FILE + 1))
-            if stored.format != _FORMAT or stored.key != self.key:
+            if stored.key != self.key:
                 raise ValueError("its key is not this version's (a hash collision, or an edit)")
             plan = ThreadPlan(**stored.plan.model_dump())
             if stored.graph not in (FUSED, MEMBERS):
@@ -188,7 +189,7 @@ class PlanCache:
     def write(self, graph: str, timing: GraphTiming | None, plan: ThreadPlan) -> bool:
         """Store a measured plan under this key (a whole file or none: written aside, then
         renamed over); False, logged, when the folder cannot take it."""
-        stored = {"format": _FORMAT, "key": self.key,
+        stored = {"key": self.key,
                   "measured_at": datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec="seconds"),
                   "graph": graph, "graph_timing": None if timing is None else asdict(timing),

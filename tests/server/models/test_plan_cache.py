@@ -23,7 +23,6 @@ from snapserve.server.engine.batcher import BatcherConfig
 from snapserve.server.engine.cores import ThreadPlan, usable_cores
 from snapserve.server.engine.runtime import CPU, FUSED, MEMBERS, EnsembleRuntime, RuntimeConfig
 from snapserve.server.models import loading
-from snapserve.server.models.ensemble import ServedEnsemble
 from snapserve.server.models.loading import load_version
 from snapserve.server.models.manifest import read_manifest
 from snapserve.server.models.plans import MAX_PLAN_FILE, PlanCache
@@ -123,7 +122,7 @@ def test_another_key_or_remeasure_plans_measures_again(
     remeasured = load_version(fused_version, _timed_graph(cache, remeasure_plans=True), BATCH)
     assert len(calls) == 4 and remeasured.plan_source.startswith("measured at load, kept in")
     # The same key as without the setting: its file now holds the new measurement.
-    file = _key_path(fused_version, _timed_graph(cache)).path
+    file = _cache_for(fused_version, _timed_graph(cache)).path
     assert json.loads(file.read_text())["plan"]["why"] == remeasured.thread_plan.why
     assert len(_plan_files(cache)) == 3
 
@@ -142,9 +141,9 @@ def test_a_changed_version_gets_its_own_plan(fused_version: Path, tmp_path: Path
     assert len(calls) == 2 and len(_plan_files(cache)) == 2
 
 
-def _key_path(version: Path, config: RuntimeConfig, runtime: str = CPU) -> PlanCache:
+def _cache_for(version: Path, config: RuntimeConfig) -> PlanCache:
     cache = PlanCache.for_version(read_manifest(version), config, BATCH.max_batch_size,
-                                  config.cores or usable_cores(), runtime)
+                                  config.cores or usable_cores(), CPU)
     assert cache is not None
     return cache
 
@@ -173,7 +172,7 @@ def test_a_plan_file_that_makes_no_sense_is_measured_over(
         fused_version: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture, spoil: Callable[[Path], None], why: str) -> None:
     config = _timed_graph(tmp_path / "plans")
-    cache = _key_path(fused_version, config)
+    cache = _cache_for(fused_version, config)
     assert cache.write(FUSED, None, ThreadPlan(1, 1, why="as configured"))
     assert cache.read() is not None
     spoil(cache.path)
@@ -226,7 +225,7 @@ def test_a_cached_plan_opens_the_instances_it_names(
         lead: str | None, spread_first: bool) -> None:
     config = _config(tmp_path / "plans", cores=2)
     cached = replace(plan, why="planted by the test")
-    assert _key_path(heavy_version, config).write(MEMBERS, None, cached)
+    assert _cache_for(heavy_version, config).write(MEMBERS, None, cached)
     _forbid_measuring(monkeypatch)
     served = load_version(heavy_version, config, BATCH)
     assert served.thread_plan == cached and served.plan_source.startswith("the plan cache")
@@ -239,10 +238,6 @@ def test_a_cached_plan_opens_the_instances_it_names(
                             "logits", RuntimeConfig(device="cpu", intra_op_threads=1)).run(x)
     for instance in served.instances:
         np.testing.assert_allclose(instance.run(x), alone, atol=1e-6)
-    _close(served)
-
-
-def _close(served: ServedEnsemble) -> None:
     for instance in served.instances:
         instance.close()
 
@@ -256,7 +251,7 @@ def test_a_cached_spread_that_cannot_spread_here_is_measured_again(
     version = import_members(save([slow_member(64, 4)], tmp_path / "onnx"), tmp_path / "repo",
                              "single", fuse=False)
     config = _config(tmp_path / "plans", cores=2)
-    assert _key_path(version, config).write(
+    assert _cache_for(version, config).write(
         MEMBERS, None, ThreadPlan(2, 1, lead_threads=2, lead_spread=True, why="planted"))
     calls = _counting(monkeypatch)
     with caplog.at_level(logging.WARNING):
@@ -302,13 +297,13 @@ def test_the_folder_keeps_the_most_recently_used_plans(fused_version: Path, tmp_
     os.utime(left_aside, (1e9, 1e9))
     writing = folder / ".plan-live.tmp"  # another server's write in progress
     writing.write_text("{")
-    cache = _key_path(fused_version, _timed_graph(folder))
+    cache = _cache_for(fused_version, _timed_graph(folder))
     assert cache.write(FUSED, None, ThreadPlan(1, 1, why="as configured"))
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [cache.path.name, old[0].name, old[1].name, writing.name])
     os.utime(cache.path, (5e8, 5e8))  # written long ago, the oldest of the folder...
     assert cache.read() is not None  # ...and read now: the most recently used but one
-    second = _key_path(fused_version, _timed_graph(folder, cores=1))
+    second = _cache_for(fused_version, _timed_graph(folder, cores=1))
     assert second.write(FUSED, None, ThreadPlan(1, 1, why="as configured"))
     assert {p.name for p in folder.glob("*.json")} == {second.path.name, cache.path.name,
                                                        old[0].name}
