@@ -232,7 +232,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     kserve = KServeServicer(manager, health, metrics, config.stream_window, intake)
     handlers |= add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    enable_reflection(server, SERVICES)
+    handlers |= enable_reflection(server, SERVICES)
     try:
         port = (server.add_insecure_port(config.address) if credentials is None
                 else server.add_secure_port(config.address, credentials))
@@ -259,13 +259,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
             handlers[HEALTH_WATCH] = grpc.unary_stream_rpc_method_handler(
                 health.Watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
                 response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
-            running.cpp = CppFrontEnd(handlers, drain, auth, running.address)
+            running.cpp = CppFrontEnd(handlers, drain, auth)
             running.cpp_port = running.cpp.start(
                 format_address(config.host, config.cpp_grpc_port), grpc_options,
                 config.intake.max_pending_calls, *(pem or ()))
             cpp = running.cpp
             metrics.watch_cpp(lambda: cpp.refused)
-            logger.info("C++ front end serving unary gRPC on %s",
+            logger.info("C++ front end serving gRPC on %s",
                         format_address(config.host, running.cpp_port))
         if config.http_port is not None:
             http = running.http = HttpFrontEnd(kserve.core, drain, auth,

@@ -582,11 +582,12 @@ class ServerConfig(ConfigModel):
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
     # Off by default: outside the images it needs a C++ compiler and libgrpc++ on the machine
-    # (built on first use), and it serves no method that streams requests (server/api/cpp.py).
-    cpp_grpc_port: Port | None = setting(None, "also serve the unary gRPC methods (inference, "
-                                                  "metadata, health checks and watches) on this "
-                                                  "port of host through the C++ front end, with "
-                                                  "the same TLS and tokens; off: not served; 0 "
+    # (built on first use), and libgrpc 1.51 does not cap its connections (docs/reliability.md).
+    cpp_grpc_port: Port | None = setting(None, "also serve every gRPC method (inference, "
+                                                  "streams, metadata, health, reflection) on "
+                                                  "this port of host through the C++ front end, "
+                                                  "with the same TLS and tokens; off: not "
+                                                  "served; 0 "
                                                   "picks a free port", flat=OffOrPort)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     batcher: BatcherConfig = Field(default_factory=BatcherConfig)

@@ -1,4 +1,4 @@
-"""The C++ gRPC front end (`cpp_grpc_port`): the server's unary gRPC methods served through
+"""The C++ gRPC front end (`cpp_grpc_port`): the server's gRPC methods served through
 gRPC's C++ library (server/cpp/frontend.cc) instead of grpc.aio, on a port of their own.
 
 The C++ side owns the port and reads each call's bytes on gRPC's threads; the event loop is
@@ -8,12 +8,14 @@ the same drain, tokens, intake bound, request ids, status table and metrics. Wha
 did on the loop for every call (accepting calls one at a time, its poller thread's hand-over,
 a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
 
-Served here: every unary method of snapserve.v1.EnsembleService and inference.
-GRPCInferenceService, and grpc.health.v1.Health/Check and Health/Watch (one request, a stream
-of answers: the loop writes each message as the handler yields it, the C++ side sends them in
-order). Not served (UNIMPLEMENTED, naming the grpc.aio port): the methods that stream requests
-(PredictStream, ModelStreamInfer) and reflection. A call its client cancels (or whose deadline
-passes) has its task cancelled, as grpc.aio does: the batcher drops it before compute.
+Served here: every method the grpc.aio port serves: snapserve.v1.EnsembleService and
+inference.GRPCInferenceService (unary and streaming), grpc.health.v1.Health/Check and
+Health/Watch, and reflection. A streamed answer is written message by message as the handler
+yields it (the C++ side sends them in order, at most 64 unread by the client). A stream of
+requests is read one message at a time, when the handler asks for the next (`_Stream`), so
+its unread messages wait in HTTP/2's flow control as they do on grpc.aio. A call its client
+cancels (or whose deadline passes) has its task cancelled, as grpc.aio does: the batcher drops
+it before compute.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Mapping, Sequence
+from typing import AsyncGenerator, Callable, Mapping, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,7 +31,8 @@ from google.protobuf.message import DecodeError
 from snapserve.server.api.security import (OPEN_METHOD_PREFIXES, UNAUTHENTICATED_MESSAGE,
                                            TokenAuthInterceptor)
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN, OPEN_WHILE_DRAINING, Drain
-from snapserve.server.cpp.binding import CppServer, metadata_pairs
+from snapserve.server.cpp.binding import (END, MESSAGE, PAUSE, UNREAD, CppServer,
+                                          metadata_pairs)
 
 __all__ = ["CppContext", "CppFrontEnd"]
 
@@ -67,18 +70,72 @@ class CppContext:
         raise grpc.aio.AbortError()
 
 
+class _Stream:
+    """A call's stream of requests, as the handler's async iterator: each message is read (the
+    C++ side starts the read) only when the handler asks for it. Also where the call's answers
+    wait for room to write (`writable`)."""
+
+    __slots__ = ("_server", "_call_id", "_parse", "_waiting", "_ended", "_room")
+
+    def __init__(self, server: CppServer, call_id: int,
+                 parse: Callable[[bytes], object] | None) -> None:
+        self._server = server
+        self._call_id = call_id
+        self._parse = parse
+        self._waiting: asyncio.Future[bytes | None] | None = None
+        self._ended = False
+        self._room: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> object:
+        if self._ended or not self._server.read(self._call_id):
+            raise StopAsyncIteration
+        self._waiting = asyncio.get_running_loop().create_future()
+        try:
+            data = await self._waiting
+        finally:
+            self._waiting = None
+        if data is None:  # the client's half-close
+            self._ended = True
+            raise StopAsyncIteration
+        return data if self._parse is None else self._parse(data)
+
+    def arrived(self, data: bytes | None) -> None:
+        """The message read (None: the stream's end)."""
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(data)
+
+    async def writable(self) -> None:
+        """Returns once the client has taken enough of the answers written (WRITABLE)."""
+        self._room = asyncio.get_running_loop().create_future()
+        try:
+            await self._room
+        finally:
+            self._room = None
+
+    def room(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+
 class CppFrontEnd:
     """The C++ front end's calls, dispatched on the event loop."""
 
     def __init__(self, handlers: Mapping[str, grpc.RpcMethodHandler], drain: Drain,
-                 auth: TokenAuthInterceptor | None, aio_address: str) -> None:
+                 auth: TokenAuthInterceptor | None) -> None:
+        one_way = [method for method, handler in handlers.items()
+                   if handler.request_streaming and not handler.response_streaming]
+        if one_way:  # _serve streams requests only into a streamed answer
+            raise ValueError(f"the C++ front end serves no stream-to-unary methods: {one_way}")
         self._handlers = dict(handlers)
         self._drain = drain
         self._auth = auth
-        self._aio_address = aio_address
         self._server: CppServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: dict[int, asyncio.Task[None]] = {}  # by call id, until answered
+        self._streams: dict[int, _Stream] = {}  # calls that stream answers, by id
         self._stopping = False
         self.port: int | None = None
 
@@ -87,7 +144,9 @@ class CppFrontEnd:
               client_ca_pem: bytes | None = None) -> int:
         """Bind and serve; the bound port."""
         self._server = CppServer(address, channel_args, max_queued, cert_pem, key_pem,
-                                 client_ca_pem)
+                                 client_ca_pem, streaming=[
+                                     method for method, handler in self._handlers.items()
+                                     if handler.request_streaming])
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._server.wake_fd, self._take)
         self.port = self._server.port
@@ -102,6 +161,17 @@ class CppFrontEnd:
         for call_id, method, data, metadata, timeout in server.take():
             calls[call_id] = loop.create_task(
                 self._serve(call_id, method, data, metadata, timeout))
+        streams = self._streams
+        for call_id, event, data in server.messages():
+            stream = streams.get(call_id)
+            if stream is None:  # answered already
+                continue
+            if event == MESSAGE:
+                stream.arrived(data)
+            elif event == END:
+                stream.arrived(None)
+            else:
+                stream.room()
         for call_id in server.cancelled():  # as grpc.aio cancels a call's task
             task = calls.get(call_id)
             if task is not None:
@@ -115,11 +185,16 @@ class CppFrontEnd:
         # Every call is answered exactly once, whatever happens (the C++ side holds it until).
         try:
             handler = self._admit(method, context)
-            request = (data if handler.request_deserializer is None
-                       else handler.request_deserializer(data))
+            parse = handler.request_deserializer
+            # Every method here that streams requests streams answers too (no stream_unary).
             if handler.response_streaming:
-                await self._stream(call_id, handler, request, context)
+                stream = self._streams[call_id] = _Stream(server, call_id, parse)
+                answers = (handler.stream_stream(stream, context) if handler.request_streaming
+                           else handler.unary_stream(data if parse is None else parse(data),
+                                                     context))
+                await self._stream(call_id, handler, answers, stream, context)
                 return
+            request = data if parse is None else parse(data)
             answer = handler.response_serializer(await handler.unary_unary(request, context))
             server.answer(call_id, answer, context.trailer())
         except grpc.aio.AbortError:
@@ -140,16 +215,21 @@ class CppFrontEnd:
                         "internal error (logged by the server)")
         finally:
             self._calls.pop(call_id, None)
+            self._streams.pop(call_id, None)
 
-    async def _stream(self, call_id: int, handler: grpc.RpcMethodHandler, request: object,
+    async def _stream(self, call_id: int, handler: grpc.RpcMethodHandler,
+                      answers: AsyncGenerator[object, None], stream: _Stream,
                       context: CppContext) -> None:
-        """A streamed answer: each message written as the handler yields it, then OK."""
+        """A streamed answer: each message written as the handler yields it, then OK. While the
+        client has many unread, the handler waits (as a grpc.aio stream's write waits)."""
         server = self._server
         assert server is not None
-        answers = handler.unary_stream(request, context)
         try:
             async for answer in answers:
-                if not server.write(call_id, handler.response_serializer(answer)):
+                written = server.write(call_id, handler.response_serializer(answer))
+                if written == PAUSE:
+                    await stream.writable()
+                elif written == UNREAD:  # not reached while the pause holds; the bound behind it
                     server.fail(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                                 "the client does not read this stream's messages; ended")
                     return
@@ -161,12 +241,9 @@ class CppFrontEnd:
         """The call's handler; or the status it gets instead, raised as context.abort raises it,
         asked in the order of the grpc.aio server's interceptors (drain, then tokens)."""
         handler = self._handlers.get(method)
-        if handler is None or handler.request_streaming:
-            what = "a stream" if handler is not None else "not a method of this server"
+        if handler is None:  # as grpc.aio words it
             context.code = grpc.StatusCode.UNIMPLEMENTED
-            context.details = (f"{method[:200]!r} is {what}: the C++ front end serves unary "
-                               "inference, metadata and health checks and watches; streams "
-                               f"and reflection are served on the gRPC port {self._aio_address}")
+            context.details = f"Method not found: {method[:200]!r} is not a method of this server"
             raise grpc.aio.AbortError()
         if not method.startswith(OPEN_WHILE_DRAINING) and not self._drain.admit():
             context.code, context.details = grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN

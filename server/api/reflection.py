@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 __all__ = ["enable_reflection"]
 
@@ -24,11 +24,19 @@ def _add_file(pool: descriptor_pool.DescriptorPool, file: FileDescriptor, added:
     added.add(file.name)
 
 
-def enable_reflection(server: grpc.aio.Server, services: list[ServiceDescriptor]) -> None:
-    """Serve grpc.reflection.v1alpha.ServerReflection describing `services` and itself."""
+def enable_reflection(server: grpc.aio.Server,
+                      services: list[ServiceDescriptor]) -> dict[str, grpc.RpcMethodHandler]:
+    """Serve grpc.reflection.v1alpha.ServerReflection describing `services` and itself; its
+    handler, by full method path, for the C++ front end."""
     services = [*services, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
     for service in services:
         _add_file(pool, service.file, added)
-    reflection.enable_server_reflection([s.full_name for s in services], server, pool=pool)
+    servicer = reflection.aio.ReflectionServicer([s.full_name for s in services], pool=pool)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    return {f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": handler}

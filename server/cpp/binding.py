@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 
 from snapserve.server.errors import ConfigError
 
-__all__ = ["CPP_DIR_ENV", "CallView", "CppServer", "build", "library"]
+__all__ = ["CPP_DIR_ENV", "END", "MESSAGE", "PAUSE", "UNREAD", "WRITABLE", "WRITTEN", "CallView",
+           "CppServer", "MessageView", "build", "library"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,22 @@ class CallView(ctypes.Structure):
                 ("data", ctypes.c_void_p), ("data_len", ctypes.c_int64),
                 ("metadata", ctypes.c_void_p), ("metadata_len", ctypes.c_int64),
                 ("timeout", ctypes.c_double)]
+
+
+class MessageView(ctypes.Structure):
+    """One event of a stream as frontend.cc lays it out (MESSAGE, END or WRITABLE)."""
+
+    _fields_ = [("id", ctypes.c_uint64),
+                ("data", ctypes.c_void_p), ("data_len", ctypes.c_int64),
+                ("event", ctypes.c_int32)]
+
+
+# A stream's events (frontend.cc's Event): a request message read, the requests' end (the
+# client's half-close), room to write the answer's messages again.
+MESSAGE, END, WRITABLE = 0, 1, 2
+# What `write` says: go on writing; wait for the call's WRITABLE first; the client has left
+# too many unread (end the call).
+WRITTEN, PAUSE, UNREAD = 0, 1, -2
 
 
 _lock = threading.Lock()
@@ -112,9 +129,9 @@ def library() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     c = ctypes
     lib.snapfront_start.restype = c.c_void_p
-    lib.snapfront_start.argtypes = [c.c_char_p, c.c_char_p, c.c_int64, c.c_int64, c.c_char_p,
-                                    c.c_char_p, c.c_char_p, c.POINTER(c.c_int), c.c_char_p,
-                                    c.c_int64]
+    lib.snapfront_start.argtypes = [c.c_char_p, c.c_char_p, c.c_int64, c.c_char_p, c.c_int64,
+                                    c.c_int64, c.c_char_p, c.c_char_p, c.c_char_p,
+                                    c.POINTER(c.c_int), c.c_char_p, c.c_int64]
     lib.snapfront_wake_fd.restype = c.c_int
     lib.snapfront_wake_fd.argtypes = [c.c_void_p]
     lib.snapfront_take.restype = c.c_int
@@ -125,6 +142,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.snapfront_answer.argtypes = [c.c_void_p, c.c_uint64, c.c_int, c.c_char_p, c.c_int64,
                                      c.c_char_p, c.c_char_p, c.c_int64]
     lib.snapfront_write.restype = c.c_int
+    lib.snapfront_read.restype = c.c_int
+    lib.snapfront_read.argtypes = [c.c_void_p, c.c_uint64]
+    lib.snapfront_messages.restype = c.c_int
+    lib.snapfront_messages.argtypes = [c.c_void_p, c.POINTER(MessageView), c.c_int]
     lib.snapfront_write.argtypes = [c.c_void_p, c.c_uint64, c.c_char_p, c.c_int64]
     lib.snapfront_close.restype = None
     lib.snapfront_close.argtypes = [c.c_void_p]
@@ -143,20 +164,23 @@ class CppServer:
 
     def __init__(self, address: str, channel_args: Sequence[tuple[str, int]], max_queued: int,
                  cert_pem: bytes | None = None, key_pem: bytes | None = None,
-                 client_ca_pem: bytes | None = None, take_at_once: int = 256) -> None:
+                 client_ca_pem: bytes | None = None, take_at_once: int = 256,
+                 streaming: Iterable[str] = ()) -> None:
         self._lib = lib = library()
         args = _pairs((name, str(int(value))) for name, value in channel_args)
+        methods = b"".join(f"{method}\0".encode("ascii") for method in streaming)
         port = ctypes.c_int(0)
         error = ctypes.create_string_buffer(512)
-        handle = lib.snapfront_start(address.encode(), args, len(args), max_queued, cert_pem,
-                                     key_pem, client_ca_pem, ctypes.byref(port), error,
-                                     len(error))
+        handle = lib.snapfront_start(address.encode(), args, len(args), methods, len(methods),
+                                     max_queued, cert_pem, key_pem, client_ca_pem,
+                                     ctypes.byref(port), error, len(error))
         if not handle:
             raise ConfigError(error.value.decode(errors="replace"))
         self._handle: int | None = handle
         self.port = port.value
         self._views = (CallView * take_at_once)()
         self._cancelled = (ctypes.c_uint64 * take_at_once)()
+        self._messages = (MessageView * take_at_once)()
         self._take_at_once = take_at_once
 
     @property
@@ -183,17 +207,37 @@ class CppServer:
         count = self._lib.snapfront_cancelled(self._handle, self._cancelled, len(self._cancelled))
         return list(self._cancelled[:count])
 
+    def read(self, call_id: int) -> bool:
+        """Starts reading the next message of a call's stream of requests (it comes back from
+        `messages`); False if the call is gone, a read is under way or the stream has ended."""
+        if self._handle is None:
+            return False
+        return self._lib.snapfront_read(self._handle, call_id) == 0
+
+    def messages(self) -> list[tuple[int, int, bytes]]:
+        """The streams' events since the last look: (call id, MESSAGE/END/WRITABLE, the
+        message's bytes or b"")."""
+        if self._handle is None:
+            return []
+        views = self._messages
+        count = self._lib.snapfront_messages(self._handle, views, len(views))
+        at = ctypes.string_at
+        return [(v.id, v.event, at(v.data, v.data_len) if v.event == MESSAGE else b"")
+                for v in views[:count]]
+
     def answer(self, call_id: int, data: bytes, trailer: bytes = b"") -> None:
         if self._handle is not None:
             self._lib.snapfront_answer(self._handle, call_id, 0, data, len(data), None, trailer,
                                        len(trailer))
 
-    def write(self, call_id: int, data: bytes) -> bool:
-        """One message of a streamed answer; False when its client has left too many unread
-        (the caller ends the call)."""
+    def write(self, call_id: int, data: bytes) -> int:
+        """One message of a streamed answer: WRITTEN; PAUSE (written, and the next waits for
+        the call's WRITABLE); UNREAD (not written: its client has left too many unread, the
+        caller ends the call). A call no longer waiting counts as WRITTEN (its end is near)."""
         if self._handle is None:
-            return False
-        return self._lib.snapfront_write(self._handle, call_id, data, len(data)) != -2
+            return UNREAD
+        written = self._lib.snapfront_write(self._handle, call_id, data, len(data))
+        return WRITTEN if written == -1 else written
 
     def end(self, call_id: int, trailer: bytes = b"") -> None:
         """Ends a streamed answer with OK, after the messages written."""

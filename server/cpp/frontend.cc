@@ -2,8 +2,11 @@
 // request message on gRPC's own threads and queues the call; the Python event loop takes the
 // queued calls in groups (an eventfd wakes it) and answers each with bytes or a status, or,
 // for a method that answers with a stream (Health/Watch), writes messages and then ends it.
-// Nothing here parses a message or knows a method: what a call means is Python's business
-// (server/api/cpp.py), so both front ends run the same handlers.
+// A method that streams requests (named at the start) is queued as it opens, and its messages
+// are read one at a time as Python asks for the next (snapfront_read), so a stream holds at
+// most one read message here and the rest wait in HTTP/2's flow control.
+// Nothing here parses a message: what a call means is Python's business (server/api/cpp.py),
+// so both front ends run the same handlers.
 //
 // Why: grpc.aio does its per-call work (accepting one call at a time, its poller, a task and
 // a context per call) on the event loop's thread under the GIL. Here that work runs on gRPC's
@@ -28,6 +31,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -48,15 +52,38 @@ struct CallView {
   double timeout;  // seconds left before the call's deadline; negative: none
 };
 
+// What a stream tells Python (binding.py's MessageView mirrors what snapfront_messages hands
+// out): a request message read, the requests' end, or room to write again.
+enum Event : int32_t { kMessage = 0, kEnd = 1, kWritable = 2 };
+
+struct Inbound {
+  uint64_t id;
+  std::string data;
+  Event event;
+};
+
+struct MessageView {
+  uint64_t id;
+  const char* data;
+  int64_t data_len;
+  int32_t event;
+};
+
 struct Frontend {
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<grpc::CallbackGenericService> service;
   int wake_fd = -1;
   size_t max_queued = 0;  // calls read and not yet taken by Python: beyond it, RESOURCE_EXHAUSTED
+  std::unordered_set<std::string> streaming;  // methods that stream requests (set at start)
   std::mutex mutex;       // guards everything below
   std::deque<Call*> queue;
   std::unordered_map<uint64_t, Call*> taken;  // taken by Python, not yet answered
   std::deque<uint64_t> cancelled;  // taken calls their clients cancelled, for Python to stop
+  // Streams' events for taken calls (a message read: one per stream at most, as the next read
+  // starts when Python asks; the requests' end; room to write), and those handed to Python by
+  // the last snapfront_messages, alive until the next one (Python copies them first).
+  std::deque<Inbound> inbound;
+  std::vector<Inbound> handed;
   uint64_t next_id = 1;
   bool closed = false;  // draining: new calls get UNAVAILABLE
   uint64_t refused_full = 0;
@@ -74,35 +101,104 @@ constexpr char kFullMessage[] =
     "the server has too many calls waiting to be taken in (C++ front end queue full); "
     "retry later";
 constexpr char kClosedMessage[] = "the server is shutting down; retry on another instance";
-// Messages a stream may hold that its client has not read yet; past it, the write is refused
-// (Python ends the call): a client that stops reading holds no more of the server's memory.
+// A streamed answer's messages the client has not taken yet: at kPauseWrites Python waits
+// (snapfront_write says so) until they are down to kResumeWrites, so a client that reads slowly
+// slows its stream, as HTTP/2's flow control does on grpc.aio. kMaxPendingWrites is the hard
+// bound behind that (the write is refused and Python ends the call).
+constexpr size_t kPauseWrites = 16;
+constexpr size_t kResumeWrites = 4;
 constexpr size_t kMaxPendingWrites = 64;
+
+// Wakes the event loop: one write per group of calls, as Python drains everything once woken.
+void Wake(Frontend* frontend) {
+  uint64_t one = 1;
+  ssize_t written = write(frontend->wake_fd, &one, sizeof one);
+  (void)written;  // EAGAIN: the counter is already non-zero, Python is woken anyway
+}
 
 class Call : public grpc::ServerGenericBidiReactor {
  public:
   Call(Frontend* frontend, grpc::GenericCallbackServerContext* context)
       : frontend_(frontend), context_(context) {
-    StartRead(&request_);
+    streaming_ = frontend->streaming.count(context->method()) != 0;
+    if (streaming_) {
+      Queue();  // Python starts the handler now and asks for each message as it needs one
+    } else {
+      StartRead(&request_);
+    }
   }
 
   void OnReadDone(bool ok) override {
+    if (streaming_) {
+      Arrived(ok);
+      return;
+    }
     if (!ok) {  // the client half-closed without a message, or went away
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "no request message: a unary call carries exactly one"));
       return;
     }
-    // One contiguous copy of the message for Python (the buffer may be several slices).
-    std::vector<grpc::Slice> slices;
-    if (!request_.Dump(&slices).ok()) {
+    if (!Copy(&data_)) {
       Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot read the request's bytes"));
       return;
     }
+    Queue();
+  }
+
+  // Starts reading a stream's next message (Python asks, on the loop's thread); false if a
+  // read is already under way or the stream has ended.
+  bool Read() {
+    {
+      std::lock_guard<std::mutex> lock(read_mutex_);
+      if (reading_ || read_ended_) return false;
+      reading_ = true;
+    }
+    StartRead(&request_);  // unlocked: gRPC may run OnReadDone before this returns
+    return true;
+  }
+
+ private:
+  // One contiguous copy of the read message (the buffer may be several slices).
+  bool Copy(std::string* out) {
+    std::vector<grpc::Slice> slices;
+    if (!request_.Dump(&slices).ok()) return false;
     size_t size = 0;
     for (const auto& slice : slices) size += slice.size();
-    data_.reserve(size);
-    for (const auto& slice : slices) data_.append(reinterpret_cast<const char*>(slice.begin()),
-                                                  slice.size());
+    out->reserve(size);
+    for (const auto& slice : slices) out->append(reinterpret_cast<const char*>(slice.begin()),
+                                                 slice.size());
     request_.Clear();
+    return true;
+  }
+
+  // A stream's read finished: its message (or its end) goes to Python, if Python still holds
+  // the call (a read outstanding when the call was answered ends here, unseen).
+  void Arrived(bool ok) {
+    Inbound message{id_, std::string(), ok ? kMessage : kEnd};
+    if (ok && !Copy(&message.data)) message.event = kEnd;
+    {
+      std::lock_guard<std::mutex> lock(read_mutex_);
+      reading_ = false;
+      read_ended_ = message.event == kEnd;
+    }
+    Tell(std::move(message));
+  }
+
+  // Hands Python a stream's event, if Python still holds the call (a read outstanding when
+  // the call was answered ends here, unseen).
+  void Tell(Inbound event) {
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(frontend_->mutex);
+      if (frontend_->taken.count(id_) == 0) return;
+      wake = frontend_->inbound.empty();  // each of the three queues wakes on its own
+      frontend_->inbound.push_back(std::move(event));
+    }
+    if (wake) Wake(frontend_);
+  }
+
+  // The call goes to Python's queue (or is refused: the front end closed, or its queue full).
+  void Queue() {
     method_ = context_->method();
     for (const auto& [key, value] : context_->client_metadata()) {
       if (key.size() >= 4 && std::memcmp(key.data() + key.size() - 4, "-bin", 4) == 0) {
@@ -140,13 +236,10 @@ class Call : public grpc::ServerGenericBidiReactor {
                           refusal));
       return;
     }
-    if (wake) {  // Python drains the whole queue once woken: one write per group of calls
-      uint64_t one = 1;
-      ssize_t written = write(frontend_->wake_fd, &one, sizeof one);
-      (void)written;  // EAGAIN: the counter is already non-zero, Python is woken anyway
-    }
+    if (wake) Wake(frontend_);  // Python drains the whole queue once woken
   }
 
+ public:
   void OnDone() override { delete this; }
 
   // The client went away (or its deadline passed). A call still queued is finished as it is
@@ -161,11 +254,7 @@ class Call : public grpc::ServerGenericBidiReactor {
         frontend_->cancelled.push_back(id_);
       }
     }
-    if (wake) {
-      uint64_t one = 1;
-      ssize_t written = write(frontend_->wake_fd, &one, sizeof one);
-      (void)written;
-    }
+    if (wake) Wake(frontend_);
   }
 
   bool Cancelled() const { return cancelled_; }
@@ -194,8 +283,9 @@ class Call : public grpc::ServerGenericBidiReactor {
                     static_cast<size_t>(trailer != nullptr ? trailer_len : 0));
   }
 
-  // Writes one message of a streamed answer: at once, or after the ones before it. 0, or -1
-  // when kMaxPendingWrites are already waiting for the client.
+  // Writes one message of a streamed answer: at once, or after the ones before it. 0; 1 when
+  // kPauseWrites wait for the client (written: Python waits for kWritable before the next);
+  // -1 when kMaxPendingWrites already wait (not written).
   int Write(const char* data, int64_t data_len) {
     std::lock_guard<std::mutex> lock(write_mutex_);
     if (!writing_) {
@@ -205,21 +295,31 @@ class Call : public grpc::ServerGenericBidiReactor {
     }
     if (pending_writes_.size() >= kMaxPendingWrites) return -1;
     pending_writes_.emplace_back(data, static_cast<size_t>(data_len));
-    return 0;
+    if (pending_writes_.size() < kPauseWrites) return 0;
+    paused_ = true;
+    return 1;
   }
 
   void OnWriteDone(bool ok) override {
     std::unique_lock<std::mutex> lock(write_mutex_);
+    bool resume = false;
     if (ok && !pending_writes_.empty()) {
       std::string next = std::move(pending_writes_.front());
       pending_writes_.pop_front();
       StartMessage(std::move(next));
+      resume = paused_ && pending_writes_.size() <= kResumeWrites;
+      if (resume) paused_ = false;
+      lock.unlock();
+      if (resume) Tell(Inbound{id_, std::string(), kWritable});
       return;
     }
     pending_writes_.clear();  // !ok: the client is gone; OnCancel tells Python
     writing_ = false;
+    resume = paused_;  // a paused writer is not left waiting on a call that ends
+    paused_ = false;
     bool send = send_after_writes_;
     lock.unlock();
+    if (resume) Tell(Inbound{id_, std::string(), kWritable});
     if (send) SendNow();
   }
 
@@ -274,11 +374,16 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::string message_;
   std::string trailer_;
   bool end_only_ = false;  // OK without a message: a stream's end
-  std::mutex write_mutex_;  // guards the four below (Python writes, gRPC reports writes done)
+  std::mutex write_mutex_;  // guards the five below (Python writes, gRPC reports writes done)
   bool writing_ = false;
+  bool paused_ = false;  // Python waits for kWritable
   bool send_after_writes_ = false;
   std::deque<std::string> pending_writes_;
   grpc::ByteBuffer stream_message_;
+  bool streaming_ = false;  // the method streams requests
+  std::mutex read_mutex_;   // guards the two below (Python starts reads, gRPC ends them)
+  bool reading_ = false;
+  bool read_ended_ = false;
 };
 
 void Answering(Frontend* frontend) {
@@ -320,6 +425,14 @@ class Service : public grpc::CallbackGenericService {
   Frontend* frontend_;
 };
 
+// The taken call `id`, or nullptr. It stays taken (so alive) until Python answers it, which
+// it does on the thread that asks here.
+Call* Taken(Frontend* frontend, uint64_t id) {
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  auto found = frontend->taken.find(id);
+  return found == frontend->taken.end() ? nullptr : found->second;
+}
+
 void SetError(char* error, int64_t error_len, const std::string& text) {
   if (error == nullptr || error_len <= 0) return;
   std::strncpy(error, text.c_str(), static_cast<size_t>(error_len - 1));
@@ -332,13 +445,20 @@ extern "C" {
 
 // Starts serving on `address` ("host:port"; port 0: any free one), whose bound port goes to
 // *port. `int_args` are channel arguments (name \0 value as decimal \0 ...), as grpc.aio's
-// options. TLS when `cert_pem` is given; client certificates required when `client_ca_pem` is.
+// options; `streaming` names the methods that stream requests (path \0 path \0 ...). TLS when
+// `cert_pem` is given; client certificates required when `client_ca_pem` is.
 // NULL with `error` filled on failure.
 void* snapfront_start(const char* address, const char* int_args, int64_t int_args_len,
-                      int64_t max_queued, const char* cert_pem, const char* key_pem,
-                      const char* client_ca_pem, int* port, char* error, int64_t error_len) {
+                      const char* streaming, int64_t streaming_len, int64_t max_queued,
+                      const char* cert_pem, const char* key_pem, const char* client_ca_pem,
+                      int* port, char* error, int64_t error_len) {
   auto frontend = std::make_unique<Frontend>();
   frontend->max_queued = static_cast<size_t>(max_queued > 0 ? max_queued : 1);
+  for (int64_t at = 0; at < streaming_len;) {
+    std::string method(streaming + at);
+    at += static_cast<int64_t>(method.size()) + 1;
+    frontend->streaming.insert(std::move(method));
+  }
   frontend->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (frontend->wake_fd < 0) {
     SetError(error, error_len, "eventfd failed");
@@ -453,19 +573,46 @@ int snapfront_answer(void* handle, uint64_t id, int code, const char* data, int6
 }
 
 // Writes one message of a taken call's streamed answer (ended later by snapfront_answer with
-// no data, or a status); 0, -1 if no such call is waiting, -2 if its client has
-// kMaxPendingWrites messages unread.
+// no data, or a status): 0; 1 if written and its client now has kPauseWrites unread (Python
+// writes no more until the call's kWritable); -1 if no such call is waiting; -2 if its client
+// has kMaxPendingWrites unread (not written).
 int snapfront_write(void* handle, uint64_t id, const char* data, int64_t data_len) {
+  Call* call = Taken(static_cast<Frontend*>(handle), id);
+  if (call == nullptr) return -1;
+  int written = call->Write(data, data_len);
+  return written < 0 ? -2 : written;
+}
+
+// Starts reading the next message of a taken call's stream of requests; it arrives through
+// snapfront_messages. 0, -1 if no such call is waiting, -2 if a read is under way or the
+// stream has ended.
+int snapfront_read(void* handle, uint64_t id) {
+  Call* call = Taken(static_cast<Frontend*>(handle), id);
+  if (call == nullptr) return -1;
+  return call->Read() ? 0 : -2;
+}
+
+// Hands up to `max_messages` of the streams' events since the last call into `views`; how
+// many. Their bytes stay valid until the next call.
+int snapfront_messages(void* handle, MessageView* views, int max_messages) {
   auto* frontend = static_cast<Frontend*>(handle);
-  Call* call;
-  {
-    std::lock_guard<std::mutex> lock(frontend->mutex);
-    auto found = frontend->taken.find(id);
-    if (found == frontend->taken.end()) return -1;
-    call = found->second;
+  std::lock_guard<std::mutex> lock(frontend->mutex);
+  frontend->handed.clear();
+  while (static_cast<int>(frontend->handed.size()) < max_messages &&
+         !frontend->inbound.empty()) {
+    frontend->handed.push_back(std::move(frontend->inbound.front()));
+    frontend->inbound.pop_front();
   }
-  // The call stays taken (so alive) until Python answers it, which it does on this thread.
-  return call->Write(data, data_len) == 0 ? 0 : -2;
+  int count = 0;
+  for (const Inbound& message : frontend->handed) {
+    views[count].id = message.id;
+    views[count].data = message.data.data();
+    views[count].data_len = static_cast<int64_t>(message.data.size());
+    views[count].event = message.event;
+    ++count;
+  }
+  if (!frontend->inbound.empty()) Wake(frontend);  // the rest in the loop's next round
+  return count;
 }
 
 // From now on new calls get UNAVAILABLE; calls already queued are still taken and answered.

@@ -19,7 +19,10 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase)
 
 from snapserve.proto.inference import grpc_service_pb2 as kpb
 from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -160,20 +163,216 @@ async def test_errors_carry_the_same_status_and_message(running: RunningServer) 
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _stream_requests() -> list[pb.PredictRequest]:
+    requests = [predict_request(digits_input(n, seed=n), request_id=f"r{n}") for n in (1, 3, 2)]
+    requests.insert(1, predict_request(digits_input(1), model="nope", request_id="unknown"))
+    requests.insert(3, predict_request(np.zeros((1, 7), np.float32), request_id="bad"))
+    return requests
+
+
 @in_module_loop
-async def test_streams_and_unknown_methods_are_refused_naming_the_grpc_aio_port(
+async def test_predict_stream_answers_as_the_grpc_aio_port(running: RunningServer) -> None:
+    async def stream(channel: grpc.aio.Channel) -> list[pb.PredictResponse]:
+        return [a async for a in pb_grpc.EnsembleServiceStub(channel).PredictStream(
+            iter(_stream_requests()), timeout=30)]
+
+    aio, cpp = await _both(running, stream)
+    assert [a.request_id for a in cpp] == ["r1", "unknown", "r3", "bad", "r2"]
+    assert [a.error.code for a in cpp] == [0, grpc.StatusCode.NOT_FOUND.value[0], 0,
+                                           grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert cpp == aio  # errors inline, the same words, the same probabilities
+    front = running.cpp
+    assert front is not None
+    await eventually(lambda: not front._calls and not front._streams,
+                     "every stream answered and forgotten")
+
+
+@in_module_loop
+async def test_model_stream_infer_answers_as_the_grpc_aio_port(running: RunningServer) -> None:
+    inputs = [digits_input(n, seed=10 + n) for n in (2, 1, 4)]
+
+    async def stream(channel: grpc.aio.Channel) -> list[kpb.ModelStreamInferResponse]:
+        requests = [_infer_request(x, f"k{i}") for i, x in enumerate(inputs)]
+        return [a async for a in kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter(requests), timeout=30)]
+
+    aio, cpp = await _both(running, stream)
+    assert [a.infer_response.id for a in cpp] == ["k0", "k1", "k2"]
+    assert all(a.error_message == "" for a in cpp)
+    assert cpp == aio
+
+
+@in_module_loop
+async def test_a_stream_without_requests_ends_with_ok(running: RunningServer) -> None:
+    async with _channel(running.cpp_port) as channel:
+        call = pb_grpc.EnsembleServiceStub(channel).PredictStream(iter(()), timeout=10)
+        assert [a async for a in call] == []
+        assert await call.code() == grpc.StatusCode.OK
+
+
+@in_module_loop
+async def test_a_stream_answers_as_its_client_writes_and_ends_when_it_does(
+        running: RunningServer) -> None:
+    assert running.cpp is not None
+    async with _channel(running.cpp_port) as channel:
+        call = pb_grpc.EnsembleServiceStub(channel).PredictStream(timeout=30)
+        for i in range(2):  # each answered before the next is written
+            await call.write(predict_request(digits_input(1, seed=i), request_id=f"s{i}"))
+            assert (await asyncio.wait_for(call.read(), 10)).request_id == f"s{i}"
+        (call_id, requests), = running.cpp._streams.items()
+        assert call_id in running.cpp._calls
+        await call.write(predict_request(digits_input(1), request_id="s2"))
+        await call.done_writing()
+        assert (await asyncio.wait_for(call.read(), 10)).request_id == "s2"
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+    with pytest.raises(StopAsyncIteration):  # ended: no read is started again
+        await requests.__anext__()
+
+
+def test_a_stream_is_read_one_message_at_a_time_as_python_asks() -> None:
+    """The C++ side reads a stream's next message only when asked (snapfront_read): whatever
+    the client has written waits in HTTP/2's flow control, never in the server's memory."""
+    server = binding.CppServer("127.0.0.1:0", [], 8, streaming=["/t.T/Stream"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.stream_stream("/t.T/Stream")(iter([b"one", b"", b"three"]),
+                                                         timeout=30)
+            call_id = _taken_stream(server)
+            time.sleep(0.2)  # the client's three messages have had time to arrive
+            assert server.messages() == []
+
+            def next_message() -> tuple[int, bytes]:
+                assert server.read(call_id)
+                (got_id, event, message), = _events(server)
+                assert got_id == call_id
+                return event, message
+
+            assert [next_message() for _ in range(4)] == [
+                (binding.MESSAGE, b"one"), (binding.MESSAGE, b""), (binding.MESSAGE, b"three"),
+                (binding.END, b"")]
+            assert not server.read(call_id)  # the stream has ended
+            assert server.write(call_id, b"answer") == binding.WRITTEN
+            server.end(call_id)
+            assert list(call) == [b"answer"]
+            assert call.code() == grpc.StatusCode.OK
+            assert not server.read(call_id)  # answered: no longer the server's
+    finally:
+        server.stop(1.0)
+
+
+def test_a_client_that_does_not_read_pauses_its_stream_until_it_does() -> None:
+    """Answers the client has not taken pile up only to the pause (16 beyond what its HTTP/2
+    window holds): the writer is told to wait, and WRITABLE comes once the client reads."""
+    server = binding.CppServer("127.0.0.1:0", [], 8, streaming=["/t.T/Stream"])
+    message = b"x" * (64 * 1024)
+    try:
+        # No BDP probing: the client's window stays at its initial size, filled in a few writes.
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                   options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            call = channel.stream_stream("/t.T/Stream")(iter(()), timeout=30)
+            call_id = _taken_stream(server)
+            written = 0
+            while written < 1000:  # write while there is room; stop when none comes back
+                outcome = server.write(call_id, message)
+                written += 1
+                if outcome == binding.WRITTEN:
+                    continue
+                assert outcome == binding.PAUSE
+                time.sleep(0.3)
+                if not (events := server.messages()):
+                    break
+                assert events == [(call_id, binding.WRITABLE, b"")]
+            assert written < 1000, "the writes never paused"
+            read = iter(call)
+            for _ in range(written - 2):  # the client takes most of them
+                assert next(read) == message
+            assert _events(server) == [(call_id, binding.WRITABLE, b"")]
+            server.end(call_id)
+            assert sum(1 for _ in read) == 2
+            assert call.code() == grpc.StatusCode.OK
+    finally:
+        server.stop(1.0)
+
+
+def _taken_stream(server: binding.CppServer) -> int:
+    """The id of the one call the server has queued (polled for up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if taken := server.take():
+            (call_id, _, data, _, _), = taken
+            assert data == b""  # a stream is queued as it opens, nothing read
+            return call_id
+        time.sleep(0.01)
+    raise AssertionError("no call within 10 s")
+
+
+def _events(server: binding.CppServer) -> list[tuple[int, int, bytes]]:
+    """The streams' next events (polled for up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if events := server.messages():
+            return events
+        time.sleep(0.005)
+    raise AssertionError("no stream event within 10 s")
+
+
+@in_module_loop
+async def test_a_stream_its_client_cancels_frees_its_call(running: RunningServer) -> None:
+    assert running.cpp is not None
+    async with _channel(running.cpp_port) as channel:
+        call = pb_grpc.EnsembleServiceStub(channel).PredictStream(timeout=30)
+        await call.write(predict_request(digits_input(1), request_id="only"))
+        assert (await asyncio.wait_for(call.read(), 10)).request_id == "only"
+        call.cancel()  # the handler waits for the next message when its client goes
+        front = running.cpp
+        await eventually(lambda: not front._calls and not front._streams,
+                         "the cancelled stream forgotten")
+        answer = await pb_grpc.EnsembleServiceStub(channel).Predict(
+            predict_request(digits_input(1)), timeout=10)
+        assert answer.model == "digits"
+
+
+@in_module_loop
+async def test_a_stream_message_that_is_not_a_protobuf_ends_it_as_on_grpc_aio(
+        running: RunningServer) -> None:
+    async def garbage(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+        call = channel.stream_stream("/snapserve.v1.EnsembleService/PredictStream")(
+            iter([b"\xff\xff\xff not a protobuf"]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        return info.value.code(), info.value.details()
+
+    aio, cpp = await _both(running, garbage)
+    assert cpp == aio and cpp[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "snapserve.v1.PredictRequest" in cpp[1]
+
+
+@in_module_loop
+async def test_reflection_describes_the_same_services(running: RunningServer) -> None:
+    def services(port: int) -> tuple[list[str], list[str]]:  # a blocking client: off the loop
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            pool = descriptor_pool.DescriptorPool(database)
+            kserve = pool.FindServiceByName("inference.GRPCInferenceService")
+            return sorted(database.get_services()), [m.name for m in kserve.methods]
+
+    aio = await asyncio.to_thread(services, running.port)
+    cpp = await asyncio.to_thread(services, running.cpp_port)
+    assert cpp == aio
+    assert "grpc.reflection.v1alpha.ServerReflection" in cpp[0]
+    assert "ModelStreamInfer" in cpp[1]
+
+
+@in_module_loop
+async def test_unknown_methods_are_unimplemented_and_the_server_goes_on(
         running: RunningServer) -> None:
     async with _channel(running.cpp_port) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")(
-                b"", timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "a stream" in info.value.details() and running.address in info.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await channel.unary_unary("/no.Such/Method")(b"", timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "not a method of this server" in info.value.details()
-        # The server goes on answering.
         answer = await pb_grpc.EnsembleServiceStub(channel).Predict(
             predict_request(digits_input(1)), timeout=10)
         assert answer.model == "digits"
@@ -211,6 +410,15 @@ async def test_tokens_and_tls_guard_the_cpp_port_as_they_guard_grpc_aio(
             answer = await stub.Predict(predict_request(digits_input(1)), timeout=10,
                                         metadata=(("authorization", f"Bearer {TOKEN}"),))
             assert answer.model == "digits"
+            # Streams are guarded alike. Refused before the client writes: grpc.aio's client
+            # reports a refusal that ends a stream while it still writes as INTERNAL (a send
+            # failed), on either port.
+            refused = stub.PredictStream(timeout=10)
+            assert await refused.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = [a async for a in stub.PredictStream(
+                iter([predict_request(digits_input(1))]), timeout=10,
+                metadata=(("authorization", f"Bearer {TOKEN}"),))]
+            assert [a.model for a in answers] == ["digits"]
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=10)  # open, as on grpc.aio
             assert health.status == health_pb2.HealthCheckResponse.SERVING
