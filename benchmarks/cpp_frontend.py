@@ -2,15 +2,17 @@
 the same load on each alternately (docs/performance.md, "Sixth pass"; issue 23).
 
     python -m benchmarks.cpp_frontend [--models digits resnet20] [--concurrency 1,8,32] \
-        [--duration 5] [--warmup 1] [--repeats 2] [--no-write]
+        [--duration 5] [--warmup 1] [--repeats 2] [--api kserve|stream] [--no-write]
 
 Starts `ensemble-server` with its defaults and `--cpp-grpc-port` on the benchmark models
 (benchmarks/ensembles.py), then per model and level drives the grpc.aio port and the C++ port
-with `ensemble-client bench --api kserve` (closed loop, one example per request), the port that
-goes first swapped each repeat so a drift of the machine falls on both. Beside each level: the
+with `ensemble-client bench --api kserve` (closed loop, one example per request; `--api stream`:
+native PredictStream, one stream per caller, each request written when its last answer came),
+the port that goes first swapped each repeat so a drift of the machine falls on both. Beside each level: the
 server's CPU per request, and per thread (the event loop, the inference threads, gRPC's threads,
 the C++ answering thread) from /proc. Rewrites the "C++ front end against grpc.aio" section of
-benchmarks/RESULTS.md and benchmarks/results-cpp-frontend.json. Needs g++ and libgrpc++ (the
+benchmarks/RESULTS.md and benchmarks/results-cpp-frontend.json (with `--api stream`, the
+"streams" section and results-cpp-frontend-stream.json). Needs g++ and libgrpc++ (the
 server builds the front end at its first start). Never in CI: a benchmark needs a quiet machine.
 """
 
@@ -34,6 +36,7 @@ logger = logging.getLogger("benchmarks.cpp_frontend")
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "C++ front end against grpc.aio (issue 23)"
+STREAM_SECTION = "C++ front end against grpc.aio: streams"
 PORTS = ("grpc.aio", "C++")
 
 
@@ -56,9 +59,9 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def _level(process: Any, port: int, model: str, c: int, duration: float,
-           warmup: float) -> dict[str, Any]:
+           warmup: float, api: str) -> dict[str, Any]:
     before = thread_cpu_seconds(process.pid)
-    level = _measured_level(process, port, model, f"--concurrency {c}", duration, warmup, "kserve")
+    level = _measured_level(process, port, model, f"--concurrency {c}", duration, warmup, api)
     after = thread_cpu_seconds(process.pid)
     answered = max((level["requests"] + sum(level["errors"].values()))
                    * (duration + warmup) / duration, 1)
@@ -71,7 +74,7 @@ def _level(process: Any, port: int, model: str, c: int, duration: float,
 
 
 def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmup: float,
-        repeats: int, workdir: Path) -> dict[str, Any]:
+        repeats: int, workdir: Path, api: str = "kserve") -> dict[str, Any]:
     """Both ports of one server on `versions` (model name -> version folder)."""
     only = workdir / "repo"  # these models alone: nothing else loads
     only.mkdir()
@@ -82,7 +85,7 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
                "--port", "0", "--http-port", "0", "--device", "cpu",
                "--cpp-grpc-port", str(cpp_port)]  # otherwise its defaults
     report: dict[str, Any] = {"load_average_before": os.getloadavg(), "duration_s": duration,
-                              "warmup_s": warmup, "repeats": repeats, "models": {},
+                              "warmup_s": warmup, "repeats": repeats, "api": api, "models": {},
                               "written": time.strftime("%Y-%m-%d %H:%M %Z")}
     with _process(command, workdir / "server.log") as (process, aio_port):
         ports = {"grpc.aio": aio_port, "C++": cpp_port}
@@ -94,7 +97,7 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
                     order = PORTS if repeat % 2 == 0 else tuple(reversed(PORTS))
                     for name in order:
                         rows[c][name].append(_level(process, ports[name], model, c, duration,
-                                                    warmup))
+                                                    warmup, api))
                         logger.info("%s c=%d %s: %.0f req/s", model, c, name,
                                     rows[c][name][-1]["throughput_rps"])
             report["models"][model] = rows
@@ -106,10 +109,14 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
 
 
 def render(report: dict[str, Any], command: str) -> str:
-    lines = [f"## {SECTION}", "",
+    stream = report.get("api") == "stream"
+    load = ("native PredictStream `ensemble-client bench --api stream`, one stream per caller, "
+            "each request written when its last answer came" if stream else
+            "KServe v2 gRPC `ensemble-client bench --api kserve`, closed loop")
+    lines = [f"## {STREAM_SECTION if stream else SECTION}", "",
              f"Written by `{command}` on {report['written']}: one `ensemble-server` (its defaults "
-             "and `--cpp-grpc-port`), KServe v2 gRPC `ensemble-client bench --api kserve`, closed "
-             "loop, one example per request, its grpc.aio port and its C++ front end's port "
+             f"and `--cpp-grpc-port`), {load}, one example per request, its grpc.aio port and "
+             "its C++ front end's port "
              f"alternately, {report['repeats']} repeat(s) of {report['duration_s']:g} s per level "
              "(the first port swapped each repeat). Load average (1 min) before "
              f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}. "
@@ -146,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each port per level")
+    parser.add_argument("--api", choices=["kserve", "stream"], default="kserve",
+                        help="unary KServe ModelInfer, or native PredictStream (a stream per caller)")
     parser.add_argument("--no-write", action="store_true",
-                        help="print, do not write RESULTS.md or results-cpp-frontend.json")
+                        help="print, do not write RESULTS.md or results-cpp-frontend*.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repository = ROOT / "runs" / "benchmarks" / "repo"
@@ -155,12 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions = {m: builders[m](repository) for m in args.models}
     with tempfile.TemporaryDirectory() as workdir:
         report = run(versions, [int(c) for c in args.concurrency.split(",")], args.duration,
-                     args.warmup, args.repeats, Path(workdir))
+                     args.warmup, args.repeats, Path(workdir), args.api)
     section = render(report, " ".join(["python -m benchmarks.cpp_frontend",
                                        *(sys.argv[1:] if argv is None else argv)]))
     print(section)
     if not args.no_write:
-        record(SECTION, section, ROOT / "benchmarks" / "results-cpp-frontend.json", report)
+        stream = args.api == "stream"
+        record(STREAM_SECTION if stream else SECTION, section, ROOT / "benchmarks" /
+               f"results-cpp-frontend{'-stream' if stream else ''}.json", report)
     return 0
 
 

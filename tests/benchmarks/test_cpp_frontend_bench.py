@@ -24,7 +24,8 @@ def _toolchain() -> bool:
     return found
 
 
-def test_both_ports_are_driven_and_reported(tmp_path: Path,
+@pytest.mark.parametrize("api", ["kserve", "stream"])
+def test_both_ports_are_driven_and_reported(api: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     if not _toolchain():
         pytest.skip("needs g++ and libgrpc++ (apt-get install g++ libgrpc++-dev pkg-config)")
@@ -32,13 +33,15 @@ def test_both_ports_are_driven_and_reported(tmp_path: Path,
     repo = write_repository(tmp_path / "models")
     work = tmp_path / "work"
     work.mkdir()
-    report = cpp_frontend.run({"digits": repo / "digits" / "1"}, [2], 0.5, 0.2, 1, work)
+    report = cpp_frontend.run({"digits": repo / "digits" / "1"}, [2], 0.5, 0.2, 1, work, api)
     rows = report["models"]["digits"][2]
     for port in cpp_frontend.PORTS:
         (level,) = rows[port]
         assert level["throughput_rps"] > 0 and not level["errors"], (port, level)
         assert level["thread_cpu_ms_per_request"]["loop"] > 0
     text = cpp_frontend.render(report, "python -m benchmarks.cpp_frontend")
-    assert f"## {cpp_frontend.SECTION}" in text
+    section = cpp_frontend.STREAM_SECTION if api == "stream" else cpp_frontend.SECTION
+    assert text.startswith(f"## {section}\n")
+    assert ("PredictStream" in text) == (api == "stream")
     assert "| digits | 2 | C++ / grpc.aio |" in text
-    assert any("C++ front end serving unary gRPC" in line for line in report["server_log"])
+    assert any("C++ front end serving gRPC" in line for line in report["server_log"])
