@@ -582,7 +582,7 @@ class ServerConfig(ConfigModel):
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
     # Off by default: outside the images it needs a C++ compiler and libgrpc++ on the machine
-    # (built on first use), and libgrpc 1.51 does not cap its connections (docs/reliability.md).
+    # (built on first use), and a TLS port of it is not capped (docs/reliability.md).
     cpp_grpc_port: Port | None = setting(None, "also serve every gRPC method (inference, "
                                                   "streams, metadata, health, reflection) on "
                                                   "this port of host through the C++ front end, "

@@ -257,9 +257,10 @@ class CppFrontEnd:
         return handler
 
     @property
-    def refused(self) -> tuple[int, int]:
-        """Calls the C++ side refused: (its queue full, closed)."""
-        return (0, 0) if self._server is None else self._server.refused()
+    def refused(self) -> tuple[int, int, int]:
+        """What the C++ side refused: calls (its queue full, closed), connections (over
+        grpc_max_connections)."""
+        return (0, 0, 0) if self._server is None else self._server.refused()
 
     async def stop(self, grace: float | None) -> None:
         """New calls get UNAVAILABLE; the calls in flight get `grace` seconds (None: no bound),
@@ -282,6 +283,6 @@ class CppFrontEnd:
         self._loop.remove_reader(server.wake_fd)
         self._server = None
         await asyncio.to_thread(server.stop, 0.5)
-        logger.info("C++ front end stopped (refused so far: %d with its queue full, %d "
-                    "while closing)", *refused)
+        logger.info("C++ front end stopped (refused so far: %d calls with its queue full, %d "
+                    "while closing, %d connections over the cap)", *refused)
 

@@ -255,12 +255,12 @@ class CppServer:
         if self._handle is not None:
             self._lib.snapfront_close(self._handle)
 
-    def refused(self) -> tuple[int, int]:
-        """Calls refused so far: (queue full, closed)."""
+    def refused(self) -> tuple[int, int, int]:
+        """Refused so far: calls (queue full, closed), connections (over the cap)."""
         if self._handle is None:
-            return 0, 0
-        return (self._lib.snapfront_refused(self._handle, 0),
-                self._lib.snapfront_refused(self._handle, 1))
+            return 0, 0, 0
+        return tuple(self._lib.snapfront_refused(self._handle, which)  # type: ignore[return-value]
+                     for which in range(3))
 
     def stop(self, grace: float) -> None:
         """Unanswered calls get UNAVAILABLE; gRPC stops; every later call is a no-op. Blocks:

@@ -16,10 +16,20 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_posix.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -69,6 +79,14 @@ struct MessageView {
   int32_t event;
 };
 
+// A connection accepted and not yet handed to gRPC: it must send the whole preface by its
+// deadline (gRPC applies its handshake timeout only to connections it accepts itself).
+struct Newcomer {
+  int fd;
+  std::chrono::steady_clock::time_point deadline;
+  bool partial;  // part of the preface came: readable, so looked at on a timer, not polled
+};
+
 struct Frontend {
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<grpc::CallbackGenericService> service;
@@ -95,6 +113,20 @@ struct Frontend {
   std::deque<Call*> answers;
   bool answering = true;
   std::thread answerer;
+  // A plaintext port with a connection cap listens here (libgrpc 1.51 ignores
+  // grpc.max_allowed_incoming_connections): our thread accepts, and hands each connection to
+  // gRPC (AddInsecureChannelFromFd) while fewer than max_connections are open, else closes it.
+  std::vector<int> listeners;
+  int stop_fd = -1;  // an eventfd: the accepting thread ends when it is written
+  std::thread acceptor;
+  size_t max_connections = 0;
+  // The connections handed to gRPC, as (descriptor, inode): gRPC closes a descriptor when its
+  // connection ends, so one whose number no longer names that socket is gone. Only the
+  // accepting thread touches it.
+  std::vector<std::pair<int, ino_t>> connections;
+  std::vector<Newcomer> newcomers;  // accepted, waiting for their preface
+  std::chrono::milliseconds handshake{10000};  // grpc.server_handshake_timeout_ms
+  std::atomic<uint64_t> refused_connections{0};
 };
 
 constexpr char kFullMessage[] =
@@ -433,6 +465,169 @@ Call* Taken(Frontend* frontend, uint64_t id) {
   return found == frontend->taken.end() ? nullptr : found->second;
 }
 
+// Drops the connections gRPC has closed (their descriptor closed, or reused by another file).
+void Sweep(Frontend* frontend) {
+  auto& open = frontend->connections;
+  size_t kept = 0;
+  for (const auto& [fd, inode] : open) {
+    struct stat now;
+    if (fstat(fd, &now) == 0 && S_ISSOCK(now.st_mode) && now.st_ino == inode) {
+      open[kept++] = {fd, inode};
+    }
+  }
+  open.resize(kept);
+}
+
+// HTTP/2's connection preface, which a client sends first.
+constexpr char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+constexpr size_t kPrefaceSize = sizeof kPreface - 1;
+
+// One accepted connection: counted while the cap has room (exactly: the closed ones are swept
+// out first when it looks full), else closed at once.
+bool Admit(Frontend* frontend, int fd) {
+  size_t open = frontend->connections.size() + frontend->newcomers.size();
+  if (open >= frontend->max_connections) {
+    Sweep(frontend);
+    open = frontend->connections.size() + frontend->newcomers.size();
+  }
+  if (open >= frontend->max_connections) {
+    close(fd);
+    frontend->refused_connections.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  frontend->newcomers.push_back(
+      {fd, std::chrono::steady_clock::now() + frontend->handshake, false});
+  return true;
+}
+
+// A newcomer whose preface has come goes to gRPC (the bytes stay unread, for gRPC); one that
+// sent something else, closed, or ran out of time is closed. True when it is settled.
+bool Settle(Frontend* frontend, Newcomer& newcomer, std::chrono::steady_clock::time_point now) {
+  char head[kPrefaceSize];
+  ssize_t got = recv(newcomer.fd, head, sizeof head, MSG_PEEK);
+  bool waiting = got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR);
+  size_t seen = got > 0 ? static_cast<size_t>(got) : 0;
+  bool so_far = std::memcmp(head, kPreface, seen) == 0;
+  if (got >= static_cast<ssize_t>(kPrefaceSize) && so_far) {
+    struct stat socket_stat;
+    if (fstat(newcomer.fd, &socket_stat) == 0) {
+      int one = 1;
+      setsockopt(newcomer.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as gRPC does
+      frontend->connections.emplace_back(newcomer.fd, socket_stat.st_ino);
+      grpc::AddInsecureChannelFromFd(frontend->server.get(), newcomer.fd);
+      return true;
+    }
+  } else if ((waiting || (got > 0 && so_far)) && now < newcomer.deadline) {
+    newcomer.partial = got > 0;
+    return false;  // nothing yet, or part of the preface: it has until its deadline
+  }
+  close(newcomer.fd);
+  return true;
+}
+
+void Accepting(Frontend* frontend) {
+  pthread_setname_np(pthread_self(), "cpp-accept");
+  std::vector<pollfd> watched;
+  int backoff_ms = -1;  // out of descriptors: look again later rather than spin on the backlog
+  auto& newcomers = frontend->newcomers;
+  const size_t stop = frontend->listeners.size();  // where stop_fd sits in `watched`
+  for (;;) {
+    watched.clear();
+    for (int fd : frontend->listeners) watched.push_back({fd, POLLIN, 0});
+    watched.push_back({frontend->stop_fd, POLLIN, 0});
+    // A newcomer wakes this thread when its first bytes come; one that sent part of its
+    // preface stays readable (polling on it would spin), so it is looked at every 10 ms.
+    int timeout_ms = backoff_ms;
+    auto now = std::chrono::steady_clock::now();
+    for (const Newcomer& newcomer : newcomers) {
+      if (!newcomer.partial) watched.push_back({newcomer.fd, POLLIN, 0});
+      int left = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(
+                                      newcomer.deadline - now).count());
+      left = std::max(newcomer.partial ? std::min(left, 10) : left, 0);
+      timeout_ms = timeout_ms < 0 ? left : std::min(timeout_ms, left);
+    }
+    int ready = poll(watched.data(), watched.size(), timeout_ms);
+    if (ready < 0 && errno != EINTR) return;
+    if (watched[stop].revents != 0) return;  // stopping
+    bool retry = backoff_ms >= 0;
+    backoff_ms = -1;
+    for (size_t i = 0; i < stop; ++i) {
+      if (!retry && (watched[i].revents & POLLIN) == 0) continue;
+      for (;;) {  // the whole backlog
+        int fd = accept4(watched[i].fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd >= 0) {
+          Admit(frontend, fd);
+          continue;
+        }
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          backoff_ms = 100;
+        }
+        break;  // EAGAIN: nothing more waits; other errors: the client's, gone already
+      }
+    }
+    now = std::chrono::steady_clock::now();
+    newcomers.erase(std::remove_if(newcomers.begin(), newcomers.end(),
+                                   [&](Newcomer& n) { return Settle(frontend, n, now); }),
+                    newcomers.end());
+  }
+}
+
+// Binds and listens on every address `host` resolves to (IPv6 ones dual-stack), at `port`
+// (0: the first gets a free one, the rest the same); the port, or 0 with `error` set.
+int Listen(Frontend* frontend, const std::string& address, bool reuse_port, std::string* error) {
+  std::string host = address, service = "0";
+  size_t colon = address.rfind(':');
+  if (colon != std::string::npos) {
+    host = address.substr(0, colon);
+    service = address.substr(colon + 1);
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  int failed = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &found);
+  if (failed != 0) {
+    *error = std::string("cannot resolve ") + address + " (" + gai_strerror(failed) + ")";
+    return 0;
+  }
+  int port = 0;
+  for (addrinfo* at = found; at != nullptr; at = at->ai_next) {
+    int fd = socket(at->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) continue;
+    int one = 1, zero = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuse_port) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    if (at->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (port != 0) {  // the first address's port for the rest
+      if (at->ai_family == AF_INET6) {
+        reinterpret_cast<sockaddr_in6*>(at->ai_addr)->sin6_port = htons(port);
+      } else {
+        reinterpret_cast<sockaddr_in*>(at->ai_addr)->sin_port = htons(port);
+      }
+    }
+    // An address a dual-stack socket already covers fails here with EADDRINUSE: skipped.
+    if (bind(fd, at->ai_addr, at->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0) {
+      close(fd);
+      continue;
+    }
+    sockaddr_storage bound{};
+    socklen_t length = sizeof bound;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &length);
+    port = ntohs(bound.ss_family == AF_INET6
+                     ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                     : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+    frontend->listeners.push_back(fd);
+  }
+  freeaddrinfo(found);
+  if (frontend->listeners.empty()) *error = std::string("cannot bind ") + address +
+                                            " (port in use, or host not local)";
+  return frontend->listeners.empty() ? 0 : port;
+}
+
 void SetError(char* error, int64_t error_len, const std::string& text) {
   if (error == nullptr || error_len <= 0) return;
   std::strncpy(error, text.c_str(), static_cast<size_t>(error_len - 1));
@@ -466,15 +661,24 @@ void* snapfront_start(const char* address, const char* int_args, int64_t int_arg
   }
   frontend->service = std::make_unique<Service>(frontend.get());
   grpc::ServerBuilder builder;
+  bool reuse_port = false;
   for (int64_t at = 0; at < int_args_len;) {
     std::string name(int_args + at);
     at += static_cast<int64_t>(name.size()) + 1;
     std::string value(int_args + at);
     at += static_cast<int64_t>(value.size()) + 1;
     builder.AddChannelArgument(name, std::stoi(value));
+    if (name == "grpc.max_allowed_incoming_connections") {
+      frontend->max_connections = static_cast<size_t>(std::max(std::stoi(value), 0));
+    } else if (name == "grpc.server_handshake_timeout_ms") {
+      frontend->handshake = std::chrono::milliseconds(std::max(std::stoi(value), 1));
+    } else if (name == "grpc.so_reuseport") {
+      reuse_port = std::stoi(value) != 0;
+    }
   }
+  bool tls = cert_pem != nullptr && cert_pem[0] != '\0';
   std::shared_ptr<grpc::ServerCredentials> credentials;
-  if (cert_pem != nullptr && cert_pem[0] != '\0') {
+  if (tls) {
     grpc::SslServerCredentialsOptions options(
         client_ca_pem != nullptr && client_ca_pem[0] != '\0'
             ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
@@ -485,14 +689,31 @@ void* snapfront_start(const char* address, const char* int_args, int64_t int_arg
   } else {
     credentials = grpc::InsecureServerCredentials();
   }
-  builder.AddListeningPort(address, credentials, port);
+  // TLS handshakes happen in gRPC's own listener only: a TLS port is not capped here.
+  bool own_listener = !tls && frontend->max_connections > 0;
+  if (own_listener) {
+    std::string failure;
+    *port = Listen(frontend.get(), address, reuse_port, &failure);
+    if (*port == 0) {
+      SetError(error, error_len, failure);
+      close(frontend->wake_fd);
+      return nullptr;
+    }
+  } else {
+    builder.AddListeningPort(address, credentials, port);
+  }
   builder.RegisterCallbackGenericService(frontend->service.get());
   frontend->server = builder.BuildAndStart();
   if (!frontend->server || *port == 0) {
     SetError(error, error_len, std::string("cannot bind ") + address +
                                    " (port in use, or host not local)");
+    for (int fd : frontend->listeners) close(fd);
     close(frontend->wake_fd);
     return nullptr;
+  }
+  if (own_listener) {
+    frontend->stop_fd = eventfd(0, EFD_CLOEXEC);
+    frontend->acceptor = std::thread(Accepting, frontend.get());
   }
   frontend->answerer = std::thread(Answering, frontend.get());
   return frontend.release();
@@ -622,9 +843,11 @@ void snapfront_close(void* handle) {
   frontend->closed = true;
 }
 
-// Calls refused because the queue was full (which 0) or the front end closed (which 1).
+// Calls refused because the queue was full (which 0) or the front end closed (which 1);
+// connections closed as they arrived because max_connections were open (which 2).
 uint64_t snapfront_refused(void* handle, int which) {
   auto* frontend = static_cast<Frontend*>(handle);
+  if (which == 2) return frontend->refused_connections.load(std::memory_order_relaxed);
   std::lock_guard<std::mutex> lock(frontend->mutex);
   return which == 0 ? frontend->refused_full : frontend->refused_closed;
 }
@@ -633,6 +856,15 @@ uint64_t snapfront_refused(void* handle, int which) {
 // for answers in flight), and the handle is freed. Called off the event loop: it blocks.
 void snapfront_stop(void* handle, double grace_s) {
   auto* frontend = static_cast<Frontend*>(handle);
+  if (frontend->acceptor.joinable()) {  // no new connection from here on
+    uint64_t one = 1;
+    ssize_t written = write(frontend->stop_fd, &one, sizeof one);
+    (void)written;
+    frontend->acceptor.join();
+    for (int fd : frontend->listeners) close(fd);
+    for (const auto& newcomer : frontend->newcomers) close(newcomer.fd);
+    close(frontend->stop_fd);
+  }
   std::deque<Call*> unanswered;
   {
     std::lock_guard<std::mutex> lock(frontend->mutex);

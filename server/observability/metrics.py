@@ -21,6 +21,7 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_http_connections | gauge | place (full, reserve, over_cap, lobby): REST connections open now (server/listeners.py) |
 | snapserve_http_connections_closed_total | counter | reason (evicted, refused, header_timeout): REST connections closed for the listener's bounds |
 | snapserve_cpp_calls_refused_total | counter | reason (queue_full, closed): calls the C++ front end refused before Python saw them (server/api/cpp.py; only with --cpp-grpc-port) |
+| snapserve_cpp_connections_refused_total | counter | connections the C++ front end closed as they arrived, grpc_max_connections being open (plaintext port; only with --cpp-grpc-port) |
 | process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
 | python_info | gauge | version, implementation: the interpreter |
 
@@ -156,9 +157,10 @@ class ServerMetrics:
         it listens)."""
         self.registry.register(_ListenerCollector(listener))
 
-    def watch_cpp(self, refused: Callable[[], tuple[int, int]]) -> None:
-        """Report the C++ front end's refusals (`refused()`: queue full, closed), which no
-        request observation sees: they never reach Python."""
+    def watch_cpp(self, refused: Callable[[], tuple[int, int, int]]) -> None:
+        """Report the C++ front end's refusals (`refused()`: calls with its queue full, calls
+        while closing, connections over the cap), which no request observation sees: they
+        never reach Python."""
         self.registry.register(_CppCollector(refused))
 
     async def serve(self, config: MetricsEndpointConfig, port: int) -> int:
@@ -308,11 +310,11 @@ class _ListenerCollector(Collector):
 class _CppCollector(Collector):
     """The C++ front end's refusal counts, read from its library at scrape time."""
 
-    def __init__(self, refused: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, refused: Callable[[], tuple[int, int, int]]) -> None:
         self._refused = refused
 
     def collect(self) -> Iterator[Metric]:
-        full, closed = self._refused()
+        full, closed, connections = self._refused()
         family = CounterMetricFamily(
             "snapserve_cpp_calls_refused", "Calls the C++ gRPC front end refused before Python "
             "saw them (queue_full: RESOURCE_EXHAUSTED, its queue at max_pending_calls; closed: "
@@ -320,6 +322,10 @@ class _CppCollector(Collector):
         family.add_metric(["queue_full"], full)
         family.add_metric(["closed"], closed)
         yield family
+        yield CounterMetricFamily(
+            "snapserve_cpp_connections_refused", "Connections the C++ gRPC front end closed as "
+            "they arrived, grpc_max_connections being open (a plaintext port; a TLS one is not "
+            "capped)", value=connections)
 
 
 class _LoadedModelsCollector(Collector):

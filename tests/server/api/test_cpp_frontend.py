@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor
 from snapserve.server import RunningServer, ServerConfig
 from snapserve.server.api.security import SecurityConfig
-from snapserve.server.config import BatcherConfig, IntakeConfig
+from snapserve.server.config import BatcherConfig, ConnectionConfig, IntakeConfig
 from snapserve.server.cpp import binding
 from snapserve.server.errors import ConfigError
 from tests.support.calls import digits_input, predict_request
@@ -496,11 +497,101 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_answered(tmp_path: Path) 
                     assert "queue full" in exc.details()
                     outcomes.append("refused")
         assert outcomes.count("ok") == 2 and outcomes.count("refused") == 4, outcomes
-        assert server.running.cpp is not None and server.running.cpp.refused == (4, 0)
+        assert server.running.cpp is not None and server.running.cpp.refused == (4, 0, 0)
         assert server.running.metrics.registry.get_sample_value(
             "snapserve_cpp_calls_refused_total", {"reason": "queue_full"}) == 4
     finally:
         server.stop()
+
+
+async def _health_over_a_connection_of_its_own(port: int) -> tuple[grpc.aio.Channel | None,
+                                                                   grpc.StatusCode]:
+    """A health check on a channel with a connection of its own (channels to one address
+    otherwise share one); the channel, open, when it was answered."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=5)
+        return channel, grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        await channel.close()
+        return None, exc.code()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (what it sent meanwhile is read)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(1 << 16):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@in_module_loop
+async def test_connections_over_the_cap_are_closed_and_a_closed_one_frees_its_place(
+        tmp_path: Path) -> None:
+    """--grpc-max-connections holds on the C++ port (libgrpc 1.51 ignores gRPC's own option:
+    the front end accepts, counts, and hands each connection to gRPC)."""
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                       connections=ConnectionConfig(max_connections=2)) as running:
+        assert running.cpp is not None
+        port = running.cpp_port
+        first, ok1 = await _health_over_a_connection_of_its_own(port)
+        second, ok2 = await _health_over_a_connection_of_its_own(port)
+        third, refused = await _health_over_a_connection_of_its_own(port)
+        assert (ok1, ok2, refused, third) == (grpc.StatusCode.OK, grpc.StatusCode.OK,
+                                              grpc.StatusCode.UNAVAILABLE, None)
+        assert running.cpp.refused[2] >= 1
+        refusals = running.metrics.registry.get_sample_value(
+            "snapserve_cpp_connections_refused_total")
+        assert refusals == running.cpp.refused[2]
+        assert first is not None and second is not None
+        await first.close()  # its place is free once gRPC has closed it
+        again: grpc.aio.Channel | None = None
+
+        async def admitted() -> bool:
+            nonlocal again
+            again, _ = await _health_over_a_connection_of_its_own(port)
+            return again is not None
+
+        for _ in range(50):
+            if await admitted():
+                break
+            await asyncio.sleep(0.1)
+        assert again is not None, "a closed connection's place was not given back"
+        assert (await pb_grpc.EnsembleServiceStub(second).Predict(
+            predict_request(digits_input(1)), timeout=10)).model == "digits"
+        await again.close()
+        await second.close()
+
+
+@in_module_loop
+async def test_a_connection_without_its_preface_in_time_is_closed(tmp_path: Path) -> None:
+    """As gRPC's own listener does with its handshake timeout: a connection that sends no
+    HTTP/2 preface, or part of one, by then is closed, and one that sends something else at
+    once; none keeps a place under the cap."""
+    connections = ConnectionConfig(max_connections=2, handshake_timeout_s=0.5)
+    async with serving(write_repository(tmp_path / "models"), cpp_grpc_port=0,
+                       connections=connections) as running:
+        address = ("127.0.0.1", running.cpp_port)
+        with socket.create_connection(address) as silent, \
+                socket.create_connection(address) as partial, \
+                socket.create_connection(address) as http1:
+            partial.sendall(b"PRI * HTTP/2")
+            http1.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            started = time.monotonic()
+            closed = await asyncio.gather(*(asyncio.to_thread(_closed_within, sock, 5)
+                                            for sock in (silent, partial, http1)))
+            assert closed == [True, True, True]
+            assert time.monotonic() - started >= 0.4  # the silent ones had their time
+        channel, answered = await _health_over_a_connection_of_its_own(running.cpp_port)
+        assert answered == grpc.StatusCode.OK and channel is not None
+        await channel.close()
 
 
 def test_cpp_port_must_differ_from_the_others(tmp_path: Path) -> None:
