@@ -173,6 +173,8 @@ def _log_security(config: ServerConfig) -> None:
 def _connection_caps(config: ServerConfig) -> int:
     """Client connections every listener may hold at once, together."""
     caps = config.connections.max_connections
+    if config.cpp_grpc_port is not None:  # its own cap (a plaintext port; TLS: uncapped)
+        caps += config.connections.max_connections
     if config.http_port is not None:
         # The reserve, and the lobby's newcomers held for a look and probes admitted over the cap.
         caps += (config.http.max_connections
