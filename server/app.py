@@ -26,6 +26,8 @@ from snapserve.server.api.http import HttpFrontEnd
 from snapserve.server.api.intake import Intake, add_servicer
 from snapserve.server.api.kserve import KServeServicer
 from snapserve.server.api.cpp import CppFrontEnd
+from snapserve.server.cpp.binding import INSTALL_HINT as CPP_INSTALL_HINT
+from snapserve.server.cpp.binding import built as cpp_built
 from snapserve.server.cpp.binding import library as cpp_library
 from snapserve.server.api.reflection import enable_reflection
 from snapserve.server.api.security import (TokenAuthInterceptor, read_tokens, server_credentials,
@@ -71,7 +73,8 @@ class RunningServer:
     intake: Intake = field(default_factory=Intake)  # admission bound and decode threads
     http: HttpFrontEnd | None = None  # the KServe v2 REST front end, when http_port is set
     http_port: int | None = None
-    cpp: CppFrontEnd | None = None  # the C++ gRPC front end, when cpp_grpc_port is set
+    # The C++ gRPC front end, when it serves `port` (grpc_frontend) or cpp_grpc_port; its port.
+    cpp: CppFrontEnd | None = None
     cpp_port: int | None = None
     _hurry: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -170,6 +173,24 @@ def _log_security(config: ServerConfig) -> None:
                        "the port can load and unload models (use --auth-token-file)")
 
 
+def grpc_frontend_for(config: ServerConfig, tls: bool) -> tuple[str, str]:
+    """Which library serves the gRPC port, "aio" or "cpp", and why (for the log)."""
+    if config.grpc_frontend != "auto":
+        return config.grpc_frontend, f"grpc_frontend {config.grpc_frontend}"
+    if config.cpp_grpc_port is not None:
+        return "aio", "auto: the C++ front end serves --cpp-grpc-port beside it"
+    if tls:  # gRPC's own TLS listener, which libgrpc 1.51 does not cap (docs/reliability.md)
+        return "aio", "auto: with TLS the C++ front end's port has no connection cap"
+    if not cpp_built():
+        return "aio", (f"auto: the C++ front end is not built here; `python -m "
+                       f"snapserve.server.cpp.binding` builds it ({CPP_INSTALL_HINT})")
+    try:
+        cpp_library()
+    except (OSError, ConfigError) as exc:  # built, but gRPC's C++ runtime does not load
+        return "aio", f"auto: the C++ front end does not load ({exc})"
+    return "cpp", "auto: the C++ front end is built here"
+
+
 def _connection_caps(config: ServerConfig) -> int:
     """Client connections every listener may hold at once, together."""
     caps = config.connections.max_connections
@@ -235,23 +256,30 @@ async def start_server(config: ServerConfig) -> RunningServer:
     handlers |= add_servicer(kserve, SERVICES[1], server, intake)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     handlers |= enable_reflection(server, SERVICES)
-    try:
-        port = (server.add_insecure_port(config.address) if credentials is None
-                else server.add_secure_port(config.address, credentials))
-    except RuntimeError as exc:
-        port = 0
-        cause: Exception | None = exc
-    else:
-        cause = None
-    if port == 0:
-        raise ConfigError(f"cannot bind {config.address} (port in use, or host not local)") from cause
+    frontend, why = grpc_frontend_for(config, pem is not None)
+    port = 0  # the C++ front end's, bound once health knows every model
+    if frontend == "aio":
+        try:
+            port = (server.add_insecure_port(config.address) if credentials is None
+                    else server.add_secure_port(config.address, credentials))
+        except RuntimeError as exc:
+            cause: Exception | None = exc
+        else:
+            cause = None
+        if port == 0:
+            raise ConfigError(f"cannot bind {config.address} (port in use, or host not local)"
+                              ) from cause
     running = RunningServer(config, port, registry, server, manager, health, metrics, drain=drain,
                             intake=intake)
     try:
         await manager.announce()  # the first health check already knows every model's name
-        await server.start()
-        if config.cpp_grpc_port is not None:
-            # Built on the first start (seconds of g++), meanwhile health checks are answered.
+        await server.start()  # with no port when the C++ front end serves it: its handlers do
+        cpp_address = (config.address if frontend == "cpp" else None
+                       if config.cpp_grpc_port is None
+                       else format_address(config.host, config.cpp_grpc_port))
+        if cpp_address is not None:
+            # Built on the first start (seconds of g++), meanwhile health checks are answered
+            # on a grpc.aio port (with grpc_frontend cpp there is none yet).
             await asyncio.to_thread(cpp_library)
             handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(
                 health.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
@@ -262,13 +290,16 @@ async def start_server(config: ServerConfig) -> RunningServer:
                 health.Watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
                 response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
             running.cpp = CppFrontEnd(handlers, drain, auth)
-            running.cpp_port = running.cpp.start(
-                format_address(config.host, config.cpp_grpc_port), grpc_options,
-                config.intake.max_pending_calls, *(pem or ()))
+            running.cpp_port = running.cpp.start(cpp_address, grpc_options,
+                                                 config.intake.max_pending_calls, *(pem or ()))
+            if frontend == "cpp":
+                running.port = running.cpp_port
             cpp = running.cpp
             metrics.watch_cpp(lambda: cpp.refused)
             logger.info("C++ front end serving gRPC on %s",
                         format_address(config.host, running.cpp_port))
+        logger.info("gRPC port %s: %s (%s)", running.address,
+                    "the C++ front end" if frontend == "cpp" else "grpc.aio", why)
         if config.http_port is not None:
             http = running.http = HttpFrontEnd(kserve.core, drain, auth,
                                                config.max_message_bytes, config.http)

@@ -39,6 +39,7 @@ DEVICES = ("auto", "cpu", "cuda")
 GRAPHS = ("auto", "fused", "members")
 PRECISIONS = ("fp32", "fp16")
 VERSION_POLICIES = ("latest", "all", "specific")
+GRPC_FRONTENDS = ("auto", "aio", "cpp")
 # A model's folder name, as the trainer writes it; one path component on common file systems.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_MODEL_NAME = 255
@@ -581,6 +582,15 @@ class ServerConfig(ConfigModel):
                                                         "Triton's binary tensors) on this port of "
                                                         "host, with the same TLS and tokens as "
                                                         "gRPC; 0 turns it off", off=0)
+    # Which library serves `port` (server/app.py `grpc_frontend_for`). `aio` in Python (a
+    # ServerConfig made in code serves as it always has); `auto` for the command line, its
+    # variable and the settings file: the C++ front end where it is built (the images), else
+    # grpc.aio, logged either way.
+    grpc_frontend: Literal[GRPC_FRONTENDS] = setting(
+        "aio", "which library serves the gRPC port: auto (the C++ front end where it is built, "
+               "as in the images, on a port without TLS and without --cpp-grpc-port; grpc.aio "
+               "otherwise), aio, or cpp (built at the first start if need be: g++, libgrpc++)",
+        flat=str, flat_default="auto")
     # Off by default: outside the images it needs a C++ compiler and libgrpc++ on the machine
     # (built on first use), and a TLS port of it is not capped (docs/reliability.md).
     cpp_grpc_port: Port | None = setting(None, "also serve every gRPC method (inference, "
@@ -646,6 +656,10 @@ class ServerConfig(ConfigModel):
                                                                self.http_port):
             raise ValueError(f"cpp_grpc_port {self.cpp_grpc_port} is taken by another of "
                              "the server's ports; pick another")
+        if self.grpc_frontend == "cpp" and self.cpp_grpc_port is not None:
+            raise ValueError("grpc_frontend cpp already serves the gRPC port through the C++ "
+                             "front end; cpp_grpc_port serves it beside a grpc.aio port (drop "
+                             "one of the two)")
         return self
 
     @property

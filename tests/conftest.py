@@ -26,6 +26,10 @@ os.environ.setdefault("SNAPSERVE_METRICS_PORT", "off")
 # Its plan cache (auto: the user's cache folder) would carry plans from one test, or one run of
 # the suite, into the next: every load measures unless a test gives it a folder.
 os.environ.setdefault("SNAPSERVE_PLAN_CACHE", "off")
+# `auto` serves the gRPC port through the C++ front end where it is built, which depends on
+# what an earlier run left in the user's cache: server processes the tests start serve
+# grpc.aio unless a test asks for the C++ front end.
+os.environ.setdefault("SNAPSERVE_GRPC_FRONTEND", "aio")
 
 
 @pytest.fixture(scope="session")

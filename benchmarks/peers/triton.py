@@ -22,7 +22,8 @@ Optional, never run in CI, imported by no test. It:
    levels, the tail latency breaking near-ties);
 5. `--runs` times, back to back: loads Triton's best setting of each model, starts
    `ensemble-server` (no tuning flags: its defaults; with `--cpp`, a C++ front end port as
-   well, driven as a third server) on 127.0.0.1, and drives them with the same
+   well, driven as a third server, and its gRPC port then grpc.aio's: the two front ends
+   `grpc_frontend auto` chooses between, where the C++ one is built or not) on 127.0.0.1, and drives them with the same
    closed-loop load, `ensemble-client bench --api kserve` (KServe v2 gRPC, one image per
    request), at each concurrency for `--duration` seconds, snapserve and Triton alternately so
    both see the same machine; server CPU per request counts each server's whole process tree
@@ -349,7 +350,7 @@ def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSettin
     with triton.loaded(list(names.values())), _process(snapserve_cmd, log) as (
             snapserve, snapserve_port):
         result["snapserve_load_log"] = [line for line in log.read_text().splitlines()
-                                        if "serving the" in line]
+                                        if "serving the" in line or "gRPC port " in line]
         for model in models:
             rows: dict[str, list[dict[str, Any]]] = {"snapserve": [], "triton": []}
             if cpp_port is not None:

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from snapserve.server.errors import ConfigError
 
 __all__ = ["CPP_DIR_ENV", "END", "MESSAGE", "PAUSE", "UNREAD", "WRITABLE", "WRITTEN", "CallView",
-           "CppServer", "MessageView", "build", "library"]
+           "CppServer", "MessageView", "build", "built", "library"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,21 @@ def _compile(target: Path) -> None:
         os.replace(built, target)
 
 
+def _target() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return _cache_dir() / f"libsnapfront-{digest}.so"
+
+
+def built() -> bool:
+    """Whether the library for this source is built here (no compiling to find out)."""
+    return _target().is_file()
+
+
 def build() -> Path:
     """The library's file for this source, compiled first if it is not there yet. An image
     builds it ahead (`python -m snapserve.server.cpp.binding`), so its server needs only gRPC's
     shared libraries, no compiler."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"libsnapfront-{digest}.so"
+    target = _target()
     if not target.exists():
         try:
             _compile(target)

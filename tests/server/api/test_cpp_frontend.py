@@ -31,6 +31,7 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor
 from snapserve.server import RunningServer, ServerConfig
+from snapserve.server.app import grpc_frontend_for
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.config import BatcherConfig, ConnectionConfig, IntakeConfig
 from snapserve.server.cpp import binding
@@ -592,6 +593,47 @@ async def test_a_connection_without_its_preface_in_time_is_closed(tmp_path: Path
         channel, answered = await _health_over_a_connection_of_its_own(running.cpp_port)
         assert answered == grpc.StatusCode.OK and channel is not None
         await channel.close()
+
+
+@in_module_loop
+async def test_the_grpc_port_itself_through_the_cpp_front_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """grpc_frontend cpp: no grpc.aio port; every method on `port`, through C++."""
+    caplog.set_level("INFO", logger="snapserve.server.app")
+    async with serving(write_repository(tmp_path / "models"), grpc_frontend="cpp") as running:
+        assert running.cpp is not None and running.port == running.cpp_port != 0
+        assert f"gRPC port {running.address}: the C++ front end (grpc_frontend cpp)" in caplog.text
+        async with _channel(running.port) as channel:
+            stub = pb_grpc.EnsembleServiceStub(channel)
+            call = stub.Predict(predict_request(digits_input(2)), timeout=10)
+            assert (await call).model == "digits"
+            assert "x-request-id" in dict(await call.trailing_metadata())
+            answers = [a async for a in stub.PredictStream(iter(_stream_requests()), timeout=30)]
+            assert [a.request_id for a in answers] == ["r1", "unknown", "r3", "bad", "r2"]
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="digits"), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        front = running.cpp
+        await eventually(lambda: not front._calls, "every call answered")
+
+
+def test_auto_takes_the_cpp_front_end_where_it_is_built_and_grpc_aio_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = write_repository(tmp_path / "models")
+    auto = local_config(repo, grpc_frontend="auto")
+    assert grpc_frontend_for(auto, tls=False) == ("cpp", "auto: the C++ front end is built here")
+    assert grpc_frontend_for(auto, tls=True)[0] == "aio"
+    assert grpc_frontend_for(auto.replace(cpp_grpc_port=0), tls=False)[0] == "aio"
+    assert grpc_frontend_for(local_config(repo), tls=False) == ("aio", "grpc_frontend aio")
+    monkeypatch.setenv(binding.CPP_DIR_ENV, str(tmp_path / "empty"))  # nothing built there
+    frontend, why = grpc_frontend_for(auto, tls=False)
+    assert frontend == "aio" and "python -m snapserve.server.cpp.binding" in why
+    assert not (tmp_path / "empty").exists()  # auto never compiles
+
+
+def test_grpc_frontend_cpp_and_a_cpp_port_beside_it_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="drop one of the two"):
+        ServerConfig(model_repository=tmp_path, grpc_frontend="cpp", cpp_grpc_port=0)
 
 
 def test_cpp_port_must_differ_from_the_others(tmp_path: Path) -> None:
