@@ -339,6 +339,12 @@ def _sweep(triton: Triton, models: Sequence[str], settings: Sequence[TritonSetti
     return points
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """The machine's CPU time so far, in ticks: (all of it, the part the host stole)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), fields[7]
+
+
 def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSetting],
              snapserve_cmd: list[str], levels: Sequence[int], duration: float, warmup: float,
              workdir: Path, run_index: int, cpp_port: int | None) -> dict[str, Any]:
@@ -347,6 +353,7 @@ def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSettin
     names = {m: _triton_name(m, best[m]) for m in models}
     log = WORK / f"snapserve-{run_index + 1}.log"  # kept: a server that fails says why there
     result: dict[str, Any] = {"load_average_before": os.getloadavg(), "models": {}}
+    ticks, stolen = _cpu_ticks()
     with triton.loaded(list(names.values())), _process(snapserve_cmd, log) as (
             snapserve, snapserve_port):
         result["snapserve_load_log"] = [line for line in log.read_text().splitlines()
@@ -367,6 +374,10 @@ def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSettin
                     f"{server} {row[-1]['throughput_rps']:.1f} req/s"
                     for server, row in rows.items()))
             result["models"][model] = rows
+    # A virtual machine's host can take cores away mid-run (steal): rates then drop for every
+    # server in turn, and the ratios of those minutes are noise.
+    ticks_after, stolen_after = _cpu_ticks()
+    result["cpu_stolen_share"] = (stolen_after - stolen) / max(ticks_after - ticks, 1)
     return result
 
 
@@ -518,7 +529,10 @@ def render(report: dict[str, Any], levels: Sequence[int]) -> str:
              "(benchmarks/results-peers.json, with the whole sweep). Above ~1.5 the comparison "
              "is noise-ridden.", "", *_sweep_lines(report, levels, head), ""]
     for index, result in enumerate(runs):
-        lines += [f"Run {index + 1} (load average before {result['load_average_before'][0]:.2f}):",
+        stolen = result.get("cpu_stolen_share")
+        lines += [f"Run {index + 1} (load average before {result['load_average_before'][0]:.2f}"
+                  + ("" if stolen is None else f"; CPU time stolen by the host {100 * stolen:.1f}%")
+                  + "):",
                   *(f"- snapserve at load: `{line.split(': ', 1)[-1]}`"
                     for line in result["snapserve_load_log"]), "",
                   f"| model, server | {head} | server CPU ms/req at c={levels[-1]} |",
