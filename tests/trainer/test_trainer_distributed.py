@@ -44,7 +44,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_with_gloo_match_one(tmp_path: Path) -> None:
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER.format(kill_at=40))  # inside epoch 3 of 4 (17 steps per epoch)
@@ -80,7 +80,7 @@ MLP_ARGS = ["--dataset", "digits", "--arch", "mlp", "--method", "snapshot", "--e
             "--seed", "3", "--no-plots", "--name", "digits", "--threads", "1"]
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_train_the_members_of_one_within_float_rounding(tmp_path: Path) -> None:
     done = torchrun("-m", "snapserve.trainer", "train", "--out", str(tmp_path / "ddp"), *MLP_ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,7 +116,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_failure_on_one_process_ends_the_run_without_a_version(tmp_path: Path) -> None:
     script = tmp_path / "fails.py"
     script.write_text(FAILS_ON_ONE)
