@@ -1,5 +1,6 @@
-"""The C++ gRPC front end (`cpp_grpc_port`): the server's gRPC methods served through
-gRPC's C++ library (server/cpp/frontend.cc) instead of grpc.aio, on a port of their own.
+"""The C++ gRPC front end: the server's gRPC methods served through gRPC's C++ library
+(server/cpp/frontend.cc) instead of grpc.aio, on the gRPC port (`grpc_frontend`: where the
+library is built, by default) or on a port beside grpc.aio's (`cpp_grpc_port`).
 
 The C++ side owns the port and reads each call's bytes on gRPC's threads; the event loop is
 woken once per group of calls (an eventfd it watches), takes them all and runs each through
