@@ -274,9 +274,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     try:
         await manager.announce()  # the first health check already knows every model's name
         await server.start()  # with no port when the C++ front end serves it: its handlers do
-        cpp_address = (config.address if frontend == "cpp" else None
-                       if config.cpp_grpc_port is None
-                       else format_address(config.host, config.cpp_grpc_port))
+        cpp_address = None  # where the C++ front end serves, if anywhere
+        if frontend == "cpp":
+            cpp_address = config.address
+        elif config.cpp_grpc_port is not None:
+            cpp_address = format_address(config.host, config.cpp_grpc_port)
         if cpp_address is not None:
             # Built on the first start (seconds of g++), meanwhile health checks are answered
             # on a grpc.aio port (with grpc_frontend cpp there is none yet).
