@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
-from benchmarks.serve import _CLK_TCK, _free_port, _measured_level, _process, _span, record
+from benchmarks.serve import (_CLK_TCK, _cpu_ticks, _free_port, _measured_level, _process, _span,
+                              record)
 
 __all__ = ["main", "render", "run", "thread_cpu_seconds"]
 
@@ -87,6 +88,7 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
     report: dict[str, Any] = {"load_average_before": os.getloadavg(), "duration_s": duration,
                               "warmup_s": warmup, "repeats": repeats, "api": api, "models": {},
                               "written": time.strftime("%Y-%m-%d %H:%M %Z")}
+    ticks, stolen = _cpu_ticks()
     with _process(command, workdir / "server.log") as (process, aio_port):
         ports = {"grpc.aio": aio_port, "C++": cpp_port}
         for model in versions:
@@ -105,6 +107,8 @@ def run(versions: dict[str, Path], levels: Sequence[int], duration: float, warmu
         report["server_log"] = [line for line in (workdir / "server.log").read_text().splitlines()
                                 if "serving the" in line or "C++ front end serving" in line]
     report["load_average_after"] = os.getloadavg()
+    ticks_after, stolen_after = _cpu_ticks()
+    report["cpu_stolen_share"] = (stolen_after - stolen) / max(ticks_after - ticks, 1)
     return report
 
 
@@ -119,7 +123,9 @@ def render(report: dict[str, Any], command: str) -> str:
              "its C++ front end's port "
              f"alternately, {report['repeats']} repeat(s) of {report['duration_s']:g} s per level "
              "(the first port swapped each repeat). Load average (1 min) before "
-             f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}. "
+             f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}"
+             + ("" if "cpu_stolen_share" not in report else
+                f"; CPU time stolen by the host {100 * report['cpu_stolen_share']:.1f}%") + ". "
              "Server CPU over warm-up and window together; per thread: `loop` the event loop's "
              "thread, `inference` the instances' threads, `cpp-answer` the C++ answering thread, "
              "gRPC's own threads by their names.", "",

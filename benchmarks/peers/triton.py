@@ -56,8 +56,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
-from benchmarks.serve import (_CLK_TCK, _bench, _echo, _fmt, _free_port, _process, _span, record,
-                              stop_process)
+from benchmarks.serve import (_CLK_TCK, _bench, _cpu_ticks, _echo, _fmt, _free_port, _process,
+                              _span, record, stop_process)
 
 __all__ = ["TritonSetting", "best_setting", "main", "sweep_settings"]
 
@@ -337,12 +337,6 @@ def _sweep(triton: Triton, models: Sequence[str], settings: Sequence[TritonSetti
                 logger.info("sweep %s %s: %s req/s", model, setting.describe(), " / ".join(
                     f"{l['throughput_rps']:.0f}" for l in points[model][setting.key]))
     return points
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """The machine's CPU time so far, in ticks: (all of it, the part the host stole)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields), fields[7]
 
 
 def _compare(triton: Triton, models: Sequence[str], best: dict[str, TritonSetting],
