@@ -167,8 +167,11 @@ def _serve_model(repository: Path, model: str, settings: ServerSettings, levels:
                                                "http", "binary")}
     graph = re.search(rf"{model} version \d+: serving the (\w+) graph on \d+ instance\(s\)"
                       r"(?:.*; measured (.*))?", log.read_text())
+    # grpc_frontend auto: the C++ front end where it is built on this machine, else grpc.aio.
+    frontend = re.search(r"gRPC port \S+: (.*)$", log.read_text(), re.MULTILINE)
     return {"levels": results, "kserve_c32": apis["kserve"], "apis_c32": apis,
-            "graph": graph.group(1) if graph else "?", "graph_timing": graph.group(2) if graph else None}
+            "graph": graph.group(1) if graph else "?", "graph_timing": graph.group(2) if graph else None,
+            "grpc_frontend": frontend.group(1) if frontend else None}
 
 
 def _free_port() -> int:
@@ -332,7 +335,8 @@ def render(report: dict[str, Any]) -> str:
         lines += [f"### {name}", "",
                   f"Version `{model['version_dir']}`; the server chose the **{model['graph']}** graph"
                   + (f" (load-time timing: {model['graph_timing']})" if model["graph_timing"] else "")
-                  + ".", "",
+                  + (f"; its gRPC port: {model['grpc_frontend']}" if model.get("grpc_frontend")
+                     else "") + ".", "",
                   "Ceiling (in-process ONNX Runtime, no gRPC; examples/s at each batch size, the "
                   "best of: one caller with 1 thread, one caller with every core, one single-"
                   "threaded caller per core at once; `1-call ms`: the fastest single call):", "",
