@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
-.PHONY: install demo test test-all proto lint clean
+.PHONY: install cpp demo test test-all proto lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The C++ gRPC front end, built once for this source (needs g++ and libgrpc++): from then on the
+# server's gRPC port goes through it (--grpc-frontend auto), as in the images.
+cpp: $(STAMP)
+	$(BIN)/python -m snapserve.server.cpp.binding
+
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
@@ -30,7 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
-# The slower suites too (container build, soak).
+# The slower suites too (container build, soak, scripts, distributed).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
