@@ -30,7 +30,7 @@ from snapserve.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import from_tensor
-from snapserve.server import RunningServer, ServerConfig
+from snapserve.server import RunningServer, ServerConfig, start_server
 from snapserve.server.app import grpc_frontend_for
 from snapserve.server.api.security import SecurityConfig
 from snapserve.server.config import BatcherConfig, ConnectionConfig, IntakeConfig
@@ -615,6 +615,15 @@ async def test_the_grpc_port_itself_through_the_cpp_front_end(
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         front = running.cpp
         await eventually(lambda: not front._calls, "every call answered")
+
+
+@in_module_loop
+async def test_a_taken_port_stops_the_start_as_on_grpc_aio(tmp_path: Path) -> None:
+    """The C++ front end's own listener shares a port only under --workers (SO_REUSEPORT)."""
+    repo = write_repository(tmp_path / "models")
+    async with serving(repo, grpc_frontend="cpp") as first:
+        with pytest.raises(ConfigError, match=f"cannot bind 127.0.0.1:{first.port}"):
+            await start_server(local_config(repo, grpc_frontend="cpp").replace(port=first.port))
 
 
 def test_auto_takes_the_cpp_front_end_where_it_is_built_and_grpc_aio_elsewhere(
