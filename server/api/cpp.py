@@ -12,7 +12,7 @@ a servicer context per call) is gone from it: docs/performance.md, "Sixth pass".
 Served here: every method the grpc.aio port serves: snapserve.v1.EnsembleService and
 inference.GRPCInferenceService (unary and streaming), grpc.health.v1.Health/Check and
 Health/Watch, and reflection. A streamed answer is written message by message as the handler
-yields it (the C++ side sends them in order, at most 64 unread by the client). A stream of
+yields it (the C++ side sends them in order; the handler waits while 16 are unread). A stream of
 requests is read one message at a time, when the handler asks for the next (`_Stream`), so
 its unread messages wait in HTTP/2's flow control as they do on grpc.aio. A call its client
 cancels (or whose deadline passes) has its task cancelled, as grpc.aio does: the batcher drops
@@ -76,7 +76,7 @@ class _Stream:
     C++ side starts the read) only when the handler asks for it. Also where the call's answers
     wait for room to write (`writable`)."""
 
-    __slots__ = ("_server", "_call_id", "_parse", "_waiting", "_ended", "_room")
+    __slots__ = ("_server", "_call_id", "_parse", "_waiting", "_room")
 
     def __init__(self, server: CppServer, call_id: int,
                  parse: Callable[[bytes], object] | None) -> None:
@@ -84,14 +84,13 @@ class _Stream:
         self._call_id = call_id
         self._parse = parse
         self._waiting: asyncio.Future[bytes | None] | None = None
-        self._ended = False
         self._room: asyncio.Future[None] | None = None
 
     def __aiter__(self) -> _Stream:
         return self
 
     async def __anext__(self) -> object:
-        if self._ended or not self._server.read(self._call_id):
+        if not self._server.read(self._call_id):  # ended (or answered): no read starts
             raise StopAsyncIteration
         self._waiting = asyncio.get_running_loop().create_future()
         try:
@@ -99,7 +98,6 @@ class _Stream:
         finally:
             self._waiting = None
         if data is None:  # the client's half-close
-            self._ended = True
             raise StopAsyncIteration
         return data if self._parse is None else self._parse(data)
 
@@ -187,15 +185,14 @@ class CppFrontEnd:
         try:
             handler = self._admit(method, context)
             parse = handler.request_deserializer
+            request = None if handler.request_streaming else data if parse is None else parse(data)
             # Every method here that streams requests streams answers too (no stream_unary).
             if handler.response_streaming:
                 stream = self._streams[call_id] = _Stream(server, call_id, parse)
                 answers = (handler.stream_stream(stream, context) if handler.request_streaming
-                           else handler.unary_stream(data if parse is None else parse(data),
-                                                     context))
+                           else handler.unary_stream(request, context))
                 await self._stream(call_id, handler, answers, stream, context)
                 return
-            request = data if parse is None else parse(data)
             answer = handler.response_serializer(await handler.unary_unary(request, context))
             server.answer(call_id, answer, context.trailer())
         except grpc.aio.AbortError:

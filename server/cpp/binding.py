@@ -151,11 +151,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.snapfront_answer.argtypes = [c.c_void_p, c.c_uint64, c.c_int, c.c_char_p, c.c_int64,
                                      c.c_char_p, c.c_char_p, c.c_int64]
     lib.snapfront_write.restype = c.c_int
+    lib.snapfront_write.argtypes = [c.c_void_p, c.c_uint64, c.c_char_p, c.c_int64]
     lib.snapfront_read.restype = c.c_int
     lib.snapfront_read.argtypes = [c.c_void_p, c.c_uint64]
     lib.snapfront_messages.restype = c.c_int
     lib.snapfront_messages.argtypes = [c.c_void_p, c.POINTER(MessageView), c.c_int]
-    lib.snapfront_write.argtypes = [c.c_void_p, c.c_uint64, c.c_char_p, c.c_int64]
     lib.snapfront_close.restype = None
     lib.snapfront_close.argtypes = [c.c_void_p]
     lib.snapfront_refused.restype = c.c_uint64

@@ -484,7 +484,7 @@ constexpr size_t kPrefaceSize = sizeof kPreface - 1;
 
 // One accepted connection: counted while the cap has room (exactly: the closed ones are swept
 // out first when it looks full), else closed at once.
-bool Admit(Frontend* frontend, int fd) {
+void Admit(Frontend* frontend, int fd) {
   size_t open = frontend->connections.size() + frontend->newcomers.size();
   if (open >= frontend->max_connections) {
     Sweep(frontend);
@@ -493,11 +493,10 @@ bool Admit(Frontend* frontend, int fd) {
   if (open >= frontend->max_connections) {
     close(fd);
     frontend->refused_connections.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return;
   }
   frontend->newcomers.push_back(
       {fd, std::chrono::steady_clock::now() + frontend->handshake, false});
-  return true;
 }
 
 // A newcomer whose preface has come goes to gRPC (the bytes stay unread, for gRPC); one that
@@ -743,11 +742,7 @@ int snapfront_take(void* handle, CallView* views, int max_calls) {
       frontend->taken.emplace(views[taken].id, call);
       ++taken;
     }
-    if (!frontend->queue.empty() || !frontend->cancelled.empty()) {  // wake Python again
-      uint64_t one = 1;
-      ssize_t written = write(frontend->wake_fd, &one, sizeof one);
-      (void)written;
-    }
+    if (!frontend->queue.empty() || !frontend->cancelled.empty()) Wake(frontend);  // again
   }
   for (Call* call : gone) {
     call->Keep(static_cast<int>(grpc::StatusCode::CANCELLED), nullptr, 0,

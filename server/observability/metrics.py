@@ -20,8 +20,8 @@ A registry per server, not prometheus_client's global one, so several servers in
 | snapserve_process_threads | gauge | (none): OS threads of the server (ONNX Runtime's included) |
 | snapserve_http_connections | gauge | place (full, reserve, over_cap, lobby): REST connections open now (server/listeners.py) |
 | snapserve_http_connections_closed_total | counter | reason (evicted, refused, header_timeout): REST connections closed for the listener's bounds |
-| snapserve_cpp_calls_refused_total | counter | reason (queue_full, closed): calls the C++ front end refused before Python saw them (server/api/cpp.py; only with --cpp-grpc-port) |
-| snapserve_cpp_connections_refused_total | counter | connections the C++ front end closed as they arrived, grpc_max_connections being open (plaintext port; only with --cpp-grpc-port) |
+| snapserve_cpp_calls_refused_total | counter | reason (queue_full, closed): calls the C++ front end refused before Python saw them (server/api/cpp.py; only where the C++ front end serves: grpc_frontend, --cpp-grpc-port) |
+| snapserve_cpp_connections_refused_total | counter | connections the C++ front end closed as they arrived, grpc_max_connections being open (plaintext port; only where the C++ front end serves: grpc_frontend, --cpp-grpc-port) |
 | process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, process_max_fds, process_virtual_memory_bytes, process_start_time_seconds | (ProcessCollector) | (none) |
 | python_info | gauge | version, implementation: the interpreter |
 
