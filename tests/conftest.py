@@ -18,7 +18,9 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
 from tests.support.models import conv_member, linear_members, save, write_repository
 from tests.support.pki import Pki, make_pki
-from tests.support.servers import ThreadedServer, cpu_server, local_config, pinned_runtime
+from snapserve.server.cpp import binding
+from tests.support.servers import (ThreadedServer, cpp_toolchain, cpu_server, grpc_frontend,
+                                   local_config, pinned_runtime)
 
 # `ensemble-server` serves metrics on 8002 unless told otherwise; server processes the tests start
 # (and load_config without an environ) would collide there: off unless a test asks for a port.
@@ -30,6 +32,40 @@ os.environ.setdefault("SNAPSERVE_PLAN_CACHE", "off")
 # what an earlier run left in the user's cache: server processes the tests start serve
 # grpc.aio unless a test asks for the C++ front end.
 os.environ.setdefault("SNAPSERVE_GRPC_FRONTEND", "aio")
+
+
+@pytest.fixture(scope="session")
+def cpp_library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The C++ front end's library, built once per test process in a folder of its own (never
+    the user's cache, whatever an earlier run left there), which the server processes a test
+    starts are pointed at too. Skipped without g++ and libgrpc++, except in CI (.ci/run installs
+    them), where a missing toolchain fails."""
+    if not cpp_toolchain() and os.environ.get("CI") != "true":
+        pytest.skip("needs g++ and libgrpc++ (apt-get install g++ libgrpc++-dev pkg-config); "
+                    ".ci/run installs them")
+    folder = tmp_path_factory.mktemp("cpp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(binding.CPP_DIR_ENV, str(folder))
+        patch.setattr(binding, "_library", None)
+        binding.library()
+        yield folder
+
+
+@pytest.fixture(params=["aio", "cpp"])
+def each_frontend(request: pytest.FixtureRequest) -> str:
+    """The gRPC port's two front ends in turn, for a test whose expectations differ between
+    them (the C++ one built first)."""
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_library")
+    return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def frontend_built(request: pytest.FixtureRequest) -> None:
+    """A run whose servers serve gRPC through the C++ front end (`make test-cpp`) builds it
+    first, once, rather than in each server's start."""
+    if grpc_frontend() == "cpp":
+        request.getfixturevalue("cpp_library")
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +82,7 @@ def model_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server_config(model_repo: Path) -> ServerConfig:
-    return ServerConfig(model_repository=model_repo, port=0, http_port=None,
-                        batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005),
-                        runtime=pinned_runtime(), freeze_heap=False)
+    return local_config(model_repo, batcher=BatcherConfig(max_batch_size=8, max_queue_delay_s=0.005))
 
 
 @pytest.fixture

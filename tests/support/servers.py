@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -33,6 +36,21 @@ PINNED = {"instances": 1, "intra_op_threads": 1}
 PINNED_FLAGS = ("--instances", "1", "--intra-op-threads", "1")
 
 
+def grpc_frontend() -> str:
+    """The gRPC port's front end for the servers the tests start: the one
+    SNAPSERVE_GRPC_FRONTEND names (tests/conftest.py sets grpc.aio unless the run says otherwise;
+    `make test-cpp` runs the server tests again through the C++ front end), as a server process
+    started by a test reads it too."""
+    return os.environ.get("SNAPSERVE_GRPC_FRONTEND", "aio")
+
+
+def cpp_toolchain() -> bool:
+    """Whether the C++ front end can be built here (g++, pkg-config and gRPC's C++ library)."""
+    if shutil.which("g++") is None or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0
+
+
 def pinned_runtime(**runtime: Any) -> RuntimeConfig:
     """A RuntimeConfig with these settings, instances and threads `PINNED` unless given."""
     return RuntimeConfig(**{**PINNED, **runtime})
@@ -42,7 +60,9 @@ def local_config(repo: Path, **config: Any) -> ServerConfig:
     """A config for 127.0.0.1:0 over `repo`, with `fast_batching` unless `batcher` is given,
     `pinned_runtime()` unless `runtime` is given, no REST port unless `http_port` is given (0: a
     free one; the default 8000 would collide between test runs), and no frozen heap unless
-    `freeze_heap` is given."""
+    `freeze_heap` is given. The gRPC port's front end is `grpc_frontend()`, or grpc.aio beside
+    a `cpp_grpc_port` (the two together are refused)."""
+    config.setdefault("grpc_frontend", "aio" if "cpp_grpc_port" in config else grpc_frontend())
     config.setdefault("batcher", fast_batching())
     config.setdefault("runtime", pinned_runtime())
     config.setdefault("http_port", None)

@@ -43,15 +43,6 @@ from tests.support.servers import ThreadedServer, local_config, serving
 from tests.support.waiting import eventually
 
 
-def _toolchain() -> bool:
-    if shutil.which("g++") is None or shutil.which("pkg-config") is None:
-        return False
-    return subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0
-
-
-pytestmark = pytest.mark.skipif(
-    not _toolchain() and os.environ.get("CI") != "true", reason="needs g++ and libgrpc++ (apt-get install g++ libgrpc++-dev "
-                             "pkg-config); .ci/run installs them")
 # The async tests share the module's event loop, where `running` lives.
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -59,13 +50,8 @@ TOKEN = "cpp-front-end-token-0001"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def built_library(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The library built once for the module, in a folder of its own (not ~/.cache)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(binding.CPP_DIR_ENV, str(tmp_path_factory.mktemp("cpp")))
-        patch.setattr(binding, "_library", None)
-        binding.library()
-        yield
+def built_library(cpp_library: Path) -> None:
+    """Every test here needs the library (tests/conftest.py builds it once per process)."""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -636,7 +622,8 @@ def test_auto_takes_the_cpp_front_end_where_it_is_built_and_grpc_aio_elsewhere(
     assert grpc_frontend_for(auto, tls=False) == ("cpp", "auto: the C++ front end is built here")
     assert grpc_frontend_for(auto, tls=True)[0] == "aio"
     assert grpc_frontend_for(auto.replace(cpp_grpc_port=0), tls=False)[0] == "aio"
-    assert grpc_frontend_for(local_config(repo), tls=False) == ("aio", "grpc_frontend aio")
+    assert grpc_frontend_for(ServerConfig(model_repository=repo), tls=False) == (
+        "aio", "grpc_frontend aio")  # a ServerConfig made in Python
     monkeypatch.setenv(binding.CPP_DIR_ENV, str(tmp_path / "empty"))  # nothing built there
     frontend, why = grpc_frontend_for(auto, tls=False)
     assert frontend == "aio" and "python -m snapserve.server.cpp.binding" in why

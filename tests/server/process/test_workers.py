@@ -25,7 +25,6 @@ from snapserve.proto.snapserve.v1 import ensemble_pb2 as pb
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.proto.tensors import to_tensor
 from tests.support.promtool import promtool
-from snapserve.server.cpp import binding
 from tests.support.servers import PINNED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -38,12 +37,12 @@ ANSWERED = re.compile(r'snapserve_inference_requests_total\{[^}]*code="OK"[^}]*\
 
 
 class _Parent:
-    def __init__(self, repo: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Path, *flags: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snapserve.server", "--model-repository", str(repo),
              "--port", "0", "--http-port", "0", "--metrics-port", "0", "--workers", "2",
              "--drain-window-s", "0", "--grace-s", "5", "--poll-interval", "0", *PINNED_FLAGS,
-             *flags], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+             *flags], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -107,22 +106,9 @@ def _check_with_promtool(text: str) -> None:
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
-def _toolchain() -> bool:
-    return shutil.which("g++") is not None and shutil.which("pkg-config") is not None and (
-        subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode == 0)
-
-
-@pytest.mark.parametrize("frontend", ["aio", "cpp"])
-def test_two_workers_answer_on_one_port_and_sigterm_drains_both(
-        frontend: str, tmp_path: Path) -> None:
-    env = None
-    if frontend == "cpp":
-        if not _toolchain() and os.environ.get("CI") != "true":
-            pytest.skip("needs g++ and libgrpc++ (apt-get install g++ libgrpc++-dev pkg-config)")
-        env = {**os.environ, binding.CPP_DIR_ENV: str(tmp_path / "cpp")}
-        subprocess.run([sys.executable, "-m", "snapserve.server.cpp.binding"], env=env,
-                       cwd=ROOT, check=True, capture_output=True, timeout=300)
-    parent = _Parent(build_repository(tmp_path / "models"), "--grpc-frontend", frontend, env=env)
+def test_two_workers_answer_on_one_port_and_sigterm_drains_both(each_frontend: str,
+                                                                 tmp_path: Path) -> None:
+    parent = _Parent(build_repository(tmp_path / "models"), "--grpc-frontend", each_frontend)
     try:
         assert parent.ready.wait(120) and parent.proc.poll() is None, parent.log
         port = int(ALL_READY.search(parent.log).group(1))  # type: ignore[union-attr]
@@ -151,7 +137,7 @@ def test_two_workers_answer_on_one_port_and_sigterm_drains_both(
             parent.proc.kill()
             parent.proc.wait(30)
     log = parent.log
-    which = "the C++ front end" if frontend == "cpp" else "grpc.aio"
+    which = "the C++ front end" if each_frontend == "cpp" else "grpc.aio"
     assert log.count(f"gRPC port 127.0.0.1:{port}: {which}") == 2, log  # each worker's
     assert log.count("stopped serving on 127.0.0.1:") == 2, log  # both workers drained
     assert "all 2 workers stopped" in log
