@@ -237,12 +237,9 @@ class CppFrontEnd:
 
     def _admit(self, method: str, context: CppContext) -> grpc.RpcMethodHandler:
         """The call's handler; or the status it gets instead, raised as context.abort raises it,
-        asked in the order of the grpc.aio server's interceptors (drain, then tokens)."""
-        handler = self._handlers.get(method)
-        if handler is None:  # as grpc.aio words it
-            context.code = grpc.StatusCode.UNIMPLEMENTED
-            context.details = f"Method not found: {method[:200]!r} is not a method of this server"
-            raise grpc.aio.AbortError()
+        asked in the order of the grpc.aio server's interceptors (drain, then tokens), which
+        see every call before its method is looked up: a caller without a token learns
+        nothing of what methods exist."""
         if not method.startswith(OPEN_WHILE_DRAINING) and not self._drain.admit():
             context.code, context.details = grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN
             raise grpc.aio.AbortError()
@@ -251,6 +248,11 @@ class CppFrontEnd:
             self._auth.refused += 1
             context.code = grpc.StatusCode.UNAUTHENTICATED
             context.details = UNAUTHENTICATED_MESSAGE
+            raise grpc.aio.AbortError()
+        handler = self._handlers.get(method)
+        if handler is None:  # as grpc.aio words it
+            context.code = grpc.StatusCode.UNIMPLEMENTED
+            context.details = f"Method not found: {method[:200]!r} is not a method of this server"
             raise grpc.aio.AbortError()
         return handler
 
