@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
-.PHONY: install cpp demo test test-all proto lint clean
+.PHONY: install cpp demo test test-all test-cpp proto lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(STAMP)
 # thread), so the suite takes about half the time on a 2-core machine.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+# The tests of serving again, with the servers they start serving gRPC through the C++ front end
+# (the images' default; needs g++ and libgrpc++), the soak profiles included.
+SERVING_TESTS := tests/server tests/reliability tests/protocol tests/client tests/e2e tests/http
+test-cpp: $(STAMP)
+	SNAPSERVE_GRPC_FRONTEND=cpp $(BIN)/python -m pytest -q -n 2 \
+		-m "not container and not scripts and not distributed" $(SERVING_TESTS)
 
 # The slower suites too (container build, soak, scripts, distributed).
 test-all: $(STAMP)
