@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-__all__ = ["ClientError", "HTTP1_HINT", "REQUEST_ID_KEY"]
+__all__ = ["ClientError", "HTTP1_HINT", "REQUEST_ID_KEY", "STREAM_WRITE_HINT"]
 
 REQUEST_ID_KEY = "x-request-id"  # the metadata key the server reads and answers with
 # What gRPC core says when the target answers HTTP/1.1 (a REST port, a web server).
@@ -17,6 +17,15 @@ _HTTP1_SIGNS = ("http1.x server", "Expected SETTINGS frame")
 HTTP1_HINT = ("; the target answers HTTP/1.1, not gRPC: is it the REST port? snapserve speaks "
               "gRPC on --port (default 50051) and REST on --http-port (default 8000); the target "
               "takes host:port of the gRPC port, e.g. 127.0.0.1:50051")
+
+# What grpcio's asyncio client reports when a write fails because the server has already ended
+# the stream: its own INTERNAL replaces the server's status (grpc/grpc#36066).
+_STREAM_WRITE_SIGN = "Internal error from Core"
+STREAM_WRITE_HINT = ("; grpcio's asyncio client reports this when the server ended the stream "
+                     "while the client was still writing to it, and loses the server's status "
+                     "(grpc/grpc#36066): a refusal such as UNAUTHENTICATED (a missing or wrong "
+                     "token) or UNAVAILABLE (a server shutting down) looks like this. The "
+                     "server's log names it; a unary call with the same metadata shows it")
 
 
 class ClientError(Exception):
@@ -38,6 +47,8 @@ class ClientError(Exception):
         details = details or ""
         if any(sign in details for sign in _HTTP1_SIGNS):
             details += HTTP1_HINT
+        elif code == grpc.StatusCode.INTERNAL and details == _STREAM_WRITE_SIGN:
+            details += STREAM_WRITE_HINT
         return cls(code, details, request_id)
 
     @classmethod

@@ -1,10 +1,11 @@
 """The client's first hour: a batch above the model's limit split and joined (or refused on
-request), CSV input, a URL or the REST port as the target said plainly, and `predict --json |
-head` quiet."""
+request), CSV input, a URL or the REST port as the target said plainly, grpcio's INTERNAL for a
+stream refused mid-write explained, and `predict --json | head` quiet."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import json
 import subprocess
@@ -17,7 +18,9 @@ import pytest
 
 from snapserve.client import AsyncEnsembleClient, ClientError, EnsembleClient
 from snapserve.client.cli import main
-from tests.support.servers import ThreadedServer, local_config
+from snapserve.client.errors import STREAM_WRITE_HINT
+from snapserve.server.api.security import SecurityConfig
+from tests.support.servers import ThreadedServer, local_config, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 8  # tests/support/servers.py fast_batching
@@ -99,3 +102,42 @@ def test_predict_json_into_head_exits_quietly(threaded_server: ThreadedServer, t
     assert done.stdout.count("\n") == 3
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 0
+
+
+async def test_a_stream_refused_while_it_writes_says_what_its_internal_means(
+        model_repo: Path, tmp_path: Path) -> None:
+    """Without a token, a stream of 50 requests is refused while its client writes: grpcio's
+    asyncio client then reports INTERNAL in place of the server's UNAUTHENTICATED (most of the
+    time; grpc/grpc#36066), and the client's error says what that INTERNAL stands for."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-of-some-length-0001\n")
+    tokens.chmod(0o600)
+    seen: collections.Counter[grpc.StatusCode] = collections.Counter()
+    async with serving(model_repo, security=SecurityConfig(auth_token_file=tokens)) as running:
+        async with AsyncEnsembleClient(f"127.0.0.1:{running.port}") as client:
+            for _ in range(20):
+                with pytest.raises(ClientError) as info:
+                    async for _ in client.predict_stream("digits", [raw_digits(1)] * 50):
+                        pass
+                error = info.value
+                seen[error.code] += 1
+                if error.code == grpc.StatusCode.INTERNAL:
+                    assert error.message == "Internal error from Core" + STREAM_WRITE_HINT
+                else:
+                    assert error.code == grpc.StatusCode.UNAUTHENTICATED, error
+                    assert "missing or invalid bearer token" in error.message
+    assert sum(seen.values()) == 20, seen
+
+
+def test_only_grpcio_s_own_internal_gets_the_stream_hint() -> None:
+    def error(code: grpc.StatusCode, details: str) -> ClientError:
+        return ClientError.from_rpc_error(grpc.aio.AioRpcError(
+            code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details))
+
+    assert error(grpc.StatusCode.INTERNAL, "Internal error from Core").message.endswith(
+        STREAM_WRITE_HINT)
+    # the server's own INTERNAL (a model that failed) is its message alone
+    assert error(grpc.StatusCode.INTERNAL, "internal error (logged by the server)").message == (
+        "internal error (logged by the server)")
+    assert STREAM_WRITE_HINT not in error(grpc.StatusCode.UNAVAILABLE,
+                                          "Internal error from Core").message
