@@ -34,6 +34,7 @@ from snapserve.server.api.security import (OPEN_METHOD_PREFIXES, UNAUTHENTICATED
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN, OPEN_WHILE_DRAINING, Drain
 from snapserve.server.cpp.binding import (END, MESSAGE, PAUSE, UNREAD, CppServer,
                                           metadata_pairs)
+from snapserve.server.models.ensemble import TAKEN_IN_OFF_LOOP
 
 __all__ = ["CppContext", "CppFrontEnd"]
 
@@ -180,6 +181,8 @@ class CppFrontEnd:
                      timeout: float) -> None:
         server = self._server
         assert server is not None
+        # This call's task only: gRPC's threads take the next calls in while the loop computes.
+        TAKEN_IN_OFF_LOOP.set(True)
         context = CppContext(metadata_pairs(raw_metadata), timeout)
         # Every call is answered exactly once, whatever happens (the C++ side holds it until).
         try:

@@ -16,7 +16,9 @@ no ONNX and no gRPC: the caller decides what an item is and how many examples it
   were callers at once lately (a decaying peak, shared among the concurrent batches), or at the
   delay, whichever comes first. A lone caller's requests wait for nothing; N callers in a
   closed loop ride in batches of N (of N/k with k instances, one batch per free instance,
-  sent as soon as its share has come back rather than at the delay).
+  sent as soon as its share has come back rather than at the delay). Where `fn` computes on
+  the event loop while the requests are taken in elsewhere (`waits_for_company` returning
+  False), what is queued goes at once: the next requests arrive while the loop computes.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Batcher(Generic[T, R]):
         self._callers = 0
         self._peak_callers = 0
         self._expected_callers = 1.0
+        # Asked at each batch: False sends what is queued at once under adaptive wait (the
+        # owner computes its batches on the event loop, while the requests queue elsewhere).
+        self.waits_for_company: Callable[[], bool] = lambda: True
 
     @property
     def queued(self) -> int:
@@ -233,6 +238,8 @@ class Batcher(Generic[T, R]):
         rate and less CPU per request; with two instances, a batch of four for each, each sent
         as its four come back while the other computes, not at the delay, which would leave the
         free instance idle meanwhile (docs/performance.md, "The batcher")."""
+        if not self.waits_for_company():
+            return 1.0
         config = self.config
         # At most half the queue: callers beyond a full one are refused, not coming, and a
         # queue that fills while the batcher waits would refuse the next arrivals.

@@ -20,14 +20,16 @@ measured at load into the sessions to open (docs/performance.md, "Instances and 
   enough that a thread hop is small beside it (SPREAD_MIN_S), and that predicted gain passes
   the intra-op lead's measured one by PLAN_MARGIN (the prediction runs high); where it clears
   the margin and not intra-op's gain, the lead is intra-op's;
-- a single single-thread instance computes a lone request *on the event loop* when it is
+- a single single-thread instance computes its batches *on the event loop* when it is
   cheap: the hop to an inference thread and back (a thread woken, the loop woken, the GIL
-  handed over twice) then costs more than the run. A lone request of up to `loop_examples`
-  examples qualifies: as many as the compute per example, with PLAN_MARGIN, fits in
-  ON_LOOP_MAX_S (the most a request may hold the loop). Batches of more requests still go to
-  the thread, so the loop takes in the next requests meanwhile. The bound is per request, not
-  a yes or no on the model's largest batch, so that a model whose largest batch takes about
-  ON_LOOP_MAX_S does not flip between starts for its one-example requests.
+  handed over twice) then costs more than the run. A batch of up to `loop_examples` examples
+  qualifies: as many as the compute per example, with PLAN_MARGIN, fits in ON_LOOP_MAX_S (the
+  most a batch may hold the loop). A lone request always; a batch of several requests while
+  they were all taken in off the loop (the C++ front end: its threads queue the next calls
+  meanwhile; models/ensemble.py), else in the thread, so that a loop taking requests in
+  (grpc.aio, REST) does so while they compute. The bound is per batch, not a yes or no on the
+  model's largest batch, so that a model whose largest batch takes about ON_LOOP_MAX_S does
+  not flip between starts for its one-example requests.
 
 The same model on the same machine must get the same plan at every start, though timings at
 load move with whatever else the machine runs. So each choice keeps the simpler plan unless the
@@ -176,8 +178,8 @@ class ThreadPlan:
     threads: int
     lead_threads: int = 0  # 0: no lead instance
     why: str = ""
-    # A lone request of up to this many examples computes on the event loop thread, not the
-    # instance's; 0: never.
+    # A batch of up to this many examples may compute on the event loop thread, not the
+    # instance's (models/ensemble.py says when); 0: never.
     loop_examples: int = 0
     # The lead spreads the members over its threads (one-thread sessions, a group of members
     # per thread), not one session's intra-op threads.
@@ -275,7 +277,7 @@ def plan_threads(instances: int, intra_op_threads: int, cores: int,
                             largest)
         if loop_examples:
             reasons.append(
-                f"a lone request of up to {loop_examples} example(s) computed on the event loop "
+                f"batches of up to {loop_examples} example(s) computed on the event loop "
                 f"({1e3 * seconds_per_example:.2f} ms per example x {1 + PLAN_MARGIN:.2f} fits "
                 f"{loop_examples} in {1e3 * ON_LOOP_MAX_S:.0f} ms: cheaper than a thread hop)")
     why = f"auto on {cores} core(s): " + "; ".join(reasons)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -31,9 +32,14 @@ from snapserve.server.observability.request_context import current_request
 from snapserve.server.observability.threads import name_os_thread
 from snapserve.server.observability.tracing import record_inference
 
-__all__ = ["ServedEnsemble"]
+__all__ = ["TAKEN_IN_OFF_LOOP", "ServedEnsemble"]
 
 logger = logging.getLogger(__name__)
+
+# True in the task of a request that a front end took in off the event loop (the C++ one: gRPC's
+# threads read and queue its calls while the loop computes); grpc.aio and REST take theirs in
+# on the loop itself, so a loop busy computing holds their next requests back.
+TAKEN_IN_OFF_LOOP: ContextVar[bool] = ContextVar("snapserve_taken_in_off_loop", default=False)
 
 
 class _Answer(NamedTuple):
@@ -51,8 +57,11 @@ class ServedEnsemble:
     that many batches at once, each on an instance of its own, in that instance's own thread:
     a thread that always runs the same sessions finds their weights and buffers warm in its
     core's caches (measured 5-10% faster per small batch than a shared pool's next free thread).
-    A cheap model's lone requests compute on the event loop instead, when its thread plan says
-    so (`on_loop`, engine/cores.py): the thread hop costs more than such a run.
+    A cheap model's batches compute on the event loop instead, when its thread plan says so
+    (`on_loop`, engine/cores.py): the thread hop costs more than such a run. A lone request
+    always may; a batch of several only while every request waiting was taken in off the loop
+    (`TAKEN_IN_OFF_LOOP`), and the batcher then sends what is queued at once: the next requests
+    queue in the front end while the loop computes, and form the next batch.
     `lead` (optional, not among `instances`): an instance with more threads, given a batch only
     when nothing else computes, so a lone request has every core and a full queue the
     parallel instances (engine/cores.py).
@@ -82,8 +91,11 @@ class ServedEnsemble:
         self.thread_plan = thread_plan  # how instances and threads were chosen, when planned
         # Whether the graph and plan were measured at this load or read from the plan cache.
         self.plan_source = "measured at load"
-        # A lone request of up to this many examples computes on the event loop (0: never).
+        # A batch of up to this many examples may compute on the event loop (0: never).
         self._loop_examples = thread_plan.loop_examples if thread_plan is not None else 0
+        # Requests in predict() now that a front end took in on the event loop (grpc.aio, REST,
+        # an in-process caller): while there are any, batches of several go to the thread.
+        self._taken_in_on_loop = 0
         batcher_config = batcher_config.replace(max_concurrent_batches=len(parallel))
         self.allow_nonfinite = False  # RuntimeConfig.allow_nonfinite, set by load_version
         # The effective per-model settings (models.settings), set by the lifecycle: reported
@@ -95,6 +107,7 @@ class ServedEnsemble:
         self.observers: list[InferenceObserver] = [self.statistics]
         self.batcher: Batcher[np.ndarray, _Answer] = Batcher(
             self._infer_batch, batcher_config, size=len, name=f"{manifest.name}:{manifest.version}")
+        self.batcher.waits_for_company = lambda: not self._batches_on_loop()
 
     @property
     def name(self) -> str:
@@ -112,6 +125,8 @@ class ServedEnsemble:
         """Scores for the examples in x ([B, ...]); InvalidInput if x does not fit the model."""
         examples = int(x.shape[0]) if x.ndim else 0
         start = time.perf_counter_ns()
+        taken_in_on_loop = not TAKEN_IN_OFF_LOOP.get()
+        self._taken_in_on_loop += taken_in_on_loop
         try:
             x = conform_input(x, self.manifest.input, self.max_batch_size, self.allow_nonfinite)
             answer = await self.batcher.submit(x, timeout=timeout)
@@ -121,6 +136,8 @@ class ServedEnsemble:
             for observer in self.observers:
                 observer.record_request(examples, False, time.perf_counter_ns() - start, 0)
             raise
+        finally:
+            self._taken_in_on_loop -= taken_in_on_loop
         assert answer.scores is not None  # an answer without scores carries its error
         for observer in self.observers:
             observer.record_request(examples, True, time.perf_counter_ns() - start,
@@ -153,7 +170,7 @@ class ServedEnsemble:
             parameters["concurrent_batches"] = str(self.thread_plan.parallel)
             parameters["lone_request_compute"] = ("event_loop" if self._loop_examples
                                                   else "instance_thread")
-            if self._loop_examples:  # the largest lone request computed there
+            if self._loop_examples:  # the largest batch computed there
                 parameters["loop_max_examples"] = str(self._loop_examples)
             parameters["threads_choice"] = self.thread_plan.why
         if self.graph_timing is not None or self.thread_plan is not None:
@@ -169,10 +186,12 @@ class ServedEnsemble:
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
         self._busy += 1
         try:
-            # A lone request of a cheap model: on the event loop, no thread hop (engine/cores.py).
-            # Batches of more go to the instance's thread, so the loop takes in the next
-            # requests while they compute (on the loop, they form convoys).
-            if len(inputs) == 1 and len(inputs[0]) <= self._loop_examples:
+            # A cheap model's batch on the event loop, no thread hop (engine/cores.py): a lone
+            # request always, a batch of several while the front ends take the next requests
+            # in off the loop meanwhile; where the loop takes them in, it would hold them back
+            # while it computes, and the batches that follow shrink to convoys of one or two.
+            if (sum(len(x) for x in inputs) <= self._loop_examples
+                    and (len(inputs) == 1 or self._batches_on_loop())):
                 scores, answered = answer_batch(pair[0], inputs, self.allow_nonfinite,
                                                 self.batcher.name)
             else:
@@ -193,6 +212,11 @@ class ServedEnsemble:
                 observer.record_scores(part)
         return [_Answer(None, started, r) if isinstance(r, InvalidInput)
                 else _Answer(r, started, None, compute_ns, examples) for r in scores]
+
+    def _batches_on_loop(self) -> bool:
+        """Whether batches of several requests compute on the event loop now: the plan allows
+        it, and no request waiting was taken in on the loop (TAKEN_IN_OFF_LOOP)."""
+        return self._loop_examples > 0 and self._taken_in_on_loop == 0
 
     def on_instance_threads(self, fn: Callable[[EnsembleRuntime], None]) -> None:
         """fn(instance) for each instance on the thread that computes its batches, one after

@@ -222,6 +222,31 @@ async def test_a_lone_caller_after_a_crowd_stops_waiting_within_a_few_batches() 
     assert max(waits[-5:]) < delay / 4, waits  # then it expects one caller: no wait
 
 
+async def test_a_batcher_told_not_to_wait_for_company_sends_what_is_queued_at_once() -> None:
+    # Its owner computes batches on the event loop while requests queue elsewhere: the company
+    # arrives during each batch. A caller after a crowd (which a batcher waits for, up to the
+    # delay: the test below) is sent at once; the callers that queued meanwhile ride together.
+    fn = Recorder(delay=0.002)
+    delay = 0.5
+    async with Batcher(fn, BatcherConfig(max_batch_size=32, max_queue_delay_s=delay)) as batcher:
+        await _closed_loop(batcher, callers=16, rounds=2)  # it expects 16 callers now
+        batcher.waits_for_company = lambda: False
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await batcher.submit(7) == 70
+        assert loop.time() - began < delay / 2
+        fn.release.clear()  # the next batch computes until released; three queue meanwhile
+        sent = len(fn.batches)
+        first = asyncio.ensure_future(batcher.submit(1))
+        while len(fn.batches) == sent:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3, 4)]
+        await asyncio.sleep(0.01)
+        fn.release.set()
+        assert await asyncio.gather(first, *rest) == [10, 20, 30, 40]
+    assert fn.batches[-3:] == [[7], [1], [2, 3, 4]], fn.batches
+
+
 async def test_without_adaptive_wait_a_lone_caller_always_waits_the_delay() -> None:
     fn = Recorder()
     delay = 0.01

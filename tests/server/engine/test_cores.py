@@ -157,7 +157,7 @@ def test_a_lone_request_stays_on_the_loop_whatever_the_largest_batch_measured(
         or plan.loop_examples == 32
 
 
-async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
+async def test_a_version_computing_on_the_loop_answers_and_says_so(model_repo: Path) -> None:
     import asyncio
     import threading
 
@@ -166,7 +166,7 @@ async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so
     from snapserve.server.engine.batcher import BatcherConfig
     from snapserve.server.engine.cores import ThreadPlan
     from snapserve.server.engine.runtime import RuntimeConfig
-    from snapserve.server.models.ensemble import ServedEnsemble
+    from snapserve.server.models.ensemble import TAKEN_IN_OFF_LOOP, ServedEnsemble
     from snapserve.server.models.loading import load_version
 
     served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
@@ -188,8 +188,24 @@ async def test_a_version_computing_lone_requests_on_the_loop_answers_and_says_so
         runtime.scores = noted  # type: ignore[method-assign]
         alone = await served.predict(x.astype(np.float32))  # on the loop
         assert computed_on == [threading.current_thread().name]
+        # Requests taken in on the loop (grpc.aio, REST, here): batches of several go to the
+        # instance's thread, so the loop takes the next requests in meanwhile.
+        computed_on.clear()
         together = await asyncio.gather(*(served.predict(x.astype(np.float32)) for _ in range(5)))
-        for answer in [alone, *together]:
+        assert any(name.startswith("inference") for name in computed_on), computed_on
+        # Taken in off the loop (the C++ front end's calls): every batch on the loop, sent as
+        # it stands (the next requests queue in the front end meanwhile), several together.
+        computed_on.clear()
+        batches_before = served.batcher.stats.batches
+
+        async def taken_in_off_the_loop() -> object:
+            TAKEN_IN_OFF_LOOP.set(True)  # this task's only, as in the C++ front end's
+            return await served.predict(x.astype(np.float32))
+
+        off_loop = await asyncio.gather(*(taken_in_off_the_loop() for _ in range(5)))
+        assert computed_on == [threading.current_thread().name] * len(computed_on), computed_on
+        assert served.batcher.stats.batches - batches_before < 5  # some rode together
+        for answer in [alone, *together, *off_loop]:
             np.testing.assert_allclose(answer.probabilities, reference.probabilities, rtol=1e-6)
         assert served.runtime_parameters["loop_max_examples"] == str(
             served.thread_plan.loop_examples)
