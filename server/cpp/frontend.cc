@@ -491,8 +491,9 @@ void Admit(Frontend* frontend, int fd) {
     open = frontend->connections.size() + frontend->newcomers.size();
   }
   if (open >= frontend->max_connections) {
-    close(fd);
+    // Counted before the close: a client that sees its refusal finds it counted.
     frontend->refused_connections.fetch_add(1, std::memory_order_relaxed);
+    close(fd);
     return;
   }
   frontend->newcomers.push_back(
