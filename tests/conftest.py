@@ -16,9 +16,9 @@ import pytest
 
 from snapserve.proto.snapserve.v1 import ensemble_pb2_grpc as pb_grpc
 from snapserve.server import BatcherConfig, RunningServer, ServerConfig, start_server
+from snapserve.server.cpp import binding
 from tests.support.models import conv_member, linear_members, save, write_repository
 from tests.support.pki import Pki, make_pki
-from snapserve.server.cpp import binding
 from tests.support.servers import (ThreadedServer, cpp_toolchain, cpu_server, grpc_frontend,
                                    local_config, pinned_runtime)
 

@@ -181,6 +181,7 @@ class ServedEnsemble:
         if self._loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call
             self._loop = asyncio.get_running_loop()
         started = time.perf_counter_ns()
+        examples = sum(len(x) for x in inputs)
         # The batcher runs at most len(self._free) batches at once, so one is always free; the
         # lead only when nothing else computes (so it is never taken twice).
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
@@ -190,7 +191,7 @@ class ServedEnsemble:
             # request always, a batch of several while the front ends take the next requests
             # in off the loop meanwhile; where the loop takes them in, it would hold them back
             # while it computes, and the batches that follow shrink to convoys of one or two.
-            if (sum(len(x) for x in inputs) <= self._loop_examples
+            if (examples <= self._loop_examples
                     and (len(inputs) == 1 or self._batches_on_loop())):
                 scores, answered = answer_batch(pair[0], inputs, self.allow_nonfinite,
                                                 self.batcher.name)
@@ -205,7 +206,6 @@ class ServedEnsemble:
             if pair is not self._lead:
                 self._free.append(pair)
         compute_ns = time.perf_counter_ns() - started
-        examples = sum(len(x) for x in inputs)
         for observer in self.observers:
             observer.record_batch(examples, compute_ns)
             for part in answered:
