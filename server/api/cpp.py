@@ -34,7 +34,7 @@ from snapserve.server.api.security import (OPEN_METHOD_PREFIXES, UNAUTHENTICATED
 from snapserve.server.api.shutdown import MESSAGE as SHUTTING_DOWN, OPEN_WHILE_DRAINING, Drain
 from snapserve.server.cpp.binding import (END, MESSAGE, PAUSE, UNREAD, CppServer,
                                           metadata_pairs)
-from snapserve.server.models.ensemble import TAKEN_IN_OFF_LOOP
+from snapserve.server.models.ensemble import LONE_CALL, TAKEN_IN_OFF_LOOP
 
 __all__ = ["CppContext", "CppFrontEnd"]
 
@@ -136,6 +136,7 @@ class CppFrontEnd:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: dict[int, asyncio.Task[None]] = {}  # by call id, until answered
         self._streams: dict[int, _Stream] = {}  # calls that stream answers, by id
+        self._is_lone = self._lone  # one bound method for every call's LONE_CALL
         self._stopping = False
         self.port: int | None = None
 
@@ -196,6 +197,7 @@ class CppFrontEnd:
                            else handler.unary_stream(request, context))
                 await self._stream(call_id, handler, answers, stream, context)
                 return
+            LONE_CALL.set(self._is_lone)
             answer = handler.response_serializer(await handler.unary_unary(request, context))
             server.answer(call_id, answer, context.trailer())
         except grpc.aio.AbortError:
@@ -237,6 +239,12 @@ class CppFrontEnd:
         finally:
             await answers.aclose()  # its cleanup (a Watch's count) runs now, cancelled or not
         server.end(call_id, context.trailer())
+
+    def _lone(self) -> bool:
+        """Whether the asking unary call is the only call held now but streams of answers
+        (a health Watch, a PredictStream): a call taken in and not yet started counts, so
+        calls taken together never count as lone."""
+        return len(self._calls) - len(self._streams) <= 1
 
     def _admit(self, method: str, context: CppContext) -> grpc.RpcMethodHandler:
         """The call's handler; or the status it gets instead, raised as context.abort raises it,

@@ -19,6 +19,10 @@ no ONNX and no gRPC: the caller decides what an item is and how many examples it
   sent as soon as its share has come back rather than at the delay). Where `fn` computes on
   the event loop while the requests are taken in elsewhere (`waits_for_company` returning
   False), what is queued goes at once: the next requests arrive while the loop computes.
+- At once (`fn_now`, `at_once`): an item the owner says is alone (no other caller could join
+  it) and that finds nothing queued or computing is computed by `fn_now` in the caller's own
+  task, without the queue, the worker task and the future between them: a batch of one,
+  counted as every batch is.
 """
 
 from __future__ import annotations
@@ -77,8 +81,10 @@ class Batcher(Generic[T, R]):
 
     def __init__(self, fn: Callable[[list[T]], Awaitable[list[R]]],
                  config: BatcherConfig = BatcherConfig(),
-                 size: Callable[[T], int] = _one, name: str = "batcher") -> None:
+                 size: Callable[[T], int] = _one, name: str = "batcher",
+                 fn_now: Callable[[list[T]], list[R]] | None = None) -> None:
         self._fn = fn
+        self._fn_now = fn_now
         self.config = config
         self._size = size
         self.name = name
@@ -102,6 +108,9 @@ class Batcher(Generic[T, R]):
         # Asked at each batch: False sends what is queued at once under adaptive wait (the
         # owner computes its batches on the event loop, while the requests queue elsewhere).
         self.waits_for_company: Callable[[], bool] = lambda: True
+        # Asked of an item that finds the batcher idle, where fn_now is given: whether it is
+        # computed at once by fn_now (its owner knows no other caller could join it).
+        self.at_once: Callable[[T], bool] = lambda item: False
 
     @property
     def queued(self) -> int:
@@ -148,6 +157,9 @@ class Batcher(Generic[T, R]):
                                f"{self.config.max_batch_size}")
         if size < 1:
             raise ValueError(f"item size must be >= 1, got {size}")
+        if (self._fn_now is not None and not self._pending and not self._in_flight
+                and self.at_once(item)):
+            return self._compute_now(item, size)
         if len(self._pending) >= self.config.max_queue_size:
             self.stats.refused_full += 1
             raise QueueFull(f"{self.name} queue is full ({len(self._pending)} requests waiting, "
@@ -294,12 +306,30 @@ class Batcher(Generic[T, R]):
             self._pending_examples -= entry.size
         return batch
 
+    def _count_batch(self, items: int, examples: int) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.items += items
+        stats.examples += examples
+        stats.batch_examples[examples] += 1
+
+    def _compute_now(self, item: T, size: int) -> R:
+        """A batch of `item` alone, computed in the caller's task (nothing else runs meanwhile:
+        fn_now does not yield)."""
+        assert self._fn_now is not None
+        self._count_batch(1, size)
+        try:
+            results = self._fn_now([item])
+            if len(results) != 1:
+                raise RuntimeError(f"{self.name}: batch function returned {len(results)} "
+                                   "results for 1 item")
+        except Exception:
+            self.stats.failed_batches += 1
+            raise
+        return results[0]
+
     async def _compute(self, batch: list[_Entry[T, R]]) -> None:
-        examples = sum(e.size for e in batch)
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.examples += examples
-        self.stats.batch_examples[examples] += 1
+        self._count_batch(len(batch), sum(e.size for e in batch))
         try:
             results = await self._fn([e.item for e in batch])
             if len(results) != len(batch):

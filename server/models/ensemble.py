@@ -32,7 +32,7 @@ from snapserve.server.observability.request_context import current_request
 from snapserve.server.observability.threads import name_os_thread
 from snapserve.server.observability.tracing import record_inference
 
-__all__ = ["TAKEN_IN_OFF_LOOP", "ServedEnsemble"]
+__all__ = ["LONE_CALL", "TAKEN_IN_OFF_LOOP", "ServedEnsemble"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 # threads read and queue its calls while the loop computes); grpc.aio and REST take theirs in
 # on the loop itself, so a loop busy computing holds their next requests back.
 TAKEN_IN_OFF_LOOP: ContextVar[bool] = ContextVar("snapserve_taken_in_off_loop", default=False)
+# Set by a front end that takes calls in off the loop, in a unary call's task: asked when the
+# request reaches an idle batcher, whether it is the only call the front end holds now (no other
+# could join its batch). A cheap model then computes it at once, without the batcher's queue.
+LONE_CALL: ContextVar[Callable[[], bool] | None] = ContextVar("snapserve_lone_call", default=None)
 
 
 class _Answer(NamedTuple):
@@ -61,7 +65,9 @@ class ServedEnsemble:
     (`on_loop`, engine/cores.py): the thread hop costs more than such a run. A lone request
     always may; a batch of several only while every request waiting was taken in off the loop
     (`TAKEN_IN_OFF_LOOP`), and the batcher then sends what is queued at once: the next requests
-    queue in the front end while the loop computes, and form the next batch.
+    queue in the front end while the loop computes, and form the next batch. A request that is
+    the front end's only call (`LONE_CALL`) and finds the batcher idle computes at once in its
+    own task (`Batcher.at_once`): three turns of the loop fewer than through the queue.
     `lead` (optional, not among `instances`): an instance with more threads, given a batch only
     when nothing else computes, so a lone request has every core and a full queue the
     parallel instances (engine/cores.py).
@@ -106,8 +112,10 @@ class ServedEnsemble:
         # (its Prometheus metrics).
         self.observers: list[InferenceObserver] = [self.statistics]
         self.batcher: Batcher[np.ndarray, _Answer] = Batcher(
-            self._infer_batch, batcher_config, size=len, name=f"{manifest.name}:{manifest.version}")
+            self._infer_batch, batcher_config, size=len, name=f"{manifest.name}:{manifest.version}",
+            fn_now=self._infer_now)
         self.batcher.waits_for_company = lambda: not self._batches_on_loop()
+        self.batcher.at_once = self._alone
 
     @property
     def name(self) -> str:
@@ -177,34 +185,62 @@ class ServedEnsemble:
             parameters["plan_source"] = self.plan_source
         return {**self.settings, **parameters}
 
-    async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:
-        if self._loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call
-            self._loop = asyncio.get_running_loop()
+    def _alone(self, x: np.ndarray) -> bool:
+        """Whether x, finding the batcher idle, computes at once on the loop: the plan puts
+        its size there, and its front end holds no other call that could join it."""
+        lone_call = LONE_CALL.get()
+        return len(x) <= self._loop_examples and lone_call is not None and lone_call()
+
+    def _infer_now(self, inputs: list[np.ndarray]) -> list[_Answer]:
+        """Batcher.at_once's batch: one request, on the event loop, in its own task."""
+        return self._compute_on_loop(inputs, len(inputs[0]))
+
+    def _compute_on_loop(self, inputs: list[np.ndarray], examples: int) -> list[_Answer]:
         started = time.perf_counter_ns()
-        examples = sum(len(x) for x in inputs)
+        pair = self._take_instance()
+        try:
+            scores, answered = answer_batch(pair[0], inputs, self.allow_nonfinite,
+                                            self.batcher.name)
+        finally:
+            self._give_back(pair)
+        return self._answers(started, examples, scores, answered)
+
+    def _take_instance(self) -> tuple[EnsembleRuntime, ThreadPoolExecutor]:
         # The batcher runs at most len(self._free) batches at once, so one is always free; the
         # lead only when nothing else computes (so it is never taken twice).
         pair = self._lead if self._lead is not None and self._busy == 0 else self._free.pop()
         self._busy += 1
+        return pair
+
+    def _give_back(self, pair: tuple[EnsembleRuntime, ThreadPoolExecutor]) -> None:
+        self._busy -= 1
+        if pair is not self._lead:
+            self._free.append(pair)
+
+    async def _infer_batch(self, inputs: list[np.ndarray]) -> list[_Answer]:
+        examples = sum(len(x) for x in inputs)
+        # A cheap model's batch on the event loop, no thread hop (engine/cores.py): a lone
+        # request always, a batch of several while the front ends take the next requests in
+        # off the loop meanwhile; where the loop takes them in, it would hold them back while
+        # it computes, and the batches that follow shrink to convoys of one or two.
+        if examples <= self._loop_examples and (len(inputs) == 1 or self._batches_on_loop()):
+            return self._compute_on_loop(inputs, examples)
+        if self._loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call
+            self._loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        pair = self._take_instance()
         try:
-            # A cheap model's batch on the event loop, no thread hop (engine/cores.py): a lone
-            # request always, a batch of several while the front ends take the next requests
-            # in off the loop meanwhile; where the loop takes them in, it would hold them back
-            # while it computes, and the batches that follow shrink to convoys of one or two.
-            if (examples <= self._loop_examples
-                    and (len(inputs) == 1 or self._batches_on_loop())):
-                scores, answered = answer_batch(pair[0], inputs, self.allow_nonfinite,
-                                                self.batcher.name)
-            else:
-                # Started before the loop goes on: the thread gets the GIL now, not after the
-                # loop's next idle moment (engine/handoff.py).
-                scores, answered = await start_in_thread(self._loop, pair[1],
-                                                         answer_batch, pair[0], inputs,
-                                                         self.allow_nonfinite, self.batcher.name)
+            # Started before the loop goes on: the thread gets the GIL now, not after the
+            # loop's next idle moment (engine/handoff.py).
+            scores, answered = await start_in_thread(self._loop, pair[1], answer_batch, pair[0],
+                                                     inputs, self.allow_nonfinite,
+                                                     self.batcher.name)
         finally:
-            self._busy -= 1
-            if pair is not self._lead:
-                self._free.append(pair)
+            self._give_back(pair)
+        return self._answers(started, examples, scores, answered)
+
+    def _answers(self, started: int, examples: int, scores: list[EnsembleScores | InvalidInput],
+                 answered: Sequence[EnsembleScores]) -> list[_Answer]:
         compute_ns = time.perf_counter_ns() - started
         for observer in self.observers:
             observer.record_batch(examples, compute_ns)

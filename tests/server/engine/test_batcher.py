@@ -257,3 +257,49 @@ async def test_without_adaptive_wait_a_lone_caller_always_waits_the_delay() -> N
             began = loop.time()
             await batcher.submit(i)
             assert loop.time() - began >= delay * 0.9
+
+
+async def test_an_item_alone_at_an_idle_batcher_computes_at_once_in_its_own_task() -> None:
+    # Its owner says the item is alone (no other caller could join it): at an idle batcher,
+    # fn_now computes it before the loop turns even once, and the batch is counted as any.
+    fn = Recorder()
+    now: list[list[int]] = []
+
+    def fn_now(items: list[int]) -> list[int]:
+        now.append(list(items))
+        if items == [13]:
+            raise ValueError("unlucky")
+        return [i * 100 for i in items]
+
+    async with Batcher(fn, BatcherConfig(max_batch_size=8), fn_now=fn_now) as batcher:
+        batcher.at_once = lambda item: item != 0
+        turned: list[int] = []
+        asyncio.get_running_loop().call_soon(turned.append, 1)
+        assert await batcher.submit(5) == 500
+        assert turned == [] and now == [[5]] and fn.batches == []
+        assert (batcher.stats.batches, batcher.stats.items, batcher.stats.examples) == (1, 1, 1)
+        with pytest.raises(ValueError, match="unlucky"):  # its caller's error, and only its
+            await batcher.submit(13)
+        assert batcher.stats.failed_batches == 1
+        # Not alone: through the queue and fn.
+        assert await batcher.submit(0) == 0
+        assert fn.batches == [[0]]
+        # Alone, but a batch computes: it queues behind it, as every item does.
+        fn.release.clear()
+        held = asyncio.ensure_future(batcher.submit(0))
+        while not fn.batches[1:]:
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(batcher.submit(6))
+        await asyncio.sleep(0.01)
+        fn.release.set()
+        assert await asyncio.gather(held, queued) == [0, 60]
+        assert fn.batches == [[0], [0], [6]] and now == [[5], [13]]
+    assert batcher.stats.batches == 5
+
+
+async def test_without_fn_now_every_item_goes_through_the_queue() -> None:
+    fn = Recorder()
+    async with Batcher(fn, BatcherConfig(max_batch_size=8)) as batcher:
+        batcher.at_once = lambda item: True  # nothing to compute it with at once
+        assert await batcher.submit(2) == 20
+    assert fn.batches == [[2]]

@@ -223,3 +223,58 @@ async def test_a_version_computing_on_the_loop_answers_and_says_so(model_repo: P
             assert computed_on and computed_on[0].startswith(thread), (examples, computed_on)
     finally:
         await bounded.close()
+
+
+async def test_a_lone_call_computes_at_once_and_a_crowd_through_the_queue(model_repo: Path) -> None:
+    import asyncio
+
+    import numpy as np
+
+    from snapserve.server.engine.batcher import BatcherConfig
+    from snapserve.server.engine.runtime import RuntimeConfig
+    from snapserve.server.models.ensemble import LONE_CALL, TAKEN_IN_OFF_LOOP
+    from snapserve.server.models.loading import load_version
+
+    served = load_version(model_repo / "digits" / "1", RuntimeConfig(device="cpu"),
+                          BatcherConfig(max_batch_size=8))
+    assert served.thread_plan is not None and served.thread_plan.on_loop, served.thread_plan
+    await served.start()
+    try:
+        x = np.random.default_rng(1).normal(size=(1, *served.manifest.input.shape[1:]))
+        x = x.astype(np.float32)
+        reference = served.runtime.scores(x)
+        calls = [1]  # the calls a front end holds now, as the C++ one counts them
+
+        async def call() -> tuple[object, bool]:
+            # As the C++ front end's call tasks set them.
+            TAKEN_IN_OFF_LOOP.set(True)
+            LONE_CALL.set(lambda: len(calls) <= 1)
+            turned: list[int] = []
+            asyncio.get_running_loop().call_soon(turned.append, 1)
+            answer = await served.predict(x)
+            return answer, bool(turned)
+
+        batches = served.batcher.stats.batches
+        alone, loop_turned = await call()
+        assert not loop_turned  # computed in its own task, no turn of the loop
+        assert served.batcher.stats.batches == batches + 1
+        np.testing.assert_allclose(alone.probabilities, reference.probabilities, rtol=1e-6)
+        # Not the only call: through the batcher's queue, as every batch of several.
+        calls.append(2)
+        (queued, loop_turned), = await asyncio.gather(call())
+        assert loop_turned
+        np.testing.assert_allclose(queued.probabilities, reference.probabilities, rtol=1e-6)
+        # Larger than the plan lets compute on the loop: through the queue, lone or not.
+        calls.pop()
+        served._loop_examples = 0
+        _, loop_turned = await call()
+        assert loop_turned
+        # A request taken in on the loop (REST, grpc.aio) sets no LONE_CALL: the queue.
+        served._loop_examples = served.thread_plan.loop_examples
+        batches = served.batcher.stats.batches
+        turned: list[int] = []
+        asyncio.get_running_loop().call_soon(turned.append, 1)
+        await served.predict(x)
+        assert turned and served.batcher.stats.batches == batches + 1
+    finally:
+        await served.close()
