@@ -100,9 +100,11 @@ def _wait_for_port(log: Path, process: subprocess.Popen, timeout_s: float = 120)
 
 
 @contextmanager
-def _process(command: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+def _process(command: list[str], log: Path,
+             env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env=env)
     try:
         yield process, _wait_for_port(log, process)
     finally:
