@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
-from benchmarks.serve import _cpu_ticks, _free_port, _measured_level, _process, _span
+from benchmarks.serve import (_cpu_ticks, _free_port, _measured_level, _process, _span,
+                              model_alone)
 
 __all__ = ["Side", "main", "ratio_interval", "run"]
 
@@ -98,10 +99,7 @@ def _environment(side: Side) -> dict[str, str]:
 
 def _one_server(side: Side, repository: Path, model: str, levels: Sequence[int], duration: float,
                 warmup: float, api: str, workdir: Path, repeat: int) -> list[dict[str, Any]]:
-    only = workdir / f"repo-{model}"  # a repository of this model alone: nothing else loads
-    if not only.exists():
-        only.mkdir()
-        (only / model).symlink_to((repository / model).resolve(), target_is_directory=True)
+    only = model_alone(repository, model, workdir)
     command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(only),
                "--port", "0", "--http-port", str(_free_port()), "--device", "cpu", *side.flags]
     log = workdir / f"server-{model}-{side.name}-{repeat}.log"

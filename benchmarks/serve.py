@@ -46,7 +46,7 @@ import onnxruntime as ort
 from benchmarks.ceiling import Ceiling, default_batch_sizes, format_table, measure_ceiling
 from benchmarks.ensembles import DIGITS, RESNET20, digits_version, resnet20_version
 
-__all__ = ["ServerSettings", "main", "replace_section", "run_suite"]
+__all__ = ["ServerSettings", "main", "model_alone", "replace_section", "run_suite"]
 
 logger = logging.getLogger("benchmarks.serve")
 
@@ -146,11 +146,18 @@ def _measured_level(process: subprocess.Popen, port: int, model: str, level: str
     return result
 
 
+def model_alone(repository: Path, model: str, workdir: Path) -> Path:
+    """A repository in `workdir` of this model alone (a link), so nothing else loads."""
+    only = workdir / f"repo-{model}"
+    if not only.exists():
+        only.mkdir()
+        (only / model).symlink_to((repository / model).resolve(), target_is_directory=True)
+    return only
+
+
 def _serve_model(repository: Path, model: str, settings: ServerSettings, levels: Sequence[str],
                  duration: float, warmup: float, workdir: Path) -> dict[str, Any]:
-    only = workdir / f"repo-{model}"  # a repository of this model alone: nothing else loads
-    only.mkdir()
-    (only / model).symlink_to((repository / model).resolve(), target_is_directory=True)
+    only = model_alone(repository, model, workdir)
     http_port = _free_port()
     command = [sys.executable, "-m", "snapserve.server", "--model-repository", str(only),
                "--port", "0", "--http-port", str(http_port), *settings.flags()]
